@@ -1,0 +1,262 @@
+"""The one object that owns every Prometheus metric of the daemon (namespace `lstmd_`, units in names),
+and the small HTTP server that exposes them with the daemon's health endpoints.
+
+The serving loop, the trainer and the durability code only call methods/attributes of `Metrics`; the
+registry is injected so tests use a fresh `CollectorRegistry` and read values with `get_sample_value`.
+
+HTTP endpoints (`Metrics.serve_http`):
+  /metrics  Prometheus text exposition of the injected registry (prometheus_client's WSGI app)
+  /healthz  200 while the process answers at all (liveness)
+  /readyz   200 once `set_ready(True)` was called (sockets bound, state restored), 503 before and after
+            `set_ready(False)` (readiness: take the instance out of a load balancer while it drains)
+
+The dashboards and alert rules in deploy/ query these names; renaming one breaks them (the tests in
+tests/test_prometheus_live.py run every expression against a real Prometheus).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+
+# Event latency from receipt to reply: resolve 100 µs .. 1 s.
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = tuple(float(2**k) for k in range(0, 17))  # 1 .. 65536 events
+DURATION_BUCKETS = (1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Label values known up front. Their series are created at zero when `Metrics` is built, so a rate() over
+# them is 0 rather than absent on a healthy daemon, and dashboards and alert rules always find them.
+EVENT_STATUSES = ("ok", "duplicate", "state_reset", "rejected")
+EVICTION_CAUSES = ("capacity", "ttl", "drop")
+TRAIN_OUTCOMES = ("published", "rejected", "diverged", "skipped")
+HOLDOUT_MODELS = ("serving", "candidate")
+DEVICE_MEMORY_KINDS = ("allocated", "reserved")
+
+
+class Metrics:
+    """Every metric lstmd exports. Create one per daemon with the registry it should register in.
+
+    Attributes are plain prometheus_client objects: the daemon calls `.inc()`, `.set()`, `.observe()` and
+    `.labels(...)` on them directly. Label values in use: `events{status}` ok|duplicate|state_reset|rejected;
+    `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
+    `train_rounds{outcome}` published|rejected|diverged|skipped; `holdout_loss{model}` serving|candidate;
+    `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}`.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # Events and rejections.
+        self.events = Counter("lstmd_events", "Events answered, by status", ["status"], registry=r)
+        self.rejections = Counter(
+            "lstmd_rejections",
+            "Rejected events (or whole messages that could not be decoded), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.sequence_gaps = Counter(
+            "lstmd_sequence_gaps", "Missing per-stream sequence numbers seen", registry=r
+        )
+        # Serving loop.
+        self.batch_size = Histogram(
+            "lstmd_batch_size_events", "Events per serving batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.event_latency = Histogram(
+            "lstmd_event_latency_seconds",
+            "Time from receipt of an event's message to its reply",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "lstmd_step_duration_seconds",
+            "Duration of one kernel step plus output head",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "lstmd_input_queue_depth_messages", "Messages waiting for the serving loop", registry=r
+        )
+        self.control_commands = Counter(
+            "lstmd_control_commands", "Control commands handled", ["command", "outcome"], registry=r
+        )
+        # State store.
+        self.active_streams = Gauge("lstmd_active_streams", "Streams holding a state slot", registry=r)
+        self.capacity = Gauge("lstmd_state_capacity_streams", "State slots available in total", registry=r)
+        self.evictions = Counter("lstmd_evictions", "Streams evicted, by cause", ["cause"], registry=r)
+        # Training.
+        self.train_rounds = Counter(
+            "lstmd_train_rounds", "Training rounds, by outcome", ["outcome"], registry=r
+        )
+        self.train_loss = Gauge("lstmd_train_loss", "Mean training loss of the last round", registry=r)
+        self.holdout_loss = Gauge(
+            "lstmd_holdout_loss", "Loss on the held-out recent slice, by model", ["model"], registry=r
+        )
+        self.train_round_duration = Histogram(
+            "lstmd_train_round_duration_seconds",
+            "Duration of a training round",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.model_version = Gauge("lstmd_model_version", "Version of the serving weights", registry=r)
+        self.last_publish = Gauge(
+            "lstmd_last_publish_timestamp_seconds", "Unix time the serving weights last changed", registry=r
+        )
+        self.train_enabled = Gauge(
+            "lstmd_train_enabled", "1 while online training is enabled and not paused, else 0", registry=r
+        )
+        # Durability.
+        self.wal_bytes = Counter("lstmd_wal_bytes", "Bytes appended to the write-ahead log", registry=r)
+        self.wal_fsync_duration = Histogram(
+            "lstmd_wal_fsync_duration_seconds", "Duration of WAL fsyncs", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.snapshot_duration = Histogram(
+            "lstmd_snapshot_duration_seconds", "Duration of snapshots", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.last_snapshot = Gauge(
+            "lstmd_last_snapshot_timestamp_seconds", "Unix time of the last completed snapshot", registry=r
+        )
+        # Process.
+        self.device_memory = Gauge(
+            "lstmd_device_memory_bytes", "Accelerator memory held by the daemon", ["kind"], registry=r
+        )
+        self.build_info = Info("lstmd_build", "Version, kernel backend and device", registry=r)
+        self.ready = Gauge(
+            "lstmd_ready", "1 once sockets are bound and state is restored (what /readyz answers)", registry=r
+        )
+        if process_metrics:
+            # process_* (CPU, RSS, open fds, start time) and python_info, as the default registry has them.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+        self._ready = threading.Event()
+        _touch(self.events, EVENT_STATUSES)
+        _touch(self.evictions, EVICTION_CAUSES)
+        _touch(self.train_rounds, TRAIN_OUTCOMES)
+        # Losses are unknown until the first round: NaN says "not measured", where 0 would read as perfect.
+        self.train_loss.set(float("nan"))
+        for model in HOLDOUT_MODELS:
+            self.holdout_loss.labels(model).set(float("nan"))
+        for kind in DEVICE_MEMORY_KINDS:
+            self.device_memory.labels(kind).set(0)
+
+    # --- state the daemon reports --------------------------------------------------------------------------
+
+    def set_ready(self, ready: bool) -> None:
+        """Mark the daemon ready (sockets bound, state restored) or not (starting, draining)."""
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+        self.ready.set(1 if ready else 0)
+
+    def is_ready(self) -> bool:
+        """What /readyz answers."""
+        return self._ready.is_set()
+
+    def set_build_info(self, version: str, backend: str, device: str) -> None:
+        """Publish `lstmd_build_info{version, backend, device} 1`, e.g. backend triton, device cuda:0."""
+        self.build_info.info({"version": str(version), "backend": str(backend), "device": str(device)})
+
+    def watch_device_memory(self, device: object) -> None:
+        """Report torch's CUDA caching-allocator memory for `device` at every scrape; 0 for a CPU device.
+
+        Read lazily at scrape time (no polling thread). torch is imported only for a CUDA device, so the
+        metrics module stays importable without it.
+        """
+        kind = getattr(device, "type", None) or str(device).split(":", 1)[0]
+        if kind != "cuda":
+            for name in DEVICE_MEMORY_KINDS:
+                self.device_memory.labels(name).set(0)
+            return
+        import torch
+
+        self.device_memory.labels("allocated").set_function(lambda: torch.cuda.memory_allocated(device))
+        self.device_memory.labels("reserved").set_function(lambda: torch.cuda.memory_reserved(device))
+
+    # --- HTTP ----------------------------------------------------------------------------------------------
+
+    def wsgi_app(self) -> Callable:
+        """The WSGI application behind `serve_http`: /metrics, /healthz, /readyz (404 elsewhere)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO", "/")
+            if path == "/metrics":
+                return metrics_app(environ, start_response)
+            if path == "/healthz":
+                return _plain(start_response, "200 OK", "ok\n")
+            if path == "/readyz":
+                if self.is_ready():
+                    return _plain(start_response, "200 OK", "ready\n")
+                return _plain(start_response, "503 Service Unavailable", "not ready\n")
+            if path == "/":
+                return _plain(start_response, "200 OK", "lstmd: see /metrics, /healthz, /readyz\n")
+            return _plain(start_response, "404 Not Found", "not found\n")
+
+        return app
+
+    def serve_http(self, address: str) -> WSGIServer:
+        """Serve /metrics, /healthz and /readyz at "host:port" from a daemon thread.
+
+        Port 0 picks a free port (read it back from `server.server_address[1]`). Returns the server; the
+        daemon stops it with `server.shutdown()` then `server.server_close()`.
+        """
+        host, port = parse_address(address)
+        server_class = _ThreadingWSGIServerV6 if ":" in host else _ThreadingWSGIServer
+        server = make_server(host, port, self.wsgi_app(), server_class, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="lstmd-metrics-http", daemon=True)
+        thread.start()
+        return server
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split "host:port" (also "[::1]:port" and ":port", which binds loopback) into (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address must look like host:port (e.g. 127.0.0.1:9108), got {address!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _touch(counter: Counter, values: Iterable[str]) -> None:
+    for value in values:
+        counter.labels(value)
+
+
+def _plain(start_response, status: str, body: str):
+    data = body.encode()
+    start_response(
+        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
+    )
+    return [data]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """One thread per request, so a slow scraper never blocks a probe."""
+
+    daemon_threads = True
+
+
+class _ThreadingWSGIServerV6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes and probes every few seconds would flood the daemon's log."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
+        pass
