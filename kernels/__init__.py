@@ -1,29 +1,70 @@
 """lstmd.kernels: the LSTM step over a resident per-stream state table, and the sequence kernel for TBPTT.
 
-Public contract (see docs/architecture.md): weights in torch.nn.LSTM layout, gate order (i, f, g, o).
+Public contract (DESIGN.md, "Kernels"): weights in torch.nn.LSTM layout, gate order (i, f, g, o).
 
     y = lstm_step_(x, slots, h, c, params, reset=None, backend=None)
     y, (h_n, c_n) = lstm_sequence(x, h0, c0, params, backend=None)
 
-backend: None picks Triton for CUDA tensors and the PyTorch reference on the CPU; "triton" (on the CPU it
-needs TRITON_INTERPRET=1 set before triton is imported); "torch".
+Shapes: B events in the batch, S state-table rows, L layers, H hidden, I input, T time steps.
+    x [B, I]; slots [B] distinct int rows; h, c [L, S, H] float32 tables updated in place; reset [B] bool;
+    x [B, T, I] (batch first); h0, c0 [L, B, H]; params: one (w_ih, w_hh, b_ih, b_hh) per layer,
+    float32 or bfloat16 (state and accumulation stay float32).
+
+backend: None picks Triton for CUDA tensors and the PyTorch reference elsewhere; "triton" (on the CPU it
+needs TRITON_INTERPRET=1 set before triton is imported); "torch". Bad arguments raise ValueError naming
+the argument.
+The Triton module is imported on first use, so serving on the CPU never imports triton.
 """
 
 from __future__ import annotations
 
 import torch
-
-from lstmd.kernels import reference
+from lstmd.kernels import _checks, reference
 from lstmd.kernels.reference import Params
 
 __all__ = ["Params", "lstm_sequence", "lstm_step_"]
 
 
-def lstm_step_(x, slots, h, c, params: Params, reset=None, backend: str | None = None) -> torch.Tensor:
-    """Advance the streams at `slots` one step through all layers, in place; return the last layer's h."""
-    return reference.lstm_step_(x, slots, h, c, params, reset)
+def _triton():
+    from lstmd.kernels import triton_lstm
+
+    return triton_lstm
 
 
-def lstm_sequence(x, h0, c0, params: Params, backend: str | None = None):
-    """Run the stacked LSTM over x [B, T, I] from (h0, c0); differentiable in x, h0, c0 and every weight."""
+def lstm_step_(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    params: Params,
+    reset: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Advance the streams at `slots` one step through all layers, in place; return the last layer's h [B, H].
+
+    Not differentiable: it serves, and it writes the state tables in place.
+    """
+    _checks.check_step(x, slots, h, c, params, reset)
+    chosen = _checks.resolve_backend(backend, h.device)
+    with torch.no_grad():
+        if chosen == "triton":
+            return _triton().lstm_step_(x, slots, h, c, params, reset)
+        return reference.lstm_step_(x, slots, h, c, params, reset)
+
+
+def lstm_sequence(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    params: Params,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the stacked LSTM over x [B, T, I] from (h0, c0); differentiable in x, h0, c0 and every weight.
+
+    Returns y [B, T, H] (the last layer's h at every step) and (h_n, c_n) [L, B, H].
+    """
+    _checks.check_sequence(x, h0, c0, params)
+    chosen = _checks.resolve_backend(backend, x.device)
+    if chosen == "triton":
+        return _triton().lstm_sequence(x, h0, c0, params)
     return reference.lstm_sequence(x, h0, c0, params)

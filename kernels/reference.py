@@ -38,13 +38,14 @@ def lstm_step_(
 ) -> torch.Tensor:  # [B, H]
     """Advance the streams at `slots` by one step through all layers; return the last layer's new h."""
     inp = x
-    keep = None if reset is None else (~reset).to(h.dtype).unsqueeze(1)  # [B, 1]
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
         h_old = h[layer].index_select(0, slots)
         c_old = c[layer].index_select(0, slots)
-        if keep is not None:
-            h_old, c_old = h_old * keep, c_old * keep
-        w_ih_, w_hh_, bias = w_ih.to(h.dtype), w_hh.to(h.dtype), (b_ih + b_hh).to(h.dtype)
+        if reset is not None:
+            # masked_fill, not a multiply: a reset row may hold NaN (a dead stream), and 0 * NaN = NaN.
+            zero = reset.unsqueeze(1)
+            h_old, c_old = h_old.masked_fill(zero, 0.0), c_old.masked_fill(zero, 0.0)
+        w_ih_, w_hh_, bias = w_ih.to(h.dtype), w_hh.to(h.dtype), b_ih.to(h.dtype) + b_hh.to(h.dtype)
         h_new, c_new = _cell(inp.to(h.dtype), h_old, c_old, w_ih_, w_hh_, bias)
         h[layer].index_copy_(0, slots, h_new)
         c[layer].index_copy_(0, slots, c_new)
@@ -64,7 +65,7 @@ def lstm_sequence(
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
         w_ih_, w_hh_ = w_ih.to(x.dtype), w_hh.to(x.dtype)
         # Hoisted input projection: one GEMM over B*T instead of T small ones.
-        xw = torch.matmul(inp, w_ih_.t()) + (b_ih + b_hh).to(x.dtype)  # [B, T, 4H]
+        xw = torch.matmul(inp, w_ih_.t()) + (b_ih.to(x.dtype) + b_hh.to(x.dtype))  # [B, T, 4H]
         h, c = h0[layer], c0[layer]
         outs = []
         for t in range(x.shape[1]):
