@@ -79,3 +79,13 @@ def test_every_rule_has_a_unit_test_where_it_fires_and_one_where_it_does_not() -
         mine = [case for case in cases if case["alertname"] == rule["alert"]]
         assert any(case["exp_alerts"] for case in mine), f"no test where {rule['alert']} fires"
         assert any(not case["exp_alerts"] for case in mine), f"no test where {rule['alert']} stays quiet"
+
+
+def test_rules_name_only_metrics_the_daemon_exports() -> None:
+    from test_deploy_grafana import exported_sample_names, referenced_metrics
+
+    exported = exported_sample_names() | {"up"}
+    for rule in alert_rules():
+        names = referenced_metrics(rule["expr"])
+        assert names, rule["alert"]
+        assert names <= exported, f"{rule['alert']}: {sorted(names - exported)} not exported"
