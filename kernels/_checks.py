@@ -9,6 +9,7 @@ Shapes: B events in the batch, S state-table rows, L layers, H hidden, I input, 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -78,13 +79,21 @@ def check_params(params: object, device: torch.device) -> tuple[int, int, int]:
     return len(params), int(input_size), int(hidden)
 
 
+def interpreter_active() -> bool:
+    """Whether the Triton kernels run (or will run, once imported) through Triton's CPU interpreter."""
+    loaded = sys.modules.get("lstmd.kernels.triton_lstm")
+    if loaded is not None:  # fixed when the kernels were decorated; setting the variable later does nothing
+        return loaded.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
 def resolve_backend(backend: object, device: torch.device) -> str:
     """None → "triton" on CUDA tensors, "torch" elsewhere; an explicit name is checked."""
     if backend is None:
         return "triton" if device.type == "cuda" else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected None, 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and not interpreter_active():
         raise ValueError(
             f"backend: 'triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is "
             "imported (or CUDA tensors)"

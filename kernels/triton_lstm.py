@@ -290,6 +290,9 @@ def _lstm_seq_bwd_kernel(
     tl.store(dc0_ptr + state_tile, dc, mask=tile_mask)
 
 
+# Whether the kernels above were decorated under TRITON_INTERPRET=1 (then they run on CPU tensors, slowly).
+INTERPRETED = type(_lstm_step_kernel).__name__ == "InterpretedFunction"
+
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration and the weight cache
 
