@@ -1,0 +1,29 @@
+"""The `lstmd` command line (typer): one module per command group, joined here.
+
+Client commands find the daemon through --config FILE (the file it was started with) or --control ENDPOINT.
+Modules import torch only inside the commands that need it (serve, demo), so admin commands start fast.
+"""
+
+from __future__ import annotations
+
+import typer
+from lstmd.clients.cli import config_cmd, model, replay, serve, status, streams
+
+app = typer.Typer(
+    name="lstmd",
+    help="Serve and continuously train stateful LSTM models on live event streams.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(serve.serve)
+app.command()(serve.demo)
+app.command()(status.status)
+app.command()(replay.replay)
+app.add_typer(streams.app, name="streams")
+app.add_typer(model.app, name="model")
+app.add_typer(config_cmd.app, name="config")
+
+
+def main() -> None:
+    app()

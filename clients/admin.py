@@ -1,0 +1,84 @@
+"""Admin: control calls on a running daemon, mirroring the `lstmd` command line. Returns plain dicts/lists.
+
+Imports only pyzmq and msgspec (through the protocol module).
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import zmq
+from lstmd.clients import protocol
+
+
+class DaemonError(RuntimeError):
+    """The daemon answered the command with an error; the message is the daemon's."""
+
+
+class Admin:
+    def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout * 1000)
+        self._ctx = context or zmq.Context.instance()
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        """Run one control command; raise DaemonError with the daemon's message if it fails."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.endpoint)
+            sock.send(
+                protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args))
+            )
+            if not sock.poll(self.timeout_ms, zmq.POLLIN):
+                waited = self.timeout_ms / 1000
+                raise TimeoutError(f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?")
+            reply = protocol.control_reply_decoder.decode(sock.recv())
+        finally:
+            sock.close(linger=0)
+        if not reply.ok:
+            raise DaemonError(reply.error)
+        return reply.result
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def streams(self, limit: int = 100) -> list[dict]:
+        return self.call("streams", limit=limit)
+
+    def stream(self, stream_id) -> dict:
+        return self.call("stream", stream=stream_id)
+
+    def reset(self, stream_id) -> dict:
+        return self.call("reset", stream=stream_id)
+
+    def drop(self, stream_id) -> dict:
+        return self.call("drop", stream=stream_id)
+
+    def model_info(self) -> dict:
+        return self.call("model_info")
+
+    def export_model(self, path: str | Path) -> dict:
+        """Write the serving model to `path` (safetensors); returns its version and path."""
+        result = self.call("export_model")
+        Path(path).write_bytes(base64.b64decode(result["safetensors_b64"]))
+        return {"version": result["version"], "path": str(path)}
+
+    def import_model(self, path: str | Path) -> dict:
+        """Serve the model in `path` (safetensors, torch.nn.LSTM + nn.Linear names); returns the new version."""
+        data = Path(path).read_bytes()
+        return self.call("import_model", safetensors_b64=base64.b64encode(data).decode())
+
+    def config(self) -> dict:
+        return self.call("config")
+
+    def snapshot(self) -> dict:
+        return self.call("snapshot")
+
+    def train_now(self) -> dict:
+        return self.call("train_now")
+
+    def shutdown(self) -> dict:
+        return self.call("shutdown")

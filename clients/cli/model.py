@@ -1,0 +1,55 @@
+"""`lstmd model info|export|import`: the serving weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from lstmd.clients.cli._common import (
+    ConfigOpt,
+    ControlOpt,
+    JsonOpt,
+    admin_or_exit,
+    call_or_exit,
+    console,
+    fail,
+    key_value_table,
+    print_json,
+)
+
+app = typer.Typer(help="Inspect, export and import the serving model.", no_args_is_help=True)
+
+
+@app.command()
+def info(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+    """Show the serving model's sizes, task and version."""
+    data = call_or_exit(admin_or_exit(config, control).model_info)
+    if json:
+        print_json(data)
+    else:
+        console.print(key_value_table("model", data))
+
+
+@app.command("export")
+def export(
+    path: Annotated[Path, typer.Argument(help="Where to write the safetensors file.")],
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+) -> None:
+    """Write the serving weights to a safetensors file (torch.nn.LSTM + nn.Linear names)."""
+    result = call_or_exit(admin_or_exit(config, control).export_model, path)
+    console.print(f"exported model version {result['version']} to {path}")
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A safetensors model file.")],
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+) -> None:
+    """Serve the weights in a safetensors file from the next batch on."""
+    if not path.is_file():
+        raise fail(f"{path} is not a file")
+    result = call_or_exit(admin_or_exit(config, control).import_model, path)
+    console.print(f"serving {path} as model version {result['version']}")

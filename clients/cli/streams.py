@@ -1,0 +1,63 @@
+"""`lstmd streams list|show|reset|drop`: inspect and manage per-stream state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from lstmd.clients.cli._common import (
+    ConfigOpt,
+    ControlOpt,
+    JsonOpt,
+    admin_or_exit,
+    call_or_exit,
+    console,
+    key_value_table,
+    print_json,
+    rows_table,
+)
+
+app = typer.Typer(help="Inspect and manage per-stream state.", no_args_is_help=True)
+StreamArg = Annotated[str, typer.Argument(help="Stream id (an integer id can be given as digits).")]
+
+
+@app.command("list")
+def list_(
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+    json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many streams.")] = 100,
+) -> None:
+    """List streams holding state."""
+    rows = call_or_exit(admin_or_exit(config, control).streams, limit)
+    if json:
+        print_json(rows)
+    else:
+        console.print(rows_table(f"streams (first {limit})", rows))
+
+
+@app.command()
+def show(
+    stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False
+) -> None:
+    """Show one stream's counters and hidden state."""
+    info = call_or_exit(admin_or_exit(config, control).stream, stream)
+    if json:
+        print_json(info)
+    else:
+        summary = {k: v for k, v in info.items() if k not in ("h", "c")}
+        console.print(key_value_table(f"stream {info['stream']!r}", summary))
+
+
+@app.command()
+def reset(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None) -> None:
+    """Zero one stream's state; its next event starts fresh and is flagged state_reset."""
+    call_or_exit(admin_or_exit(config, control).reset, stream)
+    console.print(f"stream {stream!r} reset")
+
+
+@app.command()
+def drop(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None) -> None:
+    """Forget one stream and free its slot."""
+    call_or_exit(admin_or_exit(config, control).drop, stream)
+    console.print(f"stream {stream!r} dropped")

@@ -1,0 +1,122 @@
+"""Producer: send batches of events to a running daemon and get one prediction per event back.
+
+Imports only pyzmq, numpy and msgspec. Uses a DEALER socket and matches replies by request id. After a
+timeout it reconnects and resends the same request, with the same sequence numbers, so a restarted daemon
+applies each event once; without sequence numbers a resend could apply events twice, so it raises instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+from lstmd.clients import protocol
+from lstmd.clients.protocol import StreamId
+
+
+class RejectedError(ValueError):
+    """The daemon refused the message or some of its events; `result` holds what came back."""
+
+    def __init__(self, message: str, result: SendResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class SendResult:
+    predictions: np.ndarray  # [N, O] float32; NaN where not applied (duplicate or rejected)
+    status: np.ndarray  # [N] uint8 protocol status codes
+    version: int  # model version that answered
+    reasons: dict[int, str]  # event index -> why rejected
+
+    @property
+    def status_names(self) -> list[str]:
+        return [protocol.STATUS_NAMES[s] for s in self.status.tolist()]
+
+
+class Producer:
+    def __init__(
+        self, endpoint: str, timeout: float = 10.0, retries: int = 3, context: zmq.Context | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout * 1000)
+        self.retries = retries
+        self._ctx = context or zmq.Context.instance()
+        self._req_ids = itertools.count(1)
+        self._sock: zmq.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(
+        self,
+        streams: Sequence[StreamId],
+        features,
+        targets=None,
+        seqs: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Send N events; return predictions [N, O] in event order. Raises RejectedError on any rejection."""
+        result = self.send_detailed(streams, features, targets, seqs)
+        if result.reasons:
+            first = sorted(result.reasons.items())[:5]
+            detail = "; ".join(f"event {i} (stream {streams[i]!r}): {why}" for i, why in first)
+            more = f" (+{len(result.reasons) - 5} more)" if len(result.reasons) > 5 else ""
+            raise RejectedError(
+                f"{len(result.reasons)} of {len(streams)} events rejected: {detail}{more}", result
+            )
+        return result.predictions
+
+    def send_detailed(self, streams, features, targets=None, seqs=None) -> SendResult:
+        """Like send(), but returns per-event status and reasons instead of raising on rejected events."""
+        streams = list(streams)
+        req = next(self._req_ids)
+        frames = protocol.encode_events(req, streams, np.asarray(features, dtype=np.float32), targets, seqs)
+        attempts = self.retries + 1 if seqs is not None else 1
+        for _attempt in range(attempts):
+            self._sock.send_multipart(frames, copy=False)
+            reply_frames = self._await(req)
+            if reply_frames is not None:
+                break
+            self._connect()  # lazy-pirate: a fresh socket drops whatever the old one still queued
+        else:
+            hint = (
+                ""
+                if seqs is not None
+                else " (not resent: without sequence numbers a resend could apply twice)"
+            )
+            raise TimeoutError(
+                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s{hint}"
+            )
+        reply, preds = protocol.decode_reply(reply_frames)
+        if reply.error is not None:
+            raise RejectedError(f"message rejected ({reply.error_reason}): {reply.error}")
+        status = np.frombuffer(reply.status, dtype=np.uint8)
+        return SendResult(preds, status, reply.version, dict(reply.reasons))
+
+    def _await(self, req: int) -> list | None:
+        while self._sock.poll(self.timeout_ms, zmq.POLLIN):
+            frames = self._sock.recv_multipart()
+            reply = protocol.events_reply_decoder.decode(frames[0])
+            if reply.req == req:
+                return frames
+            # A late reply to an earlier, already retried request: ignore it.
+        return None

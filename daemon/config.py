@@ -1,0 +1,164 @@
+"""lstmd's configuration: one TOML file, overridden by `LSTMD_<SECTION>__<KEY>` variables, then by `--set`.
+
+The schema is a set of msgspec Structs, so a typo in a key or a value of the wrong type is reported with the
+exact path (`serve.max_batch`) instead of being ignored. Defaults bind to loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says which key and what was expected."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelConfig(_Section):
+    input_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 1
+    output_size: int = 1
+    task: Literal["regression", "classification", "forecast"] = "regression"
+    seed: int = 0
+    path: str = ""  # a model file (safetensors) to serve at start; empty: fresh weights from `seed`
+
+
+class ServeConfig(_Section):
+    events: str = "tcp://127.0.0.1:5555"
+    control: str = "tcp://127.0.0.1:5556"
+    publish: str = "tcp://127.0.0.1:5557"  # empty: no PUB socket
+    metrics: str = "127.0.0.1:9108"  # empty: no HTTP endpoint
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, PyTorch reference on CPU
+    max_batch: int = 16384  # events per serving batch
+    max_wait_ms: float = 1.0  # how long the loop gathers events before stepping
+    max_message_events: int = 65536  # larger messages are rejected whole
+    max_message_bytes: int = 64 * 1024 * 1024  # enforced by ZeroMQ (ZMQ_MAXMSGSIZE) per frame
+    max_new_streams_per_message: int = 65536  # admission control against id floods
+    max_stream_id_length: int = 256  # characters of a string stream id
+
+
+class StateConfig(_Section):
+    dir: str = "lstmd-state"
+    capacity: int = 1_000_000  # state-table rows (streams resident at once)
+    idle_ttl_s: float = 0.0  # evict streams idle this long; 0: never
+    on_full: Literal["evict", "reject"] = "evict"  # LRU-evict idle streams, or reject new streams
+    remember_evicted: int = 1_000_000  # evicted ids remembered to flag `state_reset` on their next event
+
+
+class TrainConfig(_Section):
+    enabled: bool = False
+
+
+class DurabilityConfig(_Section):
+    wal: bool = False
+    fsync: Literal["always", "interval", "never"] = "interval"
+
+
+class Config(_Section):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    train: TrainConfig = msgspec.field(default_factory=TrainConfig)
+    durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
+
+    def to_dict(self) -> dict:
+        return msgspec.to_builtins(self)
+
+
+ENV_PREFIX = "LSTMD_"
+
+
+def _parse_value(text: str):
+    """A TOML value (`64`, `true`, `"x"`, `[1, 2]`); bare words that are not TOML stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_override(data: dict, dotted: str, raw: str, origin: str) -> None:
+    section, sep, key = dotted.partition(".")
+    if not sep or not section or not key or "." in key:
+        raise ConfigError(f"{origin}: expected section.key=value, got {dotted!r}")
+    known = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    if section not in known:
+        raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(known)})")
+    data.setdefault(section, {})[key] = _parse_value(raw)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Read the TOML file (if any), apply LSTMD_<SECTION>__<KEY> variables, then `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    env = os.environ if environ is None else environ
+    for name, raw in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, key = name[len(ENV_PREFIX) :].split("__", 1)
+            _apply_override(data, f"{section.lower()}.{key.lower()}", raw, f"environment variable {name}")
+    for item in overrides or []:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _apply_override(data, dotted.strip(), raw.strip(), f"--set {item!r}")
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks across keys and ranges that types alone cannot express."""
+    m, s, st = config.model, config.serve, config.state
+    positive = {
+        "model.input_size": m.input_size,
+        "model.hidden_size": m.hidden_size,
+        "model.num_layers": m.num_layers,
+        "model.output_size": m.output_size,
+        "serve.max_batch": s.max_batch,
+        "serve.max_message_events": s.max_message_events,
+        "state.capacity": st.capacity,
+        "serve.max_stream_id_length": s.max_stream_id_length,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if s.max_wait_ms < 0:
+        raise ConfigError(f"serve.max_wait_ms must be >= 0, got {s.max_wait_ms}")
+    if st.idle_ttl_s < 0:
+        raise ConfigError(f"state.idle_ttl_s must be >= 0, got {st.idle_ttl_s}")
+    if m.task == "classification" and m.output_size < 2:
+        raise ConfigError(
+            f"model.task = classification needs model.output_size >= 2 classes, got {m.output_size}"
+        )
+    if m.task == "forecast" and m.output_size != m.input_size:
+        raise ConfigError(
+            f"model.task = forecast predicts the next event, so model.output_size ({m.output_size}) "
+            f"must equal model.input_size ({m.input_size})"
+        )
+    for key in ("events", "control"):
+        if not getattr(s, key).startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(
+                f"serve.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {getattr(s, key)!r}"
+            )

@@ -1,0 +1,125 @@
+"""Control commands: what `lstmd status|streams|model|config|...` and `Admin` ask the running daemon.
+
+Each command is a function (daemon, args) -> plain data, registered by name in COMMANDS. They run inside the
+serving loop between two batches, so they read and change the state store without locks. Raise
+CommandError for a request the user must fix; its message is shown to them as is.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lstmd.daemon.model import ServingModel
+
+if TYPE_CHECKING:
+    from lstmd.daemon.server import Daemon
+
+
+class CommandError(ValueError):
+    pass
+
+
+COMMANDS: dict[str, Callable[[Daemon, dict], Any]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def dispatch(daemon: Daemon, cmd: str, args: dict) -> Any:
+    handler = COMMANDS.get(cmd)
+    if handler is None:
+        raise CommandError(f"unknown command {cmd!r}; known: {', '.join(sorted(COMMANDS))}")
+    return handler(daemon, args)
+
+
+def _stream_arg(args: dict):
+    if "stream" not in args:
+        raise CommandError("missing argument 'stream'")
+    return args["stream"]
+
+
+@command("status")
+def _status(daemon: Daemon, args: dict) -> dict:
+    return daemon.status()
+
+
+@command("streams")
+def _streams(daemon: Daemon, args: dict) -> list[dict]:
+    limit = int(args.get("limit", 100))
+    if limit <= 0:
+        raise CommandError(f"limit must be positive, got {limit}")
+    return daemon.store.listing(limit)
+
+
+@command("stream")
+def _stream(daemon: Daemon, args: dict) -> dict:
+    info = daemon.store.describe(_stream_arg(args))
+    if info is None:
+        raise CommandError(f"no stream {args['stream']!r} holds state")
+    return info
+
+
+@command("reset")
+def _reset(daemon: Daemon, args: dict) -> dict:
+    if not daemon.store.reset(_stream_arg(args)):
+        raise CommandError(f"no stream {args['stream']!r} holds state")
+    return {"stream": args["stream"], "reset": True}
+
+
+@command("drop")
+def _drop(daemon: Daemon, args: dict) -> dict:
+    if not daemon.store.drop(_stream_arg(args)):
+        raise CommandError(f"no stream {args['stream']!r} holds state")
+    daemon.metrics.active_streams.set(len(daemon.store))
+    return {"stream": args["stream"], "dropped": True}
+
+
+@command("model_info")
+def _model_info(daemon: Daemon, args: dict) -> dict:
+    model = daemon.engine.model
+    return {
+        **model.spec.__dict__,
+        "version": model.version,
+        "parameters": int(sum(t.numel() for t in model.tensors.values())),
+    }
+
+
+@command("export_model")
+def _export_model(daemon: Daemon, args: dict) -> dict:
+    """The serving weights as a safetensors file, base64 in the reply (the client writes it)."""
+    data = daemon.engine.model.to_bytes()
+    return {"version": daemon.engine.model.version, "safetensors_b64": base64.b64encode(data).decode()}
+
+
+@command("import_model")
+def _import_model(daemon: Daemon, args: dict) -> dict:
+    try:
+        data = base64.b64decode(args["safetensors_b64"], validate=True)
+        model = ServingModel.from_bytes(data)
+    except KeyError:
+        raise CommandError("missing argument 'safetensors_b64'") from None
+    except ValueError as exc:
+        raise CommandError(f"cannot import model: {exc}") from None
+    if model.spec != daemon.spec:
+        raise CommandError(f"model file holds {model.spec}, but this daemon serves {daemon.spec}")
+    model.version = daemon.engine.model.version + 1
+    daemon.engine.swap_model(model)
+    daemon.metrics.model_version.set(model.version)
+    return {"version": model.version}
+
+
+@command("config")
+def _config(daemon: Daemon, args: dict) -> dict:
+    return daemon.config.to_dict()
+
+
+@command("shutdown")
+def _shutdown(daemon: Daemon, args: dict) -> dict:
+    return {"stopping": True}

@@ -1,0 +1,50 @@
+"""The inference step: one kernel launch advancing a wave of streams, then the output head.
+
+Holds the serving model on the device. Swapping `engine.model` for a new `ServingModel` between two batches is
+how new weights are published: the loop reads the reference once per wave, so a swap never tears a wave.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lstmd.daemon.model import ServingModel
+from lstmd.daemon.state_store import StateStore
+from lstmd.kernels import lstm_step_
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("serve.device = cuda, but PyTorch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Engine:
+    def __init__(self, model: ServingModel, store: StateStore, device: torch.device, backend: str) -> None:
+        self.device = device
+        self.model = model.to(device)
+        self.store = store
+        # "auto" lets the kernels pick: Triton for CUDA tensors, the PyTorch reference on the CPU.
+        self.backend = None if backend == "auto" else backend
+
+    @property
+    def backend_name(self) -> str:
+        if self.backend is not None:
+            return self.backend
+        return "triton" if self.device.type == "cuda" else "torch"
+
+    def swap_model(self, model: ServingModel) -> None:
+        self.model = model.to(self.device)
+
+    @torch.inference_mode()
+    def step(self, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """Advance the streams at `slots` (distinct) by one event each; return predictions [n, O] float32."""
+        model = self.model
+        x = torch.from_numpy(features).to(self.device, non_blocking=True)
+        slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
+        y = lstm_step_(x, slot_t, self.store.h, self.store.c, model.params, reset=reset, backend=self.backend)
+        weight, bias = model.head
+        return torch.addmm(bias, y, weight.t()).cpu().numpy()

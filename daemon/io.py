@@ -1,0 +1,230 @@
+"""The I/O thread: moves bytes between the ZeroMQ sockets and the serving loop's queues, and owns no state.
+
+It owns the events ROUTER, the control ROUTER, the prediction XPUB and the inproc PULL on which the loop
+hands back replies (ZeroMQ sockets are not thread-safe, so every socket is used by this thread only, except
+the loop's own PUSH end). Decoding and validation happen here, so the loop receives typed headers and numpy
+views over the received frames; a message that cannot be decoded is answered here with an error reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+import zmq
+from lstmd.clients import protocol
+
+log = logging.getLogger("lstmd.io")
+
+EVENTS, CONTROL, PUBLISH = b"E", b"C", b"P"  # first frame of a message on the outbox: where it goes
+
+
+@dataclass
+class EventsMessage:
+    """One decoded events request, waiting for the serving loop."""
+
+    envelope: list  # ROUTER routing frames to send the reply back
+    header: protocol.EventsHeader
+    features: np.ndarray  # [n, I] float32, a view over the received frame
+    targets: np.ndarray | None  # [n, D]
+    received: float  # perf_counter at receipt, for the latency histogram
+
+
+@dataclass
+class ControlMessage:
+    envelope: list
+    request: protocol.ControlRequest
+
+
+class BindError(RuntimeError):
+    """A socket could not be bound (port in use, bad address)."""
+
+
+def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise BindError(f"cannot bind the {what} socket to {endpoint}: {exc.strerror}") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _split_envelope(frames: list) -> tuple[list, list]:
+    """ROUTER frames → (envelope, body). A REQ peer adds an empty delimiter frame; a DEALER does not."""
+    if len(frames) > 1 and len(frames[1].bytes if hasattr(frames[1], "bytes") else frames[1]) == 0:
+        return frames[:2], frames[2:]
+    return frames[:1], frames[1:]
+
+
+class IOThread(threading.Thread):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        inbox: queue.SimpleQueue,
+        events_endpoint: str,
+        control_endpoint: str,
+        publish_endpoint: str,
+        input_size: int,
+        max_message_events: int,
+        max_message_bytes: int,
+        on_message_rejected,  # callback(reason: str)
+    ) -> None:
+        super().__init__(name="lstmd-io", daemon=True)
+        self.inbox = inbox
+        self.input_size = input_size
+        self.max_message_events = max_message_events
+        self.on_message_rejected = on_message_rejected
+        self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
+        self._stop_requested = threading.Event()
+        self.events = ctx.socket(zmq.ROUTER)
+        self.control = ctx.socket(zmq.ROUTER)
+        self.outbox = ctx.socket(zmq.PULL)
+        for sock in (self.events, self.control):
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+        # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode.
+        self.events.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.outbox.bind(self.outbox_endpoint)
+        self.publisher = None
+        self.subscribers = 0  # subscriptions seen on the XPUB; predictions are published only when > 0
+        try:
+            self.endpoints = {
+                "events": _bind(self.events, events_endpoint, "events"),
+                "control": _bind(self.control, control_endpoint, "control"),
+            }
+            if publish_endpoint:
+                self.publisher = ctx.socket(zmq.XPUB)
+                self.publisher.setsockopt(zmq.LINGER, 0)
+                # Pass every (un)subscription through, duplicates included, so the count stays exact.
+                self.publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
+                self.publisher.setsockopt(zmq.XPUB_VERBOSER, 1)
+                self.endpoints["publish"] = _bind(self.publisher, publish_endpoint, "publish")
+        except BindError:
+            self.close()
+            raise
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    def close(self) -> None:
+        for sock in (self.events, self.control, self.outbox, self.publisher):
+            if sock is not None:
+                sock.close()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.events, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        if self.publisher is not None:
+            poller.register(self.publisher, zmq.POLLIN)
+        try:
+            while not self._stop_requested.is_set():
+                ready = dict(poller.poll(50))
+                # Replies first: they free producers waiting on us.
+                if self.outbox in ready:
+                    self._drain_outbox()
+                if self.events in ready:
+                    self._receive_events()
+                if self.control in ready:
+                    self._receive_control()
+                if self.publisher is not None and self.publisher in ready:
+                    self._receive_subscriptions()
+            self._drain_outbox()  # answer what the loop handed back before it stopped
+        finally:
+            self.close()
+
+    def _receive_events(self) -> None:
+        for _ in range(1000):  # bounded burst so control and replies are not starved
+            try:
+                frames = self.events.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            received = time.perf_counter()
+            envelope, body = _split_envelope(frames)
+            try:
+                header, features, targets = protocol.decode_events(body)
+                if header.dim != self.input_size:
+                    raise protocol.ProtocolError(
+                        "bad_shape",
+                        f"events have {header.dim} features, the model's input_size is {self.input_size}",
+                    )
+                if len(header.streams) > self.max_message_events:
+                    raise protocol.ProtocolError(
+                        "oversized",
+                        f"message holds {len(header.streams)} events, limit is {self.max_message_events}",
+                    )
+            except protocol.ProtocolError as exc:
+                self._reject_message(envelope, body, exc)
+                continue
+            self.inbox.put(EventsMessage(envelope, header, features, targets, received))
+
+    def _reject_message(self, envelope: list, body: list, exc: protocol.ProtocolError) -> None:
+        req = 0
+        with contextlib.suppress(Exception):  # echo the request id when the header is at least readable
+            req = int(msgspec.msgpack.decode(body[0].bytes).get("req", 0))
+        self.on_message_rejected(exc.reason)
+        reply = protocol.EventsReply(
+            v=protocol.PROTOCOL_VERSION, req=req, error=str(exc), error_reason=exc.reason
+        )
+        self.events.send_multipart([*envelope, protocol.encode(reply)])
+
+    def _receive_control(self) -> None:
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            envelope, body = _split_envelope(frames)
+            try:
+                if len(body) != 1:
+                    raise ValueError(f"expected one frame, got {len(body)}")
+                request = protocol.control_request_decoder.decode(body[0].bytes)
+                if request.v != protocol.PROTOCOL_VERSION:
+                    raise ValueError(f"unknown protocol version {request.v}")
+            except (ValueError, msgspec.DecodeError) as exc:
+                reply = protocol.ControlReply(ok=False, error=f"malformed control request: {exc}")
+                self.control.send_multipart([*envelope, protocol.encode(reply)])
+                continue
+            self.inbox.put(ControlMessage(envelope, request))
+
+    def _receive_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self.publisher.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            kind = frames[0].bytes
+            if kind == EVENTS:
+                self.events.send_multipart(frames[1:], copy=False)
+            elif kind == CONTROL:
+                self.control.send_multipart(frames[1:], copy=False)
+            elif kind == PUBLISH and self.publisher is not None:
+                self._publish(frames[1:])
+
+    def _publish(self, frames: list) -> None:
+        """frames: [msgpack (streams, seqs, version), predictions [n, O] float32] → one PUB message per event."""
+        streams, seqs, version = msgspec.msgpack.decode(frames[0].bytes)
+        preds = np.frombuffer(frames[1].buffer, dtype=protocol.FEATURE_DTYPE).reshape(len(streams), -1)
+        encode = protocol.encode
+        for stream, seq, pred in zip(streams, seqs, preds, strict=True):
+            header = encode(protocol.Published(stream=stream, seq=seq, version=version))
+            self.publisher.send_multipart([str(stream).encode(), header, pred.tobytes()])

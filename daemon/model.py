@@ -1,0 +1,157 @@
+"""The serving model: stacked LSTM weights (torch.nn.LSTM layout) plus a linear output head, and its file.
+
+The model file is safetensors with tensor names exactly as `torch.nn.LSTM(batch_first=True).state_dict()`
+plus `head.weight` / `head.bias` of an `nn.Linear(H, O)`; metadata holds the sizes and the task. Loading the
+file into those two torch modules reproduces the daemon's predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+from lstmd.kernels import Params
+
+TASKS = ("regression", "classification", "forecast")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    output_size: int
+    task: str
+
+    def to_metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> ModelSpec:
+        missing = [
+            k for k in ("input_size", "hidden_size", "num_layers", "output_size", "task") if k not in meta
+        ]
+        if missing:
+            raise ValueError(f"model file metadata lacks {', '.join(missing)}")
+        try:
+            return cls(
+                int(meta["input_size"]),
+                int(meta["hidden_size"]),
+                int(meta["num_layers"]),
+                int(meta["output_size"]),
+                meta["task"],
+            )
+        except ValueError as exc:
+            raise ValueError(f"model file metadata has a non-integer size: {exc}") from None
+
+
+def tensor_names(spec: ModelSpec) -> list[str]:
+    names = []
+    for k in range(spec.num_layers):
+        names += [f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}"]
+    return [*names, "head.weight", "head.bias"]
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    H, shapes = spec.hidden_size, {}
+    for k in range(spec.num_layers):
+        in_k = spec.input_size if k == 0 else H
+        shapes |= {
+            f"weight_ih_l{k}": (4 * H, in_k),
+            f"weight_hh_l{k}": (4 * H, H),
+            f"bias_ih_l{k}": (4 * H,),
+            f"bias_hh_l{k}": (4 * H,),
+        }
+    return shapes | {"head.weight": (spec.output_size, H), "head.bias": (spec.output_size,)}
+
+
+class ServingModel:
+    """Weights the serving loop reads. Published versions are immutable: the trainer builds a new one."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], version: int = 0) -> None:
+        shapes = expected_shapes(spec)
+        for name, shape in shapes.items():
+            if name not in tensors:
+                raise ValueError(f"model lacks tensor {name!r}")
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(
+                    f"model tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}"
+                )
+            if not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"model tensor {name!r} holds NaN or Inf")
+        extra = set(tensors) - set(shapes)
+        if extra:
+            raise ValueError(f"model has unexpected tensors {sorted(extra)}")
+        self.spec = spec
+        self.tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+        self.version = version
+
+    @classmethod
+    def initial(cls, spec: ModelSpec, seed: int) -> ServingModel:
+        """Fresh weights exactly as torch.nn.LSTM / nn.Linear initialise them under `seed`."""
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            lstm = torch.nn.LSTM(spec.input_size, spec.hidden_size, spec.num_layers, batch_first=True)
+            head = torch.nn.Linear(spec.hidden_size, spec.output_size)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        return cls.from_modules(spec, lstm, head)
+
+    @classmethod
+    def from_modules(cls, spec: ModelSpec, lstm: torch.nn.LSTM, head: torch.nn.Linear, version: int = 0):
+        tensors = dict(lstm.state_dict()) | {f"head.{k}": v for k, v in head.state_dict().items()}
+        return cls(spec, tensors, version)
+
+    def to(self, device: torch.device) -> ServingModel:
+        return ServingModel(self.spec, {k: v.to(device) for k, v in self.tensors.items()}, self.version)
+
+    @property
+    def params(self) -> Params:
+        t = self.tensors
+        return [
+            (t[f"weight_ih_l{k}"], t[f"weight_hh_l{k}"], t[f"bias_ih_l{k}"], t[f"bias_hh_l{k}"])
+            for k in range(self.spec.num_layers)
+        ]
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors["head.weight"], self.tensors["head.bias"]
+
+    def to_modules(self) -> tuple[torch.nn.LSTM, torch.nn.Linear]:
+        s = self.spec
+        lstm = torch.nn.LSTM(s.input_size, s.hidden_size, s.num_layers, batch_first=True)
+        head = torch.nn.Linear(s.hidden_size, s.output_size)
+        lstm.load_state_dict({k: v.cpu() for k, v in self.tensors.items() if not k.startswith("head.")})
+        head.load_state_dict(
+            {"weight": self.tensors["head.weight"].cpu(), "bias": self.tensors["head.bias"].cpu()}
+        )
+        return lstm, head
+
+    def to_bytes(self) -> bytes:
+        meta = self.spec.to_metadata() | {"version": str(self.version), "format": "lstmd-model-1"}
+        return safetensors.torch.save(
+            {k: v.cpu().contiguous() for k, v in self.tensors.items()}, metadata=meta
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ServingModel:
+        try:
+            tensors = safetensors.torch.load(data)
+            meta = _read_metadata(data)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"not a readable safetensors model file: {exc}") from None
+        spec = ModelSpec.from_metadata(meta)
+        if spec.task not in TASKS:
+            raise ValueError(f"model file task {spec.task!r} is not one of {TASKS}")
+        return cls(spec, tensors, int(meta.get("version", 0)))
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__", {}) or {}

@@ -1,0 +1,452 @@
+"""The daemon: binds the sockets, owns the serving loop, and runs control commands between batches.
+
+The shape of vLLM's engine core: the I/O thread (daemon/io.py) moves bytes between sockets and the inbox;
+this loop alone owns the state store, the model and the counters, so none of them needs a lock. A signal
+handler only calls `request_stop()`, which puts a sentinel on the inbox.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import zmq
+from lstmd.clients import protocol
+from lstmd.daemon import batching, control
+from lstmd.daemon.config import Config
+from lstmd.daemon.engine import Engine, pick_device
+from lstmd.daemon.io import CONTROL, EVENTS, PUBLISH, ControlMessage, EventsMessage, IOThread
+from lstmd.daemon.metrics import Metrics
+from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.state_store import NO_SEQ, StateStore
+
+log = logging.getLogger("lstmd.daemon")
+
+VERSION = "0.1.0"
+_STOP = object()
+_ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assigns the number
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says what to fix."""
+
+
+@dataclass
+class ServeStats:
+    """Plain counters the loop fills; `lstmd status` reads them (Prometheus gets the same numbers)."""
+
+    started: float = field(default_factory=time.time)
+    batches: int = 0
+    events: np.ndarray = field(default_factory=lambda: np.zeros(len(protocol.STATUS_NAMES), dtype=np.int64))
+    rejections: dict[str, int] = field(default_factory=dict)
+    sequence_gaps: int = 0
+    evictions: dict[str, int] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, config: Config, registry=None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.stats = ServeStats()
+        try:
+            self.device = pick_device(config.serve.device)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        model = self._initial_model()
+        spec = model.spec
+        self.store = StateStore(
+            spec.num_layers,
+            spec.hidden_size,
+            config.state.capacity,
+            self.device,
+            idle_ttl_s=config.state.idle_ttl_s,
+            on_full=config.state.on_full,
+            remember_evicted=config.state.remember_evicted,
+            on_evict=self._count_eviction,
+        )
+        self.engine = Engine(model, self.store, self.device, config.serve.backend)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.endpoints: dict[str, str] = {}
+        self._stopping = False
+        self._ctx: zmq.Context | None = None
+        self._io: IOThread | None = None
+        self._outbox: zmq.Socket | None = None
+        self._http = None
+        self._thread: threading.Thread | None = None
+        self._last_housekeeping = time.monotonic()
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.engine.model.spec
+
+    def _initial_model(self) -> ServingModel:
+        m = self.config.model
+        spec = ModelSpec(m.input_size, m.hidden_size, m.num_layers, m.output_size, m.task)
+        if not m.path:
+            return ServingModel.initial(spec, m.seed)
+        try:
+            model = ServingModel.from_bytes(Path(m.path).read_bytes())
+        except OSError as exc:
+            raise StartupError(f"model.path {m.path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise StartupError(f"model.path {m.path}: {exc}") from None
+        if model.spec != spec:
+            raise StartupError(f"model.path {m.path} holds {model.spec}, but the [model] config says {spec}")
+        return model
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the state directory, bind every socket and the metrics endpoint, start the I/O thread."""
+        state_dir = Path(self.config.state.dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            probe = state_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StartupError(f"state.dir {state_dir} is not writable: {exc.strerror}") from None
+        serve = self.config.serve
+        self._ctx = zmq.Context()
+        try:
+            self._io = IOThread(
+                self._ctx,
+                self.inbox,
+                serve.events,
+                serve.control,
+                serve.publish,
+                self.spec.input_size,
+                serve.max_message_events,
+                serve.max_message_bytes,
+                self._count_message_rejection,
+            )
+        except Exception as exc:
+            self._ctx.term()
+            raise StartupError(str(exc)) from None
+        self.endpoints = dict(self._io.endpoints)
+        self._outbox = self._ctx.socket(zmq.PUSH)
+        self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
+        self._outbox.connect(self._io.outbox_endpoint)
+        if serve.metrics:
+            try:
+                self._http = self.metrics.serve_http(serve.metrics)
+            except OSError as exc:
+                self._io.close()
+                self._outbox.close()
+                self._ctx.term()
+                raise StartupError(f"cannot serve metrics on {serve.metrics}: {exc.strerror}") from None
+            self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
+        self._io.start()
+        self.metrics.capacity.set(self.config.state.capacity)
+        self.metrics.model_version.set(self.engine.model.version)
+        self.metrics.build_info.info(
+            {"version": VERSION, "backend": self.engine.backend_name, "device": str(self.device)}
+        )
+        (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
+        if hasattr(self.metrics, "set_ready"):
+            self.metrics.set_ready(True)
+        log.info(
+            "lstmd %s serving on %s (device %s, backend %s); control %s",
+            VERSION,
+            self.endpoints["events"],
+            self.device,
+            self.engine.backend_name,
+            self.endpoints["control"],
+        )
+
+    def request_stop(self) -> None:
+        """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""
+        self.inbox.put(_STOP)
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                batch, other = self._gather()
+                if batch:
+                    self._serve(batch)
+                if other is _STOP:
+                    self._stopping = True
+                elif other is not None:
+                    self._run_control(other)
+                self._housekeeping()
+            # Answer what was already received before shutting the sockets.
+            while True:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, EventsMessage):
+                    self._serve([item])
+                elif isinstance(item, ControlMessage):
+                    self._run_control(item)
+        finally:
+            self._shutdown()
+
+    def start_in_thread(self) -> threading.Thread:
+        """start() then serve_forever() on a background thread (tests, `lstmd demo`)."""
+        self.start()
+        self._thread = threading.Thread(target=self.serve_forever, name="lstmd-loop", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop_and_join(self, timeout: float = 10.0) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _shutdown(self) -> None:
+        if hasattr(self.metrics, "set_ready"):
+            self.metrics.set_ready(False)
+        if self._io is not None:
+            self._io.stop()
+            self._io.join(5)
+        if self._outbox is not None:
+            self._outbox.close(linger=0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._ctx is not None:
+            self._ctx.term()
+        log.info("lstmd stopped")
+
+    # ---- the serving loop -------------------------------------------------------------------------------
+
+    def _gather(self) -> tuple[list[EventsMessage], object]:
+        """Take event messages for at most max_wait or max_batch events; stop early at a control message."""
+        try:
+            first = self.inbox.get(timeout=0.05)
+        except queue.Empty:
+            return [], None
+        if not isinstance(first, EventsMessage):
+            return [], first
+        batch, n = [first], len(first.header.streams)
+        max_batch = self.config.serve.max_batch
+        deadline = time.perf_counter() + self.config.serve.max_wait_ms / 1000
+        while n < max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(item, EventsMessage):
+                return batch, item
+            batch.append(item)
+            n += len(item.header.streams)
+        return batch, None
+
+    def _serve(self, batch: list[EventsMessage]) -> None:
+        counts = [len(m.header.streams) for m in batch]
+        n = sum(counts)
+        out_dim = self.spec.output_size
+        features = batch[0].features if len(batch) == 1 else np.concatenate([m.features for m in batch])
+        status = np.zeros(n, dtype=np.uint8)
+        preds = np.full((n, out_dim), np.nan, dtype=np.float32)
+        reasons: dict[int, tuple[str, str]] = {}
+        slots = np.empty(n, dtype=np.int64)
+        seqs = np.full(n, _ASSIGN, dtype=np.int64)
+        was_dropped = np.zeros(n, dtype=bool)
+        offset = 0
+        for message, count in zip(batch, counts, strict=True):
+            self._admit_message(
+                message, offset, features[offset : offset + count], slots, seqs, was_dropped, reasons
+            )
+            offset += count
+        for i in reasons:
+            status[i] = protocol.REJECTED
+
+        accepted = np.flatnonzero(slots >= 0)
+        applied_parts = []
+        for wave in batching.waves(slots[accepted]):
+            idx = accepted[wave]
+            wave_slots = slots[idx]
+            last = self.store.last_seq[wave_slots]
+            seq = seqs[idx]
+            assign = seq == _ASSIGN
+            seq = np.where(assign, last + 1, seq)
+            duplicate = seq <= last
+            gaps = (last != NO_SEQ) & (seq > last + 1)
+            if gaps.any():
+                missing = int((seq[gaps] - last[gaps] - 1).sum())
+                self.stats.sequence_gaps += missing
+                self.metrics.sequence_gaps.inc(missing)
+            if duplicate.any():
+                status[idx[duplicate]] = protocol.DUPLICATE
+                idx, wave_slots, seq = idx[~duplicate], wave_slots[~duplicate], seq[~duplicate]
+                if idx.size == 0:
+                    continue
+            fresh = self.store.needs_reset[wave_slots]
+            x = features if idx.size == n else features[idx]
+            started = time.perf_counter()
+            preds[idx] = self.engine.step(x, wave_slots, fresh)
+            self.metrics.step_duration.observe(time.perf_counter() - started)
+            reset_now = fresh & was_dropped[idx]
+            if reset_now.any():
+                status[idx[reset_now]] = protocol.STATE_RESET
+            self.store.last_seq[wave_slots] = seq
+            self.store.touch(wave_slots)
+            applied_parts.append((idx, seq))
+
+        self._reply(batch, counts, status, preds, reasons)
+        self._publish(batch, applied_parts, preds)
+        self._account(n, status, reasons)
+
+    def _admit_message(self, message, offset, features, slots, seqs, was_dropped, reasons) -> None:
+        """Per-event validation and slot lookup for one message's events (indices offset.. in the batch)."""
+        header = message.header
+        streams = header.streams
+        count = len(streams)
+        bad: dict[int, tuple[str, str]] = {}
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            for i in np.flatnonzero(~finite).tolist():
+                bad[i] = ("non_finite", "features hold NaN or Inf")
+        limit = self.config.serve.max_stream_id_length
+        for i, sid in enumerate(streams):
+            if isinstance(sid, str) and len(sid) > limit:
+                bad[i] = (
+                    "stream_id_too_long",
+                    f"stream id of {len(sid)} characters exceeds the limit of {limit}",
+                )
+            elif isinstance(sid, str) and not sid:
+                bad[i] = ("bad_stream_id", "stream id is empty")
+        if header.seqs is not None:
+            seq_arr = np.asarray(header.seqs, dtype=np.int64)
+            for i in np.flatnonzero(seq_arr < 0).tolist():
+                bad[i] = ("bad_seq", f"sequence number {int(seq_arr[i])} is negative")
+            seqs[offset : offset + count] = seq_arr
+        if bad:
+            keep = [i for i in range(count) if i not in bad]
+            admission = self.store.admit(
+                [streams[i] for i in keep], self.config.serve.max_new_streams_per_message
+            )
+            local = np.full(count, -1, dtype=np.int64)
+            local[keep] = admission.slots
+            dropped = np.zeros(count, dtype=bool)
+            dropped[keep] = admission.was_dropped
+            bad |= {keep[j]: why for j, why in admission.rejected.items()}
+        else:
+            admission = self.store.admit(streams, self.config.serve.max_new_streams_per_message)
+            local, dropped = admission.slots, admission.was_dropped
+            bad = admission.rejected
+        slots[offset : offset + count] = local
+        was_dropped[offset : offset + count] = dropped
+        for i, why in bad.items():
+            slots[offset + i] = -1
+            reasons[offset + i] = why
+
+    def _reply(self, batch, counts, status, preds, reasons) -> None:
+        version = self.engine.model.version
+        out_dim = preds.shape[1]
+        now = time.perf_counter()
+        offset = 0
+        for message, count in zip(batch, counts, strict=True):
+            end = offset + count
+            local_reasons = (
+                {i - offset: why[1] for i, why in reasons.items() if offset <= i < end} if reasons else {}
+            )
+            reply = protocol.EventsReply(
+                v=protocol.PROTOCOL_VERSION,
+                req=message.header.req,
+                version=version,
+                out_dim=out_dim,
+                status=status[offset:end].tobytes(),
+                reasons=local_reasons,
+            )
+            self._outbox.send_multipart(
+                [EVENTS, *message.envelope, protocol.encode(reply), preds[offset:end]], copy=False
+            )
+            self.metrics.event_latency.observe(now - message.received)
+            offset = end
+
+    def _publish(self, batch, applied_parts, preds) -> None:
+        if self._io is None or self._io.subscribers <= 0 or not applied_parts:
+            return
+        streams = list(itertools.chain.from_iterable(m.header.streams for m in batch))
+        idx = np.concatenate([p[0] for p in applied_parts])
+        seq = np.concatenate([p[1] for p in applied_parts])
+        header = msgspec.msgpack.encode(
+            [[streams[i] for i in idx.tolist()], seq.tolist(), self.engine.model.version]
+        )
+        self._outbox.send_multipart([PUBLISH, header, np.ascontiguousarray(preds[idx])], copy=False)
+
+    def _account(self, n, status, reasons) -> None:
+        counts = np.bincount(status, minlength=len(protocol.STATUS_NAMES))
+        self.stats.events += counts
+        self.stats.batches += 1
+        for code, count in enumerate(counts.tolist()):
+            if count:
+                self.metrics.events.labels(status=protocol.STATUS_NAMES[code]).inc(count)
+        for label, _ in reasons.values():
+            self.stats.rejections[label] = self.stats.rejections.get(label, 0) + 1
+            self.metrics.rejections.labels(reason=label).inc()
+        self.metrics.batch_size.observe(n)
+        self.metrics.queue_depth.set(self.inbox.qsize())
+        self.metrics.active_streams.set(len(self.store))
+
+    def _count_message_rejection(self, reason: str) -> None:
+        """Called by the I/O thread for messages rejected whole (cannot be decoded)."""
+        self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
+        self.metrics.rejections.labels(reason=reason).inc()
+
+    def _count_eviction(self, cause: str, count: int) -> None:
+        self.stats.evictions[cause] = self.stats.evictions.get(cause, 0) + count
+        self.metrics.evictions.labels(cause=cause).inc(count)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_housekeeping < 1.0:
+            return
+        self._last_housekeeping = now
+        self.store.evict_idle()
+        self.metrics.active_streams.set(len(self.store))
+        self.metrics.queue_depth.set(self.inbox.qsize())
+
+    # ---- control ----------------------------------------------------------------------------------------
+
+    def _run_control(self, message: ControlMessage) -> None:
+        request = message.request
+        try:
+            result = control.dispatch(self, request.cmd, request.args)
+            reply = protocol.ControlReply(ok=True, result=result)
+            outcome = "ok"
+        except control.CommandError as exc:
+            reply = protocol.ControlReply(ok=False, error=str(exc))
+            outcome = "error"
+        except Exception as exc:  # a bug in a command must not take the daemon down
+            log.exception("control command %r failed", request.cmd)
+            reply = protocol.ControlReply(ok=False, error=f"internal error in {request.cmd!r}: {exc}")
+            outcome = "error"
+        known = request.cmd if request.cmd in control.COMMANDS else "unknown"
+        self.metrics.control_commands.labels(command=known, outcome=outcome).inc()
+        self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
+        if request.cmd == "shutdown" and reply.ok:
+            self._stopping = True
+
+    def status(self) -> dict:
+        spec = self.spec
+        return {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.stats.started, 3),
+            "device": str(self.device),
+            "backend": self.engine.backend_name,
+            "endpoints": self.endpoints,
+            "model": {**spec.__dict__, "version": self.engine.model.version},
+            "streams": len(self.store),
+            "capacity": self.store.capacity,
+            "batches": self.stats.batches,
+            "events": dict(zip(protocol.STATUS_NAMES, self.stats.events.tolist(), strict=True)),
+            "rejections": dict(self.stats.rejections),
+            "sequence_gaps": self.stats.sequence_gaps,
+            "evictions": dict(self.stats.evictions),
+            "queue_depth": self.inbox.qsize(),
+        }
