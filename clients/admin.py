@@ -34,7 +34,9 @@ class Admin:
             )
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
                 waited = self.timeout_ms / 1000
-                raise TimeoutError(f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?")
+                raise TimeoutError(
+                    f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?"
+                )
             reply = protocol.control_reply_decoder.decode(sock.recv())
         finally:
             sock.close(linger=0)

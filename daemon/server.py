@@ -139,21 +139,20 @@ class Daemon:
         if serve.metrics:
             try:
                 self._http = self.metrics.serve_http(serve.metrics)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 self._io.close()
                 self._outbox.close()
                 self._ctx.term()
-                raise StartupError(f"cannot serve metrics on {serve.metrics}: {exc.strerror}") from None
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise StartupError(f"cannot serve metrics on {serve.metrics}: {why}") from None
             self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
         self._io.start()
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.model_version.set(self.engine.model.version)
-        self.metrics.build_info.info(
-            {"version": VERSION, "backend": self.engine.backend_name, "device": str(self.device)}
-        )
+        self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
+        self.metrics.watch_device_memory(self.device)
         (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
-        if hasattr(self.metrics, "set_ready"):
-            self.metrics.set_ready(True)
+        self.metrics.set_ready(True)
         log.info(
             "lstmd %s serving on %s (device %s, backend %s); control %s",
             VERSION,
@@ -204,8 +203,7 @@ class Daemon:
             self._thread.join(timeout)
 
     def _shutdown(self) -> None:
-        if hasattr(self.metrics, "set_ready"):
-            self.metrics.set_ready(False)
+        self.metrics.set_ready(False)
         if self._io is not None:
             self._io.stop()
             self._io.join(5)

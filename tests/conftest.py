@@ -38,10 +38,9 @@ def daemon_overrides(state_dir, **overrides) -> list[str]:
 
 @_pytest.fixture
 def make_daemon(tmp_path):
-    from prometheus_client import CollectorRegistry
-
     from lstmd.daemon.config import load_config
     from lstmd.daemon.server import Daemon
+    from prometheus_client import CollectorRegistry
 
     started = []
 
