@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from lstmd.daemon.metrics import Metrics
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,9 +23,7 @@ def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
     found = []
     for panel in dashboard["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
-            found += [
-                (inner["title"], target["expr"]) for target in inner.get("targets", []) if target.get("expr")
-            ]
+            found += [(inner["title"], target["expr"]) for target in inner.get("targets", []) if target.get("expr")]
     return found
 
 
@@ -109,6 +106,7 @@ def test_instance_variable_reads_an_exported_metric(dashboard: dict) -> None:
 
 
 def test_provisioning_points_grafana_at_the_dashboard_and_prometheus() -> None:
+    yaml = pytest.importorskip("yaml", reason="needs PyYAML (pip install -e .[test])")
     provisioning = GRAFANA_DIR / "provisioning"
     datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
     (source,) = datasources["datasources"]
