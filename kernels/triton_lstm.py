@@ -83,9 +83,7 @@ def _accumulate_gates(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(
-            a_ptr + a_rows[:, None] + offs_k[None, :], mask=a_mask[:, None] & k_mask[None, :], other=0.0
-        )
+        a = tl.load(a_ptr + a_rows[:, None] + offs_k[None, :], mask=a_mask[:, None] & k_mask[None, :], other=0.0)
         w_tile = w_ptr + offs_k[:, None].to(tl.int64) * (4 * H) + offs_h[None, :]
         w_mask = k_mask[:, None] & h_mask[None, :]
         w = tl.load(w_tile, mask=w_mask, other=0.0).to(tl.float32)

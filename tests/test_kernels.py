@@ -57,9 +57,7 @@ def assert_close(name: str, actual: torch.Tensor, truth: torch.Tensor, rtol: flo
     bad = ~(err <= bound)  # NaN counts as bad
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
-        where = ", ".join(
-            f"{tuple(i)}: {actual[tuple(i)].item():.7g} vs {truth[tuple(i)].item():.7g}" for i in idx
-        )
+        where = ", ".join(f"{tuple(i)}: {actual[tuple(i)].item():.7g} vs {truth[tuple(i)].item():.7g}" for i in idx)
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} elements off by more than rtol={rtol:g}; "
             f"max abs err {err.nan_to_num(float('inf')).max().item():.3g}, "

@@ -18,10 +18,7 @@ def _params(dtype=torch.float32):
     torch.manual_seed(0)
     m = torch.nn.LSTM(IN, H, L)
     return [
-        tuple(
-            getattr(m, f"{n}_l{k}").detach().to(dtype)
-            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        )
+        tuple(getattr(m, f"{n}_l{k}").detach().to(dtype) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         for k in range(L)
     ]
 
