@@ -126,9 +126,7 @@ def build() -> dict:
     dashboard = (
         Dashboard("lstmd")
         .uid(UID)
-        .description(
-            "Serving, state, training and durability of lstmd daemons (generated: see deploy/grafana)"
-        )
+        .description("Serving, state, training and durability of lstmd daemons (generated: see deploy/grafana)")
         .tags(["lstmd"])
         .refresh("30s")
         .time("now-1h", "now")
@@ -158,8 +156,7 @@ def build() -> dict:
             single(
                 "p99 latency",
                 "s",
-                "histogram_quantile(0.99, sum by (le) "
-                f"(rate(lstmd_event_latency_seconds_bucket{{{SEL}}}[{RATE}])))",
+                f"histogram_quantile(0.99, sum by (le) (rate(lstmd_event_latency_seconds_bucket{{{SEL}}}[{RATE}])))",
                 "99th percentile, receipt of an event to its reply; LstmdLatencyP99High fires over 100 ms.",
                 red_above=0.1,
             )
@@ -237,8 +234,7 @@ def build() -> dict:
                 "Rejections by reason",
                 "ops",
                 [query(f"sum by (reason) (rate(lstmd_rejections_total{{{SEL}}}[{RATE}]))", "{{reason}}")],
-                "Rejected events (and undecodable messages) per second. The producer got an error naming "
-                "the problem.",
+                "Rejected events (and undecodable messages) per second. The producer got an error naming the problem.",
             )
         )
         # --- state ----------------------------------------------------------------------------------------
@@ -259,9 +255,7 @@ def build() -> dict:
                 "Evictions and sequence gaps",
                 "ops",
                 [
-                    query(
-                        f"sum by (cause) (rate(lstmd_evictions_total{{{SEL}}}[{RATE}]))", "evicted: {{cause}}"
-                    ),
+                    query(f"sum by (cause) (rate(lstmd_evictions_total{{{SEL}}}[{RATE}]))", "evicted: {{cause}}"),
                     query(f"sum(rate(lstmd_sequence_gaps_total{{{SEL}}}[{RATE}]))", "sequence gaps", "B"),
                 ],
                 "Streams evicted per second by cause (capacity: least recently used; ttl: idle; drop: by an "
