@@ -303,11 +303,13 @@ def _blocks(H: int, device: torch.device) -> tuple[int, int, int, int, str]:
             "holds four [16, H] fp32 gate tiles in registers); use backend='torch' for larger H"
         )
     block_h = max(16, triton.next_power_of_2(H))
-    # BLOCK_B = 16 is tl.dot's minimum M; BLOCK_K = 32 keeps a [32, BLOCK_H] weight tile per gate in flight.
-    # Neither is tuned yet (no GPU this session).
+    # BLOCK_B = 16 is tl.dot's minimum M. BLOCK_K: a [BLOCK_K, BLOCK_H] weight tile per gate is in flight next to
+    # the four accumulators, so it shrinks to 16 for wide H to leave registers for them. None of this is tuned
+    # yet (no GPU this session); the bench sweep is where to tune it.
+    block_k = 32 if block_h <= 128 else 16
     num_warps = 4 if block_h <= 128 else 8
     prec = "tf32" if (ALLOW_TF32 and device.type == "cuda") else "ieee"
-    return 16, block_h, 32, num_warps, prec
+    return 16, block_h, block_k, num_warps, prec
 
 
 def _new(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -371,9 +373,9 @@ def _step_layout(params: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return wx0, wxr, wh, bias
 
 
-def _seq_layout(params: Params) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    # Per layer: w_hh^T [H, 4H] for the forward, w_hh [4H, H] contiguous for the backward, fp32 bias [4H].
-    return [(p[1].t().contiguous(), p[1].contiguous(), p[2].float() + p[3].float()) for p in params]
+def _seq_layout(params: Params) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # Per layer: w_hh^T [H, 4H] for the forward's R·h, fp32 b_ih + b_hh [4H]. (The backward uses w_hh as it is.)
+    return [(p[1].t().contiguous(), p[2].float() + p[3].float()) for p in params]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,7 +464,7 @@ class _LSTMSequence(torch.autograd.Function):
         inp = x
         saved, h_n, c_n = [], [], []
         for layer, (w_ih, _w_hh, _b_ih, _b_hh) in enumerate(params):
-            wh_t, _, bias = layout[layer]
+            wh_t, bias = layout[layer]
             B, T, _ = inp.shape
             # Hoisted input projection: one GEMM over B·T rows; the kernel only does R·h and the gate math.
             xw = torch.addmm(bias, inp.reshape(B * T, -1), w_ih.t().float()).view(B, T, -1)
@@ -482,7 +484,6 @@ class _LSTMSequence(torch.autograd.Function):
         saved = ctx.saved_tensors
         acts, weights = saved[: 4 * L], saved[4 * L :]
         params = [tuple(weights[4 * k : 4 * k + 4]) for k in range(L)]
-        layout = _cache.get("sequence", params, _seq_layout)
         B, T, _ = acts[0].shape
         H = params[0][1].shape[1]
         dev = acts[0].device
@@ -493,10 +494,9 @@ class _LSTMSequence(torch.autograd.Function):
         for layer in reversed(range(L)):
             inp, hs, cs, gates = acts[4 * layer : 4 * layer + 4]
             w_ih, w_hh, b_ih, b_hh = params[layer]
-            _, w_hh_rows, _ = layout[layer]
             dhn = dh_n[layer].contiguous() if dh_n is not None else zeros_state
             dcn = dc_n[layer].contiguous() if dc_n is not None else zeros_state
-            dg, dh0s[layer], dc0s[layer] = _layer_backward(d_out, dhn, dcn, gates, cs, w_hh_rows)
+            dg, dh0s[layer], dc0s[layer] = _layer_backward(d_out, dhn, dcn, gates, cs, w_hh.contiguous())
             # Weight gradients as plain GEMMs over all B·T rows: deterministic, no atomics.
             dg2 = dg.view(B * T, -1)  # [B·T, 4H]
             h_prev = hs[:, :T].reshape(B * T, H)  # h_{t-1} for every t

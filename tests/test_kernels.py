@@ -105,6 +105,7 @@ def cells_of(m64: torch.nn.LSTM) -> list[torch.nn.LSTMCell]:
         (5, 33, 7, 48, 2),  # T >= 33
         (17, 34, 7, 16, 3),  # B > BLOCK_B = 16: two programs per launch
         (3, 2, 20, 33, 3),  # H not a multiple of 16, I > H
+        (3, 3, 5, 130, 2),  # BLOCK_H = 256: the wide-H block configuration (BLOCK_K = 16, 8 warps)
     ],
 )
 @pytest.mark.parametrize(("backend", "device", "rtol"), CASES)
@@ -206,10 +207,10 @@ def _check_step(name, rtol, slots, h, c, h_before, c_before, y, truth):
     assert torch.equal(c[:, untouched], c_before[:, untouched]), f"{name}: an untouched c row changed"
 
 
-@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize(("L", "H"), [(1, 48), (2, 48), (3, 48), (2, 130)])
 @pytest.mark.parametrize(("backend", "device", "rtol"), CASES)
-def test_step_matches_lstmcell(backend, device, rtol, L):
-    B, S, IN, H = 5, 11, 7, 48
+def test_step_matches_lstmcell(backend, device, rtol, L, H):
+    B, S, IN = 5, 11, 7
     params, m64 = make_model(IN, H, L, device)
     h, c = _tables(L, S, H, device)
     h_before, c_before = h.clone(), c.clone()
