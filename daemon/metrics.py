@@ -68,9 +68,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.sequence_gaps = Counter(
-            "lstmd_sequence_gaps", "Missing per-stream sequence numbers seen", registry=r
-        )
+        self.sequence_gaps = Counter("lstmd_sequence_gaps", "Missing per-stream sequence numbers seen", registry=r)
         # Serving loop.
         self.batch_size = Histogram(
             "lstmd_batch_size_events", "Events per serving batch", buckets=BATCH_BUCKETS, registry=r
@@ -98,9 +96,7 @@ class Metrics:
         self.capacity = Gauge("lstmd_state_capacity_streams", "State slots available in total", registry=r)
         self.evictions = Counter("lstmd_evictions", "Streams evicted, by cause", ["cause"], registry=r)
         # Training.
-        self.train_rounds = Counter(
-            "lstmd_train_rounds", "Training rounds, by outcome", ["outcome"], registry=r
-        )
+        self.train_rounds = Counter("lstmd_train_rounds", "Training rounds, by outcome", ["outcome"], registry=r)
         self.train_loss = Gauge("lstmd_train_loss", "Mean training loss of the last round", registry=r)
         self.holdout_loss = Gauge(
             "lstmd_holdout_loss", "Loss on the held-out recent slice, by model", ["model"], registry=r
@@ -239,9 +235,7 @@ def _touch(counter: Counter, values: Iterable[str]) -> None:
 
 def _plain(start_response, status: str, body: str):
     data = body.encode()
-    start_response(
-        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
-    )
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
     return [data]
 
 

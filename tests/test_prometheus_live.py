@@ -271,6 +271,8 @@ def test_every_query_against_a_real_daemon_under_load(tmp_path: Path) -> None:
             "state.capacity=1000",
             "--set",
             "serve.device=cpu",
+            "--set",
+            "durability.wal=true",  # so the WAL panels read a daemon that writes one
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
