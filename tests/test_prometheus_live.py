@@ -158,7 +158,7 @@ def check_dashboard(prometheus: PrometheusServer, may_be_empty: set[str] = froze
     assert set(empty) <= may_be_empty, f"dashboard queries that returned no data: {empty}"
 
 
-def check_rules(prometheus: PrometheusServer) -> None:
+def check_rules(prometheus: PrometheusServer, load_dependent: frozenset[str] = frozenset()) -> None:
     """Every rule loaded, parses, finds its series, and Prometheus evaluates it with health "ok"."""
     loaded = loaded_rules(prometheus)
     assert len(loaded) == ALERTS.read_text().count("- alert:"), sorted(loaded)
@@ -175,7 +175,7 @@ def check_rules(prometheus: PrometheusServer) -> None:
     rules = wait_for(evaluated, "every alert rule to be evaluated once")
     for name in wanted:
         assert rules[name]["health"] == "ok", (name, rules[name].get("lastError"))
-    active = {name: rules[name]["state"] for name in wanted if rules[name]["state"] != "inactive"}
+    active = {name: rules[name]["state"] for name in wanted - load_dependent if rules[name]["state"] != "inactive"}
     assert not active, f"alerts pending or firing on a healthy daemon: {active}"
 
 
@@ -193,7 +193,8 @@ def drive_synthetic(metrics: Metrics, stop: threading.Event) -> None:
         batch = rng.randint(1, 64)
         metrics.events.labels("ok").inc(batch)
         metrics.events.labels(rng.choice(["duplicate", "state_reset", "rejected"])).inc()
-        metrics.rejections.labels(rng.choice(["bad_shape", "non_finite"])).inc()
+        if rng.random() < 0.2:  # well under LstmdRejectionRateHigh's 5%
+            metrics.rejections.labels(rng.choice(["bad_shape", "non_finite"])).inc()
         metrics.sequence_gaps.inc()
         metrics.batch_size.observe(batch)
         for _ in range(batch):
@@ -310,7 +311,8 @@ def test_every_query_against_a_real_daemon_under_load(tmp_path: Path) -> None:
         assert not errors, errors
         # A short run with training and snapshots at their defaults may not have published or snapshotted.
         check_dashboard(prometheus, may_be_empty={"Snapshot age", "Time since the model last changed"})
-        check_rules(prometheus)
+        # p99 latency on a busy 2-core CI machine may well pass 100 ms for a moment: that alert may be pending.
+        check_rules(prometheus, load_dependent=frozenset({"LstmdLatencyP99High"}))
         build = prometheus.query('lstmd_build_info{job="lstmd"}')
         assert build and build[0]["metric"]["device"].startswith("cpu"), build
     finally:
