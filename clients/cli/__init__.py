@@ -7,7 +7,7 @@ Modules import torch only inside the commands that need it (serve, demo), so adm
 from __future__ import annotations
 
 import typer
-from lstmd.clients.cli import config_cmd, model, replay, serve, status, streams
+from lstmd.clients.cli import config_cmd, model, replay, serve, status, streams, top
 
 app = typer.Typer(
     name="lstmd",
@@ -20,6 +20,7 @@ app.command()(serve.serve)
 app.command()(serve.demo)
 app.command()(status.status)
 app.command()(replay.replay)
+app.command()(top.top)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
 app.add_typer(config_cmd.app, name="config")
