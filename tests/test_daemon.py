@@ -246,7 +246,8 @@ def test_too_many_new_streams_and_long_ids_are_rejected_per_event(make_daemon):
     assert "too many new streams" in result.reasons[3]
     assert "exceeds the limit of 5" in result.reasons[4]
     # Read through the control socket: it runs after the batch is fully accounted.
-    assert Admin(daemon.endpoints["control"]).status()["rejections"] == {"too_many_new_streams": 1, "stream_id_too_long": 1}
+    rejections = Admin(daemon.endpoints["control"]).status()["rejections"]
+    assert rejections == {"too_many_new_streams": 1, "stream_id_too_long": 1}
 
 
 def test_predictions_are_published_by_stream_topic(make_daemon):
