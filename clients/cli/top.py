@@ -240,7 +240,7 @@ def _bytes(value: float) -> str:
 
 def _pairs(values: dict[str, float], skip_zero: bool = False) -> str:
     shown = {k: v for k, v in values.items() if v or not skip_zero}
-    return "  ".join(f"{k}={_num(v, 0)}" for k, v in sorted(shown.items())) or "-"
+    return "  ".join(f"{k}={_num(v, 0)}" for k, v in sorted(shown.items())) or ("0" if values else "-")
 
 
 def _section(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -266,7 +266,7 @@ def render(view: View) -> Group:
     serving = _section(
         "Serving",
         [
-            ("events/s", f"{_num(view.events_per_s, 0)}  ({_pairs(view.events_per_s_by_status, True)})"),
+            ("events/s", f"{_num(view.events_per_s, 0)}  ({_pairs(view.events_per_s_by_status, skip_zero=True)})"),
             ("latency", f"p50 {_seconds(view.latency_p50_s)}  p99 {_seconds(view.latency_p99_s)}"),
             ("batch size", f"mean {_num(view.batch_mean)}  p99 {_num(view.batch_p99, 0)}"),
             ("step p99", _seconds(view.step_p99_s)),
@@ -278,7 +278,7 @@ def render(view: View) -> Group:
         "Streams",
         [
             ("active", f"{_num(view.active_streams, 0)} / {_num(view.capacity, 0)}{fill}"),
-            ("evictions", _pairs(view.evictions)),
+            ("evictions", _pairs(view.evictions, skip_zero=True)),
             (
                 "device memory",
                 "  ".join(f"{k} {_bytes(v)}" for k, v in sorted(view.device_memory_bytes.items())),
@@ -290,7 +290,7 @@ def render(view: View) -> Group:
         [
             ("model version", f"{_num(view.model_version, 0)}  {changed}"),
             ("training", "on" if view.train_enabled else "off/paused"),
-            ("rounds", _pairs(view.train_rounds)),
+            ("rounds", _pairs(view.train_rounds, skip_zero=True)),
             ("train loss", _num(view.train_loss, 4)),
             (
                 "holdout loss",
@@ -310,7 +310,7 @@ def render(view: View) -> Group:
     )
     by_count = sorted(view.rejections.items(), key=lambda item: -item[1])
     rejections = _section("Rejections by reason (total)", [(r, _num(n, 0)) for r, n in by_count])
-    grid = Table.grid(padding=(1, 4))
+    grid = Table.grid(padding=(1, 2))
     grid.add_row(serving, streams)
     grid.add_row(training, durability)
     parts = [header, grid]
