@@ -6,7 +6,9 @@ registry is injected so tests use a fresh `CollectorRegistry` and read values wi
 
 HTTP endpoints (`Metrics.serve_http`):
   /metrics  Prometheus text exposition of the injected registry (prometheus_client's WSGI app)
-  /healthz  200 while the process answers at all (liveness)
+  /healthz  200 while the process answers (liveness); 503 once the serving loop, after calling `beat()` at
+            least once, has not called it for `stall_timeout_s` (a hung loop is restarted, not left serving
+            nothing). A daemon that never calls `beat()` is judged by the process alone.
   /readyz   200 once `set_ready(True)` was called (sockets bound, state restored), 503 before and after
             `set_ready(False)` (readiness: take the instance out of a load balancer while it drains)
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -57,8 +60,18 @@ class Metrics:
     `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}`.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        process_metrics: bool = True,
+        stall_timeout_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.stall_timeout_s = stall_timeout_s
+        self._clock = clock
+        self._last_beat: float | None = None
         r = self.registry
         # Events and rejections.
         self.events = Counter("lstmd_events", "Events answered, by status", ["status"], registry=r)
@@ -163,6 +176,17 @@ class Metrics:
         """What /readyz answers."""
         return self._ready.is_set()
 
+    def beat(self) -> None:
+        """Called by the serving loop every iteration (cheap: one clock read); arms the /healthz stall check."""
+        self._last_beat = self._clock()
+
+    def stalled_for(self) -> float:
+        """Seconds since the loop's last `beat()` beyond `stall_timeout_s`; 0 when healthy or never armed."""
+        if self._last_beat is None:
+            return 0.0
+        silent = self._clock() - self._last_beat
+        return silent if silent > self.stall_timeout_s else 0.0
+
     def set_build_info(self, version: str, backend: str, device: str) -> None:
         """Publish `lstmd_build_info{version, backend, device} 1`, e.g. backend triton, device cuda:0."""
         self.build_info.info({"version": str(version), "backend": str(backend), "device": str(device)})
@@ -194,6 +218,9 @@ class Metrics:
             if path == "/metrics":
                 return metrics_app(environ, start_response)
             if path == "/healthz":
+                stalled = self.stalled_for()
+                if stalled:
+                    return _plain(start_response, "503 Service Unavailable", f"serving loop stalled {stalled:.0f}s\n")
                 return _plain(start_response, "200 OK", "ok\n")
             if path == "/readyz":
                 if self.is_ready():

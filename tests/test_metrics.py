@@ -200,3 +200,24 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
 def test_parse_address_rejects_what_is_not_host_port(address: str) -> None:
     with pytest.raises(ValueError, match="host:port"):
         parse_address(address)
+
+
+def test_healthz_fails_once_an_armed_serving_loop_stops_beating() -> None:
+    now = [1000.0]
+    metrics = Metrics(CollectorRegistry(), stall_timeout_s=30, clock=lambda: now[0])
+    server = metrics.serve_http("127.0.0.1:0")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        now[0] += 3600  # never armed: a daemon that does not call beat() is judged by the process alone
+        assert get(base + "/healthz")[0] == 200
+        metrics.beat()
+        now[0] += 29
+        assert get(base + "/healthz")[0] == 200
+        now[0] += 2
+        status, _, body = get(base + "/healthz")
+        assert status == 503 and "stalled 31s" in body
+        metrics.beat()
+        assert get(base + "/healthz")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
