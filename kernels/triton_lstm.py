@@ -39,6 +39,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -295,8 +296,20 @@ INTERPRETED = type(_lstm_step_kernel).__name__ == "InterpretedFunction"
 # Launch configuration and the weight cache
 
 
-def _blocks(H: int, device: torch.device) -> tuple[int, int, int, int, str]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps, input precision) for hidden size H."""
+class LaunchConfig(NamedTuple):
+    block_b: int
+    block_h: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    prec: str  # tl.dot input precision: "tf32" or "ieee"
+
+    def constexprs(self) -> dict[str, object]:
+        return {"BLOCK_B": self.block_b, "BLOCK_H": self.block_h, "BLOCK_K": self.block_k, "PREC": self.prec}
+
+
+def launch_config(H: int, on_cuda: bool) -> LaunchConfig:
+    """Block sizes, warps and pipeline stages for hidden size H (the same for all three kernels)."""
     if H > MAX_HIDDEN:
         raise ValueError(
             f"params: hidden size H={H} is above the Triton backend's limit of {MAX_HIDDEN} (one program "
@@ -308,8 +321,12 @@ def _blocks(H: int, device: torch.device) -> tuple[int, int, int, int, str]:
     # yet (no GPU this session); the bench sweep is where to tune it.
     block_k = 32 if block_h <= 128 else 16
     num_warps = 4 if block_h <= 128 else 8
-    prec = "tf32" if (ALLOW_TF32 and device.type == "cuda") else "ieee"
-    return 16, block_h, block_k, num_warps, prec
+    # Two pipeline stages for the K loop's loads. Compiled for sm_90 (python -m lstmd.kernels.compile_check):
+    # Triton's default of 3 needs 264 KB of shared memory at BLOCK_H=512, over the H100's 227 KB per block;
+    # 2 stages need at most 132 KB.
+    num_stages = 2
+    prec = "tf32" if (ALLOW_TF32 and on_cuda) else "ieee"
+    return LaunchConfig(16, block_h, block_k, num_warps, num_stages, prec)
 
 
 def _new(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -394,7 +411,7 @@ def lstm_step_(
     """One launch: gather rows → all L cells → scatter rows. Arguments are assumed checked (see _checks)."""
     L, S, H = h.shape
     B, n_in = x.shape
-    block_b, block_h, block_k, num_warps, prec = _blocks(H, h.device)
+    cfg = launch_config(H, h.device.type == "cuda")
     y = out if out is not None else _new((B, H), h.device)
     if B == 0:
         return y
@@ -402,13 +419,12 @@ def lstm_step_(
     x = x.contiguous()
     slots = slots.to(torch.int64).contiguous()
     reset_arg = reset.to(torch.int8).contiguous() if reset is not None else slots  # placeholder, never read
-    grid = (triton.cdiv(B, block_b),)
+    grid = (triton.cdiv(B, cfg.block_b),)
     _lstm_step_kernel[grid](
         x, slots, reset_arg, h, c, wx0, wxr, wh, bias, y,
         B, n_in, S, H,
-        L=L, HAS_RESET=reset is not None,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, PREC=prec,
-        num_warps=num_warps,
+        L=L, HAS_RESET=reset is not None, **cfg.constexprs(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
 
@@ -421,17 +437,16 @@ def _layer_forward(xw: torch.Tensor, wh_t: torch.Tensor, h0: torch.Tensor, c0: t
     """xw [B, T, 4H], wh_t [H, 4H], h0/c0 [B, H] → hs, cs [B, T+1, H] (index 0: initial), gates [B, T, 4H]."""
     B, T, H4 = xw.shape
     H = H4 // 4
-    block_b, block_h, block_k, num_warps, prec = _blocks(H, xw.device)
+    cfg = launch_config(H, xw.device.type == "cuda")
     hs = _new((B, T + 1, H), xw.device)
     cs = _new((B, T + 1, H), xw.device)
     hs[:, 0] = h0
     cs[:, 0] = c0
     gates = _new((B, T, 4 * H), xw.device)
-    _lstm_seq_fwd_kernel[(triton.cdiv(B, block_b),)](
+    _lstm_seq_fwd_kernel[(triton.cdiv(B, cfg.block_b),)](
         xw, wh_t, hs, cs, gates,
         B, T, H,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, PREC=prec,
-        num_warps=num_warps,
+        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return hs, cs, gates
 
@@ -440,15 +455,14 @@ def _layer_backward(dy, dhn, dcn, gates, cs, w_hh):
     """The reverse-time recurrence: → dgates [B, T, 4H], dh0 [B, H], dc0 [B, H]."""
     B, T, H4 = gates.shape
     H = H4 // 4
-    block_b, block_h, block_k, num_warps, prec = _blocks(H, gates.device)
+    cfg = launch_config(H, gates.device.type == "cuda")
     dg = _new((B, T, 4 * H), gates.device)
     dh0 = _new((B, H), gates.device)
     dc0 = _new((B, H), gates.device)
-    _lstm_seq_bwd_kernel[(triton.cdiv(B, block_b),)](
+    _lstm_seq_bwd_kernel[(triton.cdiv(B, cfg.block_b),)](
         dy, dhn, dcn, gates, cs, w_hh, dg, dh0, dc0,
         B, T, H,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, PREC=prec,
-        num_warps=num_warps,
+        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dg, dh0, dc0
 
@@ -518,7 +532,7 @@ def lstm_sequence(
     params: Params,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # y [B, T, H], (h_n, c_n) [L, B, H]
     """Stacked LSTM over T steps through the Triton kernels; differentiable in x, h0, c0 and every weight."""
-    _blocks(params[0][1].shape[1], x.device)  # the H limit, raised before any work
+    launch_config(params[0][1].shape[1], x.device.type == "cuda")  # the H limit, raised before any work
     weights = [t for p in params for t in p]
     y, h_n, c_n = _LSTMSequence.apply(x.contiguous(), h0.contiguous(), c0.contiguous(), *weights)
     return y, (h_n, c_n)

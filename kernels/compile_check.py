@@ -1,0 +1,111 @@
+"""Compile the Triton kernels for a GPU target without a GPU: `python -m lstmd.kernels.compile_check`.
+
+The interpreter accepts what the compiler rejects (tl.dot shapes under 16, some type mixes) and says nothing
+about resources. This compiles every kernel, at the launch configuration `launch_config` picks, for sm_90
+(H100) through Triton's own toolchain (no driver needed), and fails if a compile fails or a kernel needs more
+shared memory than one block may have. With cuobjdump (shipped in Triton's NVIDIA backend) it also prints
+registers per thread and the stack (spill) bytes, the first thing to look at when tuning on a real card.
+
+Shapes: H hidden (each H maps to one BLOCK_H, see triton_lstm.launch_config), L layers.
+The kernels must be compiled, not interpreted: the module re-runs itself without TRITON_INTERPRET if it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# sm_90 allows 227 KB of dynamic shared memory per block (232448 bytes; H100 has 228 KB per SM).
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+
+def _signatures(wt: str) -> dict[str, dict[str, str]]:
+    """Triton signatures of the three kernels; wt is the weight pointer type ("*fp32" or "*bf16")."""
+    f32, i32 = "*fp32", "i32"
+    cexpr = {n: "constexpr" for n in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "PREC")}
+    step = dict(
+        x_ptr=f32, slots_ptr="*i64", reset_ptr="*i8", h_ptr=f32, c_ptr=f32, wx0_ptr=wt, wxr_ptr=wt, wh_ptr=wt,
+        bias_ptr=f32, y_ptr=f32, B=i32, IN=i32, S=i32, H=i32, L="constexpr", HAS_RESET="constexpr", **cexpr,
+    )  # fmt: skip
+    fwd = dict(xw_ptr=f32, wh_ptr=wt, hs_ptr=f32, cs_ptr=f32, gates_ptr=f32, B=i32, T=i32, H=i32, **cexpr)
+    bwd = dict(
+        dy_ptr=f32, dhn_ptr=f32, dcn_ptr=f32, gates_ptr=f32, cs_ptr=f32, w_ptr=wt, dg_ptr=f32, dh0_ptr=f32,
+        dc0_ptr=f32, B=i32, T=i32, H=i32, **cexpr,
+    )  # fmt: skip
+    return {"_lstm_step_kernel": step, "_lstm_seq_fwd_kernel": fwd, "_lstm_seq_bwd_kernel": bwd}
+
+
+def _resources(cubin: bytes) -> str:
+    """'REG:n STACK:n' from cuobjdump, or '' where it is not available."""
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    return " ".join(re.findall(r"REG:\d+|STACK:\d+", out))
+
+
+def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: int) -> int:
+    import triton
+    from lstmd.kernels import triton_lstm as tk
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    limit = SHARED_LIMIT.get(arch, 232448)
+    failures = 0
+    print(f"target sm_{arch}, shared-memory limit {limit} bytes per block")
+    for wd in weight_dtypes:
+        sigs = _signatures("*fp32" if wd == "fp32" else "*bf16")
+        for H in hidden:
+            cfg = tk.launch_config(H, on_cuda=True)
+            jobs = [("_lstm_step_kernel", {"L": L, "HAS_RESET": True}) for L in layers]
+            jobs += [("_lstm_seq_fwd_kernel", {}), ("_lstm_seq_bwd_kernel", {})]
+            for name, extra in jobs:
+                consts = {**cfg.constexprs(), **extra}
+                label = f"{name:22s} H={H:<4d} BLOCK_H={cfg.block_h:<4d} {wd:5s} {extra.get('L', '')!s:>2s}"
+                try:
+                    src = ASTSource(fn=getattr(tk, name), signature=sigs[name], constexprs=consts)
+                    kernel = triton.compile(
+                        src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                    )
+                except Exception as exc:  # report every failing configuration, then fail
+                    failures += 1
+                    print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                    continue
+                shared = kernel.metadata.shared
+                ok = shared <= limit
+                failures += not ok
+                res = _resources(kernel.asm["cubin"]) if "cubin" in kernel.asm else ""
+                print(f"{'ok  ' if ok else 'FAIL'} {label} warps={cfg.num_warps} stages={cfg.num_stages} "
+                      f"shared={shared} {res}")  # fmt: skip
+    print("all kernels compiled within limits" if failures == 0 else f"{failures} configuration(s) failed")
+    return 1 if failures else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[48, 128, 256, 512])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--weights", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10, e.g. 90 for H100")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "lstmd.kernels.compile_check", *sys.argv[1:]]
+        sys.exit(subprocess.run(cmd, env=env).returncode)
+    sys.exit(run(args.hidden, args.layers, args.weights, args.arch))
+
+
+if __name__ == "__main__":
+    main()
