@@ -6,6 +6,7 @@ Imports only pyzmq and msgspec (through the protocol module).
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,37 @@ class Admin:
     def snapshot(self) -> dict:
         return self.call("snapshot")
 
-    def train_now(self) -> dict:
-        return self.call("train_now")
+    def train_now(self, wait: float = 0.0) -> dict:
+        """Start a training round now. With wait > 0, poll until it finished and return train_status()."""
+        started = self.call("train_now")
+        if wait <= 0:
+            return started
+        deadline = time.monotonic() + wait
+        while True:
+            status = self.train_status()
+            last = status.get("last_round") or {}
+            if status["rounds"] >= started["round"] and not last.get("pending"):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"training round {started['round']} did not finish within {wait:g}s")
+            time.sleep(0.05)
+
+    def train_status(self) -> dict:
+        return self.call("train_status")
+
+    def train_pause(self) -> dict:
+        return self.call("train_pause")
+
+    def train_resume(self) -> dict:
+        return self.call("train_resume")
+
+    def model_versions(self) -> list[dict]:
+        """Kept model versions, newest first."""
+        return self.call("model_versions")
+
+    def rollback(self, version: int | None = None) -> dict:
+        """Serve an earlier version's weights again (default: the version before the current one)."""
+        return self.call("model_rollback", **({} if version is None else {"version": int(version)}))
 
     def shutdown(self) -> dict:
         return self.call("shutdown")

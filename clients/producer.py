@@ -112,6 +112,25 @@ class Producer:
         status = np.frombuffer(reply.status, dtype=np.uint8)
         return SendResult(preds, status, reply.version, dict(reply.reasons))
 
+    def send_targets(self, streams: Sequence[StreamId], seqs: Sequence[int], targets) -> np.ndarray:
+        """Delayed targets for events already sent (with these sequence numbers); returns [N] bool: joined.
+
+        A target that finds no recorded event (training off, stream not recorded, event no longer kept) is not
+        joined; that is not an error. Targets are [N] or [N, D]: regression values, or int class labels.
+        """
+        streams = list(streams)
+        req = next(self._req_ids)
+        frames = protocol.encode_targets(req, streams, list(seqs), targets)
+        self._sock.send_multipart(frames, copy=False)
+        reply_frames = self._await(req)
+        if reply_frames is None:
+            self._connect()
+            raise TimeoutError(f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s")
+        reply, _ = protocol.decode_reply(reply_frames)
+        if reply.error is not None:
+            raise RejectedError(f"targets rejected ({reply.error_reason}): {reply.error}")
+        return np.frombuffer(reply.status, dtype=np.uint8) == protocol.OK
+
     def _await(self, req: int) -> list | None:
         while self._sock.poll(self.timeout_ms, zmq.POLLIN):
             frames = self._sock.recv_multipart()

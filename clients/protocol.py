@@ -42,6 +42,10 @@ class EventsHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seqs: list[int] | None = None  # per-stream sequence numbers, one per event; None: the daemon assigns them
     targets: Literal["float32", "int64"] | None = None  # dtype of the optional third frame
     target_dim: int = 0  # values per event in the targets frame
+    # "targets": delayed targets for events already sent, named by (stream, seq); frames [header, targets],
+    # `seqs` required, `dim` 0. Answered with an EventsReply: status ok (joined) or rejected per item, no
+    # predictions frame.
+    kind: Literal["events", "targets"] = "events"
 
 
 class EventsReply(msgspec.Struct, kw_only=True):
@@ -148,6 +152,8 @@ def decode_events(frames: list) -> tuple[EventsHeader, np.ndarray, np.ndarray | 
         raise ProtocolError(
             "protocol_version", f"unknown protocol version {header.v}; this daemon speaks {PROTOCOL_VERSION}"
         )
+    if header.kind == "targets":
+        return header, None, _decode_delayed_targets(header, frames)
     n = len(header.streams)
     if header.dim <= 0:
         raise ProtocolError("bad_shape", f"dim must be positive, got {header.dim}")
@@ -177,6 +183,47 @@ def decode_events(frames: list) -> tuple[EventsHeader, np.ndarray, np.ndarray | 
     elif len(frames) == 3:
         raise ProtocolError("malformed", "a targets frame was sent but the header does not announce it")
     return header, features, targets
+
+
+def encode_targets(
+    req: int, streams: list[StreamId], seqs: list[int], targets: np.ndarray
+) -> list[bytes | memoryview]:
+    """Frames of one delayed-targets message: targets [N] or [N, D] for the events (streams[i], seqs[i])."""
+    targets = np.asarray(targets)
+    kind = "int64" if np.issubdtype(targets.dtype, np.integer) else "float32"
+    targets = np.ascontiguousarray(targets, dtype=TARGET_DTYPES[kind])
+    if len(seqs) != len(streams) or targets.shape[0] != len(streams):
+        raise ValueError(
+            f"need one sequence number and one target row per stream ({len(streams)}), "
+            f"got {len(seqs)} and {targets.shape[0]}"
+        )
+    header = EventsHeader(
+        v=PROTOCOL_VERSION,
+        req=req,
+        streams=list(streams),
+        dim=0,
+        seqs=[int(s) for s in seqs],
+        targets=kind,
+        target_dim=1 if targets.ndim == 1 else int(np.prod(targets.shape[1:])),
+        kind="targets",
+    )
+    return [encode(header), memoryview(targets).cast("B")]
+
+
+def _decode_delayed_targets(header: EventsHeader, frames: list) -> np.ndarray:
+    n = len(header.streams)
+    if len(frames) != 2:
+        raise ProtocolError("malformed", f"a targets message has 2 frames (header, targets), got {len(frames)}")
+    if header.seqs is None or len(header.seqs) != n:
+        raise ProtocolError("bad_shape", "a targets message needs one sequence number per stream")
+    if header.targets is None or header.target_dim <= 0:
+        raise ProtocolError("bad_shape", "a targets message must announce its targets dtype and target_dim")
+    targets = np.frombuffer(frames[1], dtype=TARGET_DTYPES[header.targets])
+    if targets.size != n * header.target_dim:
+        raise ProtocolError(
+            "bad_shape", f"targets frame holds {targets.size} values, expected {n} x {header.target_dim}"
+        )
+    return targets.reshape(n, header.target_dim)
 
 
 def encode_reply(reply: EventsReply, predictions: np.ndarray | None) -> list:

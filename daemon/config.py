@@ -45,6 +45,9 @@ class ServeConfig(_Section):
     max_message_bytes: int = 64 * 1024 * 1024  # enforced by ZeroMQ (ZMQ_MAXMSGSIZE) per frame
     max_new_streams_per_message: int = 65536  # admission control against id floods
     max_stream_id_length: int = 256  # characters of a string stream id
+    # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
+    # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
+    cpu_threads: int = 1
 
 
 class StateConfig(_Section):
@@ -56,12 +59,34 @@ class StateConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Online truncated-BPTT fine-tuning while serving (daemon/trainer.py, daemon/recorder.py)."""
+
     enabled: bool = False
+    interval: float = 10.0  # seconds between training rounds (0: only the event trigger or `lstmd train now`)
+    interval_events: int = 0  # also start a round after this many recorded events; 0: off
+    k2: int = 32  # truncation length: steps per training window
+    batch: int = 64  # windows per optimizer step, sampled across streams
+    steps: int = 20  # optimizer steps per round
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 3e-3
+    clip_norm: float = 1.0  # gradient-norm clipping (exploding gradients are why truncated BPTT exists)
+    tolerance: float = 0.0  # publish when holdout loss <= serving loss * (1 + tolerance)
+    min_windows: int = 4  # fewer complete training windows recorded than this: the round is skipped
+    record_streams: int = 1024  # streams the recorder keeps history for (its memory bound, with record_steps)
+    record_steps: int = 128  # recent events kept per recorded stream; a multiple of k2
+    record_idle_s: float = 60.0  # a recorded stream idle this long may give its buffer to a new stream
+    history: int = 8  # published model versions kept for `lstmd model rollback`
+    threads: int = 0  # torch intra-op threads (process-wide, on the CPU); 0: half the cores, at least 1
 
 
 class DurabilityConfig(_Section):
-    wal: bool = False
-    fsync: Literal["always", "interval", "never"] = "interval"
+    wal: bool = False  # write-ahead log of applied events; off: nothing between snapshots survives a crash
+    fsync: Literal["always", "interval", "never"] = "interval"  # like Redis appendfsync
+    fsync_interval_ms: float = 1000.0  # fsync = interval: a background flusher syncs the log this often
+    snapshot_interval_s: float = 300.0  # periodic snapshot (then the log is truncated); 0: none
+    snapshot_on_shutdown: bool = True
+    keep_snapshots: int = 2  # newest N kept; the log is kept from the oldest of them, so any one can restore
+    restore: bool = True  # load the newest valid snapshot and replay the log at start
 
 
 class Config(_Section):
@@ -148,6 +173,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"serve.max_wait_ms must be >= 0, got {s.max_wait_ms}")
     if st.idle_ttl_s < 0:
         raise ConfigError(f"state.idle_ttl_s must be >= 0, got {st.idle_ttl_s}")
+    d = config.durability
+    if d.fsync_interval_ms <= 0:
+        raise ConfigError(f"durability.fsync_interval_ms must be positive, got {d.fsync_interval_ms}")
+    if d.snapshot_interval_s < 0:
+        raise ConfigError(
+            f"durability.snapshot_interval_s must be >= 0 (0: no periodic snapshot), got {d.snapshot_interval_s}"
+        )
+    if d.keep_snapshots < 1:
+        raise ConfigError(f"durability.keep_snapshots must be >= 1, got {d.keep_snapshots}")
     if m.task == "classification" and m.output_size < 2:
         raise ConfigError(
             f"model.task = classification needs model.output_size >= 2 classes, got {m.output_size}"
@@ -157,8 +191,34 @@ def validate(config: Config) -> None:
             f"model.task = forecast predicts the next event, so model.output_size ({m.output_size}) "
             f"must equal model.input_size ({m.input_size})"
         )
+    _validate_train(config)
     for key in ("events", "control"):
         if not getattr(s, key).startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(
                 f"serve.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {getattr(s, key)!r}"
             )
+
+
+def _validate_train(config: Config) -> None:
+    t = config.train
+    positive = {
+        "train.k2": t.k2,
+        "train.batch": t.batch,
+        "train.steps": t.steps,
+        "train.lr": t.lr,
+        "train.clip_norm": t.clip_norm,
+        "train.record_streams": t.record_streams,
+        "train.record_steps": t.record_steps,
+        "train.history": t.history,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key in ("interval", "interval_events", "tolerance", "min_windows", "record_idle_s", "threads"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.record_steps % t.k2 or t.record_steps < 2 * t.k2:
+        raise ConfigError(
+            f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "
+            f"2 * k2: a stream's recent history holds whole windows, the newest one held out for evaluation"
+        )

@@ -109,10 +109,67 @@ def _import_model(daemon: Daemon, args: dict) -> dict:
         raise CommandError(f"cannot import model: {exc}") from None
     if model.spec != daemon.spec:
         raise CommandError(f"model file holds {model.spec}, but this daemon serves {daemon.spec}")
-    model.version = daemon.engine.model.version + 1
-    daemon.engine.swap_model(model)
-    daemon.metrics.model_version.set(model.version)
-    return {"version": model.version}
+    return {"version": daemon.install_model(model, "import")}
+
+
+def _trainer(daemon: Daemon):
+    if daemon.trainer is None:
+        raise CommandError("training is disabled: start the daemon with --set train.enabled=true")
+    return daemon.trainer
+
+
+@command("train_status")
+def _train_status(daemon: Daemon, args: dict) -> dict:
+    if daemon.trainer is None:
+        return {"enabled": False}
+    return {**daemon.trainer.status(), "model_version": daemon.engine.model.version}
+
+
+@command("train_now")
+def _train_now(daemon: Daemon, args: dict) -> dict:
+    """Start a round now (even while paused); `train_status` shows its outcome once `rounds` reaches `round`."""
+    trainer = _trainer(daemon)
+    return {"round": trainer.request_round(), "rounds": trainer.rounds, "paused": trainer.paused}
+
+
+@command("train_pause")
+def _train_pause(daemon: Daemon, args: dict) -> dict:
+    """No new rounds, and no weights from a round still running are published (train_now still works)."""
+    _trainer(daemon).pause()
+    return {"paused": True}
+
+
+@command("train_resume")
+def _train_resume(daemon: Daemon, args: dict) -> dict:
+    _trainer(daemon).resume()
+    return {"paused": False}
+
+
+@command("model_versions")
+def _model_versions(daemon: Daemon, args: dict) -> list[dict]:
+    return daemon.versions.listing(daemon.engine.model.version)
+
+
+@command("model_rollback")
+def _model_rollback(daemon: Daemon, args: dict) -> dict:
+    """Serve the weights of an earlier version again (default: the one before the current), as a new version."""
+    current = daemon.engine.model.version
+    version = args.get("version")
+    if version is None:
+        version = daemon.versions.previous(current)
+        if version is None:
+            raise CommandError(f"no version before {current} is kept: nothing to roll back to")
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise CommandError(f"version must be an integer, got {version!r}") from None
+    model = daemon.versions.get(version)
+    if model is None:
+        kept = ", ".join(str(e["version"]) for e in daemon.versions.listing(current)) or "none"
+        raise CommandError(f"version {version} is not kept (kept: {kept})")
+    restored = ServingModel(model.spec, {k: v.clone() for k, v in model.tensors.items()}, 0, model.normalization)
+    new_version = daemon.install_model(restored, f"rollback to {version}")
+    return {"version": new_version, "weights_of": version, "previous": current}
 
 
 @command("config")
@@ -123,3 +180,13 @@ def _config(daemon: Daemon, args: dict) -> dict:
 @command("shutdown")
 def _shutdown(daemon: Daemon, args: dict) -> dict:
     return {"stopping": True}
+
+
+@command("snapshot")
+def _snapshot(daemon: Daemon, args: dict) -> dict:
+    """Write a snapshot now (model, optimizer, recorder, every stream's state); the log is truncated after it."""
+    try:
+        return daemon.durability.snapshot("command")
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise CommandError(f"snapshot failed: {why} (the previous snapshot and the log are kept)") from None

@@ -45,6 +45,11 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        y = lstm_step_(x, slot_t, self.store.h, self.store.c, model.params, reset=reset, backend=self.backend)
+        norm = model.normalization  # forecast models: standardised inputs, predicted change (normalization.py)
+        inputs = x if norm is None else norm.inputs(x)
+        y = lstm_step_(inputs, slot_t, self.store.h, self.store.c, model.params, reset=reset, backend=self.backend)
         weight, bias = model.head
-        return torch.addmm(bias, y, weight.t()).cpu().numpy()
+        out = torch.addmm(bias, y, weight.t())
+        if norm is not None:
+            out = norm.predictions(x, out)
+        return out.cpu().numpy()

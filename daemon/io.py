@@ -37,6 +37,15 @@ class EventsMessage:
 
 
 @dataclass
+class TargetsMessage:
+    """Delayed targets for events already applied, named by (stream, seq), waiting for the serving loop."""
+
+    envelope: list
+    header: protocol.EventsHeader
+    targets: np.ndarray  # [n, D]
+
+
+@dataclass
 class ControlMessage:
     envelope: list
     request: protocol.ControlRequest
@@ -73,10 +82,12 @@ class IOThread(threading.Thread):
         max_message_events: int,
         max_message_bytes: int,
         on_message_rejected,  # callback(reason: str)
+        target_dim: int = 0,  # values per event a targets frame must hold; 0: not checked
     ) -> None:
         super().__init__(name="lstmd-io", daemon=True)
         self.inbox = inbox
         self.input_size = input_size
+        self.target_dim = target_dim
         self.max_message_events = max_message_events
         self.on_message_rejected = on_message_rejected
         self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
@@ -151,6 +162,15 @@ class IOThread(threading.Thread):
             envelope, body = _split_envelope(frames)
             try:
                 header, features, targets = protocol.decode_events(body)
+                if targets is not None and self.target_dim and header.target_dim != self.target_dim:
+                    raise protocol.ProtocolError(
+                        "bad_target_shape",
+                        f"events carry {header.target_dim} target values each, the model's task takes "
+                        f"{self.target_dim}",
+                    )
+                if header.kind == "targets":
+                    self.inbox.put(TargetsMessage(envelope, header, targets))
+                    continue
                 if header.dim != self.input_size:
                     raise protocol.ProtocolError(
                         "bad_shape",

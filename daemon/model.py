@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import safetensors.torch
 import torch
+from lstmd.daemon.normalization import METADATA_KEY as NORMALIZATION_KEY
+from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.kernels import Params
 
 TASKS = ("regression", "classification", "forecast")
@@ -69,7 +71,13 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 class ServingModel:
     """Weights the serving loop reads. Published versions are immutable: the trainer builds a new one."""
 
-    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], version: int = 0) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tensors: dict[str, torch.Tensor],
+        version: int = 0,
+        normalization: ForecastNormalization | None = None,
+    ) -> None:
         shapes = expected_shapes(spec)
         for name, shape in shapes.items():
             if name not in tensors:
@@ -83,9 +91,13 @@ class ServingModel:
         extra = set(tensors) - set(shapes)
         if extra:
             raise ValueError(f"model has unexpected tensors {sorted(extra)}")
+        if normalization is not None and (spec.task != "forecast" or normalization.mean.shape != (spec.input_size,)):
+            raise ValueError(f"forecast normalisation does not fit a {spec.task} model of input_size {spec.input_size}")
         self.spec = spec
         self.tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
         self.version = version
+        # Forecast models only (daemon/normalization.py): standardised inputs, predicted change from the last value.
+        self.normalization = normalization
 
     @classmethod
     def initial(cls, spec: ModelSpec, seed: int) -> ServingModel:
@@ -97,7 +109,10 @@ class ServingModel:
             head = torch.nn.Linear(spec.hidden_size, spec.output_size)
         finally:
             torch.random.set_rng_state(generator_state)
-        return cls.from_modules(spec, lstm, head)
+        model = cls.from_modules(spec, lstm, head)
+        if spec.task == "forecast":
+            model.normalization = ForecastNormalization.identity(spec.input_size)
+        return model
 
     @classmethod
     def from_modules(cls, spec: ModelSpec, lstm: torch.nn.LSTM, head: torch.nn.Linear, version: int = 0):
@@ -105,7 +120,8 @@ class ServingModel:
         return cls(spec, tensors, version)
 
     def to(self, device: torch.device) -> ServingModel:
-        return ServingModel(self.spec, {k: v.to(device) for k, v in self.tensors.items()}, self.version)
+        norm = None if self.normalization is None else self.normalization.to(device)
+        return ServingModel(self.spec, {k: v.to(device) for k, v in self.tensors.items()}, self.version, norm)
 
     @property
     def params(self) -> Params:
@@ -131,6 +147,8 @@ class ServingModel:
 
     def to_bytes(self) -> bytes:
         meta = self.spec.to_metadata() | {"version": str(self.version), "format": "lstmd-model-1"}
+        if self.normalization is not None:
+            meta[NORMALIZATION_KEY] = self.normalization.to_json()
         return safetensors.torch.save(
             {k: v.cpu().contiguous() for k, v in self.tensors.items()}, metadata=meta
         )
@@ -145,7 +163,8 @@ class ServingModel:
         spec = ModelSpec.from_metadata(meta)
         if spec.task not in TASKS:
             raise ValueError(f"model file task {spec.task!r} is not one of {TASKS}")
-        return cls(spec, tensors, int(meta.get("version", 0)))
+        norm = ForecastNormalization.from_json(meta[NORMALIZATION_KEY]) if NORMALIZATION_KEY in meta else None
+        return cls(spec, tensors, int(meta.get("version", 0)), norm)
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -24,10 +24,13 @@ from lstmd.clients import protocol
 from lstmd.daemon import batching, control
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
-from lstmd.daemon.io import CONTROL, EVENTS, PUBLISH, ControlMessage, EventsMessage, IOThread
+from lstmd.daemon.io import CONTROL, EVENTS, PUBLISH, ControlMessage, EventsMessage, IOThread, TargetsMessage
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.recovery import Durability, RecoveryError
 from lstmd.daemon.state_store import NO_SEQ, StateStore
+from lstmd.daemon.versions import ModelHistory
+from lstmd.daemon.wal import WalError
 
 log = logging.getLogger("lstmd.daemon")
 
@@ -73,7 +76,12 @@ class Daemon:
             remember_evicted=config.state.remember_evicted,
             on_evict=self._count_eviction,
         )
-        self.engine = Engine(model, self.store, self.device, config.serve.backend)
+        self.engine = Engine(
+            model, self.store, self.device, config.serve.backend, cpu_threads=config.serve.cpu_threads
+        )
+        self.versions = ModelHistory(config.train.history)  # published versions, for rollback
+        self.versions.add(self.engine.model, "initial")
+        self.recorder, self.trainer = self._make_training(spec)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.endpoints: dict[str, str] = {}
         self._stopping = False
@@ -83,6 +91,7 @@ class Daemon:
         self._http = None
         self._thread: threading.Thread | None = None
         self._last_housekeeping = time.monotonic()
+        self.durability = Durability(self)  # WAL, snapshots, restore (daemon/recovery.py)
 
     @property
     def spec(self) -> ModelSpec:
@@ -115,6 +124,11 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"state.dir {state_dir} is not writable: {exc.strerror}") from None
+        try:
+            self.durability.restore()  # before binding: nothing is served from a half-restored state
+        except (RecoveryError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
         serve = self.config.serve
         self._ctx = zmq.Context()
         try:
@@ -128,6 +142,7 @@ class Daemon:
                 serve.max_message_events,
                 serve.max_message_bytes,
                 self._count_message_rejection,
+                target_dim=self._target_dim(),
             )
         except Exception as exc:
             self._ctx.term()
@@ -152,6 +167,9 @@ class Daemon:
         self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
         self.metrics.watch_device_memory(self.device)
         (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
+        if self.trainer is not None:
+            self.trainer.start()
+            self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
         self.metrics.set_ready(True)
         log.info(
             "lstmd %s serving on %s (device %s, backend %s); control %s",
@@ -174,9 +192,13 @@ class Daemon:
                     self._serve(batch)
                 if other is _STOP:
                     self._stopping = True
+                elif isinstance(other, TargetsMessage):
+                    self._join_targets(other)
                 elif other is not None:
                     self._run_control(other)
                 self._housekeeping()
+                if self.trainer is not None:
+                    self._publish_trained()
             # Answer what was already received before shutting the sockets.
             while True:
                 try:
@@ -187,6 +209,9 @@ class Daemon:
                     self._serve([item])
                 elif isinstance(item, ControlMessage):
                     self._run_control(item)
+                elif isinstance(item, TargetsMessage):
+                    self._join_targets(item)
+            self.durability.on_clean_stop()
         finally:
             self._shutdown()
 
@@ -204,6 +229,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.metrics.set_ready(False)
+        if self.trainer is not None:
+            self.trainer.stop()
+        self.durability.close()
         if self._io is not None:
             self._io.stop()
             self._io.join(5)
@@ -243,6 +271,10 @@ class Daemon:
 
     def _serve(self, batch: list[EventsMessage]) -> None:
         counts = [len(m.header.streams) for m in batch]
+        wal = self.durability.wal
+        if wal is not None and wal.error is not None and not self.durability.writable():
+            self._reject_unloggable(batch, counts)  # the log still fails: apply nothing, acknowledge nothing
+            return
         n = sum(counts)
         out_dim = self.spec.output_size
         features = batch[0].features if len(batch) == 1 else np.concatenate([m.features for m in batch])
@@ -263,6 +295,7 @@ class Daemon:
 
         accepted = np.flatnonzero(slots >= 0)
         applied_parts = []
+        targets = self._batch_targets(batch, counts, n) if self.recorder is not None else None
         for wave in batching.waves(slots[accepted]):
             idx = accepted[wave]
             wave_slots = slots[idx]
@@ -286,13 +319,21 @@ class Daemon:
             started = time.perf_counter()
             preds[idx] = self.engine.step(x, wave_slots, fresh)
             self.metrics.step_duration.observe(time.perf_counter() - started)
+            if self.recorder is not None:
+                wave_targets = None if targets is None else targets[idx]
+                self.recorder.record(wave_slots, x, seq, wave_targets, fresh, self.store.h, self.store.c)
             reset_now = fresh & was_dropped[idx]
             if reset_now.any():
                 status[idx[reset_now]] = protocol.STATE_RESET
             self.store.last_seq[wave_slots] = seq
             self.store.touch(wave_slots)
-            applied_parts.append((idx, seq))
+            applied_parts.append((idx, seq, fresh))
 
+        if self.durability.wal is not None and applied_parts:
+            try:  # group commit: one append (and under fsync = always one fsync) per batch, before the replies
+                self.durability.log_batch(batch, features, applied_parts)
+            except WalError as exc:
+                self.durability.reject_unlogged(exc, status, reasons, applied_parts)
         self._reply(batch, counts, status, preds, reasons)
         self._publish(batch, applied_parts, preds)
         self._account(n, status, reasons)
@@ -390,6 +431,16 @@ class Daemon:
         self.metrics.queue_depth.set(self.inbox.qsize())
         self.metrics.active_streams.set(len(self.store))
 
+    def _reject_unloggable(self, batch, counts) -> None:
+        """The write-ahead log cannot be written: answer every event `rejected` (counted), apply none."""
+        n = sum(counts)
+        status = np.full(n, protocol.REJECTED, dtype=np.uint8)
+        preds = np.full((n, self.spec.output_size), np.nan, dtype=np.float32)
+        why = ("wal_unavailable", f"{self.durability.wal.error}; the event was not applied, resend it")
+        reasons = dict.fromkeys(range(n), why)
+        self._reply(batch, counts, status, preds, reasons)
+        self._account(n, status, reasons)
+
     def _count_message_rejection(self, reason: str) -> None:
         """Called by the I/O thread for messages rejected whole (cannot be decoded)."""
         self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
@@ -405,8 +456,107 @@ class Daemon:
             return
         self._last_housekeeping = now
         self.store.evict_idle()
+        self.durability.maybe_snapshot()
         self.metrics.active_streams.set(len(self.store))
         self.metrics.queue_depth.set(self.inbox.qsize())
+
+    # ---- online training (daemon/recorder.py, daemon/trainer.py) -----------------------------------------
+
+    def _target_dim(self) -> int:
+        """Values per event in a targets frame: output_size for regression, 1 class label; 0: not checked."""
+        task = self.spec.task
+        return {"regression": self.spec.output_size, "classification": 1}.get(task, 0)
+
+    def _make_training(self, spec: ModelSpec):
+        t = self.config.train
+        if not t.enabled:
+            return None, None
+        from lstmd.daemon.recorder import Recorder
+        from lstmd.daemon.trainer import Trainer
+
+        target_size = spec.input_size if spec.task == "forecast" else self._target_dim()
+        recorder = Recorder(
+            spec.num_layers,
+            spec.hidden_size,
+            spec.input_size,
+            target_size,
+            spec.task,
+            self.config.state.capacity,
+            t.record_streams,
+            t.record_steps,
+            t.k2,
+            t.record_idle_s,
+        )
+        trainer = Trainer(
+            t, spec, recorder, lambda: self.engine.model, self.metrics, self.device, self.engine.backend,
+            seed=self.config.model.seed,
+        )  # fmt: skip
+        return recorder, trainer
+
+    def _batch_targets(self, batch, counts, n) -> np.ndarray | None:
+        """[n, D] float32 targets of the batch's events, NaN rows where an event has none; None when none has."""
+        if self.recorder.forecast or all(m.targets is None for m in batch):
+            return None
+        out = np.full((n, self.recorder.y.shape[2]), np.nan, dtype=np.float32)
+        offset = 0
+        for message, count in zip(batch, counts, strict=True):
+            if message.targets is not None:
+                out[offset : offset + count] = message.targets
+            offset += count
+        if self.spec.task == "classification":  # a label outside 0..O-1 teaches nothing: drop it
+            labels = out[:, 0]
+            out[~((labels >= 0) & (labels < self.spec.output_size))] = np.nan
+        return out
+
+    def _join_targets(self, message: TargetsMessage) -> None:
+        """Delayed targets: join each to its recorded event (stream, seq); reply per item ok or rejected."""
+        header = message.header
+        n = len(header.streams)
+        status = np.full(n, protocol.REJECTED, dtype=np.uint8)
+        if self.recorder is None or self.recorder.forecast:
+            why = "training is disabled" if self.recorder is None else "forecast targets are the next events"
+            reasons = dict.fromkeys(range(n), f"target not recorded: {why}")
+        else:
+            get = self.store.slot_of.get
+            slots = np.fromiter((get(sid, -1) for sid in header.streams), dtype=np.int64, count=n)
+            seqs = np.asarray(header.seqs, dtype=np.int64)
+            targets = message.targets.astype(np.float32)
+            joined = self.recorder.join_targets(slots, seqs, targets)
+            status[joined] = protocol.OK
+            reasons = {
+                i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
+                for i in np.flatnonzero(~joined).tolist()
+            }
+        reply = protocol.EventsReply(
+            v=protocol.PROTOCOL_VERSION,
+            req=header.req,
+            version=self.engine.model.version,
+            status=status.tobytes(),
+            reasons=reasons,
+        )
+        self._outbox.send_multipart([EVENTS, *message.envelope, protocol.encode(reply)], copy=False)
+
+    def _publish_trained(self) -> None:
+        """Between two batches: serve the trainer's candidate, if one passed its holdout check."""
+        candidate = self.trainer.take_candidate()
+        if candidate is None:
+            return
+        if candidate.base_version != self.engine.model.version:
+            self.trainer.settle(candidate, False, "the serving model changed during the round")
+        elif self.trainer.paused and not candidate.forced:
+            self.trainer.settle(candidate, False, "training was paused during the round")
+        else:
+            self.install_model(candidate.model, "train", **candidate.info)
+            self.trainer.settle(candidate, True)
+
+    def install_model(self, model: ServingModel, source: str, **info) -> int:
+        """Serve `model` from the next batch on as version + 1, and keep it in the version history."""
+        model.version = self.engine.model.version + 1
+        self.engine.swap_model(model)
+        self.versions.add(self.engine.model, source, **info)
+        self.metrics.model_version.set(model.version)
+        self.metrics.last_publish.set(time.time())
+        return model.version
 
     # ---- control ----------------------------------------------------------------------------------------
 
@@ -414,6 +564,7 @@ class Daemon:
         request = message.request
         try:
             result = control.dispatch(self, request.cmd, request.args)
+            self.durability.after_command()  # log what the command changed before answering it
             reply = protocol.ControlReply(ok=True, result=result)
             outcome = "ok"
         except control.CommandError as exc:
@@ -447,4 +598,6 @@ class Daemon:
             "sequence_gaps": self.stats.sequence_gaps,
             "evictions": dict(self.stats.evictions),
             "queue_depth": self.inbox.qsize(),
+            "durability": self.durability.status(),
+            "train": self.trainer.status() if self.trainer is not None else {"enabled": False},
         }

@@ -7,7 +7,7 @@ Modules import torch only inside the commands that need it (serve, demo), so adm
 from __future__ import annotations
 
 import typer
-from lstmd.clients.cli import config_cmd, model, replay, serve, status, streams, top
+from lstmd.clients.cli import config_cmd, model, replay, serve, snapshot, status, streams, top, train
 
 app = typer.Typer(
     name="lstmd",
@@ -21,9 +21,11 @@ app.command()(serve.demo)
 app.command()(status.status)
 app.command()(replay.replay)
 app.command()(top.top)
+app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(train.app, name="train")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""`lstmd model info|export|import`: the serving weights."""
+"""`lstmd model info|export|import|versions|rollback`: the serving weights and their history."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from lstmd.clients.cli._common import (
     fail,
     key_value_table,
     print_json,
+    rows_table,
 )
 
 app = typer.Typer(help="Inspect, export and import the serving model.", no_args_is_help=True)
@@ -53,3 +55,36 @@ def import_(
         raise fail(f"{path} is not a file")
     result = call_or_exit(admin_or_exit(config, control).import_model, path)
     console.print(f"serving {path} as model version {result['version']}")
+
+
+@app.command()
+def versions(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+    """List the kept model versions, newest first."""
+    data = call_or_exit(admin_or_exit(config, control).model_versions)
+    if json:
+        print_json(data)
+        return
+    rows = [
+        {
+            "version": d["version"],
+            "serving": "*" if d["serving"] else "",
+            "source": d["source"],
+            "published": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["published"])),
+            "holdout loss": "-" if d.get("holdout_loss") is None else f"{d['holdout_loss']:.4g}",
+        }
+        for d in data
+    ]
+    console.print(rows_table("model versions", rows))
+
+
+@app.command()
+def rollback(
+    version: Annotated[
+        int | None, typer.Argument(help="Version whose weights to serve again; default: the one before.")
+    ] = None,
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+) -> None:
+    """Serve an earlier version's weights again, exactly, as a new version number."""
+    result = call_or_exit(admin_or_exit(config, control).rollback, version)
+    console.print(f"serving the weights of version {result['weights_of']} as version {result['version']}")

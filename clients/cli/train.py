@@ -1,0 +1,78 @@
+"""`lstmd train status|now|pause|resume`: the online trainer of a running daemon."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from lstmd.clients.cli._common import (
+    ConfigOpt,
+    ControlOpt,
+    JsonOpt,
+    admin_or_exit,
+    call_or_exit,
+    console,
+    key_value_table,
+    print_json,
+)
+
+app = typer.Typer(help="Watch and steer online training.", no_args_is_help=True)
+
+
+def _flat(data: dict) -> dict:
+    """One level of nesting spelled out (`last_round.outcome`), so the table stays readable."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "outcomes":
+            out |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            out[key] = "-" if value is None else value
+    return out
+
+
+@app.command()
+def status(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+    """Show whether training runs, its rounds and outcomes, the last round's losses and the recorder."""
+    data = call_or_exit(admin_or_exit(config, control).train_status)
+    if json:
+        print_json(data)
+    elif not data.get("enabled"):
+        console.print("training is disabled (start the daemon with --set train.enabled=true)")
+    else:
+        console.print(key_value_table("training", _flat(data)))
+
+
+@app.command()
+def now(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the round's outcome; 0: do not wait.")] = 60.0,
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Run a training round now (even while paused) and show its outcome."""
+    data = call_or_exit(admin_or_exit(config, control).train_now, wait)
+    if json:
+        print_json(data)
+    elif wait <= 0:
+        console.print(f"training round {data['round']} requested")
+    else:
+        last = data.get("last_round") or {}
+        console.print(
+            f"round {last.get('round')}: {last.get('outcome')}"
+            + (f" ({last['reason']})" if last.get("reason") else "")
+            + f"; serving model version {data.get('model_version')}"
+        )
+
+
+@app.command()
+def pause(config: ConfigOpt = None, control: ControlOpt = None) -> None:
+    """Stop starting training rounds; the serving weights stay as they are until resume (or train now)."""
+    call_or_exit(admin_or_exit(config, control).train_pause)
+    console.print("training paused")
+
+
+@app.command()
+def resume(config: ConfigOpt = None, control: ControlOpt = None) -> None:
+    """Start training rounds again."""
+    call_or_exit(admin_or_exit(config, control).train_resume)
+    console.print("training resumed")

@@ -1,0 +1,300 @@
+"""The recorder: bounded per-stream history of recent events, targets and window-start states for the trainer.
+
+The serving loop calls `record()` after every wave (it owns the state store, so it hands over the states the
+trainer needs); the trainer thread calls `sample()` to copy windows out. Both take one short lock: the loop
+never waits for a training round, only for another thread's copy of a few hundred kilobytes at most.
+
+Layout (R = record_streams rows, T = record_steps, k2 = window length, W = T / k2 windows per row):
+
+    x      [R, T, I] float32   the events, a ring buffer per row
+    y      [R, T, D] float32   their targets (regression values, class labels, or the next event for forecasts)
+    y_ok   [R, T]    bool      the target is known (targets may arrive later, or never)
+    seq    [R, T]    int64     each event's per-stream sequence number (to join delayed targets)
+    h0, c0 [R, W, L, H]        the stream's LSTM state *before* the first event of each window
+    state_ok [R, W]  bool      that state was captured (a row that starts mid-stream lacks its first one)
+
+Every array is allocated once, so memory is fixed by the configuration (`nbytes`), however many streams
+there are: streams beyond R are not recorded until a recorded stream has been idle for `idle_s`. Rows are
+found by state-store slot (a vectorised lookup, no per-event dict work). A stream whose state starts from
+zero (new, reset, evicted and back) starts its row over, so a window never spans a state reset.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Absolute position p of a row (events recorded since its last start) lives at ring index p % T; the window
+# with absolute start s (a multiple of k2) has state index (s % T) // k2.
+
+
+@dataclass
+class Windows:
+    """Training or evaluation windows copied out of the recorder (numpy, the trainer moves them to torch)."""
+
+    x: np.ndarray  # [B, k2, I] float32
+    y: np.ndarray  # [B, k2, D] float32
+    mask: np.ndarray  # [B, k2] bool: target known
+    h0: np.ndarray  # [L, B, H] float32
+    c0: np.ndarray  # [L, B, H] float32
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class Recorder:
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        input_size: int,
+        target_size: int,
+        task: str,
+        capacity: int,
+        record_streams: int,
+        record_steps: int,
+        k2: int,
+        idle_s: float = 60.0,
+        clock=time.monotonic,
+    ) -> None:
+        if record_steps % k2 or record_steps < 2 * k2:
+            raise ValueError(f"record_steps ({record_steps}) must be a multiple of k2 ({k2}) and >= 2 * k2")
+        R, T, W = record_streams, record_steps, record_steps // k2
+        self.task, self.k2, self.idle_s, self.clock = task, k2, idle_s, clock
+        self.forecast = task == "forecast"
+        self.x = np.zeros((R, T, input_size), np.float32)
+        self.y = np.zeros((R, T, target_size), np.float32)
+        self.y_ok = np.zeros((R, T), bool)
+        self.seq = np.full((R, T), -1, np.int64)
+        self.h0 = np.zeros((R, W, num_layers, hidden_size), np.float32)
+        self.c0 = np.zeros_like(self.h0)
+        self.state_ok = np.zeros((R, W), bool)
+        self.count = np.zeros(R, np.int64)  # events recorded into the row since it (re)started
+        self.last_write = np.full(R, -np.inf)  # monotonic seconds
+        self.slot_of_row = np.full(R, -1, np.int64)
+        self.row_of_slot = np.full(capacity, -1, np.int64)
+        self.recorded = 0  # events recorded in total (the trainer's event trigger reads it)
+        self.targets_joined = 0
+        self.targets_unmatched = 0
+        self._free = list(range(R - 1, -1, -1))
+        self.lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the recorder holds; fixed at construction (the bound the config sets)."""
+        arrays = (self.x, self.y, self.y_ok, self.seq, self.h0, self.c0, self.state_ok, self.count,
+                  self.last_write, self.slot_of_row, self.row_of_slot)  # fmt: skip
+        return int(sum(a.nbytes for a in arrays))
+
+    @property
+    def streams(self) -> int:
+        return int((self.slot_of_row >= 0).sum())
+
+    # ---- the serving loop's side ------------------------------------------------------------------------
+
+    def record(
+        self,
+        slots: np.ndarray,  # [n] distinct state-store slots of one wave
+        x: np.ndarray,  # [n, I] the events just applied
+        seqs: np.ndarray,  # [n] their sequence numbers
+        targets: np.ndarray | None,  # [n, D] float32 with NaN rows where an event carries none; None: none at all
+        fresh: np.ndarray,  # [n] bool: the stream's state started from zero at this event
+        h: torch.Tensor,  # [L, S, H] the state tables *after* the step
+        c: torch.Tensor,
+    ) -> None:
+        with self.lock:
+            rows = self.row_of_slot[slots]
+            start = fresh.copy()
+            missing = np.flatnonzero(rows < 0)
+            if missing.size:
+                rows[missing] = self._allocate(slots[missing])
+                start[missing] = True
+            ok = rows >= 0
+            if not ok.all():
+                slots, x, seqs, fresh, rows, start = slots[ok], x[ok], seqs[ok], fresh[ok], rows[ok], start[ok]
+                targets = None if targets is None else targets[ok]
+            if rows.size == 0:
+                return
+            if start.any():
+                self._start_rows(rows[start], fresh[start])
+            T = self.x.shape[1]
+            count = self.count[rows]
+            if self.forecast:  # this event is the target of the stream's previous one
+                has_prev = count > 0
+                prev_rows, prev_pos = rows[has_prev], (count[has_prev] - 1) % T
+                self.y[prev_rows, prev_pos] = x[has_prev]
+                self.y_ok[prev_rows, prev_pos] = True
+            pos = count % T
+            self.x[rows, pos] = x
+            self.seq[rows, pos] = seqs
+            if targets is None:
+                self.y_ok[rows, pos] = False
+            else:
+                known = ~np.isnan(targets).any(axis=1)
+                self.y[rows, pos] = np.nan_to_num(targets)
+                self.y_ok[rows, pos] = known
+            count = count + 1
+            self.count[rows] = count
+            self.last_write[rows] = self.clock()
+            self.recorded += int(rows.size)
+            boundary = np.flatnonzero(count % self.k2 == 0)
+            if boundary.size:  # the state after this event starts the row's next window
+                w = (count[boundary] % T) // self.k2
+                take = torch.from_numpy(slots[boundary]).to(h.device)
+                # [L, b, H] -> [b, L, H]
+                self.h0[rows[boundary], w] = h[:, take].transpose(0, 1).cpu().numpy()
+                self.c0[rows[boundary], w] = c[:, take].transpose(0, 1).cpu().numpy()
+                self.state_ok[rows[boundary], w] = True
+
+    def _allocate(self, slots: np.ndarray) -> np.ndarray:
+        """Rows for slots that have none: free rows first, then rows idle longer than idle_s; else -1."""
+        out = np.full(slots.size, -1, np.int64)
+        stale: list[int] = []
+        if len(self._free) < slots.size:
+            idle = np.flatnonzero(self.last_write < self.clock() - self.idle_s)
+            stale = idle[np.argsort(self.last_write[idle])].tolist()[::-1]  # oldest last: pop() takes it
+        for i, slot in enumerate(slots.tolist()):
+            if self._free:
+                row = self._free.pop()
+            elif stale:
+                row = stale.pop()
+                self.row_of_slot[self.slot_of_row[row]] = -1
+            else:
+                break
+            self.slot_of_row[row] = slot
+            self.row_of_slot[slot] = row
+            out[i] = row
+        return out
+
+    def _start_rows(self, rows: np.ndarray, zero_state: np.ndarray) -> None:
+        """Start rows over: their stream's state was reset (known zero) or is unknown (recorded mid-stream)."""
+        self.count[rows] = 0
+        self.y_ok[rows] = False
+        self.seq[rows] = -1
+        self.state_ok[rows] = False
+        self.h0[rows, 0] = 0.0
+        self.c0[rows, 0] = 0.0
+        self.state_ok[rows, 0] = zero_state
+
+    def join_targets(self, slots: np.ndarray, seqs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Delayed targets: put each at the recorded event (slot, seq). Returns [n] bool: joined."""
+        with self.lock:
+            rows = self.row_of_slot[slots]
+            joined = np.zeros(slots.size, bool)
+            have = np.flatnonzero((rows >= 0) & (slots >= 0))
+            if have.size:
+                hit = self.seq[rows[have]] == seqs[have, None]  # [m, T]
+                found = hit.any(axis=1)
+                idx = have[found]
+                pos = hit[found].argmax(axis=1)
+                values = targets[idx]
+                finite = np.isfinite(values).all(axis=1)
+                idx, pos, values = idx[finite], pos[finite], values[finite]
+                self.y[rows[idx], pos] = values
+                self.y_ok[rows[idx], pos] = True
+                joined[idx] = True
+            n_joined = int(joined.sum())
+            self.targets_joined += n_joined
+            self.targets_unmatched += int(slots.size) - n_joined
+            return joined
+
+    # ---- the trainer's side -----------------------------------------------------------------------------
+
+    def available(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, window indices, is_holdout) of every complete window with a known start state.
+
+        A row's newest complete window is its holdout window (the most recent slice); the older ones train.
+        Call with the lock held.
+        """
+        T, k2 = self.x.shape[1], self.k2
+        count = self.count
+        rows_all, ws_all, hold_all = [], [], []
+        newest = (count // k2) * k2 - k2  # absolute start of each row's newest complete window
+        for back in range(T // k2):
+            s = newest - back * k2
+            # Complete, not overwritten yet (all k2 positions still in the ring).
+            ok = (self.slot_of_row >= 0) & (s >= 0) & (s >= count - T)
+            rows = np.flatnonzero(ok)
+            w = (s[rows] % T) // k2
+            good = self.state_ok[rows, w]
+            rows, w = rows[good], w[good]
+            rows_all.append(rows)
+            ws_all.append(w)
+            hold_all.append(np.full(rows.size, back == 0))
+        return np.concatenate(rows_all), np.concatenate(ws_all), np.concatenate(hold_all)
+
+    def sample(self, n_train: int, max_holdout: int, rng: np.random.Generator) -> tuple[Windows, Windows] | None:
+        """Copy out n_train training windows (sampled with replacement) and up to max_holdout holdout windows.
+
+        Returns None when no training window or no holdout window exists yet.
+        """
+        with self.lock:
+            rows, ws, hold = self.available()
+            train = np.flatnonzero(~hold)
+            held = np.flatnonzero(hold)
+            # A window whose targets are all still unknown teaches nothing.
+            useful = self._mask(rows, ws).any(axis=1)
+            train, held = train[useful[train]], held[useful[held]]
+            if train.size == 0 or held.size == 0:
+                return None
+            pick = rng.choice(train, size=n_train, replace=True)
+            if held.size > max_holdout:
+                held = rng.choice(held, size=max_holdout, replace=False)
+            return self._copy(rows[pick], ws[pick]), self._copy(rows[held], ws[held])
+
+    def count_windows(self) -> tuple[int, int]:
+        """(training windows, holdout windows) available now."""
+        with self.lock:
+            _, _, hold = self.available()
+        return int((~hold).sum()), int(hold.sum())
+
+    def _positions(self, ws: np.ndarray) -> np.ndarray:
+        return ws[:, None] * self.k2 + np.arange(self.k2)  # [B, k2] ring indices
+
+    def _mask(self, rows: np.ndarray, ws: np.ndarray) -> np.ndarray:
+        return self.y_ok[rows[:, None], self._positions(ws)]
+
+    def _copy(self, rows: np.ndarray, ws: np.ndarray) -> Windows:
+        pos = self._positions(ws)
+        r = rows[:, None]
+        return Windows(
+            x=self.x[r, pos],
+            y=self.y[r, pos],
+            mask=self.y_ok[r, pos],
+            h0=np.ascontiguousarray(self.h0[rows, ws].transpose(1, 0, 2)),
+            c0=np.ascontiguousarray(self.c0[rows, ws].transpose(1, 0, 2)),
+        )
+
+    # ---- snapshots (the durability code calls these) ------------------------------------------------------
+
+    _ARRAYS = ("x", "y", "y_ok", "seq", "h0", "c0", "state_ok", "count", "last_write", "slot_of_row", "row_of_slot")
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the recorder holds, as flat CPU tensors (copies); scalars as 0-d tensors."""
+        with self.lock:
+            out = {f"recorder.{name}": torch.from_numpy(getattr(self, name).copy()) for name in self._ARRAYS}
+            # Monotonic clocks do not survive a restart: store idle ages instead of timestamps.
+            out["recorder.last_write"] = torch.from_numpy(self.clock() - self.last_write)
+            for name in ("recorded", "targets_joined", "targets_unmatched"):
+                out[f"recorder.{name}"] = torch.tensor(getattr(self, name), dtype=torch.int64)
+        return out
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what snapshot_tensors() returned (same configuration); missing names are an error."""
+        with self.lock:
+            for name in self._ARRAYS:
+                value = tensors[f"recorder.{name}"].numpy()
+                target = getattr(self, name)
+                if value.shape != target.shape:
+                    raise ValueError(
+                        f"recorder.{name} in the snapshot has shape {value.shape}, this configuration {target.shape}"
+                    )
+                target[...] = value
+            self.last_write[...] = self.clock() - self.last_write
+            for name in ("recorded", "targets_joined", "targets_unmatched"):
+                setattr(self, name, int(tensors[f"recorder.{name}"]))
+            self._free = np.flatnonzero(self.slot_of_row < 0)[::-1].tolist()

@@ -1,0 +1,423 @@
+"""The trainer: online truncated-BPTT fine-tuning on the trainer's own thread, while the loop keeps serving.
+
+One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had),
+run forward and backward through `lstm_sequence`, clip the gradient norm, take optimizer steps (Adam by
+default) on the trainer's own copy of the weights, then evaluate the result and the serving weights on the
+held-out newest window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is
+handed to the serving loop, which swaps it in between two batches as version + 1 (`take_candidate`); a worse
+one is discarded and counted as `rejected`; a round whose loss, gradients or weights turn NaN/Inf is
+discarded as `diverged` and the trainer starts again from the serving weights. Nothing the trainer computes
+reaches serving except through that check, so NaN/Inf never does.
+
+Inference never waits for training: the serving weights are immutable `ServingModel`s (the trainer reads a
+reference and copies), the loop only polls for a finished candidate, and on CUDA the trainer runs on its own
+stream. On the CPU the trainer and the loop share the cores: `train.threads` sets torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lstmd.daemon.config import TrainConfig
+from lstmd.daemon.model import ModelSpec, ServingModel, tensor_names
+from lstmd.daemon.normalization import ForecastNormalization
+from lstmd.daemon.recorder import Recorder, Windows
+from lstmd.kernels import lstm_sequence
+
+log = logging.getLogger("lstmd.trainer")
+
+MAX_HOLDOUT_WINDOWS = 1024  # newest windows evaluated per round; more adds time, not much certainty
+
+
+@dataclass
+class Candidate:
+    """Weights that passed the holdout check, waiting for the serving loop to publish them."""
+
+    model: ServingModel  # version not yet assigned
+    base_version: int  # the serving version it was compared against
+    forced: bool  # asked for with `train now` (published even while paused)
+    info: dict  # losses, for the version history
+
+
+@dataclass
+class RoundReport:
+    round: int
+    outcome: str  # published (offered to the loop) | rejected | diverged | skipped
+    reason: str = ""
+    train_loss: float = math.nan
+    holdout_serving: float = math.nan
+    holdout_candidate: float = math.nan
+    windows: int = 0
+    duration_s: float = 0.0
+    finished: float = 0.0  # unix seconds
+    pending: bool = False  # offered to the serving loop, not settled yet
+
+    def as_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+class Diverged(ArithmeticError):
+    pass
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        spec: ModelSpec,
+        recorder: Recorder,
+        serving: Callable[[], ServingModel],  # the current serving model (read from the trainer thread)
+        metrics,
+        device: torch.device,
+        backend: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.config, self.spec, self.recorder = config, spec, recorder
+        self.serving, self.metrics, self.device, self.backend = serving, metrics, device, backend
+        self.rng = np.random.default_rng(seed)
+        self.paused = False
+        self.rounds = 0  # rounds finished
+        self.requested = 0  # rounds asked for with `train now`, not started yet
+        self.last: RoundReport | None = None
+        self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
+        self._candidate: Candidate | None = None
+        self._lock = threading.Lock()  # guards _candidate, requested, the checkpoint
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_round_at = time.monotonic()
+        self._last_round_recorded = 0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The trainer's own weights (leaf tensors) and optimizer, and the serving version they descend from.
+        self._params: list[torch.Tensor] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._lineage: set[int] = set()
+        self._checkpoint: dict[str, torch.Tensor] = {}
+        self._save_checkpoint()
+
+    # ---- lifecycle and control (called from the serving loop) -------------------------------------------
+
+    def start(self) -> None:
+        if self.device.type == "cpu":
+            # Process-wide: the serving loop's kernels use the same pool. Half the cores each leaves the loop
+            # a core of its own on a small machine (measured in docs/benchmarks.md, "Online learning").
+            threads = self.config.threads or max(1, (os.cpu_count() or 2) // 2)
+            torch.set_num_threads(threads)
+        self._thread = threading.Thread(target=self._run, name="lstmd-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pause(self) -> None:
+        self.paused = True
+        self.metrics.train_enabled.set(0)
+
+    def resume(self) -> None:
+        self.paused = False
+        self.metrics.train_enabled.set(1)
+        self._wake.set()
+
+    def request_round(self) -> int:
+        """Ask for one round now (runs even while paused); returns the number of the round that will answer."""
+        with self._lock:
+            self.requested += 1
+            target = self.rounds + self.requested
+        self._wake.set()
+        return target
+
+    def take_candidate(self) -> Candidate | None:
+        with self._lock:
+            candidate, self._candidate = self._candidate, None
+        return candidate
+
+    def settle(self, candidate: Candidate, published: bool, reason: str = "") -> None:
+        """The loop's verdict on a candidate: published, or dropped (paused meanwhile, or the model changed)."""
+        outcome = "published" if published else "skipped"
+        self.outcomes[outcome] += 1
+        self.metrics.train_rounds.labels(outcome).inc()
+        if self.last is not None:
+            self.last.outcome, self.last.reason, self.last.pending = outcome, reason, False
+        if published:
+            self._lineage.add(self.serving().version)
+
+    def status(self) -> dict:
+        c = self.config
+        trainable, holdout = self.recorder.count_windows()
+        return {
+            "enabled": True,
+            "paused": self.paused,
+            "rounds": self.rounds,
+            "requested": self.requested,
+            "outcomes": dict(self.outcomes),
+            "last_round": None if self.last is None else self.last.as_dict(),
+            "recorder": {
+                "streams": self.recorder.streams,
+                "max_streams": self.recorder.x.shape[0],
+                "steps_per_stream": self.recorder.x.shape[1],
+                "events_recorded": self.recorder.recorded,
+                "training_windows": trainable,
+                "holdout_windows": holdout,
+                "targets_joined": self.recorder.targets_joined,
+                "targets_unmatched": self.recorder.targets_unmatched,
+                "memory_bytes": self.recorder.nbytes,
+            },
+            "settings": {
+                "interval": c.interval,
+                "interval_events": c.interval_events,
+                "k2": c.k2,
+                "batch": c.batch,
+                "steps": c.steps,
+                "optimizer": c.optimizer,
+                "lr": c.lr,
+                "clip_norm": c.clip_norm,
+                "tolerance": c.tolerance,
+                "torch_threads": torch.get_num_threads(),
+            },
+        }
+
+    # ---- the thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=0.1)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            with self._lock:
+                forced = self.requested > 0
+                if forced:
+                    self.requested -= 1
+            if forced or self._due():
+                try:
+                    self.run_round(forced)
+                except Exception:  # a bug in a round must not kill training for good, nor the daemon
+                    log.exception("training round failed")
+                    self._finish(RoundReport(self.rounds + 1, "skipped", "internal error (see the log)"))
+                if self.requested:
+                    self._wake.set()
+
+    def _due(self) -> bool:
+        if self.paused:
+            return False
+        c = self.config
+        if c.interval > 0 and time.monotonic() - self._last_round_at >= c.interval:
+            return True
+        return c.interval_events > 0 and self.recorder.recorded - self._last_round_recorded >= c.interval_events
+
+    # ---- one round ----------------------------------------------------------------------------------------
+
+    def run_round(self, forced: bool = False) -> RoundReport:
+        """Train, evaluate and (maybe) offer a candidate; synchronous (the thread calls it; so can tests)."""
+        started = time.perf_counter()
+        self._last_round_at = time.monotonic()
+        self._last_round_recorded = self.recorder.recorded
+        c = self.config
+        report = RoundReport(self.rounds + 1, "skipped")
+        serving = self.serving()
+        sample = self.recorder.sample(c.steps * c.batch, MAX_HOLDOUT_WINDOWS, self.rng)
+        trainable, _ = self.recorder.count_windows()
+        if sample is None or trainable < c.min_windows:
+            report.reason = f"not enough recorded data yet ({trainable} complete training windows)"
+            return self._finish(report, started)
+        train, holdout = sample
+        report.windows = len(train)
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        with ctx:
+            if serving.version not in self._lineage or not self._params:
+                self._reset_from(serving)
+            norm = self._normalization(train) if self.spec.task == "forecast" else None
+            train_t, holdout_t = self._to_device(train), self._to_device(holdout)
+            ref_scale = None if norm is None else norm.delta_scale
+            try:
+                report.train_loss = self._train(train_t, norm, ref_scale)
+                candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
+                with torch.no_grad():
+                    report.holdout_candidate = self._loss(self._params, norm, holdout_t, ref_scale).item()
+                if not all(torch.isfinite(t).all() for t in candidate_tensors.values()) or not math.isfinite(
+                    report.holdout_candidate
+                ):
+                    raise Diverged("candidate weights or holdout loss are not finite")
+            except Diverged as exc:
+                report.outcome, report.reason = "diverged", str(exc)
+                self._params = []  # next round starts again from the serving weights
+                return self._finish(report, started)
+            with torch.no_grad():
+                serving_params = [serving.tensors[n].to(self.device) for n in self._names]
+                serving_norm = serving.normalization
+                serving_norm = None if serving_norm is None else serving_norm.to(self.device)
+                report.holdout_serving = self._loss(
+                    serving_params, serving_norm, holdout_t, ref_scale, serving_norm is None
+                ).item()
+            if self._stream is not None:
+                self._stream.synchronize()
+        self.metrics.train_loss.set(report.train_loss)
+        self.metrics.holdout_loss.labels("serving").set(report.holdout_serving)
+        self.metrics.holdout_loss.labels("candidate").set(report.holdout_candidate)
+        allowed = report.holdout_serving * (1 + c.tolerance) if math.isfinite(report.holdout_serving) else math.inf
+        if report.holdout_candidate > allowed:
+            report.outcome = "rejected"
+            report.reason = (
+                f"holdout loss {report.holdout_candidate:.6g} worse than serving {report.holdout_serving:.6g}"
+            )
+            return self._finish(report, started)
+        model = ServingModel(self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu")))
+        info = {
+            "round": report.round,
+            "train_loss": report.train_loss,
+            "holdout_loss": report.holdout_candidate,
+            "holdout_loss_before": report.holdout_serving,
+        }
+        report.outcome = "published"  # offered; the loop settles it (published, or skipped if stale)
+        report.pending = True
+        self._lineage = {serving.version}
+        with self._lock:
+            stale, self._candidate = self._candidate, Candidate(model, serving.version, forced, info)
+        if stale is not None:  # the loop never took the previous one (it polls between batches)
+            self.settle(stale, False, "superseded by a newer candidate")
+        return self._finish(report, started, count=False)
+
+    def _finish(self, report: RoundReport, started: float | None = None, count: bool = True) -> RoundReport:
+        report.duration_s = round(time.perf_counter() - started, 4) if started is not None else 0.0
+        report.finished = round(time.time(), 3)
+        if count:
+            self.outcomes[report.outcome] += 1
+            self.metrics.train_rounds.labels(report.outcome).inc()
+        self.metrics.train_round_duration.observe(report.duration_s)
+        self.last = report
+        self.rounds += 1
+        self._save_checkpoint()
+        if report.outcome in ("rejected", "diverged"):
+            log.info("training round %d %s: %s", report.round, report.outcome, report.reason)
+        return report
+
+    @property
+    def _names(self) -> list[str]:
+        return tensor_names(self.spec)
+
+    def _reset_from(self, serving: ServingModel) -> None:
+        self._params = [serving.tensors[n].detach().to(self.device).clone().requires_grad_(True) for n in self._names]
+        self._optimizer = self._make_optimizer(self._params)
+        self._lineage = {serving.version}
+
+    def _make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.config.lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=self.config.lr)
+
+    def _normalization(self, train: Windows) -> ForecastNormalization:
+        x = torch.from_numpy(train.x)
+        dx = (x[:, 1:] - x[:, :-1]).reshape(-1, x.shape[-1])
+        return ForecastNormalization.from_data(x.reshape(-1, x.shape[-1]), dx).to(self.device)
+
+    def _to_device(self, w: Windows) -> dict[str, torch.Tensor]:
+        dev = self.device
+        return {
+            "x": torch.from_numpy(w.x).to(dev),
+            "y": torch.from_numpy(w.y).to(dev),
+            "mask": torch.from_numpy(w.mask).to(dev),
+            "h0": torch.from_numpy(w.h0).to(dev),
+            "c0": torch.from_numpy(w.c0).to(dev),
+        }
+
+    def _train(self, data: dict[str, torch.Tensor], norm, ref_scale) -> float:
+        c = self.config
+        losses = []
+        for step in range(c.steps):
+            part = slice(step * c.batch, (step + 1) * c.batch)
+            batch = {k: (v[:, part] if k in ("h0", "c0") else v[part]) for k, v in data.items()}
+            loss = self._loss(self._params, norm, batch, ref_scale)
+            if not torch.isfinite(loss):
+                raise Diverged(f"training loss became {loss.item()} at step {step + 1}")
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm_before = torch.nn.utils.clip_grad_norm_(self._params, c.clip_norm)
+            if not torch.isfinite(norm_before):
+                raise Diverged(f"gradient norm became {norm_before.item()} at step {step + 1}")
+            self._optimizer.step()
+            losses.append(loss.detach())
+        return float(torch.stack(losses).mean())
+
+    def _loss(self, params, norm, data, ref_scale, raw_forecast: bool = False) -> torch.Tensor:
+        """Mean loss over known targets. Forecast errors are in units of `ref_scale` (one step's typical change),
+        so models with different normalisation statistics are compared on the same scale."""
+        L = self.spec.num_layers
+        layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
+        head_w, head_b = params[4 * L], params[4 * L + 1]
+        x, y, mask = data["x"], data["y"], data["mask"]
+        inputs = x if norm is None else norm.inputs(x)
+        seq, _ = lstm_sequence(inputs, data["h0"], data["c0"], layers, backend=self.backend)
+        out = seq @ head_w.t() + head_b  # [B, k2, O]
+        if self.spec.task == "classification":
+            labels = y[..., 0].long()
+            return F.cross_entropy(out[mask], labels[mask]) if mask.any() else out.sum() * 0
+        if self.spec.task == "forecast":
+            pred = out if norm is None else norm.predictions(x, out)
+            err = pred - y if ref_scale is None else (pred - y) / ref_scale
+        else:
+            err = out - y
+        m = mask.unsqueeze(-1).to(err.dtype)
+        return (err.pow(2) * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
+
+    # ---- snapshots (the durability code calls these) ------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        """Copy weights and optimizer state after each round, so snapshot_tensors() never waits for a round."""
+        out: dict[str, torch.Tensor] = {
+            "trainer.rounds": torch.tensor(self.rounds),
+            "trainer.paused": torch.tensor(int(self.paused)),
+        }
+        for name, count in self.outcomes.items():
+            out[f"trainer.outcomes.{name}"] = torch.tensor(count)
+        if self._params:
+            out["trainer.lineage"] = torch.tensor(sorted(self._lineage), dtype=torch.int64)
+            for name, p in zip(self._names, self._params, strict=True):
+                out[f"trainer.weights.{name}"] = p.detach().cpu().clone()
+            for index, state in self._optimizer.state_dict()["state"].items():
+                for key, value in state.items():
+                    tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                    out[f"trainer.optimizer.{index}.{key}"] = tensor.detach().cpu().clone()
+        with self._lock:
+            self._checkpoint = out
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        """Trainer weights, optimizer state and counters as of the last finished round (flat CPU tensors)."""
+        with self._lock:
+            return dict(self._checkpoint)
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what snapshot_tensors() returned; call before start()."""
+        self.rounds = int(tensors.get("trainer.rounds", torch.tensor(0)))
+        self.paused = bool(int(tensors.get("trainer.paused", torch.tensor(0))))
+        for name in self.outcomes:
+            key = f"trainer.outcomes.{name}"
+            if key in tensors:
+                self.outcomes[name] = int(tensors[key])
+        if f"trainer.weights.{self._names[0]}" in tensors:
+            self._params = [
+                tensors[f"trainer.weights.{n}"].to(self.device).clone().requires_grad_(True) for n in self._names
+            ]
+            self._optimizer = self._make_optimizer(self._params)
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("trainer.optimizer."):
+                    index, name = key[len("trainer.optimizer.") :].split(".", 1)
+                    state.setdefault(int(index), {})[name] = value.clone()
+            if state:
+                saved = self._optimizer.state_dict()
+                self._optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+            self._lineage = set(tensors["trainer.lineage"].tolist())
+        self._save_checkpoint()
