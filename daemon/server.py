@@ -164,6 +164,7 @@ class Daemon:
         self._io.start()
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.model_version.set(self.engine.model.version)
+        self.metrics.last_publish.set(time.time())  # the weights started serving now
         self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
         self.metrics.watch_device_memory(self.device)
         (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
@@ -197,6 +198,7 @@ class Daemon:
                 elif other is not None:
                     self._run_control(other)
                 self._housekeeping()
+                self.metrics.beat()  # /healthz turns 503 if this loop ever stalls
                 if self.trainer is not None:
                     self._publish_trained()
             # Answer what was already received before shutting the sockets.
