@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 from lstmd.clients.protocol import StreamId
@@ -67,6 +68,9 @@ class StateStore:
         self.remember_evicted = remember_evicted
         self.on_evict = on_evict or (lambda cause, count: None)
         self.clock = clock
+        # With the write-ahead log on, changes made outside the event path (evictions, resets) are appended
+        # here as ("evict", ids, cause) / ("reset", ids) and logged by the durability code; None: not kept.
+        self.journal: list | None = None
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -154,14 +158,18 @@ class StateStore:
     def _release(self, slots: np.ndarray, cause: str) -> None:
         if slots.size == 0:
             return
+        released = []
         for slot in slots.tolist():
             sid = self.id_of[slot]
+            released.append(sid)
             del self.slot_of[sid]
             self.id_of[slot] = None
             self.dropped[sid] = cause
             self._free.append(slot)
         self.last_used[slots] = np.inf
         self.reset_by_command[slots] = False
+        if self.journal is not None:
+            self.journal.append(("evict", released, cause))
         while len(self.dropped) > self.remember_evicted:
             self.dropped.popitem(last=False)
         self.on_evict(cause, int(slots.size))
@@ -185,6 +193,8 @@ class StateStore:
             return False
         slot = self.slot_of[sid]
         self.needs_reset[slot] = self.reset_by_command[slot] = True
+        if self.journal is not None:
+            self.journal.append(("reset", [sid]))
         return True
 
     def drop(self, stream: StreamId) -> bool:
@@ -230,3 +240,81 @@ class StateStore:
             if len(out) >= limit:
                 break
         return out
+
+    # ---- snapshots (daemon/snapshot.py) -------------------------------------------------------------------
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        """The resident streams as flat CPU tensors (copies): their rows of h/c, ids and bookkeeping.
+
+        Only occupied slots are stored, with their slot numbers (other components, such as the recorder, index
+        by slot). Ids are a msgpack array (str and int ids keep their type) in a uint8 tensor; monotonic
+        timestamps become idle ages, which survive a restart.
+        """
+        ids = list(self.slot_of)
+        slots = np.fromiter(self.slot_of.values(), dtype=np.int64, count=len(ids))
+        take = torch.from_numpy(slots).to(self.device)
+        dropped = [[sid, cause] for sid, cause in self.dropped.items()]
+        return {
+            "h": self.h.index_select(1, take).cpu(),
+            "c": self.c.index_select(1, take).cpu(),
+            "slots": torch.from_numpy(slots),
+            "ids": _blob(ids),
+            "last_seq": torch.from_numpy(self.last_seq[slots]),
+            "events_applied": torch.from_numpy(self.events_applied[slots]),
+            "idle_s": torch.from_numpy(self.clock() - self.last_used[slots]),
+            "needs_reset": torch.from_numpy(self.needs_reset[slots].astype(np.uint8)),
+            "reset_by_command": torch.from_numpy(self.reset_by_command[slots].astype(np.uint8)),
+            "dropped": _blob(dropped),
+        }
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace every stream with what snapshot_tensors() returned; raises ValueError if it does not fit."""
+        ids = msgspec.msgpack.decode(tensors["ids"].numpy().tobytes())
+        slots = tensors["slots"].numpy().astype(np.int64)
+        h, c = tensors["h"], tensors["c"]
+        n = len(ids)
+        if slots.shape != (n,) or h.shape != (self.h.shape[0], n, self.h.shape[2]) or c.shape != h.shape:
+            raise ValueError(
+                f"snapshot state has {n} ids, slots {tuple(slots.shape)} and h {tuple(h.shape)}; "
+                f"this store holds [{self.h.shape[0]}, *, {self.h.shape[2]}]"
+            )
+        if n and int(slots.max()) >= self.capacity:
+            raise ValueError(
+                f"snapshot uses state slot {int(slots.max())}, beyond state.capacity = {self.capacity}"
+            )
+        self.clear()
+        take = torch.from_numpy(slots).to(self.device)
+        self.h.index_copy_(1, take, h.to(self.device))
+        self.c.index_copy_(1, take, c.to(self.device))
+        for sid, slot in zip(ids, slots.tolist(), strict=True):
+            self.slot_of[sid] = slot
+            self.id_of[slot] = sid
+        self.last_seq[slots] = tensors["last_seq"].numpy()
+        self.events_applied[slots] = tensors["events_applied"].numpy()
+        self.last_used[slots] = self.clock() - tensors["idle_s"].numpy()
+        self.needs_reset[slots] = tensors["needs_reset"].numpy().astype(bool)
+        self.reset_by_command[slots] = tensors["reset_by_command"].numpy().astype(bool)
+        occupied = np.zeros(self.capacity, dtype=bool)
+        occupied[slots] = True
+        self._free = np.flatnonzero(~occupied)[::-1].tolist()
+        for sid, cause in msgspec.msgpack.decode(tensors["dropped"].numpy().tobytes()):
+            self.dropped[sid] = cause
+
+    def clear(self) -> None:
+        """Forget every stream (their rows start from zero at their next event)."""
+        self.slot_of.clear()
+        self.id_of = [None] * self.capacity
+        self.last_used[:] = np.inf
+        self.last_seq[:] = NO_SEQ
+        self.events_applied[:] = 0
+        self.needs_reset[:] = False
+        self.reset_by_command[:] = False
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self.dropped.clear()
+        self.h.zero_()
+        self.c.zero_()
+
+
+def _blob(value) -> torch.Tensor:
+    """A msgpack encoding as a uint8 tensor (safetensors holds tensors only, and never pickles)."""
+    return torch.frombuffer(bytearray(msgspec.msgpack.encode(value)), dtype=torch.uint8)

@@ -1,0 +1,476 @@
+"""Durability: restore at start (snapshot + WAL replay), the per-batch log append, snapshots and log truncation.
+
+The serving loop owns one `Durability` and calls it at fixed points, all on the loop's thread:
+
+- `restore()` in `Daemon.start()`, before any socket is bound: load the newest snapshot that verifies (a torn
+  or corrupt one is logged and the previous one used), replay the WAL segments from that snapshot's number on
+  through the same apply path as serving (StateStore.admit → batching.waves → Engine.step → touch; no replies),
+  truncate a torn or corrupt record at the end of the log, open a fresh segment, and snapshot if anything was
+  replayed, so crash loops do not pile up log.
+- `log_batch()` after a batch's waves and before its replies: one WAL append (group commit) of the events
+  actually applied, with the sequence numbers actually used (daemon-assigned ones included) and each event's
+  reset flag, preceded by records of state changes made outside the event path since the last append
+  (evictions, `streams reset`/`drop`, a new serving model). If the append fails, `reject_unlogged()` turns
+  the batch's applied events into rejections and rolls the in-memory state back to what is on disk.
+- `after_command()` after a control command: logs its state changes before the command is answered.
+- `maybe_snapshot()` from housekeeping, `snapshot()` for `lstmd snapshot`, `on_clean_stop()` at shutdown.
+
+Snapshot protocol: append pending side records, rotate the log to segment S, write `snapshot-S` atomically,
+then delete snapshots beyond `keep_snapshots` and segments older than the oldest kept snapshot. Every kept
+snapshot plus the segments from its number on reproduce the state, so falling back to the previous snapshot
+loses nothing. With `durability.wal = false` nothing is logged: snapshots (periodic, on shutdown, on command)
+are the only durability, and the hot path does no extra work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import numpy as np
+import safetensors.torch
+import torch
+from lstmd.clients import protocol
+from lstmd.daemon import batching
+from lstmd.daemon import snapshot as snapshots
+from lstmd.daemon import wal as wal_files
+from lstmd.daemon.control import CommandError
+from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.model import _read_metadata as model_file_metadata
+from lstmd.daemon.wal import WalError, WriteAheadLog
+
+if TYPE_CHECKING:
+    from lstmd.daemon.server import Daemon
+
+log = logging.getLogger("lstmd.durability")
+
+# Record kinds (first element of each msgpack payload).
+EVENTS, MODEL, EVICT, RESET, PROBE = "E", "M", "X", "R", "P"
+COMPONENTS = ("recorder", "trainer")  # optional daemon attributes with snapshot_tensors()/restore_tensors()
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class RecoveryError(RuntimeError):
+    """The state directory cannot be restored; the message says what was found and what to do."""
+
+
+class Durability:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config.durability
+        self.directory = Path(daemon.config.state.dir)
+        self.wal_dir = self.directory / "wal"
+        self.wal: WriteAheadLog | None = None
+        self._logged_model: ServingModel | None = None  # the serving model the log already holds
+        self._next_segment = 0  # snapshot number to use while the log is off
+        self._last_snapshot = time.monotonic()
+        self.restored: dict = {}
+
+    # ---- start ----------------------------------------------------------------------------------------------
+
+    def restore(self) -> dict:
+        """Load the newest valid snapshot, replay the log after it, open the log; returns what was restored."""
+        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        for stale in snapshots.remove_stale_temporaries(self.directory):
+            log.warning("removed %s, left by a crash during a snapshot", stale.name)
+        snapshot_numbers = snapshots.list_snapshots(self.directory)
+        segments = wal_files.list_segments(self.wal_dir)
+        store = self.daemon.store
+        loaded = None
+        summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
+        if not self.config.restore:
+            if snapshot_numbers or segments:
+                log.warning("durability.restore = false: ignoring the snapshots and log in %s", self.directory)
+        else:
+            for number in reversed(snapshot_numbers):
+                path = snapshots.snapshot_path(self.directory, number)
+                try:
+                    loaded = snapshots.read(path)
+                    self._apply_snapshot(loaded)
+                    break
+                except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
+                    log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
+                    loaded = None
+            if loaded is not None:
+                summary["snapshot"] = loaded.path.name
+                summary["streams"] = len(store)
+                log.info(
+                    "restored %d streams and model version %d from %s",
+                    len(store),
+                    self.daemon.engine.model.version,
+                    loaded.path.name,
+                )
+            elif snapshot_numbers and (not segments or segments[0] > 0):
+                raise RecoveryError(
+                    f"no snapshot in {self.directory} is usable and the write-ahead log no longer starts at "
+                    f"segment 0, so the state cannot be rebuilt; see the errors above. Move {self.directory} "
+                    "away to start from an empty state."
+                )
+            start = loaded.segment if loaded is not None else 0
+            self._replay([s for s in segments if s >= start], summary)
+        segments = wal_files.list_segments(self.wal_dir)
+        self._next_segment = max([*segments, *snapshot_numbers, -1]) + 1
+        if self.config.wal:
+            self.wal = WriteAheadLog(
+                self.wal_dir,
+                self._next_segment,
+                self.config.fsync,
+                self.config.fsync_interval_ms,
+                on_bytes=self.daemon.metrics.wal_bytes.inc,
+                on_fsync=self.daemon.metrics.wal_fsync_duration.observe,
+            )
+            self._next_segment += 1
+            store.journal = []
+        # Pin the restored state in a snapshot: a crash loop then never replays the same log twice, and the
+        # log always has a snapshot (holding the model) to start from.
+        if summary["records"] or (self.config.wal and loaded is None):
+            self.snapshot("restore")
+        self._logged_model = self.daemon.engine.model
+        self.restored = summary
+        return summary
+
+    def _apply_snapshot(self, snap: snapshots.Snapshot) -> None:
+        daemon, meta = self.daemon, snap.metadata
+        spec = ModelSpec.from_metadata(meta)
+        if spec != daemon.spec:
+            raise RecoveryError(
+                f"{snap.path} holds a model {spec}, but the [model] config says {daemon.spec}: fix the config "
+                f"or move {self.directory} away"
+            )
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in snap.tensors.items():
+            prefix, _, rest = name.partition(".")
+            groups.setdefault(prefix, {})[rest] = tensor
+        # Rebuilt through the model file format, so whatever its metadata carries (version, normalisation)
+        # comes back exactly as ServingModel.from_bytes reads an exported model.
+        model_meta = json.loads(meta["model_metadata"])
+        model = ServingModel.from_bytes(safetensors.torch.save(groups.get("model", {}), metadata=model_meta))
+        daemon.store.restore_tensors(groups.get("state", {}))
+        daemon.engine.swap_model(model)
+        daemon.metrics.model_version.set(model.version)
+        for component in COMPONENTS:
+            target = getattr(daemon, component, None)
+            if target is None or component not in groups:
+                continue
+            prefixed = meta.get(f"{component}_prefixed") == "1"
+            part = {f"{component}.{k}" if prefixed else k: v for k, v in groups[component].items()}
+            target.restore_tensors(part)
+
+    def _replay(self, segments: list[int], summary: dict) -> None:
+        """Apply every good record of `segments` in order; cut the log at the first bad record."""
+        store, daemon = self.daemon.store, self.daemon
+        journal, on_evict = store.journal, store.on_evict
+        store.journal, store.on_evict = None, lambda cause, count: None
+        try:
+            expected = segments[0] if segments else 0
+            for i, segment in enumerate(segments):
+                path = wal_files.segment_path(self.wal_dir, segment)
+                problem = None if segment == expected else f"segment {expected} is missing"
+                scan = None
+                if problem is None:
+                    scan = wal_files.read_segment(path, segment)
+                    for payload in scan.records:
+                        self._apply_record(_decode(payload), summary)
+                    summary["segments"] += 1
+                    problem = scan.problem
+                expected = segment + 1
+                if problem is None:
+                    continue
+                later = segments[i + 1 :] if scan is not None else segments[i:]
+                if scan is not None and scan.good_bytes < scan.size:
+                    wal_files.truncate(path, scan.good_bytes)
+                for other in later:
+                    bad = wal_files.segment_path(self.wal_dir, other)
+                    bad.rename(bad.with_name(bad.name + ".unreplayed"))
+                log.error(
+                    "write-ahead log %s: %s; replay stopped there (%d bytes cut, %d later segment(s) set "
+                    "aside as *.unreplayed)",
+                    path.name,
+                    problem,
+                    0 if scan is None else scan.size - scan.good_bytes,
+                    len(later),
+                )
+                break
+        finally:
+            store.journal, store.on_evict = journal, on_evict
+        if summary["records"]:
+            log.info(
+                "replayed %d events in %d records from %d log segment(s); %d streams resident",
+                summary["events"],
+                summary["records"],
+                summary["segments"],
+                len(store),
+            )
+        daemon.metrics.active_streams.set(len(store))
+
+    def _apply_record(self, record: list, summary: dict) -> None:
+        kind = record[0]
+        store = self.daemon.store
+        summary["records"] += 1
+        if kind == EVENTS:
+            summary["events"] += self._replay_events(record)
+        elif kind == MODEL:
+            model = ServingModel.from_bytes(record[1])
+            self.daemon.engine.swap_model(model)
+            self.daemon.metrics.model_version.set(model.version)
+        elif kind == EVICT:
+            slots = [store.slot_of[sid] for sid in record[1] if sid in store.slot_of]
+            store._release(np.asarray(slots, dtype=np.int64), record[2])
+        elif kind == RESET:
+            for sid in record[1]:
+                store.reset(sid)
+        elif kind != PROBE:
+            raise RecoveryError(f"write-ahead log record of unknown kind {kind!r}: written by a newer lstmd?")
+
+    def _replay_events(self, record: list) -> int:
+        """Re-apply one logged batch: the events in arrival order, one step per stream per wave."""
+        _, message_streams, x_bytes, dim, idx_bytes, seq_bytes, fresh_bytes, message_targets = record
+        daemon, store = self.daemon, self.daemon.store
+        idx = np.frombuffer(idx_bytes, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")  # logged in wave order; admit and re-wave in arrival order
+        idx = idx[order]
+        seq = np.frombuffer(seq_bytes, dtype=np.int64)[order]
+        fresh = np.frombuffer(fresh_bytes, dtype=bool)[order]
+        x = np.frombuffer(x_bytes, dtype=np.float32).reshape(-1, dim)[order]
+        streams = list(itertools.chain.from_iterable(message_streams))
+        ids = [streams[i] for i in idx.tolist()]
+        admission = store.admit(ids, max(len(ids), 1))
+        slots = admission.slots
+        if admission.rejected:
+            raise RecoveryError(
+                f"replaying the log: {len(admission.rejected)} events found no state slot "
+                f"({next(iter(admission.rejected.values()))[1]}); was state.capacity lowered? Raise it back."
+            )
+        recorder = getattr(daemon, "recorder", None)
+        targets = _targets(message_targets, [len(m) for m in message_streams]) if recorder is not None else None
+        targets = None if targets is None else targets[idx]
+        for wave in batching.waves(slots):
+            s = slots[wave]
+            daemon.engine.step(x[wave], s, fresh[wave])
+            store.last_seq[s] = seq[wave]
+            store.touch(s)
+            if recorder is not None:
+                wave_targets = None if targets is None else targets[wave]
+                recorder.record(s, x[wave], seq[wave], wave_targets, fresh[wave], store.h, store.c)
+        return int(idx.size)
+
+    # ---- serving --------------------------------------------------------------------------------------------
+
+    def log_batch(self, batch: list, features: np.ndarray, applied_parts: list) -> None:
+        """Append a batch's applied events (after pending side records) in one group commit; WalError if not."""
+        idx = np.concatenate([p[0] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][0]
+        seq = np.concatenate([p[1] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][1]
+        fresh = np.concatenate([p[2] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][2]
+        targets = [
+            None if m.targets is None else (m.header.targets, m.targets.shape[1], m.targets.tobytes()) for m in batch
+        ]
+        payload = _encode(
+            (
+                EVENTS,
+                [m.header.streams for m in batch],
+                features[idx].tobytes(),
+                features.shape[1],
+                idx.astype(np.int64, copy=False).tobytes(),
+                seq.astype(np.int64, copy=False).tobytes(),
+                fresh.astype(bool, copy=False).tobytes(),
+                targets if any(t is not None for t in targets) else [],
+            )
+        )
+        self._append([*self._side_records(), payload])
+
+    def _side_records(self) -> list[bytes]:
+        out = []
+        journal = self.daemon.store.journal
+        if journal:
+            for entry in journal:
+                out.append(_encode((EVICT, entry[1], entry[2]) if entry[0] == "evict" else (RESET, entry[1])))
+        model = self.daemon.engine.model
+        if model is not self._logged_model:
+            out.append(_encode((MODEL, model.to_bytes())))
+        return out
+
+    def _append(self, payloads: list[bytes]) -> None:
+        self.wal.append(payloads)
+        if self.daemon.store.journal:
+            self.daemon.store.journal.clear()
+        self._logged_model = self.daemon.engine.model
+
+    def after_command(self) -> None:
+        """Log what a control command changed (reset, drop, new model) before it is answered.
+
+        If the log cannot be written, the change is undone (state reloaded from disk) and CommandError says so.
+        """
+        if self.wal is None:
+            return
+        side = self._side_records()
+        if not side:
+            return
+        try:
+            self._append(side)
+        except WalError as exc:
+            self.reload()
+            raise CommandError(
+                f"{exc.strerror}: the command's change was undone; retry when the disk is fixed"
+            ) from None
+
+    def status(self) -> dict:
+        """What `lstmd status` shows under "durability"."""
+        return {
+            "wal": self.wal is not None,
+            "fsync": self.config.fsync if self.wal is not None else None,
+            "wal_segment": None if self.wal is None else self.wal.segment,
+            "wal_segment_bytes": None if self.wal is None else self.wal.size,
+            "wal_error": None if self.wal is None else self.wal.error,
+            "snapshots": len(snapshots.list_snapshots(self.directory)),
+            "restored": self.restored,
+        }
+
+    def writable(self) -> bool:
+        """While appends fail: try a tiny probe record; True once the log accepts writes again."""
+        try:
+            self.wal.append([_encode((PROBE,))])
+        except WalError:
+            return False
+        log.warning("the write-ahead log accepts writes again; serving resumes")
+        return True
+
+    def reject_unlogged(self, exc: WalError, status: np.ndarray, reasons: dict, applied_parts: list) -> None:
+        """The batch could not be logged: reject its applied events and roll the state back to the disk's."""
+        message = f"{exc.strerror}; the event was not applied, resend it"
+        for part in applied_parts:
+            status[part[0]] = protocol.REJECTED
+            for i in part[0].tolist():
+                reasons[i] = ("wal_write_failed", message)
+        applied_parts.clear()
+        log.error("%s: rejecting the batch and reloading the state from %s", exc.strerror, self.directory)
+        self.reload()
+
+    def reload(self) -> None:
+        """Rebuild the in-memory state from the newest snapshot and the log (undoing unlogged batches)."""
+        store = self.daemon.store
+        store.clear()
+        store.journal = [] if self.wal is not None else None
+        self.daemon.engine.swap_model(self.daemon._initial_model())
+        summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
+        loaded = None
+        for number in reversed(snapshots.list_snapshots(self.directory)):
+            try:
+                loaded = snapshots.read(snapshots.snapshot_path(self.directory, number))
+                self._apply_snapshot(loaded)
+                break
+            except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
+                log.error("snapshot %s is unusable (%s); trying the previous one", number, exc)
+                loaded = None
+        start = loaded.segment if loaded is not None else 0
+        self._replay([s for s in wal_files.list_segments(self.wal_dir) if s >= start], summary)
+        self._logged_model = self.daemon.engine.model
+
+    # ---- snapshots ------------------------------------------------------------------------------------------
+
+    def snapshot(self, reason: str = "command") -> dict:
+        """Write a snapshot now (log rotated first), then prune old snapshots and log segments."""
+        started = time.perf_counter()
+        daemon = self.daemon
+        if self.wal is not None:
+            side = self._side_records()
+            if side:
+                self._append(side)
+            segment = self.wal.rotate()
+        else:
+            segment = self._next_segment
+            self._next_segment += 1
+        model = daemon.engine.model
+        tensors = {f"model.{k}": v.cpu() for k, v in model.tensors.items()}
+        tensors |= {f"state.{k}": v for k, v in daemon.store.snapshot_tensors().items()}
+        metadata = daemon.spec.to_metadata() | {
+            "model_version": str(model.version),
+            "model_metadata": json.dumps(model_file_metadata(model.to_bytes())),
+            "streams": str(len(daemon.store)),
+            "created": f"{time.time():.3f}",
+            "reason": reason,
+        }
+        for component in COMPONENTS:
+            source = getattr(daemon, component, None)
+            if source is None:
+                continue
+            part = source.snapshot_tensors()
+            prefixed = all(k.startswith(f"{component}.") for k in part)
+            tensors |= {k if prefixed else f"{component}.{k}": v for k, v in part.items()}
+            metadata[f"{component}_prefixed"] = "1" if prefixed else "0"
+        path, size = snapshots.write(self.directory, segment, tensors, metadata)
+        removed = self._prune()
+        seconds = time.perf_counter() - started
+        self._last_snapshot = time.monotonic()
+        daemon.metrics.snapshot_duration.observe(seconds)
+        daemon.metrics.last_snapshot.set(time.time())
+        log.info("snapshot %s (%s): %d streams, %d bytes in %.3fs", path.name, reason, len(daemon.store), size, seconds)
+        return {
+            "path": str(path),
+            "streams": len(daemon.store),
+            "bytes": size,
+            "seconds": round(seconds, 4),
+            "model_version": daemon.engine.model.version,
+            "wal_segment": segment,
+            "removed": removed,
+        }
+
+    def _prune(self) -> list[str]:
+        numbers = snapshots.list_snapshots(self.directory)
+        keep = numbers[-self.config.keep_snapshots :]
+        removed = []
+        for number in numbers[: -self.config.keep_snapshots]:
+            path = snapshots.snapshot_path(self.directory, number)
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        for segment in wal_files.list_segments(self.wal_dir):
+            if segment < keep[0]:
+                path = wal_files.segment_path(self.wal_dir, segment)
+                path.unlink(missing_ok=True)
+                removed.append(f"wal/{path.name}")
+        if removed:
+            wal_files.fsync_dir(self.wal_dir)
+        return removed
+
+    def maybe_snapshot(self) -> None:
+        interval = self.config.snapshot_interval_s
+        if interval > 0 and time.monotonic() - self._last_snapshot >= interval:
+            self._snapshot_logged("periodic")
+
+    def on_clean_stop(self) -> None:
+        if self.config.snapshot_on_shutdown:
+            self._snapshot_logged("shutdown")
+
+    def _snapshot_logged(self, reason: str) -> None:
+        try:
+            self.snapshot(reason)
+        except OSError as exc:
+            self._last_snapshot = time.monotonic()  # retry at the next interval, not every second
+            log.error("%s snapshot failed: %s (the log is kept; serving goes on)", reason, exc.strerror or exc)
+
+    def close(self) -> None:
+        if self.wal is not None:
+            self.wal.close()
+            self.wal = None
+
+
+def _targets(message_targets: list, counts: list[int]) -> np.ndarray | None:
+    """[N, D] float32 targets of a logged batch, NaN rows for events that carried none; None if none did."""
+    if not message_targets:
+        return None
+    dims = {t[1] for t in message_targets if t is not None}
+    if len(dims) != 1:
+        return None
+    out = np.full((sum(counts), dims.pop()), np.nan, dtype=np.float32)
+    offset = 0
+    for t, count in zip(message_targets, counts, strict=True):
+        if t is not None:
+            kind, dim, data = t
+            out[offset : offset + count] = np.frombuffer(data, dtype=protocol.TARGET_DTYPES[kind]).reshape(-1, dim)
+        offset += count
+    return out
