@@ -316,15 +316,15 @@ def launch_config(H: int, on_cuda: bool) -> LaunchConfig:
             "holds four [16, H] fp32 gate tiles in registers); use backend='torch' for larger H"
         )
     block_h = max(16, triton.next_power_of_2(H))
-    # BLOCK_B = 16 is tl.dot's minimum M. BLOCK_K: a [BLOCK_K, BLOCK_H] weight tile per gate is in flight next to
-    # the four accumulators, so it shrinks to 16 for wide H to leave registers for them. None of this is tuned
-    # yet (no GPU this session); the bench sweep is where to tune it.
-    block_k = 32 if block_h <= 128 else 16
-    num_warps = 4 if block_h <= 128 else 8
-    # Two pipeline stages for the K loop's loads. Compiled for sm_90 (python -m lstmd.kernels.compile_check):
-    # Triton's default of 3 needs 264 KB of shared memory at BLOCK_H=512, over the H100's 227 KB per block;
-    # 2 stages need at most 132 KB.
-    num_stages = 2
+    # BLOCK_B = 16 is tl.dot's minimum M. The rest was chosen by compiling for sm_90 without a GPU
+    # (python -m lstmd.kernels.compile_check; registers and spill bytes from cuobjdump), not by timing — no GPU
+    # was available; the bench sweep is where to tune it. At H=128, fp32 weights, L=2, the step kernel:
+    #   4 warps, BLOCK_K=32, 2 stages: 255 registers + 392 B spilled;  8 warps, BLOCK_K=16, 2 stages: 190, none.
+    # Stages: Triton's default of 3 needs 264 KB of shared memory at BLOCK_H=512, over the H100's 227 KB per
+    # block; from BLOCK_H=256 one stage spills less (sequence backward at H=512: 1240 B vs 3880 B with 2).
+    block_k = 16
+    num_warps = 8
+    num_stages = 2 if block_h <= 128 else 1
     prec = "tf32" if (ALLOW_TF32 and on_cuda) else "ieee"
     return LaunchConfig(16, block_h, block_k, num_warps, num_stages, prec)
 
