@@ -7,7 +7,7 @@ Modules import torch only inside the commands that need it (serve, demo), so adm
 from __future__ import annotations
 
 import typer
-from lstmd.clients.cli import config_cmd, model, replay, serve, snapshot, status, streams, top, train
+from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train
 
 app = typer.Typer(
     name="lstmd",
@@ -20,6 +20,7 @@ app.command()(serve.serve)
 app.command()(serve.demo)
 app.command()(status.status)
 app.command()(replay.replay)
+app.command()(bench.bench)
 app.command()(top.top)
 app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")

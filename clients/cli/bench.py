@@ -1,0 +1,126 @@
+"""`lstmd bench`: end-to-end throughput and latency, optionally side by side with the naive per-event server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from lstmd.clients.cli._common import ControlOpt, SetOpt, console, err_console, fail
+from rich.table import Table
+
+
+def bench(
+    streams: Annotated[int, typer.Option(help="Number of streams (ids spread over the producers).")] = 10_000,
+    input_size: Annotated[int, typer.Option("--input-size", help="Features per event (I).")] = 8,
+    hidden: Annotated[int, typer.Option("--hidden", help="Hidden size (H) of a daemon the bench starts.")] = 64,
+    layers: Annotated[int, typer.Option("--layers", help="LSTM layers (L) of a daemon the bench starts.")] = 1,
+    events_per_message: Annotated[
+        int, typer.Option("--events-per-message", help="Events per request (real producers batch).")
+    ] = 1000,
+    duration: Annotated[float, typer.Option(help="Measured seconds per server.")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="Unmeasured seconds before the window.")] = 2.0,
+    rate: Annotated[
+        float, typer.Option(help="Offered events/s in total (open loop); 0: as fast as replies come back.")
+    ] = 0.0,
+    inflight: Annotated[int, typer.Option(help="Messages outstanding per producer (closed loop).")] = 4,
+    producers: Annotated[int, typer.Option(help="Producer processes.")] = 1,
+    ids: Annotated[str, typer.Option(help="Stream id kind: int or str.")] = "int",
+    compare: Annotated[
+        str | None, typer.Option(help="Also run this baseline on the same workload: naive.", show_default=False)
+    ] = None,
+    naive_duration: Annotated[
+        float | None, typer.Option(help="Measured seconds for the baseline (default: --duration).")
+    ] = None,
+    events: Annotated[
+        str | None,
+        typer.Option("--events", help="Target a running daemon's events endpoint instead of starting one."),
+    ] = None,
+    control: ControlOpt = None,
+    set_: SetOpt = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the numbers as JSON to FILE ('-': stdout).")
+    ] = None,
+) -> None:
+    """Measure end-to-end events/s and latency; --compare naive runs the per-event baseline too."""
+    from lstmd.clients import bench as b
+
+    if compare not in (None, "naive"):
+        raise typer.BadParameter("the only baseline is 'naive'", param_hint="--compare")
+    if ids not in ("int", "str"):
+        raise typer.BadParameter("int or str", param_hint="--ids")
+    if control and not events:
+        raise typer.BadParameter("--control needs --events (the daemon to drive)", param_hint="--control")
+    for name, value in (("--streams", streams), ("--events-per-message", events_per_message)):
+        if value <= 0:
+            raise typer.BadParameter("must be positive", param_hint=name)
+    if events and control:
+        model = b.daemon_status(control)["model"]
+        input_size, hidden, layers = model["input_size"], model["hidden_size"], model["num_layers"]
+    workload = b.Workload(
+        streams=streams,
+        input_size=input_size,
+        hidden_size=hidden,
+        num_layers=layers,
+        events_per_message=events_per_message,
+        duration_s=duration,
+        warmup_s=warmup,
+        rate=rate,
+        inflight=inflight,
+        producers=producers,
+        id_kind=ids,
+    )
+    err_console.print(
+        f"lstmd bench: {streams:,} streams, I={input_size} H={hidden} L={layers}, {events_per_message} events "
+        f"per message, {producers} producer(s), "
+        + (f"open loop at {rate:,.0f} events/s" if rate > 0 else f"{inflight} in flight each"),
+        highlight=False,
+    )
+    results = []
+    try:
+        err_console.print("running lstmd ...", highlight=False)
+        results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_))
+        if compare == "naive":
+            err_console.print("running the naive per-event server ...", highlight=False)
+            naive = b.Workload(**{**asdict(workload), "duration_s": naive_duration or duration})
+            results.append(b.run_naive(naive))
+    except (RuntimeError, TimeoutError) as exc:
+        raise fail(str(exc)) from None
+    summary = b.summarize(results)
+    if json_file is not None:
+        text = json.dumps(summary, indent=2)
+        if str(json_file) == "-":
+            typer.echo(text)
+        else:
+            json_file.write_text(text + "\n")
+    console.print(_table(summary))
+    if any(r.errors for r in results):
+        raise fail("some events were rejected or answered wrongly (see the errors column)")
+
+
+def _table(summary: dict) -> Table:
+    table = Table(title="lstmd bench (latency in ms, send to reply)", title_justify="left")
+    for column in ("server", "events/s", "p50", "p99", "p99.9", "cpu", "rss MiB", "batch", "errors"):
+        table.add_column(column, justify="left" if column == "server" else "right", no_wrap=True)
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in summary["runs"]:
+        lat = r["latency_ms"]
+        table.add_row(
+            r["server"],
+            f"{r['events_per_s']:,.0f}",
+            f"{lat['p50']:.2f}",
+            f"{lat['p99']:.2f}",
+            f"{lat['p99.9']:.2f}",
+            fmt(r["server_cpu_cores"], ".2f"),
+            fmt(r["server_rss_mib"], ",.0f"),
+            fmt(r["batch_mean"], ",.0f"),
+            str(r["errors"]),
+        )
+    if summary.get("speedup_vs_naive") is not None:
+        table.caption = f"lstmd / naive = {summary['speedup_vs_naive']:,.0f}x on the same workload"
+    return table
