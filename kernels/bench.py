@@ -47,16 +47,18 @@ def _step_bytes_flops(B: int, IN: int, H: int, L: int, wbytes: int = 4) -> tuple
     return total_bytes + B * H * 4 + B * 8, flops  # + y and the slots
 
 
-def _cpu_time(fn: Callable[[], object], repeats: int = 15) -> float:
-    """Median wall time in ms over `repeats` runs after two warm-up runs."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) wall time in ms per function. Runs are interleaved round by round, so that load from other
+    processes on a shared machine hits every implementation alike; one warm-up run each."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def _naive_step(x, slots, h, c, params) -> torch.Tensor:
@@ -84,10 +86,16 @@ def bench_cpu() -> list[Row]:
             slots = torch.randperm(S)[:B]
             x = torch.randn(B, IN)
             nbytes, flops = _step_bytes_flops(B, IN, H, L)
-            t_ref = _cpu_time(lambda: lstm_step_(x, slots, h, c, params, backend="torch"))  # noqa: B023
-            t_naive = _cpu_time(lambda: _naive_step(x, slots, h, c, params), repeats=3)  # noqa: B023
-            for name, ms in (("reference (torch, batched)", t_ref), ("naive per-stream loop", t_naive)):
-                rows.append(_row("step", f"B={B} H={H} L={L} I={IN} S={S}", name, ms, nbytes, flops, t_naive))
+            timed = _cpu_times(
+                {
+                    "reference (torch, batched)": lambda: lstm_step_(x, slots, h, c, params, backend="torch"),  # noqa: B023
+                    "naive per-stream loop": lambda: _naive_step(x, slots, h, c, params),  # noqa: B023
+                },
+                repeats=7,
+            )
+            base = timed["naive per-stream loop"][0]
+            for name, (ms, ms_min) in timed.items():
+                rows.append(_row("step", f"B={B} H={H} L={L} I={IN} S={S}", name, ms, nbytes, flops, base, ms_min))
     for B, T, H, L in [(16, 16, 64, 2), (64, 32, 128, 2)]:
         m, params = _params(IN, H, L, "cpu")
         x = torch.randn(B, T, IN)
@@ -104,12 +112,11 @@ def bench_cpu() -> list[Row]:
         for p in params:
             for w in p:
                 w.requires_grad_()
-        t_lstm = _cpu_time(torch_lstm, repeats=5)
-        t_ref = _cpu_time(ref_step, repeats=5)
+        timed = _cpu_times({"nn.LSTM (CPU)": torch_lstm, "reference (torch)": ref_step}, repeats=7)
         flops = 3 * sum(2 * B * T * 4 * H * ((IN if k == 0 else H) + H) for k in range(L))  # fwd + 2x bwd
         shape = f"B={B} T={T} H={H} L={L} I={IN}"
-        rows.append(_row("tbptt fwd+bwd", shape, "nn.LSTM (CPU)", t_lstm, None, flops, t_lstm))
-        rows.append(_row("tbptt fwd+bwd", shape, "reference (torch)", t_ref, None, flops, t_lstm))
+        for name, (ms, ms_min) in timed.items():
+            rows.append(_row("tbptt fwd+bwd", shape, name, ms, None, flops, timed["nn.LSTM (CPU)"][0], ms_min))
     return rows
 
 
@@ -187,12 +194,13 @@ def bench_cuda() -> list[Row]:
     return rows
 
 
-def _row(op, shape, impl, ms, nbytes, flops, baseline_ms) -> Row:
+def _row(op, shape, impl, ms, nbytes, flops, baseline_ms, ms_min=None) -> Row:
     return {
         "op": op,
         "shape": shape,
         "impl": impl,
         "ms": ms,
+        "min ms": ms_min,
         "GB/s": None if nbytes is None else nbytes / ms / 1e6,
         "MB": None if nbytes is None else nbytes / 1e6,
         "GFLOP/s": flops / ms / 1e6,
@@ -201,7 +209,7 @@ def _row(op, shape, impl, ms, nbytes, flops, baseline_ms) -> Row:
 
 
 def print_table(rows: list[Row], baseline: str) -> None:
-    cols = ["op", "shape", "impl", "ms", "MB", "GB/s", "GFLOP/s", "speedup"]
+    cols = ["op", "shape", "impl", "ms", "min ms", "MB", "GB/s", "GFLOP/s", "speedup"]
 
     def fmt(v: object) -> str:
         if v is None:
@@ -212,7 +220,7 @@ def print_table(rows: list[Row], baseline: str) -> None:
 
     cells = [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print(f"speedup = {baseline} time / this time, same shape, same run")
+    print(f"ms = median; speedup = {baseline} median / this median, same shape, same run")
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
     for row in cells:
