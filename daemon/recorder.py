@@ -155,7 +155,7 @@ class Recorder:
         out = np.full(slots.size, -1, np.int64)
         stale: list[int] = []
         if len(self._free) < slots.size:
-            idle = np.flatnonzero(self.last_write < self.clock() - self.idle_s)
+            idle = np.flatnonzero((self.slot_of_row >= 0) & (self.last_write < self.clock() - self.idle_s))
             stale = idle[np.argsort(self.last_write[idle])].tolist()[::-1]  # oldest last: pop() takes it
         for i, slot in enumerate(slots.tolist()):
             if self._free:
