@@ -343,7 +343,7 @@ class _WeightCache:
     entry holds weak references so a freed tensor whose id() is reused can never hit a stale entry.
     """
 
-    def __init__(self, maxsize: int = 16) -> None:
+    def __init__(self, maxsize: int = 8) -> None:
         self._entries: OrderedDict[tuple, tuple[list, tuple[int, ...], object]] = OrderedDict()
         self._maxsize = maxsize
 
