@@ -66,6 +66,8 @@ class RunResult:
     latency_ms: dict[str, float]  # p50, p99, p99.9, mean, max (send → reply)
     server_cpu_cores: float | None = None  # server process CPU seconds per wall second in the window
     server_rss_mib: float | None = None  # peak resident set size seen during the run
+    server_rss_start_mib: float | None = None  # before the producers started (state tables still untouched)
+    client_cpu_cores: float | None = None  # all producer processes: CPU seconds per wall second (whole run)
     batch_mean: float | None = None  # events per serving batch in the window (daemon status counters)
     batches: int | None = None
     workload: dict = field(default_factory=dict)
@@ -89,6 +91,7 @@ def _percentiles(latencies_s: np.ndarray) -> dict[str, float]:
 
 def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: float, t_stop: float, out) -> None:
     """One producer process: DEALER, `inflight` messages outstanding or a fixed schedule; results on `out`."""
+    started = time.perf_counter()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -148,11 +151,21 @@ def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
                 latencies.append(arrived - sent_at)
     sock.close(linger=0)
     ctx.term()
-    out.put({"events": events, "errors": errors, "messages": messages, "latencies": np.asarray(latencies)})
+    out.put(
+        {
+            "events": events,
+            "errors": errors,
+            "messages": messages,
+            "latencies": np.asarray(latencies),
+            "cpu_s": time.process_time(),
+            "wall_s": time.perf_counter() - started,
+        }
+    )
 
 
 def _naive_producer(endpoint: str, workload: Workload, index: int, t_measure: float, t_stop: float, out) -> None:
     """One client of the naive server: REQ, one JSON message per event, waiting for each reply."""
+    started = time.perf_counter()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
@@ -182,7 +195,16 @@ def _naive_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
             latencies.append(arrived - now)
     sock.close(linger=0)
     ctx.term()
-    out.put({"events": events, "errors": errors, "messages": events, "latencies": np.asarray(latencies)})
+    out.put(
+        {
+            "events": events,
+            "errors": errors,
+            "messages": events,
+            "latencies": np.asarray(latencies),
+            "cpu_s": time.process_time(),
+            "wall_s": time.perf_counter() - started,
+        }
+    )
 
 
 # ---- servers ------------------------------------------------------------------------------------------------
@@ -208,6 +230,11 @@ class _Server:
             return None
         t = self.ps.cpu_times()
         return t.user + t.system
+
+    def rss(self) -> int | None:
+        if self.ps is None:
+            return None
+        return self.ps.memory_info().rss
 
     def start_sampling(self) -> None:
         if self.ps is None:
@@ -337,6 +364,7 @@ def measure(server_name: str, endpoint: str, workload: Workload, server: _Server
         ctx.Process(target=target, args=(endpoint, workload, i, t_measure, t_stop, out), daemon=True)
         for i in range(workload.producers)
     ]
+    rss_start = server.rss()
     for p in procs:
         p.start()
     server.start_sampling()
@@ -370,6 +398,8 @@ def measure(server_name: str, endpoint: str, workload: Workload, server: _Server
         latency_ms=_percentiles(latencies),
         server_cpu_cores=None if cpu0 is None else round((cpu1 - cpu0) / (wall1 - wall0), 2),
         server_rss_mib=round(server.rss_peak / 2**20, 1) if server.rss_peak else None,
+        server_rss_start_mib=None if rss_start is None else round(rss_start / 2**20, 1),
+        client_cpu_cores=round(sum(r["cpu_s"] / r["wall_s"] for r in results), 2),
         batch_mean=batch_mean,
         batches=batches,
         workload=asdict(workload),
