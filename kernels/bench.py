@@ -230,7 +230,12 @@ def print_table(rows: list[Row], baseline: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is steadier on a busy host"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     torch.manual_seed(0)
     if use_cuda:
