@@ -37,6 +37,9 @@ log = logging.getLogger("lstmd.daemon")
 VERSION = "0.1.0"
 _STOP = object()
 _ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assigns the number
+# Events in a gathered batch from which the loop steps once the inbox is empty instead of waiting out
+# max_wait_ms (the CPU step reaches ~90% of its per-event speed at 1,024 rows: daemon/cpu_step.py).
+_STEP_WITHOUT_WAITING = 1024
 
 
 class StartupError(RuntimeError):
@@ -261,6 +264,10 @@ class Daemon:
         deadline = time.perf_counter() + self.config.serve.max_wait_ms / 1000
         while n < max_batch:
             remaining = deadline - time.perf_counter()
+            # A batch already big enough to use the step well runs as soon as the inbox is empty: waiting out
+            # max_wait_ms then only adds latency (closed loop, 10k streams: the loop idled ~15% of the time).
+            if n >= _STEP_WITHOUT_WAITING or remaining <= 0:
+                remaining = 0
             try:
                 item = self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait()
             except queue.Empty:
