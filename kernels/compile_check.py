@@ -55,7 +55,7 @@ def _resources(cubin: bytes) -> str:
     return " ".join(re.findall(r"REG:\d+|STACK:\d+", out))
 
 
-def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: int) -> int:
+def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: int, precisions: list[str]) -> int:
     import triton
     from lstmd.kernels import triton_lstm as tk
     from triton.backends.compiler import GPUTarget
@@ -65,15 +65,15 @@ def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: in
     limit = SHARED_LIMIT.get(arch, 232448)
     failures = 0
     print(f"target sm_{arch}, shared-memory limit {limit} bytes per block")
-    for wd in weight_dtypes:
+    for wd, prec in [(wd, prec) for wd in weight_dtypes for prec in precisions]:
         sigs = _signatures("*fp32" if wd == "fp32" else "*bf16")
         for H in hidden:
-            cfg = tk.launch_config(H, on_cuda=True)
+            cfg = tk.launch_config(H, on_cuda=True)._replace(prec=prec)
             jobs = [("_lstm_step_kernel", {"L": L, "HAS_RESET": True}) for L in layers]
             jobs += [("_lstm_seq_fwd_kernel", {}), ("_lstm_seq_bwd_kernel", {})]
             for name, extra in jobs:
                 consts = {**cfg.constexprs(), **extra}
-                label = f"{name:22s} H={H:<4d} BLOCK_H={cfg.block_h:<4d} {wd:5s} {extra.get('L', '')!s:>2s}"
+                label = f"{name:22s} H={H:<4d} BLOCK_H={cfg.block_h:<4d} {wd:4s} {prec:4s} {extra.get('L', '')!s:>2s}"
                 try:
                     src = ASTSource(fn=getattr(tk, name), signature=sigs[name], constexprs=consts)
                     kernel = triton.compile(
@@ -99,12 +99,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--weights", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10, e.g. 90 for H100")
+    parser.add_argument(
+        "--precision", nargs="+", choices=["tf32", "ieee"], default=["tf32"],
+        help="tl.dot input precision: tf32 is the GPU default, ieee what the tight CUDA tests use",
+    )  # fmt: skip
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "lstmd.kernels.compile_check", *sys.argv[1:]]
         sys.exit(subprocess.run(cmd, env=env).returncode)
-    sys.exit(run(args.hidden, args.layers, args.weights, args.arch))
+    sys.exit(run(args.hidden, args.layers, args.weights, args.arch, args.precision))
 
 
 if __name__ == "__main__":

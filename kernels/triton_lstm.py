@@ -26,8 +26,13 @@ Design (why it is shaped like this):
   so they cost half the bytes and the products stay fp32). On a GPU `tl.dot` uses TF32 unless ALLOW_TF32 is
   False (about 1e-3 relative per product; tests switch it off for the tight comparisons).
 - Limit: H <= MAX_HIDDEN. Four [BLOCK_B, BLOCK_H] fp32 gate accumulators live in registers; at BLOCK_B=16,
-  H=512 that is 128 KB, half of an H100 SM's register file. Larger H raises ValueError. (Not measured on a GPU
-  yet: no GPU was available when this was written; the first GPU run is the real compile test.)
+  H=512 that is 128 KB, half of an H100 SM's register file. Larger H raises ValueError. Compiled for sm_90
+  (compile_check.py), every kernel fits in shared memory up to H=512, but registers saturate from H=128 and
+  spill up to 1.2 KB per thread at H=512: slow there, not wrong. No GPU was available when this was written,
+  so nothing here is timed; the first GPU run (`pytest -m cuda`) is the real launch test.
+- Parallelism: a launch has cdiv(B, 16) programs, so a TBPTT window of B=256 keeps 16 SMs busy. Splitting H
+  across programs would need a grid-wide barrier per time step (or one launch per step), which this design
+  avoids so that the interpreter can run it.
 
 Weight re-layouts (transposed [K, 4H] weights, b_ih + b_hh) are cached per parameter set and rebuilt when any
 weight tensor's `_version` changes, i.e. after an in-place optimizer update. Writes through `.data` bypass the
@@ -493,6 +498,7 @@ class _LSTMSequence(torch.autograd.Function):
         return y, torch.stack(h_n), torch.stack(c_n)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward is kernels, not a graph: no double backward
     def backward(ctx, dy, dh_n, dc_n):
         L = ctx.num_layers
         saved = ctx.saved_tensors

@@ -26,8 +26,8 @@ def _has_nvidia_backend() -> bool:
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this triton build has no NVIDIA backend")
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["--hidden", "48", "512", "--layers", "2", "--weights", "fp32", "--arch", "90"]
+    args = ["--hidden", "48", "512", "--layers", "2", "--weights", "fp32", "--precision", "tf32", "ieee"]
     cmd = [sys.executable, "-m", "lstmd.kernels.compile_check", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("\nok ") == 6, proc.stdout  # 3 kernels x 2 block configurations
+    assert proc.stdout.count("\nok ") == 12, proc.stdout  # 3 kernels x 2 block configurations x 2 precisions
