@@ -38,7 +38,8 @@ class ServeConfig(_Section):
     publish: str = "tcp://127.0.0.1:5557"  # empty: no PUB socket
     metrics: str = "127.0.0.1:9108"  # empty: no HTTP endpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, PyTorch reference on CPU
+    # auto: Triton on CUDA, the daemon's CPU step on CPU (daemon/cpu_step.py); torch: the PyTorch reference
+    backend: Literal["auto", "triton", "torch"] = "auto"
     max_batch: int = 16384  # events per serving batch
     max_wait_ms: float = 1.0  # how long the loop gathers events before stepping
     max_message_events: int = 65536  # larger messages are rejected whole

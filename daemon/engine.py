@@ -33,16 +33,16 @@ class Engine:
         self.store = store
         # "auto" lets the kernels pick: Triton for CUDA tensors, the PyTorch reference on the CPU.
         self.backend = None if backend == "auto" else backend
-        # On the CPU the daemon's own step (prepared weights, chunks, no per-call allocation) replaces the
-        # reference kernel: 2-3x faster at the batch sizes it serves (daemon/cpu_step.py).
-        cpu = device.type == "cpu" and self.backend in (None, "torch")
-        self._cpu_step = CpuStep() if cpu else None
+        # On the CPU, "auto" serves with the daemon's own step (prepared weights, chunks, no per-call
+        # allocation): 2-3x the reference kernel at the batch sizes it serves (daemon/cpu_step.py); "torch"
+        # still selects the reference kernel itself.
+        self._cpu_step = CpuStep() if device.type == "cpu" and self.backend is None else None
 
     @property
     def backend_name(self) -> str:
         if self.backend is not None:
             return self.backend
-        return "triton" if self.device.type == "cuda" else "torch"
+        return "triton" if self.device.type == "cuda" else "torch-cpu-step"
 
     def swap_model(self, model: ServingModel) -> None:
         self.model = model.to(self.device)
