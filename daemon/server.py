@@ -358,14 +358,22 @@ class Daemon:
             for i in np.flatnonzero(~finite).tolist():
                 bad[i] = ("non_finite", "features hold NaN or Inf")
         limit = self.config.serve.max_stream_id_length
-        for i, sid in enumerate(streams):
-            if isinstance(sid, str) and len(sid) > limit:
+        # Integer ids need no check; string ids are measured with C-level map/fromiter, not a Python loop per
+        # event (that loop was ~7% of the daemon's time at 10k int ids per batch).
+        kinds = set(map(type, streams))
+        if str in kinds:
+            lengths = np.fromiter(
+                (len(s) if type(s) is str else 1 for s in streams) if len(kinds) > 1 else map(len, streams),
+                dtype=np.int64,
+                count=count,
+            )
+            for i in np.flatnonzero((lengths > limit) | (lengths == 0)).tolist():
+                length = int(lengths[i])
                 bad[i] = (
-                    "stream_id_too_long",
-                    f"stream id of {len(sid)} characters exceeds the limit of {limit}",
+                    ("stream_id_too_long", f"stream id of {length} characters exceeds the limit of {limit}")
+                    if length
+                    else ("bad_stream_id", "stream id is empty")
                 )
-            elif isinstance(sid, str) and not sid:
-                bad[i] = ("bad_stream_id", "stream id is empty")
         if header.seqs is not None:
             seq_arr = np.asarray(header.seqs, dtype=np.int64)
             for i in np.flatnonzero(seq_arr < 0).tolist():
