@@ -85,6 +85,7 @@ class DurabilityConfig(_Section):
     fsync: Literal["always", "interval", "never"] = "interval"  # like Redis appendfsync
     fsync_interval_ms: float = 1000.0  # fsync = interval: a background flusher syncs the log this often
     snapshot_interval_s: float = 300.0  # periodic snapshot (then the log is truncated); 0: none
+    snapshot_wal_mb: float = 256.0  # also snapshot when the log's segment grows past this (bounds replay); 0: off
     snapshot_on_shutdown: bool = True
     keep_snapshots: int = 2  # newest N kept; the log is kept from the oldest of them, so any one can restore
     restore: bool = True  # load the newest valid snapshot and replay the log at start

@@ -51,7 +51,8 @@ log = logging.getLogger("lstmd.durability")
 
 # Record kinds (first element of each msgpack payload).
 EVENTS, MODEL, EVICT, RESET, PROBE = "E", "M", "X", "R", "P"
-COMPONENTS = ("recorder", "trainer")  # optional daemon attributes with snapshot_tensors()/restore_tensors()
+# Optional daemon attributes with snapshot_tensors() / restore_tensors(): training state and model history.
+COMPONENTS = ("recorder", "trainer", "versions")
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -71,6 +72,7 @@ class Durability:
         self._next_segment = 0  # snapshot number to use while the log is off
         self._last_snapshot = time.monotonic()
         self.restored: dict = {}
+        self._feed_recorder = True  # replay records events for training, except when undoing a failed batch
 
     # ---- start ----------------------------------------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class Durability:
         self.restored = summary
         return summary
 
-    def _apply_snapshot(self, snap: snapshots.Snapshot) -> None:
+    def _apply_snapshot(self, snap: snapshots.Snapshot, components: bool = True) -> None:
         daemon, meta = self.daemon, snap.metadata
         spec = ModelSpec.from_metadata(meta)
         if spec != daemon.spec:
@@ -154,13 +156,16 @@ class Durability:
         daemon.store.restore_tensors(groups.get("state", {}))
         daemon.engine.swap_model(model)
         daemon.metrics.model_version.set(model.version)
-        for component in COMPONENTS:
+        for component in COMPONENTS if components else ():
             target = getattr(daemon, component, None)
             if target is None or component not in groups:
                 continue
             prefixed = meta.get(f"{component}_prefixed") == "1"
             part = {f"{component}.{k}" if prefixed else k: v for k, v in groups[component].items()}
-            target.restore_tensors(part)
+            if component == "versions":
+                target.restore_tensors(part, spec)
+            else:
+                target.restore_tensors(part)
 
     def _replay(self, segments: list[int], summary: dict) -> None:
         """Apply every good record of `segments` in order; cut the log at the first bad record."""
@@ -247,7 +252,7 @@ class Durability:
                 f"replaying the log: {len(admission.rejected)} events found no state slot "
                 f"({next(iter(admission.rejected.values()))[1]}); was state.capacity lowered? Raise it back."
             )
-        recorder = getattr(daemon, "recorder", None)
+        recorder = getattr(daemon, "recorder", None) if self._feed_recorder else None
         targets = _targets(message_targets, [len(m) for m in message_streams]) if recorder is not None else None
         targets = None if targets is None else targets[idx]
         for wave in batching.waves(slots):
@@ -352,7 +357,11 @@ class Durability:
         self.reload()
 
     def reload(self) -> None:
-        """Rebuild the in-memory state from the newest snapshot and the log (undoing unlogged batches)."""
+        """Rebuild the streams and the model from the newest snapshot and the log (undoing unlogged batches).
+
+        Training state (trainer, recorder, history) is left as it is: the trainer runs on its own thread, and a
+        rejected batch costs it at most a few recorded events.
+        """
         store = self.daemon.store
         store.clear()
         store.journal = [] if self.wal is not None else None
@@ -362,13 +371,17 @@ class Durability:
         for number in reversed(snapshots.list_snapshots(self.directory)):
             try:
                 loaded = snapshots.read(snapshots.snapshot_path(self.directory, number))
-                self._apply_snapshot(loaded)
+                self._apply_snapshot(loaded, components=False)
                 break
             except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
                 log.error("snapshot %s is unusable (%s); trying the previous one", number, exc)
                 loaded = None
         start = loaded.segment if loaded is not None else 0
-        self._replay([s for s in wal_files.list_segments(self.wal_dir) if s >= start], summary)
+        self._feed_recorder = False  # the recorder already holds these events
+        try:
+            self._replay([s for s in wal_files.list_segments(self.wal_dir) if s >= start], summary)
+        finally:
+            self._feed_recorder = True
         self._logged_model = self.daemon.engine.model
 
     # ---- snapshots ------------------------------------------------------------------------------------------
@@ -438,9 +451,14 @@ class Durability:
         return removed
 
     def maybe_snapshot(self) -> None:
+        """From housekeeping: snapshot when the interval has passed, or when the log outgrew its bound."""
         interval = self.config.snapshot_interval_s
         if interval > 0 and time.monotonic() - self._last_snapshot >= interval:
             self._snapshot_logged("periodic")
+            return
+        bound = self.config.snapshot_wal_mb * 1e6
+        if self.wal is not None and 0 < bound <= self.wal.size and self.wal.error is None:
+            self._snapshot_logged("log size")
 
     def on_clean_stop(self) -> None:
         if self.config.snapshot_on_shutdown:
