@@ -14,6 +14,9 @@ backend: None picks Triton for CUDA tensors and the PyTorch reference elsewhere;
 needs TRITON_INTERPRET=1 set before triton is imported); "torch". Bad arguments raise ValueError naming
 the argument.
 The Triton module is imported on first use, so serving on the CPU never imports triton.
+Precision: on a GPU the Triton kernels' matrix products use TF32 (lstmd.kernels.triton_lstm.ALLOW_TF32 = False
+for full fp32); the reference follows torch's own TF32 settings. H is limited to 512 on the Triton backend
+(ValueError above it).
 """
 
 from __future__ import annotations

@@ -411,7 +411,7 @@ def lstm_step_(
     c: torch.Tensor,  # [L, S, H] fp32, contiguous, updated in place
     params: Params,
     reset: torch.Tensor | None = None,  # [B] bool
-    out: torch.Tensor | None = None,  # [B, H] fp32, written completely (tests pass a poisoned one)
+    out: torch.Tensor | None = None,  # [B, H] fp32, optional preallocated output, written completely
 ) -> torch.Tensor:  # [B, H]
     """One launch: gather rows → all L cells → scatter rows. Arguments are assumed checked (see _checks)."""
     L, S, H = h.shape
