@@ -78,6 +78,7 @@ class Durability:
 
     def restore(self) -> dict:
         """Load the newest valid snapshot, replay the log after it, open the log; returns what was restored."""
+        started = time.perf_counter()
         self.wal_dir.mkdir(parents=True, exist_ok=True)
         for stale in snapshots.remove_stale_temporaries(self.directory):
             log.warning("removed %s, left by a crash during a snapshot", stale.name)
@@ -134,6 +135,7 @@ class Durability:
         if summary["records"] or (self.config.wal and loaded is None):
             self.snapshot("restore")
         self._logged_model = self.daemon.engine.model
+        summary["seconds"] = round(time.perf_counter() - started, 3)
         self.restored = summary
         return summary
 
