@@ -118,12 +118,109 @@ def measure(setting: dict, per_message: int, producers: int, seconds: float, wor
         log.close()
 
 
+def append_cost(events_per_batch: int, batches: int, workdir: Path) -> dict:
+    """Per-batch cost of the log alone, per policy: encode a batch's record as the loop does, append it."""
+    import msgspec
+    from lstmd.daemon.wal import WriteAheadLog
+
+    rng = np.random.default_rng(0)
+    ids = [f"stream-{i}" for i in rng.integers(0, STREAMS, size=events_per_batch)]
+    x = rng.standard_normal((events_per_batch, INPUT)).astype(np.float32)
+    idx = np.arange(events_per_batch, dtype=np.int64)
+    encode = msgspec.msgpack.Encoder().encode
+    out = {}
+    for policy in ("never", "interval", "always"):
+        directory = workdir / policy
+        directory.mkdir(parents=True)
+        log = WriteAheadLog(directory, 0, policy, interval_ms=1000)
+        times = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            payload = encode(("E", [ids], x.tobytes(), INPUT, idx.tobytes(), idx.tobytes(), bytes(len(idx)), []))
+            log.append([payload])
+            times.append(time.perf_counter() - t0)
+        log.close()
+        out[policy] = {"median_us": float(np.median(times) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6)}
+    out["bytes_per_event"] = (len(payload) + 8) / events_per_batch
+    return out
+
+
+def restore_cost(streams: int, events: int, workdir: Path) -> dict:
+    """Snapshot of `streams` resident streams (time, bytes), then replay of `events` logged events after SIGKILL."""
+    from lstmd.clients import Admin, Producer
+
+    events_ep, control = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    workdir.mkdir(parents=True)
+    config = workdir / "lstmd.toml"
+    config.write_text(
+        f"[model]\ninput_size = {INPUT}\nhidden_size = {HIDDEN}\n"
+        f"[serve]\nevents = '{events_ep}'\ncontrol = '{control}'\npublish = ''\nmetrics = ''\ndevice = 'cpu'\n"
+        f"[state]\ndir = '{workdir / 'state'}'\ncapacity = {streams}\n"
+        "[durability]\nwal = true\nfsync = 'never'\nsnapshot_interval_s = 0\nsnapshot_wal_mb = 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")}
+    log = (workdir / "daemon.log").open("wb")
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([*_lstmd(), "serve", "--config", str(config)], env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                Admin(control, timeout=0.5).status()
+                return proc
+            except TimeoutError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start; see {workdir / 'daemon.log'}") from None
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, INPUT)).astype(np.float32)
+    proc = start()
+    try:
+        with Producer(events_ep, timeout=60) as producer:
+            for first in range(0, streams, 1000):
+                producer.send(list(range(first, min(first + 1000, streams))), x[: min(1000, streams - first)])
+            snap = Admin(control, timeout=600).snapshot()
+            for _ in range(events // 1000):
+                producer.send(rng.integers(0, streams, size=1000).tolist(), x)
+        proc.kill()
+        proc.wait()
+        proc = start()
+        restored = Admin(control).status()["durability"]["restored"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+    return {
+        "streams": streams,
+        "snapshot_seconds": snap["seconds"],
+        "snapshot_mb": snap["bytes"] / 1e6,
+        "replayed_events": restored["events"],
+        "restore_seconds": restored["seconds"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per setting and repeat")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--restore-streams", type=int, default=100_000, help="streams for the snapshot/restore cost")
+    parser.add_argument("--restore-events", type=int, default=500_000, help="logged events replayed after SIGKILL")
+    parser.add_argument("--append-only", action="store_true", help="only the per-batch log cost (seconds)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.append_only:
+        with tempfile.TemporaryDirectory(prefix="lstmd-fsync-") as tmp:
+            for n in (1, 256, 4096):
+                r = append_cost(n, 2000, Path(tmp) / f"n{n}")
+                print(
+                    f"{n:5d} events/batch: "
+                    + "; ".join(
+                        f"{p} {r[p]['median_us']:.0f} us (p99 {r[p]['p99_us']:.0f})"
+                        for p in ("never", "interval", "always")
+                    )
+                    + f"; {r['bytes_per_event']:.0f} B/event"
+                )
+        return
     results: dict = {w: {s: [] for s in SETTINGS} for w in WORKLOADS}
     with tempfile.TemporaryDirectory(prefix="lstmd-fsync-") as tmp:
         run = 0
@@ -135,6 +232,7 @@ def main() -> None:
                     results[workload][name].append(r)
                     if not args.json:
                         print(f"[{repeat}] {workload:32s} {name:26s} {r['events_per_s']:>10,.0f} events/s", flush=True)
+        restore = restore_cost(args.restore_streams, args.restore_events, Path(tmp) / "restore")
     summary = {}
     for workload, per_setting in results.items():
         base = np.median([r["events_per_s"] for r in per_setting["wal off"]])
@@ -147,11 +245,13 @@ def main() -> None:
             }
             for name, rs in per_setting.items()
         }
+    summary["restore"] = restore
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     print(f"\nmedian of {args.repeats} x {args.seconds:g}s; {os.cpu_count()} CPUs; {platform.platform()}")
-    for workload, per_setting in summary.items():
+    for workload in WORKLOADS:
+        per_setting = summary[workload]
         print(f"\n{workload}")
         print("| setting | events/s | vs WAL off | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
         for name, r in per_setting.items():
@@ -159,6 +259,13 @@ def main() -> None:
                 f"| {name} | {r['events_per_s']:,.0f} | {r['ratio_vs_wal_off']:.2f} | "
                 f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
             )
+    r = summary["restore"]
+    print(
+        f"\nsnapshot of {r['streams']:,} streams (H={HIDDEN}): {r['snapshot_seconds']:.2f}s, "
+        f"{r['snapshot_mb']:.1f} MB; "
+        f"restart after SIGKILL replayed {r['replayed_events']:,} logged events in {r['restore_seconds']:.2f}s "
+        f"({r['replayed_events'] / max(r['restore_seconds'], 1e-9):,.0f} events/s, snapshot load included)"
+    )
 
 
 if __name__ == "__main__":

@@ -88,8 +88,18 @@ class Durability:
         loaded = None
         summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
         if not self.config.restore:
-            if snapshot_numbers or segments:
-                log.warning("durability.restore = false: ignoring the snapshots and log in %s", self.directory)
+            # Set aside, not deleted: a later restore must never mix this old state with new events.
+            old = [snapshots.snapshot_path(self.directory, n) for n in snapshot_numbers]
+            old += [wal_files.segment_path(self.wal_dir, n) for n in segments]
+            for path in old:
+                path.rename(path.with_name(path.name + ".not-restored"))
+            if old:
+                log.warning(
+                    "durability.restore = false: %d snapshot(s) and log segment(s) in %s renamed *.not-restored",
+                    len(old),
+                    self.directory,
+                )
+            snapshot_numbers, segments = [], []
         else:
             for number in reversed(snapshot_numbers):
                 path = snapshots.snapshot_path(self.directory, number)
@@ -100,6 +110,8 @@ class Durability:
                 except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
                     log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
                     loaded = None
+                    # Out of the way, so pruning never keeps it in place of a good one (kept for inspection).
+                    path.rename(path.with_name(path.name + ".corrupt"))
             if loaded is not None:
                 summary["snapshot"] = loaded.path.name
                 summary["streams"] = len(store)

@@ -120,6 +120,7 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_replays_more
     with caplog.at_level(logging.INFO, logger="lstmd.durability"):
         second = make_daemon(state_dir=state, **WAL_ON)
     assert f"snapshot {path.name} is unusable (checksum mismatch" in caplog.text
+    assert path.with_name(path.name + ".corrupt").exists() and not path.exists()
     restored = second.status()["durability"]["restored"]
     assert restored["events"] == 70 and restored["snapshot"] != path.name
     _assert_same_states(_states(second), want)
@@ -213,3 +214,16 @@ def test_without_the_log_a_clean_shutdown_snapshot_is_restored(make_daemon, tmp_
     second = make_daemon(state_dir=state)
     _assert_same_states(_states(second), want)
     torch.testing.assert_close(second.engine.model.tensors["head.weight"], first.engine.model.tensors["head.weight"])
+
+
+def test_restore_false_starts_empty_and_sets_old_files_aside(make_daemon, tmp_path):
+    state = tmp_path / "state"
+    first = make_daemon(state_dir=state, **WAL_ON)
+    _send_rounds(first, 3, seed=9)
+    first.stop_and_join()
+    second = make_daemon(state_dir=state, **{**WAL_ON, "durability.restore": False})
+    assert len(second.store) == 0
+    assert list(state.glob("snapshot-*.safetensors.not-restored")) and list(state.glob("wal/*.not-restored"))
+    second.stop_and_join()
+    third = make_daemon(state_dir=state, **WAL_ON)  # the set-aside state never comes back
+    assert len(third.store) == 0
