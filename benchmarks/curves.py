@@ -35,7 +35,6 @@ def sweep_streams(counts: list[int], duration: float, base: Workload) -> list[di
         warmup = max(base.warmup_s, streams / 150_000)
         w = Workload(**{**asdict(base), "streams": streams, "duration_s": duration, "warmup_s": warmup})
         r = run_lstmd(w)
-        grown = (r.server_rss_mib or 0) - (r.server_rss_start_mib or 0)
         rows.append(
             {
                 "streams": streams,
@@ -44,13 +43,25 @@ def sweep_streams(counts: list[int], duration: float, base: Workload) -> list[di
                 "p99_ms": r.latency_ms["p99"],
                 "rss_mib": r.server_rss_mib,
                 "rss_start_mib": r.server_rss_start_mib,
-                "bytes_per_stream": round(grown * 2**20 / streams, 1),
                 "state_bytes_per_stream": 2 * w.num_layers * w.hidden_size * 4,
                 "batch_mean": r.batch_mean,
                 "errors": r.errors,
             }
         )
         print(rows[-1], flush=True)
+    return marginal_memory(rows)
+
+
+def marginal_memory(rows: list[dict]) -> list[dict]:
+    """Bytes per stream = (peak RSS − the smallest run's peak RSS) / (streams − its streams).
+
+    Each run's capacity equals its stream count, so this includes everything a slot costs: the state rows, the
+    numpy bookkeeping, the id → slot dict entry and the id object.
+    """
+    base = min(rows, key=lambda r: r["streams"])
+    for r in rows:
+        extra = r["streams"] - base["streams"]
+        r["bytes_per_stream"] = round((r["rss_mib"] - base["rss_mib"]) * 2**20 / extra, 1) if extra else None
     return rows
 
 
@@ -96,7 +107,7 @@ def plot(streams_rows: list[dict], hidden_rows: list[dict], out_dir: Path) -> No
         ax2.set_ylabel("peak RSS (MiB)")
         ax2.set_ylim(bottom=0)
         ax.set_title("lstmd: throughput and memory vs streams (H=64, I=8, L=1)")
-        fig.legend(loc="lower left", bbox_to_anchor=(0.12, 0.12))
+        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.86))
         fig.tight_layout()
         fig.savefig(out_dir / "bench-streams.png", dpi=120)
         plt.close(fig)
@@ -120,14 +131,15 @@ def markdown(streams_rows: list[dict], hidden_rows: list[dict]) -> str:
     lines = []
     if streams_rows:
         lines += [
-            "| streams | events/s | p50 ms | p99 ms | peak RSS MiB | RSS at start MiB | bytes/stream (growth) "
-            "| state bytes/stream | mean batch |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| streams | events/s | p50 ms | p99 ms | peak RSS MiB | bytes/stream (marginal) "
+            "| of which state (2·L·H·4) | mean batch |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in streams_rows:
+            per_stream = "-" if r["bytes_per_stream"] is None else format(r["bytes_per_stream"], ",.0f")
             lines.append(
                 f"| {r['streams']:,} | {r['events_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-                f"| {r['rss_mib']:,.0f} | {r['rss_start_mib']:,.0f} | {r['bytes_per_stream']:,.0f} "
+                f"| {r['rss_mib']:,.0f} | {per_stream} "
                 f"| {r['state_bytes_per_stream']} | {r['batch_mean'] or 0:,.0f} |"
             )
         lines.append("")
@@ -153,7 +165,13 @@ def main() -> None:
     parser.add_argument("--events-per-message", type=int, default=1000)
     parser.add_argument("--inflight", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DOCS)
+    parser.add_argument("--from-json", type=Path, help="Redraw plots and tables from a saved run, no measuring.")
     args = parser.parse_args()
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        plot(marginal_memory(data["streams"]), data["hidden"], args.out)
+        print(markdown(data["streams"], data["hidden"]))
+        return
     base = Workload(events_per_message=args.events_per_message, inflight=args.inflight, warmup_s=2.0)
     streams_rows = sweep_streams(args.streams, args.duration, base)
     hidden_rows = sweep_hidden(args.hidden, args.duration, args.naive_duration, base)

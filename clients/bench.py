@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
 import subprocess
@@ -127,7 +128,8 @@ def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
             now = time.perf_counter()
         wait_ms = 100
         if open_loop and sending:
-            wait_ms = max(0, int((next_send - time.perf_counter()) * 1000))
+            # Round up: a 0 ms poll before the next send would spin on a core the server needs.
+            wait_ms = max(0, math.ceil((next_send - time.perf_counter()) * 1000))
         if not poller.poll(wait_ms):
             continue
         while True:
