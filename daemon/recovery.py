@@ -267,8 +267,10 @@ class Durability:
                 f"({next(iter(admission.rejected.values()))[1]}); was state.capacity lowered? Raise it back."
             )
         recorder = getattr(daemon, "recorder", None) if self._feed_recorder else None
-        targets = _targets(message_targets, [len(m) for m in message_streams]) if recorder is not None else None
-        targets = None if targets is None else targets[idx]
+        targets = None
+        if recorder is not None:
+            full = self._recorded_targets(message_streams, message_targets)
+            targets = None if full is None else full[idx]
         for wave in batching.waves(slots):
             s = slots[wave]
             daemon.engine.step(x[wave], s, fresh[wave])
@@ -278,6 +280,19 @@ class Durability:
                 wave_targets = None if targets is None else targets[wave]
                 recorder.record(s, x[wave], seq[wave], wave_targets, fresh[wave], store.h, store.c)
         return int(idx.size)
+
+    def _recorded_targets(self, message_streams: list, message_targets: list) -> np.ndarray | None:
+        """[N, D] targets of a logged batch exactly as the serving loop hands them to the recorder."""
+        if not message_targets:
+            return None
+        messages = [
+            _LoggedMessage(
+                None if t is None else np.frombuffer(t[2], dtype=protocol.TARGET_DTYPES[t[0]]).reshape(-1, t[1])
+            )
+            for t in message_targets
+        ]
+        counts = [len(m) for m in message_streams]
+        return self.daemon._batch_targets(messages, counts, sum(counts))
 
     # ---- serving --------------------------------------------------------------------------------------------
 
@@ -491,18 +506,8 @@ class Durability:
             self.wal = None
 
 
-def _targets(message_targets: list, counts: list[int]) -> np.ndarray | None:
-    """[N, D] float32 targets of a logged batch, NaN rows for events that carried none; None if none did."""
-    if not message_targets:
-        return None
-    dims = {t[1] for t in message_targets if t is not None}
-    if len(dims) != 1:
-        return None
-    out = np.full((sum(counts), dims.pop()), np.nan, dtype=np.float32)
-    offset = 0
-    for t, count in zip(message_targets, counts, strict=True):
-        if t is not None:
-            kind, dim, data = t
-            out[offset : offset + count] = np.frombuffer(data, dtype=protocol.TARGET_DTYPES[kind]).reshape(-1, dim)
-        offset += count
-    return out
+class _LoggedMessage:
+    """The one attribute of an events message that the loop's target builder reads."""
+
+    def __init__(self, targets: np.ndarray | None) -> None:
+        self.targets = targets
