@@ -72,12 +72,15 @@ class TrainConfig(_Section):
     lr: float = 3e-3
     clip_norm: float = 1.0  # gradient-norm clipping (exploding gradients are why truncated BPTT exists)
     tolerance: float = 0.0  # publish when holdout loss <= serving loss * (1 + tolerance)
+    holdout_windows: int = 1  # newest windows of each recorded stream held out for the check (few streams: more)
+    forecast_inputs: Literal["change", "level"] = "change"  # forecast: LSTM sees changes or levels (normalization.py)
     min_windows: int = 4  # fewer complete training windows recorded than this: the round is skipped
     record_streams: int = 1024  # streams the recorder keeps history for (its memory bound, with record_steps)
     record_steps: int = 128  # recent events kept per recorded stream; a multiple of k2
     record_idle_s: float = 60.0  # a recorded stream idle this long may give its buffer to a new stream
     history: int = 8  # published model versions kept for `lstmd model rollback`
-    threads: int = 0  # torch intra-op threads (process-wide, on the CPU); 0: half the cores, at least 1
+    threads: int = 0  # torch intra-op threads (process-wide, on the CPU); 0: leave them to serve.cpu_threads
+    nice: int = 10  # niceness of the trainer thread (Linux), so the serving loop wins the cores; 0: unchanged
 
 
 class DurabilityConfig(_Section):
@@ -212,15 +215,17 @@ def _validate_train(config: Config) -> None:
         "train.record_streams": t.record_streams,
         "train.record_steps": t.record_steps,
         "train.history": t.history,
+        "train.holdout_windows": t.holdout_windows,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    for key in ("interval", "interval_events", "tolerance", "min_windows", "record_idle_s", "threads"):
+    for key in ("interval", "interval_events", "tolerance", "min_windows", "record_idle_s", "threads", "nice"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
-    if t.record_steps % t.k2 or t.record_steps < 2 * t.k2:
+    if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(
             f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "
-            f"2 * k2: a stream's recent history holds whole windows, the newest one held out for evaluation"
+            f"(train.holdout_windows + 1) * k2: a stream's recent history holds whole windows, the newest "
+            f"{t.holdout_windows} held out for evaluation, at least one to train on"
         )

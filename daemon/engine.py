@@ -37,12 +37,29 @@ class Engine:
         # allocation): 2-3x the reference kernel at the batch sizes it serves (daemon/cpu_step.py); "torch"
         # still selects the reference kernel itself.
         self._cpu_step = CpuStep() if device.type == "cpu" and self.backend is None else None
+        # Forecast models see each stream's change since its previous event (daemon/normalization.py): the last
+        # event of every slot, [capacity, I], kept next to the state tables and updated by every step.
+        spec = model.spec
+        self.last_x = (
+            torch.zeros(store.capacity, spec.input_size, device=device) if spec.task == "forecast" else None
+        )
 
     @property
     def backend_name(self) -> str:
         if self.backend is not None:
             return self.backend
         return "triton" if self.device.type == "cuda" else "torch-cpu-step"
+
+    def snapshot_tensors(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forecast tasks: the last event of each of `slots` (CPU copy), for the snapshot; else nothing."""
+        if self.last_x is None:
+            return {}
+        return {"last_x": self.last_x.index_select(0, slots.to(self.device)).cpu()}
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor], slots: torch.Tensor) -> None:
+        """Put back what snapshot_tensors(slots) returned (same slots, after the state store's restore)."""
+        if self.last_x is not None and "last_x" in tensors:
+            self.last_x.index_copy_(0, slots.to(self.device), tensors["last_x"].to(self.device))
 
     def swap_model(self, model: ServingModel) -> None:
         self.model = model.to(self.device)
@@ -54,8 +71,15 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        norm = model.normalization  # forecast models: standardised inputs, predicted change (normalization.py)
-        inputs = x if norm is None else norm.inputs(x)
+        inputs = x
+        if self.last_x is not None:  # forecast: the change since each stream's previous event (0 at its first)
+            previous = self.last_x.index_select(0, slot_t)
+            if reset is not None:
+                previous = torch.where(reset.unsqueeze(1), x, previous)
+            self.last_x.index_copy_(0, slot_t, x)
+        norm = model.normalization
+        if norm is not None:
+            inputs = norm.lstm_inputs(x, x - previous)
         if self._cpu_step is not None:
             y = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
         else:

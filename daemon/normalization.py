@@ -1,16 +1,21 @@
 """Forecast normalisation: how a forecast model copes with level and scale drift.
 
-A forecast model predicts the *change* from the stream's last value, on inputs standardised by statistics of
-recent data:
+A forecast model sees each stream's *change* since its previous event, scaled by the typical size of one step's
+change, and predicts the next change in the same units:
 
-    prediction = x + delta_scale * head(lstm((x - mean) / std))
+    d_t = (x_t - x_{t-1}) / delta_scale        (d = 0 at a stream's first event, and after a reset)
+    prediction_t = x_t + delta_scale * head(lstm(d_1 .. d_t))
 
-so a model that has learnt nothing yet (head output near 0) is the naive last-value forecast, and a series that
-trends or changes scale stays in range. The statistics belong to a model version: the trainer recomputes them
-from the recorded recent events every round and publishes them together with the weights, so inference uses
-the statistics the weights were trained with. They travel in the model file's metadata as one JSON string under
-`forecast_normalization` (per input feature: `mean`, `std`, `delta_scale`); a forecast model file without it
-is served as is (plain `nn.LSTM` + `nn.Linear` output).
+so a model that has learnt nothing yet (head output near 0) is the naive last-value forecast, and neither the
+level nor a trend of the series ever leaves the range the weights were trained on. Level inputs, (x - mean) /
+std, remain available as `inputs = "level"`, but on the weekly CO2 record an LSTM fed levels did no better than
+the last value while one fed changes was 23% better (offline check, docs/benchmarks.md "Online learning").
+
+The statistics belong to a model version: the trainer recomputes them from recorded recent events every round
+and publishes them with the weights. They travel in the model file's metadata as one JSON string under
+`forecast_normalization` (`inputs`, and per feature `mean`, `std`, `delta_scale`); a forecast model file
+without it is served as is (plain `nn.LSTM` + `nn.Linear` output). The engine keeps every stream's last event
+(`Engine.last_x`) to form the changes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 METADATA_KEY = "forecast_normalization"
+INPUTS = ("change", "level")
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,11 @@ class ForecastNormalization:
     mean: torch.Tensor  # [I]
     std: torch.Tensor  # [I], > 0
     delta_scale: torch.Tensor  # [I], > 0: typical size of one step's change
+    inputs: str = "change"  # what the LSTM sees: "change" (x_t - x_{t-1}) / delta_scale, or "level" (x - mean) / std
 
     def __post_init__(self) -> None:
+        if self.inputs not in INPUTS:
+            raise ValueError(f"forecast normalisation inputs must be one of {INPUTS}, got {self.inputs!r}")
         for name in ("mean", "std", "delta_scale"):
             value = getattr(self, name)
             if value.ndim != 1 or value.shape != self.mean.shape:
@@ -40,24 +49,28 @@ class ForecastNormalization:
             raise ValueError("forecast normalisation std and delta_scale must be positive")
 
     @classmethod
-    def identity(cls, size: int) -> ForecastNormalization:
-        return cls(torch.zeros(size), torch.ones(size), torch.ones(size))
+    def identity(cls, size: int, inputs: str = "change") -> ForecastNormalization:
+        return cls(torch.zeros(size), torch.ones(size), torch.ones(size), inputs)
 
     @classmethod
-    def from_data(cls, x: torch.Tensor, dx: torch.Tensor) -> ForecastNormalization:
+    def from_data(cls, x: torch.Tensor, dx: torch.Tensor, inputs: str = "change") -> ForecastNormalization:
         """Statistics of recent events x [N, I] and of their one-step changes dx [M, I] (finite values only)."""
         mean = x.mean(0)
         # Floors keep a constant feature from blowing up its inputs once it moves: relative to its level.
         floor = 1e-4 * (mean.abs() + 1.0)
         std = torch.maximum(x.std(0, correction=0), floor)
         delta = dx.pow(2).mean(0).sqrt() if dx.shape[0] else torch.ones_like(mean)
-        return cls(mean, std, torch.maximum(delta, floor))
+        return cls(mean, std, torch.maximum(delta, floor), inputs)
 
     def to(self, device: torch.device) -> ForecastNormalization:
-        return ForecastNormalization(self.mean.to(device), self.std.to(device), self.delta_scale.to(device))
+        return ForecastNormalization(
+            self.mean.to(device), self.std.to(device), self.delta_scale.to(device), self.inputs
+        )
 
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """What the LSTM sees: standardised events (any leading shape, features last)."""
+    def lstm_inputs(self, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """What the LSTM sees, from events x and their changes dx = x_t - x_{t-1} (any leading shape)."""
+        if self.inputs == "change":
+            return dx / self.delta_scale
         return (x - self.mean) / self.std
 
     def predictions(self, x: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
@@ -65,17 +78,23 @@ class ForecastNormalization:
         return torch.addcmul(x, head_out, self.delta_scale)
 
     def to_json(self) -> str:
-        return json.dumps({k: [float(v) for v in getattr(self, k).cpu()] for k in ("mean", "std", "delta_scale")})
+        stats = {k: [float(v) for v in getattr(self, k).cpu()] for k in ("mean", "std", "delta_scale")}
+        return json.dumps({"inputs": self.inputs, **stats})
 
     @classmethod
     def from_json(cls, text: str) -> ForecastNormalization:
         try:
             data = json.loads(text)
-            return cls(*(torch.tensor(data[k], dtype=torch.float32) for k in ("mean", "std", "delta_scale")))
+            stats = [torch.tensor(data[k], dtype=torch.float32) for k in ("mean", "std", "delta_scale")]
+            return cls(*stats, data.get("inputs", "level"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"model file metadata {METADATA_KEY} is unreadable: {exc}") from None
 
     def equal(self, other: ForecastNormalization | None) -> bool:
-        return other is not None and all(
-            torch.equal(getattr(self, k).cpu(), getattr(other, k).cpu()) for k in ("mean", "std", "delta_scale")
+        return (
+            other is not None
+            and self.inputs == other.inputs
+            and all(
+                torch.equal(getattr(self, k).cpu(), getattr(other, k).cpu()) for k in ("mean", "std", "delta_scale")
+            )
         )

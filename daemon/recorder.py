@@ -7,6 +7,7 @@ never waits for a training round, only for another thread's copy of a few hundre
 Layout (R = record_streams rows, T = record_steps, k2 = window length, W = T / k2 windows per row):
 
     x      [R, T, I] float32   the events, a ring buffer per row
+    dx     [R, T, I] float32   forecast only: each event's change since the stream's previous event (0 at a start)
     y      [R, T, D] float32   their targets (regression values, class labels, or the next event for forecasts)
     y_ok   [R, T]    bool      the target is known (targets may arrive later, or never)
     seq    [R, T]    int64     each event's per-stream sequence number (to join delayed targets)
@@ -37,6 +38,7 @@ class Windows:
     """Training or evaluation windows copied out of the recorder (numpy, the trainer moves them to torch)."""
 
     x: np.ndarray  # [B, k2, I] float32
+    dx: np.ndarray | None  # [B, k2, I] forecast: change since the previous event
     y: np.ndarray  # [B, k2, D] float32
     mask: np.ndarray  # [B, k2] bool: target known
     h0: np.ndarray  # [L, B, H] float32
@@ -59,14 +61,19 @@ class Recorder:
         record_steps: int,
         k2: int,
         idle_s: float = 60.0,
+        holdout_windows: int = 1,
         clock=time.monotonic,
     ) -> None:
-        if record_steps % k2 or record_steps < 2 * k2:
-            raise ValueError(f"record_steps ({record_steps}) must be a multiple of k2 ({k2}) and >= 2 * k2")
+        if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
+            raise ValueError(
+                f"record_steps ({record_steps}) must be a multiple of k2 ({k2}) and >= (holdout_windows + 1) * k2"
+            )
         R, T, W = record_streams, record_steps, record_steps // k2
         self.task, self.k2, self.idle_s, self.clock = task, k2, idle_s, clock
+        self.holdout_windows = holdout_windows
         self.forecast = task == "forecast"
         self.x = np.zeros((R, T, input_size), np.float32)
+        self.dx = np.zeros((R, T, input_size) if self.forecast else (0, 0, input_size), np.float32)
         self.y = np.zeros((R, T, target_size), np.float32)
         self.y_ok = np.zeros((R, T), bool)
         self.seq = np.full((R, T), -1, np.int64)
@@ -86,8 +93,20 @@ class Recorder:
     @property
     def nbytes(self) -> int:
         """Memory the recorder holds; fixed at construction (the bound the config sets)."""
-        arrays = (self.x, self.y, self.y_ok, self.seq, self.h0, self.c0, self.state_ok, self.count,
-                  self.last_write, self.slot_of_row, self.row_of_slot)  # fmt: skip
+        arrays = (
+            self.x,
+            self.dx,
+            self.y,
+            self.y_ok,
+            self.seq,
+            self.h0,
+            self.c0,
+            self.state_ok,
+            self.count,
+            self.last_write,
+            self.slot_of_row,
+            self.row_of_slot,
+        )
         return int(sum(a.nbytes for a in arrays))
 
     @property
@@ -123,20 +142,27 @@ class Recorder:
                 self._start_rows(rows[start], fresh[start])
             T = self.x.shape[1]
             count = self.count[rows]
+            # One flat index per event into [R * T] views: single-array fancy indexing beats (rows, pos) pairs
+            # (~45 vs ~65 us per [1024, 8] float32 assignment, 2-core CPU); record() costs ~0.8 us per event.
+            at = rows * T + count % T
+            x_flat, y_flat = self.x.reshape(-1, self.x.shape[2]), self.y.reshape(-1, self.y.shape[2])
+            y_ok_flat = self.y_ok.reshape(-1)
             if self.forecast:  # this event is the target of the stream's previous one
                 has_prev = count > 0
-                prev_rows, prev_pos = rows[has_prev], (count[has_prev] - 1) % T
-                self.y[prev_rows, prev_pos] = x[has_prev]
-                self.y_ok[prev_rows, prev_pos] = True
-            pos = count % T
-            self.x[rows, pos] = x
-            self.seq[rows, pos] = seqs
+                before = at[has_prev] - 1 + np.where(count[has_prev] % T == 0, T, 0)
+                new = x[has_prev]
+                y_flat[before] = new
+                y_ok_flat[before] = True
+                change = np.zeros_like(x)
+                change[has_prev] = new - x_flat[before]
+                self.dx.reshape(-1, self.dx.shape[2])[at] = change
+            x_flat[at] = x
+            self.seq.reshape(-1)[at] = seqs
             if targets is None:
-                self.y_ok[rows, pos] = False
+                y_ok_flat[at] = False
             else:
-                known = ~np.isnan(targets).any(axis=1)
-                self.y[rows, pos] = np.nan_to_num(targets)
-                self.y_ok[rows, pos] = known
+                y_flat[at] = np.nan_to_num(targets)
+                y_ok_flat[at] = ~np.isnan(targets).any(axis=1)
             count = count + 1
             self.count[rows] = count
             self.last_write[rows] = self.clock()
@@ -207,7 +233,7 @@ class Recorder:
     def available(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, window indices, is_holdout) of every complete window with a known start state.
 
-        A row's newest complete window is its holdout window (the most recent slice); the older ones train.
+        A row's newest `holdout_windows` complete windows are held out (the most recent slice); older ones train.
         Call with the lock held.
         """
         T, k2 = self.x.shape[1], self.k2
@@ -224,7 +250,7 @@ class Recorder:
             rows, w = rows[good], w[good]
             rows_all.append(rows)
             ws_all.append(w)
-            hold_all.append(np.full(rows.size, back == 0))
+            hold_all.append(np.full(rows.size, back < self.holdout_windows))
         return np.concatenate(rows_all), np.concatenate(ws_all), np.concatenate(hold_all)
 
     def sample(self, n_train: int, max_holdout: int, rng: np.random.Generator) -> tuple[Windows, Windows] | None:
@@ -263,6 +289,7 @@ class Recorder:
         r = rows[:, None]
         return Windows(
             x=self.x[r, pos],
+            dx=self.dx[r, pos] if self.forecast else None,
             y=self.y[r, pos],
             mask=self.y_ok[r, pos],
             h0=np.ascontiguousarray(self.h0[rows, ws].transpose(1, 0, 2)),
@@ -271,7 +298,8 @@ class Recorder:
 
     # ---- snapshots (the durability code calls these) ------------------------------------------------------
 
-    _ARRAYS = ("x", "y", "y_ok", "seq", "h0", "c0", "state_ok", "count", "last_write", "slot_of_row", "row_of_slot")
+    _ARRAYS = ("x", "dx", "y", "y_ok", "seq", "h0", "c0", "state_ok", "count", "last_write", "slot_of_row",
+               "row_of_slot")  # fmt: skip
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the recorder holds, as flat CPU tensors (copies); scalars as 0-d tensors."""

@@ -503,11 +503,11 @@ class Daemon:
             t.record_steps,
             t.k2,
             t.record_idle_s,
+            t.holdout_windows,
         )
-        trainer = Trainer(
-            t, spec, recorder, lambda: self.engine.model, self.metrics, self.device, self.engine.backend,
-            seed=self.config.model.seed,
-        )  # fmt: skip
+        serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
+        backend, seed = self.engine.backend, self.config.model.seed
+        trainer = Trainer(t, spec, recorder, serving, self.metrics, self.device, backend, seed)
         return recorder, trainer
 
     def _batch_targets(self, batch, counts, n) -> np.ndarray | None:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from lstmd.kernels import lstm_sequence
 
 log = logging.getLogger("lstmd.trainer")
 
+SWITCH_INTERVAL_S = 0.0005
 MAX_HOLDOUT_WINDOWS = 1024  # newest windows evaluated per round; more adds time, not much certainty
 
 
@@ -108,11 +110,16 @@ class Trainer:
     # ---- lifecycle and control (called from the serving loop) -------------------------------------------
 
     def start(self) -> None:
-        if self.device.type == "cpu":
-            # Process-wide: the serving loop's kernels use the same pool. Half the cores each leaves the loop
-            # a core of its own on a small machine (measured in docs/benchmarks.md, "Online learning").
-            threads = self.config.threads or max(1, (os.cpu_count() or 2) // 2)
-            torch.set_num_threads(threads)
+        if self.device.type == "cpu" and self.config.threads:
+            # Process-wide: the serving loop's kernels use the same pool (serve.cpu_threads sets it; 0 here
+            # leaves it). One thread on 2 cores: two OpenMP threads put idle p50 latency at ~4x
+            # (docs/benchmarks.md, "Online learning").
+            torch.set_num_threads(self.config.threads)
+        # The trainer's Python (the reference sequence kernel loops over time steps) competes with the loop and
+        # the I/O thread for the GIL; a waiting thread gets it after at most the switch interval. Python's 5 ms
+        # default put the p50 event latency during a round at ~1.8x idle on 2 cores; 0.5 ms keeps it ~1.0-1.2x
+        # (benchmarks/learning.py --part latency; docs/benchmarks.md, "Online learning"). Process-wide.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="lstmd-trainer", daemon=True)
         self._thread.start()
 
@@ -192,6 +199,11 @@ class Trainer:
     # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.config.nice and hasattr(os, "setpriority"):
+            # Linux applies a thread id's niceness to that thread only: the scheduler favours the serving
+            # loop and the I/O thread when the cores are busy.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.nice)
         while not self._stop.is_set():
             self._wake.wait(timeout=0.1)
             self._wake.clear()
@@ -319,14 +331,15 @@ class Trainer:
         return torch.optim.Adam(params, lr=self.config.lr)
 
     def _normalization(self, train: Windows) -> ForecastNormalization:
-        x = torch.from_numpy(train.x)
-        dx = (x[:, 1:] - x[:, :-1]).reshape(-1, x.shape[-1])
-        return ForecastNormalization.from_data(x.reshape(-1, x.shape[-1]), dx).to(self.device)
+        size = train.x.shape[-1]
+        x, dx = torch.from_numpy(train.x).reshape(-1, size), torch.from_numpy(train.dx).reshape(-1, size)
+        return ForecastNormalization.from_data(x, dx, self.config.forecast_inputs).to(self.device)
 
     def _to_device(self, w: Windows) -> dict[str, torch.Tensor]:
         dev = self.device
         return {
             "x": torch.from_numpy(w.x).to(dev),
+            "dx": torch.from_numpy(w.x if w.dx is None else w.dx).to(dev),
             "y": torch.from_numpy(w.y).to(dev),
             "mask": torch.from_numpy(w.mask).to(dev),
             "h0": torch.from_numpy(w.h0).to(dev),
@@ -358,7 +371,7 @@ class Trainer:
         layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
         head_w, head_b = params[4 * L], params[4 * L + 1]
         x, y, mask = data["x"], data["y"], data["mask"]
-        inputs = x if norm is None else norm.inputs(x)
+        inputs = x if norm is None else norm.lstm_inputs(x, data["dx"])
         seq, _ = lstm_sequence(inputs, data["h0"], data["c0"], layers, backend=self.backend)
         out = seq @ head_w.t() + head_b  # [B, k2, O]
         if self.spec.task == "classification":

@@ -237,8 +237,9 @@ def test_training_windows_start_from_the_state_the_stream_really_had(make_daemon
         rows, ws, _ = rec.available()
     for row, w in zip(rows.tolist(), ws.tolist(), strict=True):
         windows = rec._copy(np.array([row]), np.array([w]))
-        y, _ = lstm_sequence(torch.from_numpy(windows.x), torch.from_numpy(windows.h0), torch.from_numpy(windows.c0),
-                             model.params)  # fmt: skip
+        y, _ = lstm_sequence(
+            torch.from_numpy(windows.x), torch.from_numpy(windows.h0), torch.from_numpy(windows.c0), model.params
+        )
         weight, bias = model.head
         preds = (y @ weight.t() + bias)[0].detach().numpy()
         sid = daemon.store.id_of[int(rec.slot_of_row[row])]
@@ -254,8 +255,8 @@ def test_recorder_memory_stays_within_its_bound_with_many_streams(make_daemon):
     daemon = make_daemon(**{**FORECAST, "train.record_streams": 50, "train.record_steps": 16, "state.capacity": 5000})
     bound = daemon.recorder.nbytes
     rec = daemon.recorder
-    # x, y; y_ok, seq; h0, c0 (2 windows); state_ok; count, last_write, slot_of_row; row_of_slot (capacity)
-    expected = 50 * 16 * (2 + 2) * 4 + 50 * 16 * (1 + 8) + 2 * 50 * 2 * 1 * 8 * 4 + 50 * 2 + 50 * 8 * 3 + 5000 * 8
+    # x, dx, y; y_ok, seq; h0, c0 (2 windows); state_ok; count, last_write, slot_of_row; row_of_slot (capacity)
+    expected = 50 * 16 * (2 + 2 + 2) * 4 + 50 * 16 * (1 + 8) + 2 * 50 * 2 * 1 * 8 * 4 + 50 * 2 + 50 * 8 * 3 + 5000 * 8
     assert bound == expected
     rng = np.random.default_rng(3)
     with Producer(daemon.endpoints["events"]) as producer:
@@ -272,14 +273,22 @@ def test_recorder_memory_stays_within_its_bound_with_many_streams(make_daemon):
 
 def test_recorder_gives_idle_rows_to_new_streams():
     now = [0.0]
-    rec = Recorder(1, 4, 2, 2, "forecast", capacity=10, record_streams=2, record_steps=8, k2=4, idle_s=5.0,
-                   clock=lambda: now[0])  # fmt: skip
+    rec = Recorder(
+        1, 4, 2, 2, "forecast", capacity=10, record_streams=2, record_steps=8, k2=4, idle_s=5.0, clock=lambda: now[0]
+    )
     h = torch.zeros(1, 10, 4)
 
     def record(slots):
         slots = np.array(slots)
-        rec.record(slots, np.ones((len(slots), 2), np.float32), np.zeros(len(slots), np.int64), None,
-                   np.ones(len(slots), bool), h, h)  # fmt: skip
+        rec.record(
+            slots,
+            np.ones((len(slots), 2), np.float32),
+            np.zeros(len(slots), np.int64),
+            None,
+            np.ones(len(slots), bool),
+            h,
+            h,
+        )
 
     record([0, 1, 2])  # two rows: slot 2 is not recorded
     assert sorted(rec.row_of_slot[:2].tolist()) == [0, 1] and rec.row_of_slot[2] == -1
@@ -314,28 +323,47 @@ def test_snapshot_tensors_round_trip(make_daemon):
         assert_same_tensors(fresh.versions.get(version).tensors, daemon.versions.get(version).tensors)
 
 
-def test_forecast_model_file_carries_its_normalisation(tmp_path):
+@pytest.mark.parametrize("inputs", ["change", "level"])
+def test_forecast_model_file_carries_its_normalisation(inputs):
     """Loading the file into nn.LSTM + nn.Linear and applying the metadata's formula reproduces the daemon."""
+    from lstmd.daemon.engine import Engine
     from lstmd.daemon.model import ModelSpec
     from lstmd.daemon.normalization import ForecastNormalization
+    from lstmd.daemon.state_store import StateStore
 
     spec = ModelSpec(3, 5, 1, 3, "forecast")
     model = ServingModel.initial(spec, seed=0)
-    model.normalization = ForecastNormalization(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 1, 4]),
-                                                torch.tensor([0.5, 0.1, 1]))  # fmt: skip
+    stats = torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 1, 4]), torch.tensor([0.5, 0.1, 1])
+    model.normalization = ForecastNormalization(*stats, inputs)
     loaded = ServingModel.from_bytes(model.to_bytes())
     assert loaded.normalization.equal(model.normalization)
     lstm, head = loaded.to_modules()
     x = torch.randn(1, 6, 3)
     norm = loaded.normalization
+    dx = torch.cat([torch.zeros(1, 1, 3), x[:, 1:] - x[:, :-1]], dim=1)  # 0 at the stream's first event
+    lstm_in = dx / norm.delta_scale if inputs == "change" else (x - norm.mean) / norm.std
     with torch.no_grad():
-        y, _ = lstm(norm.inputs(x))
+        y, _ = lstm(lstm_in)
         expected = x + norm.delta_scale * head(y)
-    # The same through the serving path (the reference kernels, one event at a time).
-    from lstmd.daemon.engine import Engine
-    from lstmd.daemon.state_store import StateStore
-
-    store = StateStore(1, 5, 2, torch.device("cpu"))
+    # The same through the serving path, one event at a time, for two streams interleaved.
+    store = StateStore(1, 5, 4, torch.device("cpu"))
     engine = Engine(loaded, store, torch.device("cpu"), "torch")
-    got = [engine.step(x[0, t : t + 1].numpy(), np.array([0]), np.array([t == 0])) for t in range(6)]
+    got = []
+    for t in range(6):
+        both = np.concatenate([x[0, t : t + 1].numpy(), np.ones((1, 3), np.float32) * t])
+        got.append(engine.step(both, np.array([2, 0]), np.array([t == 0, t == 0]))[:1])
     np.testing.assert_allclose(np.concatenate(got), expected[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_forecast_targets_are_the_next_events_and_changes_are_recorded(make_daemon):
+    daemon = make_daemon(**FORECAST)
+    xs = np.arange(10, dtype=np.float32).reshape(5, 2) ** 2
+    with Producer(daemon.endpoints["events"]) as producer:
+        for x in xs:
+            producer.send(["s", "other"], np.stack([x, -x]))
+    rec = daemon.recorder
+    row = recorded_row(daemon, "s")
+    np.testing.assert_array_equal(rec.x[row, :5], xs)
+    np.testing.assert_array_equal(rec.y[row, :4], xs[1:])
+    assert rec.y_ok[row, :4].all() and not rec.y_ok[row, 4:].any()
+    np.testing.assert_array_equal(rec.dx[row, :5], np.concatenate([np.zeros((1, 2)), np.diff(xs, axis=0)]))

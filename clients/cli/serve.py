@@ -57,6 +57,11 @@ def demo(
             "serve.metrics=",
             f"state.dir={state_dir}",
             f"state.capacity={max(streams, 1)}",
+            # Online training, quick rounds: the model error falls below the last-value forecast within seconds.
+            "train.enabled=true",
+            "train.interval=1.0",
+            "train.k2=16",
+            "train.record_steps=64",
             *(set_ or []),
         ]
         cfg = load_config_or_exit(None, overrides)
@@ -105,6 +110,9 @@ def _demo_table(sent: int, elapsed: float, model_err: float, naive_err: float, d
     table.add_row("events sent", f"{sent:,}")
     table.add_row("throughput", f"{sent / max(elapsed, 1e-9):,.0f} events/s")
     table.add_row("model version", str(daemon.engine.model.version))
+    if daemon.trainer is not None:
+        outcomes = daemon.trainer.outcomes
+        table.add_row("training rounds", ", ".join(f"{k} {v}" for k, v in outcomes.items() if v) or "-")
     table.add_row("one-step error (model)", f"{model_err:.4f}")
     table.add_row("one-step error (last value)", f"{naive_err:.4f}")
     return table
