@@ -47,7 +47,8 @@ class CrashReport:
     events_sent: int = 0  # distinct events (stream, seq) acknowledged
     events_checked: int = 0  # events whose effect the final (h, c) comparison covers
     resends_answered_duplicate: int = 0  # events applied before a crash whose reply was lost
-    max_abs_diff: float = 0.0
+    max_abs_diff: float = 0.0  # training off: final (h, c) vs nn.LSTM
+    model_versions: tuple[int, int] = (0, 0)  # training on: (highest version in any reply, version at the end)
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -126,8 +127,14 @@ def run(
     fsync: str = "always",
     gap: tuple[float, float] = (0.02, 1.0),
     verbose: bool = False,
+    train: bool = False,
 ) -> CrashReport:
-    """One crash loop; returns what happened and what was checked (failures listed, not raised)."""
+    """One crash loop; returns what happened and what was checked (failures listed, not raised).
+
+    train=True: online training runs (regression targets are sent), so weights change while serving; then the
+    check is counts and last sequence numbers only (none lost, none twice), plus that the model version at the
+    end is at least every version that answered an event (a published model is logged before its events).
+    """
     from lstmd.clients import Admin, Producer
 
     started = time.monotonic()
@@ -142,9 +149,17 @@ def run(
         f"[serve]\nevents = '{events_ep}'\ncontrol = '{control_ep}'\npublish = ''\nmetrics = ''\ndevice = 'cpu'\n"
         f"[state]\ndir = '{workdir / 'state'}'\ncapacity = {2 * streams}\n"
         f"[durability]\nwal = true\nfsync = '{fsync}'\nfsync_interval_ms = 50\nsnapshot_interval_s = 2\n"
+        + (
+            "[train]\nenabled = true\ninterval = 0.5\nk2 = 8\nrecord_steps = 32\nbatch = 16\nsteps = 5\n"
+            "min_windows = 1\nthreads = 1\ntolerance = 1.0\n"
+            if train
+            else ""
+        )
     )
     ids = [f"s{i}" if i % 2 else i for i in range(streams)]  # str and int ids
     sequences = {sid: rng.standard_normal((events, INPUT)).astype(np.float32) for sid in ids}
+    targets = {sid: np.tanh(xs[:, :OUTPUT] * 2).astype(np.float32) for sid, xs in sequences.items()}
+    seen_version = [0]
     report = CrashReport(streams=streams)
     daemon = _Daemon(config, workdir / "daemon.log", control_ep)
     total = streams * events
@@ -164,7 +179,7 @@ def run(
                     continue
                 open_ids = [sid for sid in ids if sent[sid] < events]
                 chosen = prng.choice(len(open_ids), size=min(len(open_ids), 12), replace=False)
-                batch_ids, batch_seqs, rows = [], [], []
+                batch_ids, batch_seqs, rows, ys = [], [], [], []
                 for j in chosen.tolist():
                     sid = open_ids[j]
                     take = min(int(prng.integers(1, 4)), events - sent[sid])  # up to 3 events of a stream
@@ -172,10 +187,11 @@ def run(
                         batch_ids.append(sid)
                         batch_seqs.append(k)
                         rows.append(sequences[sid][k])
-                x = np.stack(rows)
+                        ys.append(targets[sid][k])
+                x, y = np.stack(rows), (np.stack(ys) if train else None)
                 while True:  # resend the same events with the same numbers until acknowledged
                     try:
-                        result = producer.send_detailed(batch_ids, x, seqs=batch_seqs)
+                        result = producer.send_detailed(batch_ids, x, y, seqs=batch_seqs)
                         break
                     except TimeoutError:
                         continue
@@ -187,6 +203,7 @@ def run(
                     errors.append(f"unexpected status {bad[:3]} ({result.reasons})")
                     return
                 report.resends_answered_duplicate += names.count("duplicate")
+                seen_version[0] = max(seen_version[0], result.version)
                 for sid in batch_ids:
                     sent[sid] += 1
                 progress[0] += len(batch_ids)
@@ -237,8 +254,11 @@ def run(
         daemon.wait_ready()
         admin = Admin(control_ep)
         model_path = workdir / "model.safetensors"
-        admin.export_model(model_path)
-        reference = _reference_states(model_path, sequences)
+        final_version = admin.export_model(model_path)["version"]
+        report.model_versions = (seen_version[0], final_version)
+        if final_version < seen_version[0]:
+            report.failures.append(f"model version {final_version} after restart, but {seen_version[0]} answered")
+        reference = None if train else _reference_states(model_path, sequences)
         report.events_sent = sum(sent.values())
         for sid in ids:
             info = admin.stream(sid)
@@ -246,6 +266,9 @@ def run(
                 report.failures.append(
                     f"stream {sid!r}: {info['events']} events applied (last seq {info['last_seq']}), {events} sent"
                 )
+                continue
+            report.events_checked += events
+            if reference is None:
                 continue
             h_ref, c_ref = reference[sid]
             diff = max(
@@ -255,7 +278,6 @@ def run(
             report.max_abs_diff = max(report.max_abs_diff, diff)
             if diff > TOLERANCE:
                 report.failures.append(f"stream {sid!r}: (h, c) differ from nn.LSTM by {diff:.2e}")
-            report.events_checked += events
     finally:
         daemon.stop()
         report.seconds = round(time.monotonic() - started, 1)
@@ -279,6 +301,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300, help="events per stream")
     parser.add_argument("--fsync", choices=["always", "interval", "never"], default="always")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", action="store_true", help="online training on: counts checked, not (h, c)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -286,7 +309,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="lstmd-crash-") as tmp:
         workdir = args.workdir or Path(tmp)
-        report = run(workdir, args.kills, args.streams, args.events, args.seed, args.fsync, verbose=not args.json)
+        report = run(
+            workdir,
+            args.kills,
+            args.streams,
+            args.events,
+            args.seed,
+            args.fsync,
+            verbose=not args.json,
+            train=args.train,
+        )
         if args.json:
             print(json.dumps(report.__dict__))
         else:
@@ -294,7 +326,12 @@ def main() -> None:
                 f"kills survived: {report.kills} ({report.kills_during_start} during start/restore); "
                 f"streams: {report.streams}; events sent: {report.events_sent}; events checked: "
                 f"{report.events_checked}; resends answered duplicate: {report.resends_answered_duplicate}; "
-                f"max |Δ(h, c)| vs nn.LSTM: {report.max_abs_diff:.2e} (tolerance {TOLERANCE:g}); {report.seconds}s"
+                + (
+                    "model versions: highest answered {}, at the end {}; ".format(*report.model_versions)
+                    if args.train
+                    else f"max |Δ(h, c)| vs nn.LSTM: {report.max_abs_diff:.2e} (tolerance {TOLERANCE:g}); "
+                )
+                + f"{report.seconds}s"
             )
             for failure in report.failures[:20]:
                 print("FAIL", failure)

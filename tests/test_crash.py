@@ -35,3 +35,15 @@ def test_sigkill_loop_loses_nothing_acknowledged_and_applies_nothing_twice(tmp_p
     assert report.kills >= 10
     assert report.events_sent == report.events_checked == 40 * 60
     assert report.max_abs_diff <= harness.TOLERANCE
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_loop_with_training_on_applies_every_event_exactly_once(tmp_path):
+    """Weights change while serving, so (h, c) has no fixed reference: counts and last numbers must be exact,
+    and the model at the end is at least every version that answered an event (published models are logged)."""
+    harness = _harness()
+    report = harness.run(tmp_path, kills=5, streams=20, events=64, seed=8, fsync="interval", train=True)
+    assert report.failures == [], "\n".join(report.failures[:10]) + f"\n(daemon log: {tmp_path / 'daemon.log'})"
+    assert report.kills >= 5
+    assert report.events_sent == report.events_checked == 20 * 64
+    assert report.model_versions[1] >= report.model_versions[0]
