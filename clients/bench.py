@@ -69,6 +69,9 @@ class RunResult:
     server_rss_mib: float | None = None  # peak resident set size seen during the run
     server_rss_start_mib: float | None = None  # before the producers started (state tables still untouched)
     client_cpu_cores: float | None = None  # all producer processes: CPU seconds per wall second (whole run)
+    # Inside the daemon, receipt by its I/O thread → reply handed back, from its Prometheus histogram in the
+    # window (bucket upper bounds, so "≤ this"); only when the bench started the daemon itself.
+    daemon_latency_ms: dict[str, float] | None = None
     batch_mean: float | None = None  # events per serving batch in the window (daemon status counters)
     batches: int | None = None
     workload: dict = field(default_factory=dict)
@@ -274,7 +277,7 @@ def start_daemon(workload: Workload, state_dir: Path, overrides: list[str] | Non
         "serve.events=tcp://127.0.0.1:*",
         "serve.control=tcp://127.0.0.1:*",
         "serve.publish=",
-        "serve.metrics=",
+        "serve.metrics=127.0.0.1:0",
         "serve.device=cpu",
         f"state.dir={state_dir}",
         f"state.capacity={max(workload.streams, 1)}",
@@ -354,7 +357,46 @@ def _collect(out, procs) -> list[dict]:
     return results
 
 
-def measure(server_name: str, endpoint: str, workload: Workload, server: _Server, control: str | None = None):
+def _scrape_latency(metrics: str | None) -> list[tuple[float, float]] | None:
+    """Cumulative (upper bound s, count) buckets of lstmd_event_latency_seconds from the daemon's /metrics."""
+    if not metrics:
+        return None
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("lstmd_event_latency_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    return buckets
+
+
+def _bucket_quantiles(before, after) -> dict[str, float] | None:
+    if not before or not after:
+        return None
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return None
+    out = {}
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)):
+        le = next(le for le, c in counts if c >= q * total)
+        out[name] = le * 1e3
+    return out
+
+
+def measure(
+    server_name: str,
+    endpoint: str,
+    workload: Workload,
+    server: _Server,
+    control: str | None = None,
+    metrics: str | None = None,
+):
     """Run the producers against `endpoint` for warmup + duration and collect a RunResult."""
     target = _lstmd_producer if server_name == "lstmd" else _naive_producer
     ctx = mp.get_context("spawn")
@@ -372,11 +414,11 @@ def measure(server_name: str, endpoint: str, workload: Workload, server: _Server
     server.start_sampling()
     while time.perf_counter() < t_measure:
         time.sleep(0.01)
-    counters0, cpu0 = _daemon_counters(control), server.cpu_seconds()
+    counters0, cpu0, hist0 = _daemon_counters(control), server.cpu_seconds(), _scrape_latency(metrics)
     wall0 = time.perf_counter()
     while time.perf_counter() < t_stop:
         time.sleep(0.01)
-    counters1, cpu1 = _daemon_counters(control), server.cpu_seconds()
+    counters1, cpu1, hist1 = _daemon_counters(control), server.cpu_seconds(), _scrape_latency(metrics)
     wall1 = time.perf_counter()
     results = _collect(out, procs)
     for p in procs:
@@ -403,6 +445,7 @@ def measure(server_name: str, endpoint: str, workload: Workload, server: _Server
         server_rss_start_mib=None if rss_start is None else round(rss_start / 2**20, 1),
         client_cpu_cores=round(sum(r["cpu_s"] / r["wall_s"] for r in results), 2),
         batch_mean=batch_mean,
+        daemon_latency_ms=_bucket_quantiles(hist0, hist1),
         batches=batches,
         workload=asdict(workload),
     )
@@ -425,7 +468,9 @@ def run_lstmd(
     with tempfile.TemporaryDirectory(prefix="lstmd-bench-") as state_dir:
         server, endpoints = start_daemon(workload, Path(state_dir), overrides, env)
         try:
-            return measure("lstmd", endpoints["events"], workload, server, endpoints["control"])
+            return measure(
+                "lstmd", endpoints["events"], workload, server, endpoints["control"], endpoints.get("metrics")
+            )
         finally:
             server.stop()
 

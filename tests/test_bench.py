@@ -47,6 +47,8 @@ def test_bench_compare_naive_reports_both_servers(tmp_path):
         assert run["events"] > 0 and run["errors"] == 0
         assert run["latency_ms"]["p50"] > 0
     assert runs["lstmd"]["batch_mean"] > 0
+    assert runs["lstmd"]["daemon_latency_ms"]["p50"] > 0  # from the daemon's own histogram
+    assert "inside the daemon" in result.output
     assert summary["speedup_vs_naive"] > 0
 
 
@@ -135,3 +137,9 @@ def test_naive_server_keeps_state_per_stream():
     assert server.predict("b", x) == first  # a fresh stream starts from zero state
     assert server.predict("a", x) != first  # the same stream continues from its state
     assert np.isfinite(first).all() and len(server.states) == 2
+
+
+def test_bench_rejects_a_rate_that_is_not_a_number_or_half():
+    result = CliRunner().invoke(app, ["bench", "--rate", "fast"])
+    assert result.exit_code != 0
+    assert "half" in result.output

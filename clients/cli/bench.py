@@ -23,8 +23,12 @@ def bench(
     duration: Annotated[float, typer.Option(help="Measured seconds per server.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Unmeasured seconds before the window.")] = 2.0,
     rate: Annotated[
-        float, typer.Option(help="Offered events/s in total (open loop); 0: as fast as replies come back.")
-    ] = 0.0,
+        str,
+        typer.Option(
+            help="Offered events/s in total (open loop); 0: as fast as replies come back; 'half': a closed-loop "
+            "run, then an open-loop run at half its rate (the latency target's setting)."
+        ),
+    ] = "0",
     inflight: Annotated[int, typer.Option(help="Messages outstanding per producer (closed loop).")] = 4,
     producers: Annotated[int, typer.Option(help="Producer processes.")] = 1,
     ids: Annotated[str, typer.Option(help="Stream id kind: int or str.")] = "int",
@@ -51,6 +55,11 @@ def bench(
         raise typer.BadParameter("the only baseline is 'naive'", param_hint="--compare")
     if ids not in ("int", "str"):
         raise typer.BadParameter("int or str", param_hint="--ids")
+    try:
+        half = rate == "half"
+        rate_value = 0.0 if half else float(rate)
+    except ValueError:
+        raise typer.BadParameter("events/s as a number, or 'half'", param_hint="--rate") from None
     if control and not events:
         raise typer.BadParameter("--control needs --events (the daemon to drive)", param_hint="--control")
     for name, value in (("--streams", streams), ("--events-per-message", events_per_message)):
@@ -67,7 +76,7 @@ def bench(
         events_per_message=events_per_message,
         duration_s=duration,
         warmup_s=warmup,
-        rate=rate,
+        rate=rate_value,
         inflight=inflight,
         producers=producers,
         id_kind=ids,
@@ -75,13 +84,19 @@ def bench(
     err_console.print(
         f"lstmd bench: {streams:,} streams, I={input_size} H={hidden} L={layers}, {events_per_message} events "
         f"per message, {producers} producer(s), "
-        + (f"open loop at {rate:,.0f} events/s" if rate > 0 else f"{inflight} in flight each"),
+        + (f"open loop at {rate_value:,.0f} events/s" if rate_value > 0 else f"{inflight} in flight each"),
         highlight=False,
     )
     results = []
     try:
         err_console.print("running lstmd ...", highlight=False)
         results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_))
+        if half:
+            half_rate = results[0].events_per_s / 2
+            err_console.print(f"running lstmd open loop at {half_rate:,.0f} events/s ...", highlight=False)
+            at_half = b.Workload(**{**asdict(workload), "rate": half_rate})
+            results.append(b.run_lstmd(at_half, events=events, control=control, overrides=set_))
+            results[-1].server = "lstmd@50%"
         if compare == "naive":
             err_console.print("running the naive per-event server ...", highlight=False)
             naive = b.Workload(**{**asdict(workload), "duration_s": naive_duration or duration})
@@ -121,6 +136,15 @@ def _table(summary: dict) -> Table:
             fmt(r["batch_mean"], ",.0f"),
             str(r["errors"]),
         )
+    captions = []
+    for r in summary["runs"]:
+        inside = r.get("daemon_latency_ms")
+        if inside:
+            captions.append(
+                f"{r['server']} inside the daemon (receipt → reply): p50 ≤ {inside['p50']:g} ms, "
+                f"p99 ≤ {inside['p99']:g} ms"
+            )
     if summary.get("speedup_vs_naive") is not None:
-        table.caption = f"lstmd / naive = {summary['speedup_vs_naive']:,.0f}x on the same workload"
+        captions.append(f"lstmd / naive = {summary['speedup_vs_naive']:,.0f}x on the same workload")
+    table.caption = "\n".join(captions) or None
     return table
