@@ -110,8 +110,9 @@ class Durability:
                 except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
                     log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
                     loaded = None
-                    # Out of the way, so pruning never keeps it in place of a good one (kept for inspection).
-                    path.rename(path.with_name(path.name + ".corrupt"))
+                    if isinstance(exc, snapshots.SnapshotError):
+                        # Torn or corrupt: out of the way, so pruning never keeps it in place of a good one.
+                        path.rename(path.with_name(path.name + ".corrupt"))
             if loaded is not None:
                 summary["snapshot"] = loaded.path.name
                 summary["streams"] = len(store)
@@ -176,10 +177,22 @@ class Durability:
                 continue
             prefixed = meta.get(f"{component}_prefixed") == "1"
             part = {f"{component}.{k}" if prefixed else k: v for k, v in groups[component].items()}
-            if component == "versions":
-                target.restore_tensors(part, spec)
-            else:
-                target.restore_tensors(part)
+            try:
+                if component == "versions":
+                    target.restore_tensors(part, spec)
+                else:
+                    target.restore_tensors(part)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                # Training state from another lstmd version or configuration: the streams and the model are
+                # what a restart must keep; training goes on from here rather than refusing to start.
+                log.error(
+                    "%s state in %s cannot be restored (%s: %s); %s starts without it",
+                    component,
+                    snap.path.name,
+                    type(exc).__name__,
+                    exc,
+                    component,
+                )
 
     def _replay(self, segments: list[int], summary: dict) -> None:
         """Apply every good record of `segments` in order; cut the log at the first bad record."""

@@ -138,3 +138,20 @@ def test_replay_records_logged_events_and_targets_exactly_as_serving_did(make_da
     for name in before:
         if name != "recorder.last_write":  # idle ages move with the clock
             assert torch.equal(before[name], after[name]), name
+
+
+def test_training_state_that_does_not_fit_is_skipped_not_fatal(make_daemon, tmp_path, caplog):
+    """A new training configuration (or lstmd version): streams and model come back, training starts over."""
+    import logging
+
+    state = tmp_path / "state"
+    first = make_daemon(state_dir=state, **{**FORECAST_TRAINING, **WAL_ON})
+    workload = PeriodicStreams(6, 2, seed=1)
+    with Producer(first.endpoints["events"]) as producer:
+        for _ in range(10):
+            producer.send(workload.ids, workload.next())
+    first.stop_and_join()
+    with caplog.at_level(logging.INFO, logger="lstmd.durability"):
+        second = make_daemon(state_dir=state, **{**FORECAST_TRAINING, **WAL_ON, "train.record_steps": 64})
+    assert "recorder state in snapshot-" in caplog.text and "recorder starts without it" in caplog.text
+    assert {Admin(second.endpoints["control"]).stream(s)["events"] for s in workload.ids} == {10}
