@@ -234,7 +234,7 @@ def test_training_windows_start_from_the_state_the_stream_really_had(make_daemon
     rec, model = daemon.recorder, daemon.engine.model
     checked = 0
     with rec.lock:
-        rows, ws, _ = rec.available()
+        rows, ws, _, _ = rec.available()
     for row, w in zip(rows.tolist(), ws.tolist(), strict=True):
         windows = rec._copy(np.array([row]), np.array([w]))
         y, _ = lstm_sequence(
@@ -255,8 +255,8 @@ def test_recorder_memory_stays_within_its_bound_with_many_streams(make_daemon):
     daemon = make_daemon(**{**FORECAST, "train.record_streams": 50, "train.record_steps": 16, "state.capacity": 5000})
     bound = daemon.recorder.nbytes
     rec = daemon.recorder
-    # x, dx, y; y_ok, seq; h0, c0 (2 windows); state_ok; count, last_write, slot_of_row; row_of_slot (capacity)
-    expected = 50 * 16 * (2 + 2 + 2) * 4 + 50 * 16 * (1 + 8) + 2 * 50 * 2 * 1 * 8 * 4 + 50 * 2 + 50 * 8 * 3 + 5000 * 8
+    # x, dx, y; y_ok, seq; h0, c0 (2 windows); state_ok; count, generation, last_write, slot_of_row; row_of_slot
+    expected = 50 * 16 * (2 + 2 + 2) * 4 + 50 * 16 * (1 + 8) + 2 * 50 * 2 * 1 * 8 * 4 + 50 * 2 + 50 * 8 * 4 + 5000 * 8
     assert bound == expected
     rng = np.random.default_rng(3)
     with Producer(daemon.endpoints["events"]) as producer:
@@ -367,3 +367,23 @@ def test_forecast_targets_are_the_next_events_and_changes_are_recorded(make_daem
     np.testing.assert_array_equal(rec.y[row, :4], xs[1:])
     assert rec.y_ok[row, :4].all() and not rec.y_ok[row, 4:].any()
     np.testing.assert_array_equal(rec.dx[row, :5], np.concatenate([np.zeros((1, 2)), np.diff(xs, axis=0)]))
+
+
+def test_windows_changed_during_the_copy_are_replaced():
+    """sample() copies without the lock; a row that starts over meanwhile must not leak torn windows."""
+    rec = Recorder(1, 4, 1, 1, "forecast", capacity=4, record_streams=2, record_steps=8, k2=2)
+    h = torch.zeros(1, 4, 4)
+    for t in range(8):
+        slots = np.array([0, 1])
+        x = np.array([[0.0], [1.0]], np.float32) + 10 * t  # row of slot 0: even tens, slot 1: odd
+        rec.record(slots, x, np.full(2, t), None, np.full(2, t == 0), h, h)
+    original = rec._copy
+
+    def copy_while_slot_0_restarts(rows, ws):
+        rec.record(np.array([0]), np.array([[5.0]], np.float32), np.array([99]), None, np.array([True]), h, h)
+        return original(rows, ws)
+
+    rec._copy = copy_while_slot_0_restarts
+    train, held = rec.sample(64, 16, np.random.default_rng(0))
+    assert len(train) == 64 and len(held) == 1
+    assert (train.x % 10 == 1).all() and (held.x % 10 == 1).all(), "only slot 1's windows survive"
