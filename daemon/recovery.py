@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +74,7 @@ class Durability:
         self._last_snapshot = time.monotonic()
         self.restored: dict = {}
         self._feed_recorder = True  # replay records events for training, except when undoing a failed batch
+        self._writer: threading.Thread | None = None  # a background snapshot write in flight
 
     # ---- start ----------------------------------------------------------------------------------------------
 
@@ -404,6 +406,7 @@ class Durability:
         Training state (trainer, recorder, history) is left as it is: the trainer runs on its own thread, and a
         rejected batch costs it at most a few recorded events.
         """
+        self.wait_for_writer()  # its pruning must not race the reads below
         store = self.daemon.store
         store.clear()
         store.journal = [] if self.wal is not None else None
@@ -428,8 +431,13 @@ class Durability:
 
     # ---- snapshots ------------------------------------------------------------------------------------------
 
-    def snapshot(self, reason: str = "command") -> dict:
-        """Write a snapshot now (log rotated first), then prune old snapshots and log segments."""
+    def snapshot(self, reason: str = "command", background: bool = False) -> dict:
+        """Snapshot now: log rotated and state captured (copies) in the loop, then written and old files pruned.
+
+        background=True (periodic and log-size snapshots): the file is written and fsynced on a thread, so the
+        loop pauses only for the capture; at most one write is in flight, and a synchronous snapshot waits for it.
+        """
+        self.wait_for_writer()
         started = time.perf_counter()
         daemon = self.daemon
         if self.wal is not None:
@@ -440,7 +448,7 @@ class Durability:
         else:
             segment = self._next_segment
             self._next_segment += 1
-        model = daemon.engine.model
+        model = daemon.engine.model  # published models are immutable: no copy needed
         tensors = {f"model.{k}": v.cpu() for k, v in model.tensors.items()}
         tensors |= {f"state.{k}": v for k, v in daemon.store.snapshot_tensors().items()}
         metadata = daemon.spec.to_metadata() | {
@@ -458,22 +466,47 @@ class Durability:
             prefixed = all(k.startswith(f"{component}.") for k in part)
             tensors |= {k if prefixed else f"{component}.{k}": v for k, v in part.items()}
             metadata[f"{component}_prefixed"] = "1" if prefixed else "0"
+        self._last_snapshot = time.monotonic()
+        if background:
+            self._writer = threading.Thread(
+                target=self._write_logged,
+                args=(segment, tensors, metadata, reason, started),
+                name="lstmd-snapshot",
+                daemon=True,
+            )
+            self._writer.start()
+            return {"wal_segment": segment, "background": True}
+        return self._write(segment, tensors, metadata, reason, started)
+
+    def _write(self, segment: int, tensors: dict, metadata: dict, reason: str, started: float) -> dict:
         path, size = snapshots.write(self.directory, segment, tensors, metadata)
         removed = self._prune()
         seconds = time.perf_counter() - started
-        self._last_snapshot = time.monotonic()
-        daemon.metrics.snapshot_duration.observe(seconds)
-        daemon.metrics.last_snapshot.set(time.time())
-        log.info("snapshot %s (%s): %d streams, %d bytes in %.3fs", path.name, reason, len(daemon.store), size, seconds)
+        self.daemon.metrics.snapshot_duration.observe(seconds)
+        self.daemon.metrics.last_snapshot.set(time.time())
+        streams = int(metadata["streams"])
+        log.info("snapshot %s (%s): %d streams, %d bytes in %.3fs", path.name, reason, streams, size, seconds)
         return {
             "path": str(path),
-            "streams": len(daemon.store),
+            "streams": streams,
             "bytes": size,
             "seconds": round(seconds, 4),
-            "model_version": daemon.engine.model.version,
+            "model_version": int(metadata["model_version"]),
             "wal_segment": segment,
             "removed": removed,
         }
+
+    def _write_logged(self, *args) -> None:
+        try:
+            self._write(*args)
+        except OSError as exc:  # the previous snapshot and the whole log since it are kept
+            log.error("%s snapshot failed: %s (the log is kept; serving goes on)", args[3], exc.strerror or exc)
+
+    def wait_for_writer(self) -> None:
+        """Block until a background snapshot write, if any, has finished."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
 
     def _prune(self) -> list[str]:
         numbers = snapshots.list_snapshots(self.directory)
@@ -495,25 +528,28 @@ class Durability:
     def maybe_snapshot(self) -> None:
         """From housekeeping: snapshot when the interval has passed, or when the log outgrew its bound."""
         interval = self.config.snapshot_interval_s
+        if self._writer is not None and self._writer.is_alive():
+            return
         if interval > 0 and time.monotonic() - self._last_snapshot >= interval:
-            self._snapshot_logged("periodic")
+            self._snapshot_logged("periodic", background=True)
             return
         bound = self.config.snapshot_wal_mb * 1e6
         if self.wal is not None and 0 < bound <= self.wal.size and self.wal.error is None:
-            self._snapshot_logged("log size")
+            self._snapshot_logged("log size", background=True)
 
     def on_clean_stop(self) -> None:
         if self.config.snapshot_on_shutdown:
             self._snapshot_logged("shutdown")
 
-    def _snapshot_logged(self, reason: str) -> None:
+    def _snapshot_logged(self, reason: str, background: bool = False) -> None:
         try:
-            self.snapshot(reason)
+            self.snapshot(reason, background)
         except OSError as exc:
             self._last_snapshot = time.monotonic()  # retry at the next interval, not every second
             log.error("%s snapshot failed: %s (the log is kept; serving goes on)", reason, exc.strerror or exc)
 
     def close(self) -> None:
+        self.wait_for_writer()
         if self.wal is not None:
             self.wal.close()
             self.wal = None

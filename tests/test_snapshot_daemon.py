@@ -155,3 +155,32 @@ def test_training_state_that_does_not_fit_is_skipped_not_fatal(make_daemon, tmp_
         second = make_daemon(state_dir=state, **{**FORECAST_TRAINING, **WAL_ON, "train.record_steps": 64})
     assert "recorder state in snapshot-" in caplog.text and "recorder starts without it" in caplog.text
     assert {Admin(second.endpoints["control"]).stream(s)["events"] for s in workload.ids} == {10}
+
+
+def test_periodic_snapshot_is_written_in_the_background(make_daemon, tmp_path, monkeypatch):
+    """The loop only captures (copies) the state; the file is written on a thread while serving goes on."""
+    import threading
+
+    from lstmd.daemon import snapshot as snapshot_module
+
+    state = tmp_path / "state"
+    daemon = make_daemon(state_dir=state, **{**WAL_ON, "durability.snapshot_interval_s": 1})
+    _send(daemon, 3)
+    release, writing = threading.Event(), threading.Event()
+    real_write = snapshot_module.write
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        assert release.wait(30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_module, "write", slow_write)
+    before = snapshot.list_snapshots(state)
+    assert writing.wait(10), "no periodic snapshot started"
+    _send(daemon, 3, seed=1)  # served while the snapshot file is still being written
+    assert snapshot.list_snapshots(state) == before
+    release.set()
+    deadline = time.time() + 10
+    while snapshot.list_snapshots(state) == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert snapshot.list_snapshots(state) != before
