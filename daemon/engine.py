@@ -38,10 +38,13 @@ class Engine:
         # still selects the reference kernel itself.
         self._cpu_step = CpuStep() if device.type == "cpu" and self.backend is None else None
         # Forecast models see each stream's change since its previous event (daemon/normalization.py): the last
-        # event of every slot, [capacity, I], kept next to the state tables and updated by every step.
+        # event of every slot, [capacity, I], kept next to the state tables and updated by every step. NaN marks
+        # "not known" (start, or a restore that did not bring it back): that event's change counts as 0.
         spec = model.spec
         self.last_x = (
-            torch.zeros(store.capacity, spec.input_size, device=device) if spec.task == "forecast" else None
+            torch.full((store.capacity, spec.input_size), float("nan"), device=device)
+            if spec.task == "forecast"
+            else None
         )
 
     @property
@@ -74,8 +77,10 @@ class Engine:
         inputs = x
         if self.last_x is not None:  # forecast: the change since each stream's previous event (0 at its first)
             previous = self.last_x.index_select(0, slot_t)
+            unknown = previous.isnan()
             if reset is not None:
-                previous = torch.where(reset.unsqueeze(1), x, previous)
+                unknown |= reset.unsqueeze(1)
+            previous = torch.where(unknown, x, previous)
             self.last_x.index_copy_(0, slot_t, x)
         norm = model.normalization
         if norm is not None:

@@ -49,6 +49,7 @@ class Candidate:
     base_version: int  # the serving version it was compared against
     forced: bool  # asked for with `train now` (published even while paused)
     info: dict  # losses, for the version history
+    report: RoundReport  # the round's report, settled by the loop
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Trainer:
         self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
         self._candidate: Candidate | None = None
         self._lock = threading.Lock()  # guards _candidate, requested, the checkpoint
+        self._running = 0  # 1 while the thread runs a round
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -142,7 +144,7 @@ class Trainer:
         """Ask for one round now (runs even while paused); returns the number of the round that will answer."""
         with self._lock:
             self.requested += 1
-            target = self.rounds + self.requested
+            target = self.rounds + self.requested + self._running  # a round already running is not this one
         self._wake.set()
         return target
 
@@ -156,8 +158,8 @@ class Trainer:
         outcome = "published" if published else "skipped"
         self.outcomes[outcome] += 1
         self.metrics.train_rounds.labels(outcome).inc()
-        if self.last is not None:
-            self.last.outcome, self.last.reason, self.last.pending = outcome, reason, False
+        report = candidate.report
+        report.outcome, report.reason, report.pending = outcome, reason, False
         if published:
             self._lineage.add(self.serving().version)
 
@@ -213,12 +215,15 @@ class Trainer:
                 forced = self.requested > 0
                 if forced:
                     self.requested -= 1
-            if forced or self._due():
+                self._running = int(forced or self._due())
+            if self._running:
                 try:
                     self.run_round(forced)
                 except Exception:  # a bug in a round must not kill training for good, nor the daemon
                     log.exception("training round failed")
                     self._finish(RoundReport(self.rounds + 1, "skipped", "internal error (see the log)"))
+                finally:
+                    self._running = 0
                 if self.requested:
                     self._wake.set()
 
@@ -271,9 +276,7 @@ class Trainer:
                 serving_params = [serving.tensors[n].to(self.device) for n in self._names]
                 serving_norm = serving.normalization
                 serving_norm = None if serving_norm is None else serving_norm.to(self.device)
-                report.holdout_serving = self._loss(
-                    serving_params, serving_norm, holdout_t, ref_scale, serving_norm is None
-                ).item()
+                report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t, ref_scale).item()
             if self._stream is not None:
                 self._stream.synchronize()
         self.metrics.train_loss.set(report.train_loss)
@@ -296,11 +299,12 @@ class Trainer:
         report.outcome = "published"  # offered; the loop settles it (published, or skipped if stale)
         report.pending = True
         self._lineage = {serving.version}
+        self._finish(report, started, count=False)  # before offering: the loop may settle it at once
         with self._lock:
-            stale, self._candidate = self._candidate, Candidate(model, serving.version, forced, info)
+            stale, self._candidate = self._candidate, Candidate(model, serving.version, forced, info, report)
         if stale is not None:  # the loop never took the previous one (it polls between batches)
             self.settle(stale, False, "superseded by a newer candidate")
-        return self._finish(report, started, count=False)
+        return report
 
     def _finish(self, report: RoundReport, started: float | None = None, count: bool = True) -> RoundReport:
         report.duration_s = round(time.perf_counter() - started, 4) if started is not None else 0.0
@@ -364,7 +368,7 @@ class Trainer:
             losses.append(loss.detach())
         return float(torch.stack(losses).mean())
 
-    def _loss(self, params, norm, data, ref_scale, raw_forecast: bool = False) -> torch.Tensor:
+    def _loss(self, params, norm, data, ref_scale) -> torch.Tensor:
         """Mean loss over known targets. Forecast errors are in units of `ref_scale` (one step's typical change),
         so models with different normalisation statistics are compared on the same scale."""
         L = self.spec.num_layers

@@ -387,3 +387,21 @@ def test_windows_changed_during_the_copy_are_replaced():
     train, held = rec.sample(64, 16, np.random.default_rng(0))
     assert len(train) == 64 and len(held) == 1
     assert (train.x % 10 == 1).all() and (held.x % 10 == 1).all(), "only slot 1's windows survive"
+
+
+def test_forecast_change_is_zero_when_the_previous_event_is_unknown():
+    """A slot whose last event is not known (as after a restore without it) starts like a new stream."""
+    from lstmd.daemon.engine import Engine
+    from lstmd.daemon.model import ModelSpec
+    from lstmd.daemon.state_store import StateStore
+
+    spec = ModelSpec(2, 4, 1, 2, "forecast")
+    model = ServingModel.initial(spec, seed=1)
+    x = np.array([[3.0, -1.0]], np.float32)
+    answers = []
+    for fresh in (True, False):
+        engine = Engine(model, StateStore(1, 4, 2, torch.device("cpu")), torch.device("cpu"), "torch")
+        answers.append(engine.step(x, np.array([1]), np.array([fresh])))
+        saved = engine.snapshot_tensors(torch.tensor([1]))
+        np.testing.assert_array_equal(saved["last_x"].numpy(), x)
+    np.testing.assert_array_equal(answers[0], answers[1])
