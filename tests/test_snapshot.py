@@ -145,3 +145,21 @@ def test_state_store_restore_refuses_a_smaller_capacity():
         StateStore(1, 3, 4, torch.device("cpu")).restore_tensors(saved)
     with pytest.raises(ValueError, match="this store holds"):
         StateStore(1, 4, 8, torch.device("cpu")).restore_tensors(saved)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_state_store_round_trip_on_cuda():
+    """State tables on the GPU: the snapshot holds CPU copies, the restore puts rows back on the device."""
+    device = torch.device("cuda")
+    store = StateStore(2, 48, 64, device)
+    slots = store.admit([f"g{i}" for i in range(37)], 100).slots
+    store.h[:, torch.from_numpy(slots).to(device)] = torch.randn(2, 37, 48, device=device)
+    store.touch(slots)
+    saved = store.snapshot_tensors()
+    assert all(t.device.type == "cpu" for t in saved.values())
+    restored = StateStore(2, 48, 64, device)
+    restored.restore_tensors(saved)
+    assert restored.h.device.type == "cuda"
+    take = torch.from_numpy(slots).to(device)
+    torch.testing.assert_close(restored.h[:, take], store.h[:, take], rtol=0, atol=0)
