@@ -24,7 +24,16 @@ from lstmd.clients import protocol
 from lstmd.daemon import batching, control
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
-from lstmd.daemon.io import CONTROL, EVENTS, PUBLISH, ControlMessage, EventsMessage, IOThread, TargetsMessage
+from lstmd.daemon.io import (
+    CONTROL,
+    EVENTS,
+    PUBLISH,
+    REPLIES,
+    ControlMessage,
+    EventsMessage,
+    IOThread,
+    TargetsMessage,
+)
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.recovery import Durability, RecoveryError
@@ -406,6 +415,7 @@ class Daemon:
         out_dim = preds.shape[1]
         now = time.perf_counter()
         offset = 0
+        replies = []
         for message, count in zip(batch, counts, strict=True):
             end = offset + count
             local_reasons = (
@@ -419,11 +429,11 @@ class Daemon:
                 status=status[offset:end].tobytes(),
                 reasons=local_reasons,
             )
-            self._outbox.send_multipart(
-                [EVENTS, *message.envelope, protocol.encode(reply), preds[offset:end]], copy=False
-            )
+            envelope = [f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in message.envelope]
+            replies.append([*envelope, protocol.encode(reply), preds[offset:end].tobytes()])
             self.metrics.event_latency.observe(now - message.received)
             offset = end
+        self._outbox.send_multipart([REPLIES, msgspec.msgpack.encode(replies)])  # one hand-off (io.REPLIES)
 
     def _publish(self, batch, applied_parts, preds) -> None:
         if self._io is None or self._io.subscribers <= 0 or not applied_parts:
