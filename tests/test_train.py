@@ -405,3 +405,39 @@ def test_forecast_change_is_zero_when_the_previous_event_is_unknown():
         saved = engine.snapshot_tensors(torch.tensor([1]))
         np.testing.assert_array_equal(saved["last_x"].numpy(), x)
     np.testing.assert_array_equal(answers[0], answers[1])
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_rounds_learn_from_targets_carried_by_events(make_daemon, task):
+    """Labels (int64) or values (float32) in the events' targets frame train the model; bad labels are dropped."""
+    classes = 3 if task == "classification" else 1
+    daemon = make_daemon(**{**REGRESSION, "model.task": task, "model.output_size": classes})
+    admin = Admin(daemon.endpoints["control"])
+    rng = np.random.default_rng(4)
+    ids = [f"s{i}" for i in range(24)]
+    with Producer(daemon.endpoints["events"]) as producer:
+        for _ in range(40):
+            x = rng.standard_normal((24, 3)).astype(np.float32)
+            if task == "classification":
+                labels = np.argmax(x, axis=1).astype(np.int64)  # learnable from the current event alone
+                labels[0] = 7  # out of range: not recorded, not an error
+                producer.send(ids, x, targets=labels)
+            else:
+                producer.send(ids, x, targets=(x[:, 0] - 2 * x[:, 1]).astype(np.float32))
+    status = admin.train_now(wait=60)
+    assert status["last_round"]["outcome"] == "published", status["last_round"]
+    assert status["last_round"]["holdout_candidate"] < status["last_round"]["holdout_serving"]
+    if task == "classification":  # stream s0 only ever had the out-of-range label
+        assert not daemon.recorder.y_ok[recorded_row(daemon, "s0")].any()
+
+
+def test_rounds_start_every_interval_events(make_daemon):
+    daemon = make_daemon(**{**FORECAST, "train.interval_events": 240, "train.steps": 2})
+    admin = Admin(daemon.endpoints["control"])
+    workload = PeriodicStreams(24, 2, seed=9)
+    with Producer(daemon.endpoints["events"]) as producer:
+        feed_periodic(producer, workload, 9)  # 216 events: below the trigger
+        time.sleep(0.3)
+        assert admin.train_status()["rounds"] == 0
+        feed_periodic(producer, workload, 1)  # 240
+        wait_for(lambda: admin.train_status()["rounds"] == 1, what="a round after 240 events")
