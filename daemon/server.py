@@ -138,12 +138,22 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"state.dir {state_dir} is not writable: {exc.strerror}") from None
+        serve = self.config.serve
+        # Metrics first, with /readyz answering 503, so a long restore is observable; events sockets after the
+        # restore, so nothing is served from a half-restored state.
+        if serve.metrics:
+            try:
+                self._http = self.metrics.serve_http(serve.metrics)
+            except (OSError, ValueError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise StartupError(f"cannot serve metrics on {serve.metrics}: {why}") from None
+            self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
         try:
-            self.durability.restore()  # before binding: nothing is served from a half-restored state
+            self.durability.restore()
         except (RecoveryError, OSError) as exc:
+            self._close_http()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
-        serve = self.config.serve
         self._ctx = zmq.Context()
         try:
             self._io = IOThread(
@@ -160,21 +170,12 @@ class Daemon:
             )
         except Exception as exc:
             self._ctx.term()
+            self._close_http()
             raise StartupError(str(exc)) from None
-        self.endpoints = dict(self._io.endpoints)
+        self.endpoints |= self._io.endpoints
         self._outbox = self._ctx.socket(zmq.PUSH)
         self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
         self._outbox.connect(self._io.outbox_endpoint)
-        if serve.metrics:
-            try:
-                self._http = self.metrics.serve_http(serve.metrics)
-            except (OSError, ValueError) as exc:
-                self._io.close()
-                self._outbox.close()
-                self._ctx.term()
-                why = exc.strerror if isinstance(exc, OSError) else str(exc)
-                raise StartupError(f"cannot serve metrics on {serve.metrics}: {why}") from None
-            self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
         self._io.start()
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.model_version.set(self.engine.model.version)
@@ -253,12 +254,16 @@ class Daemon:
             self._io.join(5)
         if self._outbox is not None:
             self._outbox.close(linger=0)
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        self._close_http()
         if self._ctx is not None:
             self._ctx.term()
         log.info("lstmd stopped")
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
 
     # ---- the serving loop -------------------------------------------------------------------------------
 
