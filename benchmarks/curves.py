@@ -107,7 +107,7 @@ def plot(streams_rows: list[dict], hidden_rows: list[dict], out_dir: Path) -> No
         ax2.set_ylabel("peak RSS (MiB)")
         ax2.set_ylim(bottom=0)
         ax.set_title("lstmd: throughput and memory vs streams (H=64, I=8, L=1)")
-        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.86))
+        fig.legend(loc="center", bbox_to_anchor=(0.5, 0.5))
         fig.tight_layout()
         fig.savefig(out_dir / "bench-streams.png", dpi=120)
         plt.close(fig)

@@ -147,7 +147,7 @@ def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
             bad = (
                 n
                 if reply.error is not None or preds is None or preds.shape[0] != n
-                else int(np.count_nonzero(status >= protocol.REJECTED) + np.count_nonzero(status == 1))
+                else int(np.count_nonzero((status == protocol.REJECTED) | (status == protocol.DUPLICATE)))
             )
             if t_measure <= arrived <= t_stop:
                 events += n - bad
