@@ -279,6 +279,10 @@ class Trainer:
                 report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t, ref_scale).item()
             if self._stream is not None:
                 self._stream.synchronize()
+        if self._stream is not None:
+            # Serving reads these on its own (default) stream: copies allocated there, so the caching
+            # allocator never hands their memory back to the trainer's stream while serving still uses them.
+            candidate_tensors = {n: t.clone() for n, t in candidate_tensors.items()}
         self.metrics.train_loss.set(report.train_loss)
         self.metrics.holdout_loss.labels("serving").set(report.holdout_serving)
         self.metrics.holdout_loss.labels("candidate").set(report.holdout_candidate)

@@ -441,3 +441,20 @@ def test_rounds_start_every_interval_events(make_daemon):
         assert admin.train_status()["rounds"] == 0
         feed_periodic(producer, workload, 1)  # 240
         wait_for(lambda: admin.train_status()["rounds"] == 1, what="a round after 240 events")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.k2=16", "train.record_steps=40"], "multiple of train.k2"),
+        (["train.holdout_windows=4", "train.k2=32", "train.record_steps=128"], "holdout_windows + 1"),
+        (["train.lr=0"], "train.lr must be positive"),
+        (["train.nice=-5"], "train.nice must be >= 0"),
+        (["train.optimizer=rmsprop"], "train.optimizer"),
+    ],
+)
+def test_training_settings_are_validated(overrides, message):
+    from lstmd.daemon.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        load_config(overrides=overrides, environ={})
