@@ -19,9 +19,7 @@ ConfigOpt = Annotated[
 ]
 ControlOpt = Annotated[
     str | None,
-    typer.Option(
-        "--control", help="The daemon's control endpoint, e.g. tcp://127.0.0.1:5556.", show_default=False
-    ),
+    typer.Option("--control", help="The daemon's control endpoint, e.g. tcp://127.0.0.1:5556.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 SetOpt = Annotated[
@@ -84,6 +82,14 @@ def call_or_exit(fn, *args, **kwargs) -> Any:
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def emit(data: dict, as_json: bool, title: str) -> None:
+    """A read command's result: JSON for scripts (--json), else a key/value table for people."""
+    if as_json:
+        print_json(data)
+    else:
+        console.print(key_value_table(title, data))
 
 
 def key_value_table(title: str, data: dict) -> Table:

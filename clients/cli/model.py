@@ -14,8 +14,8 @@ from lstmd.clients.cli._common import (
     admin_or_exit,
     call_or_exit,
     console,
+    emit,
     fail,
-    key_value_table,
     print_json,
     rows_table,
 )
@@ -26,11 +26,7 @@ app = typer.Typer(help="Inspect, export and import the serving model.", no_args_
 @app.command()
 def info(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
     """Show the serving model's sizes, task and version."""
-    data = call_or_exit(admin_or_exit(config, control).model_info)
-    if json:
-        print_json(data)
-    else:
-        console.print(key_value_table("model", data))
+    emit(call_or_exit(admin_or_exit(config, control).model_info), json, "model")
 
 
 @app.command("export")

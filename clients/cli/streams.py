@@ -12,7 +12,7 @@ from lstmd.clients.cli._common import (
     admin_or_exit,
     call_or_exit,
     console,
-    key_value_table,
+    emit,
     print_json,
     rows_table,
 )
@@ -37,16 +37,12 @@ def list_(
 
 
 @app.command()
-def show(
-    stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False
-) -> None:
+def show(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
     """Show one stream's counters and hidden state."""
     info = call_or_exit(admin_or_exit(config, control).stream, stream)
-    if json:
-        print_json(info)
-    else:
-        summary = {k: v for k, v in info.items() if k not in ("h", "c")}
-        console.print(key_value_table(f"stream {info['stream']!r}", summary))
+    if not json:  # the state vectors are for scripts; people get their norms
+        info = {k: v for k, v in info.items() if k not in ("h", "c")}
+    emit(info, json, f"stream {info['stream']!r}")
 
 
 @app.command()
