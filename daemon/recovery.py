@@ -171,6 +171,8 @@ class Durability:
         model_meta = json.loads(meta["model_metadata"])
         model = ServingModel.from_bytes(safetensors.torch.save(groups.get("model", {}), metadata=model_meta))
         daemon.store.restore_tensors(groups.get("state", {}))
+        if "engine" in groups:
+            daemon.engine.restore_tensors(groups["engine"], groups["state"]["slots"])
         daemon.engine.swap_model(model)
         daemon.metrics.model_version.set(model.version)
         for component in COMPONENTS if components else ():
@@ -450,7 +452,10 @@ class Durability:
             self._next_segment += 1
         model = daemon.engine.model  # published models are immutable: no copy needed
         tensors = {f"model.{k}": v.cpu() for k, v in model.tensors.items()}
-        tensors |= {f"state.{k}": v for k, v in daemon.store.snapshot_tensors().items()}
+        state = daemon.store.snapshot_tensors()
+        tensors |= {f"state.{k}": v for k, v in state.items()}
+        # Forecast models: each stream's last event, so the first change after a restart is the real one.
+        tensors |= {f"engine.{k}": v for k, v in daemon.engine.snapshot_tensors(state["slots"]).items()}
         metadata = daemon.spec.to_metadata() | {
             "model_version": str(model.version),
             "model_metadata": json.dumps(model_file_metadata(model.to_bytes())),

@@ -184,3 +184,25 @@ def test_periodic_snapshot_is_written_in_the_background(make_daemon, tmp_path, m
     while snapshot.list_snapshots(state) == before and time.time() < deadline:
         time.sleep(0.05)
     assert snapshot.list_snapshots(state) != before
+
+
+def test_forecast_last_events_survive_a_snapshot_restart(make_daemon, tmp_path):
+    """A forecast model sees each stream's change since its previous event: that previous event must come back
+    from the snapshot, or the first prediction after a restart would treat it as 'no change'."""
+    settings = {**WAL_ON, "model.task": "forecast", "model.input_size": 2, "model.output_size": 2}
+    workload = PeriodicStreams(6, 2, seed=9)
+    events = [workload.next() for _ in range(8)]
+    uninterrupted = make_daemon(state_dir=tmp_path / "reference", **settings)
+    restarted = make_daemon(state_dir=tmp_path / "state", **settings)
+    for daemon in (uninterrupted, restarted):
+        with Producer(daemon.endpoints["events"]) as producer:
+            for x in events[:7]:
+                producer.send(workload.ids, x)
+    Admin(restarted.endpoints["control"]).snapshot()
+    restarted.stop_and_join()
+    restarted = make_daemon(state_dir=tmp_path / "state", **settings)
+    predictions = []
+    for daemon in (uninterrupted, restarted):
+        with Producer(daemon.endpoints["events"]) as producer:
+            predictions.append(producer.send(workload.ids, events[7]))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
