@@ -334,16 +334,20 @@ class Recorder:
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what snapshot_tensors() returned (same configuration); missing names are an error."""
+        # Check every array before changing any, so a snapshot that does not fit leaves the recorder untouched.
+        values = {name: tensors[f"recorder.{name}"].numpy() for name in self._ARRAYS}
+        counter_names = ("recorded", "targets_joined", "targets_unmatched")
+        counters = {name: int(tensors[f"recorder.{name}"]) for name in counter_names}
+        for name, value in values.items():
+            expected = getattr(self, name).shape
+            if value.shape != expected:
+                raise ValueError(
+                    f"recorder.{name} in the snapshot has shape {value.shape}, this configuration {expected}"
+                )
         with self.lock:
-            for name in self._ARRAYS:
-                value = tensors[f"recorder.{name}"].numpy()
-                target = getattr(self, name)
-                if value.shape != target.shape:
-                    raise ValueError(
-                        f"recorder.{name} in the snapshot has shape {value.shape}, this configuration {target.shape}"
-                    )
-                target[...] = value
+            for name, value in values.items():
+                getattr(self, name)[...] = value
             self.last_write[...] = self.clock() - self.last_write
-            for name in ("recorded", "targets_joined", "targets_unmatched"):
-                setattr(self, name, int(tensors[f"recorder.{name}"]))
+            for name, value in counters.items():
+                setattr(self, name, value)
             self._free = np.flatnonzero(self.slot_of_row < 0)[::-1].tolist()

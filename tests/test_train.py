@@ -458,3 +458,22 @@ def test_training_settings_are_validated(overrides, message):
 
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         load_config(overrides=overrides, environ={})
+
+
+def test_recorder_restore_that_does_not_fit_changes_nothing(make_daemon):
+    daemon = make_daemon(**FORECAST)
+    with Producer(daemon.endpoints["events"]) as producer:
+        feed_periodic(producer, PeriodicStreams(8, 2, seed=1), 10)
+    saved = daemon.recorder.snapshot_tensors()
+    before = {k: v.clone() for k, v in saved.items()}
+    broken = dict(saved)
+    broken["recorder.seq"] = saved["recorder.seq"][:-1]  # one array of the wrong shape, late in the list
+    fresh = make_daemon(**FORECAST)
+    untouched = fresh.recorder.snapshot_tensors()
+    with pytest.raises(ValueError, match="recorder.seq in the snapshot has shape"):
+        fresh.recorder.restore_tensors(broken)
+    after = fresh.recorder.snapshot_tensors()
+    for name in untouched:
+        if name != "recorder.last_write":
+            assert torch.equal(untouched[name], after[name]), name
+    assert all(torch.equal(before[k], saved[k]) for k in saved)
