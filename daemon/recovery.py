@@ -12,6 +12,10 @@ The serving loop owns one `Durability` and calls it at fixed points, all on the 
   reset flag, preceded by records of state changes made outside the event path since the last append
   (evictions, `streams reset`/`drop`, a new serving model). If the append fails, `reject_unlogged()` turns
   the batch's applied events into rejections and rolls the in-memory state back to what is on disk.
+- `log_targets()` before a delayed-targets message is joined to the recorder and answered: one append of the
+  message (streams, seqs, targets), so replay joins it again at the same point between the logged batches and
+  the recorder comes back exactly as it was. It is logged *before* the join (the join is deterministic given
+  the state the log rebuilds), so a failed append leaves nothing to undo: the targets are answered rejected.
 - `after_command()` after a control command: logs its state changes before the command is answered.
 - `maybe_snapshot()` from housekeeping, `snapshot()` for `lstmd snapshot`, `on_clean_stop()` at shutdown.
 
@@ -51,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lstmd.durability")
 
 # Record kinds (first element of each msgpack payload).
-EVENTS, MODEL, EVICT, RESET, PROBE = "E", "M", "X", "R", "P"
+EVENTS, MODEL, EVICT, RESET, PROBE, TARGETS = "E", "M", "X", "R", "P", "T"
 # Optional daemon attributes with snapshot_tensors() / restore_tensors(): training state and model history.
 COMPONENTS = ("recorder", "trainer", "versions")
 _encode = msgspec.msgpack.Encoder().encode
@@ -60,6 +64,20 @@ _decode = msgspec.msgpack.Decoder().decode
 
 class RecoveryError(RuntimeError):
     """The state directory cannot be restored; the message says what was found and what to do."""
+
+
+def encode_targets(streams: list, seqs: np.ndarray, targets: np.ndarray) -> bytes:
+    """The payload of a delayed-targets record: (TARGETS, stream ids, seqs int64, D, targets float32 [n, D])."""
+    targets = np.ascontiguousarray(targets, dtype=np.float32)
+    return _encode(
+        (TARGETS, list(streams), np.asarray(seqs, dtype=np.int64).tobytes(), targets.shape[1], targets.tobytes())
+    )
+
+
+def decode_targets(record: list) -> tuple[list, np.ndarray, np.ndarray]:
+    """(stream ids, seqs [n] int64, targets [n, D] float32) of a decoded delayed-targets record."""
+    _, streams, seq_bytes, dim, target_bytes = record
+    return streams, np.frombuffer(seq_bytes, dtype=np.int64), np.frombuffer(target_bytes, np.float32).reshape(-1, dim)
 
 
 class Durability:
@@ -261,6 +279,8 @@ class Durability:
         elif kind == RESET:
             for sid in record[1]:
                 store.reset(sid)
+        elif kind == TARGETS:
+            self._replay_targets(record)
         elif kind != PROBE:
             raise RecoveryError(f"write-ahead log record of unknown kind {kind!r}: written by a newer lstmd?")
 
@@ -298,6 +318,16 @@ class Durability:
                 recorder.record(s, x[wave], seq[wave], wave_targets, fresh[wave], store.h, store.c)
         return int(idx.size)
 
+    def _replay_targets(self, record: list) -> None:
+        """Join a logged delayed-targets message again, exactly as the serving loop did (same counters too)."""
+        recorder = getattr(self.daemon, "recorder", None) if self._feed_recorder else None
+        if recorder is None or recorder.forecast:  # training off now, or reloading (the recorder has them)
+            return
+        streams, seqs, targets = decode_targets(record)
+        get = self.daemon.store.slot_of.get
+        slots = np.fromiter((get(sid, -1) for sid in streams), dtype=np.int64, count=len(streams))
+        recorder.join_targets(slots, seqs, targets)
+
     def _recorded_targets(self, message_streams: list, message_targets: list) -> np.ndarray | None:
         """[N, D] targets of a logged batch exactly as the serving loop hands them to the recorder."""
         if not message_targets:
@@ -334,6 +364,24 @@ class Durability:
             )
         )
         self._append([*self._side_records(), payload])
+
+    def log_targets(self, streams: list, seqs: np.ndarray, targets: np.ndarray) -> tuple[str, str] | None:
+        """Append a delayed-targets message (after pending side records) before it is joined.
+
+        None: logged (under fsync = always, on disk). Otherwise (reason, message): the log cannot be written, so
+        the targets must not be joined and are answered rejected. Nothing was changed, so nothing is undone;
+        pending side records stay pending for the next append, as they would without this message.
+        """
+        failing = self.wal.error is not None
+        try:
+            self._append([*self._side_records(), encode_targets(streams, seqs, targets)])
+        except WalError as exc:
+            reason = "wal_unavailable" if failing else "wal_write_failed"
+            log.error("%s: rejecting %d delayed target(s)", exc.strerror, len(streams))
+            return reason, f"{exc.strerror}; the target was not joined, resend it"
+        if failing:
+            log.warning("the write-ahead log accepts writes again; serving resumes")
+        return None
 
     def _side_records(self) -> list[bytes]:
         out = []

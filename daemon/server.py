@@ -555,12 +555,21 @@ class Daemon:
             slots = np.fromiter((get(sid, -1) for sid in header.streams), dtype=np.int64, count=n)
             seqs = np.asarray(header.seqs, dtype=np.int64)
             targets = message.targets.astype(np.float32)
-            joined = self.recorder.join_targets(slots, seqs, targets)
-            status[joined] = protocol.OK
-            reasons = {
-                i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
-                for i in np.flatnonzero(~joined).tolist()
-            }
+            # Write-ahead: logged before the join and the reply, so an acknowledged target survives a crash.
+            wal = self.durability.wal
+            unlogged = None if wal is None else self.durability.log_targets(header.streams, seqs, targets)
+            if unlogged is not None:  # the log cannot be written: join nothing, answer every target rejected
+                label, why = unlogged
+                reasons = dict.fromkeys(range(n), why)
+                self.stats.rejections[label] = self.stats.rejections.get(label, 0) + n
+                self.metrics.rejections.labels(reason=label).inc(n)
+            else:
+                joined = self.recorder.join_targets(slots, seqs, targets)
+                status[joined] = protocol.OK
+                reasons = {
+                    i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
+                    for i in np.flatnonzero(~joined).tolist()
+                }
         reply = protocol.EventsReply(
             v=protocol.PROTOCOL_VERSION,
             req=header.req,
