@@ -7,11 +7,11 @@ exact path (`serve.max_batch`) instead of being ignored. Defaults bind to loopba
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
 import msgspec
-import tomllib
 
 
 class ConfigError(ValueError):
