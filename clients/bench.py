@@ -93,7 +93,15 @@ def _percentiles(latencies_s: np.ndarray) -> dict[str, float]:
 # ---- producer processes -------------------------------------------------------------------------------------
 
 
-def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: float, t_stop: float, out) -> None:
+def _start_signal(out, index: int, go, window) -> tuple[float, float]:
+    """Tell the parent this producer is set up, wait for the start; return (t_measure, t_stop)."""
+    out.put(("ready", index))
+    if not go.wait(120):
+        raise RuntimeError("the bench never started the producers")
+    return window[0], window[1]
+
+
+def _lstmd_producer(endpoint: str, workload: Workload, index: int, go, window, out) -> None:
     """One producer process: DEALER, `inflight` messages outstanding or a fixed schedule; results on `out`."""
     started = time.perf_counter()
     ctx = zmq.Context()
@@ -107,20 +115,21 @@ def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
     pool = [rng.standard_normal((per_message, workload.input_size), dtype=np.float32) * 0.5 for _ in range(8)]
     open_loop = workload.rate > 0
     interval = per_message * workload.producers / workload.rate if open_loop else 0.0
-    window = workload.inflight if not open_loop else 10_000  # open loop: bounded only to protect memory
+    max_outstanding = workload.inflight if not open_loop else 10_000  # open loop: bounded to protect memory
     outstanding: dict[int, tuple[float, int]] = {}  # req -> (send or scheduled time, events)
     latencies: list[float] = []
     events = messages = errors = 0
     req = chunk = 0
-    next_send = time.perf_counter()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
+    t_measure, t_stop = _start_signal(out, index, go, window)
+    next_send = time.perf_counter()
     while True:
         now = time.perf_counter()
         sending = now < t_stop
         if not sending and (not outstanding or now > t_stop + 10):
             break
-        while sending and len(outstanding) < window and (not open_loop or next_send <= now):
+        while sending and len(outstanding) < max_outstanding and (not open_loop or next_send <= now):
             streams = chunks[chunk]
             chunk = (chunk + 1) % len(chunks)
             req += 1
@@ -168,7 +177,7 @@ def _lstmd_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
     )
 
 
-def _naive_producer(endpoint: str, workload: Workload, index: int, t_measure: float, t_stop: float, out) -> None:
+def _naive_producer(endpoint: str, workload: Workload, index: int, go, window, out) -> None:
     """One client of the naive server: REQ, one JSON message per event, waiting for each reply."""
     started = time.perf_counter()
     ctx = zmq.Context()
@@ -181,6 +190,7 @@ def _naive_producer(endpoint: str, workload: Workload, index: int, t_measure: fl
     latencies: list[float] = []
     events = errors = 0
     k = 0
+    t_measure, t_stop = _start_signal(out, index, go, window)
     while True:
         now = time.perf_counter()
         if now >= t_stop:
@@ -336,13 +346,13 @@ def _daemon_counters(control: str | None) -> tuple[int, int] | None:
     return int(status["batches"]), int(sum(status["events"].values()))
 
 
-def _collect(out, procs) -> list[dict]:
-    """Every producer's result; a producer that died without one is an error, not a hang."""
+def _collect(out, procs, count: int | None = None) -> list:
+    """`count` items from the producers (default: one each); a producer that dies first is an error, not a hang."""
     import queue
 
-    results: list[dict] = []
+    results: list = []
     deadline = time.monotonic() + 120
-    while len(results) < len(procs):
+    while len(results) < (len(procs) if count is None else count):
         try:
             results.append(out.get(timeout=0.5))
         except queue.Empty:
@@ -401,16 +411,21 @@ def measure(
     target = _lstmd_producer if server_name == "lstmd" else _naive_producer
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    start_at = time.perf_counter() + 1.0  # spawn start-up; producers begin at once, warm-up absorbs skew
-    t_measure = start_at + workload.warmup_s
-    t_stop = t_measure + workload.duration_s
+    go = ctx.Event()
+    window = ctx.Array("d", 2, lock=False)  # (t_measure, t_stop), perf_counter: CLOCK_MONOTONIC, system-wide
     procs = [
-        ctx.Process(target=target, args=(endpoint, workload, i, t_measure, t_stop, out), daemon=True)
+        ctx.Process(target=target, args=(endpoint, workload, i, go, window, out), daemon=True)
         for i in range(workload.producers)
     ]
     rss_start = server.rss()
     for p in procs:
         p.start()
+    # Start the clock only when every producer is set up (spawning one can take seconds on a loaded host).
+    _collect(out, procs)
+    t_measure = time.perf_counter() + workload.warmup_s
+    t_stop = t_measure + workload.duration_s
+    window[0], window[1] = t_measure, t_stop
+    go.set()
     server.start_sampling()
     while time.perf_counter() < t_measure:
         time.sleep(0.01)
