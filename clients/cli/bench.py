@@ -110,7 +110,7 @@ def bench(
             typer.echo(text)
         else:
             json_file.write_text(text + "\n")
-    console.print(_table(summary))
+    (err_console if str(json_file) == "-" else console).print(_table(summary))  # keep stdout pure JSON
     if any(r.errors for r in results):
         raise fail("some events were rejected or answered wrongly (see the errors column)")
 
