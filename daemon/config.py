@@ -30,6 +30,10 @@ class ModelConfig(_Section):
     task: Literal["regression", "classification", "forecast"] = "regression"
     seed: int = 0
     path: str = ""  # a model file (safetensors) to serve at start; empty: fresh weights from `seed`
+    # forecast: the feature columns (indices into an event's features, distinct) the model predicts for the
+    # next event; output_size = len(forecast_columns). Empty: all features (output_size = input_size). They
+    # travel in the model file's metadata; a model file whose columns differ is refused at start and on import.
+    forecast_columns: list[int] = []
 
 
 class ServeConfig(_Section):
@@ -79,6 +83,10 @@ class TrainConfig(_Section):
     record_steps: int = 128  # recent events kept per recorded stream; a multiple of k2
     record_idle_s: float = 60.0  # a recorded stream idle this long may give its buffer to a new stream
     history: int = 8  # published model versions kept for `lstmd model rollback`
+    # after this many rejected or diverged rounds in a row, the trainer drops its own weights and optimizer state
+    # and starts again from the serving weights (it has drifted somewhere worse); counted in
+    # lstmd_train_resets_total. 0: never (a diverged round still restarts from the serving weights)
+    reset_after_rejections: int = 3
     threads: int = 0  # torch intra-op threads (process-wide, on the CPU); 0: leave them to serve.cpu_threads
     nice: int = 10  # niceness of the trainer thread (Linux), so the serving loop wins the cores; 0: unchanged
 
@@ -191,17 +199,42 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"model.task = classification needs model.output_size >= 2 classes, got {m.output_size}"
         )
-    if m.task == "forecast" and m.output_size != m.input_size:
-        raise ConfigError(
-            f"model.task = forecast predicts the next event, so model.output_size ({m.output_size}) "
-            f"must equal model.input_size ({m.input_size})"
-        )
+    _validate_forecast_columns(m)
     _validate_train(config)
     for key in ("events", "control"):
         if not getattr(s, key).startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(
                 f"serve.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {getattr(s, key)!r}"
             )
+
+
+def _validate_forecast_columns(m: ModelConfig) -> None:
+    columns = m.forecast_columns
+    if columns and m.task != "forecast":
+        raise ConfigError(f"model.forecast_columns is for model.task = forecast only (task is {m.task!r})")
+    if m.task != "forecast":
+        return
+    if not columns:
+        if m.output_size != m.input_size:
+            raise ConfigError(
+                f"model.task = forecast predicts the next event, so model.output_size ({m.output_size}) "
+                f"must equal model.input_size ({m.input_size}), or model.forecast_columns must choose "
+                f"{m.output_size} feature columns"
+            )
+        return
+    bad = [c for c in columns if not 0 <= c < m.input_size]
+    if bad:
+        raise ConfigError(
+            f"model.forecast_columns {columns}: {bad} out of range for model.input_size {m.input_size} "
+            f"(indices 0..{m.input_size - 1})"
+        )
+    if len(set(columns)) != len(columns):
+        raise ConfigError(f"model.forecast_columns {columns} names a column twice")
+    if m.output_size != len(columns):
+        raise ConfigError(
+            f"model.output_size ({m.output_size}) must equal the number of model.forecast_columns "
+            f"({len(columns)}: {columns}): the model predicts those columns of the next event"
+        )
 
 
 def _validate_train(config: Config) -> None:
@@ -220,7 +253,16 @@ def _validate_train(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    for key in ("interval", "interval_events", "tolerance", "min_windows", "record_idle_s", "threads", "nice"):
+    for key in (
+        "interval",
+        "interval_events",
+        "tolerance",
+        "min_windows",
+        "record_idle_s",
+        "threads",
+        "nice",
+        "reset_after_rejections",
+    ):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:

@@ -108,7 +108,7 @@ def _import_model(daemon: Daemon, args: dict) -> dict:
     except ValueError as exc:
         raise CommandError(f"cannot import model: {exc}") from None
     if model.spec != daemon.spec:
-        raise CommandError(f"model file holds {model.spec}, but this daemon serves {daemon.spec}")
+        raise CommandError(f"cannot import model: {model.spec.mismatch(daemon.spec)}")
     return {"version": daemon.install_model(model, "import")}
 
 

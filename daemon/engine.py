@@ -92,5 +92,5 @@ class Engine:
         weight, bias = model.head
         out = torch.addmm(bias, y, weight.t())
         if norm is not None:
-            out = norm.predictions(x, out)
+            out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
         return out.cpu().numpy()

@@ -56,7 +56,8 @@ class Metrics:
     Attributes are plain prometheus_client objects: the daemon calls `.inc()`, `.set()`, `.observe()` and
     `.labels(...)` on them directly. Label values in use: `events{status}` ok|duplicate|state_reset|rejected;
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
-    `train_rounds{outcome}` published|rejected|diverged|skipped; `holdout_loss{model}` serving|candidate;
+    `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
+    the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate;
     `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}`.
     """
 
@@ -110,6 +111,11 @@ class Metrics:
         self.evictions = Counter("lstmd_evictions", "Streams evicted, by cause", ["cause"], registry=r)
         # Training.
         self.train_rounds = Counter("lstmd_train_rounds", "Training rounds, by outcome", ["outcome"], registry=r)
+        self.train_resets = Counter(
+            "lstmd_train_resets",
+            "Trainer restarts from the serving weights after train.reset_after_rejections failed rounds in a row",
+            registry=r,
+        )
         self.train_loss = Gauge("lstmd_train_loss", "Mean training loss of the last round", registry=r)
         self.holdout_loss = Gauge(
             "lstmd_holdout_loss", "Loss on the held-out recent slice, by model", ["model"], registry=r

@@ -3,16 +3,27 @@
 The model file is safetensors with tensor names exactly as `torch.nn.LSTM(batch_first=True).state_dict()`
 plus `head.weight` / `head.bias` of an `nn.Linear(H, O)`; metadata holds the sizes and the task. Loading the
 file into those two torch modules reproduces the daemon's predictions.
+
+Forecast models carry two more metadata entries, both JSON strings:
+- `forecast_columns`: the feature columns (indices into an event's features) the model predicts for the next
+  event, e.g. `[2]`; output_size = their number. Written for every forecast model (all columns when the config
+  chose none); a file without it predicts all features.
+- `forecast_normalization`: the statistics of daemon/normalization.py. The LSTM sees normalised inputs and the
+  head predicts the scaled change of the chosen columns from their last value, so plain
+  `head(lstm(x))` is not the forecast. `lstmd.daemon.normalization.predict_file_sequence(lstm, head, metadata, x)`
+  applies what the metadata describes to whole streams x [B, T, I] (from each stream's first event) and returns
+  the daemon's predictions [B, T, O]; read the metadata with `safetensors.safe_open(path, "pt").metadata()`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import safetensors.torch
 import torch
+from lstmd.daemon.normalization import COLUMNS_KEY, ForecastNormalization, read_columns
 from lstmd.daemon.normalization import METADATA_KEY as NORMALIZATION_KEY
-from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.kernels import Params
 
 TASKS = ("regression", "classification", "forecast")
@@ -25,9 +36,26 @@ class ModelSpec:
     num_layers: int
     output_size: int
     task: str
+    # forecast: the feature columns predicted for the next event; () = all of them (stored canonically: a list
+    # naming every column in order is ()). Always () for other tasks.
+    forecast_columns: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        columns = tuple(int(c) for c in self.forecast_columns)
+        if columns == tuple(range(self.input_size)):
+            columns = ()
+        object.__setattr__(self, "forecast_columns", columns)
+
+    @property
+    def target_columns(self) -> list[int]:
+        """Forecast: the columns of the next event that are the target (all when none were chosen)."""
+        return list(self.forecast_columns) or list(range(self.input_size))
 
     def to_metadata(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.__dict__.items()}
+        meta = {k: str(v) for k, v in self.__dict__.items() if k != "forecast_columns"}
+        if self.task == "forecast":
+            meta[COLUMNS_KEY] = json.dumps(self.target_columns)
+        return meta
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> ModelSpec:
@@ -37,15 +65,32 @@ class ModelSpec:
         if missing:
             raise ValueError(f"model file metadata lacks {', '.join(missing)}")
         try:
-            return cls(
-                int(meta["input_size"]),
-                int(meta["hidden_size"]),
-                int(meta["num_layers"]),
-                int(meta["output_size"]),
-                meta["task"],
-            )
+            sizes = [int(meta[k]) for k in ("input_size", "hidden_size", "num_layers", "output_size")]
         except ValueError as exc:
             raise ValueError(f"model file metadata has a non-integer size: {exc}") from None
+        columns = read_columns(meta) if meta["task"] == "forecast" else None
+        if columns is not None:
+            if len(set(columns)) != len(columns) or not all(0 <= c < sizes[0] for c in columns):
+                raise ValueError(
+                    f"model file metadata {COLUMNS_KEY} {columns} must be distinct indices below input_size {sizes[0]}"
+                )
+            if len(columns) != sizes[3]:
+                raise ValueError(
+                    f"model file metadata {COLUMNS_KEY} {columns} names {len(columns)} columns, "
+                    f"but output_size is {sizes[3]}"
+                )
+        return cls(*sizes, meta["task"], tuple(columns or ()))
+
+    def mismatch(self, other: ModelSpec) -> str:
+        """What differs from `other` (the daemon's), in words; empty when nothing does."""
+        if self == other:
+            return ""
+        if self.forecast_columns != other.forecast_columns:
+            return (
+                f"the model forecasts feature columns {self.target_columns}, "
+                f"but model.forecast_columns says {other.target_columns}"
+            )
+        return f"it holds {self}, but the daemon's [model] config says {other}"
 
 
 def tensor_names(spec: ModelSpec) -> list[str]:
@@ -96,6 +141,12 @@ class ServingModel:
         self.spec = spec
         self.tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
         self.version = version
+        # Forecast models with chosen columns: their indices (on the weights' device) for the engine; else None.
+        self.columns = (
+            torch.tensor(spec.forecast_columns, dtype=torch.long, device=self.tensors["head.bias"].device)
+            if spec.task == "forecast" and spec.forecast_columns
+            else None
+        )
         # Forecast models only (daemon/normalization.py): standardised inputs, predicted change from the last value.
         self.normalization = normalization
 
@@ -168,7 +219,6 @@ class ServingModel:
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
-    import json
     import struct
 
     (header_len,) = struct.unpack("<Q", data[:8])

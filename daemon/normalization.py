@@ -4,18 +4,21 @@ A forecast model sees each stream's *change* since its previous event, scaled by
 change, and predicts the next change in the same units:
 
     d_t = (x_t - x_{t-1}) / delta_scale        (d = 0 at a stream's first event, and after a reset)
-    prediction_t = x_t + delta_scale * head(lstm(d_1 .. d_t))
+    prediction_t = x_t[cols] + delta_scale[cols] * head(lstm(d_1 .. d_t))
 
 so a model that has learnt nothing yet (head output near 0) is the naive last-value forecast, and neither the
-level nor a trend of the series ever leaves the range the weights were trained on. Level inputs, (x - mean) /
+level nor a trend of the series ever leaves the range the weights were trained on. `cols` are the forecast
+columns (`model.forecast_columns`, all features by default): the LSTM always sees every feature, the head
+predicts the change of the chosen columns only. Level inputs, (x - mean) /
 std, remain available as `inputs = "level"`, but on the weekly CO2 record an LSTM fed levels did no better than
 the last value while one fed changes was 23% better (offline check, docs/benchmarks.md "Online learning").
 
 The statistics belong to a model version: the trainer recomputes them from recorded recent events every round
 and publishes them with the weights. They travel in the model file's metadata as one JSON string under
 `forecast_normalization` (`inputs`, and per feature `mean`, `std`, `delta_scale`); a forecast model file
-without it is served as is (plain `nn.LSTM` + `nn.Linear` output). The engine keeps every stream's last event
-(`Engine.last_x`) to form the changes.
+without it is served as is (plain `nn.LSTM` + `nn.Linear` output). The columns travel as a JSON list under
+`forecast_columns`. `predict_file_sequence` applies both to a model file's torch modules (daemon/model.py). The
+engine keeps every stream's last event (`Engine.last_x`) to form the changes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 METADATA_KEY = "forecast_normalization"
+COLUMNS_KEY = "forecast_columns"
 INPUTS = ("change", "level")
 
 
@@ -73,9 +77,16 @@ class ForecastNormalization:
             return dx / self.delta_scale
         return (x - self.mean) / self.std
 
-    def predictions(self, x: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
-        """The forecast in the data's units: last value plus the scaled predicted change."""
-        return torch.addcmul(x, head_out, self.delta_scale)
+    def predictions(self, x: torch.Tensor, head_out: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """The forecast in the data's units: last value plus the scaled predicted change, of the forecast
+        `columns` (an index tensor; None: every feature)."""
+        if columns is None:
+            return torch.addcmul(x, head_out, self.delta_scale)
+        return torch.addcmul(x.index_select(-1, columns), head_out, self.delta_scale.index_select(0, columns))
+
+    def target_scale(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """delta_scale of the forecast columns: the unit forecast errors are measured in."""
+        return self.delta_scale if columns is None else self.delta_scale.index_select(0, columns)
 
     def to_json(self) -> str:
         stats = {k: [float(v) for v in getattr(self, k).cpu()] for k in ("mean", "std", "delta_scale")}
@@ -98,3 +109,34 @@ class ForecastNormalization:
                 torch.equal(getattr(self, k).cpu(), getattr(other, k).cpu()) for k in ("mean", "std", "delta_scale")
             )
         )
+
+
+def read_columns(metadata: dict[str, str]) -> list[int] | None:
+    """The forecast columns a model file's metadata names (None: the key is absent, i.e. all features)."""
+    if COLUMNS_KEY not in metadata:
+        return None
+    try:
+        columns = json.loads(metadata[COLUMNS_KEY])
+        if not isinstance(columns, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in columns):
+            raise ValueError("expected a JSON list of integers")
+    except ValueError as exc:
+        raise ValueError(f"model file metadata {COLUMNS_KEY} is unreadable: {exc}") from None
+    return columns
+
+
+@torch.no_grad()
+def predict_file_sequence(
+    lstm: torch.nn.LSTM, head: torch.nn.Linear, metadata: dict[str, str], x: torch.Tensor
+) -> torch.Tensor:
+    """A model file's predictions for whole streams x [B, T, I] (batch first, each from its first event, zero
+    state), with the torch modules the file loads into and its metadata: what the daemon answers for the same
+    events. Forecast files apply their normalisation and columns; other files are plain head(lstm(x))."""
+    if metadata.get("task") != "forecast" or METADATA_KEY not in metadata:
+        y, _ = lstm(x)
+        return head(y)
+    norm = ForecastNormalization.from_json(metadata[METADATA_KEY])
+    columns = read_columns(metadata)
+    index = None if columns is None else torch.tensor(columns, dtype=torch.long)
+    dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)  # 0 at a stream's first event
+    y, _ = lstm(norm.lstm_inputs(x, dx))
+    return norm.predictions(x, head(y), index)

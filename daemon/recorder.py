@@ -8,7 +8,8 @@ Layout (R = record_streams rows, T = record_steps, k2 = window length, W = T / k
 
     x      [R, T, I] float32   the events, a ring buffer per row
     dx     [R, T, I] float32   forecast only: each event's change since the stream's previous event (0 at a start)
-    y      [R, T, D] float32   their targets (regression values, class labels, or the next event for forecasts)
+    y      [R, T, D] float32   their targets (regression values, class labels, or for forecasts the next event's
+                               forecast columns)
     y_ok   [R, T]    bool      the target is known (targets may arrive later, or never)
     seq    [R, T]    int64     each event's per-stream sequence number (to join delayed targets)
     h0, c0 [R, W, L, H]        the stream's LSTM state *before* the first event of each window
@@ -73,6 +74,7 @@ class Recorder:
         idle_s: float = 60.0,
         holdout_windows: int = 1,
         clock=time.monotonic,
+        columns: list[int] | None = None,  # forecast: the next event's columns that are the target; None: all
     ) -> None:
         if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
             raise ValueError(
@@ -82,6 +84,9 @@ class Recorder:
         self.task, self.k2, self.idle_s, self.clock = task, k2, idle_s, clock
         self.holdout_windows = holdout_windows
         self.forecast = task == "forecast"
+        self.columns = None if columns is None else [int(c) for c in columns]  # a list: nbytes counts the arrays
+        if self.forecast and target_size != (input_size if columns is None else len(columns)):
+            raise ValueError(f"forecast target_size {target_size} does not match the forecast columns {columns}")
         self.x = np.zeros((R, T, input_size), np.float32)
         self.dx = np.zeros((R, T, input_size) if self.forecast else (0, 0, input_size), np.float32)
         self.y = np.zeros((R, T, target_size), np.float32)
@@ -148,7 +153,7 @@ class Recorder:
                 has_prev = count > 0
                 before = at[has_prev] - 1 + np.where(count[has_prev] % T == 0, T, 0)
                 new = x[has_prev]
-                y_flat[before] = new
+                y_flat[before] = new if self.columns is None else new[:, self.columns]
                 y_ok_flat[before] = True
                 change = np.zeros_like(x)
                 change[has_prev] = new - x_flat[before]

@@ -113,7 +113,7 @@ class Daemon:
 
     def _initial_model(self) -> ServingModel:
         m = self.config.model
-        spec = ModelSpec(m.input_size, m.hidden_size, m.num_layers, m.output_size, m.task)
+        spec = ModelSpec(m.input_size, m.hidden_size, m.num_layers, m.output_size, m.task, tuple(m.forecast_columns))
         if not m.path:
             return ServingModel.initial(spec, m.seed)
         try:
@@ -123,7 +123,7 @@ class Daemon:
         except ValueError as exc:
             raise StartupError(f"model.path {m.path}: {exc}") from None
         if model.spec != spec:
-            raise StartupError(f"model.path {m.path} holds {model.spec}, but the [model] config says {spec}")
+            raise StartupError(f"model.path {m.path} does not fit the [model] config: {model.spec.mismatch(spec)}")
         return model
 
     # ---- lifecycle --------------------------------------------------------------------------------------
@@ -508,7 +508,8 @@ class Daemon:
         from lstmd.daemon.recorder import Recorder
         from lstmd.daemon.trainer import Trainer
 
-        target_size = spec.input_size if spec.task == "forecast" else self._target_dim()
+        forecast = spec.task == "forecast"
+        target_size = spec.output_size if forecast else self._target_dim()  # forecast: the chosen columns
         recorder = Recorder(
             spec.num_layers,
             spec.hidden_size,
@@ -521,6 +522,7 @@ class Daemon:
             t.k2,
             t.record_idle_s,
             t.holdout_windows,
+            columns=(list(spec.forecast_columns) or None) if forecast else None,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backend, seed = self.engine.backend, self.config.model.seed

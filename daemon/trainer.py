@@ -9,6 +9,11 @@ one is discarded and counted as `rejected`; a round whose loss, gradients or wei
 discarded as `diverged` and the trainer starts again from the serving weights. Nothing the trainer computes
 reaches serving except through that check, so NaN/Inf never does.
 
+A rejected round's weights stay the trainer's (the next round may improve on them), but a trainer that keeps
+losing has drifted somewhere worse than serving: after `train.reset_after_rejections` rejected or diverged
+rounds in a row it restarts from the serving weights with a fresh optimizer state (logged, counted in
+`resets` and `lstmd_train_resets_total`). An offered candidate ends the streak.
+
 Inference never waits for training: the serving weights are immutable `ServingModel`s (the trainer reads a
 reference and copies), the loop only polls for a finished candidate, and on CUDA the trainer runs on its own
 stream. On the CPU the trainer and the loop share the cores: `train.threads` sets torch's intra-op threads.
@@ -93,6 +98,14 @@ class Trainer:
         self.requested = 0  # rounds asked for with `train now`, not started yet
         self.last: RoundReport | None = None
         self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
+        self.consecutive_rejections = 0  # rejected or diverged rounds since the last candidate or reset
+        self.resets = 0  # restarts from the serving weights after reset_after_rejections such rounds
+        # Forecast: the columns of the next event that are the target (index tensor), None: every feature.
+        self._columns = (
+            torch.tensor(spec.forecast_columns, dtype=torch.long, device=device)
+            if spec.task == "forecast" and spec.forecast_columns
+            else None
+        )
         self._candidate: Candidate | None = None
         self._lock = threading.Lock()  # guards _candidate, requested, the checkpoint
         self._running = 0  # 1 while the thread runs a round
@@ -172,6 +185,8 @@ class Trainer:
             "rounds": self.rounds,
             "requested": self.requested,
             "outcomes": dict(self.outcomes),
+            "consecutive_rejections": self.consecutive_rejections,
+            "resets": self.resets,
             "last_round": None if self.last is None else self.last.as_dict(),
             "recorder": {
                 "streams": self.recorder.streams,
@@ -194,6 +209,7 @@ class Trainer:
                 "lr": c.lr,
                 "clip_norm": c.clip_norm,
                 "tolerance": c.tolerance,
+                "reset_after_rejections": c.reset_after_rejections,
                 "torch_threads": torch.get_num_threads(),
             },
         }
@@ -258,7 +274,7 @@ class Trainer:
                 self._reset_from(serving)
             norm = self._normalization(train) if self.spec.task == "forecast" else None
             train_t, holdout_t = self._to_device(train), self._to_device(holdout)
-            ref_scale = None if norm is None else norm.delta_scale
+            ref_scale = None if norm is None else norm.target_scale(self._columns)
             try:
                 report.train_loss = self._train(train_t, norm, ref_scale)
                 candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
@@ -271,7 +287,7 @@ class Trainer:
             except Diverged as exc:
                 report.outcome, report.reason = "diverged", str(exc)
                 self._params = []  # next round starts again from the serving weights
-                return self._finish(report, started)
+                return self._finish(report, started, serving=serving)
             with torch.no_grad():
                 serving_params = [serving.tensors[n].to(self.device) for n in self._names]
                 serving_norm = serving.normalization
@@ -292,7 +308,7 @@ class Trainer:
             report.reason = (
                 f"holdout loss {report.holdout_candidate:.6g} worse than serving {report.holdout_serving:.6g}"
             )
-            return self._finish(report, started)
+            return self._finish(report, started, serving=serving)
         model = ServingModel(self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu")))
         info = {
             "round": report.round,
@@ -303,6 +319,7 @@ class Trainer:
         report.outcome = "published"  # offered; the loop settles it (published, or skipped if stale)
         report.pending = True
         self._lineage = {serving.version}
+        self.consecutive_rejections = 0
         self._finish(report, started, count=False)  # before offering: the loop may settle it at once
         with self._lock:
             stale, self._candidate = self._candidate, Candidate(model, serving.version, forced, info, report)
@@ -310,7 +327,10 @@ class Trainer:
             self.settle(stale, False, "superseded by a newer candidate")
         return report
 
-    def _finish(self, report: RoundReport, started: float | None = None, count: bool = True) -> RoundReport:
+    def _finish(
+        self, report: RoundReport, started: float | None = None, count: bool = True, serving: ServingModel | None = None
+    ) -> RoundReport:
+        """Count and record a round; `serving`: the model a rejected or diverged round was compared against."""
         report.duration_s = round(time.perf_counter() - started, 4) if started is not None else 0.0
         report.finished = round(time.time(), 3)
         if count:
@@ -319,10 +339,26 @@ class Trainer:
         self.metrics.train_round_duration.observe(report.duration_s)
         self.last = report
         self.rounds += 1
-        self._save_checkpoint()
         if report.outcome in ("rejected", "diverged"):
             log.info("training round %d %s: %s", report.round, report.outcome, report.reason)
+            self.consecutive_rejections += 1
+            limit = self.config.reset_after_rejections
+            if serving is not None and limit and self.consecutive_rejections >= limit:
+                self._restart_from(serving)
+        self._save_checkpoint()
         return report
+
+    def _restart_from(self, serving: ServingModel) -> None:
+        """The drift policy: drop the trainer's weights and optimizer state, start again from `serving`."""
+        log.warning(
+            "training: %d rejected or diverged rounds in a row; restarting from the serving weights (version %d)",
+            self.consecutive_rejections,
+            serving.version,
+        )
+        self._reset_from(serving)
+        self.consecutive_rejections = 0
+        self.resets += 1
+        self.metrics.train_resets.inc()
 
     @property
     def _names(self) -> list[str]:
@@ -373,8 +409,8 @@ class Trainer:
         return float(torch.stack(losses).mean())
 
     def _loss(self, params, norm, data, ref_scale) -> torch.Tensor:
-        """Mean loss over known targets. Forecast errors are in units of `ref_scale` (one step's typical change),
-        so models with different normalisation statistics are compared on the same scale."""
+        """Mean loss over known targets. Forecast errors are in units of `ref_scale` (one step's typical change of
+        each forecast column), so models with different normalisation statistics are compared on the same scale."""
         L = self.spec.num_layers
         layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
         head_w, head_b = params[4 * L], params[4 * L + 1]
@@ -386,7 +422,7 @@ class Trainer:
             labels = y[..., 0].long()
             return F.cross_entropy(out[mask], labels[mask]) if mask.any() else out.sum() * 0
         if self.spec.task == "forecast":
-            pred = out if norm is None else norm.predictions(x, out)
+            pred = out if norm is None else norm.predictions(x, out, self._columns)  # y: the columns' next values
             err = pred - y if ref_scale is None else (pred - y) / ref_scale
         else:
             err = out - y
@@ -400,6 +436,8 @@ class Trainer:
         out: dict[str, torch.Tensor] = {
             "trainer.rounds": torch.tensor(self.rounds),
             "trainer.paused": torch.tensor(int(self.paused)),
+            "trainer.consecutive_rejections": torch.tensor(self.consecutive_rejections),
+            "trainer.resets": torch.tensor(self.resets),
         }
         for name, count in self.outcomes.items():
             out[f"trainer.outcomes.{name}"] = torch.tensor(count)
@@ -423,6 +461,8 @@ class Trainer:
         """Restore what snapshot_tensors() returned; call before start()."""
         self.rounds = int(tensors.get("trainer.rounds", torch.tensor(0)))
         self.paused = bool(int(tensors.get("trainer.paused", torch.tensor(0))))
+        self.consecutive_rejections = int(tensors.get("trainer.consecutive_rejections", torch.tensor(0)))
+        self.resets = int(tensors.get("trainer.resets", torch.tensor(0)))
         for name in self.outcomes:
             key = f"trainer.outcomes.{name}"
             if key in tensors:
