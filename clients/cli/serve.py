@@ -100,6 +100,7 @@ def demo(
             producer.close()
             daemon.stop_and_join()
         elapsed = time.perf_counter() - started
+        console.line()
         console.print(f"done: {sent} events in {elapsed:.1f}s ({sent / elapsed:,.0f} events/s)")
 
 
