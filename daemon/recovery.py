@@ -309,13 +309,8 @@ class Durability:
             full = self._recorded_targets(message_streams, message_targets)
             targets = None if full is None else full[idx]
         for wave in batching.waves(slots):
-            s = slots[wave]
-            daemon.engine.step(x[wave], s, fresh[wave])
-            store.last_seq[s] = seq[wave]
-            store.touch(s)
-            if recorder is not None:
-                wave_targets = None if targets is None else targets[wave]
-                recorder.record(s, x[wave], seq[wave], wave_targets, fresh[wave], store.h, store.c)
+            wave_targets = None if targets is None else targets[wave]
+            daemon.apply_wave(x[wave], slots[wave], seq[wave], fresh[wave], wave_targets, recorder)
         return int(idx.size)
 
     def _replay_targets(self, record: list) -> None:

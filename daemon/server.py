@@ -341,17 +341,11 @@ class Daemon:
                     continue
             fresh = self.store.needs_reset[wave_slots]
             x = features if idx.size == n else features[idx]
-            started = time.perf_counter()
-            preds[idx] = self.engine.step(x, wave_slots, fresh)
-            self.metrics.step_duration.observe(time.perf_counter() - started)
-            if self.recorder is not None:
-                wave_targets = None if targets is None else targets[idx]
-                self.recorder.record(wave_slots, x, seq, wave_targets, fresh, self.store.h, self.store.c)
+            wave_targets = None if targets is None else targets[idx]
+            preds[idx] = self.apply_wave(x, wave_slots, seq, fresh, wave_targets, self.recorder)
             reset_now = fresh & was_dropped[idx]
             if reset_now.any():
                 status[idx[reset_now]] = protocol.STATE_RESET
-            self.store.last_seq[wave_slots] = seq
-            self.store.touch(wave_slots)
             applied_parts.append((idx, seq, fresh))
 
         if self.durability.wal is not None and applied_parts:
@@ -362,6 +356,18 @@ class Daemon:
         self._reply(batch, counts, status, preds, reasons)
         self._publish(batch, applied_parts, preds)
         self._account(n, status, reasons)
+
+    def apply_wave(self, x, slots, seq, fresh, targets, recorder) -> np.ndarray:
+        """One launch: advance `slots` (distinct) by one event each, record the events for training (when
+        `recorder` is given), mark the slots used. Serving and the log replay both apply events through here."""
+        started = time.perf_counter()
+        preds = self.engine.step(x, slots, fresh)
+        self.metrics.step_duration.observe(time.perf_counter() - started)
+        if recorder is not None:
+            recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c)
+        self.store.last_seq[slots] = seq
+        self.store.touch(slots)
+        return preds
 
     def _admit_message(self, message, offset, features, slots, seqs, was_dropped, reasons) -> None:
         """Per-event validation and slot lookup for one message's events (indices offset.. in the batch)."""
