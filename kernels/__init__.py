@@ -47,12 +47,17 @@ def lstm_step_(
     params: Params,
     reset: torch.Tensor | None = None,
     backend: str | None = None,
+    *,
+    validate_slots: bool | None = None,
 ) -> torch.Tensor:
     """Advance the streams at `slots` one step through all layers, in place; return the last layer's h [B, H].
 
-    Not differentiable: it serves, and it writes the state tables in place.
+    Not differentiable: it serves, and it writes the state tables in place. `validate_slots=False` skips the
+    range/duplicate check of the slot values (one device→host sync on CUDA) for a caller that guarantees them;
+    None follows VALIDATE_SLOTS.
     """
-    _checks.check_step(x, slots, h, c, params, reset, check_slot_values=VALIDATE_SLOTS)
+    check = VALIDATE_SLOTS if validate_slots is None else validate_slots
+    _checks.check_step(x, slots, h, c, params, reset, check_slot_values=check)
     chosen = _checks.resolve_backend(backend, h.device)
     with torch.no_grad():
         if chosen == "triton":

@@ -88,6 +88,19 @@ def test_step_rejects(arg, value, message):
     assert torch.equal(args["h"], before)  # nothing was written before the check failed
 
 
+def test_slot_value_check_follows_validate_slots(monkeypatch):
+    import lstmd.kernels as kernels
+
+    args = {**_step_args(), "slots": torch.tensor([4, 0, 4])}
+    monkeypatch.setattr(kernels, "VALIDATE_SLOTS", False)
+    with pytest.raises(ValueError, match="slots: expected distinct rows"):
+        lstm_step_(**args, backend="torch", validate_slots=True)  # the argument wins over the module default
+    args = {**_step_args(), "slots": torch.tensor([4, 0, 2])}
+    want = lstm_step_(**{**args, "h": args["h"].clone(), "c": args["c"].clone()}, backend="torch")
+    got = lstm_step_(**args, backend="torch", validate_slots=False)  # valid slots: same result, check skipped
+    assert torch.equal(want, got)
+
+
 def test_step_rejects_non_contiguous_c():
     args = _step_args()
     args["c"] = torch.zeros(L, H, S).transpose(1, 2)
