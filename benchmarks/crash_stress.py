@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lstmd.clients.bench import LSTMD_COMMAND, free_tcp_port
 
 TOLERANCE = 1e-5
 OK = ("ok", "duplicate")  # a duplicate is an event applied before a crash whose reply was lost
@@ -53,17 +53,6 @@ class CrashReport:
     failures: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _lstmd() -> list[str]:
-    exe = Path(sys.executable).with_name("lstmd")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lstmd.clients.cli"]
-
-
 class _Daemon:
     """The daemon subprocess: start, wait until it answers, SIGKILL."""
 
@@ -75,7 +64,7 @@ class _Daemon:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*_lstmd(), "serve", "--config", str(self.config)], env=self.env, stdout=log, stderr=log
+                [*LSTMD_COMMAND, "serve", "--config", str(self.config)], env=self.env, stdout=log, stderr=log
             )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -140,8 +129,8 @@ def run(
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    events_ep = f"tcp://127.0.0.1:{_free_port()}"
-    control_ep = f"tcp://127.0.0.1:{_free_port()}"
+    events_ep = f"tcp://127.0.0.1:{free_tcp_port()}"
+    control_ep = f"tcp://127.0.0.1:{free_tcp_port()}"
     config = workdir / "lstmd.toml"
     config.write_text(
         f"[model]\ninput_size = {INPUT}\nhidden_size = {HIDDEN}\nnum_layers = {LAYERS}\noutput_size = {OUTPUT}\n"

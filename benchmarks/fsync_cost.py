@@ -15,13 +15,13 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from lstmd.clients.bench import LSTMD_COMMAND, free_tcp_port
 
 SETTINGS = {  # name -> [durability] keys
     "wal off": {"wal": "false"},
@@ -36,23 +36,10 @@ WORKLOADS = {  # name -> (events per message, concurrent producers)
 INPUT, HIDDEN, STREAMS = 8, 64, 10_000
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _lstmd() -> list[str]:
-    exe = Path(sys.executable).with_name("lstmd")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lstmd.clients.cli"]
-
-
 def measure(setting: dict, per_message: int, producers: int, seconds: float, workdir: Path) -> dict:
     from lstmd.clients import Admin, Producer
 
-    events, control = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    events, control = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     workdir.mkdir(parents=True)
     config = workdir / "lstmd.toml"
     durability = "".join(f"{k} = {v}\n" for k, v in setting.items())
@@ -64,7 +51,7 @@ def measure(setting: dict, per_message: int, producers: int, seconds: float, wor
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")}
     log = (workdir / "daemon.log").open("wb")
-    proc = subprocess.Popen([*_lstmd(), "serve", "--config", str(config)], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([*LSTMD_COMMAND, "serve", "--config", str(config)], env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -164,7 +151,7 @@ def restore_cost(streams: int, events: int, workdir: Path) -> dict:
     """Snapshot of `streams` resident streams (time, bytes), then replay of `events` logged events after SIGKILL."""
     from lstmd.clients import Admin, Producer
 
-    events_ep, control = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    events_ep, control = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     workdir.mkdir(parents=True)
     config = workdir / "lstmd.toml"
     config.write_text(
@@ -177,7 +164,7 @@ def restore_cost(streams: int, events: int, workdir: Path) -> dict:
     log = (workdir / "daemon.log").open("wb")
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen([*_lstmd(), "serve", "--config", str(config)], env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen([*LSTMD_COMMAND, "serve", "--config", str(config)], env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 600
         while True:
             try:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from lstmd.clients.bench import free_tcp_port
 
 SERVE_LOOPBACK = [
     "serve.events=tcp://127.0.0.1:*",
@@ -221,12 +221,6 @@ def part_co2(args) -> dict:
 # ---- part 3: latency --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _latencies(producer, ids, rng, seconds: float) -> np.ndarray:
     out = []
     end = time.perf_counter() + seconds
@@ -241,7 +235,7 @@ def _latencies(producer, ids, rng, seconds: float) -> np.ndarray:
 def part_latency(args) -> dict:
     from lstmd.clients import Admin, Producer
 
-    events, control = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    events, control = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     results = {}
     for threads in args.threads:
         with tempfile.TemporaryDirectory(prefix="lstmd-latency-") as tmp:

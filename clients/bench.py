@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -222,6 +223,17 @@ def _naive_producer(endpoint: str, workload: Workload, index: int, go, window, o
     )
 
 
+# This interpreter's `lstmd`, whether or not the entry-point script is on PATH.
+LSTMD_COMMAND = [sys.executable, "-m", "lstmd.clients.cli"]
+
+
+def free_tcp_port() -> int:
+    """A loopback TCP port that is free now: for a daemon that must keep its endpoints across restarts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # ---- servers ------------------------------------------------------------------------------------------------
 
 
@@ -298,7 +310,7 @@ def start_daemon(workload: Workload, state_dir: Path, overrides: list[str] | Non
         "model.task=regression",
         *(overrides or []),
     ]
-    cmd = [sys.executable, "-m", "lstmd.clients.cli", "serve", "--log-level", "warning"]
+    cmd = [*LSTMD_COMMAND, "serve", "--log-level", "warning"]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lstmd.clients.bench import free_tcp_port
 from lstmd.daemon.metrics import Metrics
 from prometheus_client import CollectorRegistry
 from test_deploy_grafana import DASHBOARD, dashboard_queries, referenced_metrics
@@ -42,12 +42,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(120),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
@@ -72,7 +66,7 @@ class PrometheusServer:
     """A throwaway Prometheus on loopback scraping `targets` as job "lstmd", with the alert rules loaded."""
 
     def __init__(self, tmp: Path, targets: list[str]) -> None:
-        self.port = free_port()
+        self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         shutil.copy(ALERTS, tmp / "alerts.yml")
         config = {
@@ -253,7 +247,7 @@ def test_every_query_against_a_real_daemon_under_load(tmp_path: Path) -> None:
     import numpy as np
     from lstmd.clients import Admin, Producer
 
-    events, control, publish, metrics_port = (free_port() for _ in range(4))
+    events, control, publish, metrics_port = (free_tcp_port() for _ in range(4))
     endpoint = f"tcp://127.0.0.1:{events}"
     daemon = subprocess.Popen(
         [
