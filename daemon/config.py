@@ -179,16 +179,10 @@ def validate(config: Config) -> None:
         "state.capacity": st.capacity,
         "serve.max_stream_id_length": s.max_stream_id_length,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if s.max_wait_ms < 0:
-        raise ConfigError(f"serve.max_wait_ms must be >= 0, got {s.max_wait_ms}")
-    if st.idle_ttl_s < 0:
-        raise ConfigError(f"state.idle_ttl_s must be >= 0, got {st.idle_ttl_s}")
     d = config.durability
-    if d.fsync_interval_ms <= 0:
-        raise ConfigError(f"durability.fsync_interval_ms must be positive, got {d.fsync_interval_ms}")
+    positive["durability.fsync_interval_ms"] = d.fsync_interval_ms
+    _require(positive, strictly=True)
+    _require({"serve.max_wait_ms": s.max_wait_ms, "state.idle_ttl_s": st.idle_ttl_s}, strictly=False)
     if d.snapshot_interval_s < 0:
         raise ConfigError(
             f"durability.snapshot_interval_s must be >= 0 (0: no periodic snapshot), got {d.snapshot_interval_s}"
@@ -206,6 +200,13 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"serve.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {getattr(s, key)!r}"
             )
+
+
+def _require(values: dict[str, float], strictly: bool) -> None:
+    """ConfigError for the first key whose value is not > 0 (strictly) or not >= 0."""
+    for key, value in values.items():
+        if value <= 0 if strictly else value < 0:
+            raise ConfigError(f"{key} must be {'positive' if strictly else '>= 0'}, got {value}")
 
 
 def _validate_forecast_columns(m: ModelConfig) -> None:
@@ -250,10 +251,8 @@ def _validate_train(config: Config) -> None:
         "train.history": t.history,
         "train.holdout_windows": t.holdout_windows,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    for key in (
+    _require(positive, strictly=True)
+    non_negative = (
         "interval",
         "interval_events",
         "tolerance",
@@ -262,9 +261,8 @@ def _validate_train(config: Config) -> None:
         "threads",
         "nice",
         "reset_after_rejections",
-    ):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    )
+    _require({f"train.{key}": getattr(t, key) for key in non_negative}, strictly=False)
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(
             f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "
