@@ -155,31 +155,14 @@ def decode_events(frames: list) -> tuple[EventsHeader, np.ndarray, np.ndarray | 
     if header.kind == "targets":
         return header, None, _decode_delayed_targets(header, frames)
     n = len(header.streams)
-    if header.dim <= 0:
-        raise ProtocolError("bad_shape", f"dim must be positive, got {header.dim}")
-    features = np.frombuffer(frames[1], dtype=FEATURE_DTYPE)
-    if features.size != n * header.dim:
-        raise ProtocolError(
-            "bad_shape",
-            f"features frame holds {features.size} float32 values, expected {n} events x {header.dim}",
-        )
-    features = features.reshape(n, header.dim)
+    features = _view_rows(frames[1], FEATURE_DTYPE, n, header.dim, "features", "dim")
     if header.seqs is not None and len(header.seqs) != n:
         raise ProtocolError("bad_shape", f"seqs has {len(header.seqs)} numbers for {n} events")
     targets = None
     if header.targets is not None:
         if len(frames) != 3:
             raise ProtocolError("malformed", "header announces targets but the targets frame is missing")
-        dt = TARGET_DTYPES[header.targets]
-        if header.target_dim <= 0:
-            raise ProtocolError("bad_shape", f"target_dim must be positive, got {header.target_dim}")
-        targets = np.frombuffer(frames[2], dtype=dt)
-        if targets.size != n * header.target_dim:
-            raise ProtocolError(
-                "bad_shape",
-                f"targets frame holds {targets.size} values, expected {n} events x {header.target_dim}",
-            )
-        targets = targets.reshape(n, header.target_dim)
+        targets = _view_rows(frames[2], TARGET_DTYPES[header.targets], n, header.target_dim, "targets", "target_dim")
     elif len(frames) == 3:
         raise ProtocolError("malformed", "a targets frame was sent but the header does not announce it")
     return header, features, targets
@@ -218,12 +201,19 @@ def _decode_delayed_targets(header: EventsHeader, frames: list) -> np.ndarray:
         raise ProtocolError("bad_shape", "a targets message needs one sequence number per stream")
     if header.targets is None or header.target_dim <= 0:
         raise ProtocolError("bad_shape", "a targets message must announce its targets dtype and target_dim")
-    targets = np.frombuffer(frames[1], dtype=TARGET_DTYPES[header.targets])
-    if targets.size != n * header.target_dim:
+    return _view_rows(frames[1], TARGET_DTYPES[header.targets], n, header.target_dim, "targets", "target_dim")
+
+
+def _view_rows(frame, dtype: np.dtype, n: int, width: int, what: str, width_name: str) -> np.ndarray:
+    """The frame as an [n, width] array view (no copy); ProtocolError if its size does not say so."""
+    if width <= 0:
+        raise ProtocolError("bad_shape", f"{width_name} must be positive, got {width}")
+    values = np.frombuffer(frame, dtype=dtype)
+    if values.size != n * width:
         raise ProtocolError(
-            "bad_shape", f"targets frame holds {targets.size} values, expected {n} x {header.target_dim}"
+            "bad_shape", f"{what} frame holds {values.size} {dtype.name} values, expected {n} events x {width}"
         )
-    return targets.reshape(n, header.target_dim)
+    return values.reshape(n, width)
 
 
 def encode_reply(reply: EventsReply, predictions: np.ndarray | None) -> list:
