@@ -53,6 +53,9 @@ class ServeConfig(_Section):
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
     cpu_threads: int = 1
+    # Threads the CPU step splits each wave over (daemon/cpu_step.py: disjoint rows, one torch thread each, not
+    # torch's OpenMP pool); 0: one per usable core, at most 4. Measured on 2 cores only (docs/benchmarks.md).
+    step_threads: int = 0
 
 
 class StateConfig(_Section):
@@ -182,7 +185,10 @@ def validate(config: Config) -> None:
     d = config.durability
     positive["durability.fsync_interval_ms"] = d.fsync_interval_ms
     _require(positive, strictly=True)
-    _require({"serve.max_wait_ms": s.max_wait_ms, "state.idle_ttl_s": st.idle_ttl_s}, strictly=False)
+    _require(
+        {"serve.max_wait_ms": s.max_wait_ms, "state.idle_ttl_s": st.idle_ttl_s, "serve.step_threads": s.step_threads},
+        strictly=False,
+    )
     if d.snapshot_interval_s < 0:
         raise ConfigError(
             f"durability.snapshot_interval_s must be >= 0 (0: no periodic snapshot), got {d.snapshot_interval_s}"

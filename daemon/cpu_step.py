@@ -1,61 +1,102 @@
-"""The serving step on the CPU: `lstm_step_`'s contract, specialised for the daemon's hot path.
+"""The serving step on the CPU: `lstm_step_`'s contract plus the output head, specialised for the daemon's hot path.
 
-Same arithmetic as the reference backend (`lstmd.kernels.reference`, torch.nn.LSTM layout and gate order), but
-with weights prepared once per model instead of once per call, the batch processed in cache-sized chunks, and
-every intermediate written into preallocated buffers:
+Same arithmetic as the reference backend (`lstmd.kernels.reference`, torch.nn.LSTM layout and gate order), with
+weights prepared once per published model, the batch processed in cache-sized chunks, and every intermediate
+written into preallocated buffers. Two implementations of a chunk:
 
-- gates in the internal order (i, f, o, g), with the rows of i, f, o halved, so one `tanh_` over all 4H
-  columns gives tanh(g) and, through sigmoid(z) = 0.5 * tanh(z / 2) + 0.5, the three sigmoids (torch's CPU
-  `tanh_` ran 2x faster than `sigmoid_` here); agrees with the reference to ~3e-7;
-- rows in chunks of about 1 MiB of gates (1024 rows at H=64): 1.1 → 1.2 Mev/s at 10,000 rows, where the
-  whole-batch version fell to 0.65 Mev/s once the gates left the cache (2-core Xeon, 1 thread);
-- gather with `index_select(out=)`, scatter with `index_put_` (40 µs vs `index_copy_` 63 µs per 1024 x 64).
+- **fused** (default where `daemon/_cpu_kernel.c` was built at install): torch runs the two GEMMs (MKL); the C
+  extension gathers the old rows (reset rows as zeros) and runs the cell's element-wise part with the scatter
+  of the new rows in one pass, with the GIL released. Four calls per layer and chunk instead of ~14 torch ops.
+- **torch** (where no C compiler was available, or `fused=False`): gates reordered to (i, f, o, g) with the
+  rows of i, f, o halved, so one `tanh_` over all 4H columns gives tanh(g) and, through
+  sigmoid(z) = 0.5 * tanh(z / 2) + 0.5, the three sigmoids (torch's CPU `tanh_` ran 2x faster than
+  `sigmoid_`); gather with `index_select(out=)`, scatter with `index_put_`.
 
-Measured on this 2-core CPU at H=64, I=8, one thread: reference 0.38-0.50 Mev/s at B=4096-10000, this
-0.85-1.3 Mev/s (docs/benchmarks.md, "End to end").
+Both agree with the reference to ~3e-7 (tests/test_bench.py). Rows go in chunks of about 1 MiB of gates (1,024
+rows at H=64), which stay in L2. A wave is split into contiguous parts over `threads` threads (the caller and
+a pool): its rows are distinct state-table slots, so the parts touch disjoint rows and need no lock. Each
+thread runs torch with one intra-op thread and its own buffers, and torch and the C kernel release the GIL
+while they compute, so the parts run on different cores. This is not torch's OpenMP pool, whose idle
+workers spin against the I/O thread and the producers on a small host (docs/benchmarks.md, "End to end").
+The head runs inside each part too, on rows still in that core's cache.
 
-Shapes: B events in the batch, S state-table rows, L layers, H hidden, I input.
+Shapes: B events in the batch, S state-table rows, L layers, H hidden, I input, O outputs.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
+
+try:
+    from lstmd.daemon import _cpu_kernel
+except ImportError:  # installed without a C compiler: the torch implementation serves
+    _cpu_kernel = None
 
 # Rows per chunk: gates of about 1 MiB (4H float32 per row) stay in L2; 512-1024 rows at H=64 were best in a
 # sweep of 256/512/1024/all on this machine.
 _GATE_BYTES_PER_CHUNK = 1 << 20
+# A wave is split over threads only when every part gets at least this many rows: below it, the hand-off to
+# the pool (tens of µs) costs more than the part's step saves.
+_MIN_ROWS_PER_PART = 256
+
+
+def fused_available() -> bool:
+    """Whether the C extension was built (pip install needs a C compiler for it)."""
+    return _cpu_kernel is not None
 
 
 class CpuStep:
-    """Advance rows of the state tables one step, in place; the weights are prepared per model."""
+    """Advance rows of the state tables one step in place and return the head's outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1, fused: bool | None = None) -> None:
+        if threads < 1:
+            raise ValueError(f"CpuStep needs at least one thread, got {threads}")
+        if fused and _cpu_kernel is None:
+            raise RuntimeError("the fused CPU step needs lstmd.daemon._cpu_kernel, which was not built")
+        self.fused = _cpu_kernel is not None if fused is None else fused
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lstmd-step") if threads > 1 else None
         self._model = None
         self._layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._head: tuple[torch.Tensor, torch.Tensor] | None = None
         self._chunk = 0
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: list[dict[str, torch.Tensor]] = []  # one set per part: parts run at the same time
+
+    @property
+    def name(self) -> str:
+        return f"cpu-fused-{_cpu_kernel.ISA}" if self.fused else "cpu-torch"
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _prepare(self, model) -> None:
         params = model.params
         H = params[0][1].shape[1]
-        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
-        scale = torch.ones(4 * H)
-        scale[: 3 * H] = 0.5  # sigmoid(z) = 0.5 * tanh(z / 2) + 0.5
         layers = []
         for w_ih, w_hh, b_ih, b_hh in params:
-            w_in_t = (w_ih.float()[order] * scale[:, None]).t().contiguous()  # [I_l, 4H]
-            w_h_t = (w_hh.float()[order] * scale[:, None]).t().contiguous()  # [H, 4H]
-            bias = ((b_ih.float() + b_hh.float())[order] * scale).contiguous()  # [4H]
-            layers.append((w_in_t, w_h_t, bias))
+            w_ih, w_hh, bias = w_ih.float(), w_hh.float(), b_ih.float() + b_hh.float()
+            if not self.fused:  # internal gate order and halved sigmoid rows (module docstring)
+                order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+                scale = torch.ones(4 * H)
+                scale[: 3 * H] = 0.5  # sigmoid(z) = 0.5 * tanh(z / 2) + 0.5
+                w_ih, w_hh, bias = w_ih[order] * scale[:, None], w_hh[order] * scale[:, None], bias[order] * scale
+            layers.append((w_ih.t().contiguous(), w_hh.t().contiguous(), bias.contiguous()))  # [I_l, 4H], [H, 4H]
         self._layers = layers
-        self._chunk = max(64, _GATE_BYTES_PER_CHUNK // (16 * H))
-        rows = self._chunk
-        self._buffers = {
-            "gates": torch.empty(rows, 4 * H),
-            "h": torch.empty(rows, H),
-            "c": torch.empty(rows, H),
-            "inp": torch.empty(rows, H),
-        }
+        weight, bias = model.head
+        self._head = (weight.float().t().contiguous(), bias.float().contiguous())  # [H, O], [O]
+        self._chunk = rows = max(64, _GATE_BYTES_PER_CHUNK // (16 * H))
+        self._buffers = [
+            {
+                "gates": torch.empty(rows, 4 * H),
+                "h": torch.empty(rows, H),
+                "c": torch.empty(rows, H),
+                "inp": torch.empty(rows, H),
+            }
+            for _ in range(self.threads)
+        ]
         self._model = model
 
     def __call__(
@@ -63,23 +104,71 @@ class CpuStep:
         model,  # ServingModel: prepared again when a new one is published
         x: torch.Tensor,  # [B, I] float32
         slots: torch.Tensor,  # [B] int64, distinct rows (guaranteed by the state store and the waves)
-        h: torch.Tensor,  # [L, S, H] updated in place at `slots`
-        c: torch.Tensor,  # [L, S, H] updated in place at `slots`
+        h: torch.Tensor,  # [L, S, H] float32, updated in place at `slots`
+        c: torch.Tensor,  # [L, S, H] float32, updated in place at `slots`
         reset: torch.Tensor | None = None,  # [B] bool: start those rows from zero
-    ) -> torch.Tensor:  # [B, H]: the last layer's new h
+    ) -> torch.Tensor:  # [B, O]: the head applied to the last layer's new h
         if model is not self._model:
             self._prepare(model)
-        B, H = x.shape[0], h.shape[2]
-        out = torch.empty(B, H)
-        buf = self._buffers
+        B = x.shape[0]
+        if self.fused:
+            _check_fused_operands(x, slots, h, c, reset, len(self._layers))
+        x = x.contiguous()
+        out = torch.empty(B, self._head[0].shape[1])
+        parts = max(1, min(self.threads, B // _MIN_ROWS_PER_PART))
+        bounds = [B * p // parts for p in range(parts + 1)]
+        step_rows = self._fused_rows if self.fused else self._torch_rows
+        futures = [
+            self._pool.submit(step_rows, p, bounds[p], bounds[p + 1], x, slots, h, c, reset, out)
+            for p in range(1, parts)
+        ]
+        try:
+            step_rows(0, bounds[0], bounds[1], x, slots, h, c, reset, out)
+        finally:
+            for future in futures:  # wait for every part before returning, even if this one failed
+                future.result()
+        return out
+
+    @torch.inference_mode()
+    def _fused_rows(self, part, begin, end, x, slots, h, c, reset, out) -> None:
+        """Rows begin..end with part `part`'s buffers: GEMMs in torch, gather and cell in the C extension."""
+        buf = self._buffers[part]
+        H = h.shape[2]
         last = len(self._layers) - 1
-        for start in range(0, B, self._chunk):
-            end = min(B, start + self._chunk)
-            n = end - start
-            rows = slots[start:end]
+        w_out, b_out = self._head
+        for start in range(begin, end, self._chunk):
+            stop = min(end, start + self._chunk)
+            n = stop - start
+            rows = slots[start:stop]
+            rows_ptr = rows.data_ptr()
+            reset_ptr = 0 if reset is None else reset[start:stop].data_ptr()
+            gates, h_old = buf["gates"][:n], buf["h"][:n]
+            inp = x[start:stop]
+            for layer, (w_in_t, w_h_t, bias) in enumerate(self._layers):
+                _cpu_kernel.gather_rows(h[layer].data_ptr(), rows_ptr, reset_ptr, h_old.data_ptr(), n, H)
+                torch.mm(inp, w_in_t, out=gates)
+                gates.addmm_(h_old, w_h_t)
+                h_new = buf["inp"][:n]
+                _cpu_kernel.lstm_cell(
+                    gates.data_ptr(), bias.data_ptr(), c[layer].data_ptr(), h[layer].data_ptr(), rows_ptr, reset_ptr,
+                    h_new.data_ptr(), n, H,
+                )  # fmt: skip
+                inp = h_new if layer < last else None
+            torch.addmm(b_out, h_new, w_out, out=out[start:stop])
+
+    @torch.inference_mode()
+    def _torch_rows(self, part, begin, end, x, slots, h, c, reset, out) -> None:
+        """Rows begin..end with part `part`'s buffers, torch ops only (inference mode is per thread)."""
+        buf = self._buffers[part]
+        H = h.shape[2]
+        w_out, b_out = self._head
+        for start in range(begin, end, self._chunk):
+            stop = min(end, start + self._chunk)
+            n = stop - start
+            rows = slots[start:stop]
             gates, h_old, c_old = buf["gates"][:n], buf["h"][:n], buf["c"][:n]
-            zero = None if reset is None else reset[start:end].unsqueeze(1)
-            inp = x[start:end]
+            zero = None if reset is None else reset[start:stop].unsqueeze(1)
+            inp = x[start:stop]
             for layer, (w_in_t, w_h_t, bias) in enumerate(self._layers):
                 torch.index_select(h[layer], 0, rows, out=h_old)
                 torch.index_select(c[layer], 0, rows, out=c_old)
@@ -93,10 +182,24 @@ class CpuStep:
                 gates[:, : 3 * H].mul_(0.5).add_(0.5)  # i, f, o: sigmoids
                 i, f, o, g = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H], gates[:, 3 * H :]
                 c_old.mul_(f).addcmul_(i, g)  # c' = f * c + i * tanh(g)
-                h_new = out[start:end] if layer == last else buf["inp"][:n]
+                h_new = buf["inp"][:n]
                 torch.tanh(c_old, out=h_new)
                 h_new.mul_(o)  # h' = o * tanh(c')
                 h[layer].index_put_((rows,), h_new)
                 c[layer].index_put_((rows,), c_old)
                 inp = h_new
-        return out
+            torch.addmm(b_out, inp, w_out, out=out[start:stop])
+
+
+def _check_fused_operands(x, slots, h, c, reset, layers) -> None:
+    """The C kernel takes raw pointers: wrong dtypes, layouts or out-of-range slots would corrupt memory."""
+    if not (h.dtype == c.dtype == x.dtype == torch.float32):
+        raise ValueError(f"fused CPU step: x, h and c must be float32, got {x.dtype}, {h.dtype}, {c.dtype}")
+    if h.shape != c.shape or h.dim() != 3 or h.shape[0] != layers or not (h.is_contiguous() and c.is_contiguous()):
+        raise ValueError(f"fused CPU step: h and c must be contiguous [{layers}, S, H], got {tuple(h.shape)}")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous() or slots.shape[0] != x.shape[0]:
+        raise ValueError(f"fused CPU step: slots must be a contiguous int64 [{x.shape[0]}], got {slots.dtype}")
+    if reset is not None and (reset.dtype != torch.bool or not reset.is_contiguous() or reset.shape != slots.shape):
+        raise ValueError("fused CPU step: reset must be a contiguous bool tensor shaped like slots")
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= h.shape[1]):
+        raise ValueError(f"fused CPU step: slots must lie in [0, {h.shape[1]})")

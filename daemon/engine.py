@@ -6,6 +6,8 @@ how new weights are published: the loop reads the reference once per wave, so a 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from lstmd.daemon.cpu_step import CpuStep
@@ -24,7 +26,13 @@ def pick_device(setting: str) -> torch.device:
 
 class Engine:
     def __init__(
-        self, model: ServingModel, store: StateStore, device: torch.device, backend: str, cpu_threads: int = 0
+        self,
+        model: ServingModel,
+        store: StateStore,
+        device: torch.device,
+        backend: str,
+        cpu_threads: int = 0,
+        step_threads: int = 1,
     ) -> None:
         self.device = device
         if device.type == "cpu" and cpu_threads > 0:
@@ -36,7 +44,9 @@ class Engine:
         # On the CPU, "auto" serves with the daemon's own step (prepared weights, chunks, no per-call
         # allocation): 2-3x the reference kernel at the batch sizes it serves (daemon/cpu_step.py); "torch"
         # still selects the reference kernel itself.
-        self._cpu_step = CpuStep() if device.type == "cpu" and self.backend is None else None
+        # step_threads 0: one per core this process may run on, at most 4 (serve.step_threads).
+        self.step_threads = step_threads or min(4, len(os.sched_getaffinity(0)))
+        self._cpu_step = CpuStep(self.step_threads) if device.type == "cpu" and self.backend is None else None
         # Forecast models see each stream's change since its previous event (daemon/normalization.py): the last
         # event of every slot, [capacity, I], kept next to the state tables and updated by every step. NaN marks
         # "not known" (start, or a restore that did not bring it back): that event's change counts as 0.
@@ -51,7 +61,7 @@ class Engine:
     def backend_name(self) -> str:
         if self.backend is not None:
             return self.backend
-        return "triton" if self.device.type == "cuda" else "torch-cpu-step"
+        return "triton" if self._cpu_step is None else self._cpu_step.name
 
     def snapshot_tensors(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forecast tasks: the last event of each of `slots` (CPU copy), for the snapshot; else nothing."""
@@ -63,6 +73,11 @@ class Engine:
         """Put back what snapshot_tensors(slots) returned (same slots, after the state store's restore)."""
         if self.last_x is not None and "last_x" in tensors:
             self.last_x.index_copy_(0, slots.to(self.device), tensors["last_x"].to(self.device))
+
+    def close(self) -> None:
+        """Stop the CPU step's threads (the daemon's shutdown)."""
+        if self._cpu_step is not None:
+            self._cpu_step.close()
 
     def swap_model(self, model: ServingModel) -> None:
         self.model = model.to(self.device)
@@ -85,16 +100,16 @@ class Engine:
         norm = model.normalization
         if norm is not None:
             inputs = norm.lstm_inputs(x, x - previous)
-        if self._cpu_step is not None:
-            y = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
+        if self._cpu_step is not None:  # the step and the head, on the rows each thread just computed
+            out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
         else:
             # The state store hands out distinct, in-range slots: skip the kernel's per-step check (a GPU sync).
             y = lstm_step_(
                 inputs, slot_t, self.store.h, self.store.c, model.params, reset=reset, backend=self.backend,
                 validate_slots=False,
             )
-        weight, bias = model.head
-        out = torch.addmm(bias, y, weight.t())
+            weight, bias = model.head
+            out = torch.addmm(bias, y, weight.t())
         if norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
         return out.cpu().numpy()

@@ -91,7 +91,12 @@ class Daemon:
             on_evict=self._count_eviction,
         )
         self.engine = Engine(
-            model, self.store, self.device, config.serve.backend, cpu_threads=config.serve.cpu_threads
+            model,
+            self.store,
+            self.device,
+            config.serve.backend,
+            cpu_threads=config.serve.cpu_threads,
+            step_threads=config.serve.step_threads,
         )
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
@@ -249,6 +254,7 @@ class Daemon:
         if self.trainer is not None:
             self.trainer.stop()
         self.durability.close()
+        self.engine.close()
         if self._io is not None:
             self._io.stop()
             self._io.join(5)
@@ -375,27 +381,11 @@ class Daemon:
         streams = header.streams
         count = len(streams)
         bad: dict[int, tuple[str, str]] = {}
-        finite = np.isfinite(features).all(axis=1)
-        if not finite.all():
-            for i in np.flatnonzero(~finite).tolist():
+        # One reduction instead of a per-row check: any NaN or Inf makes the sum non-finite. A sum that only
+        # overflowed lands in the exact check too, which then finds every row finite.
+        if not np.isfinite(features.sum()):
+            for i in np.flatnonzero(~np.isfinite(features).all(axis=1)).tolist():
                 bad[i] = ("non_finite", "features hold NaN or Inf")
-        limit = self.config.serve.max_stream_id_length
-        # Integer ids need no check; string ids are measured with C-level map/fromiter, not a Python loop per
-        # event (that loop was ~7% of the daemon's time at 10k int ids per batch).
-        kinds = set(map(type, streams))
-        if str in kinds:
-            lengths = np.fromiter(
-                (len(s) if type(s) is str else 1 for s in streams) if len(kinds) > 1 else map(len, streams),
-                dtype=np.int64,
-                count=count,
-            )
-            for i in np.flatnonzero((lengths > limit) | (lengths == 0)).tolist():
-                length = int(lengths[i])
-                bad[i] = (
-                    ("stream_id_too_long", f"stream id of {length} characters exceeds the limit of {limit}")
-                    if length
-                    else ("bad_stream_id", "stream id is empty")
-                )
         if header.seqs is not None:
             seq_arr = np.asarray(header.seqs, dtype=np.int64)
             for i in np.flatnonzero(seq_arr < 0).tolist():
@@ -404,7 +394,7 @@ class Daemon:
         if bad:
             keep = [i for i in range(count) if i not in bad]
             admission = self.store.admit(
-                [streams[i] for i in keep], self.config.serve.max_new_streams_per_message
+                [streams[i] for i in keep], self.config.serve.max_new_streams_per_message, self._check_new_id
             )
             local = np.full(count, -1, dtype=np.int64)
             local[keep] = admission.slots
@@ -412,7 +402,7 @@ class Daemon:
             dropped[keep] = admission.was_dropped
             bad |= {keep[j]: why for j, why in admission.rejected.items()}
         else:
-            admission = self.store.admit(streams, self.config.serve.max_new_streams_per_message)
+            admission = self.store.admit(streams, self.config.serve.max_new_streams_per_message, self._check_new_id)
             local, dropped = admission.slots, admission.was_dropped
             bad = admission.rejected
         slots[offset : offset + count] = local
@@ -420,6 +410,19 @@ class Daemon:
         for i, why in bad.items():
             slots[offset + i] = -1
             reasons[offset + i] = why
+
+    def _check_new_id(self, stream) -> tuple[str, str] | None:
+        """Why a stream id not yet in the store may not become one (its length), or None. Only new ids are
+        checked: a resident id passed this when it was created, so the hot path runs no check per event (the
+        per-event type scan it replaces was ~5% of the loop at 10k int ids per batch)."""
+        if type(stream) is not str:
+            return None
+        length, limit = len(stream), self.config.serve.max_stream_id_length
+        if length == 0:
+            return ("bad_stream_id", "stream id is empty")
+        if length > limit:
+            return ("stream_id_too_long", f"stream id of {length} characters exceeds the limit of {limit}")
+        return None
 
     def _reply(self, batch, counts, status, preds, reasons) -> None:
         version = self.engine.model.version

@@ -9,6 +9,7 @@ answered with the `state_reset` status.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -77,11 +78,13 @@ class StateStore:
 
     # ---- the serving path -------------------------------------------------------------------------------
 
-    def admit(self, streams: list[StreamId], max_new: int) -> Admission:
-        """Map each event's stream id to a slot, creating (and if needed evicting for) new streams."""
+    def admit(self, streams: list[StreamId], max_new: int, check_new=None) -> Admission:
+        """Map each event's stream id to a slot, creating (and if needed evicting for) new streams.
+
+        `check_new(id)` returns (label, why) for a new id that must not become a stream, else None."""
         n = len(streams)
-        get = self.slot_of.get
-        slots = np.fromiter((get(s, -1) for s in streams), dtype=np.int64, count=n)
+        # map() with a C-level callable: no Python frame per event (a generator here was ~70 ns per event).
+        slots = np.fromiter(map(self.slot_of.get, streams, itertools.repeat(-1)), dtype=np.int64, count=n)
         rejected: dict[int, tuple[str, str]] = {}
         was_dropped = np.zeros(n, dtype=bool)
         new_idx = np.flatnonzero(slots < 0)
@@ -94,6 +97,13 @@ class StateStore:
             for i in new_idx.tolist():
                 new_ids.setdefault(streams[i], []).append(i)
             order = list(new_ids)
+            if check_new is not None:
+                refused = {sid: why for sid in order if (why := check_new(sid)) is not None}
+                for sid, why in refused.items():
+                    for i in new_ids[sid]:
+                        rejected[i] = why
+                if refused:
+                    order = [sid for sid in order if sid not in refused]
             if len(order) > max_new:
                 for sid in order[max_new:]:
                     for i in new_ids[sid]:
