@@ -1,15 +1,23 @@
-"""The I/O thread: moves bytes between the ZeroMQ sockets and the serving loop's queues, and owns no state.
+"""The daemon's sockets: the events ROUTER the serving loop reads and answers itself, and the I/O thread for the rest.
 
-It owns the events ROUTER, the control ROUTER, the prediction XPUB and the inproc PULL on which the loop
-hands back replies (ZeroMQ sockets are not thread-safe, so every socket is used by this thread only, except
-the loop's own PUSH end). Decoding and validation happen here, so the loop receives typed headers and numpy
-views over the received frames; a message that cannot be decoded is answered here with an error reply.
+Events: `EventsSocket` is used by the serving loop's thread only. libzmq's own I/O threads (C, no GIL) receive
+and buffer; the loop reads, decodes and answers between steps, so an event crosses no Python thread. (It was an
+I/O thread handing decoded messages over a queue and taking replies back over an inproc socket: both
+hand-offs ran under the loop's GIL, and the I/O thread's share of it delayed replies by up to the interpreter's
+switch interval; see docs/benchmarks.md, "End to end".) Decoding and validation happen here: the loop receives
+typed headers and numpy views over the received frames, and a message that cannot be decoded is answered here
+with an error reply.
+
+The I/O thread owns the control ROUTER, the prediction XPUB and the inproc PULL on which the loop hands back
+control replies and predictions to publish (ZeroMQ sockets are not thread-safe: every socket is used by one
+thread only, except the loop's own PUSH end). It owns no state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -22,12 +30,7 @@ from lstmd.clients import protocol
 
 log = logging.getLogger("lstmd.io")
 
-EVENTS, CONTROL, PUBLISH = b"E", b"C", b"P"  # first frame of a message on the outbox: where it goes
-# Every events reply of one serving batch in a single outbox frame, msgpack [[frame, ...], ...] (routing frames
-# first). Each frame sent over the inproc socket releases and retakes the GIL, and the loop then waits for this
-# thread: with one outbox message per reply, those sends were 16% of the daemon's samples, one per batch 9.7%
-# (py-spy, 10k streams; the rest is the hand-off itself: this thread's Python work runs under the same GIL).
-REPLIES = b"R"
+CONTROL, PUBLISH = b"C", b"P"  # first frame of a message on the outbox: where it goes
 
 
 @dataclass
@@ -38,7 +41,7 @@ class EventsMessage:
     header: protocol.EventsHeader
     features: np.ndarray  # [n, I] float32, a view over the received frame
     targets: np.ndarray | None  # [n, D]
-    received: float  # perf_counter at receipt, for the latency histogram
+    received: float  # perf_counter when the loop read it, for the latency histogram
 
 
 @dataclass
@@ -75,46 +78,113 @@ def _split_envelope(frames: list) -> tuple[list, list]:
     return frames[:1], frames[1:]
 
 
-class IOThread(threading.Thread):
+class EventsSocket:
+    """The events ROUTER, used by the serving loop's thread only: receive and decode requests, send replies."""
+
     def __init__(
         self,
         ctx: zmq.Context,
-        inbox: queue.SimpleQueue,
-        events_endpoint: str,
-        control_endpoint: str,
-        publish_endpoint: str,
+        endpoint: str,
         input_size: int,
         max_message_events: int,
         max_message_bytes: int,
         on_message_rejected,  # callback(reason: str)
         target_dim: int = 0,  # values per event a targets frame must hold; 0: not checked
     ) -> None:
-        super().__init__(name="lstmd-io", daemon=True)
-        self.inbox = inbox
         self.input_size = input_size
         self.target_dim = target_dim
         self.max_message_events = max_message_events
         self.on_message_rejected = on_message_rejected
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        try:
+            self.endpoint = _bind(self.sock, endpoint, "events")
+        except BindError:
+            self.sock.close(linger=0)
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def wait(self, timeout_ms: float) -> bool:
+        """Block up to timeout_ms for a request (the GIL is released while waiting); True if one is readable."""
+        return bool(self.sock.poll(max(0, math.ceil(timeout_ms)), zmq.POLLIN))  # ZeroMQ counts whole ms
+
+    def receive(self) -> EventsMessage | TargetsMessage | None:
+        """The next decodable request, or None when none is waiting; undecodable ones are answered and skipped."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            received = time.perf_counter()
+            envelope, body = _split_envelope(frames)
+            try:
+                return self._decode(envelope, body, received)
+            except protocol.ProtocolError as exc:
+                self._reject(envelope, body, exc)
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def _decode(self, envelope, body, received) -> EventsMessage | TargetsMessage:
+        header, features, targets = protocol.decode_events(body)
+        if targets is not None and self.target_dim and header.target_dim != self.target_dim:
+            raise protocol.ProtocolError(
+                "bad_target_shape",
+                f"events carry {header.target_dim} target values each, the model's task takes {self.target_dim}",
+            )
+        if header.kind == "targets":
+            return TargetsMessage(envelope, header, targets)
+        if header.dim != self.input_size:
+            raise protocol.ProtocolError(
+                "bad_shape", f"events have {header.dim} features, the model's input_size is {self.input_size}"
+            )
+        if len(header.streams) > self.max_message_events:
+            raise protocol.ProtocolError(
+                "oversized", f"message holds {len(header.streams)} events, limit is {self.max_message_events}"
+            )
+        return EventsMessage(envelope, header, features, targets, received)
+
+    def _reject(self, envelope: list, body: list, exc: protocol.ProtocolError) -> None:
+        req = 0
+        with contextlib.suppress(Exception):  # echo the request id when the header is at least readable
+            req = int(msgspec.msgpack.decode(body[0].bytes).get("req", 0))
+        self.on_message_rejected(exc.reason)
+        reply = protocol.EventsReply(
+            v=protocol.PROTOCOL_VERSION, req=req, error=str(exc), error_reason=exc.reason
+        )
+        self.sock.send_multipart([*envelope, protocol.encode(reply)])
+
+
+class IOThread(threading.Thread):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        inbox: queue.SimpleQueue,
+        control_endpoint: str,
+        publish_endpoint: str,
+    ) -> None:
+        super().__init__(name="lstmd-io", daemon=True)
+        self.inbox = inbox
         self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
         self._stop_requested = threading.Event()
-        self.events = ctx.socket(zmq.ROUTER)
         self.control = ctx.socket(zmq.ROUTER)
         self.outbox = ctx.socket(zmq.PULL)
-        for sock in (self.events, self.control):
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-        # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode.
-        self.events.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.control.setsockopt(zmq.LINGER, 1000)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.control.setsockopt(zmq.RCVHWM, 100_000)
+        self.control.setsockopt(zmq.SNDHWM, 100_000)
         self.outbox.bind(self.outbox_endpoint)
         self.publisher = None
         self.subscribers = 0  # subscriptions seen on the XPUB; predictions are published only when > 0
         try:
-            self.endpoints = {
-                "events": _bind(self.events, events_endpoint, "events"),
-                "control": _bind(self.control, control_endpoint, "control"),
-            }
+            self.endpoints = {"control": _bind(self.control, control_endpoint, "control")}
             if publish_endpoint:
                 self.publisher = ctx.socket(zmq.XPUB)
                 self.publisher.setsockopt(zmq.LINGER, 0)
@@ -130,13 +200,12 @@ class IOThread(threading.Thread):
         self._stop_requested.set()
 
     def close(self) -> None:
-        for sock in (self.events, self.control, self.outbox, self.publisher):
+        for sock in (self.control, self.outbox, self.publisher):
             if sock is not None:
                 sock.close()
 
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.events, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
         if self.publisher is not None:
@@ -144,11 +213,8 @@ class IOThread(threading.Thread):
         try:
             while not self._stop_requested.is_set():
                 ready = dict(poller.poll(50))
-                # Replies first: they free producers waiting on us.
                 if self.outbox in ready:
                     self._drain_outbox()
-                if self.events in ready:
-                    self._receive_events()
                 if self.control in ready:
                     self._receive_control()
                 if self.publisher is not None and self.publisher in ready:
@@ -156,50 +222,6 @@ class IOThread(threading.Thread):
             self._drain_outbox()  # answer what the loop handed back before it stopped
         finally:
             self.close()
-
-    def _receive_events(self) -> None:
-        for _ in range(1000):  # bounded burst so control and replies are not starved
-            try:
-                frames = self.events.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            received = time.perf_counter()
-            envelope, body = _split_envelope(frames)
-            try:
-                header, features, targets = protocol.decode_events(body)
-                if targets is not None and self.target_dim and header.target_dim != self.target_dim:
-                    raise protocol.ProtocolError(
-                        "bad_target_shape",
-                        f"events carry {header.target_dim} target values each, the model's task takes "
-                        f"{self.target_dim}",
-                    )
-                if header.kind == "targets":
-                    self.inbox.put(TargetsMessage(envelope, header, targets))
-                    continue
-                if header.dim != self.input_size:
-                    raise protocol.ProtocolError(
-                        "bad_shape",
-                        f"events have {header.dim} features, the model's input_size is {self.input_size}",
-                    )
-                if len(header.streams) > self.max_message_events:
-                    raise protocol.ProtocolError(
-                        "oversized",
-                        f"message holds {len(header.streams)} events, limit is {self.max_message_events}",
-                    )
-            except protocol.ProtocolError as exc:
-                self._reject_message(envelope, body, exc)
-                continue
-            self.inbox.put(EventsMessage(envelope, header, features, targets, received))
-
-    def _reject_message(self, envelope: list, body: list, exc: protocol.ProtocolError) -> None:
-        req = 0
-        with contextlib.suppress(Exception):  # echo the request id when the header is at least readable
-            req = int(msgspec.msgpack.decode(body[0].bytes).get("req", 0))
-        self.on_message_rejected(exc.reason)
-        reply = protocol.EventsReply(
-            v=protocol.PROTOCOL_VERSION, req=req, error=str(exc), error_reason=exc.reason
-        )
-        self.events.send_multipart([*envelope, protocol.encode(reply)])
 
     def _receive_control(self) -> None:
         while True:
@@ -238,12 +260,7 @@ class IOThread(threading.Thread):
             except zmq.Again:
                 return
             kind = frames[0].bytes
-            if kind == REPLIES:
-                for reply in msgspec.msgpack.decode(frames[1].buffer):
-                    self.events.send_multipart(reply)
-            elif kind == EVENTS:
-                self.events.send_multipart(frames[1:], copy=False)
-            elif kind == CONTROL:
+            if kind == CONTROL:
                 self.control.send_multipart(frames[1:], copy=False)
             elif kind == PUBLISH and self.publisher is not None:
                 self._publish(frames[1:])

@@ -29,7 +29,7 @@ def bench(
             "run, then an open-loop run at half its rate (the latency target's setting)."
         ),
     ] = "0",
-    inflight: Annotated[int, typer.Option(help="Messages outstanding per producer (closed loop).")] = 4,
+    inflight: Annotated[int, typer.Option(help="Messages outstanding per producer (closed loop).")] = 8,
     producers: Annotated[int, typer.Option(help="Producer processes.")] = 1,
     ids: Annotated[str, typer.Option(help="Stream id kind: int or str.")] = "int",
     compare: Annotated[
