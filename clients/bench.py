@@ -76,6 +76,9 @@ class RunResult:
     # Inside the daemon, receipt by its I/O thread → reply handed back, from its Prometheus histogram in the
     # window (bucket upper bounds, so "≤ this"); only when the bench started the daemon itself.
     daemon_latency_ms: dict[str, float] | None = None
+    # Share of the machine's CPU time the hypervisor gave to other guests during the window (steal time, from
+    # /proc/stat via psutil): on a shared VM, runs with a high share measured the neighbours as much as lstmd.
+    host_steal: float | None = None
     batch_mean: float | None = None  # events per serving batch in the window (daemon status counters)
     batches: int | None = None
     workload: dict = field(default_factory=dict)
@@ -445,10 +448,12 @@ def measure(
     while time.perf_counter() < t_measure:
         time.sleep(0.01)
     counters0, cpu0, hist0 = _daemon_counters(control), server.cpu_seconds(), _scrape_latency(metrics)
+    steal0 = _steal_seconds()
     wall0 = time.perf_counter()
     while time.perf_counter() < t_stop:
         time.sleep(0.01)
     counters1, cpu1, hist1 = _daemon_counters(control), server.cpu_seconds(), _scrape_latency(metrics)
+    steal1 = _steal_seconds()
     wall1 = time.perf_counter()
     results = _collect(out, procs)
     for p in procs:
@@ -474,11 +479,21 @@ def measure(
         server_rss_mib=round(server.rss_peak / 2**20, 1) if server.rss_peak else None,
         server_rss_start_mib=None if rss_start is None else round(rss_start / 2**20, 1),
         client_cpu_cores=round(sum(r["cpu_s"] / r["wall_s"] for r in results), 2),
+        host_steal=None
+        if steal0 is None or steal1 is None
+        else round((steal1 - steal0) / ((wall1 - wall0) * (os.cpu_count() or 1)), 3),
         batch_mean=batch_mean,
         daemon_latency_ms=_bucket_quantiles(hist0, hist1),
         batches=batches,
         workload=asdict(workload),
     )
+
+
+def _steal_seconds() -> float | None:
+    """CPU seconds stolen from this (virtual) machine since boot, all CPUs; None where the OS does not say."""
+    import psutil
+
+    return getattr(psutil.cpu_times(), "steal", None)
 
 
 def run_lstmd(

@@ -42,6 +42,13 @@ _GATE_BYTES_PER_CHUNK = 1 << 20
 _MIN_ROWS_PER_PART = 256
 
 
+def adopt_torch_threads() -> None:
+    """Give the calling thread the process's torch thread count. torch keeps one global count, but OpenMP (and
+    MKL through it) keeps one per thread, and a thread started later begins at one per core: a GEMM there forks
+    a team that spins against the serving loop. Call at the start of every thread that runs torch ops."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def fused_available() -> bool:
     """Whether the C extension was built (pip install needs a C compiler for it)."""
     return _cpu_kernel is not None
@@ -57,7 +64,13 @@ class CpuStep:
             raise RuntimeError("the fused CPU step needs lstmd.daemon._cpu_kernel, which was not built")
         self.fused = _cpu_kernel is not None if fused is None else fused
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lstmd-step") if threads > 1 else None
+        # adopt_torch_threads: without it the pool's GEMMs forked OpenMP teams (py-spy: its head GEMV took as
+        # long as its main GEMM).
+        self._pool = (
+            ThreadPoolExecutor(threads - 1, thread_name_prefix="lstmd-step", initializer=adopt_torch_threads)
+            if threads > 1
+            else None
+        )
         self._model = None
         self._layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -24,6 +24,7 @@ import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import batching, control
 from lstmd.daemon.config import Config
+from lstmd.daemon.cpu_step import adopt_torch_threads
 from lstmd.daemon.engine import Engine, pick_device
 from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, EventsSocket, IOThread, TargetsMessage
 from lstmd.daemon.metrics import Metrics
@@ -203,6 +204,7 @@ class Daemon:
         self.inbox.put(_STOP)
 
     def serve_forever(self) -> None:
+        adopt_torch_threads()  # serve.cpu_threads was set on the thread that built the engine; this may be another
         try:
             while not self._stopping:
                 batch, other = self._gather()

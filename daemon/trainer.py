@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lstmd.daemon.config import TrainConfig
+from lstmd.daemon.cpu_step import adopt_torch_threads
 from lstmd.daemon.model import ModelSpec, ServingModel, tensor_names
 from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.daemon.recorder import Recorder, Windows
@@ -217,6 +218,7 @@ class Trainer:
     # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        adopt_torch_threads()  # the thread count set in start() (or serve.cpu_threads) applies to this thread too
         if self.config.nice and hasattr(os, "setpriority"):
             # Linux applies a thread id's niceness to that thread only: the scheduler favours the serving
             # loop and the I/O thread when the cores are busy.

@@ -144,6 +144,9 @@ def _table(summary: dict) -> Table:
                 f"{r['server']} inside the daemon (receipt → reply): p50 ≤ {inside['p50']:g} ms, "
                 f"p99 ≤ {inside['p99']:g} ms"
             )
+    stolen = [f"{r['server']} {r['host_steal']:.0%}" for r in summary["runs"] if (r.get("host_steal") or 0) >= 0.02]
+    if stolen:  # a shared VM: the hypervisor ran other guests on these CPUs during the window
+        captions.append(f"CPU time stolen by the hypervisor during the window: {', '.join(stolen)}")
     if summary.get("speedup_vs_naive") is not None:
         captions.append(f"lstmd / naive = {summary['speedup_vs_naive']:,.0f}x on the same workload")
     table.caption = "\n".join(captions) or None
