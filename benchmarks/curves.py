@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--streams", type=_ints, default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--hidden", type=_ints, default=[32, 64, 128, 256, 512])
     parser.add_argument("--events-per-message", type=int, default=1000)
-    parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument("--inflight", type=int, default=Workload.inflight)
     parser.add_argument("--out", type=Path, default=DOCS)
     parser.add_argument("--from-json", type=Path, help="Redraw plots and tables from a saved run, no measuring.")
     args = parser.parse_args()
