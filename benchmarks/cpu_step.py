@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 from lstmd.daemon.cpu_step import CpuStep, fused_available
@@ -26,6 +27,12 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def _reference_step(model, x, slots, h, c) -> torch.Tensor:
+    """The kernels' reference step and the head, as the daemon served before its own CPU step."""
+    weight, bias = model.head
+    return torch.nn.functional.linear(reference.lstm_step_(x, slots, h, c, model.params), weight, bias)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=64)
@@ -37,7 +44,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the daemon's default (serve.cpu_threads = 1)
     model = ServingModel.initial(ModelSpec(args.input, args.hidden, args.layers, 1, "regression", ()), 0)
-    weight, bias = model.head
     h = torch.randn(args.layers, args.rows, args.hidden) * 0.5
     c = torch.randn(args.layers, args.rows, args.hidden) * 0.5
     impls = {"reference + head": None, "torch ops, 1 thread": CpuStep(1, fused=False)}
@@ -53,13 +59,8 @@ def main() -> None:
         with torch.inference_mode():
             for _ in range(args.rounds):
                 for name, step in impls.items():
-                    if step is None:
-                        fn = lambda: torch.nn.functional.linear(  # noqa: E731
-                            reference.lstm_step_(x, slots, h, c, model.params), weight, bias
-                        )
-                    else:
-                        fn = lambda step=step: step(model, x, slots, h, c)  # noqa: E731
-                    best[name] = min(best[name], _time(fn, repeats))
+                    fn = partial(_reference_step, model) if step is None else partial(step, model)
+                    best[name] = min(best[name], _time(partial(fn, x, slots, h, c), repeats))
         for name, seconds in best.items():
             ratio = best["reference + head"] / seconds
             print(f"{batch:>6} | {name:<20} | {batch / seconds / 1e6:>9.2f} | {ratio:.2f}x")
