@@ -306,3 +306,33 @@ def test_unknown_control_command_is_an_error_not_a_crash(make_daemon):
     with pytest.raises(DaemonError, match="unknown command 'nope'"):
         admin.call("nope")
     assert admin.status()["streams"] == 0
+
+
+def test_control_is_answered_while_a_backlog_of_events_waits(make_daemon):
+    """The loop reads the events socket itself; a control request must not wait behind the whole backlog (it
+    is taken between two batches), and every queued event message is still answered afterwards."""
+    daemon = make_daemon(**{"model.hidden_size": 256})  # a step slow enough that a backlog builds
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoints["events"])
+    messages, per_message = 200, 1000
+    features = np.random.default_rng(0).standard_normal((per_message, 8), dtype=np.float32)
+    try:
+        for req in range(messages):
+            streams = list(range((req % 4) * per_message, (req % 4 + 1) * per_message))
+            sock.send_multipart(protocol.encode_events(req, streams, features))
+        status = Admin(daemon.endpoints["control"], timeout=30).status()
+        answered_before_status = 0
+        while sock.poll(0):
+            sock.recv_multipart()
+            answered_before_status += 1
+        assert status["events"]["ok"] < messages * per_message
+        assert answered_before_status < messages  # the status reply did not wait for the whole backlog
+        answered = answered_before_status
+        while answered < messages and sock.poll(30_000):
+            reply, preds = protocol.decode_reply(sock.recv_multipart())
+            assert reply.error is None and preds.shape == (per_message, 1)
+            answered += 1
+        assert answered == messages
+    finally:
+        sock.close()
