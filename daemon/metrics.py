@@ -89,7 +89,9 @@ class Metrics:
         )
         self.event_latency = Histogram(
             "lstmd_event_latency_seconds",
-            "Time from receipt of an event's message to its reply",
+            # Receipt is the serving loop's read of the message from the events socket: time a message waited in
+            # the socket's queue before that is not seen (libzmq does not timestamp); the queue depth gauge is.
+            "Time from the serving loop's read of an event's message to its reply",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
