@@ -125,7 +125,8 @@ class CpuStep:
             self._prepare(model)
         B = x.shape[0]
         if self.fused:
-            _check_fused_operands(x, slots, h, c, reset, len(self._layers))
+            w_in_t, w_h_t, _ = self._layers[0]
+            _check_fused_operands(x, slots, h, c, reset, len(self._layers), w_in_t.shape[0], w_h_t.shape[0])
         x = x.contiguous()
         out = torch.empty(B, self._head[0].shape[1])
         parts = max(1, min(self.threads, B // _MIN_ROWS_PER_PART))
@@ -147,7 +148,6 @@ class CpuStep:
         """Rows begin..end with part `part`'s buffers: GEMMs in torch, gather and cell in the C extension."""
         buf = self._buffers[part]
         H = h.shape[2]
-        last = len(self._layers) - 1
         w_out, b_out = self._head
         for start in range(begin, end, self._chunk):
             stop = min(end, start + self._chunk)
@@ -166,7 +166,7 @@ class CpuStep:
                     gates.data_ptr(), bias.data_ptr(), c[layer].data_ptr(), h[layer].data_ptr(), rows_ptr, reset_ptr,
                     h_new.data_ptr(), n, H,
                 )  # fmt: skip
-                inp = h_new if layer < last else None
+                inp = h_new
             torch.addmm(b_out, h_new, w_out, out=out[start:stop])
 
     @torch.inference_mode()
@@ -204,12 +204,16 @@ class CpuStep:
             torch.addmm(b_out, inp, w_out, out=out[start:stop])
 
 
-def _check_fused_operands(x, slots, h, c, reset, layers) -> None:
-    """The C kernel takes raw pointers: wrong dtypes, layouts or out-of-range slots would corrupt memory."""
+def _check_fused_operands(x, slots, h, c, reset, layers, input_size, hidden) -> None:
+    """The C kernel takes raw pointers: wrong dtypes, shapes, layouts or out-of-range slots would corrupt memory."""
     if not (h.dtype == c.dtype == x.dtype == torch.float32):
         raise ValueError(f"fused CPU step: x, h and c must be float32, got {x.dtype}, {h.dtype}, {c.dtype}")
-    if h.shape != c.shape or h.dim() != 3 or h.shape[0] != layers or not (h.is_contiguous() and c.is_contiguous()):
-        raise ValueError(f"fused CPU step: h and c must be contiguous [{layers}, S, H], got {tuple(h.shape)}")
+    if h.shape != c.shape or h.dim() != 3 or h.shape[0] != layers or h.shape[2] != hidden:
+        raise ValueError(f"fused CPU step: h and c must be [{layers}, S, {hidden}], got {tuple(h.shape)}")
+    if not (h.is_contiguous() and c.is_contiguous()):
+        raise ValueError("fused CPU step: h and c must be contiguous")
+    if x.dim() != 2 or x.shape[1] != input_size:
+        raise ValueError(f"fused CPU step: x must be [B, {input_size}], got {tuple(x.shape)}")
     if slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous() or slots.shape[0] != x.shape[0]:
         raise ValueError(f"fused CPU step: slots must be a contiguous int64 [{x.shape[0]}], got {slots.dtype}")
     if reset is not None and (reset.dtype != torch.bool or not reset.is_contiguous() or reset.shape != slots.shape):

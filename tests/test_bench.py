@@ -157,6 +157,10 @@ def test_fused_cpu_step_refuses_operands_that_would_corrupt_memory():
         step(model, x, torch.tensor([0, 1]), h.transpose(1, 2).contiguous().transpose(1, 2), c)
     with pytest.raises(ValueError, match="int64"):
         step(model, x, torch.tensor([0, 1], dtype=torch.int32), h, c)
+    with pytest.raises(ValueError, match=r"must be \[1, S, 2\]"):  # a wider table would overrun the buffers
+        step(model, x, torch.tensor([0, 1]), torch.zeros(1, 4, 3), torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match=r"x must be \[B, 2\]"):
+        step(model, torch.zeros(2, 5), torch.tensor([0, 1]), h, c)
     assert (h == 0).all() and (c == 0).all()  # nothing was written
 
 
