@@ -143,16 +143,18 @@ class CpuStep:
                 future.result()
         return out
 
+    def _chunks(self, begin: int, end: int, slots: torch.Tensor):
+        """(start, stop, slots[start:stop]) for the chunks of rows begin..end (one part of a wave)."""
+        for start in range(begin, end, self._chunk):
+            stop = min(end, start + self._chunk)
+            yield start, stop, slots[start:stop]
+
     @torch.inference_mode()
     def _fused_rows(self, part, begin, end, x, slots, h, c, reset, out) -> None:
         """Rows begin..end with part `part`'s buffers: GEMMs in torch, gather and cell in the C extension."""
-        buf = self._buffers[part]
-        H = h.shape[2]
-        w_out, b_out = self._head
-        for start in range(begin, end, self._chunk):
-            stop = min(end, start + self._chunk)
+        buf, H, (w_out, b_out) = self._buffers[part], h.shape[2], self._head
+        for start, stop, rows in self._chunks(begin, end, slots):
             n = stop - start
-            rows = slots[start:stop]
             rows_ptr = rows.data_ptr()
             reset_ptr = 0 if reset is None else reset[start:stop].data_ptr()
             gates, h_old = buf["gates"][:n], buf["h"][:n]
@@ -172,13 +174,9 @@ class CpuStep:
     @torch.inference_mode()
     def _torch_rows(self, part, begin, end, x, slots, h, c, reset, out) -> None:
         """Rows begin..end with part `part`'s buffers, torch ops only (inference mode is per thread)."""
-        buf = self._buffers[part]
-        H = h.shape[2]
-        w_out, b_out = self._head
-        for start in range(begin, end, self._chunk):
-            stop = min(end, start + self._chunk)
+        buf, H, (w_out, b_out) = self._buffers[part], h.shape[2], self._head
+        for start, stop, rows in self._chunks(begin, end, slots):
             n = stop - start
-            rows = slots[start:stop]
             gates, h_old, c_old = buf["gates"][:n], buf["h"][:n], buf["c"][:n]
             zero = None if reset is None else reset[start:stop].unsqueeze(1)
             inp = x[start:stop]
