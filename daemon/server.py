@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ _ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assign
 _STEP_WITHOUT_WAITING = 256
 # How long an idle loop blocks on the events socket before it looks at the inbox (control, stop) again.
 _IDLE_POLL_MS = 5
+# The interpreter's GIL switch interval while serving (process-wide; Python's default is 5 ms). The step's pool
+# thread needs the GIL between its GEMMs and C calls, and a thread waiting for it while another runs Python
+# waits up to this long. At 780k events/s offered (~70% of the loop), four interleaved pairs: p99 9.6 / 7.1 /
+# 5.6 / 4.9 ms at 1 ms against 35.7 / 10.0 / 7.2 / 5.5 ms at 5 ms (docs/benchmarks.md, "Latency at half rate").
+_GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class StartupError(RuntimeError):
@@ -180,6 +186,7 @@ class Daemon:
         self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
         self._outbox.connect(self._io.outbox_endpoint)
         self._io.start()
+        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.model_version.set(self.engine.model.version)
         self.metrics.last_publish.set(time.time())  # the weights started serving now
