@@ -71,6 +71,26 @@ def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def _router(ctx: zmq.Context) -> zmq.Socket:
+    """A ROUTER for requests (events, control): replies to vanished peers are dropped, deep queues both ways,
+    one second at close to flush the last replies."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    return sock
+
+
+def _waiting(sock: zmq.Socket):
+    """Every message already queued on `sock`, as frames, without blocking; stops when none is left."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+
+
 def _split_envelope(frames: list) -> tuple[list, list]:
     """ROUTER frames → (envelope, body). A REQ peer adds an empty delimiter frame; a DEALER does not."""
     if len(frames) > 1 and len(frames[1].bytes if hasattr(frames[1], "bytes") else frames[1]) == 0:
@@ -95,11 +115,7 @@ class EventsSocket:
         self.target_dim = target_dim
         self.max_message_events = max_message_events
         self.on_message_rejected = on_message_rejected
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock = _router(ctx)
         # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode.
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         try:
@@ -117,17 +133,14 @@ class EventsSocket:
 
     def receive(self) -> EventsMessage | TargetsMessage | None:
         """The next decodable request, or None when none is waiting; undecodable ones are answered and skipped."""
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return None
+        for frames in _waiting(self.sock):
             received = time.perf_counter()
             envelope, body = _split_envelope(frames)
             try:
                 return self._decode(envelope, body, received)
             except protocol.ProtocolError as exc:
                 self._reject(envelope, body, exc)
+        return None
 
     def send(self, frames: list) -> None:
         self.sock.send_multipart(frames, copy=False)
@@ -174,12 +187,8 @@ class IOThread(threading.Thread):
         self.inbox = inbox
         self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
         self._stop_requested = threading.Event()
-        self.control = ctx.socket(zmq.ROUTER)
+        self.control = _router(ctx)
         self.outbox = ctx.socket(zmq.PULL)
-        self.control.setsockopt(zmq.LINGER, 1000)
-        self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.control.setsockopt(zmq.RCVHWM, 100_000)
-        self.control.setsockopt(zmq.SNDHWM, 100_000)
         self.outbox.bind(self.outbox_endpoint)
         self.publisher = None
         self.subscribers = 0  # subscriptions seen on the XPUB; predictions are published only when > 0
@@ -224,11 +233,7 @@ class IOThread(threading.Thread):
             self.close()
 
     def _receive_control(self) -> None:
-        while True:
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in _waiting(self.control):
             envelope, body = _split_envelope(frames)
             try:
                 if len(body) != 1:
@@ -243,22 +248,15 @@ class IOThread(threading.Thread):
             self.inbox.put(ControlMessage(envelope, request))
 
     def _receive_subscriptions(self) -> None:
-        while True:
-            try:
-                msg = self.publisher.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in _waiting(self.publisher):
+            msg = frames[0].bytes
             if msg[:1] == b"\x01":
                 self.subscribers += 1
             elif msg[:1] == b"\x00":
                 self.subscribers = max(0, self.subscribers - 1)
 
     def _drain_outbox(self) -> None:
-        while True:
-            try:
-                frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in _waiting(self.outbox):
             kind = frames[0].bytes
             if kind == CONTROL:
                 self.control.send_multipart(frames[1:], copy=False)
