@@ -108,13 +108,35 @@ def _start_signal(out, index: int, go, window) -> tuple[float, float]:
     return window[0], window[1]
 
 
+def _connect(endpoint: str, kind: int) -> tuple[zmq.Context, zmq.Socket]:
+    """A producer process's own context and socket, connected to the server under test."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return ctx, sock
+
+
+def _report(out, ctx, sock, started: float, events: int, errors: int, messages: int, latencies: list) -> None:
+    """Close a producer's socket and put its numbers (and its own CPU time) on `out` for the bench."""
+    sock.close(linger=0)
+    ctx.term()
+    out.put(
+        {
+            "events": events,
+            "errors": errors,
+            "messages": messages,
+            "latencies": np.asarray(latencies),
+            "cpu_s": time.process_time(),
+            "wall_s": time.perf_counter() - started,
+        }
+    )
+
+
 def _lstmd_producer(endpoint: str, workload: Workload, index: int, go, window, out) -> None:
     """One producer process: DEALER, `inflight` messages outstanding or a fixed schedule; results on `out`."""
     started = time.perf_counter()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    ctx, sock = _connect(endpoint, zmq.DEALER)
     ids = workload.stream_ids(index)
     per_message = max(1, min(workload.events_per_message, len(ids)))
     chunks = [ids[k : k + per_message] for k in range(0, len(ids), per_message)]
@@ -170,27 +192,13 @@ def _lstmd_producer(endpoint: str, workload: Workload, index: int, go, window, o
                 errors += bad
                 messages += 1
                 latencies.append(arrived - sent_at)
-    sock.close(linger=0)
-    ctx.term()
-    out.put(
-        {
-            "events": events,
-            "errors": errors,
-            "messages": messages,
-            "latencies": np.asarray(latencies),
-            "cpu_s": time.process_time(),
-            "wall_s": time.perf_counter() - started,
-        }
-    )
+    _report(out, ctx, sock, started, events, errors, messages, latencies)
 
 
 def _naive_producer(endpoint: str, workload: Workload, index: int, go, window, out) -> None:
     """One client of the naive server: REQ, one JSON message per event, waiting for each reply."""
     started = time.perf_counter()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    ctx, sock = _connect(endpoint, zmq.REQ)
     ids = workload.stream_ids(index)
     rng = np.random.default_rng(workload.seed + index)
     rows = (rng.standard_normal((1024, workload.input_size), dtype=np.float32) * 0.5).tolist()
@@ -215,18 +223,7 @@ def _naive_producer(endpoint: str, workload: Workload, index: int, go, window, o
             else:
                 errors += 1
             latencies.append(arrived - now)
-    sock.close(linger=0)
-    ctx.term()
-    out.put(
-        {
-            "events": events,
-            "errors": errors,
-            "messages": events,
-            "latencies": np.asarray(latencies),
-            "cpu_s": time.process_time(),
-            "wall_s": time.perf_counter() - started,
-        }
-    )
+    _report(out, ctx, sock, started, events, errors, events, latencies)  # one event per message
 
 
 # This interpreter's `lstmd`, whether or not the entry-point script is on PATH.
