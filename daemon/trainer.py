@@ -120,15 +120,11 @@ class Trainer:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # On the CPU (backend auto): an nn.LSTM of the model's shape whose weights functional_call replaces with
         # the trainer's at every step (_sequence); it holds no weights of its own that matter.
+        # The model file's LSTM tensor names are nn.LSTM's own parameter names.
         self._native = None
-        self._native_names: list[str] = []
+        self._native_names = tensor_names(spec)[: 4 * spec.num_layers]
         if device.type == "cpu" and backend is None:
             self._native = torch.nn.LSTM(spec.input_size, spec.hidden_size, spec.num_layers, batch_first=True)
-            self._native_names = [
-                f"{kind}_l{layer}"
-                for layer in range(spec.num_layers)
-                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            ]
         # The trainer's own weights (leaf tensors) and optimizer, and the serving version they descend from.
         self._params: list[torch.Tensor] = []
         self._optimizer: torch.optim.Optimizer | None = None
