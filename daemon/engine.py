@@ -42,9 +42,9 @@ class Engine:
         # "auto" lets the kernels pick: Triton for CUDA tensors, the PyTorch reference on the CPU.
         self.backend = None if backend == "auto" else backend
         # On the CPU, "auto" serves with the daemon's own step (prepared weights, chunks, the fused C kernel,
-        # waves split over threads): 1.8-4.6x the reference kernel and head at B = 1,000-10,000 (benchmarks/cpu_step.py);
-        # "torch" still selects the reference kernel itself. step_threads 0: one per core this process may run
-        # on, at most 4 (serve.step_threads).
+        # waves split over threads): 1.8-4.6x the reference kernel and head at B = 1,000-10,000
+        # (benchmarks/cpu_step.py); "torch" still selects the reference kernel itself. step_threads 0: one per
+        # core this process may run on, at most 4 (serve.step_threads).
         threads = step_threads or min(4, len(os.sched_getaffinity(0)))
         self._cpu_step = CpuStep(threads) if device.type == "cpu" and self.backend is None else None
         # Forecast models see each stream's change since its previous event (daemon/normalization.py): the last
