@@ -14,9 +14,9 @@ import time
 from functools import partial
 
 import torch
-from lstmd.daemon.cpu_step import CpuStep, fused_available
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.kernels import reference
+from lstmd.kernels.cpu_step import CpuStep, fused_available
 
 
 def _time(fn, repeats: int) -> float:

@@ -42,7 +42,7 @@ class ServeConfig(_Section):
     publish: str = "tcp://127.0.0.1:5557"  # empty: no PUB socket
     metrics: str = "127.0.0.1:9108"  # empty: no HTTP endpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: Triton on CUDA, the daemon's CPU step on CPU (daemon/cpu_step.py); torch: the PyTorch reference
+    # auto: Triton on CUDA, the daemon's CPU step on CPU (kernels/cpu_step.py); torch: the PyTorch reference
     backend: Literal["auto", "triton", "torch"] = "auto"
     max_batch: int = 16384  # events per serving batch
     max_wait_ms: float = 1.0  # how long the loop gathers events before stepping
@@ -53,7 +53,7 @@ class ServeConfig(_Section):
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
     cpu_threads: int = 1
-    # Threads the CPU step splits each wave over (daemon/cpu_step.py: disjoint rows, one torch thread each, not
+    # Threads the CPU step splits each wave over (kernels/cpu_step.py: disjoint rows, one torch thread each, not
     # torch's OpenMP pool); 0: one per usable core, at most 4. Measured on 2 cores only (docs/benchmarks.md).
     step_threads: int = 0
 

@@ -10,10 +10,12 @@ import os
 
 import numpy as np
 import torch
-from lstmd.daemon.cpu_step import CpuStep
 from lstmd.daemon.model import ServingModel
 from lstmd.daemon.state_store import StateStore
 from lstmd.kernels import lstm_step_
+from lstmd.kernels.backends import Backends, select_backends
+from lstmd.kernels.cpu_step import CpuStep
+from lstmd.kernels.tuning import set_torch_threads
 
 
 def pick_device(setting: str) -> torch.device:
@@ -35,18 +37,14 @@ class Engine:
         step_threads: int = 1,
     ) -> None:
         self.device = device
-        if device.type == "cpu" and cpu_threads > 0:
-            torch.set_num_threads(cpu_threads)  # process-wide; see serve.cpu_threads in daemon/config.py
+        if device.type == "cpu":
+            set_torch_threads(cpu_threads)  # process-wide; see serve.cpu_threads in daemon/config.py
         self.model = model.to(device)
         self.store = store
-        # "auto" lets the kernels pick: Triton for CUDA tensors, the PyTorch reference on the CPU.
-        self.backend = None if backend == "auto" else backend
-        # On the CPU, "auto" serves with the daemon's own step (prepared weights, chunks, the fused C kernel,
-        # waves split over threads): 1.8-4.6x the reference kernel and head at B = 1,000-10,000
-        # (benchmarks/cpu_step.py); "torch" still selects the reference kernel itself. step_threads 0: one per
-        # core this process may run on, at most 4 (serve.step_threads).
+        self.backends: Backends = select_backends(backend, device)  # kernels/backends.py: the one decision
+        # step_threads 0: one per core this process may run on, at most 4 (serve.step_threads).
         threads = step_threads or min(4, len(os.sched_getaffinity(0)))
-        self._cpu_step = CpuStep(threads) if device.type == "cpu" and self.backend is None else None
+        self._cpu_step = CpuStep(threads) if self.backends.step == "cpu" else None
         # Forecast models see each stream's change since its previous event (daemon/normalization.py): the last
         # event of every slot, [capacity, I], kept next to the state tables and updated by every step. NaN marks
         # "not known" (start, or a restore that did not bring it back): that event's change counts as 0.
@@ -59,9 +57,7 @@ class Engine:
 
     @property
     def backend_name(self) -> str:
-        if self.backend is not None:
-            return self.backend
-        return "triton" if self._cpu_step is None else self._cpu_step.name
+        return self.backends.step if self._cpu_step is None else self._cpu_step.name
 
     def snapshot_tensors(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forecast tasks: the last event of each of `slots` (CPU copy), for the snapshot; else nothing."""
@@ -105,7 +101,7 @@ class Engine:
         else:
             # The state store hands out distinct, in-range slots: skip the kernel's per-step check (a GPU sync).
             y = lstm_step_(
-                inputs, slot_t, self.store.h, self.store.c, model.params, reset=reset, backend=self.backend,
+                inputs, slot_t, self.store.h, self.store.c, model.params, reset=reset, backend=self.backends.kernel,
                 validate_slots=False,
             )
             weight, bias = model.head

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import batching, control
 from lstmd.daemon.config import Config
-from lstmd.daemon.cpu_step import adopt_torch_threads
 from lstmd.daemon.engine import Engine, pick_device
 from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, EventsSocket, IOThread, TargetsMessage
 from lstmd.daemon.metrics import Metrics
@@ -34,6 +32,7 @@ from lstmd.daemon.recovery import Durability, RecoveryError
 from lstmd.daemon.state_store import NO_SEQ, StateStore
 from lstmd.daemon.versions import ModelHistory
 from lstmd.daemon.wal import WalError
+from lstmd.kernels.tuning import SERVE_SWITCH_INTERVAL_S, adopt_torch_threads, limit_switch_interval
 
 log = logging.getLogger("lstmd.daemon")
 
@@ -47,11 +46,6 @@ _ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assign
 _STEP_WITHOUT_WAITING = 256
 # How long an idle loop blocks on the events socket before it looks at the inbox (control, stop) again.
 _IDLE_POLL_MS = 5
-# The interpreter's GIL switch interval while serving (process-wide; Python's default is 5 ms). The step's pool
-# thread needs the GIL between its GEMMs and C calls, and a thread waiting for it while another runs Python
-# waits up to this long. At 780k events/s offered (~70% of the loop), four interleaved pairs: p99 9.6 / 7.1 /
-# 5.6 / 4.9 ms at 1 ms against 35.7 / 10.0 / 7.2 / 5.5 ms at 5 ms (docs/benchmarks.md, "Latency at half rate").
-_GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class StartupError(RuntimeError):
@@ -186,7 +180,7 @@ class Daemon:
         self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
         self._outbox.connect(self._io.outbox_endpoint)
         self._io.start()
-        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
+        limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.model_version.set(self.engine.model.version)
         self.metrics.last_publish.set(time.time())  # the weights started serving now
@@ -560,8 +554,8 @@ class Daemon:
             columns=(list(spec.forecast_columns) or None) if forecast else None,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
-        backend, seed = self.engine.backend, self.config.model.seed
-        trainer = Trainer(t, spec, recorder, serving, self.metrics, self.device, backend, seed)
+        backends, seed = self.engine.backends, self.config.model.seed
+        trainer = Trainer(t, spec, recorder, serving, self.metrics, self.device, backends, seed)
         return recorder, trainer
 
     def _batch_targets(self, batch, counts, n) -> np.ndarray | None:

@@ -26,7 +26,6 @@ import itertools
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,16 +35,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lstmd.daemon.config import TrainConfig
-from lstmd.daemon.cpu_step import adopt_torch_threads
 from lstmd.daemon.model import ModelSpec, ServingModel, tensor_names
 from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.daemon.recorder import Recorder, Windows
 from lstmd.kernels import lstm_sequence
+from lstmd.kernels.backends import Backends, select_backends
+from lstmd.kernels.tuning import (
+    TRAIN_SWITCH_INTERVAL_S,
+    adopt_torch_threads,
+    limit_switch_interval,
+    set_torch_threads,
+)
 from torch.func import functional_call
 
 log = logging.getLogger("lstmd.trainer")
 
-SWITCH_INTERVAL_S = 0.0005
 MAX_HOLDOUT_WINDOWS = 1024  # newest windows evaluated per round; more adds time, not much certainty
 
 
@@ -90,11 +94,12 @@ class Trainer:
         serving: Callable[[], ServingModel],  # the current serving model (read from the trainer thread)
         metrics,
         device: torch.device,
-        backend: str | None = None,
+        backends: Backends | None = None,  # the engine's (kernels/backends.py); None: serve.backend = auto
         seed: int = 0,
     ) -> None:
         self.config, self.spec, self.recorder = config, spec, recorder
-        self.serving, self.metrics, self.device, self.backend = serving, metrics, device, backend
+        self.serving, self.metrics, self.device = serving, metrics, device
+        self.backends = backends or select_backends("auto", device)
         self.rng = np.random.default_rng(seed)
         self.paused = False
         self.rounds = 0  # rounds finished
@@ -118,12 +123,12 @@ class Trainer:
         self._last_round_at = time.monotonic()
         self._last_round_recorded = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # On the CPU (backend auto): an nn.LSTM of the model's shape whose weights functional_call replaces with
-        # the trainer's at every step (_sequence); it holds no weights of its own that matter.
+        # The "torch-native" sequence backend: an nn.LSTM of the model's shape whose weights functional_call
+        # replaces with the trainer's at every step (_sequence); it holds no weights of its own that matter.
         # The model file's LSTM tensor names are nn.LSTM's own parameter names.
         self._native = None
         self._native_names = tensor_names(spec)[: 4 * spec.num_layers]
-        if device.type == "cpu" and backend is None:
+        if self.backends.sequence == "torch-native":
             self._native = torch.nn.LSTM(spec.input_size, spec.hidden_size, spec.num_layers, batch_first=True)
         # The trainer's own weights (leaf tensors) and optimizer, and the serving version they descend from.
         self._params: list[torch.Tensor] = []
@@ -135,16 +140,13 @@ class Trainer:
     # ---- lifecycle and control (called from the serving loop) -------------------------------------------
 
     def start(self) -> None:
-        if self.device.type == "cpu" and self.config.threads:
+        if self.device.type == "cpu":
             # Process-wide: the serving loop's kernels use the same pool (serve.cpu_threads sets it; 0 here
             # leaves it). One thread on 2 cores: two OpenMP threads put idle p50 latency at ~4x
             # (docs/benchmarks.md, "Online learning").
-            torch.set_num_threads(self.config.threads)
-        # The trainer's Python (the reference sequence kernel loops over time steps) competes with the loop and
-        # the I/O thread for the GIL; a waiting thread gets it after at most the switch interval. Python's 5 ms
-        # default put the p50 event latency during a round at ~1.8x idle on 2 cores; 0.5 ms keeps it ~1.0-1.2x
-        # (benchmarks/learning.py --part latency; docs/benchmarks.md, "Online learning"). Process-wide.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+            set_torch_threads(self.config.threads)
+        # The trainer's Python competes with the loop and the I/O thread for the GIL (kernels/tuning.py).
+        limit_switch_interval(TRAIN_SWITCH_INTERVAL_S)
         # The first optimizer built imports much of torch.optim's dependencies (~2 s of bytecode under the GIL
         # on 2 cores, py-spy): pay it here, before serving, not in the first round while events wait.
         self._make_optimizer([torch.zeros(1, requires_grad=True)])
@@ -423,11 +425,11 @@ class Trainer:
         return float(torch.stack(losses).mean())
 
     def _sequence(self, x, h0, c0, layers):
-        """`lstm_sequence`'s contract. On the CPU with serve.backend = auto it runs torch's own LSTM op (oneDNN)
-        with the trainer's weights: 2.9x faster forward + backward than the reference backend's Python time
-        loop (B=64, T=32, H=64, L=2, one thread), and one op per layer leaves the GIL to the serving loop."""
+        """`lstm_sequence`'s contract. The "torch-native" backend (the CPU, serve.backend = auto) runs torch's own
+        LSTM op (oneDNN) with the trainer's weights: ~3x faster forward + backward than the reference backend's
+        Python time loop (docs/benchmarks.md), and one op per layer leaves the GIL to the serving loop."""
         if self._native is None:
-            return lstm_sequence(x, h0, c0, layers, backend=self.backend)
+            return lstm_sequence(x, h0, c0, layers, backend=self.backends.sequence)
         weights = {name: w.float() for name, w in zip(self._native_names, itertools.chain(*layers), strict=True)}
         return functional_call(self._native, weights, (x, (h0, c0)))
 

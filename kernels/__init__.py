@@ -1,6 +1,7 @@
 """lstmd.kernels: the LSTM step over a resident per-stream state table, and the sequence kernel for TBPTT.
 
-Public contract (DESIGN.md, "Kernels"): weights in torch.nn.LSTM layout, gate order (i, f, g, o).
+Public contract (stable; the design brief's "Kernels" section): weights in torch.nn.LSTM layout, gate order
+(i, f, g, o).
 
     y = lstm_step_(x, slots, h, c, params, reset=None, backend=None)
     y, (h_n, c_n) = lstm_sequence(x, h0, c0, params, backend=None)
@@ -13,7 +14,9 @@ Shapes: B events in the batch, S state-table rows, L layers, H hidden, I input, 
 backend: None picks Triton for CUDA tensors and the PyTorch reference elsewhere; "triton" (on the CPU it
 needs TRITON_INTERPRET=1 set before triton is imported); "torch". Bad arguments raise ValueError naming
 the argument.
-The Triton module is imported on first use, so serving on the CPU never imports triton.
+The Triton module is imported on first use, so serving on the CPU never imports triton. Side by side in this
+package: `reference.py` (PyTorch), `triton_lstm.py` (Triton), `cpu_step.py` + `_cpu_kernel.c` (the daemon's CPU
+serving step), `backends.py` (which one runs where), `tuning.py` (process-wide thread settings).
 Precision: on a GPU the Triton kernels' matrix products use TF32 (lstmd.kernels.triton_lstm.ALLOW_TF32 = False
 for full fp32); the reference follows torch's own TF32 settings. H is limited to 512 on the Triton backend
 (ValueError above it).

@@ -49,8 +49,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-Params = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+from lstmd.kernels.reference import Params
 
 MAX_HIDDEN = 512  # see the module docstring: four fp32 accumulators of [16, 512] per program
 ALLOW_TF32 = True  # GPU only; the interpreter always computes in fp32

@@ -11,8 +11,8 @@ import pytest
 import torch
 from lstmd.clients.cli import app
 from lstmd.clients.naive_server import NaiveLSTMServer
-from lstmd.daemon.cpu_step import CpuStep
 from lstmd.kernels import reference
+from lstmd.kernels.cpu_step import CpuStep
 from typer.testing import CliRunner
 
 

@@ -4,7 +4,7 @@ Same arithmetic as the reference backend (`lstmd.kernels.reference`, torch.nn.LS
 weights prepared once per published model, the batch processed in cache-sized chunks, and every intermediate
 written into preallocated buffers. Two implementations of a chunk:
 
-- **fused** (default where `daemon/_cpu_kernel.c` was built at install): torch runs the two GEMMs (MKL); the C
+- **fused** (default where `kernels/_cpu_kernel.c` was built at install): torch runs the two GEMMs (MKL); the C
   extension gathers the old rows (reset rows as zeros) and runs the cell's element-wise part with the scatter
   of the new rows in one pass, with the GIL released. Four calls per layer and chunk instead of ~14 torch ops.
 - **torch** (where no C compiler was available, or `fused=False`): gates reordered to (i, f, o, g) with the
@@ -28,9 +28,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from lstmd.kernels.tuning import adopt_torch_threads
 
 try:
-    from lstmd.daemon import _cpu_kernel
+    from lstmd.kernels import _cpu_kernel
 except ImportError:  # installed without a C compiler: the torch implementation serves
     _cpu_kernel = None
 
@@ -40,13 +41,6 @@ _GATE_BYTES_PER_CHUNK = 1 << 20
 # A wave is split over threads only when every part gets at least this many rows: below it, the hand-off to
 # the pool (tens of µs) costs more than the part's step saves.
 _MIN_ROWS_PER_PART = 256
-
-
-def adopt_torch_threads() -> None:
-    """Give the calling thread the process's torch thread count. torch keeps one global count, but OpenMP (and
-    MKL through it) keeps one per thread, and a thread started later begins at one per core: a GEMM there forks
-    a team that spins against the serving loop. Call at the start of every thread that runs torch ops."""
-    torch.set_num_threads(torch.get_num_threads())
 
 
 def fused_available() -> bool:
@@ -61,7 +55,7 @@ class CpuStep:
         if threads < 1:
             raise ValueError(f"CpuStep needs at least one thread, got {threads}")
         if fused and _cpu_kernel is None:
-            raise RuntimeError("the fused CPU step needs lstmd.daemon._cpu_kernel, which was not built")
+            raise RuntimeError("the fused CPU step needs lstmd.kernels._cpu_kernel, which was not built")
         self.fused = _cpu_kernel is not None if fused is None else fused
         self.threads = threads
         # adopt_torch_threads: without it the pool's GEMMs forked OpenMP teams (py-spy: its head GEMV took as

@@ -1,4 +1,4 @@
-/* The CPU serving step's fused parts, called by daemon/cpu_step.py with the GIL released.
+/* The CPU serving step's fused parts, called by kernels/cpu_step.py with the GIL released.
  *
  * torch does the two GEMMs (MKL at ~70% of one core's fp32 peak); what torch cannot fuse is everything around
  * them: the gather of the old rows, and the LSTM cell's element-wise part with the scatter of the new rows. As
