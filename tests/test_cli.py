@@ -152,8 +152,8 @@ def test_real_subprocess_serve_status_replay_and_sigterm(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "model.hidden_size=abc"], "Expected `int`, got `str` - at `$.model.hidden_size`"),
-        (["--set", "nosuch.key=1"], "unknown section 'nosuch'"),
+        (["--set", "model.hidden_size=abc"], 'model.hidden_size must be an integer >= 1, got "abc"'),
+        (["--set", "nosuch.key=1"], "there is no [nosuch] section"),
         (["--set", "model.task=forecast", "--set", "model.output_size=2"], "must equal model.input_size"),
     ],
 )
