@@ -20,6 +20,7 @@ import math
 import os
 import struct
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,8 +192,6 @@ class Config(_Section):
 
 
 ENV_PREFIX = "LSTMD_"
-# Where a key's value came from, in the order they apply (a later source wins): what error messages name.
-FILE, ENVIRONMENT, SET = "config file", "environment variable", "--set"
 
 
 def sections() -> dict[str, type[_Section]]:
@@ -230,6 +229,8 @@ class Key:
             return "one of " + ", ".join(str(v) for v in typing.get_args(base))
         if typing.get_origin(base) is list:
             return f"list of {_KINDS.get(typing.get_args(base)[0], 'value')}s"
+        if isinstance(base, types.UnionType):  # `str | None`: optional, and TOML has no null (unset = absent)
+            return " or ".join(_KINDS.get(t, str(t)) for t in typing.get_args(base) if t is not type(None))
         return _KINDS.get(base, str(base))
 
     def range(self) -> str:
@@ -299,7 +300,7 @@ def resolve_config(
         values[dotted], sources[dotted] = value, source
 
     if path is not None:
-        origin = f"{FILE} {path}"
+        origin = f"config file {path}"
         for dotted, value in _read_file(path).items():
             if dotted in keys:
                 put(dotted, value, origin)
@@ -313,7 +314,7 @@ def resolve_config(
         if dotted is None:
             warnings.append(_unknown_variable(name, keys))
         else:
-            put(dotted, _parse_value(raw, keys[dotted]), f"{ENVIRONMENT} {name}")
+            put(dotted, _parse_value(raw, keys[dotted]), f"environment variable {name}")
     for item in overrides or []:
         dotted, sep, raw = item.partition("=")
         dotted = dotted.strip()
@@ -322,7 +323,7 @@ def resolve_config(
         elif dotted not in keys:
             problems.append(f"--set {item}: unknown key {dotted}{_suggest(dotted, keys)}")
         else:
-            put(dotted, _parse_value(raw.strip(), keys[dotted]), f"{SET} {item}")
+            put(dotted, _parse_value(raw.strip(), keys[dotted]), f"--set {item}")
 
     data: dict[str, dict[str, Any]] = {section: {} for section in sections()}
     for dotted, value in values.items():
@@ -643,7 +644,8 @@ def sample(version: str) -> str:
     for section, keys in by_section.items():
         lines += ["", f"[{section}]", f"# {_section_doc(section)}"]
         for key in keys:
-            lines += ["", f"# {key.description} ({key.expectation()})", f"# {key.name} = {_format(key.default)}"]
+            value = "(unset by default)" if key.default is None else _format(key.default)
+            lines += ["", f"# {key.description} ({key.expectation()})", f"# {key.name} = {value}"]
     return "\n".join(lines) + "\n"
 
 
@@ -654,6 +656,9 @@ def to_toml(data: dict[str, dict[str, Any]], sources: dict[str, str] | None = No
         lines += ["" if lines else None, f"[{section}]"]
         for name, value in values.items():
             origin = (sources or {}).get(f"{section}.{name}")
+            if value is None:  # TOML has no null: an unset optional key is absent
+                lines.append(f"# {name} is not set")
+                continue
             lines.append(f"{name} = {_format(value)}" + (f"  # {origin}" if origin else ""))
     return "\n".join(line for line in lines if line is not None) + "\n"
 
@@ -689,6 +694,7 @@ def reference() -> str:
                 "| key | default | type, range | description | environment variable |",
                 "|---|---|---|---|---|",
             ]
-        cells = [f"`{key.name}`", f"`{_format(key.default)}`", key.expectation(), key.description, f"`{key.env}`"]
+        default = "unset" if key.default is None else f"`{_format(key.default)}`"
+        cells = [f"`{key.name}`", default, key.expectation(), key.description, f"`{key.env}`"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

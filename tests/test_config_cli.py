@@ -110,6 +110,22 @@ def test_check_names_an_environment_variable_and_warns_about_a_stray_one(tmp_pat
     )
 
 
+def test_check_of_a_model_path_with_other_sizes_names_the_fields_in_one_clean_line(tmp_path):
+    from lstmd.daemon.model import ModelSpec, ServingModel
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(ServingModel.initial(ModelSpec(3, 16, 1, 1, "regression"), seed=0).to_bytes())
+    path = tmp_path / "lstmd.toml"
+    path.write_text(f"[model]\npath = '{model}'\nhidden_size = 64\n")
+    result = invoke("config", "check", str(path))
+    assert result.exit_code == 2
+    assert f"hidden_size 16 where model.hidden_size = 64 (config file {path})" in result.stderr
+    assert "  " not in result.stderr and "ModelSpec" not in result.stderr and len(result.stderr.splitlines()) == 1
+    path.write_text(f"[model]\npath = '{model}'\n")  # the file alone: its sizes
+    shown = tomllib.loads(invoke("config", "show", "--config", str(path)).stdout)
+    assert (shown["model"]["input_size"], shown["model"]["hidden_size"]) == (3, 16)
+
+
 # ---- show ----------------------------------------------------------------------------------------------------
 
 

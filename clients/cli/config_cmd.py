@@ -23,6 +23,7 @@ from lstmd.clients.cli._common import (
     fail,
     print_json,
 )
+from rich.markup import escape
 
 app = typer.Typer(help="Write, check and show configuration files.", no_args_is_help=True)
 
@@ -36,7 +37,7 @@ def _resolve_or_exit(config: Path | None, set_: list[str] | None):
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     for warning in resolved.warnings:
-        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     return resolved
 
 
