@@ -53,7 +53,7 @@ class ModelConfig(_Section):
     output_size: Annotated[int, doc("predicted values per event (classes for classification)", ge=1)] = 1
     task: Annotated[
         Literal["regression", "classification", "forecast"],
-        doc("regression (MSE), classification (cross-entropy over output_size classes) or forecast (next event)"),
+        doc("regression (MSE), classification (over output_size classes) or forecast (the next event)"),
     ] = "regression"
     seed: Annotated[int, doc("seed of the fresh weights when no path is given", ge=0)] = 0
     path: Annotated[
