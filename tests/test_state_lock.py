@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lstmd.clients import Admin, Producer
+from lstmd.clients.bench import free_tcp_port
 from lstmd.daemon.server import StartupError
 from lstmd.daemon.state_lock import LOCK_NAME, StateDirLocked, StateLock
 
@@ -130,9 +131,10 @@ def test_issue_sequence_second_daemon_refused_then_kill_9_and_restart_lose_nothi
         _feed(endpoints["events"], 41, 40)  # after the snapshot: only the WAL holds these
         before_second = _tree(state)
 
-        # Same config, so same state.dir; its ports are ephemeral, so other ports.
+        # Same config, so the same state.dir, on other ports.
+        other_ports = [f"serve.{name}=tcp://127.0.0.1:{free_tcp_port()}" for name in ("events", "control")]
         second = subprocess.run(
-            [*_lstmd(), "serve", "--config", str(config)],
+            [*_lstmd(), "serve", "--config", str(config), "--set", other_ports[0], "--set", other_ports[1]],
             env={k: v for k, v in os.environ.items() if not k.startswith("LSTMD_")},
             capture_output=True,
             text=True,
