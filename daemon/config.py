@@ -555,13 +555,19 @@ def _adopt_model_file(config: Config, sources: dict[str, str]) -> None:
         if dotted not in sources:
             setattr(m, name, value)
             sources[dotted] = f"model.path {m.path}"
-        elif getattr(m, name) != value:
-            differ.append(f"{name} {_format(value)} where {dotted} = {_format(getattr(m, name))} ({sources[dotted]})")
+        elif getattr(m, name) != value and not (name == "forecast_columns" and _all_columns(m, value)):
+            shown = (value or list(range(from_file["input_size"]))) if name == "forecast_columns" else value
+            differ.append(f"{name} {_format(shown)} where {dotted} = {_format(getattr(m, name))} ({sources[dotted]})")
     if differ:
         raise ConfigError(
             f"model.path {m.path} holds a model with {'; '.join(differ)}. The file alone defines the model: "
             "remove those keys or make them match"
         )
+
+
+def _all_columns(m: ModelConfig, file_columns: list[int]) -> bool:
+    """Both name every feature column: [] (the file's canonical form) and the config's explicit full list."""
+    return not file_columns and m.forecast_columns == list(range(m.input_size))
 
 
 # ---- checks across keys ---------------------------------------------------------------------------------------

@@ -223,3 +223,12 @@ def test_defaults_are_finite_and_within_range():
     for key in NUMERIC:
         assert math.isfinite(key.default), key.dotted
     assert load_config(environ={}) == Config()
+
+
+def test_forecast_columns_of_a_model_file_compare_as_columns(tmp_path):
+    path, _ = _model_file(tmp_path, task="forecast", output_size=3)  # all 3 columns: stored as []
+    assert load_config(overrides=[f"model.path={path}"], environ={}).model.forecast_columns == []
+    every = load_config(overrides=[f"model.path={path}", "model.forecast_columns=[0, 1, 2]"], environ={})
+    assert every.model.forecast_columns == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"forecast_columns \[0, 1, 2\] where model.forecast_columns = \[0\]"):
+        load_config(overrides=[f"model.path={path}", "model.forecast_columns=[0]", "model.output_size=3"], environ={})
