@@ -1,17 +1,34 @@
 """lstmd's configuration: one TOML file, overridden by `LSTMD_<SECTION>__<KEY>` variables, then by `--set`.
 
-The schema is a set of msgspec Structs, so a typo in a key or a value of the wrong type is reported with the
-exact path (`serve.max_batch`) instead of being ignored. Defaults bind to loopback only.
+This module owns the schema (msgspec Structs; each key's type, default, range and one-line description in its
+annotation), where each value came from, the checks, and everything generated from the schema: the commented
+sample of `lstmd config init`, the TOML of `lstmd config show` and the reference docs/config.md. A section or key
+added to the schema appears in all of them by itself.
+
+Errors name the key as `section.key`, say which source set it (the file, an `LSTMD_` variable, `--set`) and
+suggest the nearest valid key. An `LSTMD_` variable that names no key is a warning, not a failure: environments
+carry stray variables. Every number is range-checked and NaN/Inf are refused. With `model.path` set, the model
+file's metadata defines the sizes and the task. Defaults bind to loopback only.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import logging
+import math
 import os
+import struct
 import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+log = logging.getLogger("lstmd.config")
 
 
 class ConfigError(ValueError):
@@ -22,87 +39,145 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+def doc(description: str, **bounds: float) -> msgspec.Meta:
+    """A key's one-line description (`lstmd config init`, docs/config.md) and its range (gt, ge, lt, le)."""
+    return msgspec.Meta(description=description, **bounds)
+
+
 class ModelConfig(_Section):
-    input_size: int = 8
-    hidden_size: int = 64
-    num_layers: int = 1
-    output_size: int = 1
-    task: Literal["regression", "classification", "forecast"] = "regression"
-    seed: int = 0
-    path: str = ""  # a model file (safetensors) to serve at start; empty: fresh weights from `seed`
+    """The LSTM and its output head. With `path` set, the sizes and the task come from that file."""
+
+    input_size: Annotated[int, doc("features per event", ge=1)] = 8
+    hidden_size: Annotated[int, doc("LSTM hidden units per layer", ge=1)] = 64
+    num_layers: Annotated[int, doc("stacked LSTM layers", ge=1)] = 1
+    output_size: Annotated[int, doc("predicted values per event (classes for classification)", ge=1)] = 1
+    task: Annotated[
+        Literal["regression", "classification", "forecast"],
+        doc("regression (MSE), classification (over output_size classes) or forecast (the next event)"),
+    ] = "regression"
+    seed: Annotated[int, doc("seed of the fresh weights when no path is given", ge=0)] = 0
+    path: Annotated[
+        str, doc("a safetensors model file to serve from the first event; its metadata sets the sizes and task")
+    ] = ""
     # forecast: the feature columns (indices into an event's features, distinct) the model predicts for the
     # next event; output_size = len(forecast_columns). Empty: all features (output_size = input_size). They
     # travel in the model file's metadata; a model file whose columns differ is refused at start and on import.
-    forecast_columns: list[int] = []
+    forecast_columns: Annotated[
+        list[int], doc("forecast: the feature columns predicted for the next event; empty: all of them")
+    ] = []
 
 
 class ServeConfig(_Section):
-    events: str = "tcp://127.0.0.1:5555"
-    control: str = "tcp://127.0.0.1:5556"
-    publish: str = "tcp://127.0.0.1:5557"  # empty: no PUB socket
-    metrics: str = "127.0.0.1:9108"  # empty: no HTTP endpoint
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Sockets, devices and the serving loop's batching and admission limits."""
+
+    events: Annotated[str, doc("ZeroMQ endpoint producers send events to")] = "tcp://127.0.0.1:5555"
+    control: Annotated[str, doc("ZeroMQ endpoint of control commands (lstmd status, Admin)")] = "tcp://127.0.0.1:5556"
+    publish: Annotated[str, doc("ZeroMQ PUB endpoint of predictions; empty: none")] = "tcp://127.0.0.1:5557"
+    metrics: Annotated[str, doc("host:port of /metrics, /healthz, /readyz; empty: none")] = "127.0.0.1:9108"
+    device: Annotated[Literal["auto", "cpu", "cuda"], doc("where states and weights live; auto: cuda if present")] = (
+        "auto"
+    )
     # auto: Triton on CUDA, the daemon's CPU step on CPU (kernels/cpu_step.py); torch: the PyTorch reference
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    max_batch: int = 16384  # events per serving batch
-    max_wait_ms: float = 1.0  # how long the loop gathers events before stepping
-    max_message_events: int = 65536  # larger messages are rejected whole
-    max_message_bytes: int = 64 * 1024 * 1024  # enforced by ZeroMQ (ZMQ_MAXMSGSIZE) per frame
-    max_new_streams_per_message: int = 65536  # admission control against id floods
-    max_stream_id_length: int = 256  # characters of a string stream id
+    backend: Annotated[
+        Literal["auto", "triton", "torch"], doc("step kernels; auto: Triton on CUDA, the CPU step on CPU")
+    ] = "auto"
+    max_batch: Annotated[int, doc("events per serving batch", ge=1)] = 16384
+    max_wait_ms: Annotated[float, doc("how long the loop gathers events before stepping", ge=0)] = 1.0
+    max_message_events: Annotated[int, doc("events per message; larger messages are rejected whole", ge=1)] = 65536
+    max_message_bytes: Annotated[int, doc("bytes per frame, enforced by ZeroMQ (ZMQ_MAXMSGSIZE)", ge=1)] = (
+        64 * 1024 * 1024
+    )
+    max_new_streams_per_message: Annotated[
+        int, doc("new stream ids one message may create (admission control against id floods)", ge=1)
+    ] = 65536
+    max_stream_id_length: Annotated[int, doc("characters of a string stream id", ge=1)] = 256
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
-    cpu_threads: int = 1
+    cpu_threads: Annotated[int, doc("torch intra-op threads on the CPU; 0: one per core", ge=0)] = 1
     # Threads the CPU step splits each wave over (kernels/cpu_step.py: disjoint rows, one torch thread each, not
     # torch's OpenMP pool); 0: one per usable core, at most 4. Measured on 2 cores only (docs/benchmarks.md).
-    step_threads: int = 0
+    step_threads: Annotated[int, doc("threads the CPU step splits a batch over; 0: one per core, at most 4", ge=0)] = 0
 
 
 class StateConfig(_Section):
-    dir: str = "lstmd-state"
-    capacity: int = 1_000_000  # state-table rows (streams resident at once)
-    idle_ttl_s: float = 0.0  # evict streams idle this long; 0: never
-    on_full: Literal["evict", "reject"] = "evict"  # LRU-evict idle streams, or reject new streams
-    remember_evicted: int = 1_000_000  # evicted ids remembered to flag `state_reset` on their next event
+    """The per-stream state table and the directory of snapshots and the write-ahead log."""
+
+    dir: Annotated[str, doc("state directory: snapshots, WAL, endpoints.json, the lock of the daemon using it")] = (
+        "lstmd-state"
+    )
+    capacity: Annotated[int, doc("state-table rows (streams resident at once)", ge=1)] = 1_000_000
+    idle_ttl_s: Annotated[float, doc("evict streams idle this long; 0: never", ge=0)] = 0.0
+    on_full: Annotated[Literal["evict", "reject"], doc("when full: LRU-evict idle streams, or reject new ones")] = (
+        "evict"
+    )
+    remember_evicted: Annotated[
+        int, doc("evicted ids remembered to flag state_reset on their next event", ge=0)
+    ] = 1_000_000
 
 
 class TrainConfig(_Section):
     """Online truncated-BPTT fine-tuning while serving (daemon/trainer.py, daemon/recorder.py)."""
 
-    enabled: bool = False
-    interval: float = 10.0  # seconds between training rounds (0: only the event trigger or `lstmd train now`)
-    interval_events: int = 0  # also start a round after this many recorded events; 0: off
-    k2: int = 32  # truncation length: steps per training window
-    batch: int = 64  # windows per optimizer step, sampled across streams
-    steps: int = 20  # optimizer steps per round
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 3e-3
-    clip_norm: float = 1.0  # gradient-norm clipping (exploding gradients are why truncated BPTT exists)
-    tolerance: float = 0.0  # publish when holdout loss <= serving loss * (1 + tolerance)
-    holdout_windows: int = 1  # newest windows of each recorded stream held out for the check (few streams: more)
-    forecast_inputs: Literal["change", "level"] = "change"  # forecast: LSTM sees changes or levels (normalization.py)
-    min_windows: int = 4  # fewer complete training windows recorded than this: the round is skipped
-    record_streams: int = 1024  # streams the recorder keeps history for (its memory bound, with record_steps)
-    record_steps: int = 128  # recent events kept per recorded stream; a multiple of k2
-    record_idle_s: float = 60.0  # a recorded stream idle this long may give its buffer to a new stream
-    history: int = 8  # published model versions kept for `lstmd model rollback`
+    enabled: Annotated[bool, doc("train online while serving")] = False
+    interval: Annotated[
+        float, doc("seconds between rounds; 0: only the event trigger or `lstmd train now`", ge=0)
+    ] = 10.0
+    interval_events: Annotated[int, doc("also start a round after this many recorded events; 0: off", ge=0)] = 0
+    k2: Annotated[int, doc("truncation length: steps per training window", ge=1)] = 32
+    batch: Annotated[int, doc("windows per optimizer step, sampled across streams", ge=1)] = 64
+    steps: Annotated[int, doc("optimizer steps per round", ge=1)] = 20
+    optimizer: Annotated[Literal["adam", "sgd"], doc("the optimizer")] = "adam"
+    lr: Annotated[float, doc("learning rate", gt=0)] = 3e-3
+    clip_norm: Annotated[float, doc("gradient-norm clipping", gt=0)] = 1.0
+    tolerance: Annotated[
+        float, doc("publish when holdout loss <= serving loss * (1 + tolerance)", ge=0)
+    ] = 0.0
+    holdout_windows: Annotated[
+        int, doc("newest windows of each recorded stream held out for the check (few streams: more)", ge=1)
+    ] = 1
+    forecast_inputs: Annotated[
+        Literal["change", "level"], doc("forecast: the LSTM sees changes or levels (normalization.py)")
+    ] = "change"
+    min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
+    record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
+    record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 128
+    record_idle_s: Annotated[
+        float, doc("a recorded stream idle this long may give its buffer to a new stream", ge=0)
+    ] = 60.0
+    history: Annotated[int, doc("published model versions kept for `lstmd model rollback`", ge=1)] = 8
     # after this many rejected or diverged rounds in a row, the trainer drops its own weights and optimizer state
     # and starts again from the serving weights (it has drifted somewhere worse); counted in
     # lstmd_train_resets_total. 0: never (a diverged round still restarts from the serving weights)
-    reset_after_rejections: int = 3
-    threads: int = 0  # torch intra-op threads (process-wide, on the CPU); 0: leave them to serve.cpu_threads
-    nice: int = 10  # niceness of the trainer thread (Linux), so the serving loop wins the cores; 0: unchanged
+    reset_after_rejections: Annotated[
+        int, doc("rejected rounds in a row after which training restarts from the serving weights; 0: never", ge=0)
+    ] = 3
+    threads: Annotated[int, doc("torch intra-op threads on the CPU; 0: leave them to serve.cpu_threads", ge=0)] = 0
+    nice: Annotated[
+        int, doc("niceness of the trainer thread (Linux), so serving wins the cores; 0: unchanged", ge=0, le=19)
+    ] = 10
 
 
 class DurabilityConfig(_Section):
-    wal: bool = False  # write-ahead log of applied events; off: nothing between snapshots survives a crash
-    fsync: Literal["always", "interval", "never"] = "interval"  # like Redis appendfsync
-    fsync_interval_ms: float = 1000.0  # fsync = interval: a background flusher syncs the log this often
-    snapshot_interval_s: float = 300.0  # periodic snapshot (then the log is truncated); 0: none
-    snapshot_wal_mb: float = 256.0  # also snapshot when the log's segment grows past this (bounds replay); 0: off
-    snapshot_on_shutdown: bool = True
-    keep_snapshots: int = 2  # newest N kept; the log is kept from the oldest of them, so any one can restore
-    restore: bool = True  # load the newest valid snapshot and replay the log at start
+    """The write-ahead log and snapshots: what survives a crash or a restart."""
+
+    wal: Annotated[bool, doc("write-ahead log of applied events; off: nothing between snapshots survives a crash")] = (
+        False
+    )
+    fsync: Annotated[
+        Literal["always", "interval", "never"], doc("when the log is synced to disk (like Redis appendfsync)")
+    ] = "interval"
+    fsync_interval_ms: Annotated[
+        float, doc("how often the background flusher syncs the log (fsync interval)", gt=0)
+    ] = 1000.0
+    snapshot_interval_s: Annotated[float, doc("periodic snapshot (the log is truncated); 0: none", ge=0)] = 300.0
+    snapshot_wal_mb: Annotated[
+        float, doc("also snapshot when the log's segment grows past this (bounds replay); 0: off", ge=0)
+    ] = 256.0
+    snapshot_on_shutdown: Annotated[bool, doc("write a snapshot on a clean stop")] = True
+    keep_snapshots: Annotated[
+        int, doc("newest snapshots kept; the log is kept from the oldest of them", ge=1)
+    ] = 2
+    restore: Annotated[bool, doc("load the newest valid snapshot and replay the log at start")] = True
 
 
 class Config(_Section):
@@ -119,22 +194,80 @@ class Config(_Section):
 ENV_PREFIX = "LSTMD_"
 
 
-def _parse_value(text: str):
-    """A TOML value (`64`, `true`, `"x"`, `[1, 2]`); bare words that are not TOML stay strings."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+def sections() -> dict[str, type[_Section]]:
+    """Section name -> its Struct, in file order; a section added to Config appears everywhere by itself."""
+    return {f.name: f.default_factory for f in msgspec.structs.fields(Config)}
 
 
-def _apply_override(data: dict, dotted: str, raw: str, origin: str) -> None:
-    section, sep, key = dotted.partition(".")
-    if not sep or not section or not key or "." in key:
-        raise ConfigError(f"{origin}: expected section.key=value, got {dotted!r}")
-    known = {f.name: f.type for f in msgspec.structs.fields(Config)}
-    if section not in known:
-        raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(known)})")
-    data.setdefault(section, {})[key] = _parse_value(raw)
+@dataclass(frozen=True)
+class Key:
+    """One config key as the schema declares it."""
+
+    section: str
+    name: str
+    type: Any  # the annotation, Annotated[...] included: what a value is converted with
+    default: Any
+    description: str
+    bounds: dict[str, float]
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}{self.section.upper()}__{self.name.upper()}"
+
+    @property
+    def base(self) -> Any:
+        return typing.get_args(self.type)[0] if typing.get_origin(self.type) is Annotated else self.type
+
+    def kind(self) -> str:
+        """The type in words: 'integer', 'number', 'one of a, b', ..."""
+        base = self.base
+        if typing.get_origin(base) is Literal:
+            return "one of " + ", ".join(str(v) for v in typing.get_args(base))
+        if typing.get_origin(base) is list:
+            return f"list of {_KINDS.get(typing.get_args(base)[0], 'value')}s"
+        if isinstance(base, types.UnionType):  # `str | None`: optional, and TOML has no null (unset = absent)
+            return " or ".join(_KINDS.get(t, str(t)) for t in typing.get_args(base) if t is not type(None))
+        return _KINDS.get(base, str(base))
+
+    def range(self) -> str:
+        """The allowed range in words ('>= 1', 'positive', '>= 0 and <= 19'); empty when unbounded."""
+        words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+        if self.bounds == {"gt": 0}:
+            return "positive"
+        return " and ".join(f"{words[op]} {_format(v)}" for op, v in self.bounds.items())
+
+    def expectation(self) -> str:
+        """What a value must be: 'integer >= 1', 'positive number', 'one of a, b', 'true or false'."""
+        kind, bounds = self.kind(), self.range()
+        return f"positive {kind}" if bounds == "positive" else f"{kind} {bounds}".strip()
+
+
+_KINDS = {int: "integer", float: "number", bool: "true or false", str: "string"}
+
+
+def schema() -> list[Key]:
+    """Every key of every section, in file order: the one source of the sample, the reference and the checks."""
+    keys = []
+    for section, section_type in sections().items():
+        for f in msgspec.structs.fields(section_type):
+            meta = next((m for m in typing.get_args(f.type)[1:] if isinstance(m, msgspec.Meta)), msgspec.Meta())
+            bounds = {op: getattr(meta, op) for op in ("gt", "ge", "lt", "le") if getattr(meta, op) is not None}
+            default = f.default_factory() if f.default is msgspec.NODEFAULT else f.default
+            keys.append(Key(section, f.name, f.type, default, meta.description or "", bounds))
+    return keys
+
+
+@dataclass
+class Resolved:
+    """The effective configuration, where each key not at its default came from, and warnings to show."""
+
+    config: Config
+    sources: dict[str, str]  # "section.key" -> "config file lstmd.toml", "environment variable LSTMD_...", ...
+    warnings: list[str] = field(default_factory=list)
 
 
 def load_config(
@@ -142,59 +275,307 @@ def load_config(
     overrides: list[str] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Config:
-    """Read the TOML file (if any), apply LSTMD_<SECTION>__<KEY> variables, then `section.key=value` overrides."""
-    data: dict = {}
+    """Read the TOML file (if any), apply LSTMD_<SECTION>__<KEY> variables, then `section.key=value` overrides.
+
+    Warnings (an LSTMD_ variable that names no key) are logged; resolve_config() returns them instead."""
+    resolved = resolve_config(path, overrides, environ)
+    for warning in resolved.warnings:
+        log.warning("%s", warning)
+    return resolved.config
+
+
+def resolve_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Resolved:
+    """load_config() with the sources and warnings; ConfigError lists every key-level problem at once."""
+    keys = {k.dotted: k for k in schema()}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    def put(dotted: str, value: Any, source: str) -> None:
+        values[dotted], sources[dotted] = value, source
+
     if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        origin = f"config file {path}"
+        for dotted, value in _read_file(path).items():
+            if dotted in keys:
+                put(dotted, value, origin)
+            else:
+                problems.append(f"{origin}: unknown key {dotted}{_suggest(dotted, keys)}")
     env = os.environ if environ is None else environ
     for name, raw in sorted(env.items()):
-        if name.startswith(ENV_PREFIX) and "__" in name:
-            section, key = name[len(ENV_PREFIX) :].split("__", 1)
-            _apply_override(data, f"{section.lower()}.{key.lower()}", raw, f"environment variable {name}")
+        if not name.startswith(ENV_PREFIX):
+            continue
+        dotted = _env_key(name, keys)
+        if dotted is None:
+            warnings.append(_unknown_variable(name, keys))
+        else:
+            put(dotted, _parse_value(raw, keys[dotted]), f"environment variable {name}")
     for item in overrides or []:
         dotted, sep, raw = item.partition("=")
+        dotted = dotted.strip()
         if not sep:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        _apply_override(data, dotted.strip(), raw.strip(), f"--set {item!r}")
-    try:
-        config = msgspec.convert(data, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+            problems.append(f"--set {item}: expected section.key=value")
+        elif dotted not in keys:
+            problems.append(f"--set {item}: unknown key {dotted}{_suggest(dotted, keys)}")
+        else:
+            put(dotted, _parse_value(raw.strip(), keys[dotted]), f"--set {item}")
+
+    data: dict[str, dict[str, Any]] = {section: {} for section in sections()}
+    for dotted, value in values.items():
+        key = keys[dotted]
+        try:
+            data[key.section][key.name] = _convert(key, value)
+        except ConfigError as exc:
+            problems.append(f"{exc} ({sources[dotted]})")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    config = msgspec.convert(data, Config)
+    _adopt_model_file(config, sources)
     validate(config)
-    return config
+    return Resolved(config, sources, warnings)
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    """The file's keys as {"section.key": value}; a non-table section is reported as such."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist (`lstmd config init {path}` writes one with every key)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    flat = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"config file {path}: {section} = ... is outside any [section]{_suggest(f'.{section}', _all_keys())}"
+            )
+        flat |= {f"{section}.{key}": value for key, value in table.items()}
+    return flat
+
+
+def _all_keys() -> dict[str, Key]:
+    return {k.dotted: k for k in schema()}
+
+
+def _nearest(dotted: str, keys: dict[str, Key]) -> str | None:
+    """The valid key nearest to a misspelled one: the same key name in another section, else difflib's pick."""
+    name = dotted.partition(".")[2]
+    same_name = [k for k in keys if k.endswith(f".{name}")]
+    close = same_name or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _suggest(dotted: str, keys: dict[str, Key]) -> str:
+    """'; did you mean model.hidden_size?', or the section's keys, or the sections."""
+    nearest = _nearest(dotted, keys)
+    if nearest:
+        return f"; did you mean {nearest}?"
+    section = dotted.partition(".")[0]
+    in_section = [k.partition(".")[2] for k in keys if k.startswith(f"{section}.")]
+    if in_section:
+        return f" ([{section}] has {', '.join(in_section)})"
+    return f"; there is no [{section}] section (sections: {', '.join(sections())})"
+
+
+def _env_key(name: str, keys: dict[str, Key]) -> str | None:
+    """The key LSTMD_<SECTION>__<KEY> names, or None when it names none."""
+    section, sep, key = name[len(ENV_PREFIX) :].partition("__")
+    dotted = f"{section.lower()}.{key.lower()}"
+    return dotted if sep and dotted in keys else None
+
+
+def _unknown_variable(name: str, keys: dict[str, Key]) -> str:
+    """The warning for an LSTMD_ variable that names no key, with the variable meant if one is near."""
+    rest = name[len(ENV_PREFIX) :].lower()
+    if "__" in rest:
+        section, _, key = rest.partition("__")
+        meant = _nearest(f"{section}.{key}", keys)
+    else:
+        # LSTMD_MODEL_HIDDEN_SIZE: one underscore between section and key.
+        underscored = {k.replace(".", "_"): k for k in keys}
+        close = difflib.get_close_matches(rest, underscored, n=1, cutoff=0.8)
+        meant = underscored[close[0]] if close else None
+    if meant:
+        hint = f"did you mean {keys[meant].env}?"
+    else:
+        hint = f"config variables are {ENV_PREFIX}<SECTION>__<KEY>, sections {', '.join(sections()).upper()}"
+    return f"ignoring environment variable {name}: it names no config key; {hint}"
+
+
+def _parse_value(text: str, key: Key):
+    """A TOML value from an environment variable or --set (`64`, `true`, `[1, 2]`, `"x"`).
+
+    A string key takes the text as it is unless it is quoted, so `--set model.path=m.safetensors` and
+    `LSTMD_SERVE__EVENTS=tcp://0.0.0.0:5555` need no quotes; elsewhere a bare word that is not TOML stays text,
+    and the conversion names the key and the type it wanted."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if isinstance(value, str) or not _is_text(key):
+        return value
+    return text
+
+
+def _is_text(key: Key) -> bool:
+    base = key.base
+    if typing.get_origin(base) is Literal:
+        return all(isinstance(v, str) for v in typing.get_args(base))
+    return base is str
+
+
+def _convert(key: Key, value: Any) -> Any:
+    """The value as the key's type, within its range and finite; ConfigError('model.x must be ..., got ...')."""
+    got = f"got {_format(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key.dotted} must be a finite number, {got}")
+    try:
+        plain = msgspec.convert(value, key.base)
+    except msgspec.ValidationError:
+        wanted = key.expectation()
+        if not wanted.startswith(("one of", "true")):
+            wanted = f"{'an' if wanted[0] in 'aeiou' else 'a'} {wanted}"
+        raise ConfigError(f"{key.dotted} must be {wanted}, {got}") from None
+    if isinstance(plain, list) and any(isinstance(v, float) and not math.isfinite(v) for v in plain):
+        raise ConfigError(f"{key.dotted} must hold finite numbers, {got}")
+    try:
+        return msgspec.convert(plain, key.type)
+    except msgspec.ValidationError:
+        raise ConfigError(f"{key.dotted} must be {key.range()}, {got}") from None
+
+
+def _format(value: Any) -> str:
+    """A value as TOML writes it (true, 1.5, "text", [1, 2], nan): how messages, samples and show print it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        # JSON string escapes are TOML basic-string escapes; TOML also wants DEL escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+# ---- model.path: the file defines the model -------------------------------------------------------------------
+
+_SIZES = ("input_size", "hidden_size", "num_layers", "output_size")
+# safetensors refuses headers over 100 MB; a "length" beyond that is some other file's first 8 bytes.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def model_file_metadata(source: str | Path | bytes, name: str | None = None) -> dict[str, str]:
+    """The metadata of a safetensors file (a path, or its bytes), read from its header alone (no torch).
+
+    ConfigError "X is not a safetensors model file (...)" for anything else: a CSV, a torch .pt, a Keras file."""
+    name = name or str(source)
+    try:
+        if isinstance(source, bytes | bytearray | memoryview):
+            data, size = bytes(source[: 8 + _MAX_HEADER]), len(source)
+        else:
+            with open(source, "rb") as f:
+                head = f.read(8)
+                size = os.fstat(f.fileno()).st_size
+                length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                data = head + (f.read(length) if 0 < length <= min(size - 8, _MAX_HEADER) else b"")
+    except FileNotFoundError:
+        raise ConfigError(f"{name} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{name} cannot be read: {exc.strerror}") from None
+    not_safetensors = ConfigError(f"{name} is not a safetensors model file{_looks_like(data)}")
+    if len(data) < 8:
+        raise not_safetensors
+    (length,) = struct.unpack("<Q", data[:8])
+    if not 2 <= length <= min(size - 8, _MAX_HEADER) or data[8:9] != b"{":
+        raise not_safetensors
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except ValueError:
+        raise not_safetensors from None
+    if not isinstance(header, dict):
+        raise not_safetensors
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def _looks_like(data: bytes) -> str:
+    """What a non-safetensors file seems to be, to say what to do with it."""
+    if data.startswith(b"PK\x03\x04"):
+        return " (it is a zip archive: a torch .pt file or a .keras model; save the weights with safetensors)"
+    if data.startswith(b"\x89HDF"):
+        return " (it is an HDF5 file, e.g. a Keras .h5 model)"
+    if data[:64].isascii() and data[:8].strip():
+        return " (it starts with text, e.g. a CSV)"
+    return ""
+
+
+def _adopt_model_file(config: Config, sources: dict[str, str]) -> None:
+    """With model.path set, the file's metadata sets the sizes and task; explicitly set ones must agree."""
+    m = config.model
+    if not m.path:
+        return
+    try:
+        meta = model_file_metadata(m.path)
+    except ConfigError as exc:
+        raise ConfigError(f"model.path: {exc} ({sources['model.path']})") from None
+    missing = [k for k in (*_SIZES, "task") if k not in meta]
+    if missing:
+        raise ConfigError(f"model.path {m.path}: its metadata lacks {', '.join(missing)} (not an lstmd model file?)")
+    try:
+        from_file: dict[str, Any] = {k: int(meta[k]) for k in _SIZES} | {"task": meta["task"]}
+        # Forecast files name their columns (all of them when the config chose none: stored here as []).
+        columns = json.loads(meta.get("forecast_columns", "[]")) if meta["task"] == "forecast" else []
+        from_file["forecast_columns"] = [] if columns == list(range(from_file["input_size"])) else columns
+    except ValueError as exc:
+        raise ConfigError(f"model.path {m.path}: unreadable metadata: {exc}") from None
+    keys = _all_keys()
+    differ = []
+    for name, value in from_file.items():
+        dotted = f"model.{name}"
+        try:
+            value = _convert(keys[dotted], value)
+        except ConfigError as exc:
+            raise ConfigError(f"model.path {m.path}: its metadata does not fit: {exc}") from None
+        if dotted not in sources:
+            setattr(m, name, value)
+            sources[dotted] = f"model.path {m.path}"
+        elif getattr(m, name) != value and not (name == "forecast_columns" and _all_columns(m, value)):
+            shown = (value or list(range(from_file["input_size"]))) if name == "forecast_columns" else value
+            differ.append(f"{name} {_format(shown)} where {dotted} = {_format(getattr(m, name))} ({sources[dotted]})")
+    if differ:
+        raise ConfigError(
+            f"model.path {m.path} holds a model with {'; '.join(differ)}. The file alone defines the model: "
+            "remove those keys or make them match"
+        )
+
+
+def _all_columns(m: ModelConfig, file_columns: list[int]) -> bool:
+    """Both name every feature column: [] (the file's canonical form) and the config's explicit full list."""
+    return not file_columns and m.forecast_columns == list(range(m.input_size))
+
+
+# ---- checks across keys ---------------------------------------------------------------------------------------
 
 
 def validate(config: Config) -> None:
-    """Checks across keys and ranges that types alone cannot express."""
-    m, s, st = config.model, config.serve, config.state
-    positive = {
-        "model.input_size": m.input_size,
-        "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers,
-        "model.output_size": m.output_size,
-        "serve.max_batch": s.max_batch,
-        "serve.max_message_events": s.max_message_events,
-        "state.capacity": st.capacity,
-        "serve.max_stream_id_length": s.max_stream_id_length,
-    }
-    d = config.durability
-    positive["durability.fsync_interval_ms"] = d.fsync_interval_ms
-    _require(positive, strictly=True)
-    _require(
-        {"serve.max_wait_ms": s.max_wait_ms, "state.idle_ttl_s": st.idle_ttl_s, "serve.step_threads": s.step_threads},
-        strictly=False,
-    )
-    if d.snapshot_interval_s < 0:
-        raise ConfigError(
-            f"durability.snapshot_interval_s must be >= 0 (0: no periodic snapshot), got {d.snapshot_interval_s}"
-        )
-    if d.keep_snapshots < 1:
-        raise ConfigError(f"durability.keep_snapshots must be >= 1, got {d.keep_snapshots}")
+    """Checks across keys that one key's type and range cannot express."""
+    m, s = config.model, config.serve
     if m.task == "classification" and m.output_size < 2:
         raise ConfigError(
             f"model.task = classification needs model.output_size >= 2 classes, got {m.output_size}"
@@ -206,13 +587,6 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"serve.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {getattr(s, key)!r}"
             )
-
-
-def _require(values: dict[str, float], strictly: bool) -> None:
-    """ConfigError for the first key whose value is not > 0 (strictly) or not >= 0."""
-    for key, value in values.items():
-        if value <= 0 if strictly else value < 0:
-            raise ConfigError(f"{key} must be {'positive' if strictly else '>= 0'}, got {value}")
 
 
 def _validate_forecast_columns(m: ModelConfig) -> None:
@@ -246,32 +620,87 @@ def _validate_forecast_columns(m: ModelConfig) -> None:
 
 def _validate_train(config: Config) -> None:
     t = config.train
-    positive = {
-        "train.k2": t.k2,
-        "train.batch": t.batch,
-        "train.steps": t.steps,
-        "train.lr": t.lr,
-        "train.clip_norm": t.clip_norm,
-        "train.record_streams": t.record_streams,
-        "train.record_steps": t.record_steps,
-        "train.history": t.history,
-        "train.holdout_windows": t.holdout_windows,
-    }
-    _require(positive, strictly=True)
-    non_negative = (
-        "interval",
-        "interval_events",
-        "tolerance",
-        "min_windows",
-        "record_idle_s",
-        "threads",
-        "nice",
-        "reset_after_rejections",
-    )
-    _require({f"train.{key}": getattr(t, key) for key in non_negative}, strictly=False)
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(
             f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "
             f"(train.holdout_windows + 1) * k2: a stream's recent history holds whole windows, the newest "
             f"{t.holdout_windows} held out for evaluation, at least one to train on"
         )
+
+
+# ---- generated from the schema: the sample file, `config show`, the reference --------------------------------
+
+
+def _section_doc(section: str) -> str:
+    return " ".join((sections()[section].__doc__ or "").split())
+
+
+def sample(version: str) -> str:
+    """`lstmd config init`: every key with its description, range and default, commented out (so a file that
+    sets nothing serves the defaults, and model.path's file still defines the sizes)."""
+    lines = [
+        f"# lstmd {version} configuration: every key, commented out at its default. Uncomment a line to change it.",
+        "# Each key can also be set by the environment variable LSTMD_<SECTION>__<KEY> or by",
+        "# `lstmd serve --set section.key=value` (the variable overrides this file, --set overrides both).",
+        "# `lstmd config check FILE` validates a file; docs/config.md is the reference.",
+    ]
+    by_section: dict[str, list[Key]] = {}
+    for key in schema():
+        by_section.setdefault(key.section, []).append(key)
+    for section, keys in by_section.items():
+        lines += ["", f"[{section}]", f"# {_section_doc(section)}"]
+        for key in keys:
+            value = "(unset by default)" if key.default is None else _format(key.default)
+            lines += ["", f"# {key.description} ({key.expectation()})", f"# {key.name} = {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_toml(data: dict[str, dict[str, Any]], sources: dict[str, str] | None = None) -> str:
+    """A config as TOML that tomllib reads back to `data`; keys not at their default say where they came from."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines += ["" if lines else None, f"[{section}]"]
+        for name, value in values.items():
+            origin = (sources or {}).get(f"{section}.{name}")
+            if value is None:  # TOML has no null: an unset optional key is absent
+                lines.append(f"# {name} is not set")
+                continue
+            lines.append(f"{name} = {_format(value)}" + (f"  # {origin}" if origin else ""))
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def reference() -> str:
+    """docs/config.md: one table per section, from the schema (tests/test_config_docs.py keeps the file equal)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the schema in `daemon/config.py` by `lstmd config reference > docs/config.md`: do not edit",
+        "it by hand (a test regenerates it and compares).",
+        "",
+        "lstmd reads one TOML file (`lstmd serve --config FILE`; without one, every key has its default). Each key",
+        "can be overridden by the environment variable `LSTMD_<SECTION>__<KEY>` and then by",
+        "`lstmd serve --set section.key=value`. `lstmd config init FILE` writes a commented sample with every key,",
+        "`lstmd config check FILE` validates a file offline, and `lstmd config show --config FILE` prints the",
+        "effective configuration as TOML, each changed key with its source.",
+        "",
+        "Every number is range-checked and NaN/Inf are refused. An `LSTMD_` variable that names no key is a",
+        "warning, not an error. With `model.path` set, the model file's metadata defines `input_size`,",
+        "`hidden_size`, `num_layers`, `output_size`, `task` (and `forecast_columns`); keys set as well must agree.",
+    ]
+    section = None
+    for key in schema():
+        if key.section != section:
+            section = key.section
+            lines += [
+                "",
+                f"## [{section}]",
+                "",
+                _section_doc(section),
+                "",
+                "| key | default | type, range | description | environment variable |",
+                "|---|---|---|---|---|",
+            ]
+        default = "unset" if key.default is None else f"`{_format(key.default)}`"
+        cells = [f"`{key.name}`", default, key.expectation(), key.description, f"`{key.env}`"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import safetensors.torch
 import torch
+from lstmd.daemon.config import model_file_metadata
 from lstmd.daemon.normalization import COLUMNS_KEY, ForecastNormalization, read_columns
 from lstmd.daemon.normalization import METADATA_KEY as NORMALIZATION_KEY
 from lstmd.kernels import Params
@@ -90,7 +91,12 @@ class ModelSpec:
                 f"the model forecasts feature columns {self.target_columns}, "
                 f"but model.forecast_columns says {other.target_columns}"
             )
-        return f"it holds {self}, but the daemon's [model] config says {other}"
+        differ = [
+            f"{name} {mine} where the daemon has {theirs}"
+            for name in ("input_size", "hidden_size", "num_layers", "output_size", "task")
+            if (mine := getattr(self, name)) != (theirs := getattr(other, name))
+        ]
+        return f"it has {', '.join(differ)}"
 
 
 def tensor_names(spec: ModelSpec) -> list[str]:
@@ -206,9 +212,9 @@ class ServingModel:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ServingModel:
+        meta = model_file_metadata(data, "the model file")  # "... is not a safetensors model file" (a CSV, a .pt)
         try:
             tensors = safetensors.torch.load(data)
-            meta = _read_metadata(data)
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"not a readable safetensors model file: {exc}") from None
         spec = ModelSpec.from_metadata(meta)
@@ -217,10 +223,3 @@ class ServingModel:
         norm = ForecastNormalization.from_json(meta[NORMALIZATION_KEY]) if NORMALIZATION_KEY in meta else None
         return cls(spec, tensors, int(meta.get("version", 0)), norm)
 
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    import struct
-
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {}) or {}

@@ -44,9 +44,9 @@ from lstmd.clients import protocol
 from lstmd.daemon import batching
 from lstmd.daemon import snapshot as snapshots
 from lstmd.daemon import wal as wal_files
+from lstmd.daemon.config import model_file_metadata
 from lstmd.daemon.control import CommandError
 from lstmd.daemon.model import ModelSpec, ServingModel
-from lstmd.daemon.model import _read_metadata as model_file_metadata
 from lstmd.daemon.wal import WalError, WriteAheadLog
 
 if TYPE_CHECKING:

@@ -29,6 +29,7 @@ from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, Eve
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.recovery import Durability, RecoveryError
+from lstmd.daemon.state_lock import StateDirLocked, StateLock
 from lstmd.daemon.state_store import NO_SEQ, StateStore
 from lstmd.daemon.versions import ModelHistory
 from lstmd.daemon.wal import WalError
@@ -106,6 +107,7 @@ class Daemon:
         self._outbox: zmq.Socket | None = None
         self._http = None
         self._thread: threading.Thread | None = None
+        self._state_lock: StateLock | None = None  # held from start() to the end of _shutdown()
         self._last_housekeeping = time.monotonic()
         self.durability = Durability(self)  # WAL, snapshots, restore (daemon/recovery.py)
 
@@ -131,6 +133,18 @@ class Daemon:
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Lock the state directory (one daemon per directory), then _start_locked(); a failed start unlocks it."""
+        try:
+            self._state_lock = StateLock.acquire(Path(self.config.state.dir))
+        except StateDirLocked as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self._start_locked()
+        except BaseException:
+            self._state_lock.release()
+            raise
+
+    def _start_locked(self) -> None:
         """Create the state directory, bind every socket and the metrics endpoint, start the I/O thread."""
         state_dir = Path(self.config.state.dir)
         try:
@@ -187,6 +201,7 @@ class Daemon:
         self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
         self.metrics.watch_device_memory(self.device)
         (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
+        self._state_lock.record(self.endpoints)
         if self.trainer is not None:
             self.trainer.start()
             self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
@@ -272,6 +287,8 @@ class Daemon:
         self._close_http()
         if self._ctx is not None:
             self._ctx.term()
+        if self._state_lock is not None:  # last: everything this daemon writes into the directory is written
+            self._state_lock.release()
         log.info("lstmd stopped")
 
     def _close_http(self) -> None:

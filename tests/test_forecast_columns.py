@@ -147,9 +147,10 @@ def other_columns_file(tmp_path) -> str:
 
 
 def test_a_model_file_with_other_columns_is_refused_at_start(make_daemon, tmp_path):
-    from lstmd.daemon.server import StartupError
+    from lstmd.daemon.config import ConfigError
 
-    with pytest.raises(StartupError, match=r"forecasts feature columns \[1\], but model.forecast_columns says \[2\]"):
+    # Refused as the configuration is read: the file defines the model, and the config sets other columns.
+    with pytest.raises(ConfigError, match=r"forecast_columns \[1\] where model.forecast_columns = \[2\]"):
         make_daemon(**{**COLUMNS, "model.path": other_columns_file(tmp_path)})
 
 

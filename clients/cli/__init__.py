@@ -6,6 +6,9 @@ Modules import torch only inside the commands that need it (serve, demo), so adm
 
 from __future__ import annotations
 
+import importlib.metadata
+from typing import Annotated
+
 import typer
 from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train
 
@@ -16,6 +19,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lstmd {importlib.metadata.version('lstmd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
 app.command()(serve.serve)
 app.command()(serve.demo)
 app.command()(status.status)

@@ -49,6 +49,13 @@ def import_(
     """Serve the weights in a safetensors file from the next batch on."""
     if not path.is_file():
         raise fail(f"{path} is not a file")
+    if path.suffix.lower() not in (".keras", ".h5"):  # Keras files are converted (DESIGN.md); the rest must be
+        from lstmd.daemon.config import ConfigError, model_file_metadata
+
+        try:
+            model_file_metadata(path)  # the header alone: a CSV or a torch .pt is named as such, not sent
+        except ConfigError as exc:
+            raise fail(str(exc)) from None
     result = call_or_exit(admin_or_exit(config, control).import_model, path)
     console.print(f"serving {path} as model version {result['version']}")
 
