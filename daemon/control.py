@@ -100,16 +100,24 @@ def _export_model(daemon: Daemon, args: dict) -> dict:
 
 @command("import_model")
 def _import_model(daemon: Daemon, args: dict) -> dict:
+    """A safetensors model file (`safetensors_b64`), or a Keras `.keras` / `.h5` file (`keras_b64`) converted here
+    by daemon/keras_import.py (milliseconds for LSTM-sized models), served from the next batch on."""
+    keras = "keras_b64" in args
     try:
-        data = base64.b64decode(args["safetensors_b64"], validate=True)
-        model = ServingModel.from_bytes(data)
+        data = base64.b64decode(args["keras_b64" if keras else "safetensors_b64"], validate=True)
+        if keras:
+            from lstmd.daemon.keras_import import convert_keras
+
+            model = convert_keras(data)
+        else:
+            model = ServingModel.from_bytes(data)
     except KeyError:
-        raise CommandError("missing argument 'safetensors_b64'") from None
-    except ValueError as exc:
-        raise CommandError(f"cannot import model: {exc}") from None
+        raise CommandError("missing argument 'safetensors_b64' (or 'keras_b64')") from None
+    except ValueError as exc:  # KerasImportError is one: its message names the layer and the reason
+        raise CommandError(f"cannot import {'Keras ' if keras else ''}model: {exc}") from None
     if model.spec != daemon.spec:
         raise CommandError(f"cannot import model: {model.spec.mismatch(daemon.spec)}")
-    return {"version": daemon.install_model(model, "import")}
+    return {"version": daemon.install_model(model, "import keras" if keras else "import")}
 
 
 def _trainer(daemon: Daemon):
