@@ -11,6 +11,7 @@ import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lstmd.daemon.keras_import import convert_keras
 from lstmd.daemon.model import ServingModel
 
 if TYPE_CHECKING:
@@ -105,12 +106,7 @@ def _import_model(daemon: Daemon, args: dict) -> dict:
     keras = "keras_b64" in args
     try:
         data = base64.b64decode(args["keras_b64" if keras else "safetensors_b64"], validate=True)
-        if keras:
-            from lstmd.daemon.keras_import import convert_keras
-
-            model = convert_keras(data)
-        else:
-            model = ServingModel.from_bytes(data)
+        model = convert_keras(data) if keras else ServingModel.from_bytes(data)
     except KeyError:
         raise CommandError("missing argument 'safetensors_b64' (or 'keras_b64')") from None
     except ValueError as exc:  # KerasImportError is one: its message names the layer and the reason

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -113,6 +116,24 @@ def test_imported_keras_model_answers_as_keras_predict(make_daemon, keras_models
         np.testing.assert_allclose(replies.sum(-1), 1.0, atol=1e-5)
 
 
+def test_serve_a_keras_file_from_the_first_event(make_daemon, keras_models):
+    """`[model] path` may name a Keras file: the daemon starts serving its conversion."""
+    case = keras_models["three"]
+    daemon = make_daemon(**{
+        "model.input_size": case["input"], "model.hidden_size": case["hidden"], "model.num_layers": case["layers"],
+        "model.output_size": case["output"], "model.task": case["task"],
+        "model.path": str(case["path"].with_suffix(".h5")),
+    })
+    replies = _stream(daemon, case["x"], ["p0", "p1", "p2"])
+    np.testing.assert_allclose(replies[:, -1], case["expected"], rtol=0, atol=1e-5)
+
+
+def test_without_h5py_the_message_says_what_to_install(keras_models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` raises ImportError
+    with pytest.raises(KerasImportError, match=r"needs h5py, which is not installed: pip install 'lstmd\[keras\]'"):
+        convert_keras(keras_models["one"]["path"].with_suffix(".keras").read_bytes())
+
+
 def test_convert_offline_writes_a_model_file_torch_reproduces(keras_models, tmp_path):
     """`lstmd model convert`: the file loads into nn.LSTM + nn.Linear (the model file contract) and answers as
     Keras does; the h5 and .keras files of one model convert to the same tensors."""
@@ -131,6 +152,26 @@ def test_convert_offline_writes_a_model_file_torch_reproduces(keras_models, tmp_
     lstm, head = model.to_modules()
     got = predict_file_sequence(lstm, head, model.spec.to_metadata(), torch.from_numpy(case["x"]))
     np.testing.assert_allclose(got.numpy(), case["expected"], rtol=0, atol=1e-5)
+
+
+def test_installed_entry_point_converts_keras_to_onnx(keras_models, tmp_path):
+    """A real `lstmd model convert` process, Keras .h5 straight to ONNX: onnxruntime from zero state answers as
+    Keras's predict."""
+    import onnxruntime
+
+    case = keras_models["one"]
+    exe = Path(sys.executable).with_name("lstmd")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "lstmd.clients.cli"]
+    target = tmp_path / "one.onnx"
+    result = subprocess.run(
+        [*command, "model", "convert", str(case["path"].with_suffix(".h5")), str(target)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    zero = np.zeros((case["layers"], STREAMS, case["hidden"]), np.float32)
+    y, _, _ = session.run(None, {"x": case["x"], "h0": zero, "c0": zero})
+    np.testing.assert_allclose(y, case["expected"], rtol=0, atol=1e-5)
 
 
 def test_cli_import_of_a_keras_file_and_a_mismatched_config(make_daemon, keras_models):
