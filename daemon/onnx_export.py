@@ -10,9 +10,13 @@ Built with onnx.helper from the weights (no tracing, no TorchScript; opset 17, O
              hn [L, B, H], cn [L, B, H]   the state after the last event, for the next call
 
 ONNX's LSTM orders the gates (i, o, f, c) where nn.LSTM has (i, f, g, o), and carries both biases in one
-[8H] vector; the rows are reordered here, nothing else changes. Forecast models are refused: the daemon feeds
-their LSTM each event's change since the stream's previous one and adds the predicted change to the last value
-(daemon/normalization.py), which needs the previous event as well as (h, c); that is not in this graph.
+[8H] vector; the rows are reordered here, nothing else changes.
+
+Forecast models with normalisation statistics (daemon/normalization.py) take one more input, `x_prev` [B, I]:
+each stream's event before x[:, 0] (a stream's exported `x_prev`; NaN where it is not known, e.g. a stream's
+first event or one after a reset, whose change then counts as 0, as in the daemon). The graph forms the changes,
+scales them as the metadata says, and answers last value + scaled predicted change of the forecast columns, as
+the daemon does; the next call's `x_prev` is x[:, -1].
 """
 
 from __future__ import annotations
@@ -35,13 +39,7 @@ def to_onnx(model: ServingModel) -> bytes:
     except ImportError:
         raise OnnxExportError("exporting to ONNX needs the onnx package, which is not installed: "
                               "pip install 'lstmd[onnx]'") from None
-    spec = model.spec
-    if spec.task == "forecast":
-        raise OnnxExportError(
-            "forecast models are not exported to ONNX: their LSTM sees each event's change since the stream's "
-            "previous event and the reply adds the predicted change to the last value (daemon/normalization.py), "
-            "which the graph's (h, c) state does not carry"
-        )
+    spec, norm = model.spec, model.normalization
     H, L = spec.hidden_size, spec.num_layers
     t = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.tensors.items()}
     # nn.LSTM rows (i, f, g, o) -> ONNX rows (i, o, f, c)
@@ -49,10 +47,33 @@ def to_onnx(model: ServingModel) -> bytes:
     initializers, nodes = [], []
 
     def const(name: str, array: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d scalars
         return name
 
-    nodes.append(helper.make_node("Transpose", ["x"], ["x_tbi"], perm=[1, 0, 2]))  # ONNX LSTM is time-major
+    lstm_input = "x"
+    if norm is not None:  # forecast: what daemon/engine.py feeds the LSTM (ForecastNormalization.lstm_inputs)
+        stats = {k: getattr(norm, k).detach().cpu().numpy().astype(np.float32) for k in ("mean", "std", "delta_scale")}
+        if norm.inputs == "change":
+            nodes += [
+                helper.make_node("Gather", ["x", const("first", np.array(0, np.int64))], ["x_first"], axis=1),
+                helper.make_node("IsNaN", ["x_prev"], ["prev_unknown"]),  # unknown: the change counts as 0
+                helper.make_node("Where", ["prev_unknown", "x_first", "x_prev"], ["prev_known"]),
+                helper.make_node("Unsqueeze", ["prev_known", const("axis1", np.array([1], np.int64))], ["prev_1"]),
+                helper.make_node(
+                    "Slice", ["x", const("zero", np.array([0], np.int64)), const("minus1", np.array([-1], np.int64)),
+                              "axis1"], ["x_but_last"],
+                ),
+                helper.make_node("Concat", ["prev_1", "x_but_last"], ["previous"], axis=1),
+                helper.make_node("Sub", ["x", "previous"], ["change"]),
+                helper.make_node("Div", ["change", const("delta_scale", stats["delta_scale"])], ["lstm_in"]),
+            ]
+        else:
+            nodes += [
+                helper.make_node("Sub", ["x", const("mean", stats["mean"])], ["centred"]),
+                helper.make_node("Div", ["centred", const("std", stats["std"])], ["lstm_in"]),
+            ]
+        lstm_input = "lstm_in"
+    nodes.append(helper.make_node("Transpose", [lstm_input], ["x_tbi"], perm=[1, 0, 2]))  # ONNX LSTM is time-major
     const("squeeze_axes", np.array([1], np.int64))
     layer_input, hs, cs = "x_tbi", [], []
     for k in range(L):
@@ -73,7 +94,8 @@ def to_onnx(model: ServingModel) -> bytes:
         layer_input = f"seq_l{k}"
         hs.append(f"hn_l{k}")
         cs.append(f"cn_l{k}")
-    head_out = "logits" if spec.task == "classification" else "y"
+    # the head's output is the reply itself, or the logits / predicted change it is computed from
+    head_out = "logits" if spec.task == "classification" else "predicted_change" if norm is not None else "y"
     nodes += [
         helper.make_node("Concat", hs, ["hn"], axis=0),
         helper.make_node("Concat", cs, ["cn"], axis=0),
@@ -83,6 +105,14 @@ def to_onnx(model: ServingModel) -> bytes:
     ]
     if spec.task == "classification":  # the daemon replies with class probabilities (daemon/engine.py)
         nodes.append(helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
+    if head_out == "predicted_change":  # ForecastNormalization.predictions: last value + scaled predicted change
+        columns = np.array(spec.target_columns, np.int64)
+        nodes += [
+            helper.make_node("Gather", ["x", const("columns", columns)], ["last_value"], axis=2),
+            helper.make_node("Mul", ["predicted_change", const("target_scale", stats["delta_scale"][columns])],
+                             ["scaled_change"]),
+            helper.make_node("Add", ["last_value", "scaled_change"], ["y"]),
+        ]
 
     def value(name: str, *dims) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
@@ -90,7 +120,10 @@ def to_onnx(model: ServingModel) -> bytes:
     graph = helper.make_graph(
         nodes,
         "lstmd",
-        [value("x", "B", "T", spec.input_size), value("h0", L, "B", H), value("c0", L, "B", H)],
+        [
+            value("x", "B", "T", spec.input_size), value("h0", L, "B", H), value("c0", L, "B", H),
+            *([value("x_prev", "B", spec.input_size)] if norm is not None and norm.inputs == "change" else []),
+        ],
         [value("y", "B", "T", spec.output_size), value("hn", L, "B", H), value("cn", L, "B", H)],
         initializers,
     )

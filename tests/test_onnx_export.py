@@ -10,8 +10,11 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import torch
 from lstmd.clients import Producer
 from lstmd.clients.cli import app
+from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.normalization import ForecastNormalization
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
@@ -71,10 +74,47 @@ def test_onnx_graph_continues_streams_from_their_exported_state(make_daemon, tmp
         np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-5)
 
 
-def test_forecast_models_are_refused_with_the_reason(make_daemon, tmp_path):
-    daemon = make_daemon(**{"model.task": "forecast", "model.input_size": 2, "model.output_size": 2})
-    path = tmp_path / "forecast.onnx"
-    result = invoke("model", "export", str(path), "--format", "onnx", "--control", daemon.endpoints["control"])
-    assert result.exit_code == 1
-    assert "forecast models are not exported to ONNX" in result.stderr and "Traceback" not in result.stderr
-    assert not path.exists()
+@pytest.mark.parametrize("inputs", ["change", "level"])
+def test_forecast_graph_normalises_as_the_daemon_does(make_daemon, tmp_path, inputs):
+    """A forecast model with real normalisation statistics and chosen columns: the graph, fed each stream's
+    exported state and last event (x_prev; NaN for a reset stream), answers the daemon's next replies."""
+    spec = ModelSpec(3, 11, 2, 2, "forecast", (0, 2))
+    model = ServingModel.initial(spec, seed=5)
+    gen = torch.Generator().manual_seed(2)
+    model.normalization = ForecastNormalization(
+        torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5, torch.rand(3, generator=gen) + 0.2, inputs
+    )
+    path = tmp_path / "forecast.safetensors"
+    path.write_bytes(model.to_bytes())
+    daemon = make_daemon(**{
+        "model.task": "forecast", "model.input_size": 3, "model.output_size": 2, "model.forecast_columns": [0, 2],
+        "model.hidden_size": 11, "model.num_layers": 2, "model.path": str(path),
+    })
+    control = ["--control", daemon.endpoints["control"]]
+    ids = ["a", 9]
+    rng = np.random.default_rng(3)
+    with Producer(daemon.endpoints["events"]) as producer:
+        for _ in range(5):
+            producer.send(ids, rng.standard_normal((2, 3)).astype(np.float32))
+        assert invoke("streams", "reset", "9", *control).exit_code == 0  # its next event starts afresh
+        states = []
+        for stream in ids:
+            out = tmp_path / f"state-{stream}.safetensors"
+            assert invoke("streams", "show", str(stream), "--state-out", str(out), *control).exit_code == 0
+            states.append(load_file(out))
+        assert np.isfinite(states[0]["x_prev"]).all() and np.isnan(states[1]["x_prev"]).all()
+        graph = tmp_path / "forecast.onnx"
+        assert invoke("model", "export", str(graph), "--format", "onnx", *control).exit_code == 0
+        following = rng.standard_normal((2, 6, 3)).astype(np.float32)
+        replies = np.stack([producer.send(ids, np.ascontiguousarray(following[:, t])) for t in range(6)], axis=1)
+
+    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    feed = {
+        "x": following,
+        "h0": np.stack([s["h"] for s in states], axis=1),
+        "c0": np.stack([s["c"] for s in states], axis=1),
+    }
+    if inputs == "change":
+        feed["x_prev"] = np.stack([s["x_prev"] for s in states])
+    y, _, _ = session.run(None, feed)
+    np.testing.assert_allclose(y, replies, rtol=0, atol=1e-5)
