@@ -227,7 +227,10 @@ def _inbound_names(layer: dict) -> list[str]:
     tensors; legacy nested lists [name, node, tensor, kwargs])."""
     nodes = layer.get("inbound_nodes") or []
     if len(nodes) > 1:
-        return [f"{_layer_name(layer)} (called {len(nodes)} times)"] * len(nodes)
+        raise KerasImportError(
+            f"layer {_layer_name(layer)!r} ({layer.get('class_name')}) is called {len(nodes)} times: only a chain "
+            "of layers, each used once, can be converted"
+        )
     names: list[str] = []
 
     def walk(value) -> None:

@@ -54,7 +54,7 @@ def keras_models(keras, tmp_path_factory):
 
     # 1 layer, regression, a prediction per step (return_sequences=True: many-to-many)
     x = rng.standard_normal((12, STEPS, 5)).astype(np.float32)
-    model = keras.Sequential([keras.Input((None, 5)), L.LSTM(7, return_sequences=True), L.Dense(2)])
+    model = keras.Sequential([keras.Input((None, 5)), L.LSTM(7, return_sequences=True, name="seq7"), L.Dense(2)])
     _fit_and_save(keras, model, x, rng.standard_normal((12, STEPS, 2)).astype(np.float32), "mse", folder / "one")
     cases["one"] = dict(layers=1, input=5, hidden=7, output=2, task="regression", many_to_one=False)
 
@@ -72,7 +72,7 @@ def keras_models(keras, tmp_path_factory):
     x = rng.standard_normal((12, STEPS, 6)).astype(np.float32)
     inputs = keras.Input((None, 6))
     h = L.LSTM(5, return_sequences=True, name="first")(inputs)
-    h = L.LSTM(5, return_sequences=True, unroll=False)(h)
+    h = L.LSTM(5, return_sequences=True)(h)
     h = L.LSTM(5, use_bias=False, name="last")(h)
     model = keras.Model(inputs, L.Dense(1, name="out")(h))
     _fit_and_save(keras, model, x, rng.standard_normal((12, 1)).astype(np.float32), "mse", folder / "three")
@@ -197,6 +197,7 @@ def _refused_models(keras):
     return_state, _, _ = L.LSTM(4, return_sequences=True, return_state=True, name="stateful_out")(inputs)
     branch_a = L.LSTM(4, return_sequences=True, name="a")(inputs)
     branch_b = L.LSTM(4, return_sequences=True, name="b")(inputs)
+    shared, four = L.LSTM(4, return_sequences=True, name="twice"), keras.Input((None, 4))  # the same layer twice
     return [
         ("bidirectional", seq(L.Bidirectional(L.LSTM(4, return_sequences=True), name="bi"), L.Dense(1)),
          "layer 'bi' (Bidirectional): a bidirectional layer reads each sequence backwards too"),
@@ -229,6 +230,7 @@ def _refused_models(keras):
         ("no_lstm", seq(L.Dense(2, name="only")), "layer 'only' (Dense) has no LSTM before it"),
         ("branches", keras.Model(inputs, L.Dense(1)(L.Add(name="join")([branch_a, branch_b]))),
          "layer 'join' (Add) takes 2 inputs"),
+        ("shared", keras.Model(four, L.Dense(1)(shared(shared(four)))), "layer 'twice' (LSTM) is called 2 times"),
         ("mixed_precision", seq(L.LSTM(4, dtype="mixed_float16", name="half"), L.Dense(1)),
          "layer 'half' (LSTM) computes in mixed_float16"),
         ("nested", seq(keras.Sequential([L.LSTM(4)], name="inner"), L.Dense(1)),
@@ -248,7 +250,7 @@ def refused_files(keras, tmp_path_factory):
 
 
 def test_every_inexact_model_is_refused_with_layer_and_reason(refused_files):
-    assert len(refused_files) == 38
+    assert len(refused_files) == 40
     for path, message in refused_files:
         with pytest.raises(KerasImportError) as caught:
             convert_keras(path.read_bytes())
@@ -276,7 +278,7 @@ def test_refused_legacy_options_and_weights_only_files(keras, keras_models, tmp_
         config = json.loads(h5.attrs["model_config"])
         config["config"]["layers"][1]["config"]["time_major"] = True
         h5.attrs["model_config"] = json.dumps(config)
-    with pytest.raises(KerasImportError, match="layer 'lstm' \\(LSTM\\) has time_major=True"):
+    with pytest.raises(KerasImportError, match="layer 'seq7' \\(LSTM\\) has time_major=True"):
         convert_keras(path.read_bytes())
 
     L = keras.layers
