@@ -46,7 +46,7 @@ def show(
     json: JsonOpt = False,
     state_out: Annotated[
         Path | None,
-        typer.Option(help="Also write the stream's state to this safetensors file: h [L, H], c [L, H] float32.",
+        typer.Option(help="Also write the stream's state to this safetensors file: h, c [L, H] (forecast: + x_prev).",
                      show_default=False),
     ] = None,
 ) -> None:
