@@ -70,9 +70,12 @@ class Admin:
         return {"version": result["version"], "path": str(path)}
 
     def import_model(self, path: str | Path) -> dict:
-        """Serve the model in `path` (safetensors, torch.nn.LSTM + nn.Linear names); returns the new version."""
+        """Serve the model in `path`: safetensors (torch.nn.LSTM + nn.Linear names), or a Keras `.keras` / `.h5`
+        file, which the daemon converts exactly or refuses (docs/models.md); returns the new version."""
         data = Path(path).read_bytes()
-        return self.call("import_model", safetensors_b64=base64.b64encode(data).decode())
+        # Keras files start with a zip or HDF5 signature; a safetensors file starts with its header's length.
+        key = "keras_b64" if data[:4] == b"PK\x03\x04" or data[:8] == b"\x89HDF\r\n\x1a\n" else "safetensors_b64"
+        return self.call("import_model", **{key: base64.b64encode(data).decode()})
 
     def config(self) -> dict:
         return self.call("config")

@@ -11,6 +11,7 @@ import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lstmd.daemon.keras_import import convert_keras
 from lstmd.daemon.model import ServingModel
 
 if TYPE_CHECKING:
@@ -63,6 +64,11 @@ def _stream(daemon: Daemon, args: dict) -> dict:
     info = daemon.store.describe(_stream_arg(args))
     if info is None:
         raise CommandError(f"no stream {args['stream']!r} holds state")
+    last_x = daemon.engine.last_x
+    if last_x is not None:  # forecast: the event the stream's next change is taken from; None: not known (fresh)
+        row = last_x[info["slot"]]
+        known = not daemon.store.needs_reset[info["slot"]] and not bool(row.isnan().any())
+        info["last_x"] = [float(v) for v in row.cpu()] if known else None
     return info
 
 
@@ -100,16 +106,19 @@ def _export_model(daemon: Daemon, args: dict) -> dict:
 
 @command("import_model")
 def _import_model(daemon: Daemon, args: dict) -> dict:
+    """A safetensors model file (`safetensors_b64`), or a Keras `.keras` / `.h5` file (`keras_b64`) converted here
+    by daemon/keras_import.py (milliseconds for LSTM-sized models), served from the next batch on."""
+    keras = "keras_b64" in args
     try:
-        data = base64.b64decode(args["safetensors_b64"], validate=True)
-        model = ServingModel.from_bytes(data)
+        data = base64.b64decode(args["keras_b64" if keras else "safetensors_b64"], validate=True)
+        model = convert_keras(data) if keras else ServingModel.from_bytes(data)
     except KeyError:
-        raise CommandError("missing argument 'safetensors_b64'") from None
-    except ValueError as exc:
-        raise CommandError(f"cannot import model: {exc}") from None
+        raise CommandError("missing argument 'safetensors_b64' (or 'keras_b64')") from None
+    except ValueError as exc:  # KerasImportError is one: its message names the layer and the reason
+        raise CommandError(f"cannot import {'Keras ' if keras else ''}model: {exc}") from None
     if model.spec != daemon.spec:
         raise CommandError(f"cannot import model: {model.spec.mismatch(daemon.spec)}")
-    return {"version": daemon.install_model(model, "import")}
+    return {"version": daemon.install_model(model, "import keras" if keras else "import")}
 
 
 def _trainer(daemon: Daemon):

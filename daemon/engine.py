@@ -108,4 +108,6 @@ class Engine:
             out = torch.addmm(bias, y, weight.t())
         if norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
+        if model.spec.task == "classification":  # replies are class probabilities, as a Keras softmax head's
+            out = out.softmax(-1)
         return out.cpu().numpy()

@@ -2,7 +2,9 @@
 
 The model file is safetensors with tensor names exactly as `torch.nn.LSTM(batch_first=True).state_dict()`
 plus `head.weight` / `head.bias` of an `nn.Linear(H, O)`; metadata holds the sizes and the task. Loading the
-file into those two torch modules reproduces the daemon's predictions.
+file into those two torch modules reproduces the daemon's predictions: head(lstm(x)) for regression, its softmax
+over the classes for classification (replies are class probabilities; training still takes cross-entropy of the
+head's logits).
 
 Forecast models carry two more metadata entries, both JSON strings:
 - `forecast_columns`: the feature columns (indices into an event's features) the model predicts for the next

@@ -130,10 +130,11 @@ def predict_file_sequence(
 ) -> torch.Tensor:
     """A model file's predictions for whole streams x [B, T, I] (batch first, each from its first event, zero
     state), with the torch modules the file loads into and its metadata: what the daemon answers for the same
-    events. Forecast files apply their normalisation and columns; other files are plain head(lstm(x))."""
+    events. Forecast files apply their normalisation and columns; classification files answer softmax(head(lstm(x)))
+    (class probabilities); other files plain head(lstm(x))."""
     if metadata.get("task") != "forecast" or METADATA_KEY not in metadata:
         y, _ = lstm(x)
-        return head(y)
+        return head(y).softmax(-1) if metadata.get("task") == "classification" else head(y)
     norm = ForecastNormalization.from_json(metadata[METADATA_KEY])
     columns = read_columns(metadata)
     index = None if columns is None else torch.tensor(columns, dtype=torch.long)

@@ -26,6 +26,7 @@ from lstmd.daemon import batching, control
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
 from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, EventsSocket, IOThread, TargetsMessage
+from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.recovery import Durability, RecoveryError
@@ -121,7 +122,9 @@ class Daemon:
         if not m.path:
             return ServingModel.initial(spec, m.seed)
         try:
-            model = ServingModel.from_bytes(Path(m.path).read_bytes())
+            data = Path(m.path).read_bytes()
+            # a Keras .keras / .h5 file is converted exactly or refused (KerasImportError is a ValueError)
+            model = convert_keras(data) if is_keras_bytes(data) else ServingModel.from_bytes(data)
         except OSError as exc:
             raise StartupError(f"model.path {m.path}: {exc.strerror}") from None
         except ValueError as exc:

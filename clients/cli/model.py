@@ -1,8 +1,10 @@
-"""`lstmd model info|export|import|versions|rollback`: the serving weights and their history."""
+"""`lstmd model info|export|import|convert|versions|rollback`: the serving weights, their history, and Keras / ONNX."""
 
 from __future__ import annotations
 
+import base64
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -29,24 +31,37 @@ def info(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = F
     emit(call_or_exit(admin_or_exit(config, control).model_info), json, "model")
 
 
+class ExportFormat(StrEnum):
+    safetensors = "safetensors"
+    onnx = "onnx"
+
+
 @app.command("export")
 def export(
-    path: Annotated[Path, typer.Argument(help="Where to write the safetensors file.")],
+    path: Annotated[Path, typer.Argument(help="Where to write the model file.")],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="safetensors (lstmd's model file) or onnx (state as inputs).")
+    ] = ExportFormat.safetensors,
     config: ConfigOpt = None,
     control: ControlOpt = None,
 ) -> None:
-    """Write the serving weights to a safetensors file (torch.nn.LSTM + nn.Linear names)."""
-    result = call_or_exit(admin_or_exit(config, control).export_model, path)
-    console.print(f"exported model version {result['version']} to {path}")
+    """Write the serving model to a safetensors file, or an ONNX graph with the LSTM state as inputs/outputs."""
+    admin = admin_or_exit(config, control)
+    if format is ExportFormat.safetensors:
+        result = call_or_exit(admin.export_model, path)
+    else:
+        result = call_or_exit(admin.call, "export_model")
+        _write_onnx(base64.b64decode(result["safetensors_b64"]), path)
+    console.print(f"exported model version {result['version']} to {path} ({format.value})")
 
 
 @app.command("import")
 def import_(
-    path: Annotated[Path, typer.Argument(help="A safetensors model file.")],
+    path: Annotated[Path, typer.Argument(help="A safetensors model file, or a Keras .keras / .h5 model.")],
     config: ConfigOpt = None,
     control: ControlOpt = None,
 ) -> None:
-    """Serve the weights in a safetensors file from the next batch on."""
+    """Serve a model file from the next batch on (Keras files are converted by the daemon, or refused)."""
     if not path.is_file():
         raise fail(f"{path} is not a file")
     if path.suffix.lower() not in (".keras", ".h5"):  # Keras files are converted (DESIGN.md); the rest must be
@@ -58,6 +73,43 @@ def import_(
             raise fail(str(exc)) from None
     result = call_or_exit(admin_or_exit(config, control).import_model, path)
     console.print(f"serving {path} as model version {result['version']}")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A Keras model: .keras (Keras 3) or legacy .h5.")],
+    target: Annotated[Path, typer.Argument(help="The lstmd model file to write (.safetensors; .onnx for ONNX).")],
+) -> None:
+    """Convert a Keras LSTM model into an lstmd model file offline, exactly, or say why it cannot be."""
+    from lstmd.daemon.keras_import import KerasImportError, convert_keras
+
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        model = convert_keras(data)
+    except KerasImportError as exc:
+        raise fail(f"cannot convert {source}: {exc}") from None
+    if target.suffix == ".onnx":
+        _write_onnx(model.to_bytes(), target)
+    else:
+        target.write_bytes(model.to_bytes())
+    s = model.spec
+    console.print(
+        f"wrote {target}: {s.num_layers} LSTM layer(s) of {s.hidden_size}, input_size {s.input_size}, "
+        f"{s.task} with output_size {s.output_size} (serve it with these [model] settings)"
+    )
+
+
+def _write_onnx(safetensors_bytes: bytes, path: Path) -> None:
+    from lstmd.daemon.model import ServingModel
+    from lstmd.daemon.onnx_export import OnnxExportError, to_onnx
+
+    try:
+        path.write_bytes(to_onnx(ServingModel.from_bytes(safetensors_bytes)))
+    except OnnxExportError as exc:
+        raise fail(f"cannot export to ONNX: {exc}") from None
 
 
 @app.command()

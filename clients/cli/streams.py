@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from lstmd.clients.cli._common import (
     call_or_exit,
     console,
     emit,
+    fail,
     print_json,
     rows_table,
 )
@@ -37,11 +39,24 @@ def list_(
 
 
 @app.command()
-def show(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def show(
+    stream: StreamArg,
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+    json: JsonOpt = False,
+    state_out: Annotated[
+        Path | None,
+        typer.Option(help="Also write the stream's state to this safetensors file: h, c [L, H] (forecast: + x_prev).",
+                     show_default=False),
+    ] = None,
+) -> None:
     """Show one stream's counters and hidden state."""
-    info = call_or_exit(admin_or_exit(config, control).stream, stream)
+    admin = admin_or_exit(config, control)
+    info = call_or_exit(admin.stream, stream)
+    if state_out is not None:
+        _write_state(info, state_out, admin)
     if not json:  # the state vectors are for scripts; people get their norms
-        info = {k: v for k, v in info.items() if k not in ("h", "c")}
+        info = {k: v for k, v in info.items() if k not in ("h", "c", "last_x")}
     emit(info, json, f"stream {info['stream']!r}")
 
 
@@ -57,3 +72,23 @@ def drop(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None
     """Forget one stream and free its slot."""
     call_or_exit(admin_or_exit(config, control).drop, stream)
     console.print(f"stream {stream!r} dropped")
+
+
+def _write_state(info: dict, path: Path, admin) -> None:
+    """One stream's (h, c) as safetensors, to feed the h0/c0 inputs of `lstmd model export --format onnx`'s graph
+    (h0 = h[:, None]); forecast streams add x_prev [I], their last event (NaN: not known), for its x_prev input.
+    Metadata says which stream and how far it had got."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    state = {k: np.asarray(info[k], dtype=np.float32) for k in ("h", "c")}
+    if "last_x" in info:
+        last_x = info["last_x"]
+        if last_x is None:  # not known (fresh or reset stream): NaN of the model's input size
+            last_x = [np.nan] * call_or_exit(admin.model_info)["input_size"]
+        state["x_prev"] = np.asarray(last_x, dtype=np.float32)
+    meta = {"stream": str(info["stream"]), "last_seq": str(info["last_seq"]), "events": str(info["events"])}
+    try:
+        save_file(state, str(path), metadata=meta)
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc.strerror}") from None
