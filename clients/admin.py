@@ -6,7 +6,9 @@ Imports only pyzmq and msgspec (through the protocol module).
 from __future__ import annotations
 
 import base64
+import io
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,7 @@ class Admin:
         """Serve the model in `path`: safetensors (torch.nn.LSTM + nn.Linear names), or a Keras `.keras` / `.h5`
         file, which the daemon converts exactly or refuses (docs/models.md); returns the new version."""
         data = Path(path).read_bytes()
-        # Keras files start with a zip or HDF5 signature; a safetensors file starts with its header's length.
-        key = "keras_b64" if data[:4] == b"PK\x03\x04" or data[:8] == b"\x89HDF\r\n\x1a\n" else "safetensors_b64"
+        key = "keras_b64" if is_keras_file(data) else "safetensors_b64"
         return self.call("import_model", **{key: base64.b64encode(data).decode()})
 
     def config(self) -> dict:
@@ -117,3 +118,18 @@ class Admin:
 
     def shutdown(self) -> dict:
         return self.call("shutdown")
+
+
+def is_keras_file(data: bytes) -> bool:
+    """Whether `data` is a Keras model file: a legacy .h5 (HDF5 signature) or a Keras 3 .keras archive (a zip
+    holding config.json). Another zip (a torch .pt) or a safetensors file (it starts with its header's length)
+    is not. Here, not in the daemon's converter, so the client needs neither torch nor h5py to choose."""
+    if data.startswith(b"\x89HDF\r\n\x1a\n"):
+        return True
+    if not data.startswith(b"PK\x03\x04"):
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return "config.json" in archive.namelist()
+    except zipfile.BadZipFile:
+        return False

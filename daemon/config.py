@@ -525,13 +525,31 @@ def _looks_like(data: bytes) -> str:
     return ""
 
 
+def _keras_file_metadata(path: str) -> dict[str, str] | None:
+    """A Keras .keras / .h5 file's model metadata, by converting it (daemon/keras_import.py); None for other
+    files. The daemon serves such a file converted the same way, so the sizes agree with what it serves."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None  # model_file_metadata says what is wrong with the path
+    from lstmd.daemon.keras_import import KerasImportError, convert_keras, is_keras_bytes
+
+    if not is_keras_bytes(data):
+        return None
+    try:
+        return convert_keras(data).spec.to_metadata()
+    except KerasImportError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def _adopt_model_file(config: Config, sources: dict[str, str]) -> None:
     """With model.path set, the file's metadata sets the sizes and task; explicitly set ones must agree."""
     m = config.model
     if not m.path:
         return
     try:
-        meta = model_file_metadata(m.path)
+        meta = _keras_file_metadata(m.path) or model_file_metadata(m.path)
     except ConfigError as exc:
         raise ConfigError(f"model.path: {exc} ({sources['model.path']})") from None
     missing = [k for k in (*_SIZES, "task") if k not in meta]

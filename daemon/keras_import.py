@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from lstmd.clients.admin import is_keras_file
 from lstmd.daemon.model import ModelSpec, ServingModel
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -69,8 +70,8 @@ class _Layer:
 
 
 def is_keras_bytes(data: bytes) -> bool:
-    """Whether `data` looks like a Keras file (a zip archive or HDF5) rather than a safetensors model."""
-    return data.startswith(ZIP_SIGNATURE) or data.startswith(HDF5_SIGNATURE)
+    """Whether `data` is a Keras file (a .keras archive or HDF5) rather than a safetensors model (or a torch .pt)."""
+    return is_keras_file(data)
 
 
 def convert_keras(data: bytes) -> ServingModel:

@@ -183,7 +183,7 @@ def test_cli_import_of_a_keras_file_and_a_mismatched_config(make_daemon, keras_m
     assert result.exit_code == 0 and "model version 1" in result.stdout
     wrong = runner.invoke(app, ["model", "import", str(keras_models["two"]["path"].with_suffix(".keras")), *control])
     assert wrong.exit_code == 1
-    assert "cannot import model" in wrong.stderr and "hidden_size=9" in wrong.stderr
+    assert "cannot import model" in wrong.stderr and "hidden_size 9 where the daemon has 7" in wrong.stderr
 
 
 # ---- refusals --------------------------------------------------------------------------------------------------
