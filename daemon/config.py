@@ -50,6 +50,10 @@ class ServeConfig(_Section):
     max_message_bytes: int = 64 * 1024 * 1024  # enforced by ZeroMQ (ZMQ_MAXMSGSIZE) per frame
     max_new_streams_per_message: int = 65536  # admission control against id floods
     max_stream_id_length: int = 256  # characters of a string stream id
+    # Outputs kept per stream for resends: a duplicate (stream, seq) among its last N sequence numbers is answered
+    # with its original prediction. Preallocated: state.capacity x N x (8 + 4 x output_size) bytes. 0: none kept
+    # (a duplicate's prediction is reported unavailable).
+    resend_window: int = 8
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
     cpu_threads: int = 1
@@ -63,7 +67,12 @@ class StateConfig(_Section):
     capacity: int = 1_000_000  # state-table rows (streams resident at once)
     idle_ttl_s: float = 0.0  # evict streams idle this long; 0: never
     on_full: Literal["evict", "reject"] = "evict"  # LRU-evict idle streams, or reject new streams
-    remember_evicted: int = 1_000_000  # evicted ids remembered to flag `state_reset` on their next event
+    # Evicted ids are remembered in a Bloom filter (daemon/state_store.py EvictedFilter) so that each one's next
+    # event is answered `state_reset`, however many were evicted (no false negatives). Sized for this many distinct
+    # evicted ids at this false-positive rate (a never-seen id answered `state_reset` for its first event):
+    # -ln(rate) / ln(2)^2 bits per id, 18 MB for the defaults; past that many ids the rate grows.
+    remember_evicted: int = 10_000_000
+    evicted_false_positive_rate: float = 0.001
 
 
 class TrainConfig(_Section):
@@ -201,11 +210,20 @@ def validate(config: Config) -> None:
         )
     _validate_forecast_columns(m)
     _validate_train(config)
+    _validate_resends_and_evictions(config)
     for key in ("events", "control"):
         if not getattr(s, key).startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(
                 f"serve.{key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {getattr(s, key)!r}"
             )
+
+
+def _validate_resends_and_evictions(config: Config) -> None:
+    _require({"serve.resend_window": config.serve.resend_window}, strictly=False)
+    _require({"state.remember_evicted": config.state.remember_evicted}, strictly=True)
+    rate = config.state.evicted_false_positive_rate
+    if not 0 < rate < 1:  # also refuses NaN
+        raise ConfigError(f"state.evicted_false_positive_rate must be between 0 and 1 (exclusive), got {rate}")
 
 
 def _require(values: dict[str, float], strictly: bool) -> None:
