@@ -121,6 +121,8 @@ def pause_state(daemon) -> dict:
     control = ["--control", daemon.endpoints["control"]]
     shown = json.loads(CliRunner().invoke(app, ["train", "status", *control, "--json"]).stdout)
     gauge = daemon.metrics.registry.get_sample_value("lstmd_train_enabled")
+    table = CliRunner().invoke(app, ["train", "status", *control]).stdout
+    assert "paused" in table and "next_round" in table
     return {"paused": shown["paused"], "next_round": shown["next_round"], "gauge": gauge}
 
 
