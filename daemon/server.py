@@ -414,8 +414,9 @@ class Daemon:
             )
 
     def apply_wave(self, x, slots, seq, fresh, targets, recorder) -> np.ndarray:
-        """One launch: advance `slots` (distinct) by one event each, record the events for training (when
-        `recorder` is given), mark the slots used. Serving and the log replay both apply events through here."""
+        """One launch: advance `slots` (distinct) by one event each, keep their outputs for resends, record the
+        events for training (when `recorder` is given), mark the slots used. Serving and the log replay both apply
+        events through here (so the replay rebuilds the resend window too)."""
         started = time.perf_counter()
         preds = self.engine.step(x, slots, fresh)
         self.metrics.step_duration.observe(time.perf_counter() - started)

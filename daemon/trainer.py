@@ -415,8 +415,8 @@ class Trainer:
         report.pending = True
         self._lineage = {serving.version}
         self.consecutive_rejections = 0
-        with self._lock:  # finished and offered at once: wait_for_round sees it pending, never settled-and-gone
-            self._finish(report, started, count=False)
+        self._finish(report, started, count=False)  # before offering: the loop may settle it at once
+        with self._lock:
             stale, self._candidate = self._candidate, Candidate(model, serving.version, forced, info, report)
         if stale is not None:  # the loop never took the previous one (it polls between batches)
             self.settle(stale, False, "superseded by a newer candidate")
