@@ -5,6 +5,7 @@ rate is what the configuration says, and the filter survives restarts (snapshot,
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -93,3 +94,14 @@ def test_the_filter_survives_a_restart(make_daemon, tmp_path, clean):
 def test_the_sizes_are_validated(setting, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[setting], environ={})
+
+
+def test_a_snapshot_from_before_the_filter_keeps_its_evicted_ids():
+    store = StateStore(1, 4, 8, torch.device("cpu"))
+    store.touch(store.admit(["a", "b"], 10).slots)
+    saved = {k: v for k, v in store.snapshot_tensors().items() if not k.startswith("evicted")}
+    old_list = msgspec.msgpack.encode([["gone", "capacity"], [42, "ttl"]])  # the former bounded list
+    saved["dropped"] = torch.frombuffer(bytearray(old_list), dtype=torch.uint8)
+    restored = StateStore(1, 4, 8, torch.device("cpu"))
+    restored.restore_tensors(saved)
+    assert restored.admit(["gone", 42, "new"], 10).was_dropped.tolist() == [True, True, False]
