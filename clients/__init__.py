@@ -4,6 +4,6 @@
 """
 
 from lstmd.clients.admin import Admin, DaemonError
-from lstmd.clients.producer import Producer, RejectedError, SendResult
+from lstmd.clients.producer import PredictionUnavailableError, Producer, RejectedError, SendResult
 
-__all__ = ["Admin", "DaemonError", "Producer", "RejectedError", "SendResult"]
+__all__ = ["Admin", "DaemonError", "PredictionUnavailableError", "Producer", "RejectedError", "SendResult"]

@@ -3,6 +3,11 @@
 Imports only pyzmq, numpy and msgspec. Uses a DEALER socket and matches replies by request id. After a
 timeout it reconnects and resends the same request, with the same sequence numbers, so a restarted daemon
 applies each event once; without sequence numbers a resend could apply events twice, so it raises instead.
+
+An event the daemon had already applied (its first send was applied but the reply was lost) comes back
+`duplicate` with its original prediction, kept by the daemon for each stream's last `serve.resend_window`
+sequence numbers. Beyond that window the prediction is gone: `send()` raises `PredictionUnavailableError`
+(never NaN in place of a prediction), and `send_detailed()` reports those events in `SendResult.unavailable`.
 """
 
 from __future__ import annotations
@@ -25,16 +30,30 @@ class RejectedError(ValueError):
         self.result = result
 
 
+class PredictionUnavailableError(RuntimeError):
+    """Events were already applied (duplicates) and the daemon no longer keeps their predictions (older than its
+    `serve.resend_window`). They are not applied again; `result` holds every other event's prediction."""
+
+    def __init__(self, message: str, result: SendResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 @dataclass
 class SendResult:
-    predictions: np.ndarray  # [N, O] float32; NaN where not applied (duplicate or rejected)
+    predictions: np.ndarray  # [N, O] float32; NaN where rejected or `unavailable`
     status: np.ndarray  # [N] uint8 protocol status codes
     version: int  # model version that answered
-    reasons: dict[int, str]  # event index -> why rejected
+    reasons: dict[int, str]  # event index -> why rejected, or why a duplicate's prediction is unavailable
 
     @property
     def status_names(self) -> list[str]:
         return [protocol.STATUS_NAMES[s] for s in self.status.tolist()]
+
+    @property
+    def unavailable(self) -> np.ndarray:
+        """Indices of duplicate events answered without a prediction (no longer kept by the daemon)."""
+        return np.flatnonzero((self.status == protocol.DUPLICATE) & np.isnan(self.predictions).any(axis=1))
 
 
 class Producer:
@@ -74,14 +93,20 @@ class Producer:
         targets=None,
         seqs: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Send N events; return predictions [N, O] in event order. Raises RejectedError on any rejection."""
+        """Send N events; return predictions [N, O] in event order. Raises RejectedError on any rejection, and
+        PredictionUnavailableError for already applied events whose prediction the daemon no longer keeps."""
         result = self.send_detailed(streams, features, targets, seqs)
-        if result.reasons:
-            first = sorted(result.reasons.items())[:5]
-            detail = "; ".join(f"event {i} (stream {streams[i]!r}): {why}" for i, why in first)
-            more = f" (+{len(result.reasons) - 5} more)" if len(result.reasons) > 5 else ""
-            raise RejectedError(
-                f"{len(result.reasons)} of {len(streams)} events rejected: {detail}{more}", result
+        rejected = {i: why for i, why in result.reasons.items() if result.status[i] == protocol.REJECTED}
+        if rejected:
+            detail = _listing(rejected, streams)
+            raise RejectedError(f"{len(rejected)} of {len(streams)} events rejected: {detail}", result)
+        unavailable = result.unavailable.tolist()
+        if unavailable:
+            why = {i: result.reasons.get(i, "already applied; prediction not kept") for i in unavailable}
+            raise PredictionUnavailableError(
+                f"{len(unavailable)} of {len(streams)} events were already applied and their predictions are no "
+                f"longer kept by the daemon: {_listing(why, streams)}",
+                result,
             )
         return result.predictions
 
@@ -139,3 +164,10 @@ class Producer:
                 return frames
             # A late reply to an earlier, already retried request: ignore it.
         return None
+
+
+def _listing(reasons: dict[int, str], streams: list) -> str:
+    """The first five events of `reasons` with their stream ids, and how many more."""
+    first = sorted(reasons.items())[:5]
+    detail = "; ".join(f"event {i} (stream {streams[i]!r}): {why}" for i, why in first)
+    return detail + (f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else "")

@@ -91,6 +91,11 @@ class ServeConfig(_Section):
         int, doc("new stream ids one message may create (admission control against id floods)", ge=1)
     ] = 65536
     max_stream_id_length: Annotated[int, doc("characters of a string stream id", ge=1)] = 256
+    # A duplicate (stream, seq) among the stream's last N sequence numbers is answered with its original
+    # prediction. Preallocated: state.capacity x N x (8 + 4 x output_size) bytes.
+    resend_window: Annotated[
+        int, doc("outputs kept per stream for resends; 0: a duplicate's prediction is reported unavailable", ge=0)
+    ] = 8
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
     cpu_threads: Annotated[int, doc("torch intra-op threads on the CPU; 0: one per core", ge=0)] = 1
@@ -110,9 +115,16 @@ class StateConfig(_Section):
     on_full: Annotated[Literal["evict", "reject"], doc("when full: LRU-evict idle streams, or reject new ones")] = (
         "evict"
     )
+    # Evicted ids are remembered in a Bloom filter (daemon/state_store.py EvictedFilter) so that each one's next
+    # event is answered `state_reset`, however many were evicted (no false negatives). Sized for this many distinct
+    # evicted ids at this false-positive rate (a never-seen id answered `state_reset` for its first event):
+    # -ln(rate) / ln(2)^2 bits per id, 18 MB for the defaults; past that many ids the rate grows.
     remember_evicted: Annotated[
-        int, doc("evicted ids remembered to flag state_reset on their next event", ge=0)
-    ] = 1_000_000
+        int, doc("distinct evicted ids the Bloom filter is sized for (each flagged state_reset on return)", ge=1)
+    ] = 10_000_000
+    evicted_false_positive_rate: Annotated[
+        float, doc("the filter's false-positive rate at that size (a new id flagged state_reset)", gt=0, lt=1)
+    ] = 0.001
 
 
 class TrainConfig(_Section):

@@ -118,7 +118,16 @@ def _import_model(daemon: Daemon, args: dict) -> dict:
         raise CommandError(f"cannot import {'Keras ' if keras else ''}model: {exc}") from None
     if model.spec != daemon.spec:
         raise CommandError(f"cannot import model: {model.spec.mismatch(daemon.spec)}")
-    return {"version": daemon.install_model(model, "import keras" if keras else "import")}
+    return {"version": _install_from_operator(daemon, model, "import keras" if keras else "import")}
+
+
+def _install_from_operator(daemon: Daemon, model: ServingModel, source: str) -> int:
+    """Serve an operator's model and make the trainer continue from it (fresh optimizer, no round in flight
+    survives): otherwise the next round would replace it with weights trained from the previous ones."""
+    version = daemon.install_model(model, source)
+    if daemon.trainer is not None:
+        daemon.trainer.reset_to(daemon.engine.model, source)
+    return version
 
 
 def _trainer(daemon: Daemon):
@@ -143,7 +152,8 @@ def _train_now(daemon: Daemon, args: dict) -> dict:
 
 @command("train_pause")
 def _train_pause(daemon: Daemon, args: dict) -> dict:
-    """No new rounds, and no weights from a round still running are published (train_now still works)."""
+    """No new rounds, and no weights from a round still running are published (train_now still works).
+    Kept across restarts: in the trainer's snapshot, and logged (the serving loop logs it after the command)."""
     _trainer(daemon).pause()
     return {"paused": True}
 
@@ -177,7 +187,7 @@ def _model_rollback(daemon: Daemon, args: dict) -> dict:
         kept = ", ".join(str(e["version"]) for e in daemon.versions.listing(current)) or "none"
         raise CommandError(f"version {version} is not kept (kept: {kept})")
     restored = ServingModel(model.spec, {k: v.clone() for k, v in model.tensors.items()}, 0, model.normalization)
-    new_version = daemon.install_model(restored, f"rollback to {version}")
+    new_version = _install_from_operator(daemon, restored, f"rollback to {version}")
     return {"version": new_version, "weights_of": version, "previous": current}
 
 

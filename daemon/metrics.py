@@ -83,6 +83,11 @@ class Metrics:
             registry=r,
         )
         self.sequence_gaps = Counter("lstmd_sequence_gaps", "Missing per-stream sequence numbers seen", registry=r)
+        self.duplicates_unavailable = Counter(
+            "lstmd_duplicates_unavailable",
+            "Duplicate events answered without their prediction (older than serve.resend_window)",
+            registry=r,
+        )
         # Serving loop.
         self.batch_size = Histogram(
             "lstmd_batch_size_events", "Events per serving batch", buckets=BATCH_BUCKETS, registry=r

@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lstmd.durability")
 
-# Record kinds (first element of each msgpack payload).
-EVENTS, MODEL, EVICT, RESET, PROBE, TARGETS = "E", "M", "X", "R", "P", "T"
+# Record kinds (first element of each msgpack payload). PAUSE: (PAUSE, paused: bool), `train pause`/`resume`.
+EVENTS, MODEL, EVICT, RESET, PROBE, TARGETS, PAUSE = "E", "M", "X", "R", "P", "T", "Z"
 # Optional daemon attributes with snapshot_tensors() / restore_tensors(): training state and model history.
 COMPONENTS = ("recorder", "trainer", "versions")
 _encode = msgspec.msgpack.Encoder().encode
@@ -88,6 +88,7 @@ class Durability:
         self.wal_dir = self.directory / "wal"
         self.wal: WriteAheadLog | None = None
         self._logged_model: ServingModel | None = None  # the serving model the log already holds
+        self._logged_paused: bool | None = None  # the trainer's paused flag as the log has it (None: not logged)
         self._next_segment = 0  # snapshot number to use while the log is off
         self._last_snapshot = time.monotonic()
         self.restored: dict = {}
@@ -168,6 +169,7 @@ class Durability:
         if summary["records"] or (self.config.wal and loaded is None):
             self.snapshot("restore")
         self._logged_model = self.daemon.engine.model
+        self._logged_paused = self._paused()
         summary["seconds"] = round(time.perf_counter() - started, 3)
         self.restored = summary
         return summary
@@ -281,6 +283,10 @@ class Durability:
                 store.reset(sid)
         elif kind == TARGETS:
             self._replay_targets(record)
+        elif kind == PAUSE:
+            trainer = getattr(self.daemon, "trainer", None)
+            if trainer is not None:  # training may be off now: then there is nothing to pause
+                trainer.paused = bool(record[1])
         elif kind != PROBE:
             raise RecoveryError(f"write-ahead log record of unknown kind {kind!r}: written by a newer lstmd?")
 
@@ -387,13 +393,21 @@ class Durability:
         model = self.daemon.engine.model
         if model is not self._logged_model:
             out.append(_encode((MODEL, model.to_bytes())))
+        paused = self._paused()
+        if paused is not None and paused != self._logged_paused:
+            out.append(_encode((PAUSE, paused)))
         return out
+
+    def _paused(self) -> bool | None:
+        trainer = getattr(self.daemon, "trainer", None)
+        return None if trainer is None else trainer.paused
 
     def _append(self, payloads: list[bytes]) -> None:
         self.wal.append(payloads)
         if self.daemon.store.journal:
             self.daemon.store.journal.clear()
         self._logged_model = self.daemon.engine.model
+        self._logged_paused = self._paused()
 
     def after_command(self) -> None:
         """Log what a control command changed (reset, drop, new model) before it is answered.

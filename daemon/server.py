@@ -85,7 +85,10 @@ class Daemon:
             idle_ttl_s=config.state.idle_ttl_s,
             on_full=config.state.on_full,
             remember_evicted=config.state.remember_evicted,
+            evicted_false_positive_rate=config.state.evicted_false_positive_rate,
             on_evict=self._count_eviction,
+            resend_window=config.serve.resend_window,
+            output_size=spec.output_size,
         )
         self.engine = Engine(
             model,
@@ -357,6 +360,7 @@ class Daemon:
         slots = np.empty(n, dtype=np.int64)
         seqs = np.full(n, _ASSIGN, dtype=np.int64)
         was_dropped = np.zeros(n, dtype=bool)
+        unavailable: dict[int, tuple[str, str]] = {}  # duplicates whose prediction is no longer kept
         offset = 0
         for message, count in zip(batch, counts, strict=True):
             self._admit_message(
@@ -383,7 +387,8 @@ class Daemon:
                 self.stats.sequence_gaps += missing
                 self.metrics.sequence_gaps.inc(missing)
             if duplicate.any():
-                status[idx[duplicate]] = protocol.DUPLICATE
+                dup = idx[duplicate]
+                self._answer_duplicates(dup, wave_slots[duplicate], seq[duplicate], status, preds, unavailable)
                 idx, wave_slots, seq = idx[~duplicate], wave_slots[~duplicate], seq[~duplicate]
                 if idx.size == 0:
                     continue
@@ -401,16 +406,35 @@ class Daemon:
                 self.durability.log_batch(batch, features, applied_parts)
             except WalError as exc:
                 self.durability.reject_unlogged(exc, status, reasons, applied_parts)
-        self._reply(batch, counts, status, preds, reasons)
+        self._reply(batch, counts, status, preds, reasons | unavailable if unavailable else reasons)
         self._publish(batch, applied_parts, preds)
         self._account(n, status, reasons)
 
+    def _answer_duplicates(self, idx, slots, seq, status, preds, unavailable) -> None:
+        """Already applied events: answered `duplicate` with their original predictions from the resend window,
+        or, beyond it, with a reason saying the prediction is no longer kept (the Producer raises on that)."""
+        status[idx] = protocol.DUPLICATE
+        kept, found = self.store.kept_outputs(slots, seq)
+        preds[idx[found]] = kept[found]
+        if found.all():
+            return
+        window = self.config.serve.resend_window
+        self.metrics.duplicates_unavailable.inc(int((~found).sum()))
+        for i, number in zip(idx[~found].tolist(), seq[~found].tolist(), strict=True):
+            unavailable[i] = (
+                "prediction_unavailable",
+                f"sequence number {number} was already applied; its prediction is no longer kept (the daemon "
+                f"keeps each stream's last serve.resend_window = {window})",
+            )
+
     def apply_wave(self, x, slots, seq, fresh, targets, recorder) -> np.ndarray:
-        """One launch: advance `slots` (distinct) by one event each, record the events for training (when
-        `recorder` is given), mark the slots used. Serving and the log replay both apply events through here."""
+        """One launch: advance `slots` (distinct) by one event each, keep their outputs for resends, record the
+        events for training (when `recorder` is given), mark the slots used. Serving and the log replay both apply
+        events through here (so the replay rebuilds the resend window too)."""
         started = time.perf_counter()
         preds = self.engine.step(x, slots, fresh)
         self.metrics.step_duration.observe(time.perf_counter() - started)
+        self.store.keep_outputs(slots, seq, preds)
         if recorder is not None:
             recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c)
         self.store.last_seq[slots] = seq
@@ -691,6 +715,7 @@ class Daemon:
             "rejections": dict(self.stats.rejections),
             "sequence_gaps": self.stats.sequence_gaps,
             "evictions": dict(self.stats.evictions),
+            "evicted_filter": self.store.evicted.status(),
             "queue_depth": self._backlog + self.inbox.qsize(),
             "durability": self.durability.status(),
             "train": self.trainer.status() if self.trainer is not None else {"enabled": False},

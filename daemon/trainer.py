@@ -14,6 +14,13 @@ losing has drifted somewhere worse than serving: after `train.reset_after_reject
 rounds in a row it restarts from the serving weights with a fresh optimizer state (logged, counted in
 `resets` and `lstmd_train_resets_total`). An offered candidate ends the streak.
 
+The operator has the last word. A scheduled round (interval or event trigger) starts only when events were
+recorded or targets joined since the previous round started: an idle daemon publishes nothing. `train now` runs
+regardless. When the operator installs a model (`model import`, `model rollback`), `reset_to` makes the trainer
+continue from exactly those weights with a fresh optimizer, discards a round in flight, and waits for new data
+and a full interval before its next scheduled round. `paused` is part of the trainer's snapshot and is written
+to the log when it changes (daemon/recovery.py), so it survives a restart, `kill -9` included.
+
 Inference never waits for training: the serving weights are immutable `ServingModel`s (the trainer reads a
 reference and copies), the loop only polls for a finished candidate, and on CUDA the trainer runs on its own
 stream. On the CPU the trainer and the loop share the cores: `train.threads` sets torch's intra-op threads.
@@ -115,13 +122,20 @@ class Trainer:
             else None
         )
         self._candidate: Candidate | None = None
-        self._lock = threading.Lock()  # guards _candidate, requested, the checkpoint
+        # Guards _candidate, requested, _running, _pending_reset and the checkpoint. Reentrant: an operator's reset
+        # applied while holding it saves the checkpoint, which takes it too.
+        self._lock = threading.RLock()
+        # Notified whenever a round finishes or a candidate is settled (wait_for_round).
+        self._settled = threading.Condition(self._lock)
         self._running = 0  # 1 while the thread runs a round
+        self._pending_reset: tuple[ServingModel, str] | None = None  # an operator's model, for the thread to take
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_round_at = time.monotonic()
         self._last_round_recorded = 0
+        # _data_seen() when the last round started (or the operator installed a model): a scheduled round needs more.
+        self._data_mark = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # The "torch-native" sequence backend: an nn.LSTM of the model's shape whose weights functional_call
         # replaces with the trainer's at every step (_sequence); it holds no weights of its own that matter.
@@ -150,6 +164,8 @@ class Trainer:
         # The first optimizer built imports much of torch.optim's dependencies (~2 s of bytecode under the GIL
         # on 2 cores, py-spy): pay it here, before serving, not in the first round while events wait.
         self._make_optimizer([torch.zeros(1, requires_grad=True)])
+        if self.paused:
+            log.warning("training is paused (as it was before the restart); `lstmd train resume` resumes it")
         self._thread = threading.Thread(target=self._run, name="lstmd-trainer", daemon=True)
         self._thread.start()
 
@@ -167,6 +183,46 @@ class Trainer:
         self.paused = False
         self.metrics.train_enabled.set(1)
         self._wake.set()
+
+    def reset_to(self, model: ServingModel, reason: str) -> None:
+        """The operator installed `model` (import, rollback): train from its exact weights with a fresh optimizer.
+
+        A round in flight is discarded (its candidate no longer matches the serving version, and its weights are
+        replaced when it ends); the next scheduled round waits for data recorded after this call and a full
+        interval. Called from the serving loop; applied here at once when no round runs, else by the thread."""
+        with self._lock:
+            self._pending_reset = (model, reason)
+            self._data_mark = self._data_seen()
+            self._last_round_at = time.monotonic()
+            self._last_round_recorded = self.recorder.recorded
+            if not self._running:
+                self._apply_pending_reset()
+
+    def _apply_pending_reset(self) -> None:
+        with self._lock:
+            pending, self._pending_reset = self._pending_reset, None
+            if pending is None:
+                return
+            model, reason = pending
+            self._reset_from(model)
+            self.consecutive_rejections = 0
+            self._save_checkpoint()
+        log.info("training continues from the %s weights (version %d), fresh optimizer", reason, model.version)
+
+    def wait_for_round(self, number: int, timeout: float | None = None) -> bool:
+        """Block until round `number` has finished and its candidate, if any, was settled by the loop.
+
+        Woken by the trainer itself (no polling); False if `timeout` seconds passed first."""
+
+        def done() -> bool:
+            return self.rounds >= number and not (self.last is not None and self.last.pending)
+
+        with self._settled:
+            return self._settled.wait_for(done, timeout)
+
+    def _data_seen(self) -> int:
+        """New training data so far: events recorded plus delayed targets joined (both only ever grow)."""
+        return self.recorder.recorded + self.recorder.targets_joined
 
     def request_round(self) -> int:
         """Ask for one round now (runs even while paused); returns the number of the round that will answer."""
@@ -187,9 +243,11 @@ class Trainer:
         self.outcomes[outcome] += 1
         self.metrics.train_rounds.labels(outcome).inc()
         report = candidate.report
-        report.outcome, report.reason, report.pending = outcome, reason, False
         if published:
             self._lineage.add(self.serving().version)
+        with self._settled:
+            report.outcome, report.reason, report.pending = outcome, reason, False
+            self._settled.notify_all()
 
     def status(self) -> dict:
         c = self.config
@@ -197,6 +255,8 @@ class Trainer:
         return {
             "enabled": True,
             "paused": self.paused,
+            "next_round": self._next_round(),
+            "new_data_since_last_round": self._data_seen() - self._data_mark,
             "rounds": self.rounds,
             "requested": self.requested,
             "outcomes": dict(self.outcomes),
@@ -255,25 +315,46 @@ class Trainer:
                     log.exception("training round failed")
                     self._finish(RoundReport(self.rounds + 1, "skipped", "internal error (see the log)"))
                 finally:
-                    self._running = 0
+                    with self._lock:
+                        self._apply_pending_reset()  # an operator's model arrived during the round
+                        self._running = 0
                 if self.requested:
                     self._wake.set()
 
     def _due(self) -> bool:
-        if self.paused:
+        if self.paused or self._data_seen() <= self._data_mark:  # nothing new to learn from: no round
             return False
         c = self.config
         if c.interval > 0 and time.monotonic() - self._last_round_at >= c.interval:
             return True
         return c.interval_events > 0 and self.recorder.recorded - self._last_round_recorded >= c.interval_events
 
+    def _next_round(self) -> str:
+        """What the next scheduled round waits for, in words (`lstmd train status`)."""
+        c = self.config
+        if self.paused:
+            return "paused: only `lstmd train now` runs a round until `lstmd train resume`"
+        if c.interval <= 0 and c.interval_events <= 0:
+            return "no schedule (train.interval and train.interval_events are 0): `lstmd train now`"
+        if self._data_seen() <= self._data_mark:
+            return "waiting for new events or targets (none since the last round or model install)"
+        triggers = []
+        if c.interval > 0:
+            triggers.append(f"in {max(0.0, c.interval - (time.monotonic() - self._last_round_at)):.1f}s")
+        if c.interval_events > 0:
+            left = c.interval_events - (self.recorder.recorded - self._last_round_recorded)
+            triggers.append(f"after {max(0, left)} more events")
+        return " or ".join(triggers)
+
     # ---- one round ----------------------------------------------------------------------------------------
 
     def run_round(self, forced: bool = False) -> RoundReport:
         """Train, evaluate and (maybe) offer a candidate; synchronous (the thread calls it; so can tests)."""
         started = time.perf_counter()
+        self._apply_pending_reset()
         self._last_round_at = time.monotonic()
         self._last_round_recorded = self.recorder.recorded
+        self._data_mark = self._data_seen()
         c = self.config
         report = RoundReport(self.rounds + 1, "skipped")
         serving = self.serving()
@@ -362,6 +443,8 @@ class Trainer:
             if serving is not None and limit and self.consecutive_rejections >= limit:
                 self._restart_from(serving)
         self._save_checkpoint()
+        with self._settled:
+            self._settled.notify_all()
         return report
 
     def _restart_from(self, serving: ServingModel) -> None:
@@ -460,7 +543,7 @@ class Trainer:
         """Copy weights and optimizer state after each round, so snapshot_tensors() never waits for a round."""
         out: dict[str, torch.Tensor] = {
             "trainer.rounds": torch.tensor(self.rounds),
-            "trainer.paused": torch.tensor(int(self.paused)),
+            "trainer.data_mark": torch.tensor(self._data_mark),
             "trainer.consecutive_rejections": torch.tensor(self.consecutive_rejections),
             "trainer.resets": torch.tensor(self.resets),
         }
@@ -478,9 +561,10 @@ class Trainer:
             self._checkpoint = out
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
-        """Trainer weights, optimizer state and counters as of the last finished round (flat CPU tensors)."""
+        """Trainer weights, optimizer state and counters as of the last finished round (flat CPU tensors), and
+        `paused` as it is now (it changes between rounds)."""
         with self._lock:
-            return dict(self._checkpoint)
+            return {**self._checkpoint, "trainer.paused": torch.tensor(int(self.paused))}
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what snapshot_tensors() returned; call before start()."""
@@ -488,6 +572,8 @@ class Trainer:
         self.paused = bool(int(tensors.get("trainer.paused", torch.tensor(0))))
         self.consecutive_rejections = int(tensors.get("trainer.consecutive_rejections", torch.tensor(0)))
         self.resets = int(tensors.get("trainer.resets", torch.tensor(0)))
+        # Older snapshots lack the mark: the restored data then counts as new, as it did before.
+        self._data_mark = int(tensors.get("trainer.data_mark", torch.tensor(0)))
         for name in self.outcomes:
             key = f"trainer.outcomes.{name}"
             if key in tensors:

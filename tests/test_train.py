@@ -115,28 +115,36 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
 
 
 def test_pause_resume_and_now(make_daemon):
-    daemon = make_daemon(**{**FORECAST, "train.interval": 0.2, "train.steps": 2})
-    admin = Admin(daemon.endpoints["control"])
+    daemon = make_daemon(**{**FORECAST, "train.interval": 0.2, "train.steps": 2, "train.nice": 0})
+    admin, trainer = Admin(daemon.endpoints["control"]), daemon.trainer
     gauge = lambda: daemon.metrics.registry.get_sample_value("lstmd_train_enabled")  # noqa: E731
     assert gauge() == 1
     workload = PeriodicStreams(8, 2, seed=5)
     with Producer(daemon.endpoints["events"]) as producer:
         feed_periodic(producer, workload, 20)
-    wait_for(lambda: admin.train_status()["rounds"] >= 2, what="periodic rounds")
-    assert admin.train_pause() == {"paused": True}
-    assert gauge() == 0
-    version = admin.model_info()["version"]
-    time.sleep(0.3)  # a round that was running when we paused finishes
-    settled = admin.train_status()["rounds"]
-    time.sleep(0.8)
-    paused = admin.train_status()
-    assert paused["paused"] and paused["rounds"] == settled, "no rounds start while paused"
-    assert admin.model_info()["version"] == version, "no weights change while paused"
-    # `train now` runs a round even while paused.
-    assert admin.train_now(wait=30)["rounds"] == settled + 1
-    assert admin.train_resume() == {"paused": False}
-    assert gauge() == 1
-    wait_for(lambda: admin.train_status()["rounds"] >= settled + 3, what="rounds after resume")
+        for n in (1, 2):  # a scheduled round needs data recorded since the previous one
+            assert trainer.wait_for_round(n, timeout=600), f"periodic round {n}"
+            feed_periodic(producer, workload, 2)
+        assert admin.train_pause() == {"paused": True}
+        assert gauge() == 0
+        version = admin.model_info()["version"]
+        # A round that was running when we paused finishes (and is not published).
+        wait_for(lambda: not trainer._running and not (trainer.last and trainer.last.pending), what="round end")
+        settled = admin.train_status()["rounds"]
+        feed_periodic(producer, workload, 4)  # new data: a round would be due, were it not paused
+        time.sleep(0.8)
+        paused = admin.train_status()
+        assert paused["paused"] and paused["rounds"] == settled, "no rounds start while paused"
+        assert paused["next_round"].startswith("paused")
+        assert admin.model_info()["version"] == version, "no weights change while paused"
+        # `train now` runs a round even while paused.
+        number = admin.train_now()["round"]
+        assert number == settled + 1 and trainer.wait_for_round(number, timeout=600)
+        assert admin.train_resume() == {"paused": False}
+        assert gauge() == 1
+        for n in (settled + 2, settled + 3):
+            feed_periodic(producer, workload, 2)
+            assert trainer.wait_for_round(n, timeout=600), f"round {n} after resume"
 
 
 def test_rollback_restores_earlier_weights_exactly(make_daemon, tmp_path):
