@@ -85,9 +85,9 @@ def test_the_filter_survives_a_restart(make_daemon, tmp_path, clean):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("state.evicted_false_positive_rate=0", "between 0 and 1"),
-        ("state.evicted_false_positive_rate=nan", "between 0 and 1"),
-        ("state.remember_evicted=0", "state.remember_evicted must be positive"),
+        ("state.evicted_false_positive_rate=0", "state.evicted_false_positive_rate must be > 0 and < 1"),
+        ("state.evicted_false_positive_rate=nan", "state.evicted_false_positive_rate must be a finite number"),
+        ("state.remember_evicted=0", "state.remember_evicted must be >= 1"),
         ("serve.resend_window=-1", "serve.resend_window must be >= 0"),
     ],
 )
