@@ -19,8 +19,9 @@ for any input. The limits they enforce (the daemon's configured limits come on t
 - Events header: at most `max_header_bytes(max_events, max_id_chars)` bytes, checked before it is decoded;
   typed msgpack (unknown fields refused), at most MAX_EVENTS stream ids and sequence numbers, strings valid
   UTF-8, every container of the declared type, so nesting depth is bounded by the schema.
-- Arrays: the features frame must hold exactly N*dim float32 values (N = number of stream ids), the targets
-  frame exactly N*target_dim values of its dtype; the byte length is checked before any array is viewed.
+- Arrays: `dim` and `target_dim` in 1..MAX_ROW_VALUES; the features frame must hold exactly N*dim float32
+  values (N = number of stream ids), the targets frame exactly N*target_dim values of its dtype; the byte
+  length is checked before any array is viewed.
 - Sequence numbers: within [0, SEQ_LIMIT) = [0, 2^63 - 1). An events request carrying one outside is answered
   per event (`bad_seq`), a delayed-targets request whole. The daemon assigns a stream's next number as
   last + 1 only while that stays below SEQ_LIMIT (`seq_exhausted` after), so no number ever overflows int64.
@@ -51,6 +52,7 @@ TARGET_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 # Limits of the protocol itself (see the module docstring).
 SEQ_LIMIT = 2**63 - 1  # sequence numbers are < this, so a daemon-assigned last + 1 always fits an int64
 MAX_EVENTS = 1 << 20  # stream ids (and sequence numbers) in one events header
+MAX_ROW_VALUES = 1 << 20  # dim and target_dim: values per event
 MAX_CONTROL_BYTES = 64 * 1024 * 1024  # one control request frame (an imported model travels in it, base64)
 MAX_COMMAND_CHARS = 64
 MAX_CONTROL_ARGS = 16
@@ -212,7 +214,7 @@ def encode_events(
         if targets.shape[0] != len(streams):
             raise ValueError(f"targets must have one row per event ({len(streams)}), got {targets.shape}")
         target_dim = 1 if targets.ndim == 1 else int(np.prod(targets.shape[1:]))
-        frames_tail = [memoryview(targets).cast("B")]
+        frames_tail = [_raw(targets)]
     header = EventsHeader(
         v=PROTOCOL_VERSION,
         req=req,
@@ -222,7 +224,12 @@ def encode_events(
         targets=target_kind,
         target_dim=target_dim,
     )
-    return [encode(header), memoryview(features).cast("B"), *frames_tail]
+    return [encode(header), _raw(features), *frames_tail]
+
+
+def _raw(array: np.ndarray) -> memoryview | bytes:
+    """A C-contiguous array's bytes without a copy (a view of no elements cannot be cast, hence b"")."""
+    return memoryview(array).cast("B") if array.size else b""
 
 
 def decode_events(
@@ -289,7 +296,7 @@ def encode_targets(
         target_dim=1 if targets.ndim == 1 else int(np.prod(targets.shape[1:])),
         kind="targets",
     )
-    return [encode(header), memoryview(targets).cast("B")]
+    return [encode(header), _raw(targets)]
 
 
 def _decode_delayed_targets(header: EventsHeader, frames: list) -> np.ndarray:
@@ -312,6 +319,8 @@ def _view_rows(frame, dtype: np.dtype, n: int, width: int, what: str, width_name
     The byte length is checked first, in Python integers: numpy never sees a buffer of the wrong size."""
     if width <= 0:
         raise ProtocolError("bad_shape", f"{width_name} must be positive, got {width}")
+    if width > MAX_ROW_VALUES:  # also keeps numpy's shape arithmetic far from overflowing, even for 0 events
+        raise ProtocolError("bad_shape", f"{width_name} of {width} exceeds the protocol's limit of {MAX_ROW_VALUES}")
     size = memoryview(frame).nbytes
     if size % dtype.itemsize:
         raise ProtocolError(
@@ -369,7 +378,7 @@ def _why(exc: Exception) -> str:
 def encode_reply(reply: EventsReply, predictions: np.ndarray | None) -> list:
     frames: list = [encode(reply)]
     if predictions is not None:
-        frames.append(memoryview(np.ascontiguousarray(predictions, dtype=FEATURE_DTYPE)).cast("B"))
+        frames.append(_raw(np.ascontiguousarray(predictions, dtype=FEATURE_DTYPE)))
     return frames
 
 

@@ -168,7 +168,9 @@ def _nested(depth: int) -> bytes:
     "frame",
     [
         # args holding 100,000 nested arrays (was: RecursionError, the I/O thread died, control dead for good)
-        b"\x83" + b"".join(map(msgspec.msgpack.encode, ["v", 1, "cmd", "status", "args"])) + b"\x81\xa1a"
+        b"\x83"
+        + b"".join(map(msgspec.msgpack.encode, ["v", 1, "cmd", "status", "args"]))
+        + b"\x81\xa1a"
         + _nested(100_000),
         _nested(100_000),  # the whole request nested
     ],
