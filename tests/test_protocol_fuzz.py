@@ -24,7 +24,9 @@ LIMITS = EventsLimits(input_size=8, max_events=64, header_limit=protocol.max_hea
 EVENTS_REASONS = {"malformed", "protocol_version", "bad_shape", "bad_target_shape", "oversized", "bad_seq"}
 CONTROL_REASONS = {"malformed", "protocol_version", "bad_args"}
 MUTATION_CASES = 110_000  # the numpy loop's share; hypothesis adds its examples on top
-HYPOTHESIS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+HYPOTHESIS = settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 counted = {"events": 0, "control": 0}
 
