@@ -25,8 +25,9 @@ for any input. The limits they enforce (the daemon's configured limits come on t
 - Sequence numbers: within [0, SEQ_LIMIT) = [0, 2^63 - 1). An events request carrying one outside is answered
   per event (`bad_seq`), a delayed-targets request whole. The daemon assigns a stream's next number as
   last + 1 only while that stays below SEQ_LIMIT (`seq_exhausted` after), so no number ever overflows int64.
-- Control requests: `cmd` at most MAX_COMMAND_CHARS characters, `args` a flat map of at most MAX_CONTROL_ARGS
-  scalar values (str, int, float, bool, nil), then checked against the command's own schema in CONTROL_ARGS.
+- Control requests: `cmd` at most MAX_COMMAND_CHARS characters, `args` a map of at most MAX_CONTROL_ARGS
+  values, each a scalar (str, int, float, bool, nil) or a list of scalars, then checked against the command's
+  own schema in CONTROL_ARGS (a command not named there gets them unchecked).
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ class EventsReply(msgspec.Struct, kw_only=True):
     error_reason: str | None = None  # short machine-readable reason for a whole-message rejection
 
 
-ArgValue = str | int | float | bool | None
+ArgScalar = str | int | float | bool | None
+ArgValue = ArgScalar | list[ArgScalar]
 
 
 class ControlRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A control request. `args` is flat (scalars only), so decoding it needs no recursion."""
+    """A control request. `args` values are scalars or lists of scalars: nesting is at most two deep, so
+    decoding needs no recursion whatever the bytes say."""
 
     v: int
     cmd: Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_CHARS)]
@@ -101,7 +104,7 @@ class ControlRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 # The arguments each control command takes (checked by the daemon's I/O thread before the command runs; the
-# handler gets them as a dict, defaults filled in). A command not named here gets its flat args unchecked.
+# handler gets them as a dict, defaults filled in). A command not named here gets its args unchecked.
 class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
@@ -346,7 +349,7 @@ def seq_array(seqs: list[int]) -> np.ndarray:
 def decode_control(frames: list) -> ControlRequest:
     """Validate one control request (the frames after the routing envelope); raises ProtocolError (and
     nothing else) naming what was wrong. The returned request's args are the command's checked arguments
-    as a dict with defaults filled in (CONTROL_ARGS), or the flat args as sent for a command not named there."""
+    as a dict with defaults filled in (CONTROL_ARGS), or the args as sent for a command not named there."""
     if len(frames) != 1:
         raise ProtocolError("malformed", f"a control request is one frame, got {len(frames)}")
     try:

@@ -326,7 +326,9 @@ class Daemon:
 
     def _serve_guarded(self, batch: list) -> None:
         """Serve a batch (or join a targets message); the last resort if that raises: answer every message of
-        it `internal_error` (counted; the traceback goes to the log, never to the client), keep serving."""
+        it `internal_error` (counted; the traceback goes to the log, never to the client), keep serving. A
+        message answered before the failure gets this second reply too; a Producer ignores it (it matches
+        replies by request id and has moved on)."""
         try:
             if isinstance(batch[0], TargetsMessage):
                 self._join_targets(batch[0])

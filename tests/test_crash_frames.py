@@ -274,3 +274,18 @@ def test_an_oversized_header_is_refused_before_it_is_decoded(make_daemon):
     reply = _events_reply(daemon, [header, FEATURES.tobytes()])
     assert reply.error_reason == "oversized"
     assert f"exceeds this daemon's limit of {limit} bytes" in reply.error
+
+
+def test_a_control_frame_over_the_cap_is_dropped_and_control_keeps_working(make_daemon, monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_CONTROL_BYTES", 4096)  # read when the I/O thread binds its socket
+    daemon = make_daemon()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoints["control"])
+    try:
+        sock.send(msgspec.msgpack.encode({"v": 1, "cmd": "import_model", "args": {"safetensors_b64": "A" * 8192}}))
+        assert not sock.poll(500), "a frame over the cap was answered: it was read"
+    finally:
+        sock.close()
+    assert daemon._io.is_alive()
+    assert Admin(daemon.endpoints["control"], timeout=10).status()["streams"] == 0

@@ -5,7 +5,8 @@ sees no fuzz.
 Asserted: the daemon (loop and I/O thread) stays alive; every frame is answered, a frame rejected whole with
 exactly the reason and message the same decoder gives in process; the daemon's counters equal what the
 replies said, by reason and by status (no `internal_error` anywhere); the witness streams' predictions, (h, c),
-sequence numbers and event counts equal the twin's. Control frames that decode to a command that changes state
+sequence numbers and event counts equal the twin's, also after a restart from the fuzzed daemon's state
+directory (write-ahead log on). Control frames that decode to a command that changes state
 (shutdown, drop, reset, snapshot) are not sent: they are drawn again.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +43,12 @@ EVENT_REASON_LABELS = {
     "too many new streams": "too_many_new_streams",
     "capacity of": "capacity_exhausted",
 }
-SETTINGS = {"state.capacity": 65536, "serve.max_message_events": 64, "serve.max_stream_id_length": 32}
+SETTINGS = {
+    "durability.wal": True,
+    "state.capacity": 65536,
+    "serve.max_message_events": 64,
+    "serve.max_stream_id_length": 32,
+}
 
 
 def _label(why: str) -> str:
@@ -213,8 +220,15 @@ def test_live_fuzz_is_answered_counted_and_touches_no_other_stream(make_daemon, 
     assert not _samples(fuzzed, "lstmd_evictions_total", "cause"), "the fuzz evicted streams: witnesses at risk"
     assert sum(tally.control_rejections.values()) + sum(tally.commands.values()) == CONTROL_FRAMES
     np.testing.assert_array_equal(np.stack(predictions["fuzzed"]), np.stack(predictions["twin"]))
+    witnesses = {w: twin_admin.stream(w) | {"idle_s": 0} for w in WITNESSES}
     for witness in WITNESSES:
-        assert admin.stream(witness) | {"idle_s": 0} == twin_admin.stream(witness) | {"idle_s": 0}, witness
+        assert admin.stream(witness) | {"idle_s": 0} == witnesses[witness], witness
+    # What the fuzz left in the state directory (log, snapshot) restores: a restart gives the same witnesses.
+    fuzzed.stop_and_join()
+    restarted = make_daemon(state_dir=Path(fuzzed.config.state.dir), **SETTINGS)
+    restarted_admin = Admin(restarted.endpoints["control"], timeout=30)
+    for witness in WITNESSES:
+        assert restarted_admin.stream(witness) | {"idle_s": 0} == witnesses[witness], witness
     with capsys.disabled():
         print(
             f"\nlive fuzz: {EVENT_FRAMES} events frames, {CONTROL_FRAMES} control frames in "

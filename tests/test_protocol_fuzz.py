@@ -62,7 +62,9 @@ def check_control(frames: list) -> None:
         assert str(exc)
         return
     assert isinstance(request.cmd, str) and len(request.cmd) <= protocol.MAX_COMMAND_CHARS
-    assert all(type(v) in (str, int, float, bool, type(None)) for v in request.args.values())
+    scalar = (str, int, float, bool, type(None))
+    for value in request.args.values():
+        assert type(value) in scalar or (type(value) is list and all(type(v) in scalar for v in value))
     schema = protocol.CONTROL_ARGS.get(request.cmd)
     if schema is not None:
         assert set(request.args) == set(schema.__struct_fields__)
