@@ -447,7 +447,8 @@ class Daemon:
                 bad[i] = ("non_finite", "features hold NaN or Inf")
         if header.seqs is not None:
             seq_arr = protocol.seq_array(header.seqs)
-            for i in np.flatnonzero((seq_arr < 0) | (seq_arr >= protocol.SEQ_LIMIT)).tolist():
+            # One comparison for both ends of [0, SEQ_LIMIT): a negative int64 viewed as uint64 is >= 2^63.
+            for i in np.flatnonzero(seq_arr.view(np.uint64) >= protocol.SEQ_LIMIT).tolist():
                 bad[i] = ("bad_seq", f"sequence number {header.seqs[i]} is outside [0, 2^63 - 1)")
             seqs[offset : offset + count] = seq_arr
         if bad:
