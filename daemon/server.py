@@ -54,6 +54,11 @@ _IDLE_POLL_MS = 5
 _GIL_SWITCH_INTERVAL_S = 0.001
 
 
+def _internal_error(cmd: str) -> str:
+    """What a client is told when a control command failed by a bug: no exception text (that goes to the log)."""
+    return f"internal error in {cmd!r} (details are in the daemon's log)"
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
 
@@ -690,13 +695,17 @@ class Daemon:
             outcome = "error"
         except Exception:  # a bug in a command must not take the daemon down; its text stays in the log
             log.exception("control command %r failed", request.cmd)
-            reply = protocol.ControlReply(
-                ok=False, error=f"internal error in {request.cmd!r} (details are in the daemon's log)"
-            )
+            reply = protocol.ControlReply(ok=False, error=_internal_error(request.cmd))
+            outcome = "internal_error"
+        try:
+            payload = protocol.encode(reply)
+        except Exception:  # a result msgpack cannot hold is a bug in the command too
+            log.exception("control command %r returned a result that cannot be encoded", request.cmd)
+            payload = protocol.encode(protocol.ControlReply(ok=False, error=_internal_error(request.cmd)))
             outcome = "internal_error"
         known = request.cmd if request.cmd in control.COMMANDS else "unknown"
         self.metrics.control_commands.labels(command=known, outcome=outcome).inc()
-        self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
+        self._outbox.send_multipart([CONTROL, *message.envelope, payload], copy=False)
         if request.cmd == "shutdown" and reply.ok:
             self._stopping = True
 

@@ -236,10 +236,12 @@ def test_a_failing_command_answers_generically_and_counts_internal_error(served,
         raise TypeError("secret detail of a bug")
 
     monkeypatch.setitem(control.COMMANDS, "model_info", broken)
-    reply = _control_reply(daemon, msgspec.msgpack.encode({"v": 1, "cmd": "model_info"}))
-    assert reply.error == "internal error in 'model_info' (details are in the daemon's log)"
-    outcome = {"command": "model_info", "outcome": "internal_error"}
-    assert daemon.metrics.registry.get_sample_value("lstmd_control_commands_total", outcome) == 1
+    monkeypatch.setitem(control.COMMANDS, "model_versions", lambda daemon, args: [object()])  # not encodable
+    for cmd in ("model_info", "model_versions"):
+        reply = _control_reply(daemon, msgspec.msgpack.encode({"v": 1, "cmd": cmd}))
+        assert reply.error == f"internal error in {cmd!r} (details are in the daemon's log)"
+        outcome = {"command": cmd, "outcome": "internal_error"}
+        assert daemon.metrics.registry.get_sample_value("lstmd_control_commands_total", outcome) == 1
     _still_serving(daemon, admin, producer, keep)
 
 
