@@ -402,7 +402,9 @@ class Daemon:
             gaps = (last != NO_SEQ) & (seq > last + 1)
             if gaps.any():  # summed in Python integers: gaps near 2^63 would overflow an int64 sum
                 missing = sum((seq[gaps] - last[gaps] - 1).tolist())
-                self.stats.sequence_gaps += missing
+                # Saturates at 2^63 - 1: adversarial numbers could push the sum past what msgpack and JSON readers
+                # of `lstmd status` take (the Prometheus counter is a float and just keeps counting).
+                self.stats.sequence_gaps = min(self.stats.sequence_gaps + missing, protocol.SEQ_LIMIT)
                 self.metrics.sequence_gaps.inc(missing)
             if duplicate.any():
                 status[idx[duplicate]] = protocol.DUPLICATE
