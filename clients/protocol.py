@@ -9,11 +9,30 @@ Control socket (DEALER → ROUTER): [ControlRequest (msgpack)] → [ControlReply
 Prediction PUB socket: [topic = stream id as UTF-8, Published (msgpack), prediction (float32, O)].
 
 Arrays travel as raw buffers, not per-element msgpack, so neither side builds a Python object per value.
+
+Decoding is total: `decode_events` and `decode_control` either return a typed, size-checked request or raise
+ProtocolError with a short reason label and a message saying what was wrong; no other exception escapes them
+for any input. The limits they enforce (the daemon's configured limits come on top, see daemon/config.py):
+- Frames: events requests have 2 or 3 frames, control requests 1. ZeroMQ drops (and disconnects the peer of)
+  any frame over `serve.max_message_bytes` on the events socket and over MAX_CONTROL_BYTES on the control
+  socket, before Python sees it.
+- Events header: at most `max_header_bytes(max_events, max_id_chars)` bytes, checked before it is decoded;
+  typed msgpack (unknown fields refused), at most MAX_EVENTS stream ids and sequence numbers, strings valid
+  UTF-8, every container of the declared type, so nesting depth is bounded by the schema.
+- Arrays: `dim` and `target_dim` in 1..MAX_ROW_VALUES; the features frame must hold exactly N*dim float32
+  values (N = number of stream ids), the targets frame exactly N*target_dim values of its dtype; the byte
+  length is checked before any array is viewed.
+- Sequence numbers: within [0, SEQ_LIMIT) = [0, 2^63 - 1). An events request carrying one outside is answered
+  per event (`bad_seq`), a delayed-targets request whole. The daemon assigns a stream's next number as
+  last + 1 only while that stays below SEQ_LIMIT (`seq_exhausted` after), so no number ever overflows int64.
+- Control requests: `cmd` at most MAX_COMMAND_CHARS characters, `args` a map of at most MAX_CONTROL_ARGS
+  values, each a scalar (str, int, float, bool, nil) or a list of scalars, then checked against the command's
+  own schema in CONTROL_ARGS (a command not named there gets them unchecked).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -31,15 +50,25 @@ StreamId = str | int
 FEATURE_DTYPE = np.dtype("<f4")
 TARGET_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 
+# Limits of the protocol itself (see the module docstring).
+SEQ_LIMIT = 2**63 - 1  # sequence numbers are < this, so a daemon-assigned last + 1 always fits an int64
+MAX_EVENTS = 1 << 20  # stream ids (and sequence numbers) in one events header
+MAX_ROW_VALUES = 1 << 20  # dim and target_dim: values per event
+MAX_CONTROL_BYTES = 64 * 1024 * 1024  # one control request frame (an imported model travels in it, base64)
+MAX_COMMAND_CHARS = 64
+MAX_CONTROL_ARGS = 16
+_HEADER_FIXED_BYTES = 256  # every field of an EventsHeader but the two per-event lists, with room to spare
+
 
 class EventsHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """First frame of an events request."""
 
     v: int  # protocol version
     req: int  # request id chosen by the producer, echoed in the reply
-    streams: list[StreamId]  # one id per event, in event order
+    streams: Annotated[list[StreamId], msgspec.Meta(max_length=MAX_EVENTS)]  # one id per event, in event order
     dim: int  # features per event (the model's input_size)
-    seqs: list[int] | None = None  # per-stream sequence numbers, one per event; None: the daemon assigns them
+    # Per-stream sequence numbers, one per event; None: the daemon assigns them. Range: see SEQ_LIMIT.
+    seqs: Annotated[list[int], msgspec.Meta(max_length=MAX_EVENTS)] | None = None
     targets: Literal["float32", "int64"] | None = None  # dtype of the optional third frame
     target_dim: int = 0  # values per event in the targets frame
     # "targets": delayed targets for events already sent, named by (stream, seq); frames [header, targets],
@@ -61,10 +90,63 @@ class EventsReply(msgspec.Struct, kw_only=True):
     error_reason: str | None = None  # short machine-readable reason for a whole-message rejection
 
 
+ArgScalar = str | int | float | bool | None
+ArgValue = ArgScalar | list[ArgScalar]
+
+
 class ControlRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A control request. `args` values are scalars or lists of scalars: nesting is at most two deep, so
+    decoding needs no recursion whatever the bytes say."""
+
     v: int
-    cmd: str
-    args: dict[str, Any] = {}
+    cmd: Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_CHARS)]
+    args: Annotated[dict[str, ArgValue], msgspec.Meta(max_length=MAX_CONTROL_ARGS)] = {}
+
+
+# The arguments each control command takes (checked by the daemon's I/O thread before the command runs; the
+# handler gets them as a dict, defaults filled in). A command not named here gets its args unchecked.
+class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class StreamArgs(msgspec.Struct, forbid_unknown_fields=True):
+    stream: StreamId
+
+
+class StreamsArgs(msgspec.Struct, forbid_unknown_fields=True):
+    limit: int = 100
+
+
+class ImportModelArgs(msgspec.Struct, forbid_unknown_fields=True):
+    safetensors_b64: str
+
+
+class RollbackArgs(msgspec.Struct, forbid_unknown_fields=True):
+    version: int | None = None  # None: the version before the serving one
+
+
+CONTROL_ARGS: dict[str, type[msgspec.Struct]] = {
+    **dict.fromkeys(
+        [
+            "status",
+            "model_info",
+            "export_model",
+            "train_status",
+            "train_now",
+            "train_pause",
+            "train_resume",
+            "model_versions",
+            "config",
+            "shutdown",
+            "snapshot",
+        ],
+        NoArgs,
+    ),
+    **dict.fromkeys(["stream", "reset", "drop"], StreamArgs),
+    "streams": StreamsArgs,
+    "import_model": ImportModelArgs,
+    "model_rollback": RollbackArgs,
+}
 
 
 class ControlReply(msgspec.Struct, kw_only=True):
@@ -98,6 +180,20 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
+# What msgspec raises for bytes that are not a message of the expected type: DecodeError (ValidationError
+# included) for bad msgpack, wrong types and broken limits, UnicodeDecodeError for a string that is not UTF-8,
+# RecursionError for nesting deeper than the interpreter's limit (possible only where a value is skipped).
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def max_header_bytes(max_events: int, max_id_chars: int) -> int:
+    """The largest events header a daemon with these limits can accept: checked before decoding it."""
+    # Per event: a string id of max_id_chars characters (<= 4 UTF-8 bytes each, 5 bytes of msgpack prefix) or
+    # an integer id (<= 9 bytes), and a sequence number (<= 9 bytes).
+    per_event = max(5 + 4 * max_id_chars, 9) + 9
+    return _HEADER_FIXED_BYTES + min(max_events, MAX_EVENTS) * per_event
+
+
 def encode_events(
     req: int,
     streams: list[StreamId],
@@ -121,7 +217,7 @@ def encode_events(
         if targets.shape[0] != len(streams):
             raise ValueError(f"targets must have one row per event ({len(streams)}), got {targets.shape}")
         target_dim = 1 if targets.ndim == 1 else int(np.prod(targets.shape[1:]))
-        frames_tail = [memoryview(targets).cast("B")]
+        frames_tail = [_raw(targets)]
     header = EventsHeader(
         v=PROTOCOL_VERSION,
         req=req,
@@ -131,23 +227,36 @@ def encode_events(
         targets=target_kind,
         target_dim=target_dim,
     )
-    return [encode(header), memoryview(features).cast("B"), *frames_tail]
+    return [encode(header), _raw(features), *frames_tail]
 
 
-def decode_events(frames: list) -> tuple[EventsHeader, np.ndarray, np.ndarray | None]:
-    """Validate and view one events request; raises ProtocolError naming what was wrong.
+def _raw(array: np.ndarray) -> memoryview | bytes:
+    """A C-contiguous array's bytes without a copy (a view of no elements cannot be cast, hence b"")."""
+    return memoryview(array).cast("B") if array.size else b""
 
-    Arrays are numpy views over the received frames (no copy). Per-event checks (finite values, id length)
-    are the daemon's: they reject single events, not the message.
+
+def decode_events(
+    frames: list, header_limit: int | None = None
+) -> tuple[EventsHeader, np.ndarray | None, np.ndarray | None]:
+    """Validate and view one events request; raises ProtocolError naming what was wrong (and nothing else).
+
+    Arrays are numpy views over the received frames (no copy). `header_limit`: the most bytes the header
+    frame may have (see max_header_bytes), checked before decoding it. Per-event checks (finite values, id
+    length, sequence number range) are the daemon's: they reject single events, not the message.
     """
     if not 2 <= len(frames) <= 3:
         raise ProtocolError(
             "malformed", f"expected 2 or 3 frames (header, features[, targets]), got {len(frames)}"
         )
+    header_size = memoryview(frames[0]).nbytes
+    if header_limit is not None and header_size > header_limit:
+        raise ProtocolError(
+            "oversized", f"header of {header_size} bytes exceeds this daemon's limit of {header_limit} bytes"
+        )
     try:
         header = events_header_decoder.decode(frames[0])
-    except msgspec.DecodeError as exc:
-        raise ProtocolError("malformed", f"bad header: {exc}") from None
+    except _UNDECODABLE as exc:
+        raise ProtocolError("malformed", f"bad header: {_why(exc)}") from None
     if header.v != PROTOCOL_VERSION:
         raise ProtocolError(
             "protocol_version", f"unknown protocol version {header.v}; this daemon speaks {PROTOCOL_VERSION}"
@@ -190,7 +299,7 @@ def encode_targets(
         target_dim=1 if targets.ndim == 1 else int(np.prod(targets.shape[1:])),
         kind="targets",
     )
-    return [encode(header), memoryview(targets).cast("B")]
+    return [encode(header), _raw(targets)]
 
 
 def _decode_delayed_targets(header: EventsHeader, frames: list) -> np.ndarray:
@@ -199,27 +308,80 @@ def _decode_delayed_targets(header: EventsHeader, frames: list) -> np.ndarray:
         raise ProtocolError("malformed", f"a targets message has 2 frames (header, targets), got {len(frames)}")
     if header.seqs is None or len(header.seqs) != n:
         raise ProtocolError("bad_shape", "a targets message needs one sequence number per stream")
+    outside = [s for s in header.seqs if not 0 <= s < SEQ_LIMIT]
+    if outside:
+        raise ProtocolError("bad_seq", f"sequence number {outside[0]} is outside [0, 2^63 - 1)")
     if header.targets is None or header.target_dim <= 0:
         raise ProtocolError("bad_shape", "a targets message must announce its targets dtype and target_dim")
     return _view_rows(frames[1], TARGET_DTYPES[header.targets], n, header.target_dim, "targets", "target_dim")
 
 
 def _view_rows(frame, dtype: np.dtype, n: int, width: int, what: str, width_name: str) -> np.ndarray:
-    """The frame as an [n, width] array view (no copy); ProtocolError if its size does not say so."""
+    """The frame as an [n, width] array view (no copy); ProtocolError if its size does not say so.
+
+    The byte length is checked first, in Python integers: numpy never sees a buffer of the wrong size."""
     if width <= 0:
         raise ProtocolError("bad_shape", f"{width_name} must be positive, got {width}")
-    values = np.frombuffer(frame, dtype=dtype)
-    if values.size != n * width:
+    if width > MAX_ROW_VALUES:  # also keeps numpy's shape arithmetic far from overflowing, even for 0 events
+        raise ProtocolError("bad_shape", f"{width_name} of {width} exceeds the protocol's limit of {MAX_ROW_VALUES}")
+    size = memoryview(frame).nbytes
+    if size % dtype.itemsize:
         raise ProtocolError(
-            "bad_shape", f"{what} frame holds {values.size} {dtype.name} values, expected {n} events x {width}"
+            "bad_shape", f"{what} frame of {size} bytes is not a whole number of {dtype.name} values"
         )
-    return values.reshape(n, width)
+    if size != n * width * dtype.itemsize:
+        raise ProtocolError(
+            "bad_shape",
+            f"{what} frame holds {size // dtype.itemsize} {dtype.name} values, expected {n} events x {width}",
+        )
+    return np.frombuffer(frame, dtype=dtype).reshape(n, width)
+
+
+def seq_array(seqs: list[int]) -> np.ndarray:
+    """Sequence numbers as int64; one that no int64 holds (>= 2^63, from a msgpack uint64) becomes SEQ_LIMIT,
+    which is out of range as well, so the caller rejects it by the same range test [0, SEQ_LIMIT)."""
+    try:
+        return np.asarray(seqs, dtype=np.int64)
+    except OverflowError:
+        return np.asarray([min(s, SEQ_LIMIT) for s in seqs], dtype=np.int64)
+
+
+def decode_control(frames: list) -> ControlRequest:
+    """Validate one control request (the frames after the routing envelope); raises ProtocolError (and
+    nothing else) naming what was wrong. The returned request's args are the command's checked arguments
+    as a dict with defaults filled in (CONTROL_ARGS), or the args as sent for a command not named there."""
+    if len(frames) != 1:
+        raise ProtocolError("malformed", f"a control request is one frame, got {len(frames)}")
+    try:
+        request = control_request_decoder.decode(frames[0])
+    except _UNDECODABLE as exc:
+        raise ProtocolError("malformed", f"malformed control request: {_why(exc)}") from None
+    if request.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "protocol_version", f"unknown protocol version {request.v}; this daemon speaks {PROTOCOL_VERSION}"
+        )
+    schema = CONTROL_ARGS.get(request.cmd)
+    if schema is not None:
+        try:
+            args = msgspec.convert(request.args, schema)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError("bad_args", f"bad arguments for {request.cmd!r}: {exc}") from None
+        request.args = msgspec.structs.asdict(args)
+    return request
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string (a stream id?) is not valid UTF-8: {exc.reason}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
 
 
 def encode_reply(reply: EventsReply, predictions: np.ndarray | None) -> list:
     frames: list = [encode(reply)]
     if predictions is not None:
-        frames.append(memoryview(np.ascontiguousarray(predictions, dtype=FEATURE_DTYPE)).cast("B"))
+        frames.append(_raw(np.ascontiguousarray(predictions, dtype=FEATURE_DTYPE)))
     return frames
 
 

@@ -6,11 +6,15 @@ I/O thread handing decoded messages over a queue and taking replies back over an
 hand-offs ran under the loop's GIL, and the I/O thread's share of it delayed replies by up to the interpreter's
 switch interval; see docs/benchmarks.md, "End to end".) Decoding and validation happen here: the loop receives
 typed headers and numpy views over the received frames, and a message that cannot be decoded is answered here
-with an error reply.
+with an error reply. Decoding is total (clients/protocol.py lists the limits): whatever bytes arrive, the sender
+gets a reply with a reason, and an unexpected exception while decoding is answered `internal_error` (counted,
+logged with its traceback, never shown to the client) instead of reaching the loop.
 
 The I/O thread owns the control ROUTER, the prediction XPUB and the inproc PULL on which the loop hands back
 control replies and predictions to publish (ZeroMQ sockets are not thread-safe: every socket is used by one
-thread only, except the loop's own PUSH end). It owns no state.
+thread only, except the loop's own PUSH end). It owns no state. It decodes control requests into typed,
+checked requests (`protocol.decode_control`), so the loop only runs them; a request that cannot be decoded
+travels to the loop as a refusal, which the loop answers and counts (the metrics are the loop's).
 """
 
 from __future__ import annotations
@@ -56,7 +60,55 @@ class TargetsMessage:
 @dataclass
 class ControlMessage:
     envelope: list
-    request: protocol.ControlRequest
+    request: protocol.ControlRequest | None  # None when refused
+    refused: tuple[str, str] | None = None  # (reason label, message for the client): not decodable
+
+
+# What a client is told when handling its message raised unexpectedly; the traceback goes to the log only.
+INTERNAL_ERROR_DECODING = (
+    "internal error while decoding the message (details are in the daemon's log); nothing was applied"
+)
+
+
+@dataclass(frozen=True)
+class EventsLimits:
+    """What the daemon accepts on its events socket, beyond the protocol's own limits."""
+
+    input_size: int
+    max_events: int
+    header_limit: int | None = None  # bytes of the header frame; None: only the protocol's limits
+    target_dim: int = 0  # values per event a targets frame must hold; 0: not checked
+
+
+class _RequestId(msgspec.Struct):
+    """The request id alone, read from a header that failed to decode, to echo it in the error reply."""
+
+    req: int = 0
+
+
+_request_id_decoder = msgspec.msgpack.Decoder(_RequestId)
+
+
+def decode_events_request(body: list, limits: EventsLimits) -> tuple[protocol.EventsHeader, object, object]:
+    """(header, features, targets) of one events or delayed-targets request, checked against `limits`;
+    raises protocol.ProtocolError (and nothing else) naming what was wrong."""
+    header, features, targets = protocol.decode_events(body, limits.header_limit)
+    if targets is not None and limits.target_dim and header.target_dim != limits.target_dim:
+        raise protocol.ProtocolError(
+            "bad_target_shape",
+            f"events carry {header.target_dim} target values each, the model's task takes {limits.target_dim}",
+        )
+    if header.kind == "targets":
+        return header, None, targets
+    if header.dim != limits.input_size:
+        raise protocol.ProtocolError(
+            "bad_shape", f"events have {header.dim} features, the model's input_size is {limits.input_size}"
+        )
+    if len(header.streams) > limits.max_events:
+        raise protocol.ProtocolError(
+            "oversized", f"message holds {len(header.streams)} events, limit is {limits.max_events}"
+        )
+    return header, features, targets
 
 
 class BindError(RuntimeError):
@@ -110,10 +162,14 @@ class EventsSocket:
         max_message_bytes: int,
         on_message_rejected,  # callback(reason: str)
         target_dim: int = 0,  # values per event a targets frame must hold; 0: not checked
+        max_stream_id_length: int | None = None,  # bounds the header's size before it is decoded; None: not
     ) -> None:
-        self.input_size = input_size
-        self.target_dim = target_dim
-        self.max_message_events = max_message_events
+        header_limit = (
+            None
+            if max_stream_id_length is None
+            else protocol.max_header_bytes(max_message_events, max_stream_id_length)
+        )
+        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim)
         self.on_message_rejected = on_message_rejected
         self.sock = _router(ctx)
         # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode.
@@ -137,41 +193,31 @@ class EventsSocket:
             received = time.perf_counter()
             envelope, body = _split_envelope(frames)
             try:
-                return self._decode(envelope, body, received)
+                header, features, targets = decode_events_request(body, self.limits)
             except protocol.ProtocolError as exc:
-                self._reject(envelope, body, exc)
+                self._reject(envelope, body, exc.reason, str(exc))
+                continue
+            except Exception:  # last resort: a bug here must cost one message, not the loop
+                log.exception("internal error decoding an events message; answered internal_error")
+                self._reject(envelope, body, "internal_error", INTERNAL_ERROR_DECODING)
+                continue
+            if header.kind == "targets":
+                return TargetsMessage(envelope, header, targets)
+            return EventsMessage(envelope, header, features, targets, received)
         return None
 
     def send(self, frames: list) -> None:
         self.sock.send_multipart(frames, copy=False)
 
-    def _decode(self, envelope, body, received) -> EventsMessage | TargetsMessage:
-        header, features, targets = protocol.decode_events(body)
-        if targets is not None and self.target_dim and header.target_dim != self.target_dim:
-            raise protocol.ProtocolError(
-                "bad_target_shape",
-                f"events carry {header.target_dim} target values each, the model's task takes {self.target_dim}",
-            )
-        if header.kind == "targets":
-            return TargetsMessage(envelope, header, targets)
-        if header.dim != self.input_size:
-            raise protocol.ProtocolError(
-                "bad_shape", f"events have {header.dim} features, the model's input_size is {self.input_size}"
-            )
-        if len(header.streams) > self.max_message_events:
-            raise protocol.ProtocolError(
-                "oversized", f"message holds {len(header.streams)} events, limit is {self.max_message_events}"
-            )
-        return EventsMessage(envelope, header, features, targets, received)
-
-    def _reject(self, envelope: list, body: list, exc: protocol.ProtocolError) -> None:
+    def _reject(self, envelope: list, body: list, reason: str, why: str) -> None:
+        """Answer a message rejected whole, echoing its request id when the header is at least that readable."""
         req = 0
-        with contextlib.suppress(Exception):  # echo the request id when the header is at least readable
-            req = int(msgspec.msgpack.decode(body[0].bytes).get("req", 0))
-        self.on_message_rejected(exc.reason)
-        reply = protocol.EventsReply(
-            v=protocol.PROTOCOL_VERSION, req=req, error=str(exc), error_reason=exc.reason
-        )
+        limit = self.limits.header_limit
+        with contextlib.suppress(Exception):  # anything unreadable, or not a msgpack map: req 0
+            if limit is None or memoryview(body[0]).nbytes <= limit:  # an oversized header is not read at all
+                req = _request_id_decoder.decode(body[0]).req
+        self.on_message_rejected(reason)
+        reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=req, error=why, error_reason=reason)
         self.sock.send_multipart([*envelope, protocol.encode(reply)])
 
 
@@ -188,6 +234,7 @@ class IOThread(threading.Thread):
         self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
         self._stop_requested = threading.Event()
         self.control = _router(ctx)
+        self.control.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_BYTES)
         self.outbox = ctx.socket(zmq.PULL)
         self.outbox.bind(self.outbox_endpoint)
         self.publisher = None
@@ -233,19 +280,17 @@ class IOThread(threading.Thread):
             self.close()
 
     def _receive_control(self) -> None:
+        """Decode each waiting control request here, off the loop; refusals go to the loop too (it counts)."""
         for frames in _waiting(self.control):
             envelope, body = _split_envelope(frames)
             try:
-                if len(body) != 1:
-                    raise ValueError(f"expected one frame, got {len(body)}")
-                request = protocol.control_request_decoder.decode(body[0].bytes)
-                if request.v != protocol.PROTOCOL_VERSION:
-                    raise ValueError(f"unknown protocol version {request.v}")
-            except (ValueError, msgspec.DecodeError) as exc:
-                reply = protocol.ControlReply(ok=False, error=f"malformed control request: {exc}")
-                self.control.send_multipart([*envelope, protocol.encode(reply)])
-                continue
-            self.inbox.put(ControlMessage(envelope, request))
+                message = ControlMessage(envelope, protocol.decode_control(body))
+            except protocol.ProtocolError as exc:
+                message = ControlMessage(envelope, None, (exc.reason, str(exc)))
+            except Exception:  # last resort: a bug here must cost one request, not the I/O thread
+                log.exception("internal error decoding a control request; answered internal_error")
+                message = ControlMessage(envelope, None, ("internal_error", INTERNAL_ERROR_DECODING))
+            self.inbox.put(message)
 
     def _receive_subscriptions(self) -> None:
         for frames in _waiting(self.publisher):

@@ -58,7 +58,8 @@ class Metrics:
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
     `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
     the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate;
-    `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}`.
+    `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}` outcome ok|error|internal_error;
+    `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error.
     """
 
     def __init__(
@@ -111,6 +112,12 @@ class Metrics:
         )
         self.control_commands = Counter(
             "lstmd_control_commands", "Control commands handled", ["command", "outcome"], registry=r
+        )
+        self.control_rejections = Counter(
+            "lstmd_control_rejections",
+            "Control requests refused before any command ran (not decodable, bad arguments), by reason",
+            ["reason"],
+            registry=r,
         )
         # State store.
         self.active_streams = Gauge("lstmd_active_streams", "Streams holding a state slot", registry=r)

@@ -50,6 +50,11 @@ _STEP_WITHOUT_WAITING = 256
 _IDLE_POLL_MS = 5
 
 
+def _internal_error(cmd: str) -> str:
+    """What a client is told when a control command failed by a bug: no exception text (that goes to the log)."""
+    return f"internal error in {cmd!r} (details are in the daemon's log)"
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
 
@@ -186,6 +191,7 @@ class Daemon:
                 serve.max_message_bytes,
                 self._count_message_rejection,
                 target_dim=self._target_dim(),
+                max_stream_id_length=serve.max_stream_id_length,
             )
             self._io = IOThread(self._ctx, self.inbox, serve.control, serve.publish)
         except Exception as exc:
@@ -231,11 +237,11 @@ class Daemon:
             while not self._stopping:
                 batch, other = self._gather()
                 if batch:
-                    self._serve(batch)
+                    self._serve_guarded(batch)
                 if other is _STOP:
                     self._stopping = True
                 elif isinstance(other, TargetsMessage):
-                    self._join_targets(other)
+                    self._serve_guarded([other])
                 elif other is not None:
                     self._run_control(other)
                 self._housekeeping()
@@ -246,21 +252,16 @@ class Daemon:
             # Bounded: producers may keep sending; what is not answered was not acknowledged and is resent.
             drain_until = time.monotonic() + 1.0
             while time.monotonic() < drain_until and (message := self._events.receive()) is not None:
-                if isinstance(message, EventsMessage):
-                    self._serve([message])
-                else:
-                    self._join_targets(message)
+                self._serve_guarded([message])
             while True:
                 try:
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(item, EventsMessage):
-                    self._serve([item])
+                if isinstance(item, EventsMessage | TargetsMessage):
+                    self._serve_guarded([item])
                 elif isinstance(item, ControlMessage):
                     self._run_control(item)
-                elif isinstance(item, TargetsMessage):
-                    self._join_targets(item)
             self.durability.on_clean_stop()
         finally:
             self._shutdown()
@@ -345,6 +346,30 @@ class Daemon:
         self._backlog = backlog
         return batch, None
 
+    def _serve_guarded(self, batch: list) -> None:
+        """Serve a batch (or join a targets message); the last resort if that raises: answer every message of
+        it `internal_error` (counted; the traceback goes to the log, never to the client), keep serving. A
+        message answered before the failure gets this second reply too; a Producer ignores it (it matches
+        replies by request id and has moved on)."""
+        try:
+            if isinstance(batch[0], TargetsMessage):
+                self._join_targets(batch[0])
+            else:
+                self._serve(batch)
+        except Exception:
+            log.exception("internal error serving a batch of %d message(s); answered internal_error", len(batch))
+            reply = protocol.EventsReply(
+                v=protocol.PROTOCOL_VERSION,
+                req=0,
+                error="internal error in the daemon (details are in its log); the events may or may not "
+                "have been applied: resend them with the same sequence numbers",
+                error_reason="internal_error",
+            )
+            for message in batch:
+                reply.req = message.header.req
+                self._count_message_rejection("internal_error")
+                self._events.send([*message.envelope, protocol.encode(reply)])
+
     def _serve(self, batch: list[EventsMessage]) -> None:
         counts = [len(m.header.streams) for m in batch]
         wal = self.durability.wal
@@ -379,12 +404,25 @@ class Daemon:
             last = self.store.last_seq[wave_slots]
             seq = seqs[idx]
             assign = seq == _ASSIGN
+            # last < SEQ_LIMIT (every applied number is), so last + 1 cannot overflow; a stream whose numbers
+            # are used up is refused rather than wrapped around.
             seq = np.where(assign, last + 1, seq)
+            exhausted = seq >= protocol.SEQ_LIMIT
+            if exhausted.any():
+                why = ("seq_exhausted", "the stream's sequence numbers are used up (2^63 - 2 applied): drop it")
+                for i in idx[exhausted].tolist():
+                    reasons[i] = why
+                    status[i] = protocol.REJECTED
+                idx, wave_slots, seq, last = idx[~exhausted], wave_slots[~exhausted], seq[~exhausted], last[~exhausted]
+                if idx.size == 0:
+                    continue
             duplicate = seq <= last
             gaps = (last != NO_SEQ) & (seq > last + 1)
-            if gaps.any():
-                missing = int((seq[gaps] - last[gaps] - 1).sum())
-                self.stats.sequence_gaps += missing
+            if gaps.any():  # summed in Python integers: gaps near 2^63 would overflow an int64 sum
+                missing = sum((seq[gaps] - last[gaps] - 1).tolist())
+                # Saturates at 2^63 - 1: adversarial numbers could push the sum past what msgpack and JSON readers
+                # of `lstmd status` take (the Prometheus counter is a float and just keeps counting).
+                self.stats.sequence_gaps = min(self.stats.sequence_gaps + missing, protocol.SEQ_LIMIT)
                 self.metrics.sequence_gaps.inc(missing)
             if duplicate.any():
                 dup = idx[duplicate]
@@ -453,9 +491,10 @@ class Daemon:
             for i in np.flatnonzero(~np.isfinite(features).all(axis=1)).tolist():
                 bad[i] = ("non_finite", "features hold NaN or Inf")
         if header.seqs is not None:
-            seq_arr = np.asarray(header.seqs, dtype=np.int64)
-            for i in np.flatnonzero(seq_arr < 0).tolist():
-                bad[i] = ("bad_seq", f"sequence number {int(seq_arr[i])} is negative")
+            seq_arr = protocol.seq_array(header.seqs)
+            # One comparison for both ends of [0, SEQ_LIMIT): a negative int64 viewed as uint64 is >= 2^63.
+            for i in np.flatnonzero(seq_arr.view(np.uint64) >= protocol.SEQ_LIMIT).tolist():
+                bad[i] = ("bad_seq", f"sequence number {header.seqs[i]} is outside [0, 2^63 - 1)")
             seqs[offset : offset + count] = seq_arr
         if bad:
             keep = [i for i in range(count) if i not in bad]
@@ -679,6 +718,12 @@ class Daemon:
     # ---- control ----------------------------------------------------------------------------------------
 
     def _run_control(self, message: ControlMessage) -> None:
+        if message.refused is not None:  # the I/O thread could not decode it: answer why, count by reason
+            reason, why = message.refused
+            self.metrics.control_rejections.labels(reason=reason).inc()
+            reply = protocol.ControlReply(ok=False, error=why)
+            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
+            return
         request = message.request
         try:
             result = control.dispatch(self, request.cmd, request.args)
@@ -688,13 +733,19 @@ class Daemon:
         except control.CommandError as exc:
             reply = protocol.ControlReply(ok=False, error=str(exc))
             outcome = "error"
-        except Exception as exc:  # a bug in a command must not take the daemon down
+        except Exception:  # a bug in a command must not take the daemon down; its text stays in the log
             log.exception("control command %r failed", request.cmd)
-            reply = protocol.ControlReply(ok=False, error=f"internal error in {request.cmd!r}: {exc}")
-            outcome = "error"
+            reply = protocol.ControlReply(ok=False, error=_internal_error(request.cmd))
+            outcome = "internal_error"
+        try:
+            payload = protocol.encode(reply)
+        except Exception:  # a result msgpack cannot hold is a bug in the command too
+            log.exception("control command %r returned a result that cannot be encoded", request.cmd)
+            payload = protocol.encode(protocol.ControlReply(ok=False, error=_internal_error(request.cmd)))
+            outcome = "internal_error"
         known = request.cmd if request.cmd in control.COMMANDS else "unknown"
         self.metrics.control_commands.labels(command=known, outcome=outcome).inc()
-        self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
+        self._outbox.send_multipart([CONTROL, *message.envelope, payload], copy=False)
         if request.cmd == "shutdown" and reply.ok:
             self._stopping = True
 

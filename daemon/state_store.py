@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -322,7 +323,8 @@ class StateStore:
         """The stored id for a stream named on the command line (`"42"` finds the integer id 42 too)."""
         if stream in self.slot_of:
             return stream
-        if isinstance(stream, str) and stream.lstrip("-").isdigit() and int(stream) in self.slot_of:
+        # ASCII digits only, at most 20 (any 64-bit id): str.isdigit() also takes "²", which int() refuses.
+        if isinstance(stream, str) and re.fullmatch(r"-?[0-9]{1,20}", stream) and int(stream) in self.slot_of:
             return int(stream)
         return None
 
