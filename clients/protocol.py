@@ -41,7 +41,7 @@ PROTOCOL_VERSION = 1
 
 # Per-event status codes carried in EventsReply.status (one byte per event, in event order).
 OK = 0  # applied; prediction valid
-DUPLICATE = 1  # sequence number already applied: not applied again; prediction NaN
+DUPLICATE = 1  # sequence number already applied: not applied again; its original prediction (serve.resend_window)
 STATE_RESET = 2  # applied, but the stream's state had been dropped (evicted/reset) and started from zero
 REJECTED = 3  # not applied; EventsReply.reasons[index] says why; prediction NaN
 STATUS_NAMES = ("ok", "duplicate", "state_reset", "rejected")
@@ -118,7 +118,14 @@ class StreamsArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ImportModelArgs(msgspec.Struct, forbid_unknown_fields=True):
-    safetensors_b64: str
+    """One of the two: a safetensors model file, or a Keras .keras / .h5 file the daemon converts."""
+
+    safetensors_b64: str | None = None
+    keras_b64: str | None = None
+
+    def __post_init__(self) -> None:  # msgspec turns the ValueError into a validation error (bad_args)
+        if (self.safetensors_b64 is None) == (self.keras_b64 is None):
+            raise ValueError("import_model takes exactly one of safetensors_b64 and keras_b64")
 
 
 class RollbackArgs(msgspec.Struct, forbid_unknown_fields=True):

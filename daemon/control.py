@@ -108,12 +108,10 @@ def _export_model(daemon: Daemon, args: dict) -> dict:
 def _import_model(daemon: Daemon, args: dict) -> dict:
     """A safetensors model file (`safetensors_b64`), or a Keras `.keras` / `.h5` file (`keras_b64`) converted here
     by daemon/keras_import.py (milliseconds for LSTM-sized models), served from the next batch on."""
-    keras = "keras_b64" in args
+    keras = args.get("keras_b64") is not None  # protocol.ImportModelArgs: exactly one of the two
     try:
         data = base64.b64decode(args["keras_b64" if keras else "safetensors_b64"], validate=True)
         model = convert_keras(data) if keras else ServingModel.from_bytes(data)
-    except KeyError:
-        raise CommandError("missing argument 'safetensors_b64' (or 'keras_b64')") from None
     except ValueError as exc:  # KerasImportError is one: its message names the layer and the reason
         raise CommandError(f"cannot import {'Keras ' if keras else ''}model: {exc}") from None
     if model.spec != daemon.spec:

@@ -193,8 +193,9 @@ def test_deeply_nested_control_request_does_not_kill_the_io_thread(served, frame
 @pytest.mark.parametrize(
     ("cmd", "args", "reason", "message"),
     [
-        ("import_model", {"safetensors_b64": 5}, "bad_args", "Expected `str`, got `int` - at `$.safetensors_b64`"),
-        ("import_model", {}, "bad_args", "missing required field `safetensors_b64`"),
+        ("import_model", {"safetensors_b64": 5}, "bad_args", "got `int` - at `$.safetensors_b64`"),
+        ("import_model", {}, "bad_args", "exactly one of safetensors_b64 and keras_b64"),
+        ("import_model", {"safetensors_b64": "AA", "keras_b64": "AA"}, "bad_args", "exactly one of"),
         ("streams", {"limit": "ten"}, "bad_args", "Expected `int`, got `str` - at `$.limit`"),
         ("stream", {"stream": 1.5}, "bad_args", "Expected `int | str`, got `float`"),
         ("model_rollback", {"version": "x"}, "bad_args", "Expected `int | null`, got `str`"),
@@ -215,7 +216,7 @@ def test_control_requests_with_bad_arguments_are_refused_before_running(served, 
     ("cmd", "args", "message"),
     [
         ("import_model", {"safetensors_b64": "é"}, "cannot import model"),
-        ("import_model", {"safetensors_b64": base64.b64encode(b"\xff" * 64).decode()}, "not a readable safetensors"),
+        ("import_model", {"safetensors_b64": base64.b64encode(b"\xff" * 64).decode()}, "not a safetensors model file"),
         ("stream", {"stream": "²"}, "no stream '²' holds state"),  # "²".isdigit() but int("²") raises
         ("stream", {"stream": "--5"}, "no stream '--5' holds state"),
         ("streams", {"limit": -1}, "limit must be positive"),

@@ -137,10 +137,15 @@ class Tally:
         self.events: Counter = Counter()  # lstmd_events_total{status}
         self.control_rejections: Counter = Counter()  # lstmd_control_rejections_total{reason}
         self.commands: Counter = Counter()  # lstmd_control_commands_total{command, outcome}
+        self.unavailable = 0  # lstmd_duplicates_unavailable_total: duplicates past the resend window
 
     def events_reply(self, status: bytes, reasons: dict[int, str]) -> None:
         self.events.update(protocol.STATUS_NAMES[s] for s in status)
-        self.rejections.update(_label(why) for why in reasons.values())
+        for i, why in reasons.items():  # a duplicate's reason says its prediction is gone: not a rejection
+            if status[i] == protocol.DUPLICATE:
+                self.unavailable += 1
+            else:
+                self.rejections[_label(why)] += 1
 
 
 def _check_events(frames, reply_frames, limits, tally: Tally) -> None:
@@ -215,6 +220,7 @@ def test_live_fuzz_is_answered_counted_and_touches_no_other_stream(make_daemon, 
     assert _samples(fuzzed, "lstmd_rejections_total", "reason") == tally.rejections
     assert _samples(fuzzed, "lstmd_events_total", "status") == tally.events
     assert _samples(fuzzed, "lstmd_control_rejections_total", "reason") == tally.control_rejections
+    assert (fuzzed.metrics.registry.get_sample_value("lstmd_duplicates_unavailable_total") or 0) == tally.unavailable
     commands = _samples(fuzzed, "lstmd_control_commands_total", "command,outcome")
     commands[("status", "ok")] -= 1  # the round trip above
     assert +commands == tally.commands

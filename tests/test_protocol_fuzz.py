@@ -191,7 +191,7 @@ def _seeds(rng: np.random.Generator) -> tuple[list[list[bytes]], list[list[bytes
     args = {"stream": "s1", "limit": 5, "safetensors_b64": "AAAA", "version": 1}
     control = []
     for cmd, schema in protocol.CONTROL_ARGS.items():
-        fields = {k: args[k] for k in schema.__struct_fields__}
+        fields = {k: args[k] for k in schema.__struct_fields__ if k in args}
         control.append([protocol.encode(protocol.ControlRequest(v=1, cmd=cmd, args=fields))])
     control.append([protocol.encode(protocol.ControlRequest(v=1, cmd="not_a_command", args={"a": 1.5, "b": None}))])
     return events, control
