@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 from lstmd.clients import protocol
 
@@ -19,28 +20,60 @@ class DaemonError(RuntimeError):
 
 
 class Admin:
-    def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+    """Control calls on the daemon at `endpoint` (its serve.control).
+
+    `connect_timeout`: seconds to wait for the daemon to accept the connection; nothing listening fails then.
+    `timeout`: seconds a connected daemon has to answer one command (a snapshot of many streams takes a while).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 30.0,
+        context: zmq.Context | None = None,
+        connect_timeout: float = 3.0,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout * 1000)
+        self.connect_timeout_ms = int(connect_timeout * 1000)
         self._ctx = context or zmq.Context.instance()
 
     def call(self, cmd: str, **args: Any) -> Any:
         """Run one control command; raise DaemonError with the daemon's message if it fails."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # Writable only once a connection (with its ZeroMQ handshake) is up, so "nothing listens there" shows
+        # after connect_timeout instead of as a command that never gets an answer.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         try:
-            sock.connect(self.endpoint)
-            sock.send(
-                protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args))
-            )
-            if not sock.poll(self.timeout_ms, zmq.POLLIN):
-                waited = self.timeout_ms / 1000
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                raise ValueError(
+                    f"cannot connect to {self.endpoint!r} ({exc}): an endpoint looks like tcp://127.0.0.1:5556"
+                ) from None
+            if not sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
                 raise TimeoutError(
-                    f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?"
+                    f"no daemon answered at {self.endpoint} within {self.connect_timeout_ms / 1000:g} s: "
+                    "is `lstmd serve` running? (Control commands go to its serve.control endpoint.)"
                 )
-            reply = protocol.control_reply_decoder.decode(sock.recv())
+            sock.send(protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args)))
+            if not sock.poll(self.timeout_ms, zmq.POLLIN):
+                raise TimeoutError(
+                    f"the daemon at {self.endpoint} accepted the connection but did not answer `{cmd}` within "
+                    f"{self.timeout_ms / 1000:g} s: it may be busy (a long snapshot) or stuck; its /healthz "
+                    "(serve.metrics) says whether the serving loop still runs"
+                )
+            data = sock.recv()
         finally:
             sock.close(linger=0)
+        try:
+            reply = protocol.control_reply_decoder.decode(data)
+        except msgspec.MsgspecError:
+            raise DaemonError(
+                f"{self.endpoint} answered, but not as an lstmd control socket: is it another endpoint (events, "
+                "publish)? Control commands go to serve.control"
+            ) from None
         if not reply.ok:
             raise DaemonError(reply.error)
         return reply.result

@@ -11,6 +11,7 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     ControlOpt,
     JsonOpt,
+    TimeoutOpt,
     admin_or_exit,
     call_or_exit,
     console,
@@ -24,9 +25,11 @@ app = typer.Typer(help="Inspect, export and import the serving model.", no_args_
 
 
 @app.command()
-def info(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def info(
+    config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
+) -> None:
     """Show the serving model's sizes, task and version."""
-    emit(call_or_exit(admin_or_exit(config, control).model_info), json, "model")
+    emit(call_or_exit(admin_or_exit(config, control, timeout).model_info), json, "model")
 
 
 @app.command("export")
@@ -34,9 +37,10 @@ def export(
     path: Annotated[Path, typer.Argument(help="Where to write the safetensors file.")],
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Write the serving weights to a safetensors file (torch.nn.LSTM + nn.Linear names)."""
-    result = call_or_exit(admin_or_exit(config, control).export_model, path)
+    result = call_or_exit(admin_or_exit(config, control, timeout).export_model, path)
     console.print(f"exported model version {result['version']} to {path}")
 
 
@@ -45,18 +49,21 @@ def import_(
     path: Annotated[Path, typer.Argument(help="A safetensors model file.")],
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Serve the weights in a safetensors file from the next batch on."""
     if not path.is_file():
         raise fail(f"{path} is not a file")
-    result = call_or_exit(admin_or_exit(config, control).import_model, path)
+    result = call_or_exit(admin_or_exit(config, control, timeout).import_model, path)
     console.print(f"serving {path} as model version {result['version']}")
 
 
 @app.command()
-def versions(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def versions(
+    config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
+) -> None:
     """List the kept model versions, newest first."""
-    data = call_or_exit(admin_or_exit(config, control).model_versions)
+    data = call_or_exit(admin_or_exit(config, control, timeout).model_versions)
     if json:
         print_json(data)
         return
@@ -80,7 +87,8 @@ def rollback(
     ] = None,
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Serve an earlier version's weights again, exactly, as a new version number."""
-    result = call_or_exit(admin_or_exit(config, control).rollback, version)
+    result = call_or_exit(admin_or_exit(config, control, timeout).rollback, version)
     console.print(f"serving the weights of version {result['weights_of']} as version {result['version']}")

@@ -7,6 +7,7 @@ import logging
 import signal
 import tempfile
 import time
+from enum import StrEnum
 from typing import Annotated
 
 import numpy as np
@@ -15,14 +16,22 @@ from lstmd.clients.cli._common import ConfigOpt, SetOpt, console, fail, load_con
 from rich.live import Live
 from rich.table import Table
 
-LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+LogLevelOpt = Annotated[LogLevel, typer.Option("--log-level", help="How much the daemon logs.", case_sensitive=False)]
 
 
-def serve(config: ConfigOpt = None, set_: SetOpt = None, log_level: LogLevelOpt = "info") -> None:
+def _setup_logging(level: LogLevel) -> None:
+    logging.basicConfig(level=level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(config: ConfigOpt = None, set_: SetOpt = None, log_level: LogLevelOpt = LogLevel.info) -> None:
     """Run the daemon until SIGINT or SIGTERM."""
     _setup_logging(log_level)
     cfg = load_config_or_exit(config, set_)
@@ -48,7 +57,7 @@ def demo(
     streams: Annotated[int, typer.Option(help="Number of synthetic streams.")] = 1000,
     seconds: Annotated[float, typer.Option(help="How long to run.")] = 20.0,
     set_: SetOpt = None,
-    log_level: LogLevelOpt = "warning",
+    log_level: LogLevelOpt = LogLevel.warning,
 ) -> None:
     """Serve the embedded default model and stream a synthetic forecasting workload through it, live."""
     _setup_logging(log_level)

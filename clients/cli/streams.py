@@ -9,6 +9,7 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     ControlOpt,
     JsonOpt,
+    TimeoutOpt,
     admin_or_exit,
     call_or_exit,
     console,
@@ -25,11 +26,12 @@ StreamArg = Annotated[str, typer.Argument(help="Stream id (an integer id can be 
 def list_(
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
     json: JsonOpt = False,
     limit: Annotated[int, typer.Option(help="Show at most this many streams.")] = 100,
 ) -> None:
     """List streams holding state."""
-    rows = call_or_exit(admin_or_exit(config, control).streams, limit)
+    rows = call_or_exit(admin_or_exit(config, control, timeout).streams, limit)
     if json:
         print_json(rows)
     else:
@@ -37,23 +39,29 @@ def list_(
 
 
 @app.command()
-def show(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def show(
+    stream: StreamArg,
+    config: ConfigOpt = None,
+    control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
+    json: JsonOpt = False,
+) -> None:
     """Show one stream's counters and hidden state."""
-    info = call_or_exit(admin_or_exit(config, control).stream, stream)
+    info = call_or_exit(admin_or_exit(config, control, timeout).stream, stream)
     if not json:  # the state vectors are for scripts; people get their norms
         info = {k: v for k, v in info.items() if k not in ("h", "c")}
     emit(info, json, f"stream {info['stream']!r}")
 
 
 @app.command()
-def reset(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def reset(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Zero one stream's state; its next event starts fresh and is flagged state_reset."""
-    call_or_exit(admin_or_exit(config, control).reset, stream)
+    call_or_exit(admin_or_exit(config, control, timeout).reset, stream)
     console.print(f"stream {stream!r} reset")
 
 
 @app.command()
-def drop(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def drop(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Forget one stream and free its slot."""
-    call_or_exit(admin_or_exit(config, control).drop, stream)
+    call_or_exit(admin_or_exit(config, control, timeout).drop, stream)
     console.print(f"stream {stream!r} dropped")

@@ -9,6 +9,7 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     ControlOpt,
     JsonOpt,
+    TimeoutOpt,
     admin_or_exit,
     call_or_exit,
     console,
@@ -31,9 +32,11 @@ def _flat(data: dict) -> dict:
 
 
 @app.command()
-def status(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def status(
+    config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
+) -> None:
     """Show whether training runs, its rounds and outcomes, the last round's losses and the recorder."""
-    data = call_or_exit(admin_or_exit(config, control).train_status)
+    data = call_or_exit(admin_or_exit(config, control, timeout).train_status)
     if json:
         print_json(data)
     elif not data.get("enabled"):
@@ -47,10 +50,11 @@ def now(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the round's outcome; 0: do not wait.")] = 60.0,
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
     json: JsonOpt = False,
 ) -> None:
     """Run a training round now (even while paused) and show its outcome."""
-    data = call_or_exit(admin_or_exit(config, control).train_now, wait)
+    data = call_or_exit(admin_or_exit(config, control, timeout).train_now, wait)
     if json:
         print_json(data)
     elif wait <= 0:
@@ -65,14 +69,14 @@ def now(
 
 
 @app.command()
-def pause(config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def pause(config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Stop starting training rounds; the serving weights stay as they are until resume (or train now)."""
-    call_or_exit(admin_or_exit(config, control).train_pause)
+    call_or_exit(admin_or_exit(config, control, timeout).train_pause)
     console.print("training paused")
 
 
 @app.command()
-def resume(config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def resume(config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Start training rounds again."""
-    call_or_exit(admin_or_exit(config, control).train_resume)
+    call_or_exit(admin_or_exit(config, control, timeout).train_resume)
     console.print("training resumed")
