@@ -13,22 +13,11 @@ from lstmd.clients.cli._common import (
     admin_or_exit,
     call_or_exit,
     console,
-    key_value_table,
     print_json,
 )
+from lstmd.clients.cli._format import training_view
 
 app = typer.Typer(help="Watch and steer online training.", no_args_is_help=True)
-
-
-def _flat(data: dict) -> dict:
-    """One level of nesting spelled out (`last_round.outcome`), so the table stays readable."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "outcomes":
-            out |= {f"{key}.{k}": v for k, v in value.items()}
-        else:
-            out[key] = "-" if value is None else value
-    return out
 
 
 @app.command()
@@ -39,10 +28,8 @@ def status(
     data = call_or_exit(admin_or_exit(config, control, timeout).train_status)
     if json:
         print_json(data)
-    elif not data.get("enabled"):
-        console.print("training is disabled (start the daemon with --set train.enabled=true)")
     else:
-        console.print(key_value_table("training", _flat(data)))
+        console.print(training_view(data))
 
 
 @app.command()
