@@ -19,6 +19,10 @@ class DaemonError(RuntimeError):
     """The daemon answered the command with an error; the message is the daemon's."""
 
 
+class NoDaemonError(TimeoutError):
+    """Nothing accepted the connection within connect_timeout: no daemon listens at that endpoint."""
+
+
 class Admin:
     """Control calls on the daemon at `endpoint` (its serve.control).
 
@@ -53,7 +57,7 @@ class Admin:
                     f"cannot connect to {self.endpoint!r} ({exc}): an endpoint looks like tcp://127.0.0.1:5556"
                 ) from None
             if not sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
-                raise TimeoutError(
+                raise NoDaemonError(
                     f"no daemon answered at {self.endpoint} within {self.connect_timeout_ms / 1000:g} s: "
                     "is `lstmd serve` running? (Control commands go to its serve.control endpoint.)"
                 )

@@ -95,15 +95,15 @@ def admin_or_exit(config: Path | None, control: str | None, timeout: float = 3.0
 
 def call_or_exit(fn, *args, **kwargs) -> Any:
     """Run an Admin call; turn a daemon error or a timeout into one line and exit code 1."""
-    from lstmd.clients.admin import DaemonError
+    from lstmd.clients.admin import DaemonError, NoDaemonError
 
     try:
         return fn(*args, **kwargs)
-    except (DaemonError, ValueError) as exc:  # ValueError: an endpoint that is not one
-        raise fail(str(exc)) from None
-    except TimeoutError as exc:
+    except NoDaemonError as exc:
         source = getattr(getattr(fn, "__self__", None), "endpoint_source", None)
         raise fail(f"{exc} The endpoint came from {source}. {_NOT_FOUND_HINT}" if source else str(exc)) from None
+    except (DaemonError, TimeoutError, ValueError) as exc:  # ValueError: an endpoint that is not one
+        raise fail(str(exc)) from None
 
 
 def require_listener(endpoint: str, timeout: float, what: str) -> None:

@@ -40,7 +40,12 @@ def export(
     timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Write the serving weights to a safetensors file (torch.nn.LSTM + nn.Linear names)."""
-    result = call_or_exit(admin_or_exit(config, control, timeout).export_model, path)
+    if not path.parent.is_dir():
+        raise fail(f"cannot write {path}: the folder {path.parent} does not exist")
+    try:
+        result = call_or_exit(admin_or_exit(config, control, timeout).export_model, path)
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc.strerror or exc}") from None
     console.print(f"exported model version {result['version']} to {path}")
 
 

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Annotated
 
@@ -366,7 +367,7 @@ def top(
             first = scrape(url, timeout)
             time.sleep(interval)
             view = compute_view(address, scrape(url, timeout), first)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, HTTPException) as exc:  # HTTPException: not a port, not HTTP
             message = f"cannot read {url}: {_reason(exc)}. Is the daemon running? Pass --metrics host:port."
             raise fail(message) from None
         if json:  # no NaN in JSON: a number that has no value (nothing observed in the window) is null
@@ -380,7 +381,7 @@ def top(
         nonlocal previous
         try:
             current = scrape(url, timeout)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, HTTPException) as exc:  # HTTPException: not a port, not HTTP
             previous = None
             return Text(f"cannot read {url}: {_reason(exc)} (retrying every {interval:g} s; Ctrl-C quits)", "bold red")
         view, previous = compute_view(address, current, previous), current

@@ -28,6 +28,8 @@ def status(
     data = call_or_exit(admin_or_exit(config, control, timeout).train_status)
     if json:
         print_json(data)
+    elif not data.get("enabled"):
+        console.print("training is disabled (start the daemon with --set train.enabled=true)")
     else:
         console.print(training_view(data))
 
