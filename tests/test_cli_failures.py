@@ -212,3 +212,20 @@ def test_no_help_shows_a_value_for_a_flag():
         result = run(*command)
         assert result.exit_code == 0 and "--help" in result.stdout
         assert "<bool>" not in result.stdout, (command, result.stdout)
+
+
+def test_producer_timeouts_say_what_happened_and_what_to_do():
+    import numpy as np
+    from lstmd.clients import Producer
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Producer(endpoint, timeout=0.2, retries=1) as producer:
+        with pytest.raises(TimeoutError) as plain:
+            producer.send(["a"], np.ones((1, 8), np.float32))
+        with pytest.raises(TimeoutError) as numbered:
+            producer.send(["a"], np.ones((1, 8), np.float32), seqs=[1])
+    message = str(plain.value)
+    assert f"no reply from lstmd at {endpoint} within 0.2 s: is `lstmd serve` running" in message
+    assert "may have been applied" in message and "not sent again" in message and "seqs=" in message
+    message = str(numbered.value)
+    assert "2 tries" in message and "same sequence numbers, so no event was applied twice" in message
