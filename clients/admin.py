@@ -26,7 +26,8 @@ class NoDaemonError(TimeoutError):
 class Admin:
     """Control calls on the daemon at `endpoint` (its serve.control).
 
-    `connect_timeout`: seconds to wait for the daemon to accept the connection; nothing listening fails then.
+    `connect_timeout`: seconds to wait for the daemon to accept the connection; nothing listening fails then
+    (NoDaemonError). Default: 3 s, or `timeout` when that is shorter.
     `timeout`: seconds a connected daemon has to answer one command (a snapshot of many streams takes a while).
     """
 
@@ -35,11 +36,11 @@ class Admin:
         endpoint: str,
         timeout: float = 30.0,
         context: zmq.Context | None = None,
-        connect_timeout: float = 3.0,
+        connect_timeout: float | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout * 1000)
-        self.connect_timeout_ms = int(connect_timeout * 1000)
+        self.connect_timeout_ms = int((min(timeout, 3.0) if connect_timeout is None else connect_timeout) * 1000)
         self._ctx = context or zmq.Context.instance()
 
     def call(self, cmd: str, **args: Any) -> Any:
@@ -49,6 +50,9 @@ class Admin:
         # Writable only once a connection (with its ZeroMQ handshake) is up, so "nothing listens there" shows
         # after connect_timeout instead of as a command that never gets an answer.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        # The raw connection, seen apart from the handshake: "nothing listens" and "something listens but does
+        # not speak lstmd's control protocol (or wants other CURVE keys)" call for different fixes.
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
         try:
             try:
                 sock.connect(self.endpoint)
@@ -57,9 +61,16 @@ class Admin:
                     f"cannot connect to {self.endpoint!r} ({exc}): an endpoint looks like tcp://127.0.0.1:5556"
                 ) from None
             if not sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
+                waited = f"{self.connect_timeout_ms / 1000:g} s"
+                if monitor.poll(0):
+                    raise NoDaemonError(
+                        f"something at {self.endpoint} accepted the connection, but no lstmd control handshake "
+                        f"followed within {waited}: is it the daemon's control endpoint (serve.control), and, "
+                        "with CURVE security, do the keys match?"
+                    )
                 raise NoDaemonError(
-                    f"no daemon answered at {self.endpoint} within {self.connect_timeout_ms / 1000:g} s: "
-                    "is `lstmd serve` running? (Control commands go to its serve.control endpoint.)"
+                    f"no daemon answered at {self.endpoint} within {waited}: is `lstmd serve` running? "
+                    "(Control commands go to its serve.control endpoint.)"
                 )
             sock.send(protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args)))
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
@@ -70,6 +81,8 @@ class Admin:
                 )
             data = sock.recv()
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
         try:
             reply = protocol.control_reply_decoder.decode(data)

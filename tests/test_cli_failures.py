@@ -163,6 +163,8 @@ def test_mistakes_against_a_running_daemon(make_daemon, tmp_path):
     control = ["--control", daemon.endpoints["control"]]
     wrong = run("status", "--control", daemon.endpoints["events"])
     assert wrong.exit_code == 1 and "not as an lstmd control socket" in wrong.stderr
+    publish = run("status", "--control", daemon.endpoints["publish"], "--timeout", "0.5")
+    assert publish.exit_code == 1 and "accepted the connection, but no lstmd control handshake" in publish.stderr
     missing = run("streams", "show", "nobody", *control)
     assert missing.exit_code == 1 and "no stream 'nobody'" in missing.stderr
     not_a_model = tmp_path / "data.csv"

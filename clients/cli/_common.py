@@ -107,18 +107,24 @@ def call_or_exit(fn, *args, **kwargs) -> Any:
 
 
 def require_listener(endpoint: str, timeout: float, what: str) -> None:
-    """Exit with a clear line unless something accepts a ZeroMQ connection at `endpoint` within `timeout`."""
+    """Exit with a clear line unless something accepts a TCP (or IPC) connection at `endpoint` within `timeout`.
+
+    The probe watches the connection itself (a socket monitor), not the ZeroMQ handshake, so a daemon that
+    requires CURVE keys the probe does not carry still counts as there.
+    """
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once a connection is up
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
     try:
         sock.connect(endpoint)
-        connected = sock.poll(int(timeout * 1000), zmq.POLLOUT)
+        connected = monitor.poll(int(timeout * 1000))
     except zmq.ZMQError as exc:
         raise fail(f"{endpoint} is not a ZeroMQ endpoint ({exc}); e.g. tcp://127.0.0.1:5555") from None
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
     if not connected:
         raise fail(

@@ -280,3 +280,49 @@ def _last_round(last: dict) -> str:
     if last.get("windows"):
         text += f" over {number(last['windows'])} windows"
     return text
+
+
+# ---- streams, model, snapshot -----------------------------------------------------------------------------
+
+
+def stream_row(row: dict) -> dict[str, str]:
+    """One line of `lstmd streams list`: the idle time as a duration; keys a newer daemon adds kept."""
+    names = {"last_seq": "last seq", "idle_s": "idle"}
+    out = {}
+    for key, value in row.items():
+        out[names.get(key, key)] = duration(value) if key == "idle_s" else plain(value)
+    return out
+
+
+def stream_view(info: dict) -> Table:
+    """`lstmd streams show` for people: counters, idle time, and the state's norm per layer (not the vectors)."""
+    rows = []
+    for key, value in info.items():
+        if key in ("stream", "h", "c"):
+            continue
+        if key == "idle_s":
+            rows.append(("idle", duration(value)))
+        elif key in ("h_norm", "c_norm") and isinstance(value, list):
+            per_layer = ", ".join(f"{v:.4g}" + (f" (layer {i})" if len(value) > 1 else "") for i, v in enumerate(value))
+            rows.append((f"|{key[0]}|", per_layer))
+        else:
+            rows.append((key.replace("_", " "), plain(value)))
+    return section(f"stream {info.get('stream')!r}", rows)
+
+
+def model_view(info: dict) -> Table:
+    return section("model", _model_rows(info))
+
+
+def snapshot_view(data: dict) -> Table:
+    rows = [
+        ("file", str(data.get("path", "?"))),
+        ("streams", number(data.get("streams"))),
+        ("size", size(data.get("bytes"))),
+        ("took", duration(data.get("seconds"))),
+        ("model version", number(data.get("model_version"))),
+        ("log segment", f"{number(data.get('wal_segment'))} (the log before it can go)"),
+        ("removed", ", ".join(data.get("removed") or []) or "nothing"),
+    ]
+    known = {"path", "streams", "bytes", "seconds", "model_version", "wal_segment", "removed"}
+    return section("snapshot written", rows + [(k, plain(v)) for k, v in data.items() if k not in known])

@@ -15,11 +15,11 @@ from lstmd.clients.cli._common import (
     admin_or_exit,
     call_or_exit,
     console,
-    emit,
     fail,
     print_json,
     rows_table,
 )
+from lstmd.clients.cli._format import model_view
 
 app = typer.Typer(help="Inspect, export and import the serving model.", no_args_is_help=True)
 
@@ -29,7 +29,11 @@ def info(
     config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
 ) -> None:
     """Show the serving model's sizes, task and version."""
-    emit(call_or_exit(admin_or_exit(config, control, timeout).model_info), json, "model")
+    data = call_or_exit(admin_or_exit(config, control, timeout).model_info)
+    if json:
+        print_json(data)
+    else:
+        console.print(model_view(data))
 
 
 @app.command("export")

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from lstmd.clients.cli._common import ConfigOpt, ControlOpt, JsonOpt, TimeoutOpt, admin_or_exit, call_or_exit, emit
+from lstmd.clients.cli._common import (
+    ConfigOpt,
+    ControlOpt,
+    JsonOpt,
+    TimeoutOpt,
+    admin_or_exit,
+    call_or_exit,
+    console,
+    print_json,
+)
+from lstmd.clients.cli._format import snapshot_view
 
 
 def snapshot(
@@ -10,6 +20,7 @@ def snapshot(
 ) -> None:
     """Write a snapshot of the model and every stream's state now, then truncate the write-ahead log."""
     data = call_or_exit(admin_or_exit(config, control, timeout).snapshot)
-    if not json:
-        data = {**data, "removed": ", ".join(data.get("removed", [])) or "-"}
-    emit(data, json, "lstmd snapshot")
+    if json:
+        print_json(data)
+    else:
+        console.print(snapshot_view(data))

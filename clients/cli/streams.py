@@ -13,10 +13,10 @@ from lstmd.clients.cli._common import (
     admin_or_exit,
     call_or_exit,
     console,
-    emit,
     print_json,
     rows_table,
 )
+from lstmd.clients.cli._format import stream_row, stream_view
 
 app = typer.Typer(help="Inspect and manage per-stream state.", no_args_is_help=True)
 StreamArg = Annotated[str, typer.Argument(help="Stream id (an integer id can be given as digits).")]
@@ -35,7 +35,8 @@ def list_(
     if json:
         print_json(rows)
     else:
-        console.print(rows_table(f"streams (first {limit})", rows))
+        shown = f"the first {limit}" if len(rows) >= limit else "all"
+        console.print(rows_table(f"streams ({shown}; --limit shows more)", [stream_row(r) for r in rows]))
 
 
 @app.command()
@@ -48,9 +49,10 @@ def show(
 ) -> None:
     """Show one stream's counters and hidden state."""
     info = call_or_exit(admin_or_exit(config, control, timeout).stream, stream)
-    if not json:  # the state vectors are for scripts; people get their norms
-        info = {k: v for k, v in info.items() if k not in ("h", "c")}
-    emit(info, json, f"stream {info['stream']!r}")
+    if json:
+        print_json(info)
+    else:  # the state vectors are for scripts; people get their norms
+        console.print(stream_view(info))
 
 
 @app.command()
