@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def run(*args: str):
     """CliRunner, with exceptions caught so that an uncaught one fails the test instead of escaping it."""
-    result = runner.invoke(app, list(args), env={k: "" for k in os.environ if k.startswith("LSTMD_")})
+    result = runner.invoke(app, list(args), env={k: None for k in os.environ if k.startswith("LSTMD_")})
     assert result.exception is None or isinstance(result.exception, SystemExit), (
         f"`lstmd {' '.join(args)}` raised {result.exception!r}"
     )

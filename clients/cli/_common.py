@@ -40,7 +40,8 @@ SetOpt = Annotated[
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one clear line to stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[model]" is text
+    # escape(): a message naming "[model]" must not be read as rich markup (it printed "the  config").
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
