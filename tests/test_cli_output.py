@@ -71,7 +71,7 @@ def test_streams_model_and_snapshot_views(make_daemon):
     info = invoke("model", "info", *control)
     assert "8 inputs -> 1 x LSTM(24) -> 1 outputs" in info
     snap = invoke("snapshot", *control)
-    assert "snapshot written" in snap and "KiB" in snap and re.search(r"streams\s+2\b", snap), snap
+    assert "lstmd snapshot" in snap and "KiB" in snap and re.search(r"streams\s+2\b", snap), snap
 
 
 def test_bench_json_is_a_flag_and_out_writes_a_file(make_daemon, tmp_path):

@@ -325,4 +325,4 @@ def snapshot_view(data: dict) -> Table:
         ("removed", ", ".join(data.get("removed") or []) or "nothing"),
     ]
     known = {"path", "streams", "bytes", "seconds", "model_version", "wal_segment", "removed"}
-    return section("snapshot written", rows + [(k, plain(v)) for k, v in data.items() if k not in known])
+    return section("lstmd snapshot", rows + [(k, plain(v)) for k, v in data.items() if k not in known])

@@ -63,7 +63,8 @@ def exit_now(code: int) -> NoReturn:
     Training imports triton without using it on the CPU (torch's optimizers import torch._dynamo, which probes
     for triton), and at teardown triton's nanobind extension prints ~30 lines of "nanobind: leaked ..." after
     `lstmd stopped`. Nothing of ours is left for the teardown: the loop has stopped, the shutdown snapshot is
-    written, the log closed, the threads joined.
+    written, the log closed, the threads joined. It ends the whole process, so tests run `serve` and `demo` as
+    subprocesses, never through CliRunner.
     """
     logging.shutdown()
     sys.stdout.flush()
