@@ -298,7 +298,7 @@ def stream_view(info: dict) -> Table:
     """`lstmd streams show` for people: counters, idle time, and the state's norm per layer (not the vectors)."""
     rows = []
     for key, value in info.items():
-        if key in ("stream", "h", "c"):
+        if key in ("stream", "h", "c", "last_x"):  # vectors are for scripts (--json)
             continue
         if key == "idle_s":
             rows.append(("idle", duration(value)))
