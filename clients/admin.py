@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 from lstmd.clients import protocol
 
@@ -20,29 +21,78 @@ class DaemonError(RuntimeError):
     """The daemon answered the command with an error; the message is the daemon's."""
 
 
+class NoDaemonError(TimeoutError):
+    """Nothing accepted the connection within connect_timeout: no daemon listens at that endpoint."""
+
+
 class Admin:
-    def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+    """Control calls on the daemon at `endpoint` (its serve.control).
+
+    `connect_timeout`: seconds to wait for the daemon to accept the connection; nothing listening fails then
+    (NoDaemonError). Default: 3 s, or `timeout` when that is shorter.
+    `timeout`: seconds a connected daemon has to answer one command (a snapshot of many streams takes a while).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 30.0,
+        context: zmq.Context | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout * 1000)
+        self.connect_timeout_ms = int((min(timeout, 3.0) if connect_timeout is None else connect_timeout) * 1000)
         self._ctx = context or zmq.Context.instance()
 
     def call(self, cmd: str, **args: Any) -> Any:
         """Run one control command; raise DaemonError with the daemon's message if it fails."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # Writable only once a connection (with its ZeroMQ handshake) is up, so "nothing listens there" shows
+        # after connect_timeout instead of as a command that never gets an answer.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        # The raw connection, seen apart from the handshake: "nothing listens" and "something listens but does
+        # not speak lstmd's control protocol (or wants other CURVE keys)" call for different fixes.
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
         try:
-            sock.connect(self.endpoint)
-            sock.send(
-                protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args))
-            )
-            if not sock.poll(self.timeout_ms, zmq.POLLIN):
-                waited = self.timeout_ms / 1000
-                raise TimeoutError(
-                    f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?"
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                raise ValueError(
+                    f"cannot connect to {self.endpoint!r} ({exc}): an endpoint looks like tcp://127.0.0.1:5556"
+                ) from None
+            if not sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
+                waited = f"{self.connect_timeout_ms / 1000:g} s"
+                if monitor.poll(0):
+                    raise NoDaemonError(
+                        f"something at {self.endpoint} accepted the connection, but no lstmd control handshake "
+                        f"followed within {waited}: is it the daemon's control endpoint (serve.control), and, "
+                        "with CURVE security, do the keys match?"
+                    )
+                raise NoDaemonError(
+                    f"no daemon answered at {self.endpoint} within {waited}: is `lstmd serve` running? "
+                    "(Control commands go to its serve.control endpoint.)"
                 )
-            reply = protocol.control_reply_decoder.decode(sock.recv())
+            sock.send(protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args)))
+            if not sock.poll(self.timeout_ms, zmq.POLLIN):
+                raise TimeoutError(
+                    f"the daemon at {self.endpoint} accepted the connection but did not answer `{cmd}` within "
+                    f"{self.timeout_ms / 1000:g} s: it may be busy (a long snapshot) or stuck; its /healthz "
+                    "(serve.metrics) says whether the serving loop still runs"
+                )
+            data = sock.recv()
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
+        try:
+            reply = protocol.control_reply_decoder.decode(data)
+        except msgspec.MsgspecError:
+            raise DaemonError(
+                f"{self.endpoint} answered, but not as an lstmd control socket: is it another endpoint (events, "
+                "publish)? Control commands go to serve.control"
+            ) from None
         if not reply.ok:
             raise DaemonError(reply.error)
         return reply.result

@@ -123,14 +123,7 @@ class Producer:
                 break
             self._connect()  # lazy-pirate: a fresh socket drops whatever the old one still queued
         else:
-            hint = (
-                ""
-                if seqs is not None
-                else " (not resent: without sequence numbers a resend could apply twice)"
-            )
-            raise TimeoutError(
-                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s{hint}"
-            )
+            raise TimeoutError(self._no_reply(attempts, resendable=seqs is not None))
         reply, preds = protocol.decode_reply(reply_frames)
         if reply.error is not None:
             raise RejectedError(f"message rejected ({reply.error_reason}): {reply.error}")
@@ -150,11 +143,33 @@ class Producer:
         reply_frames = self._await(req)
         if reply_frames is None:
             self._connect()
-            raise TimeoutError(f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s")
+            raise TimeoutError(
+                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g} s: is `lstmd serve` "
+                "running, and is this its events endpoint (serve.events)? The targets may or may not have been "
+                "joined to their events."
+            )
         reply, _ = protocol.decode_reply(reply_frames)
         if reply.error is not None:
             raise RejectedError(f"targets rejected ({reply.error_reason}): {reply.error}")
         return np.frombuffer(reply.status, dtype=np.uint8) == protocol.OK
+
+    def _no_reply(self, attempts: int, resendable: bool) -> str:
+        """What a send that got no reply means for the caller, and what to do about it."""
+        waited = f"within {self.timeout_ms / 1000:g} s" + (f", {attempts} tries" if attempts > 1 else "")
+        where = (
+            f"no reply from lstmd at {self.endpoint} {waited}: is `lstmd serve` running, and is this its events "
+            "endpoint (serve.events)?"
+        )
+        if resendable:
+            return (
+                f"{where} Every try carried the same sequence numbers, so no event was applied twice; send them "
+                "again with the same numbers once the daemon answers."
+            )
+        return (
+            f"{where} If the daemon is slow rather than gone, the events may have been applied. They were not "
+            "sent again: without sequence numbers (seqs=) the daemon could not tell a resend from new events. "
+            "Pass seqs= to make resends safe, or raise the timeout (Producer(endpoint, timeout=...))."
+        )
 
     def _await(self, req: int) -> list | None:
         while self._sock.poll(self.timeout_ms, zmq.POLLIN):

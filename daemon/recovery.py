@@ -167,7 +167,7 @@ class Durability:
         # Pin the restored state in a snapshot: a crash loop then never replays the same log twice, and the
         # log always has a snapshot (holding the model) to start from.
         if summary["records"] or (self.config.wal and loaded is None):
-            self.snapshot("restore")
+            self.snapshot("restore" if summary["records"] else "start")
         self._logged_model = self.daemon.engine.model
         self._logged_paused = self._paused()
         summary["seconds"] = round(time.perf_counter() - started, 3)

@@ -219,12 +219,11 @@ class Daemon:
             self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
         self.metrics.set_ready(True)
         log.info(
-            "lstmd %s serving on %s (device %s, backend %s); control %s",
+            "lstmd %s serving (device %s, backend %s): %s",
             VERSION,
-            self.endpoints["events"],
             self.device,
             self.engine.backend_name,
-            self.endpoints["control"],
+            ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
         )
 
     def request_stop(self) -> None:

@@ -34,7 +34,7 @@ def test_bench_compare_naive_reports_both_servers(tmp_path):
             "0.5",
             "--warmup",
             "0.3",
-            "--json",
+            "--out",
             str(out),
         ],
     )
@@ -73,7 +73,7 @@ def test_bench_open_loop_against_a_running_daemon(make_daemon, tmp_path):
             "0.5",
             "--warmup",
             "0.2",
-            "--json",
+            "--out",
             str(out),
         ],
     )

@@ -32,7 +32,10 @@ def test_admin_commands_through_clirunner(make_daemon, tmp_path):
 
     status = json.loads(invoke("status", *control, "--json").stdout)
     assert status["streams"] == 2 and status["events"]["ok"] == 2
-    assert "lstmd status" in invoke("status", *control).stdout
+    shown = invoke("status", *control).stdout
+    for text in ("streams and events", "ok 2", "up for", "durability", "nothing (a fresh start)", "training"):
+        assert text in shown, (text, shown)
+    assert "{'ok'" not in shown and "uptime_s" not in shown  # no dict reprs, no raw keys
 
     listed = json.loads(invoke("streams", "list", *control, "--json").stdout)
     assert {row["stream"] for row in listed} == {"a", 7}

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
+import signal
 import socket
 import subprocess
 import time
 
 import pytest
 import typer
-from lstmd.clients.cli.top import Scrape, compute_view, histogram_quantile, metrics_url, top
+from lstmd.clients.cli.top import Scrape, compute_view, histogram_quantile, metrics_url, render, top
 from lstmd.daemon.metrics import Metrics
 from prometheus_client import CollectorRegistry
+from rich.console import Console
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -74,7 +77,32 @@ def test_rates_and_quantiles_come_from_the_difference_of_two_scrapes() -> None:
     assert view.window_s == pytest.approx(2.0)
     assert 0.001 < view.latency_p50_s < 0.1
     first_frame = compute_view("x:1", new, None)
-    assert first_frame.events_per_s == 0.0 and first_frame.latency_p50_s < 0.1
+    assert first_frame.events_per_s == 0.0 and math.isnan(first_frame.latency_p50_s)  # no window yet
+    # Nothing happened in the next window: no latency (not the lifetime's), no rate.
+    idle = compute_view("x:1", scrape(104.0, 1400, 1000, 400), new)
+    assert idle.events_per_s == 0.0 and math.isnan(idle.latency_p50_s) and math.isnan(idle.latency_p99_s)
+    assert "- (no events)" in _text(render(idle))
+
+
+def _text(renderable, width: int = 80) -> str:
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_a_frame_fits_80_columns_and_uses_more_when_there() -> None:
+    labels = {"status": "ok"}
+    samples = {("lstmd_events_total", tuple(labels.items())): 10.0}
+    for reason in ("bad_shape", "non_finite", "stream_id_too_long", "wal_write_failed"):
+        samples[("lstmd_rejections_total", (("reason", reason),))] = 12345.0
+    samples[("lstmd_build_info", (("backend", "cpu-fused-avx512"), ("device", "cpu"), ("version", "0.1.0")))] = 1
+    old, new = Scrape(0.0, samples), Scrape(2.0, dict(samples))
+    view = compute_view("127.0.0.1:9108", new, old)
+    narrow = _text(render(view, 80), width=200)  # laid out for 80 columns, printed where nothing would wrap it
+    assert max(len(line.rstrip()) for line in narrow.splitlines()) <= 80, narrow
+    assert "rates over the last 2.0 s" in narrow and "cpu-fused-avx512 on cpu" in narrow
+    wide = _text(render(view, 120), width=120)
+    assert len(wide.splitlines()) < len(narrow.splitlines())  # sections side by side
 
 
 def test_a_restarted_daemon_does_not_show_negative_rates() -> None:
@@ -103,13 +131,26 @@ def test_once_prints_one_frame(served) -> None:
         assert text in result.output, (text, result.output)
 
 
-def test_once_json_reports_the_numbers(served) -> None:
+def test_once_json_reports_the_numbers(served, monkeypatch) -> None:
+    from lstmd.clients.cli import top as top_module
+
     metrics, address = served
-    for _ in range(20):
-        metrics.event_latency.observe(0.002)
-        metrics.batch_size.observe(8)
+    metrics.event_latency.observe(5.0)  # before the window: not in its quantiles
+    real_scrape, scrapes = top_module.scrape, []
+
+    def scrape_then_traffic(*args, **kwargs):
+        result = real_scrape(*args, **kwargs)
+        if not scrapes:  # right after the window's first scrape: these are inside it
+            for _ in range(20):
+                metrics.event_latency.observe(0.002)
+                metrics.batch_size.observe(8)
+        scrapes.append(result)
+        return result
+
+    monkeypatch.setattr(top_module, "scrape", scrape_then_traffic)
     result = runner.invoke(top_app(), ["top", "--metrics", address, "--once", "--json", "--interval", "0.05"])
     assert result.exit_code == 0, result.output
+    assert "NaN" not in result.output  # valid JSON: nothing observed is null
     view = json.loads(result.output)
     assert view["version"] == "9.9.9" and view["device"] == "cpu" and view["ready"] is True
     assert view["active_streams"] == 250 and view["capacity"] == 1000 and view["queue_depth"] == 3
@@ -153,3 +194,28 @@ def test_installed_entry_point_runs_top_once(served) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "lstmd top" in result.stdout and "9.9.9" in result.stdout
+
+
+def test_piped_top_prints_frame_after_frame(served) -> None:
+    """Not a terminal: no in-place redraw (which printed nothing), one frame per interval; Ctrl-C ends it."""
+    _, address = served
+    proc = subprocess.Popen(
+        [shutil.which("lstmd") or "lstmd", "top", "--metrics", address, "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen, deadline = [], time.monotonic() + 60
+        while len([line for line in seen if line.startswith("lstmd top")]) < 3:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, seen
+            seen.append(line)
+        assert any("rates over the last" in line for line in seen)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

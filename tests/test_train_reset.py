@@ -73,7 +73,7 @@ def test_the_trainer_restarts_from_the_serving_weights_after_n_failed_rounds(mak
     shown = json.loads(CliRunner().invoke(app, ["train", "status", *control, "--json"]).stdout)
     assert shown["consecutive_rejections"] == 1 and shown["resets"] == 1
     table = CliRunner().invoke(app, ["train", "status", *control]).stdout
-    assert "consecutive_rejections" in table and "resets" in table
+    assert "rejected in a row" in table and "1 (a restart at 3); 1 restarts" in table, table
     # The counters survive a snapshot of the trainer.
     saved = daemon.trainer.snapshot_tensors()
     assert int(saved["trainer.resets"]) == 1 and int(saved["trainer.consecutive_rejections"]) == 1

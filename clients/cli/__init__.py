@@ -18,6 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: typer's rich panels label every flag (even --help) with a `<bool>` value it never takes.
+    rich_markup_mode=None,
 )
 
 

@@ -23,6 +23,15 @@ ControlOpt = Annotated[
     typer.Option("--control", help="The daemon's control endpoint, e.g. tcp://127.0.0.1:5556.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        min=0.1,
+        help="How long to wait for the daemon to answer the connection; a command it accepted has at least 30 s.",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: section.key=value (repeatable).", show_default=False),
@@ -46,52 +55,87 @@ def load_config_or_exit(config: Path | None, overrides: list[str] | None = None)
 
 
 def resolve_endpoint(config: Path | None, control: str | None, key: str = "control") -> str:
-    """The daemon endpoint from --control, else from the config file (or defaults and LSTMD_* variables).
+    """The daemon endpoint from --control, else the state directory's endpoints.json, else the config."""
+    return locate(config, control, key)[0]
 
-    A config that binds an ephemeral port (`tcp://127.0.0.1:*`) is resolved through the endpoints.json the
-    daemon writes into its state directory.
+
+def locate(config: Path | None, control: str | None, key: str = "control") -> tuple[str, str]:
+    """(endpoint, where it came from): --control; else endpoints.json in the config's state.dir (the daemon
+    writes what it actually bound there, ephemeral ports and --set overrides included); else serve.<key> of
+    --config (or the defaults and LSTMD_* variables). An ephemeral port (`:*`, `:0`) needs the endpoints file.
     """
     if control and key == "control":
-        return control
+        return control, "--control"
     cfg = load_config_or_exit(config)
+    path = Path(cfg.state.dir) / "endpoints.json"
+    try:
+        return json.loads(path.read_text())[key], str(path)
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
     endpoint = getattr(cfg.serve, key)
     if endpoint.endswith(":*") or endpoint.endswith(":0"):
-        path = Path(cfg.state.dir) / "endpoints.json"
-        try:
-            endpoint = json.loads(path.read_text())[key]
-        except (OSError, KeyError, ValueError):
-            raise fail(
-                f"serve.{key} uses an ephemeral port and {path} does not name it: is the daemon running?"
-            ) from None
-    return endpoint
+        raise fail(f"serve.{key} uses an ephemeral port and {path} does not name it: is the daemon running?")
+    return endpoint, f"serve.{key} in {config}" if config else f"the default serve.{key}, as no --config was given"
 
 
-def admin_or_exit(config: Path | None, control: str | None):
+_NOT_FOUND_HINT = (
+    "Start one with `lstmd serve --config FILE`, or name the running one with --config FILE (the file it was "
+    "started with) or --control ENDPOINT; --timeout SECONDS waits longer."
+)
+
+
+def admin_or_exit(config: Path | None, control: str | None, timeout: float = 3.0):
+    """An Admin for the daemon; it remembers where its endpoint came from, for the failure message."""
     from lstmd.clients.admin import Admin
 
-    return Admin(resolve_endpoint(config, control))
+    endpoint, source = locate(config, control)
+    admin = Admin(endpoint, timeout=max(timeout, 30.0), connect_timeout=timeout)
+    admin.endpoint_source = source
+    return admin
 
 
 def call_or_exit(fn, *args, **kwargs) -> Any:
     """Run an Admin call; turn a daemon error or a timeout into one line and exit code 1."""
-    from lstmd.clients.admin import DaemonError
+    from lstmd.clients.admin import DaemonError, NoDaemonError
 
     try:
         return fn(*args, **kwargs)
-    except (DaemonError, TimeoutError) as exc:
+    except NoDaemonError as exc:
+        source = getattr(getattr(fn, "__self__", None), "endpoint_source", None)
+        raise fail(f"{exc} The endpoint came from {source}. {_NOT_FOUND_HINT}" if source else str(exc)) from None
+    except (DaemonError, TimeoutError, ValueError) as exc:  # ValueError: an endpoint that is not one
         raise fail(str(exc)) from None
+
+
+def require_listener(endpoint: str, timeout: float, what: str) -> None:
+    """Exit with a clear line unless something accepts a TCP (or IPC) connection at `endpoint` within `timeout`.
+
+    The probe watches the connection itself (a socket monitor), not the ZeroMQ handshake, so a daemon that
+    requires CURVE keys the probe does not carry still counts as there.
+    """
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(endpoint)
+        connected = monitor.poll(int(timeout * 1000))
+    except zmq.ZMQError as exc:
+        raise fail(f"{endpoint} is not a ZeroMQ endpoint ({exc}); e.g. tcp://127.0.0.1:5555") from None
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+    if not connected:
+        raise fail(
+            f"no daemon answered at {endpoint} ({what}) within {timeout:g} s: is `lstmd serve` running? "
+            + _NOT_FOUND_HINT
+        )
 
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
-
-
-def emit(data: dict, as_json: bool, title: str) -> None:
-    """A read command's result: JSON for scripts (--json), else a key/value table for people."""
-    if as_json:
-        print_json(data)
-    else:
-        console.print(key_value_table(title, data))
 
 
 def key_value_table(title: str, data: dict) -> Table:

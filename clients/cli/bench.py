@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
+from json import dumps
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from lstmd.clients.cli._common import ControlOpt, SetOpt, console, err_console, fail
+from lstmd.clients.cli._common import (
+    ControlOpt,
+    JsonOpt,
+    SetOpt,
+    call_or_exit,
+    console,
+    err_console,
+    fail,
+    print_json,
+)
 from rich.table import Table
 
 
@@ -44,9 +53,10 @@ def bench(
     ] = None,
     control: ControlOpt = None,
     set_: SetOpt = None,
-    json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the numbers as JSON to FILE ('-': stdout).")
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="FILE", help="Also write the numbers as JSON to FILE.")
     ] = None,
+    json: JsonOpt = False,
 ) -> None:
     """Measure end-to-end events/s and latency; --compare naive runs the per-event baseline too."""
     from lstmd.clients import bench as b
@@ -66,8 +76,10 @@ def bench(
         if value <= 0:
             raise typer.BadParameter("must be positive", param_hint=name)
     if events and control:
-        model = b.daemon_status(control)["model"]
+        model = call_or_exit(b.daemon_status, control)["model"]
         input_size, hidden, layers = model["input_size"], model["hidden_size"], model["num_layers"]
+    if out is not None and not out.parent.is_dir():
+        raise fail(f"--out {out}: the folder {out.parent} does not exist")
     workload = b.Workload(
         streams=streams,
         input_size=input_size,
@@ -104,13 +116,14 @@ def bench(
     except (RuntimeError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     summary = b.summarize(results)
-    if json_file is not None:
-        text = json.dumps(summary, indent=2)
-        if str(json_file) == "-":
-            typer.echo(text)
-        else:
-            json_file.write_text(text + "\n")
-    (err_console if str(json_file) == "-" else console).print(_table(summary))  # keep stdout pure JSON
+    if out is not None:
+        try:
+            out.write_text(dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
+    if json:
+        print_json(summary)
+    (err_console if json else console).print(_table(summary))  # with --json, stdout is the JSON only
     if any(r.errors for r in results):
         raise fail("some events were rejected or answered wrongly (see the errors column)")
 

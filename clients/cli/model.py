@@ -13,22 +13,29 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     ControlOpt,
     JsonOpt,
+    TimeoutOpt,
     admin_or_exit,
     call_or_exit,
     console,
-    emit,
     fail,
     print_json,
     rows_table,
 )
+from lstmd.clients.cli._format import model_view
 
 app = typer.Typer(help="Inspect, export and import the serving model.", no_args_is_help=True)
 
 
 @app.command()
-def info(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def info(
+    config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
+) -> None:
     """Show the serving model's sizes, task and version."""
-    emit(call_or_exit(admin_or_exit(config, control).model_info), json, "model")
+    data = call_or_exit(admin_or_exit(config, control, timeout).model_info)
+    if json:
+        print_json(data)
+    else:
+        console.print(model_view(data))
 
 
 class ExportFormat(StrEnum):
@@ -44,14 +51,20 @@ def export(
     ] = ExportFormat.safetensors,
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Write the serving model to a safetensors file, or an ONNX graph with the LSTM state as inputs/outputs."""
-    admin = admin_or_exit(config, control)
-    if format is ExportFormat.safetensors:
-        result = call_or_exit(admin.export_model, path)
-    else:
-        result = call_or_exit(admin.call, "export_model")
-        _write_onnx(base64.b64decode(result["safetensors_b64"]), path)
+    if not path.parent.is_dir():
+        raise fail(f"cannot write {path}: the folder {path.parent} does not exist")
+    admin = admin_or_exit(config, control, timeout)
+    try:
+        if format is ExportFormat.safetensors:
+            result = call_or_exit(admin.export_model, path)
+        else:
+            result = call_or_exit(admin.call, "export_model")
+            _write_onnx(base64.b64decode(result["safetensors_b64"]), path)
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc.strerror or exc}") from None
     console.print(f"exported model version {result['version']} to {path} ({format.value})")
 
 
@@ -60,6 +73,7 @@ def import_(
     path: Annotated[Path, typer.Argument(help="A safetensors model file, or a Keras .keras / .h5 model.")],
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Serve a model file from the next batch on (Keras files are converted by the daemon, or refused)."""
     if not path.is_file():
@@ -71,7 +85,7 @@ def import_(
             model_file_metadata(path)  # the header alone: a CSV or a torch .pt is named as such, not sent
         except ConfigError as exc:
             raise fail(str(exc)) from None
-    result = call_or_exit(admin_or_exit(config, control).import_model, path)
+    result = call_or_exit(admin_or_exit(config, control, timeout).import_model, path)
     console.print(f"serving {path} as model version {result['version']}")
 
 
@@ -91,10 +105,13 @@ def convert(
         model = convert_keras(data)
     except KerasImportError as exc:
         raise fail(f"cannot convert {source}: {exc}") from None
-    if target.suffix == ".onnx":
-        _write_onnx(model.to_bytes(), target)
-    else:
-        target.write_bytes(model.to_bytes())
+    try:
+        if target.suffix == ".onnx":
+            _write_onnx(model.to_bytes(), target)
+        else:
+            target.write_bytes(model.to_bytes())
+    except OSError as exc:
+        raise fail(f"cannot write {target}: {exc.strerror or exc}") from None
     s = model.spec
     console.print(
         f"wrote {target}: {s.num_layers} LSTM layer(s) of {s.hidden_size}, input_size {s.input_size}, "
@@ -113,9 +130,11 @@ def _write_onnx(safetensors_bytes: bytes, path: Path) -> None:
 
 
 @app.command()
-def versions(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def versions(
+    config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
+) -> None:
     """List the kept model versions, newest first."""
-    data = call_or_exit(admin_or_exit(config, control).model_versions)
+    data = call_or_exit(admin_or_exit(config, control, timeout).model_versions)
     if json:
         print_json(data)
         return
@@ -139,7 +158,8 @@ def rollback(
     ] = None,
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
 ) -> None:
     """Serve an earlier version's weights again, exactly, as a new version number."""
-    result = call_or_exit(admin_or_exit(config, control).rollback, version)
+    result = call_or_exit(admin_or_exit(config, control, timeout).rollback, version)
     console.print(f"serving the weights of version {result['weights_of']} as version {result['version']}")

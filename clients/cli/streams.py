@@ -10,14 +10,15 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     ControlOpt,
     JsonOpt,
+    TimeoutOpt,
     admin_or_exit,
     call_or_exit,
     console,
-    emit,
     fail,
     print_json,
     rows_table,
 )
+from lstmd.clients.cli._format import stream_row, stream_view
 
 app = typer.Typer(help="Inspect and manage per-stream state.", no_args_is_help=True)
 StreamArg = Annotated[str, typer.Argument(help="Stream id (an integer id can be given as digits).")]
@@ -27,15 +28,17 @@ StreamArg = Annotated[str, typer.Argument(help="Stream id (an integer id can be 
 def list_(
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
     json: JsonOpt = False,
     limit: Annotated[int, typer.Option(help="Show at most this many streams.")] = 100,
 ) -> None:
     """List streams holding state."""
-    rows = call_or_exit(admin_or_exit(config, control).streams, limit)
+    rows = call_or_exit(admin_or_exit(config, control, timeout).streams, limit)
     if json:
         print_json(rows)
     else:
-        console.print(rows_table(f"streams (first {limit})", rows))
+        shown = f"the first {limit}" if len(rows) >= limit else "all"
+        console.print(rows_table(f"streams ({shown}; --limit shows more)", [stream_row(r) for r in rows]))
 
 
 @app.command()
@@ -43,6 +46,7 @@ def show(
     stream: StreamArg,
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
     json: JsonOpt = False,
     state_out: Annotated[
         Path | None,
@@ -51,26 +55,27 @@ def show(
     ] = None,
 ) -> None:
     """Show one stream's counters and hidden state."""
-    admin = admin_or_exit(config, control)
+    admin = admin_or_exit(config, control, timeout)
     info = call_or_exit(admin.stream, stream)
     if state_out is not None:
         _write_state(info, state_out, admin)
-    if not json:  # the state vectors are for scripts; people get their norms
-        info = {k: v for k, v in info.items() if k not in ("h", "c", "last_x")}
-    emit(info, json, f"stream {info['stream']!r}")
+    if json:
+        print_json(info)
+    else:  # the state vectors are for scripts; people get their norms
+        console.print(stream_view(info))
 
 
 @app.command()
-def reset(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def reset(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Zero one stream's state; its next event starts fresh and is flagged state_reset."""
-    call_or_exit(admin_or_exit(config, control).reset, stream)
+    call_or_exit(admin_or_exit(config, control, timeout).reset, stream)
     console.print(f"stream {stream!r} reset")
 
 
 @app.command()
-def drop(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def drop(stream: StreamArg, config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Forget one stream and free its slot."""
-    call_or_exit(admin_or_exit(config, control).drop, stream)
+    call_or_exit(admin_or_exit(config, control, timeout).drop, stream)
     console.print(f"stream {stream!r} dropped")
 
 

@@ -8,17 +8,28 @@ Rates and latency quantiles come from the difference between two scrapes, the wa
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from lstmd.clients.cli._common import ConfigOpt, JsonOpt, console, fail, print_json, resolve_endpoint
+from lstmd.clients.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    TimeoutOpt,
+    console,
+    fail,
+    print_json,
+    resolve_endpoint,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -140,13 +151,16 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
 
 
 def _delta_buckets(new: Scrape, old: Scrape | None, histogram: str) -> list[tuple[float, float]]:
-    now = new.buckets(histogram)
+    """The histogram's observations inside the window; empty without a window (the first frame) or when nothing
+    was observed in it, so an idle daemon shows no latency rather than its lifetime's."""
     if old is None:
-        return now
+        return []
+    now = new.buckets(histogram)
     before = dict(old.buckets(histogram))
     delta = [(bound, count - before.get(bound, 0.0)) for bound, count in now]
-    # Nothing observed in the window (or the daemon restarted): fall back to everything since start.
-    return delta if delta and delta[-1][1] > 0 else now
+    if any(count < 0 for _, count in delta):
+        return now  # the daemon restarted inside the window: everything since its start is inside the window
+    return delta
 
 
 def _rate(new: Scrape, old: Scrape | None, name: str, **labels: str) -> float:
@@ -181,8 +195,6 @@ def compute_view(address: str, new: Scrape, old: Scrape | None) -> View:
     count_rate = _rate(new, old, "lstmd_batch_size_events_count")
     if count_rate > 0:
         view.batch_mean = _rate(new, old, "lstmd_batch_size_events_sum") / count_rate
-    elif new.value("lstmd_batch_size_events_count"):
-        view.batch_mean = new.value("lstmd_batch_size_events_sum") / new.value("lstmd_batch_size_events_count")
     view.step_p99_s = histogram_quantile(0.99, _delta_buckets(new, old, "lstmd_step_duration_seconds"))
     view.queue_depth = new.value("lstmd_input_queue_depth_messages") or 0.0
     view.active_streams = new.value("lstmd_active_streams") or 0.0
@@ -252,26 +264,38 @@ def _section(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def render(view: View) -> Group:
-    """The rich renderable for one frame."""
+def render(view: View, width: int = 80) -> Group:
+    """The rich renderable for one frame: sections side by side from 100 columns, else one under the other, so
+    an 80-column terminal (or a pipe) gets lines that fit."""
     ready = Text("ready", style="bold green") if view.ready else Text("not ready", style="bold red")
-    header = Text.assemble(
-        ("lstmd top ", "bold"),
-        f"{view.address}  v{view.version}  {view.backend} on {view.device}  ",
-        ready,
-        f"  (rates over {view.window_s:.1f} s)" if view.window_s else "  (totals; rates from the next frame)",
+    header = Text.assemble(("lstmd top  ", "bold"), f"{view.address}  ", ready)
+    windowed = view.window_s > 0
+    subheader = Text(
+        f"v{view.version}, {view.backend} on {view.device}; "
+        + (f"rates over the last {view.window_s:.1f} s" if windowed else "rates from the next frame on"),
+        style="dim",
     )
     fill = f" ({view.active_streams / view.capacity:.0%})" if view.capacity else ""
     changed = f"(changed {_seconds(view.model_age_s)} ago)" if view.model_age_s is not None else ""
+    if not windowed:
+        rate = latency = batch = step = rejections_per_s = "-"
+    else:
+        by_status = _pairs(view.events_per_s_by_status, skip_zero=True)
+        rate = f"{_num(view.events_per_s, 0)}" + (f"  ({by_status})" if view.events_per_s else "")
+        idle = math.isnan(view.latency_p50_s)
+        latency = "- (no events)" if idle else f"p50 {_seconds(view.latency_p50_s)}  p99 {_seconds(view.latency_p99_s)}"
+        batch = "-" if math.isnan(view.batch_mean) else f"mean {_num(view.batch_mean)}  p99 {_num(view.batch_p99, 0)}"
+        step = _seconds(view.step_p99_s)
+        rejections_per_s = _num(view.rejections_per_s, 2)
     serving = _section(
         "Serving",
         [
-            ("events/s", f"{_num(view.events_per_s, 0)}  ({_pairs(view.events_per_s_by_status, skip_zero=True)})"),
-            ("latency", f"p50 {_seconds(view.latency_p50_s)}  p99 {_seconds(view.latency_p99_s)}"),
-            ("batch size", f"mean {_num(view.batch_mean)}  p99 {_num(view.batch_p99, 0)}"),
-            ("step p99", _seconds(view.step_p99_s)),
+            ("events/s", rate),
+            ("latency", latency),
+            ("batch size", batch),
+            ("step p99", step),
             ("queue depth", _num(view.queue_depth, 0)),
-            ("rejections/s", _num(view.rejections_per_s, 2)),
+            ("rejections/s", rejections_per_s),
         ],
     )
     streams = _section(
@@ -281,7 +305,7 @@ def render(view: View) -> Group:
             ("evictions", _pairs(view.evictions, skip_zero=True)),
             (
                 "device memory",
-                "  ".join(f"{k} {_bytes(v)}" for k, v in sorted(view.device_memory_bytes.items())),
+                "  ".join(f"{k} {_bytes(v)}" for k, v in sorted(view.device_memory_bytes.items())) or "-",
             ),
         ],
     )
@@ -305,15 +329,18 @@ def render(view: View) -> Group:
                 "snapshot age",
                 _seconds(view.snapshot_age_s) if view.snapshot_age_s is not None else "none yet",
             ),
-            ("WAL", f"{_bytes(view.wal_bytes_per_s)}/s"),
+            ("WAL", f"{_bytes(view.wal_bytes_per_s)}/s" if windowed else "-"),
         ],
     )
     by_count = sorted(view.rejections.items(), key=lambda item: -item[1])
     rejections = _section("Rejections by reason (total)", [(r, _num(n, 0)) for r, n in by_count])
-    grid = Table.grid(padding=(1, 2))
-    grid.add_row(serving, streams)
-    grid.add_row(training, durability)
-    parts = [header, grid]
+    if width >= 100:
+        grid = Table.grid(padding=(1, 2))
+        grid.add_row(serving, streams)
+        grid.add_row(training, durability)
+        parts = [header, subheader, grid]
+    else:
+        parts = [header, subheader, serving, streams, training, durability]
     if view.rejections:
         parts.append(rejections)
     return Group(*parts)
@@ -324,41 +351,65 @@ def top(
     config: ConfigOpt = None,
     interval: Annotated[float, typer.Option("--interval", "-n", help="Seconds between refreshes.", min=0.05)] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="Print one frame (rates over --interval) and exit.")] = False,
+    timeout: TimeoutOpt = 3.0,
     json: JsonOpt = False,
 ) -> None:
-    """Watch the daemon's throughput, latency, streams, training and snapshots live in the terminal."""
+    """Watch the daemon's throughput, latency, streams, training and snapshots live in the terminal.
+
+    Piped (not a terminal), it prints one frame per --interval, one after another.
+    """
     address = metrics or _configured_address(config)
     url = metrics_url(address)
     if json and not once:
         raise typer.BadParameter("--json prints one frame: use it with --once", param_hint="--json")
     if once:
         try:
-            first = scrape(url)
+            first = scrape(url, timeout)
             time.sleep(interval)
-            view = compute_view(address, scrape(url), first)
-        except (OSError, ValueError) as exc:
+            view = compute_view(address, scrape(url, timeout), first)
+        except (OSError, ValueError, HTTPException) as exc:  # HTTPException: not a port, not HTTP
             message = f"cannot read {url}: {_reason(exc)}. Is the daemon running? Pass --metrics host:port."
             raise fail(message) from None
-        if json:
-            print_json(asdict(view))
+        if json:  # no NaN in JSON: a number that has no value (nothing observed in the window) is null
+            print_json(_no_nan(asdict(view)))
         else:
-            console.print(render(view))
+            console.print(render(view, console.width))
         return
     previous: Scrape | None = None
-    with Live(console=console, auto_refresh=False, screen=False) as live:
+
+    def frame() -> RenderableType:
+        nonlocal previous
         try:
+            current = scrape(url, timeout)
+        except (OSError, ValueError, HTTPException) as exc:  # HTTPException: not a port, not HTTP
+            previous = None
+            return Text(f"cannot read {url}: {_reason(exc)} (retrying every {interval:g} s; Ctrl-C quits)", "bold red")
+        view, previous = compute_view(address, current, previous), current
+        return render(view, console.width)
+
+    try:
+        if not console.is_terminal:  # a pipe or a file: frames one after another, nothing redrawn in place
             while True:
                 try:
-                    current = scrape(url)
-                    live.update(render(compute_view(address, current, previous)), refresh=True)
-                    previous = current
-                except (OSError, ValueError) as exc:
-                    message = f"cannot read {url}: {_reason(exc)} (retrying every {interval:g} s; Ctrl-C quits)"
-                    live.update(Text(message, style="bold red"), refresh=True)
-                    previous = None
+                    console.print(frame())
+                    console.print()
+                    console.file.flush()
+                except BrokenPipeError:  # `lstmd top | head`: the reader has had enough
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+                    return
                 time.sleep(interval)
-        except KeyboardInterrupt:
-            pass
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                live.update(frame(), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _no_nan(value):
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _configured_address(config: Path | None) -> str:

@@ -9,37 +9,29 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     ControlOpt,
     JsonOpt,
+    TimeoutOpt,
     admin_or_exit,
     call_or_exit,
     console,
-    key_value_table,
     print_json,
 )
+from lstmd.clients.cli._format import training_view
 
 app = typer.Typer(help="Watch and steer online training.", no_args_is_help=True)
 
 
-def _flat(data: dict) -> dict:
-    """One level of nesting spelled out (`last_round.outcome`), so the table stays readable."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "outcomes":
-            out |= {f"{key}.{k}": v for k, v in value.items()}
-        else:
-            out[key] = "-" if value is None else value
-    return out
-
-
 @app.command()
-def status(config: ConfigOpt = None, control: ControlOpt = None, json: JsonOpt = False) -> None:
+def status(
+    config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0, json: JsonOpt = False
+) -> None:
     """Show whether training runs, its rounds and outcomes, the last round's losses and the recorder."""
-    data = call_or_exit(admin_or_exit(config, control).train_status)
+    data = call_or_exit(admin_or_exit(config, control, timeout).train_status)
     if json:
         print_json(data)
     elif not data.get("enabled"):
         console.print("training is disabled (start the daemon with --set train.enabled=true)")
     else:
-        console.print(key_value_table("training", _flat(data)))
+        console.print(training_view(data))
 
 
 @app.command()
@@ -47,10 +39,11 @@ def now(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the round's outcome; 0: do not wait.")] = 60.0,
     config: ConfigOpt = None,
     control: ControlOpt = None,
+    timeout: TimeoutOpt = 3.0,
     json: JsonOpt = False,
 ) -> None:
     """Run a training round now (even while paused) and show its outcome."""
-    data = call_or_exit(admin_or_exit(config, control).train_now, wait)
+    data = call_or_exit(admin_or_exit(config, control, timeout).train_now, wait)
     if json:
         print_json(data)
     elif wait <= 0:
@@ -65,14 +58,14 @@ def now(
 
 
 @app.command()
-def pause(config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def pause(config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Stop starting training rounds; the serving weights stay as they are until resume (or train now)."""
-    call_or_exit(admin_or_exit(config, control).train_pause)
+    call_or_exit(admin_or_exit(config, control, timeout).train_pause)
     console.print("training paused")
 
 
 @app.command()
-def resume(config: ConfigOpt = None, control: ControlOpt = None) -> None:
+def resume(config: ConfigOpt = None, control: ControlOpt = None, timeout: TimeoutOpt = 3.0) -> None:
     """Start training rounds again."""
-    call_or_exit(admin_or_exit(config, control).train_resume)
+    call_or_exit(admin_or_exit(config, control, timeout).train_resume)
     console.print("training resumed")
