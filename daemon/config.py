@@ -50,6 +50,14 @@ class ServeConfig(_Section):
     max_message_bytes: int = 64 * 1024 * 1024  # enforced by ZeroMQ (ZMQ_MAXMSGSIZE) per frame
     max_new_streams_per_message: int = 65536  # admission control against id floods
     max_stream_id_length: int = 256  # characters of a string stream id
+    # Memory under abuse, in bytes (docs/operations.md, "Memory bound"). Events requests read and not yet taken
+    # by the serving loop, all peers / one peer (beyond: whole-message rejection `overloaded`); the per-peer
+    # value also sizes libzmq's receive and reply queues of each connection.
+    max_inflight_bytes: int = 256 * 2**20
+    max_peer_inflight_bytes: int = 64 * 2**20
+    # Predictions waiting for the publisher (beyond: the batch is not published, counted), and the bytes libzmq
+    # queues per subscriber (beyond: dropped for that subscriber).
+    publish_queue_bytes: int = 64 * 2**20
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
     cpu_threads: int = 1
@@ -181,6 +189,10 @@ def validate(config: Config) -> None:
         "serve.max_message_events": s.max_message_events,
         "state.capacity": st.capacity,
         "serve.max_stream_id_length": s.max_stream_id_length,
+        "serve.max_message_bytes": s.max_message_bytes,
+        "serve.max_inflight_bytes": s.max_inflight_bytes,
+        "serve.max_peer_inflight_bytes": s.max_peer_inflight_bytes,
+        "serve.publish_queue_bytes": s.publish_queue_bytes,
     }
     d = config.durability
     positive["durability.fsync_interval_ms"] = d.fsync_interval_ms
@@ -189,6 +201,11 @@ def validate(config: Config) -> None:
         {"serve.max_wait_ms": s.max_wait_ms, "state.idle_ttl_s": st.idle_ttl_s, "serve.step_threads": s.step_threads},
         strictly=False,
     )
+    if s.max_peer_inflight_bytes > s.max_inflight_bytes:
+        raise ConfigError(
+            f"serve.max_peer_inflight_bytes ({s.max_peer_inflight_bytes}) must not exceed serve.max_inflight_bytes "
+            f"({s.max_inflight_bytes}): one peer's budget is part of the total"
+        )
     if d.snapshot_interval_s < 0:
         raise ConfigError(
             f"durability.snapshot_interval_s must be >= 0 (0: no periodic snapshot), got {d.snapshot_interval_s}"
