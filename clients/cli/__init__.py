@@ -7,7 +7,7 @@ Modules import torch only inside the commands that need it (serve, demo), so adm
 from __future__ import annotations
 
 import typer
-from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train
+from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train, watch
 
 app = typer.Typer(
     name="lstmd",
@@ -22,6 +22,7 @@ app.command()(status.status)
 app.command()(replay.replay)
 app.command()(bench.bench)
 app.command()(top.top)
+app.command()(watch.watch)
 app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
