@@ -355,3 +355,22 @@ def test_an_io_thread_that_keeps_failing_turns_healthz_and_readyz_503_with_the_r
         assert code == 503, body
         assert "io: the I/O thread stopped after 5 failures" in body and "RecursionError" in body
         assert "publisher: the publisher is down" in body
+
+
+# ---- the budgets' configuration -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("serve.max_inflight_bytes=0", "serve.max_inflight_bytes must be positive"),
+        ("serve.max_peer_inflight_bytes=-1", "serve.max_peer_inflight_bytes must be positive"),
+        ("serve.publish_queue_bytes=0", "serve.publish_queue_bytes must be positive"),
+        ("serve.max_message_bytes=-1", "serve.max_message_bytes must be positive"),
+        ("serve.max_peer_inflight_bytes=1000000000000", "must not exceed serve.max_inflight_bytes"),
+    ],
+)
+def test_budget_settings_out_of_range_are_refused(setting: str, message: str) -> None:
+    from lstmd.daemon.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[setting], environ={})
