@@ -197,7 +197,7 @@ class EventsSocket:
         # closes the connection of a peer that announces a bigger frame without reading it (the IO thread's
         # monitor counts the disconnect: libzmq gives no reason).
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._pending: collections.deque = collections.deque()  # decoded requests waiting for the loop
+        self._pending: collections.deque = collections.deque()  # (decoded request, its peer's routing id), in order
         self.pending_bytes = 0
         self._peer_bytes: dict[bytes, int] = {}  # routing id -> bytes of its requests in _pending
         self._gone: collections.OrderedDict[bytes, None] = collections.OrderedDict()
@@ -222,12 +222,13 @@ class EventsSocket:
     def take(self) -> EventsMessage | TargetsMessage | None:
         """The next request for the loop, oldest first, or None when none is waiting.
 
-        Moves what the socket holds into the pending queue first, so libzmq's queues stay short and what the
-        daemon holds is counted in bytes; requests of a peer known to be gone are skipped, not computed."""
-        self._fill()
+        Once the pending queue is empty, moves what the socket holds into it (an empty socket costs an exception
+        in pyzmq: not once per request), so libzmq's queues stay short and what the daemon holds is counted in
+        bytes; requests of a peer known to be gone are skipped, not computed."""
+        if not self._pending:
+            self._fill()
         while self._pending:
-            message = self._pending.popleft()
-            peer = message.envelope[0].bytes
+            message, peer = self._pending.popleft()
             self.pending_bytes -= message.nbytes
             left = self._peer_bytes[peer] - message.nbytes
             if left:
@@ -271,7 +272,7 @@ class EventsSocket:
                 )
                 self.send([*message.envelope, protocol.encode(reply)])
                 continue
-            self._pending.append(message)
+            self._pending.append((message, peer))
             self.pending_bytes += message.nbytes
             self._peer_bytes[peer] = peer_bytes + message.nbytes
 

@@ -76,8 +76,9 @@ def test_requests_beyond_the_per_peer_and_total_budgets_are_answered_overloaded(
     ctx, make, rejected, _ = bare
     sock = make(total=3, peer=2)
     a, b = _dealer(ctx, sock.endpoint), _dealer(ctx, sock.endpoint)
-    for req in range(3):
+    for req in range(3):  # a first, all read, then b: the order decides which budget each refusal hits
         a.send_multipart(_events(req))
+    _fill_until(sock, rejected, 3)
     for req in range(2):
         b.send_multipart(_events(10 + req))
     _fill_until(sock, rejected, 5)
