@@ -197,9 +197,12 @@ class EventsSocket:
         # closes the connection of a peer that announces a bigger frame without reading it (the IO thread's
         # monitor counts the disconnect: libzmq gives no reason).
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._pending: collections.deque = collections.deque()  # (decoded request, its peer's routing id), in order
+        # Decoded requests waiting for the loop, one queue per peer (routing id), oldest first; the dict's order is
+        # the peers' turn order.
+        self._queues: dict[bytes, collections.deque] = {}
+        self._waiting_requests = 0
         self.pending_bytes = 0
-        self._peer_bytes: dict[bytes, int] = {}  # routing id -> bytes of its requests in _pending
+        self._peer_bytes: dict[bytes, int] = {}  # routing id -> bytes of its requests in _queues
         self._gone: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         try:
             self.endpoint = _bind(self.sock, endpoint, "events")
@@ -214,35 +217,50 @@ class EventsSocket:
         self.sock.close()
 
     def wait(self, timeout_ms: float) -> bool:
-        """Block up to timeout_ms for a request (the GIL is released while waiting); True if one is readable."""
-        if self._pending:
+        """Block up to timeout_ms for a request (the GIL is released while waiting); True if one is waiting.
+
+        With requests already pending, what arrived meanwhile joins them first (once per batch the loop gathers):
+        a peer's new request then takes its turn among the others instead of waiting out their backlog."""
+        if self._waiting_requests:
+            self._fill()
             return True
         return bool(self.sock.poll(max(0, math.ceil(timeout_ms)), zmq.POLLIN))  # ZeroMQ counts whole ms
 
     def take(self) -> EventsMessage | TargetsMessage | None:
-        """The next request for the loop, oldest first, or None when none is waiting.
+        """The next request for the loop, or None when none is waiting: peers take turns, one request each, and
+        each peer's requests keep their order.
 
-        Once the pending queue is empty, moves what the socket holds into it (an empty socket costs an exception
-        in pyzmq: not once per request), so libzmq's queues stay short and what the daemon holds is counted in
-        bytes; requests of a peer known to be gone are skipped, not computed."""
-        if not self._pending:
+        Moves what the socket holds into the per-peer queues when they are empty (an empty socket costs an
+        exception in pyzmq: not once per request; `wait` does it between batches), so libzmq's queues stay short
+        and what the daemon holds is counted in bytes; requests of a peer known to be gone are skipped."""
+        if not self._waiting_requests:
             self._fill()
-        while self._pending:
-            message, peer = self._pending.popleft()
-            self.pending_bytes -= message.nbytes
-            left = self._peer_bytes[peer] - message.nbytes
-            if left:
-                self._peer_bytes[peer] = left
-            else:
-                del self._peer_bytes[peer]
-            if peer in self._gone:
-                self.on_dropped("request", "peer_gone")
+        while self._queues:
+            peer, queue_ = next(iter(self._queues.items()))
+            del self._queues[peer]
+            if peer in self._gone:  # its replies cannot be delivered: do not compute them
+                for message in queue_:
+                    self._forget(peer, message)
+                    self.on_dropped("request", "peer_gone")
                 continue
+            message = queue_.popleft()
+            if queue_:
+                self._queues[peer] = queue_  # to the back of the turn order
+            self._forget(peer, message)
             return message
         return None
 
+    def _forget(self, peer: bytes, message) -> None:
+        self._waiting_requests -= 1
+        self.pending_bytes -= message.nbytes
+        left = self._peer_bytes[peer] - message.nbytes
+        if left:
+            self._peer_bytes[peer] = left
+        else:
+            del self._peer_bytes[peer]
+
     def _fill(self) -> None:
-        """Decoded requests from the socket into the pending queue, within the budgets; excess answered
+        """Decoded requests from the socket into the per-peer queues, within the budgets; excess answered
         `overloaded` (counted). At most _FILL_MESSAGES per call: the loop steps between two fills."""
         b = self.budgets
         for _ in range(_FILL_MESSAGES):
@@ -258,7 +276,7 @@ class EventsSocket:
             peer = message.envelope[0].bytes
             peer_bytes = self._peer_bytes.get(peer, 0)
             # One request always fits an idle daemon's budgets: a limit below one message would refuse it forever.
-            if self._pending and (
+            if self._waiting_requests and (
                 peer_bytes + message.nbytes > b.max_peer_inflight_bytes
                 or self.pending_bytes + message.nbytes > b.max_inflight_bytes
             ):
@@ -272,13 +290,17 @@ class EventsSocket:
                 )
                 self.send([*message.envelope, protocol.encode(reply)])
                 continue
-            self._pending.append((message, peer))
+            queue_ = self._queues.get(peer)
+            if queue_ is None:
+                self._queues[peer] = queue_ = collections.deque()
+            queue_.append(message)
+            self._waiting_requests += 1
             self.pending_bytes += message.nbytes
             self._peer_bytes[peer] = peer_bytes + message.nbytes
 
     def pending(self) -> int:
-        """Requests in the pending queue (the loop's queue depth gauge)."""
-        return len(self._pending)
+        """Requests waiting for the loop (its queue depth gauge)."""
+        return self._waiting_requests
 
     def receive(self) -> EventsMessage | TargetsMessage | None:
         """The next decodable request, or None when none is waiting; undecodable ones are answered and skipped."""

@@ -93,6 +93,24 @@ def test_requests_beyond_the_per_peer_and_total_budgets_are_answered_overloaded(
     sock.close()
 
 
+def test_peers_take_turns_so_a_backlog_does_not_delay_another_peer(bare) -> None:
+    ctx, make, rejected, _ = bare
+    sock = make(total=100, peer=100)
+    busy, other = _dealer(ctx, sock.endpoint), _dealer(ctx, sock.endpoint)
+    for req in range(5):
+        busy.send_multipart(_events(req))
+    _fill_until(sock, rejected, 5)
+    other.send_multipart(_events(100))
+    first = sock.take()  # the busy peer's oldest; its other four wait
+    deadline = time.monotonic() + 10
+    while sock.pending() < 5:  # the loop's wait() between batches moves the new request in
+        assert time.monotonic() < deadline
+        sock.wait(50)
+    order = [first.header.req] + [sock.take().header.req for _ in range(5)]
+    assert order == [0, 1, 100, 2, 3, 4]  # its turn after the busy peer's next, not after the whole backlog
+    sock.close()
+
+
 def test_a_gone_peer_loses_its_replies_and_its_queued_requests_are_skipped(bare) -> None:
     ctx, make, rejected, dropped = bare
     sock = make(total=100, peer=100)
