@@ -23,7 +23,7 @@ import psutil
 import pytest
 import zmq
 from lstmd.clients import Admin, Producer, protocol
-from lstmd.daemon.io import _MIN_RCVHWM, _MIN_SNDHWM, EventsBudgets, EventsSocket
+from lstmd.daemon.io import _MIN_RCVHWM, _MIN_SNDHWM, EventsBudgets, EventsSocket, PublishBudget
 from prometheus_client.parser import text_string_to_metric_families
 
 MiB = 2**20
@@ -146,6 +146,16 @@ def test_replies_to_a_peer_that_does_not_read_are_dropped_not_queued(bare) -> No
     assert dropped == [("reply", "peer_not_reading")]
     assert sent >= _MIN_SNDHWM  # what libzmq queued (its reply queue) before dropping
     sock.close()
+
+
+def test_the_publish_budget_refuses_a_batch_that_does_not_fit_until_bytes_are_released() -> None:
+    budget = PublishBudget(100)
+    assert budget.reserve(150)  # an empty queue takes one batch, whatever its size: never publish nothing
+    assert not budget.reserve(1)
+    budget.release(150)
+    assert budget.reserve(60) and budget.reserve(40) and not budget.reserve(1)
+    budget.release(60)
+    assert budget.used == 40 and budget.reserve(60)
 
 
 # ---- a real daemon under abuse ---------------------------------------------------------------------------------
@@ -289,6 +299,14 @@ def test_abusive_clients_leave_memory_bounded_and_others_answered(daemon) -> Non
                 started = time.perf_counter()
                 admin.status()
                 status_seconds.append(time.perf_counter() - started)
+        # `lstmd status` itself, a process of its own, while the flood and the subscriber are still attached.
+        started = time.perf_counter()
+        cli = subprocess.run(
+            [sys.executable, "-m", "lstmd.clients.cli", "status", "--json", "--control", endpoints["control"]],
+            capture_output=True, text=True, timeout=60,
+        )
+        cli_seconds = time.perf_counter() - started
+        assert cli.returncode == 0 and json.loads(cli.stdout)["io"]["subscribers"] >= 1, cli.stderr
         # A 200 MB frame: ZeroMQ closes that connection without reading it; the daemon counts the disconnect.
         disconnects = _metric(endpoints, "lstmd_events_disconnects_total")
         big = _dealer(ctx, endpoints["events"])
@@ -313,13 +331,14 @@ def test_abusive_clients_leave_memory_bounded_and_others_answered(daemon) -> Non
     p99 = float(np.quantile(latencies, 0.99))
     assert p99 < 2.0, f"the well-behaved producer's p99 was {p99:.3f}s"
     assert max(status_seconds) < 5.0, status_seconds
+    assert cli_seconds < 15.0, f"`lstmd status` took {cli_seconds:.1f}s (its own start included)"
     bound = memory_bound(base, peers=4, subscribers=1)
     overloaded = _metric(endpoints, "lstmd_rejections_total", reason="overloaded")
     not_reading = _metric(endpoints, "lstmd_dropped_messages_total", what="reply", reason="peer_not_reading")
     print(f"abuse: {sent} flood messages ({overloaded:.0f} overloaded, {not_reading:.0f} replies dropped), "
           f"peak RSS {rss.peak / MiB:.0f} MiB (base {base / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB), "
           f"good producer p99 {p99 * 1000:.1f} ms over {len(latencies)} sends, "
-          f"status max {max(status_seconds):.3f}s")
+          f"status max {max(status_seconds):.3f}s, `lstmd status` process {cli_seconds:.2f}s")
     assert rss.peak <= bound
     # Far below the bound in practice: the flood's replies were dropped, not queued.
     assert rss.peak - base < 200 * MiB, f"RSS grew {(rss.peak - base) / MiB:.0f} MiB"
