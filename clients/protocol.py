@@ -6,7 +6,13 @@ Events socket (ZeroMQ DEALER → daemon ROUTER), one request = frames
     [EventsHeader (msgpack), features (float32 little-endian, N*I), targets (optional, N*D)]
 and one reply = frames [EventsReply (msgpack), predictions (float32 little-endian, N*O)].
 Control socket (DEALER → ROUTER): [ControlRequest (msgpack)] → [ControlReply (msgpack)].
-Prediction PUB socket: [topic = stream id as UTF-8, Published (msgpack), prediction (float32, O)].
+Prediction PUB socket (daemon XPUB → SUB): one message per serving batch, frames
+    [PREDICTIONS_TOPIC, PublishedBatch (msgpack), predictions (float32 little-endian, N*O)]
+where row i of the predictions is the answer to event (streams[i], seqs[i]); only applied events are published
+(not duplicates or rejections). `batch` counts the batches the daemon handed to its publisher: a gap means batches
+were dropped (the publish queue was full, or this subscriber's queue was: ZeroMQ drops for a subscriber that
+does not keep up, never blocks). Filtering by stream is the subscriber's (see decode_published); subscribe to the
+topic. Nothing is published while no one subscribes.
 
 Arrays travel as raw buffers, not per-element msgpack, so neither side builds a Python object per value.
 
@@ -162,12 +168,17 @@ class ControlReply(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
-class Published(msgspec.Struct, kw_only=True):
-    """Header of one prediction on the PUB socket."""
+PREDICTIONS_TOPIC = b"predictions"
 
-    stream: StreamId
-    seq: int
-    version: int
+
+class PublishedBatch(msgspec.Struct, kw_only=True):
+    """Header of one message on the PUB socket: the predictions of one serving batch."""
+
+    batch: int  # 1, 2, ... per batch handed to the publisher since the daemon started; a gap: batches dropped
+    version: int  # model version that produced the predictions
+    out_dim: int  # values per prediction (O)
+    streams: list[StreamId]  # one id per prediction row
+    seqs: list[int]  # the event's sequence number in its stream
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -176,7 +187,7 @@ events_header_decoder = msgspec.msgpack.Decoder(EventsHeader)
 events_reply_decoder = msgspec.msgpack.Decoder(EventsReply)
 control_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
-published_decoder = msgspec.msgpack.Decoder(Published)
+published_decoder = msgspec.msgpack.Decoder(PublishedBatch)
 
 
 class ProtocolError(ValueError):
@@ -398,3 +409,16 @@ def decode_reply(frames: list) -> tuple[EventsReply, np.ndarray | None]:
         return reply, None
     preds = np.frombuffer(frames[1], dtype=FEATURE_DTYPE).reshape(len(reply.status), reply.out_dim)
     return reply, preds
+
+
+def decode_published(frames: list) -> tuple[PublishedBatch, np.ndarray]:
+    """One PUB message → (header, predictions [N, O] float32 view); ProtocolError if it is not one."""
+    if len(frames) != 3 or bytes(frames[0]) != PREDICTIONS_TOPIC:
+        raise ProtocolError("malformed", f"expected 3 frames (topic, header, predictions), got {len(frames)}")
+    try:
+        header = published_decoder.decode(frames[1])
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", f"bad published header: {exc}") from None
+    if len(header.seqs) != len(header.streams):
+        raise ProtocolError("bad_shape", f"{len(header.seqs)} seqs for {len(header.streams)} streams")
+    return header, _view_rows(frames[2], FEATURE_DTYPE, len(header.streams), header.out_dim, "predictions", "out_dim")

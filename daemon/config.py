@@ -96,6 +96,20 @@ class ServeConfig(_Section):
     resend_window: Annotated[
         int, doc("outputs kept per stream for resends; 0: a duplicate's prediction is reported unavailable", ge=0)
     ] = 8
+    # Memory under abuse (docs/operations.md, "Memory bound"): events requests read and not yet taken by the
+    # serving loop, all peers / one peer (beyond: whole-message rejection `overloaded`); the per-peer value also
+    # sizes libzmq's receive and reply queues of each connection.
+    max_inflight_bytes: Annotated[
+        int, doc("bytes of events requests waiting for the serving loop, all producers; beyond: overloaded", ge=1)
+    ] = 256 * 2**20
+    max_peer_inflight_bytes: Annotated[
+        int, doc("the same for one producer (at most max_inflight_bytes); sizes its socket queues too", ge=1)
+    ] = 64 * 2**20
+    # Predictions waiting for the publisher (beyond: the batch is not published, counted), and the bytes libzmq
+    # queues per subscriber (beyond: dropped for that subscriber).
+    publish_queue_bytes: Annotated[
+        int, doc("bytes of predictions waiting to be published; beyond: the batch is dropped, counted", ge=1)
+    ] = 64 * 2**20
     # torch intra-op threads on the CPU, process-wide (0: torch's default, one per core). 1 is best on small
     # machines: OpenMP workers spin against the I/O thread and the producers (2 cores: 80k vs 460k events/s).
     cpu_threads: Annotated[int, doc("torch intra-op threads on the CPU; 0: one per core", ge=0)] = 1
@@ -606,6 +620,11 @@ def _all_columns(m: ModelConfig, file_columns: list[int]) -> bool:
 def validate(config: Config) -> None:
     """Checks across keys that one key's type and range cannot express."""
     m, s = config.model, config.serve
+    if s.max_peer_inflight_bytes > s.max_inflight_bytes:
+        raise ConfigError(
+            f"serve.max_peer_inflight_bytes ({s.max_peer_inflight_bytes}) must not exceed serve.max_inflight_bytes "
+            f"({s.max_inflight_bytes}): one peer's budget is part of the total"
+        )
     if m.task == "classification" and m.output_size < 2:
         raise ConfigError(
             f"model.task = classification needs model.output_size >= 2 classes, got {m.output_size}"

@@ -8,9 +8,12 @@ HTTP endpoints (`Metrics.serve_http`):
   /metrics  Prometheus text exposition of the injected registry (prometheus_client's WSGI app)
   /healthz  200 while the process answers (liveness); 503 once the serving loop, after calling `beat()` at
             least once, has not called it for `stall_timeout_s` (a hung loop is restarted, not left serving
-            nothing). A daemon that never calls `beat()` is judged by the process alone.
-  /readyz   200 once `set_ready(True)` was called (sockets bound, state restored), 503 before and after
-            `set_ready(False)` (readiness: take the instance out of a load balancer while it drains)
+            nothing), or while a check added with `add_health_check` fails (the daemon adds the I/O thread and
+            the publisher); the body names each failing part and why. A daemon that never calls `beat()` and
+            adds no check is judged by the process alone.
+  /readyz   200 once `set_ready(True)` was called (sockets bound, state restored) and while /healthz is 200;
+            503 before, after `set_ready(False)` (readiness: take the instance out of a load balancer while it
+            drains), and while unhealthy
 
 The dashboards and alert rules in deploy/ query these names; renaming one breaks them (the tests in
 tests/test_prometheus_live.py run every expression against a real Prometheus).
@@ -48,6 +51,12 @@ EVICTION_CAUSES = ("capacity", "ttl", "drop")
 TRAIN_OUTCOMES = ("published", "rejected", "diverged", "skipped")
 HOLDOUT_MODELS = ("serving", "candidate")
 DEVICE_MEMORY_KINDS = ("allocated", "reserved")
+DROP_REASONS = (
+    ("reply", "peer_not_reading"),
+    ("reply", "peer_gone"),
+    ("request", "peer_gone"),
+    ("publish", "queue_full"),
+)
 
 
 class Metrics:
@@ -74,6 +83,7 @@ class Metrics:
         self.stall_timeout_s = stall_timeout_s
         self._clock = clock
         self._last_beat: float | None = None
+        self._health_checks: dict[str, Callable[[], str]] = {}
         r = self.registry
         # Events and rejections.
         self.events = Counter("lstmd_events", "Events answered, by status", ["status"], registry=r)
@@ -118,6 +128,29 @@ class Metrics:
             "Control requests refused before any command ran (not decodable, bad arguments), by reason",
             ["reason"],
             registry=r,
+        )
+        # Abuse and back-pressure (daemon/io.py): what was dropped instead of held, and the queues' bytes.
+        self.dropped = Counter(
+            "lstmd_dropped_messages",
+            "Messages dropped instead of queued without bound: replies to peers gone or not reading, requests of "
+            "peers gone, prediction batches beyond serve.publish_queue_bytes",
+            ["what", "reason"],
+            registry=r,
+        )
+        self.events_disconnects = Counter(
+            "lstmd_events_disconnects",
+            "Events connections that ended: closed by the peer, or by ZeroMQ for a frame over "
+            "serve.max_message_bytes (read no further, never allocated)",
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "lstmd_inflight_bytes", "Bytes of events requests read and waiting for the serving loop", registry=r
+        )
+        self.publish_queue_bytes = Gauge(
+            "lstmd_publish_queue_bytes", "Bytes of predictions waiting for the publisher", registry=r
+        )
+        self.io_failures = Counter(
+            "lstmd_io_thread_failures", "Failures of the I/O thread (it carries on up to a limit)", registry=r
         )
         # State store.
         self.active_streams = Gauge("lstmd_active_streams", "Streams holding a state slot", registry=r)
@@ -175,6 +208,8 @@ class Metrics:
         _touch(self.events, EVENT_STATUSES)
         _touch(self.evictions, EVICTION_CAUSES)
         _touch(self.train_rounds, TRAIN_OUTCOMES)
+        for what, reason in DROP_REASONS:
+            self.dropped.labels(what, reason)
         # Losses are unknown until the first round: NaN says "not measured", where 0 would read as perfect.
         self.train_loss.set(float("nan"))
         for model in HOLDOUT_MODELS:
@@ -207,6 +242,22 @@ class Metrics:
         silent = self._clock() - self._last_beat
         return silent if silent > self.stall_timeout_s else 0.0
 
+    def add_health_check(self, name: str, check: Callable[[], str]) -> None:
+        """`check()` returns '' while `name` is healthy, else why not; /healthz and /readyz answer 503 then."""
+        self._health_checks[name] = check
+
+    def unhealthy(self) -> list[str]:
+        """One line per failing part: the serving loop's stall, then each added check; empty when healthy."""
+        problems = []
+        stalled = self.stalled_for()
+        if stalled:
+            problems.append(f"serving loop stalled {stalled:.0f}s")
+        for name, check in self._health_checks.items():
+            why = check()
+            if why:
+                problems.append(f"{name}: {why}")
+        return problems
+
     def set_build_info(self, version: str, backend: str, device: str) -> None:
         """Publish `lstmd_build_info{version, backend, device} 1`, e.g. backend triton, device cuda:0."""
         self.build_info.info({"version": str(version), "backend": str(backend), "device": str(device)})
@@ -238,14 +289,15 @@ class Metrics:
             if path == "/metrics":
                 return metrics_app(environ, start_response)
             if path == "/healthz":
-                stalled = self.stalled_for()
-                if stalled:
-                    return _plain(start_response, "503 Service Unavailable", f"serving loop stalled {stalled:.0f}s\n")
+                problems = self.unhealthy()
+                if problems:
+                    return _plain(start_response, "503 Service Unavailable", "".join(f"{p}\n" for p in problems))
                 return _plain(start_response, "200 OK", "ok\n")
             if path == "/readyz":
-                if self.is_ready():
+                problems = self.unhealthy() if self.is_ready() else ["not ready"]
+                if not problems:
                     return _plain(start_response, "200 OK", "ready\n")
-                return _plain(start_response, "503 Service Unavailable", "not ready\n")
+                return _plain(start_response, "503 Service Unavailable", "".join(f"{p}\n" for p in problems))
             if path == "/":
                 return _plain(start_response, "200 OK", "lstmd: see /metrics, /healthz, /readyz\n")
             return _plain(start_response, "404 Not Found", "not found\n")

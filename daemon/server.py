@@ -18,14 +18,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import batching, control
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
-from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, EventsSocket, IOThread, TargetsMessage
+from lstmd.daemon.io import (
+    CONTROL,
+    PUBLISH,
+    ControlMessage,
+    EventsBudgets,
+    EventsMessage,
+    EventsSocket,
+    IOThread,
+    PublishBudget,
+    TargetsMessage,
+)
 from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
@@ -48,6 +57,9 @@ _ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assign
 _STEP_WITHOUT_WAITING = 256
 # How long an idle loop blocks on the events socket before it looks at the inbox (control, stop) again.
 _IDLE_POLL_MS = 5
+# Messages libzmq queues per subscriber at least, whatever serve.publish_queue_bytes: small batches at a high rate
+# would otherwise be dropped for a subscriber only a few milliseconds behind.
+_MIN_PUBLISH_HWM = 16
 
 
 def _internal_error(cmd: str) -> str:
@@ -69,6 +81,7 @@ class ServeStats:
     rejections: dict[str, int] = field(default_factory=dict)
     sequence_gaps: int = 0
     evictions: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)  # "<what>_<reason>": dropped instead of queued
 
 
 class Daemon:
@@ -113,6 +126,7 @@ class Daemon:
         self._io: IOThread | None = None
         self._events: EventsSocket | None = None
         self._backlog = 0  # requests the last gather found already waiting (lstmd_input_queue_depth_messages)
+        self._published_batches = 0  # PublishedBatch.batch of the last batch handed to the publisher
         self._outbox: zmq.Socket | None = None
         self._http = None
         self._thread: threading.Thread | None = None
@@ -192,8 +206,20 @@ class Daemon:
                 self._count_message_rejection,
                 target_dim=self._target_dim(),
                 max_stream_id_length=serve.max_stream_id_length,
+                budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes, self._max_reply_bytes()),
+                on_dropped=self._count_drop,
             )
-            self._io = IOThread(self._ctx, self.inbox, serve.control, serve.publish)
+            self._io = IOThread(
+                self._ctx,
+                self.inbox,
+                serve.control,
+                serve.publish,
+                publish_budget=PublishBudget(serve.publish_queue_bytes),
+                publish_hwm=max(_MIN_PUBLISH_HWM, serve.publish_queue_bytes // self._max_publish_bytes()),
+                monitor=self._events.monitor,
+                on_failure=self.metrics.io_failures.inc,
+                on_disconnect=self.metrics.events_disconnects.inc,
+            )
         except Exception as exc:
             if self._events is not None:
                 self._events.close()
@@ -206,6 +232,11 @@ class Daemon:
         self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
         self._outbox.connect(self._io.outbox_endpoint)
         self._io.start()
+        stall = self.metrics.stall_timeout_s
+        self.metrics.add_health_check("io", lambda: self._io.health(stall))
+        self.metrics.add_health_check("publisher", lambda: self._io.publisher_health())
+        self.metrics.inflight_bytes.set_function(lambda: self._events.pending_bytes)
+        self.metrics.publish_queue_bytes.set_function(lambda: self._io.publish_budget.used)
         limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.model_version.set(self.engine.model.version)
@@ -250,7 +281,7 @@ class Daemon:
             # Answer what was already received before shutting the sockets.
             # Bounded: producers may keep sending; what is not answered was not acknowledged and is resent.
             drain_until = time.monotonic() + 1.0
-            while time.monotonic() < drain_until and (message := self._events.receive()) is not None:
+            while time.monotonic() < drain_until and (message := self._events.take()) is not None:
                 self._serve_guarded([message])
             while True:
                 try:
@@ -324,7 +355,7 @@ class Daemon:
         deadline = time.perf_counter() + serve.max_wait_ms / 1000
         waited = False
         while n < serve.max_batch:
-            message = events.receive()
+            message = events.take()
             if message is None:
                 remaining = deadline - time.perf_counter()
                 # A batch already big enough to use the step well runs as soon as nothing is waiting: waiting
@@ -552,15 +583,29 @@ class Daemon:
             offset = end
 
     def _publish(self, batch, applied_parts, preds) -> None:
+        """The batch's applied predictions to the I/O thread as one PUB message (protocol.PublishedBatch), within
+        serve.publish_queue_bytes: a batch that does not fit is dropped and counted, so a publisher that falls
+        behind never holds memory or the loop."""
         if self._io is None or self._io.subscribers <= 0 or not applied_parts:
             return
         streams = list(itertools.chain.from_iterable(m.header.streams for m in batch))
         idx = np.concatenate([p[0] for p in applied_parts])
         seq = np.concatenate([p[1] for p in applied_parts])
-        header = msgspec.msgpack.encode(
-            [[streams[i] for i in idx.tolist()], seq.tolist(), self.engine.model.version]
+        self._published_batches += 1
+        header = protocol.encode(
+            protocol.PublishedBatch(
+                batch=self._published_batches,
+                version=self.engine.model.version,
+                out_dim=preds.shape[1],
+                streams=[streams[i] for i in idx.tolist()],
+                seqs=seq.tolist(),
+            )
         )
-        self._outbox.send_multipart([PUBLISH, header, np.ascontiguousarray(preds[idx])], copy=False)
+        rows = np.ascontiguousarray(preds[idx])
+        if not self._io.publish_budget.reserve(len(header) + rows.nbytes):
+            self._count_drop("publish", "queue_full")
+            return
+        self._outbox.send_multipart([PUBLISH, header, rows], copy=False)
 
     def _account(self, n, status, reasons) -> None:
         counts = np.bincount(status, minlength=len(protocol.STATUS_NAMES))
@@ -573,7 +618,7 @@ class Daemon:
             self.stats.rejections[label] = self.stats.rejections.get(label, 0) + 1
             self.metrics.rejections.labels(reason=label).inc()
         self.metrics.batch_size.observe(n)
-        self.metrics.queue_depth.set(self._backlog + self.inbox.qsize())
+        self.metrics.queue_depth.set(self._backlog + self._events.pending() + self.inbox.qsize())
         self.metrics.active_streams.set(len(self.store))
 
     def _reject_unloggable(self, batch, counts) -> None:
@@ -591,6 +636,21 @@ class Daemon:
         self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
         self.metrics.rejections.labels(reason=reason).inc()
 
+    def _count_drop(self, what: str, reason: str) -> None:
+        """A reply, request or prediction batch dropped instead of queued without bound (daemon/io.py)."""
+        key = f"{what}_{reason}"
+        self.stats.drops[key] = self.stats.drops.get(key, 0) + 1
+        self.metrics.dropped.labels(what, reason).inc()
+
+    def _max_reply_bytes(self) -> int:
+        """The largest events reply: per event a status byte, the prediction and a rejection reason's text."""
+        return self.config.serve.max_message_events * (1 + 4 * self.spec.output_size + 128) + 1024
+
+    def _max_publish_bytes(self) -> int:
+        """The largest PUB message: per event of a full batch its prediction, seq and a stream id (a long one)."""
+        serve = self.config.serve
+        return serve.max_batch * (4 * self.spec.output_size + 9 + serve.max_stream_id_length + 3) + 1024
+
     def _count_eviction(self, cause: str, count: int) -> None:
         self.stats.evictions[cause] = self.stats.evictions.get(cause, 0) + count
         self.metrics.evictions.labels(cause=cause).inc(count)
@@ -603,7 +663,7 @@ class Daemon:
         self.store.evict_idle()
         self.durability.maybe_snapshot()
         self.metrics.active_streams.set(len(self.store))
-        self.metrics.queue_depth.set(self._backlog + self.inbox.qsize())
+        self.metrics.queue_depth.set(self._backlog + self._events.pending() + self.inbox.qsize())
 
     # ---- online training (daemon/recorder.py, daemon/trainer.py) -----------------------------------------
 
@@ -766,7 +826,10 @@ class Daemon:
             "sequence_gaps": self.stats.sequence_gaps,
             "evictions": dict(self.stats.evictions),
             "evicted_filter": self.store.evicted.status(),
-            "queue_depth": self._backlog + self.inbox.qsize(),
+            "queue_depth": self._backlog + self._events.pending() + self.inbox.qsize(),
+            "inflight_bytes": self._events.pending_bytes if self._events is not None else 0,
+            "drops": dict(self.stats.drops),
+            "io": self._io.status() if self._io is not None else {},
             "durability": self.durability.status(),
             "train": self.trainer.status() if self.trainer is not None else {"enabled": False},
         }

@@ -252,24 +252,25 @@ def test_too_many_new_streams_and_long_ids_are_rejected_per_event(make_daemon):
     assert rejections == {"too_many_new_streams": 1, "stream_id_too_long": 1}
 
 
-def test_predictions_are_published_by_stream_topic(make_daemon):
+def test_predictions_are_published_one_message_per_batch(make_daemon):
     daemon = make_daemon()
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.connect(daemon.endpoints["publish"])
-    sub.setsockopt(zmq.SUBSCRIBE, b"watched")
+    sub.setsockopt(zmq.SUBSCRIBE, protocol.PREDICTIONS_TOPIC)
     try:
         with Producer(daemon.endpoints["events"]) as producer:
             for _ in range(50):  # until the subscription has reached the daemon
                 preds = producer.send(["watched", "other"], np.ones((2, 8), np.float32))
                 if sub.poll(100):
                     break
-            topic, header, payload = sub.recv_multipart()
+            frames = sub.recv_multipart()
     finally:
         sub.close()
-    published = protocol.published_decoder.decode(header)
-    assert topic == b"watched" and published.stream == "watched"
-    assert np.frombuffer(payload, np.float32).shape == preds[0].shape
+    published, rows = protocol.decode_published(frames)
+    assert published.streams == ["watched", "other"] and published.version == 0
+    assert published.seqs[0] == published.seqs[1] >= 0 and published.batch >= 1
+    assert rows.shape == preds.shape
 
 
 def test_import_model_serves_weights_trained_elsewhere(make_daemon, tmp_path):

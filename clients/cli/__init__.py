@@ -10,7 +10,7 @@ import importlib.metadata
 from typing import Annotated
 
 import typer
-from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train
+from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train, watch
 
 app = typer.Typer(
     name="lstmd",
@@ -44,6 +44,7 @@ app.command()(status.status)
 app.command()(replay.replay)
 app.command()(bench.bench)
 app.command()(top.top)
+app.command()(watch.watch)
 app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
