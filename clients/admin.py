@@ -12,6 +12,7 @@ from typing import Any
 
 import zmq
 from lstmd.clients import protocol
+from lstmd.clients.curve import TIMEOUT_HINT, apply_client_curve
 
 
 class DaemonError(RuntimeError):
@@ -19,8 +20,16 @@ class DaemonError(RuntimeError):
 
 
 class Admin:
-    def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 30.0,
+        context: zmq.Context | None = None,
+        server_key: str | None = None,  # the daemon's public certificate file (CURVE; lstmd.clients.curve)
+        client_key: str | None = None,  # this client's secret certificate file (an admin key for most commands)
+    ) -> None:
         self.endpoint = endpoint
+        self.server_key, self.client_key = server_key, client_key
         self.timeout_ms = int(timeout * 1000)
         self._ctx = context or zmq.Context.instance()
 
@@ -29,6 +38,7 @@ class Admin:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            apply_client_curve(sock, self.server_key, self.client_key)
             sock.connect(self.endpoint)
             sock.send(
                 protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args))
@@ -37,6 +47,7 @@ class Admin:
                 waited = self.timeout_ms / 1000
                 raise TimeoutError(
                     f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?"
+                    + (TIMEOUT_HINT if self.server_key or self.client_key else "")
                 )
             reply = protocol.control_reply_decoder.decode(sock.recv())
         finally:
@@ -114,3 +125,7 @@ class Admin:
 
     def shutdown(self) -> dict:
         return self.call("shutdown")
+
+    def reload_keys(self) -> dict:
+        """Re-read the daemon's producer and admin key directories (CURVE); returns how many keys of each."""
+        return self.call("keys_reload")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 from lstmd.clients import protocol
+from lstmd.clients.curve import TIMEOUT_HINT, apply_client_curve
 from lstmd.clients.protocol import StreamId
 
 
@@ -39,9 +40,17 @@ class SendResult:
 
 class Producer:
     def __init__(
-        self, endpoint: str, timeout: float = 10.0, retries: int = 3, context: zmq.Context | None = None
+        self,
+        endpoint: str,
+        timeout: float = 10.0,
+        retries: int = 3,
+        context: zmq.Context | None = None,
+        server_key: str | None = None,  # the daemon's public certificate file (CURVE; lstmd.clients.curve)
+        client_key: str | None = None,  # this producer's secret certificate file
     ) -> None:
         self.endpoint = endpoint
+        self.server_key, self.client_key = server_key, client_key
+        self._curve_hint = TIMEOUT_HINT if server_key or client_key else ""
         self.timeout_ms = int(timeout * 1000)
         self.retries = retries
         self._ctx = context or zmq.Context.instance()
@@ -54,6 +63,7 @@ class Producer:
             self._sock.close(linger=0)
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        apply_client_curve(self._sock, self.server_key, self.client_key)
         self._sock.connect(self.endpoint)
 
     def close(self) -> None:
@@ -104,7 +114,7 @@ class Producer:
                 else " (not resent: without sequence numbers a resend could apply twice)"
             )
             raise TimeoutError(
-                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s{hint}"
+                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s{hint}{self._curve_hint}"
             )
         reply, preds = protocol.decode_reply(reply_frames)
         if reply.error is not None:
@@ -125,7 +135,9 @@ class Producer:
         reply_frames = self._await(req)
         if reply_frames is None:
             self._connect()
-            raise TimeoutError(f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s")
+            raise TimeoutError(
+                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s{self._curve_hint}"
+            )
         reply, _ = protocol.decode_reply(reply_frames)
         if reply.error is not None:
             raise RejectedError(f"targets rejected ({reply.error_reason}): {reply.error}")

@@ -57,13 +57,17 @@ class TargetsMessage:
 class ControlMessage:
     envelope: list
     request: protocol.ControlRequest
+    role: str | None = None  # the client key's role from the ZAP User-Id (daemon/auth.py); None: no CURVE
 
 
 class BindError(RuntimeError):
     """A socket could not be bound (port in use, bad address)."""
 
 
-def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+def _bind(sock: zmq.Socket, endpoint: str, what: str, secure=None) -> str:
+    """Bind `sock`; `secure(sock, what)` first makes it a CURVE server (daemon/auth.py), when security is on."""
+    if secure is not None:
+        secure(sock, what)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -110,6 +114,7 @@ class EventsSocket:
         max_message_bytes: int,
         on_message_rejected,  # callback(reason: str)
         target_dim: int = 0,  # values per event a targets frame must hold; 0: not checked
+        secure=None,  # callback(socket, name) making a socket a CURVE server before it binds; None: plain
     ) -> None:
         self.input_size = input_size
         self.target_dim = target_dim
@@ -119,7 +124,7 @@ class EventsSocket:
         # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode.
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         try:
-            self.endpoint = _bind(self.sock, endpoint, "events")
+            self.endpoint = _bind(self.sock, endpoint, "events", secure)
         except BindError:
             self.sock.close(linger=0)
             raise
@@ -182,8 +187,10 @@ class IOThread(threading.Thread):
         inbox: queue.SimpleQueue,
         control_endpoint: str,
         publish_endpoint: str,
+        secure=None,  # as EventsSocket's
     ) -> None:
         super().__init__(name="lstmd-io", daemon=True)
+        self.secured = secure is not None
         self.inbox = inbox
         self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
         self._stop_requested = threading.Event()
@@ -193,14 +200,14 @@ class IOThread(threading.Thread):
         self.publisher = None
         self.subscribers = 0  # subscriptions seen on the XPUB; predictions are published only when > 0
         try:
-            self.endpoints = {"control": _bind(self.control, control_endpoint, "control")}
+            self.endpoints = {"control": _bind(self.control, control_endpoint, "control", secure)}
             if publish_endpoint:
                 self.publisher = ctx.socket(zmq.XPUB)
                 self.publisher.setsockopt(zmq.LINGER, 0)
                 # Pass every (un)subscription through, duplicates included, so the count stays exact.
                 self.publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
                 self.publisher.setsockopt(zmq.XPUB_VERBOSER, 1)
-                self.endpoints["publish"] = _bind(self.publisher, publish_endpoint, "publish")
+                self.endpoints["publish"] = _bind(self.publisher, publish_endpoint, "publish", secure)
         except BindError:
             self.close()
             raise
@@ -245,7 +252,9 @@ class IOThread(threading.Thread):
                 reply = protocol.ControlReply(ok=False, error=f"malformed control request: {exc}")
                 self.control.send_multipart([*envelope, protocol.encode(reply)])
                 continue
-            self.inbox.put(ControlMessage(envelope, request))
+            # With CURVE, libzmq tags each frame with the ZAP User-Id: the role of the client's key.
+            role = body[0].get("User-Id") if self.secured else None
+            self.inbox.put(ControlMessage(envelope, request, role))
 
     def _receive_subscriptions(self) -> None:
         for frames in _waiting(self.publisher):

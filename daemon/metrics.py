@@ -48,6 +48,7 @@ EVICTION_CAUSES = ("capacity", "ttl", "drop")
 TRAIN_OUTCOMES = ("published", "rejected", "diverged", "skipped")
 HOLDOUT_MODELS = ("serving", "candidate")
 DEVICE_MEMORY_KINDS = ("allocated", "reserved")
+AUTH_FAILURE_REASONS = ("unknown_key", "wrong_role", "no_curve", "bad_handshake")  # what daemon/auth.py counts
 
 
 class Metrics:
@@ -58,7 +59,8 @@ class Metrics:
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
     `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
     the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate;
-    `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}`.
+    `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}`;
+    `auth_failures{reason}` unknown_key|wrong_role|no_curve|bad_handshake.
     """
 
     def __init__(
@@ -106,6 +108,12 @@ class Metrics:
         )
         self.control_commands = Counter(
             "lstmd_control_commands", "Control commands handled", ["command", "outcome"], registry=r
+        )
+        self.auth_failures = Counter(
+            "lstmd_auth_failures",
+            "Clients refused by CurveZMQ security (daemon/auth.py), by reason",
+            ["reason"],
+            registry=r,
         )
         # State store.
         self.active_streams = Gauge("lstmd_active_streams", "Streams holding a state slot", registry=r)
@@ -163,6 +171,7 @@ class Metrics:
         _touch(self.events, EVENT_STATUSES)
         _touch(self.evictions, EVICTION_CAUSES)
         _touch(self.train_rounds, TRAIN_OUTCOMES)
+        _touch(self.auth_failures, AUTH_FAILURE_REASONS)
         # Losses are unknown until the first round: NaN says "not measured", where 0 would read as perfect.
         self.train_loss.set(float("nan"))
         for model in HOLDOUT_MODELS:

@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import batching, control
+from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.config import Config
 from lstmd.daemon.cpu_step import adopt_torch_threads
 from lstmd.daemon.engine import Engine, pick_device
@@ -106,6 +107,7 @@ class Daemon:
         self.endpoints: dict[str, str] = {}
         self._stopping = False
         self._ctx: zmq.Context | None = None
+        self.security: Security | None = None  # CurveZMQ keys and the ZAP thread, with [security] set
         self._io: IOThread | None = None
         self._events: EventsSocket | None = None
         self._backlog = 0  # requests the last gather found already waiting (lstmd_input_queue_depth_messages)
@@ -162,8 +164,13 @@ class Daemon:
             self._close_http()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
+        self._start_security()
         self._ctx = zmq.Context()
+        secure = None
         try:
+            if self.security is not None:  # ZAP first: a CURVE socket must never accept before it can ask
+                self.security.start(self._ctx)
+                secure = self.security.secure
             self._events = EventsSocket(
                 self._ctx,
                 serve.events,
@@ -172,12 +179,15 @@ class Daemon:
                 serve.max_message_bytes,
                 self._count_message_rejection,
                 target_dim=self._target_dim(),
+                secure=secure,
             )
-            self._io = IOThread(self._ctx, self.inbox, serve.control, serve.publish)
+            self._io = IOThread(self._ctx, self.inbox, serve.control, serve.publish, secure)
         except Exception as exc:
             if self._events is not None:
                 self._events.close()
                 self._events = None
+            if self.security is not None:
+                self.security.stop()
             self._ctx.term()
             self._close_http()
             raise StartupError(str(exc)) from None
@@ -205,6 +215,27 @@ class Daemon:
             self.engine.backend_name,
             self.endpoints["control"],
         )
+
+    def _start_security(self) -> None:
+        """Load the CURVE keys of `[security]`, or, without them, refuse to listen beyond this host unless
+        `security.allow_insecure` says so: whoever reaches the control port could run any command."""
+        sec, serve = self.config.security, self.config.serve
+        if not sec.server_secret_key:
+            exposed = insecure_endpoints({"events": serve.events, "control": serve.control, "publish": serve.publish})
+            if exposed and not sec.allow_insecure:
+                self._close_http()
+                raise StartupError(
+                    f"refusing to bind {', '.join(exposed)} without security: anyone who reaches it could send "
+                    "events, read predictions, or (control) import a model and shut the daemon down. Set "
+                    "[security] keys (docs/operations.md, Security), bind 127.0.0.1, or set "
+                    "security.allow_insecure = true"
+                )
+            return
+        try:
+            self.security = Security(sec, lambda reason: self.metrics.auth_failures.labels(reason=reason).inc())
+        except AuthError as exc:
+            self._close_http()
+            raise StartupError(str(exc)) from None
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""
@@ -276,6 +307,8 @@ class Daemon:
         if self._outbox is not None:
             self._outbox.close(linger=0)
         self._close_http()
+        if self.security is not None:
+            self.security.stop()
         if self._ctx is not None:
             self._ctx.term()
         log.info("lstmd stopped")
@@ -642,6 +675,13 @@ class Daemon:
 
     def _run_control(self, message: ControlMessage) -> None:
         request = message.request
+        refusal = None if self.security is None else self.security.refusal(message.role, request.cmd)
+        if refusal is not None:
+            known = request.cmd if request.cmd in control.COMMANDS else "unknown"
+            self.metrics.control_commands.labels(command=known, outcome="refused").inc()
+            reply = protocol.ControlReply(ok=False, error=refusal)
+            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
+            return
         try:
             result = control.dispatch(self, request.cmd, request.args)
             self.durability.after_command()  # log what the command changed before answering it
