@@ -7,7 +7,8 @@ Modules import torch only inside the commands that need it (serve, demo), so adm
 from __future__ import annotations
 
 import typer
-from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train
+from lstmd.clients.cli import bench, config_cmd, keys, model, replay, serve, snapshot, status, streams, top, train
+from lstmd.clients.cli._common import add_key_options
 
 app = typer.Typer(
     name="lstmd",
@@ -27,6 +28,8 @@ app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(train.app, name="train")
+app.add_typer(keys.app, name="keys")
+add_key_options(app)  # --server-key/--client-key on every command that talks to a daemon (last: sees them all)
 
 
 def main() -> None:

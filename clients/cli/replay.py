@@ -12,6 +12,7 @@ import typer
 from lstmd.clients.cli._common import (
     ConfigOpt,
     JsonOpt,
+    client_keys,
     console,
     fail,
     key_value_table,
@@ -71,7 +72,7 @@ def replay(
         raise fail(f"{path}: a feature or target value is not a number ({exc})") from None
     ids = [r[stream_col] for r in rows]
 
-    producer = Producer(events or resolve_endpoint(config, None, key="events"))
+    producer = Producer(events or resolve_endpoint(config, None, key="events"), **client_keys(config))
     preds = np.full((len(rows),), np.nan, dtype=np.float32)
     rejected = 0
     started = time.perf_counter()
