@@ -140,6 +140,7 @@ class Daemon:
 
     def start(self) -> None:
         """Create the state directory, bind every socket and the metrics endpoint, start the I/O thread."""
+        self._start_security()
         state_dir = Path(self.config.state.dir)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,6 @@ class Daemon:
             self._close_http()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
-        self._start_security()
         self._ctx = zmq.Context()
         secure = None
         try:
@@ -223,7 +223,6 @@ class Daemon:
         if not sec.server_secret_key:
             exposed = insecure_endpoints({"events": serve.events, "control": serve.control, "publish": serve.publish})
             if exposed and not sec.allow_insecure:
-                self._close_http()
                 raise StartupError(
                     f"refusing to bind {', '.join(exposed)} without security: anyone who reaches it could send "
                     "events, read predictions, or (control) import a model and shut the daemon down. Set "
@@ -234,7 +233,6 @@ class Daemon:
         try:
             self.security = Security(sec, lambda reason: self.metrics.auth_failures.labels(reason=reason).inc())
         except AuthError as exc:
-            self._close_http()
             raise StartupError(str(exc)) from None
 
     def request_stop(self) -> None:
