@@ -7,10 +7,12 @@ public, `NAME.key_secret` secret), read with pyzmq's `zmq.auth.load_certificate`
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 # Appended to a client's timeout message when it used keys: a refused key looks like silence to the client
 # (libzmq drops the connection during the handshake and retries), so say what else the silence can mean.
@@ -39,7 +41,17 @@ def load_key(path: str | Path, secret: bool, what: str) -> tuple[bytes, bytes | 
         raise CurveKeyError(
             f"{what} {path} holds only a public key: give the secret certificate (NAME.key_secret)"
         )
+    for key in (public, secret_key):
+        if key is not None and not _is_z85_key(key):
+            raise CurveKeyError(f"{what} {path} does not hold a valid CURVE key (40 Z85 characters)")
     return public, secret_key
+
+
+def _is_z85_key(key: bytes) -> bool:
+    try:
+        return len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, struct.error):  # KeyError: not a Z85 character; struct.error: out of range
+        return False
 
 
 def apply_client_curve(socket: zmq.Socket, server_key: str | Path | None, client_key: str | Path | None) -> None:
@@ -57,11 +69,6 @@ def apply_client_curve(socket: zmq.Socket, server_key: str | Path | None, client
         raise CurveKeyError(f"this libzmq ({zmq.zmq_version()}) was built without CURVE security")
     server_public, _ = load_key(server_key, secret=False, what="server key")
     public, secret = load_key(client_key, secret=True, what="client key")
-    try:
-        socket.curve_serverkey = server_public
-        socket.curve_publickey = public
-        socket.curve_secretkey = secret
-    except zmq.ZMQError:  # libzmq takes 40 Z85 characters; anything else is EINVAL
-        raise CurveKeyError(
-            f"server key {server_key} or client key {client_key} does not hold a valid CURVE key"
-        ) from None
+    socket.curve_serverkey = server_public
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret

@@ -229,9 +229,13 @@ def test_bad_security_config_is_refused_with_the_key_named(make_daemon, keys, tm
         )
 
 
-def test_client_key_errors_are_clear() -> None:
+def test_client_key_errors_are_clear(tmp_path) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    garbage = tmp_path / "garbage.key_secret"
+    garbage.write_text('curve\n    public-key = "short"\n    secret-key = "short"\n')
     try:
+        with pytest.raises(CurveKeyError, match="does not hold a valid CURVE key"):
+            apply_client_curve(sock, garbage, garbage)
         with pytest.raises(CurveKeyError, match="go together|client_key is set but server_key is not"):
             apply_client_curve(sock, None, "x.key_secret")
         with pytest.raises(CurveKeyError, match="server key /nonexistent.key does not exist"):
