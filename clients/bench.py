@@ -510,15 +510,17 @@ def run_lstmd(
     overrides: list[str] | None = None,
     env: dict | None = None,
     curve: bool = False,
+    client_keys: dict | None = None,
 ) -> RunResult:
-    """Measure lstmd: the daemon at `events`/`control` if given, else a fresh `lstmd serve` subprocess (with
-    `curve`: with CurveZMQ security on every socket, keys made for the run; reported as "lstmd+curve")."""
+    """Measure lstmd: the daemon at `events`/`control` if given (`client_keys`: server_key/client_key when it
+    runs with CURVE), else a fresh `lstmd serve` subprocess (with `curve`: with CurveZMQ security on every
+    socket, keys made for the run; reported as "lstmd+curve")."""
     if events:
         pid = None
         if control:
             with contextlib.suppress(Exception):
-                pid = int(daemon_status(control)["pid"])
-        return measure("lstmd", events, workload, _Server(pid), control)
+                pid = int(daemon_status(control, client_keys)["pid"])
+        return measure("lstmd", events, workload, _Server(pid), control, client_keys=client_keys)
     with tempfile.TemporaryDirectory(prefix="lstmd-bench-") as state_dir:
         client_keys, security = _curve_keys(Path(state_dir) / "keys") if curve else (None, [])
         server, endpoints = start_daemon(workload, Path(state_dir), [*security, *(overrides or [])], env)

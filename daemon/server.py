@@ -718,4 +718,5 @@ class Daemon:
             "queue_depth": self._backlog + self.inbox.qsize(),
             "durability": self.durability.status(),
             "train": self.trainer.status() if self.trainer is not None else {"enabled": False},
+            "security": {"curve": True, **self.security.counts()} if self.security else {"curve": False},
         }

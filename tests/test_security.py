@@ -128,7 +128,7 @@ def test_a_wrong_server_key_fails_the_handshake_and_is_counted(secure_daemon, ke
 def test_a_producer_key_runs_status_but_no_admin_command(secure_daemon, keys) -> None:
     control = secure_daemon.endpoints["control"]
     producer = Admin(control, timeout=10, **as_client(keys, secure_daemon, "producer"))
-    assert producer.status()["streams"] == 0
+    assert producer.status()["security"] == {"curve": True, "producer_keys": 1, "admin_keys": 1}
     assert producer.model_info()["input_size"] == 8
     for call, cmd in (
         (producer.shutdown, "shutdown"),
@@ -335,3 +335,15 @@ def test_sighup_reloads_the_keys_of_a_real_daemon(keys, tmp_path) -> None:
     finally:
         server.stop()
     assert b"refused a connection with an unknown CURVE key" in server.proc.stderr.read()  # before the reload
+
+
+def test_bench_drives_a_running_daemon_with_keys(secure_daemon, keys, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    endpoints = secure_daemon.endpoints
+    args = ["bench", "--events", endpoints["events"], "--control", endpoints["control"], "--streams", "20"]
+    args += ["--server-key", str(keys["server_public"]), "--client-key", str(keys["admin"])]
+    result = runner.invoke(app, [*args, "--events-per-message", "10", "--duration", "0.5", "--warmup", "0.3",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["events"] > 0 and run["errors"] == 0 and run["batch_mean"] > 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from lstmd.clients.cli._common import ControlOpt, SetOpt, console, err_console, fail
+from lstmd.clients.cli._common import ControlOpt, SetOpt, client_keys, console, err_console, fail
 from rich.table import Table
 
 
@@ -73,8 +73,9 @@ def bench(
     for name, value in (("--streams", streams), ("--events-per-message", events_per_message)):
         if value <= 0:
             raise typer.BadParameter("must be positive", param_hint=name)
+    keys = client_keys(None) if events else None  # a running daemon with CURVE: --server-key/--client-key
     if events and control:
-        model = b.daemon_status(control)["model"]
+        model = b.daemon_status(control, keys)["model"]
         input_size, hidden, layers = model["input_size"], model["hidden_size"], model["num_layers"]
     workload = b.Workload(
         streams=streams,
@@ -98,12 +99,12 @@ def bench(
     results = []
     try:
         err_console.print("running lstmd ...", highlight=False)
-        results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_))
+        results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_, client_keys=keys))
         if half:
             half_rate = results[0].events_per_s / 2
             err_console.print(f"running lstmd open loop at {half_rate:,.0f} events/s ...", highlight=False)
             at_half = b.Workload(**{**asdict(workload), "rate": half_rate})
-            results.append(b.run_lstmd(at_half, events=events, control=control, overrides=set_))
+            results.append(b.run_lstmd(at_half, events=events, control=control, overrides=set_, client_keys=keys))
             results[-1].server = "lstmd@50%"
         if curve:
             err_console.print("running lstmd with CURVE security ...", highlight=False)
