@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -227,6 +228,21 @@ def test_bad_security_config_is_refused_with_the_key_named(make_daemon, keys, tm
             security__server_secret_key=str(keys["server_secret"]),
             security__producer_keys_dir=str(tmp_path / "missing"),
         )
+
+
+def test_a_secure_daemon_that_cannot_bind_fails_cleanly(make_daemon, keys, secure_daemon) -> None:
+    """The ZAP and monitor threads and their sockets are closed again: the context terminates, no hang."""
+    from lstmd.daemon.server import StartupError
+
+    taken = secure_daemon.endpoints["control"]
+    with pytest.raises(StartupError, match="cannot bind the control socket"):
+        make_daemon(
+            serve__control=taken,
+            security__server_secret_key=str(keys["server_secret"]),
+            security__admin_keys_dir=str(keys["admins"]),
+        )
+    running = [t for t in threading.enumerate() if t.name == "lstmd-auth"]
+    assert running == [secure_daemon.security._monitor_thread]  # only the serving daemon's
 
 
 def test_client_key_errors_are_clear(tmp_path) -> None:
