@@ -37,13 +37,18 @@ class Admin:
         """Run one control command; raise DaemonError with the daemon's message if it fails."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A DEALER without a peer waits in send: with CURVE, a daemon that refused the key drops it for good.
+        sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
         try:
             apply_client_curve(sock, self.server_key, self.client_key)
             sock.connect(self.endpoint)
-            sock.send(
-                protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args))
-            )
-            if not sock.poll(self.timeout_ms, zmq.POLLIN):
+            request = protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args))
+            try:
+                sock.send(request)
+                answered = sock.poll(self.timeout_ms, zmq.POLLIN)
+            except zmq.Again:
+                answered = False
+            if not answered:
                 waited = self.timeout_ms / 1000
                 raise TimeoutError(
                     f"no reply from lstmd at {self.endpoint} within {waited:g}s: is `lstmd serve` running?"

@@ -63,6 +63,7 @@ class Producer:
             self._sock.close(linger=0)
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)  # see _send
         apply_client_curve(self._sock, self.server_key, self.client_key)
         self._sock.connect(self.endpoint)
 
@@ -102,8 +103,7 @@ class Producer:
         frames = protocol.encode_events(req, streams, np.asarray(features, dtype=np.float32), targets, seqs)
         attempts = self.retries + 1 if seqs is not None else 1
         for _attempt in range(attempts):
-            self._sock.send_multipart(frames, copy=False)
-            reply_frames = self._await(req)
+            reply_frames = self._await(req) if self._send(frames) else None
             if reply_frames is not None:
                 break
             self._connect()  # lazy-pirate: a fresh socket drops whatever the old one still queued
@@ -131,8 +131,7 @@ class Producer:
         streams = list(streams)
         req = next(self._req_ids)
         frames = protocol.encode_targets(req, streams, list(seqs), targets)
-        self._sock.send_multipart(frames, copy=False)
-        reply_frames = self._await(req)
+        reply_frames = self._await(req) if self._send(frames) else None
         if reply_frames is None:
             self._connect()
             raise TimeoutError(
@@ -142,6 +141,15 @@ class Producer:
         if reply.error is not None:
             raise RejectedError(f"targets rejected ({reply.error_reason}): {reply.error}")
         return np.frombuffer(reply.status, dtype=np.uint8) == protocol.OK
+
+    def _send(self, frames: list) -> bool:
+        """Queue a request; False when no connection took it within the timeout. A DEALER without a peer waits
+        in send: with CURVE, a daemon that refused this client's key drops the connection for good."""
+        try:
+            self._sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            return False
+        return True
 
     def _await(self, req: int) -> list | None:
         while self._sock.poll(self.timeout_ms, zmq.POLLIN):

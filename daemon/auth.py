@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from pathlib import Path
 
 import zmq
@@ -105,10 +106,12 @@ class _Authenticator(ThreadAuthenticator):
 class Security:
     """The server's CURVE keys, the client keys by role, the ZAP thread and the handshake monitor."""
 
-    def __init__(self, config, on_failure) -> None:
-        """config: the `[security]` section; on_failure(reason): count one refusal (any thread)."""
+    def __init__(self, config, on_failure, clock=time.monotonic) -> None:
+        """config: the `[security]` section; on_failure(reason): count one refusal (any thread); clock: for the
+        log's rate limit."""
         self.config = config
         self.on_failure = on_failure
+        self._clock = clock
         try:
             self.public, self.secret = load_key(
                 config.server_secret_key, secret=True, what="security.server_secret_key"
@@ -122,6 +125,8 @@ class Security:
         self._monitors: list[zmq.Socket] = []
         self._authenticator: _Authenticator | None = None
         self._monitor_thread: threading.Thread | None = None
+        self._last_logged: dict[str, float] = {}  # reason -> monotonic time of its last log line
+        self._unlogged: dict[str, int] = {}  # reason -> refusals counted since then, not logged
 
     # ---- keys --------------------------------------------------------------------------------------------
 
@@ -148,15 +153,26 @@ class Security:
         """ZAP's question (pyzmq's credentials-provider interface), on the ZAP thread: is this key known?"""
         if z85_key in self._roles:
             return True
-        self.on_failure("unknown_key")
-        log.warning("refused a connection with an unknown CURVE key %s", z85_key.decode())
+        self._refused("unknown_key", f"a connection with an unknown CURVE key {z85_key.decode()}")
         return False
+
+    def _refused(self, reason: str, what: str) -> None:
+        """Count a refusal; log it, at most one line per reason and second (anyone can knock, as often as they
+        like: the counter takes every one, the log a sample with how many it left out)."""
+        self.on_failure(reason)
+        now = self._clock()
+        if now - self._last_logged.get(reason, -1.0) < 1.0:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._last_logged[reason] = now
+        more = self._unlogged.pop(reason, 0)
+        log.warning("refused %s%s", what, f" (and {more} more {reason} since the last such line)" if more else "")
 
     def refusal(self, role: str | None, cmd: str) -> str | None:
         """Why a control request from a client of `role` may not run `cmd`, or None when it may."""
         if role == ADMIN or cmd in PRODUCER_COMMANDS:
             return None
-        self.on_failure("wrong_role")
+        self._refused("wrong_role", f"command {cmd!r} from a {role or 'unknown'} key")
         return f"command {cmd!r} needs an admin key (this client's key is a {role or 'unknown'} key)"
 
     # ---- sockets -----------------------------------------------------------------------------------------
@@ -210,8 +226,7 @@ class Security:
                     if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                         continue
                     reason = _PROTOCOL_REASONS.get(event["value"], "bad_handshake")
-                    self.on_failure(reason)
-                    log.warning("refused a connection on %s: %s", event["endpoint"].decode(), reason)
+                    self._refused(reason, f"a connection on {event['endpoint'].decode()}: {reason}")
         finally:
             for monitor in self._monitors:
                 monitor.close(linger=0)

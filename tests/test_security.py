@@ -90,11 +90,15 @@ def test_a_known_producer_key_is_served_and_an_unknown_key_is_refused_and_counte
     with Producer(events, **as_client(keys, secure_daemon, "admin")) as producer:  # admins may send too
         assert producer.send(["a", "b"], FEATURES).shape == (2, 1)
     stranger = Producer(events, timeout=1.0, **as_client(keys, secure_daemon, "stranger"))
+    # Refused at the handshake, libzmq drops the connection and may not try again: a send then has no peer,
+    # and must time out (not wait in send for ever).
+    assert wait_for(lambda: failures(secure_daemon, "unknown_key") >= 1)
     with stranger, pytest.raises(TimeoutError, match="refused this client") as err:
         stranger.send(["c"], FEATURES[:1])
     assert "lstmd_auth_failures_total" in str(err.value)
-    assert wait_for(lambda: failures(secure_daemon, "unknown_key") >= 1)
     assert secure_daemon.store.describe("c") is None  # nothing of the stranger's reached the loop
+    with pytest.raises(TimeoutError, match="refused this client"):
+        Admin(secure_daemon.endpoints["control"], timeout=1.0, **as_client(keys, secure_daemon, "stranger")).status()
 
 
 def test_a_plain_client_gets_nothing_and_is_counted(secure_daemon) -> None:
@@ -243,6 +247,32 @@ def test_a_secure_daemon_that_cannot_bind_fails_cleanly(make_daemon, keys, secur
         )
     running = [t for t in threading.enumerate() if t.name == "lstmd-auth"]
     assert running == [secure_daemon.security._monitor_thread]  # only the serving daemon's
+
+
+def test_refusals_are_all_counted_but_logged_at_most_once_a_second_per_reason(keys, caplog) -> None:
+    from types import SimpleNamespace
+
+    from lstmd.daemon.auth import Security
+
+    now = [100.0]  # the clock stands still unless moved here
+
+    counted: list[str] = []
+    config = SimpleNamespace(
+        server_secret_key=str(keys["server_secret"]), producer_keys_dir=str(keys["producers"]), admin_keys_dir=""
+    )
+    security = Security(config, counted.append, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="lstmd.auth"):
+        for _ in range(50):
+            assert not security.callback("lstmd", b"x" * 40)
+        why = security.refusal("producer", "drop")
+    assert why == "command 'drop' needs an admin key (this client's key is a producer key)"
+    assert counted == ["unknown_key"] * 50 + ["wrong_role"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "unknown CURVE key" in lines[0] and "command 'drop' from a producer key" in lines[1]
+    now[0] += 1.5
+    with caplog.at_level("WARNING", logger="lstmd.auth"):
+        security.callback("lstmd", b"x" * 40)
+    assert "(and 49 more unknown_key since the last such line)" in caplog.records[-1].getMessage()
 
 
 def test_client_key_errors_are_clear(tmp_path) -> None:
