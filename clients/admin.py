@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import zmq
 from lstmd.clients import protocol
+from lstmd.clients.curve import TIMEOUT_HINT, apply_client_curve
 
 
 class DaemonError(RuntimeError):
@@ -39,8 +40,11 @@ class Admin:
         timeout: float = 30.0,
         context: zmq.Context | None = None,
         connect_timeout: float | None = None,
+        server_key: str | None = None,  # the daemon's public certificate file (CURVE; lstmd.clients.curve)
+        client_key: str | None = None,  # this client's secret certificate file (an admin key for most commands)
     ) -> None:
         self.endpoint = endpoint
+        self.server_key, self.client_key = server_key, client_key
         self.timeout_ms = int(timeout * 1000)
         self.connect_timeout_ms = int((min(timeout, 3.0) if connect_timeout is None else connect_timeout) * 1000)
         self._ctx = context or zmq.Context.instance()
@@ -49,13 +53,18 @@ class Admin:
         """Run one control command; raise DaemonError with the daemon's message if it fails."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # Writable only once a connection (with its ZeroMQ handshake) is up, so "nothing listens there" shows
-        # after connect_timeout instead of as a command that never gets an answer.
+        # Writable only once a connection (with its ZeroMQ handshake, CURVE included) is up, so "nothing listens
+        # there" or "the daemon refused this key" shows after connect_timeout instead of as a command that never
+        # gets an answer.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        # A DEALER whose peer went away waits in send: with CURVE, a daemon that refused the key drops it for good.
+        sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
         # The raw connection, seen apart from the handshake: "nothing listens" and "something listens but does
         # not speak lstmd's control protocol (or wants other CURVE keys)" call for different fixes.
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        keys_hint = TIMEOUT_HINT if self.server_key or self.client_key else ""
         try:
+            apply_client_curve(sock, self.server_key, self.client_key)
             try:
                 sock.connect(self.endpoint)
             except zmq.ZMQError as exc:
@@ -68,13 +77,18 @@ class Admin:
                     raise NoDaemonError(
                         f"something at {self.endpoint} accepted the connection, but no lstmd control handshake "
                         f"followed within {waited}: is it the daemon's control endpoint (serve.control), and, "
-                        "with CURVE security, do the keys match?"
+                        "with CURVE security, do the keys match?" + keys_hint
                     )
                 raise NoDaemonError(
                     f"no daemon answered at {self.endpoint} within {waited}: is `lstmd serve` running? "
-                    "(Control commands go to its serve.control endpoint.)"
+                    "(Control commands go to its serve.control endpoint.)" + keys_hint
                 )
-            sock.send(protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args)))
+            try:
+                sock.send(protocol.encode(protocol.ControlRequest(v=protocol.PROTOCOL_VERSION, cmd=cmd, args=args)))
+            except zmq.Again:  # the connection went away between the poll and the send
+                raise TimeoutError(
+                    f"the connection to {self.endpoint} was lost before `{cmd}` was sent" + keys_hint
+                ) from None
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
                 raise TimeoutError(
                     f"the daemon at {self.endpoint} accepted the connection but did not answer `{cmd}` within "
@@ -169,6 +183,9 @@ class Admin:
     def shutdown(self) -> dict:
         return self.call("shutdown")
 
+    def reload_keys(self) -> dict:
+        """Re-read the daemon's producer and admin key directories (CURVE); returns how many keys of each."""
+        return self.call("keys_reload")
 
 def is_keras_file(data: bytes) -> bool:
     """Whether `data` is a Keras model file: a legacy .h5 (HDF5 signature) or a Keras 3 .keras archive (a zip

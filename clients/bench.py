@@ -14,6 +14,7 @@ time, so a server that falls behind is charged for the queueing it causes (no co
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -108,11 +109,14 @@ def _start_signal(out, index: int, go, window) -> tuple[float, float]:
     return window[0], window[1]
 
 
-def _connect(endpoint: str, kind: int) -> tuple[zmq.Context, zmq.Socket]:
-    """A producer process's own context and socket, connected to the server under test."""
+def _connect(endpoint: str, kind: int, client_keys: dict | None = None) -> tuple[zmq.Context, zmq.Socket]:
+    """A producer process's own context and socket, connected to the server under test (CURVE with keys)."""
+    from lstmd.clients.curve import apply_client_curve
+
     ctx = zmq.Context()
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_client_curve(sock, **(client_keys or {"server_key": None, "client_key": None}))
     sock.connect(endpoint)
     return ctx, sock
 
@@ -133,10 +137,10 @@ def _report(out, ctx, sock, started: float, events: int, errors: int, messages: 
     )
 
 
-def _lstmd_producer(endpoint: str, workload: Workload, index: int, go, window, out) -> None:
+def _lstmd_producer(endpoint: str, workload: Workload, index: int, go, window, out, client_keys=None) -> None:
     """One producer process: DEALER, `inflight` messages outstanding or a fixed schedule; results on `out`."""
     started = time.perf_counter()
-    ctx, sock = _connect(endpoint, zmq.DEALER)
+    ctx, sock = _connect(endpoint, zmq.DEALER, client_keys)
     ids = workload.stream_ids(index)
     per_message = max(1, min(workload.events_per_message, len(ids)))
     chunks = [ids[k : k + per_message] for k in range(0, len(ids), per_message)]
@@ -353,11 +357,11 @@ def start_naive(workload: Workload) -> tuple[_Server, str]:
 # ---- one measured run ----------------------------------------------------------------------------------------
 
 
-def _daemon_counters(control: str | None) -> tuple[int, int] | None:
+def _daemon_counters(control: str | None, client_keys: dict | None = None) -> tuple[int, int] | None:
     """(batches, events answered) from the daemon's status, or None without a control endpoint."""
     if not control:
         return None
-    status = daemon_status(control)
+    status = daemon_status(control, client_keys)
     return int(status["batches"]), int(sum(status["events"].values()))
 
 
@@ -421,9 +425,15 @@ def measure(
     server: _Server,
     control: str | None = None,
     metrics: str | None = None,
+    client_keys: dict | None = None,
 ):
-    """Run the producers against `endpoint` for warmup + duration and collect a RunResult."""
-    target = _lstmd_producer if server_name == "lstmd" else _naive_producer
+    """Run the producers against `endpoint` for warmup + duration and collect a RunResult.
+
+    client_keys: server_key/client_key (lstmd.clients.curve) for a daemon with CURVE security; the name
+    `server_name` is reported as given (e.g. "lstmd+curve")."""
+    target = _naive_producer
+    if server_name.startswith("lstmd"):
+        target = functools.partial(_lstmd_producer, client_keys=client_keys)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     go = ctx.Event()
@@ -444,12 +454,12 @@ def measure(
     server.start_sampling()
     while time.perf_counter() < t_measure:
         time.sleep(0.01)
-    counters0, cpu0, hist0 = _daemon_counters(control), server.cpu_seconds(), _scrape_latency(metrics)
+    counters0, cpu0, hist0 = _daemon_counters(control, client_keys), server.cpu_seconds(), _scrape_latency(metrics)
     steal0 = _steal_seconds()
     wall0 = time.perf_counter()
     while time.perf_counter() < t_stop:
         time.sleep(0.01)
-    counters1, cpu1, hist1 = _daemon_counters(control), server.cpu_seconds(), _scrape_latency(metrics)
+    counters1, cpu1, hist1 = _daemon_counters(control, client_keys), server.cpu_seconds(), _scrape_latency(metrics)
     steal1 = _steal_seconds()
     wall1 = time.perf_counter()
     results = _collect(out, procs)
@@ -499,29 +509,56 @@ def run_lstmd(
     control: str | None = None,
     overrides: list[str] | None = None,
     env: dict | None = None,
+    curve: bool = False,
+    client_keys: dict | None = None,
 ) -> RunResult:
-    """Measure lstmd: the daemon at `events`/`control` if given, else a fresh `lstmd serve` subprocess."""
+    """Measure lstmd: the daemon at `events`/`control` if given (`client_keys`: server_key/client_key when it
+    runs with CURVE), else a fresh `lstmd serve` subprocess (with `curve`: with CurveZMQ security on every
+    socket, keys made for the run; reported as "lstmd+curve")."""
     if events:
         pid = None
         if control:
             with contextlib.suppress(Exception):
-                pid = int(daemon_status(control)["pid"])
-        return measure("lstmd", events, workload, _Server(pid), control)
+                pid = int(daemon_status(control, client_keys)["pid"])
+        return measure("lstmd", events, workload, _Server(pid), control, client_keys=client_keys)
     with tempfile.TemporaryDirectory(prefix="lstmd-bench-") as state_dir:
-        server, endpoints = start_daemon(workload, Path(state_dir), overrides, env)
+        client_keys, security = _curve_keys(Path(state_dir) / "keys") if curve else (None, [])
+        server, endpoints = start_daemon(workload, Path(state_dir), [*security, *(overrides or [])], env)
         try:
             return measure(
-                "lstmd", endpoints["events"], workload, server, endpoints["control"], endpoints.get("metrics")
+                "lstmd+curve" if curve else "lstmd",
+                endpoints["events"],
+                workload,
+                server,
+                endpoints["control"],
+                endpoints.get("metrics"),
+                client_keys,
             )
         finally:
             server.stop()
 
 
-def daemon_status(control: str) -> dict:
+def _curve_keys(root: Path) -> tuple[dict, list[str]]:
+    """A server key and one admin client key under `root`: (the client's keys, the daemon's --set overrides).
+    The producers use the admin key too: a role costs nothing per event (it is checked at connect)."""
+    import zmq.auth
+
+    (root / "admins").mkdir(parents=True)
+    zmq.auth.create_certificates(root, "server")
+    zmq.auth.create_certificates(root, "client")
+    (root / "client.key").rename(root / "admins" / "client.key")
+    overrides = [
+        f"security.server_secret_key={root / 'server.key_secret'}",
+        f"security.admin_keys_dir={root / 'admins'}",
+    ]
+    return {"server_key": str(root / "server.key"), "client_key": str(root / "client.key_secret")}, overrides
+
+
+def daemon_status(control: str, client_keys: dict | None = None) -> dict:
     """The daemon's `status` (its model sizes, pid and counters)."""
     from lstmd.clients.admin import Admin
 
-    return Admin(control, timeout=30).status()
+    return Admin(control, timeout=30, **(client_keys or {})).status()
 
 
 def run_naive(workload: Workload) -> RunResult:
@@ -542,9 +579,11 @@ def summarize(results: list[RunResult]) -> dict:
     import platform
 
     by_server = {r.server: r for r in results}
-    ratio = None
+    ratio = curve_ratio = None
     if "lstmd" in by_server and "naive" in by_server and by_server["naive"].events_per_s > 0:
         ratio = round(by_server["lstmd"].events_per_s / by_server["naive"].events_per_s, 1)
+    if "lstmd" in by_server and "lstmd+curve" in by_server and by_server["lstmd"].events_per_s > 0:
+        curve_ratio = round(by_server["lstmd+curve"].events_per_s / by_server["lstmd"].events_per_s, 3)
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
@@ -554,4 +593,5 @@ def summarize(results: list[RunResult]) -> dict:
         },
         "runs": [asdict(r) for r in results],
         "speedup_vs_naive": ratio,
+        "curve_vs_plain": curve_ratio,  # events/s with CURVE on / off, same workload and invocation
     }

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 from lstmd.clients import protocol
+from lstmd.clients.curve import TIMEOUT_HINT, apply_client_curve
 from lstmd.clients.protocol import StreamId
 
 
@@ -58,9 +59,17 @@ class SendResult:
 
 class Producer:
     def __init__(
-        self, endpoint: str, timeout: float = 10.0, retries: int = 3, context: zmq.Context | None = None
+        self,
+        endpoint: str,
+        timeout: float = 10.0,
+        retries: int = 3,
+        context: zmq.Context | None = None,
+        server_key: str | None = None,  # the daemon's public certificate file (CURVE; lstmd.clients.curve)
+        client_key: str | None = None,  # this producer's secret certificate file
     ) -> None:
         self.endpoint = endpoint
+        self.server_key, self.client_key = server_key, client_key
+        self._curve_hint = TIMEOUT_HINT if server_key or client_key else ""
         self.timeout_ms = int(timeout * 1000)
         self.retries = retries
         self._ctx = context or zmq.Context.instance()
@@ -73,6 +82,8 @@ class Producer:
             self._sock.close(linger=0)
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)  # see _send
+        apply_client_curve(self._sock, self.server_key, self.client_key)
         self._sock.connect(self.endpoint)
 
     def close(self) -> None:
@@ -117,8 +128,7 @@ class Producer:
         frames = protocol.encode_events(req, streams, np.asarray(features, dtype=np.float32), targets, seqs)
         attempts = self.retries + 1 if seqs is not None else 1
         for _attempt in range(attempts):
-            self._sock.send_multipart(frames, copy=False)
-            reply_frames = self._await(req)
+            reply_frames = self._await(req) if self._send(frames) else None
             if reply_frames is not None:
                 break
             self._connect()  # lazy-pirate: a fresh socket drops whatever the old one still queued
@@ -139,14 +149,13 @@ class Producer:
         streams = list(streams)
         req = next(self._req_ids)
         frames = protocol.encode_targets(req, streams, list(seqs), targets)
-        self._sock.send_multipart(frames, copy=False)
-        reply_frames = self._await(req)
+        reply_frames = self._await(req) if self._send(frames) else None
         if reply_frames is None:
             self._connect()
             raise TimeoutError(
                 f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g} s: is `lstmd serve` "
                 "running, and is this its events endpoint (serve.events)? The targets may or may not have been "
-                "joined to their events."
+                f"joined to their events.{self._curve_hint}"
             )
         reply, _ = protocol.decode_reply(reply_frames)
         if reply.error is not None:
@@ -163,13 +172,23 @@ class Producer:
         if resendable:
             return (
                 f"{where} Every try carried the same sequence numbers, so no event was applied twice; send them "
-                "again with the same numbers once the daemon answers."
+                "again with the same numbers once the daemon answers." + self._curve_hint
             )
         return (
             f"{where} If the daemon is slow rather than gone, the events may have been applied. They were not "
             "sent again: without sequence numbers (seqs=) the daemon could not tell a resend from new events. "
             "Pass seqs= to make resends safe, or raise the timeout (Producer(endpoint, timeout=...))."
+            + self._curve_hint
         )
+
+    def _send(self, frames: list) -> bool:
+        """Queue a request; False when no connection took it within the timeout. A DEALER without a peer waits
+        in send: with CURVE, a daemon that refused this client's key drops the connection for good."""
+        try:
+            self._sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            return False
+        return True
 
     def _await(self, req: int) -> list | None:
         while self._sock.poll(self.timeout_ms, zmq.POLLIN):

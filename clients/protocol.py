@@ -152,6 +152,7 @@ CONTROL_ARGS: dict[str, type[msgspec.Struct]] = {
             "config",
             "shutdown",
             "snapshot",
+            "keys_reload",
         ],
         NoArgs,
     ),

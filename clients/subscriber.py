@@ -8,13 +8,13 @@ lossy by design (a subscriber never slows the daemon): `missed_batches` counts t
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import zmq
 from lstmd.clients import protocol
+from lstmd.clients.curve import TIMEOUT_HINT, apply_client_curve
 from lstmd.clients.protocol import StreamId
 
 
@@ -55,18 +55,14 @@ class Subscriber:
         self._last_batch: int | None = None
         self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
-        if server_key is not None or client_key is not None:
-            self._apply_curve(server_key, client_key)
+        self._curve_hint = TIMEOUT_HINT if server_key or client_key else ""
+        try:
+            apply_client_curve(self._sock, server_key, client_key)  # CURVE when keys are given; else nothing
+        except Exception:
+            self._sock.close()
+            raise
         self._sock.setsockopt(zmq.SUBSCRIBE, protocol.PREDICTIONS_TOPIC)
         self._sock.connect(endpoint)
-
-    def _apply_curve(self, server_key: str | None, client_key: str | None) -> None:
-        if importlib.util.find_spec("lstmd.clients.curve") is None:
-            self._sock.close()
-            raise NotImplementedError("CURVE keys for the Subscriber need lstmd.clients.curve, not in this build")
-        from lstmd.clients import curve
-
-        curve.apply_client_curve(self._sock, server_key, client_key)
 
     def close(self) -> None:
         self._sock.close()
@@ -83,7 +79,7 @@ class Subscriber:
             if self.timeout_ms is not None and not self._sock.poll(self.timeout_ms, zmq.POLLIN):
                 raise TimeoutError(
                     f"no prediction published by lstmd at {self.endpoint} within {self.timeout_ms / 1000:g}s "
-                    "(is the daemon running, its serve.publish set, and are events arriving?)"
+                    "(is the daemon running, its serve.publish set, and are events arriving?)" + self._curve_hint
                 )
             header, preds = protocol.decode_published(self._sock.recv_multipart())
             if self._last_batch is not None and header.batch > self._last_batch + 1:

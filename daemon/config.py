@@ -206,12 +206,36 @@ class DurabilityConfig(_Section):
     restore: Annotated[bool, doc("load the newest valid snapshot and replay the log at start")] = True
 
 
+class SecurityConfig(_Section):
+    """CurveZMQ authentication and encryption (daemon/auth.py; keys from `lstmd keys generate`). With
+    server_secret_key set, every socket (events, control, publish) requires CURVE and a known client key."""
+
+    server_secret_key: Annotated[
+        str, doc("the daemon's secret certificate file (NAME.key_secret); empty: no CURVE")
+    ] = ""
+    producer_keys_dir: Annotated[
+        str, doc("directory of public keys (*.key) allowed to send events, subscribe and run status")
+    ] = ""
+    admin_keys_dir: Annotated[
+        str, doc("directory of public keys allowed to run every control command (and what producers may)")
+    ] = ""
+    allow_insecure: Annotated[
+        bool, doc("bind a non-loopback address without CURVE anyway (anyone reaching a port may run any command)")
+    ] = False
+    # Client side: lstmd status/streams/..., and what Producer/Admin/Subscriber take as server_key/client_key.
+    server_public_key: Annotated[str, doc("client side: the daemon's public certificate file (NAME.key)")] = ""
+    client_secret_key: Annotated[
+        str, doc("client side: this client's secret certificate file (NAME.key_secret)")
+    ] = ""
+
+
 class Config(_Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     train: TrainConfig = msgspec.field(default_factory=TrainConfig)
     durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def to_dict(self) -> dict:
         return msgspec.to_builtins(self)
@@ -631,6 +655,7 @@ def validate(config: Config) -> None:
         )
     _validate_forecast_columns(m)
     _validate_train(config)
+    _validate_security(config.security)
     for key in ("events", "control"):
         if not getattr(s, key).startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(
@@ -674,6 +699,27 @@ def _validate_train(config: Config) -> None:
             f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "
             f"(train.holdout_windows + 1) * k2: a stream's recent history holds whole windows, the newest "
             f"{t.holdout_windows} held out for evaluation, at least one to train on"
+        )
+
+
+def _validate_security(sec: SecurityConfig) -> None:
+    """The server's keys come together: a secret key with no client key directory would let nobody in, and key
+    directories without a secret key would not be used. Files are read when the daemon starts."""
+    dirs = sec.producer_keys_dir or sec.admin_keys_dir
+    if sec.server_secret_key and not dirs:
+        raise ConfigError(
+            "security.server_secret_key is set but neither security.producer_keys_dir nor "
+            "security.admin_keys_dir: no client could connect"
+        )
+    if dirs and not sec.server_secret_key:
+        raise ConfigError(
+            "security.producer_keys_dir / admin_keys_dir need security.server_secret_key (the daemon's "
+            "secret key, from `lstmd keys generate DIR --name server`)"
+        )
+    if bool(sec.server_public_key) != bool(sec.client_secret_key):
+        raise ConfigError(
+            "security.server_public_key and security.client_secret_key go together: a CURVE client needs the "
+            "daemon's public key and its own secret key"
         )
 
 

@@ -11,6 +11,7 @@ import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lstmd.daemon.auth import AuthError
 from lstmd.daemon.keras_import import convert_keras
 from lstmd.daemon.model import ServingModel
 
@@ -207,3 +208,14 @@ def _snapshot(daemon: Daemon, args: dict) -> dict:
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise CommandError(f"snapshot failed: {why} (the previous snapshot and the log are kept)") from None
+
+
+@command("keys_reload")
+def _keys_reload(daemon: Daemon, args: dict) -> dict:
+    """Re-read the producer and admin key directories of [security] (also on SIGHUP); see daemon/auth.py."""
+    if daemon.security is None:
+        raise CommandError("security is off: the daemon runs without [security] keys, there is nothing to reload")
+    try:
+        return daemon.security.reload()
+    except AuthError as exc:
+        raise CommandError(f"keys not reloaded, the keys in use stay: {exc}") from None

@@ -91,6 +91,7 @@ class ControlMessage:
     envelope: list
     request: protocol.ControlRequest | None  # None when refused
     refused: tuple[str, str] | None = None  # (reason label, message for the client): not decodable
+    role: str | None = None  # the client key's role from the ZAP User-Id (daemon/auth.py); None: no CURVE
 
 
 # What a client is told when handling its message raised unexpectedly; the traceback goes to the log only.
@@ -177,7 +178,10 @@ class BindError(RuntimeError):
     """A socket could not be bound (port in use, bad address)."""
 
 
-def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+def _bind(sock: zmq.Socket, endpoint: str, what: str, secure=None) -> str:
+    """Bind `sock`; `secure(sock, what)` first makes it a CURVE server (daemon/auth.py), when security is on."""
+    if secure is not None:
+        secure(sock, what)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -230,6 +234,7 @@ class EventsSocket:
         max_stream_id_length: int | None = None,  # bounds the header's size before it is decoded; None: not
         budgets: EventsBudgets | None = None,
         on_dropped: Callable[[str, str], None] = lambda what, reason: None,  # (reply|request, reason), counted
+        secure=None,  # callback(socket, name) making a socket a CURVE server before it binds; None: plain
     ) -> None:
         header_limit = (
             None
@@ -261,12 +266,15 @@ class EventsSocket:
         self._peer_bytes: dict[bytes, int] = {}  # routing id -> bytes of its requests in _queues
         self._gone: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         try:
+            if secure is not None:  # this socket's one monitor (below) reports its failed handshakes too
+                secure(self.sock, "events", monitor=False)
             self.endpoint = _bind(self.sock, endpoint, "events")
         except BindError:
             self.sock.close(linger=0)
             raise
-        # Connection events for the I/O thread (the monitor's PAIR is handed over before that thread starts).
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Connection events for the I/O thread (the monitor's PAIR is handed over before that thread starts):
+        # disconnects, and with CURVE the handshakes that failed before ZAP (IOThread's on_handshake_failed).
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
     def close(self) -> None:
         self.sock.disable_monitor()
@@ -425,9 +433,12 @@ class IOThread(threading.Thread):
         monitor: zmq.Socket | None = None,  # the events socket's monitor PAIR (EventsSocket.monitor)
         on_failure: Callable[[], None] = lambda: None,
         on_disconnect: Callable[[], None] = lambda: None,
+        on_handshake_failed: Callable[[dict], None] = lambda event: None,  # the events socket's, with CURVE
         clock: Callable[[], float] = time.monotonic,
+        secure=None,  # as EventsSocket's
     ) -> None:
         super().__init__(name="lstmd-io", daemon=True)
+        self.secured = secure is not None
         self.inbox = inbox
         self.outbox_endpoint = f"inproc://lstmd-outbox-{id(self)}"
         self._stop_requested = threading.Event()
@@ -435,6 +446,7 @@ class IOThread(threading.Thread):
         self.monitor = monitor
         self.on_failure = on_failure
         self.on_disconnect = on_disconnect
+        self.on_handshake_failed = on_handshake_failed
         self._clock = clock
         self.failures: collections.deque[float] = collections.deque()  # times of failures in the window
         self.restarts = 0  # failures the thread carried on after
@@ -448,7 +460,7 @@ class IOThread(threading.Thread):
         self.publisher = None
         self.subscribers = 0  # subscriptions seen on the XPUB; predictions are published only when > 0
         try:
-            self.endpoints = {"control": _bind(self.control, control_endpoint, "control")}
+            self.endpoints = {"control": _bind(self.control, control_endpoint, "control", secure)}
             if publish_endpoint:
                 self.publisher = ctx.socket(zmq.XPUB)
                 self.publisher.setsockopt(zmq.LINGER, 0)
@@ -458,7 +470,7 @@ class IOThread(threading.Thread):
                 # Pass every (un)subscription through, duplicates included, so the count stays exact.
                 self.publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
                 self.publisher.setsockopt(zmq.XPUB_VERBOSER, 1)
-                self.endpoints["publish"] = _bind(self.publisher, publish_endpoint, "publish")
+                self.endpoints["publish"] = _bind(self.publisher, publish_endpoint, "publish", secure)
         except BindError:
             self.close()
             raise
@@ -563,6 +575,10 @@ class IOThread(threading.Thread):
             except Exception:  # last resort: a bug here must cost one request, not the I/O thread
                 log.exception("internal error decoding a control request; answered internal_error")
                 message = ControlMessage(envelope, None, ("internal_error", INTERNAL_ERROR_DECODING))
+            # With CURVE, libzmq tags each frame with the ZAP User-Id: the role of the client's key.
+            if self.secured and body:
+                with contextlib.suppress(zmq.ZMQError):
+                    message.role = body[0].get("User-Id")
             self.inbox.put(message)
 
     def _receive_subscriptions(self) -> None:
@@ -578,6 +594,8 @@ class IOThread(threading.Thread):
             event = parse_monitor_message([f.bytes for f in frames])
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.on_disconnect()
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self.on_handshake_failed(event)
 
     def _drain_outbox(self) -> None:
         for frames in _waiting(self.outbox):

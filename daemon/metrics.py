@@ -57,6 +57,7 @@ DROP_REASONS = (
     ("request", "peer_gone"),
     ("publish", "queue_full"),
 )
+AUTH_FAILURE_REASONS = ("unknown_key", "wrong_role", "no_curve", "bad_handshake")  # what daemon/auth.py counts
 
 
 class Metrics:
@@ -67,8 +68,10 @@ class Metrics:
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
     `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
     the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate;
-    `device_memory{kind}` allocated|reserved; `control_commands{command, outcome}` outcome ok|error|internal_error;
-    `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error.
+    `device_memory{kind}` allocated|reserved;
+    `control_commands{command, outcome}` outcome ok|error|internal_error|refused;
+    `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error;
+    `auth_failures{reason}` unknown_key|wrong_role|no_curve|bad_handshake.
     """
 
     def __init__(
@@ -152,6 +155,12 @@ class Metrics:
         self.io_failures = Counter(
             "lstmd_io_thread_failures", "Failures of the I/O thread (it carries on up to a limit)", registry=r
         )
+        self.auth_failures = Counter(
+            "lstmd_auth_failures",
+            "Clients refused by CurveZMQ security (daemon/auth.py), by reason",
+            ["reason"],
+            registry=r,
+        )
         # State store.
         self.active_streams = Gauge("lstmd_active_streams", "Streams holding a state slot", registry=r)
         self.capacity = Gauge("lstmd_state_capacity_streams", "State slots available in total", registry=r)
@@ -210,6 +219,7 @@ class Metrics:
         _touch(self.train_rounds, TRAIN_OUTCOMES)
         for what, reason in DROP_REASONS:
             self.dropped.labels(what, reason)
+        _touch(self.auth_failures, AUTH_FAILURE_REASONS)
         # Losses are unknown until the first round: NaN says "not measured", where 0 would read as perfect.
         self.train_loss.set(float("nan"))
         for model in HOLDOUT_MODELS:

@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import batching, control
+from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
 from lstmd.daemon.io import (
@@ -123,6 +124,7 @@ class Daemon:
         self.endpoints: dict[str, str] = {}
         self._stopping = False
         self._ctx: zmq.Context | None = None
+        self.security: Security | None = None  # CurveZMQ keys and the ZAP thread, with [security] set
         self._io: IOThread | None = None
         self._events: EventsSocket | None = None
         self._backlog = 0  # requests the last gather found already waiting (lstmd_input_queue_depth_messages)
@@ -171,6 +173,7 @@ class Daemon:
 
     def _start_locked(self) -> None:
         """Create the state directory, bind every socket and the metrics endpoint, start the I/O thread."""
+        self._start_security()
         state_dir = Path(self.config.state.dir)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +199,11 @@ class Daemon:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
         self._ctx = zmq.Context()
+        secure = None
         try:
+            if self.security is not None:  # ZAP first: a CURVE socket must never accept before it can ask
+                self.security.start(self._ctx)
+                secure = self.security.secure
             self._events = EventsSocket(
                 self._ctx,
                 serve.events,
@@ -208,6 +215,7 @@ class Daemon:
                 max_stream_id_length=serve.max_stream_id_length,
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes, self._max_reply_bytes()),
                 on_dropped=self._count_drop,
+                secure=secure,
             )
             self._io = IOThread(
                 self._ctx,
@@ -219,11 +227,15 @@ class Daemon:
                 monitor=self._events.monitor,
                 on_failure=self.metrics.io_failures.inc,
                 on_disconnect=self.metrics.events_disconnects.inc,
+                on_handshake_failed=self.security.handshake_failed if self.security else lambda event: None,
+                secure=secure,
             )
         except Exception as exc:
             if self._events is not None:
                 self._events.close()
                 self._events = None
+            if self.security is not None:
+                self.security.stop()
             self._ctx.term()
             self._close_http()
             raise StartupError(str(exc)) from None
@@ -256,6 +268,25 @@ class Daemon:
             self.engine.backend_name,
             ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
         )
+
+    def _start_security(self) -> None:
+        """Load the CURVE keys of `[security]`, or, without them, refuse to listen beyond this host unless
+        `security.allow_insecure` says so: whoever reaches the control port could run any command."""
+        sec, serve = self.config.security, self.config.serve
+        if not sec.server_secret_key:
+            exposed = insecure_endpoints({"events": serve.events, "control": serve.control, "publish": serve.publish})
+            if exposed and not sec.allow_insecure:
+                raise StartupError(
+                    f"refusing to bind {', '.join(exposed)} without security: anyone who reaches it could send "
+                    "events, read predictions, or (control) import a model and shut the daemon down. Set "
+                    "[security] keys (docs/operations.md, Security), bind 127.0.0.1, or set "
+                    "security.allow_insecure = true"
+                )
+            return
+        try:
+            self.security = Security(sec, lambda reason: self.metrics.auth_failures.labels(reason=reason).inc())
+        except AuthError as exc:
+            raise StartupError(str(exc)) from None
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""
@@ -322,6 +353,8 @@ class Daemon:
         if self._outbox is not None:
             self._outbox.close(linger=0)
         self._close_http()
+        if self.security is not None:
+            self.security.stop()
         if self._ctx is not None:
             self._ctx.term()
         if self._state_lock is not None:  # last: everything this daemon writes into the directory is written
@@ -784,6 +817,13 @@ class Daemon:
             self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
             return
         request = message.request
+        refusal = None if self.security is None else self.security.refusal(message.role, request.cmd)
+        if refusal is not None:
+            known = request.cmd if request.cmd in control.COMMANDS else "unknown"
+            self.metrics.control_commands.labels(command=known, outcome="refused").inc()
+            reply = protocol.ControlReply(ok=False, error=refusal)
+            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
+            return
         try:
             result = control.dispatch(self, request.cmd, request.args)
             self.durability.after_command()  # log what the command changed before answering it
@@ -832,4 +872,5 @@ class Daemon:
             "io": self._io.status() if self._io is not None else {},
             "durability": self.durability.status(),
             "train": self.trainer.status() if self.trainer is not None else {"enabled": False},
+            "security": {"curve": True, **self.security.counts()} if self.security else {"curve": False},
         }

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lstmd.daemon.auth import insecure_endpoints
 from lstmd.daemon.config import load_config
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML (pip install -e .[test])")
@@ -79,6 +80,29 @@ def test_container_config_listens_beyond_loopback() -> None:
     assert config.serve.metrics.startswith("0.0.0.0:")
     assert "0.0.0.0" in config.serve.events
     assert config.durability.wal
+
+
+@pytest.mark.parametrize("path", ["docker/lstmd.toml", "systemd/lstmd.toml"])
+def test_shipped_configs_bind_beyond_loopback_only_with_security(path: str) -> None:
+    config = load_config(DEPLOY / path, environ={})
+    serve, security = config.serve, config.security
+    exposed = insecure_endpoints({"events": serve.events, "control": serve.control, "publish": serve.publish})
+    assert exposed, "nothing to check: the config binds loopback only"
+    assert security.server_secret_key and security.producer_keys_dir and security.admin_keys_dir
+    assert not security.allow_insecure
+
+
+def test_compose_mounts_the_keys_where_the_image_config_reads_them() -> None:
+    security = load_config(DEPLOY / "docker" / "lstmd.toml", environ={}).security
+    volumes = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["lstmd"]["volumes"]
+    (mount,) = [v for v in volumes if v.startswith("./keys:")]
+    source, target, mode = mount.split(":")
+    assert mode == "ro"
+    for path in (security.server_secret_key, security.producer_keys_dir, security.admin_keys_dir):
+        assert path.startswith(target + "/"), path
+    # The keys folder exists for the mount, and git never takes a key from it.
+    ignore = (DEPLOY / "keys" / ".gitignore").read_text().split()
+    assert "*" in ignore and not any(line.startswith("!") and "key" in line for line in ignore)
 
 
 # --- compose ------------------------------------------------------------------------------------------------
@@ -174,6 +198,49 @@ def test_services_and_podmonitor_select_the_pod_and_name_its_ports() -> None:
     assert pod_labels[monitor["jobLabel"]] == "lstmd"
 
 
+def test_no_service_exposes_the_control_port() -> None:
+    objects = k8s_objects()
+    sts = objects[("StatefulSet", "lstmd")]["spec"]
+    control = {p["containerPort"] for p in sts["template"]["spec"]["containers"][0]["ports"] if p["name"] == "control"}
+    for (kind, name), obj in objects.items():
+        if kind == "Service":
+            for port in obj["spec"]["ports"]:
+                assert port["targetPort"] != "control" and port["port"] not in control, (name, port)
+
+
+def test_networkpolicy_admits_only_labelled_clients_and_the_control_port_only_to_admins() -> None:
+    objects = k8s_objects()
+    pod = objects[("StatefulSet", "lstmd")]["spec"]["template"]
+    port_names = {port["name"] for port in pod["spec"]["containers"][0]["ports"]}
+    policy = objects[("NetworkPolicy", "lstmd")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    admitted: dict[str, list] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        for port in rule["ports"]:
+            assert port["port"] in port_names, port
+            admitted.setdefault(port["port"], []).extend(rule["from"])
+    assert set(admitted) == port_names  # every port named, none left open by omission
+    (control_from,) = admitted["control"]
+    assert "namespaceSelector" not in control_from and control_from["podSelector"]["matchLabels"]
+
+
+def test_statefulset_mounts_the_key_secrets_where_the_image_config_reads_them() -> None:
+    security = load_config(DEPLOY / "docker" / "lstmd.toml", environ={}).security
+    pod = k8s_objects()[("StatefulSet", "lstmd")]["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"] if m["name"] in secrets}
+    for path in (str(Path(security.server_secret_key).parent), security.producer_keys_dir, security.admin_keys_dir):
+        mount = mounts[path]
+        assert mount["readOnly"] and "subPath" not in mount  # subPath mounts never see a Secret's update
+        secret = secrets[mount["name"]]
+        assert secret["defaultMode"] & 0o007 == 0, "keys must not be readable by others"
+        assert not secret.get("optional"), "without keys the pod must not start"
+    # The operator creates the Secrets: none ships in the manifests, so applying them never replaces a key.
+    assert not [kind for kind, _ in k8s_objects() if kind == "Secret"]
+
+
 def test_prometheusrule_carries_exactly_the_alert_rules() -> None:
     rule = k8s_objects()[("PrometheusRule", "lstmd")]
     alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
@@ -219,6 +286,7 @@ def test_systemd_unit_runs_serve_as_a_dedicated_user_with_its_state_directory() 
     assert config.state.dir.startswith("/var/lib/lstmd/")
     assert config.serve.control.startswith("tcp://127.0.0.1:")
     assert "PrivateDevices" not in service  # would hide the GPU
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # systemctl reload: re-read the client keys
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 

@@ -54,13 +54,13 @@ def test_subscriber_times_out_with_a_clear_message(make_daemon) -> None:
         next(iter(sub))
 
 
-def test_subscriber_refuses_curve_keys_until_they_are_supported(make_daemon) -> None:
-    import importlib.util
+def test_subscriber_key_errors_are_clear(tmp_path) -> None:
+    from lstmd.clients.curve import CurveKeyError
 
-    if importlib.util.find_spec("lstmd.clients.curve") is not None:
-        pytest.skip("lstmd.clients.curve exists: CURVE is tested with it")
-    with pytest.raises(NotImplementedError, match="CURVE"):
-        Subscriber("tcp://127.0.0.1:1", server_key="server.key", client_key="client.key_secret")
+    with pytest.raises(CurveKeyError, match="client_key is not"):
+        Subscriber("tcp://127.0.0.1:1", server_key=str(tmp_path / "server.key"))
+    with pytest.raises(CurveKeyError, match="server key"):
+        Subscriber("tcp://127.0.0.1:1", server_key=str(tmp_path / "none.key"), client_key=str(tmp_path / "c"))
 
 
 def test_lstmd_watch_json_prints_n_prediction_lines_and_exits(producing) -> None:

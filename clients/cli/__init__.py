@@ -10,7 +10,21 @@ import importlib.metadata
 from typing import Annotated
 
 import typer
-from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train, watch
+from lstmd.clients.cli import (
+    bench,
+    config_cmd,
+    keys,
+    model,
+    replay,
+    serve,
+    snapshot,
+    status,
+    streams,
+    top,
+    train,
+    watch,
+)
+from lstmd.clients.cli._common import add_key_options
 
 app = typer.Typer(
     name="lstmd",
@@ -50,6 +64,8 @@ app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(train.app, name="train")
+app.add_typer(keys.app, name="keys")
+add_key_options(app)  # --server-key/--client-key on every command that talks to a daemon (last: sees them all)
 
 
 def main() -> None:

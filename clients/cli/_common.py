@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -89,7 +91,7 @@ def admin_or_exit(config: Path | None, control: str | None, timeout: float = 3.0
     from lstmd.clients.admin import Admin
 
     endpoint, source = locate(config, control)
-    admin = Admin(endpoint, timeout=max(timeout, 30.0), connect_timeout=timeout)
+    admin = Admin(endpoint, timeout=max(timeout, 30.0), connect_timeout=timeout, **client_keys(config))
     admin.endpoint_source = source
     return admin
 
@@ -156,3 +158,76 @@ def rows_table(title: str, rows: list[dict]) -> Table:
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     return table
+
+
+# ---- CurveZMQ keys (lstmd.clients.curve) ---------------------------------------------------------------------
+# Every command that talks to a daemon takes --server-key/--client-key. Rather than repeat two parameters in
+# each command, `add_key_options(app)` (called once in cli/__init__.py) wraps the commands that name a daemon
+# endpoint (a `control`, `events` or `publish` parameter) so they accept both, and `client_keys` returns them.
+
+ServerKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--server-key",
+        help="The daemon's public key file (NAME.key) when it runs with CURVE security "
+        "(default: \\[security] server_public_key, or LSTMD_SECURITY__SERVER_PUBLIC_KEY).",
+        show_default=False,
+    ),
+]
+ClientKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-key",
+        help="This client's secret key file (NAME.key_secret) "
+        "(default: \\[security] client_secret_key, or LSTMD_SECURITY__CLIENT_SECRET_KEY).",
+        show_default=False,
+    ),
+]
+_ENDPOINT_PARAMETERS = {"control", "events", "publish"}
+_given_keys: dict[str, Path | None] = {}  # the running command's --server-key/--client-key (one per process)
+
+
+def with_key_options(fn):
+    """`fn` with two more options, --server-key and --client-key, that `client_keys` reads."""
+    signature = inspect.signature(fn, eval_str=True)
+    extra = [
+        inspect.Parameter("server_key", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ServerKeyOpt),
+        inspect.Parameter("client_key", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ClientKeyOpt),
+    ]
+
+    @functools.wraps(fn)
+    def command(*args, server_key: Path | None = None, client_key: Path | None = None, **kwargs):
+        _given_keys.update(server_key=server_key, client_key=client_key)
+        return fn(*args, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    command.__annotations__ = {**fn.__annotations__, "server_key": ServerKeyOpt, "client_key": ClientKeyOpt}
+    return command
+
+
+def add_key_options(app: typer.Typer) -> None:
+    """Give every command of `app` (and of its sub-apps) that names a daemon endpoint the key options."""
+    for info in app.registered_commands:
+        if _ENDPOINT_PARAMETERS & set(inspect.signature(info.callback).parameters):
+            info.callback = with_key_options(info.callback)
+    for group in app.registered_groups:
+        add_key_options(group.typer_instance)
+
+
+def client_keys(config: Path | None) -> dict[str, str | None]:
+    """server_key/client_key for Producer/Admin: the options, else [security] of the config (file, LSTMD_*)."""
+    from lstmd.clients.curve import CurveKeyError, load_key
+
+    server_key, client_key = _given_keys.get("server_key"), _given_keys.get("client_key")
+    if server_key is None and client_key is None:
+        security = load_config_or_exit(config).security
+        server_key, client_key = security.server_public_key or None, security.client_secret_key or None
+    if bool(server_key) != bool(client_key):
+        raise fail("--server-key and --client-key go together (the daemon's public key and this client's secret key)")
+    try:
+        if server_key:
+            load_key(server_key, secret=False, what="--server-key")
+            load_key(client_key, secret=True, what="--client-key")
+    except CurveKeyError as exc:
+        raise fail(str(exc)) from None
+    return {"server_key": server_key and str(server_key), "client_key": client_key and str(client_key)}

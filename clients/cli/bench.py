@@ -13,6 +13,7 @@ from lstmd.clients.cli._common import (
     JsonOpt,
     SetOpt,
     call_or_exit,
+    client_keys,
     console,
     err_console,
     fail,
@@ -44,6 +45,12 @@ def bench(
     compare: Annotated[
         str | None, typer.Option(help="Also run this baseline on the same workload: naive.", show_default=False)
     ] = None,
+    curve: Annotated[
+        bool,
+        typer.Option(
+            "--curve", help="Also run lstmd with CurveZMQ security on every socket (keys made for the run)."
+        ),
+    ] = False,
     naive_duration: Annotated[
         float | None, typer.Option(help="Measured seconds for the baseline (default: --duration).")
     ] = None,
@@ -70,13 +77,16 @@ def bench(
         rate_value = 0.0 if half else float(rate)
     except ValueError:
         raise typer.BadParameter("events/s as a number, or 'half'", param_hint="--rate") from None
+    if curve and events:
+        raise typer.BadParameter("--curve starts a daemon of its own: leave out --events", param_hint="--curve")
     if control and not events:
         raise typer.BadParameter("--control needs --events (the daemon to drive)", param_hint="--control")
     for name, value in (("--streams", streams), ("--events-per-message", events_per_message)):
         if value <= 0:
             raise typer.BadParameter("must be positive", param_hint=name)
+    keys = client_keys(None) if events else None  # a running daemon with CURVE: --server-key/--client-key
     if events and control:
-        model = call_or_exit(b.daemon_status, control)["model"]
+        model = call_or_exit(b.daemon_status, control, keys)["model"]
         input_size, hidden, layers = model["input_size"], model["hidden_size"], model["num_layers"]
     if out is not None and not out.parent.is_dir():
         raise fail(f"--out {out}: the folder {out.parent} does not exist")
@@ -102,13 +112,16 @@ def bench(
     results = []
     try:
         err_console.print("running lstmd ...", highlight=False)
-        results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_))
+        results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_, client_keys=keys))
         if half:
             half_rate = results[0].events_per_s / 2
             err_console.print(f"running lstmd open loop at {half_rate:,.0f} events/s ...", highlight=False)
             at_half = b.Workload(**{**asdict(workload), "rate": half_rate})
-            results.append(b.run_lstmd(at_half, events=events, control=control, overrides=set_))
+            results.append(b.run_lstmd(at_half, events=events, control=control, overrides=set_, client_keys=keys))
             results[-1].server = "lstmd@50%"
+        if curve:
+            err_console.print("running lstmd with CURVE security ...", highlight=False)
+            results.append(b.run_lstmd(workload, overrides=set_, curve=True))
         if compare == "naive":
             err_console.print("running the naive per-event server ...", highlight=False)
             naive = b.Workload(**{**asdict(workload), "duration_s": naive_duration or duration})
@@ -160,6 +173,8 @@ def _table(summary: dict) -> Table:
     stolen = [f"{r['server']} {r['host_steal']:.0%}" for r in summary["runs"] if (r.get("host_steal") or 0) >= 0.02]
     if stolen:  # a shared VM: the hypervisor ran other guests on these CPUs during the window
         captions.append(f"CPU time stolen by the hypervisor during the window: {', '.join(stolen)}")
+    if summary.get("curve_vs_plain") is not None:
+        captions.append(f"lstmd with CURVE / without = {summary['curve_vs_plain']:.0%} of the events/s")
     if summary.get("speedup_vs_naive") is not None:
         captions.append(f"lstmd / naive = {summary['speedup_vs_naive']:,.0f}x on the same workload")
     table.caption = "\n".join(captions) or None

@@ -20,6 +20,7 @@ from lstmd.clients.cli._common import (
     ConfigOpt,
     JsonOpt,
     TimeoutOpt,
+    client_keys,
     console,
     err_console,
     fail,
@@ -197,7 +198,7 @@ def replay(
 
     endpoint = events or resolve_endpoint(config, None, key="events")
     require_listener(endpoint, timeout, "the events endpoint")
-    producer = Producer(endpoint)
+    producer = Producer(endpoint, **client_keys(config))
     preds = np.full((len(rows),), np.nan, dtype=np.float32)
     reasons: dict[int, str] = {}
     started = time.perf_counter()

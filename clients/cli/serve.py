@@ -44,6 +44,9 @@ def serve(config: ConfigOpt = None, set_: SetOpt = None, log_level: LogLevelOpt 
         # Before start() writes endpoints.json: whoever sees that file may signal, and gets a clean stop.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: daemon.request_stop())
+        # SIGHUP re-reads the client key directories, as `lstmd keys reload` does (start() loads [security]; a
+        # daemon without it ignores the signal instead of dying of it)
+        signal.signal(signal.SIGHUP, lambda *_: daemon.security is not None and daemon.security.request_reload())
         daemon.start()
     except StartupError as exc:
         raise fail(str(exc)) from None

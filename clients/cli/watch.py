@@ -11,7 +11,7 @@ import time
 from typing import Annotated
 
 import typer
-from lstmd.clients.cli._common import ConfigOpt, JsonOpt, console, fail, resolve_endpoint
+from lstmd.clients.cli._common import ConfigOpt, JsonOpt, client_keys, console, fail, resolve_endpoint
 from rich.live import Live
 from rich.table import Table
 
@@ -47,7 +47,8 @@ def watch(
     if not endpoint:
         raise fail("the daemon publishes nothing: serve.publish is empty in its config")
     seen = 0
-    with Subscriber(endpoint, _wanted(streams) if streams else None, timeout=timeout) as sub:
+    wanted = _wanted(streams) if streams else None
+    with Subscriber(endpoint, wanted, timeout=timeout, **client_keys(config)) as sub:
         try:
             if json:
                 for prediction in sub:
