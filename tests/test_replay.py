@@ -3,8 +3,8 @@ non-zero when the daemon rejected rows, scores finite rows only and next to the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -124,8 +124,8 @@ def test_nothing_listening_fails_within_the_timeout(tmp_path):
     assert result.exit_code == 1 and "no daemon answered at tcp://127.0.0.1:1" in result.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_plot_without_matplotlib_says_how_to_get_it(tmp_path):
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: its import raises ImportError
     path = write(tmp_path, ["stream,a,y", "1,1,1"])
     result = runner.invoke(app, ["replay", str(path), "--target", "y", "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 1 and "pip install 'lstmd[bench]'" in result.stderr

@@ -122,7 +122,7 @@ def pause_state(daemon) -> dict:
     shown = json.loads(CliRunner().invoke(app, ["train", "status", *control, "--json"]).stdout)
     gauge = daemon.metrics.registry.get_sample_value("lstmd_train_enabled")
     table = CliRunner().invoke(app, ["train", "status", *control]).stdout
-    assert "paused" in table and "next_round" in table
+    assert ("paused (lstmd train resume)" in table) == shown["paused"] and "next round" in table
     return {"paused": shown["paused"], "next_round": shown["next_round"], "gauge": gauge}
 
 

@@ -205,6 +205,8 @@ def training_view(data: dict) -> Table:
     ]
     if data.get("requested"):
         rows.append(("requested", f"{number(data['requested'])} by `lstmd train now`"))
+    if data.get("next_round"):  # what the next scheduled round waits for (new data, the interval, a pause)
+        rows.append(("next round", str(data["next_round"])))
     streak, limit = data.get("consecutive_rejections", 0), (data.get("settings") or {}).get("reset_after_rejections")
     restarts = f"{number(data.get('resets', 0))} restarts from the serving weights so far"
     rows.append(("rejected in a row", f"{streak} (a restart at {limit}); {restarts}" if limit else f"{streak}"))
@@ -253,7 +255,7 @@ def training_view(data: dict) -> Table:
         )
     known = {
         "enabled", "paused", "rounds", "requested", "outcomes", "consecutive_rejections", "resets", "last_round",
-        "recorder", "settings", "model_version",
+        "recorder", "settings", "model_version", "next_round", "new_data_since_last_round",
     }  # fmt: skip
     rows += [(k, plain(v)) for k, v in data.items() if k not in known]
     return section("training", rows)
