@@ -147,6 +147,7 @@ class DeviceStep:
         self._staging = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._y = torch.zeros(MAX_BUCKET, H, device=device)
         self._out = torch.zeros(MAX_BUCKET, spec.output_size, device=device)
+        self._host_views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self._next = 0  # which host buffer the next wave fills
         self._pending: list[PendingStep | None] = [None, None]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -184,10 +185,13 @@ class DeviceStep:
         k = self._next
         if self._pending[k] is not None:
             raise RuntimeError("two waves are pending already: call result() on the older one first")
-        self._next = 1 - k
         if self.cuda:
             self._copied[k].synchronize()  # the previous copy out of this buffer has finished (normally long ago)
-        host = tuple(t.numpy() for t in staging_views(self._host[k], bucket, self.input_size))
+        host = self._host_views.get((k, bucket))
+        if host is None:  # numpy views of the pinned buffer, made once per buffer and bucket
+            host = self._host_views[k, bucket] = tuple(
+                t.numpy() for t in staging_views(self._host[k], bucket, self.input_size)
+            )
         fill_staging(host, features, slots, fresh, self.scratch)
         nbytes = staging_bytes(bucket, self.input_size)
         with torch.cuda.stream(self._stream) if self.cuda else nullcontext(), torch.inference_mode():
@@ -211,10 +215,15 @@ class DeviceStep:
                 self._done[k].record(self._stream)
         pending = PendingStep(self, k, n)
         self._pending[k] = pending
+        self._next = 1 - k
         return pending
 
     def _run(self, bucket: int) -> None:
-        """The bucket's step: replayed from its graph, or launched (and, with graphs on, captured for next time)."""
+        """The bucket's step: replayed from its graph, or launched (and, with graphs on, captured for next time).
+
+        The first wave of a bucket pays for Triton's compile (cached on disk after the first process) and the
+        capture, which synchronises the device and collects garbage (torch.cuda.graph does): a one-off latency
+        spike per bucket, at most 11 of them."""
         graph = self._graphs.get(bucket)
         if graph is not None:
             graph.replay()

@@ -5,7 +5,8 @@ about resources. This compiles every kernel and variant, at the launch configura
 (`launch_config`; `tiled_config` for the tiled step at the tile plan_step picks; `_steps_config` for the
 per-step sequence), for sm_90 (H100) through Triton's own toolchain (no driver needed), and fails if a compile
 fails or a kernel needs more shared memory than one block may have. With cuobjdump (shipped in Triton's NVIDIA
-backend) it also prints registers per thread and the stack (spill) bytes, the first thing to look at when tuning on a real card.
+backend) it also prints registers per thread and the stack (spill) bytes, the first thing to look at when tuning
+on a real card.
 
 Shapes: H hidden (each H maps to one BLOCK_H, see triton_lstm.launch_config), L layers.
 The kernels must be compiled, not interpreted: the module re-runs itself without TRITON_INTERPRET if it is set.
