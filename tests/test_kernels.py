@@ -477,3 +477,41 @@ def test_step_with_prepared_weights_follows_a_reload(backend, device, rtol):
         y_ref = lstm_step_(x, slots, h_ref, c_ref, now, backend="torch")
         assert_close(f"round {round_} y", y, y_ref, rtol)
         assert_close(f"round {round_} h", h, h_ref, rtol)
+
+
+@pytest.mark.parametrize(("backend", "device", "rtol"), [p for p in TRITON_CASES if p.values[1] == "cpu"])
+def test_bench_sweep_runs_through_the_interpreter(backend, device, rtol):
+    """kernels/bench.py's GPU sweep, at tiny sizes on the CPU (no timing, no graph): every implementation runs,
+    every row is complete, and the target summary reads the rows (scripts/gpu-check's first run depends on it)."""
+    from lstmd.kernels import bench
+
+    rows = bench.sweep(
+        "cpu", S=64, hidden=(48,), batches=(20,), tbptt=(5, 3, 2, (40,)), timed=lambda fn: (fn(), 1.0)[1],
+        graphed=lambda fn: fn, IN=7,
+    )  # fmt: skip
+    impls = {r["impl"] for r in rows}
+    assert {"torch eager", "torch eager, CUDA graph", "triton tiled 64x32", "cuDNN nn.LSTM", "triton steps"} <= impls
+    assert any(str(i).endswith("(auto)") for i in impls)
+    assert all(r["ms"] == 1.0 and r["speedup"] is not None for r in rows)
+    assert bench.targets(rows, hbm_gbps=1000.0) == []  # none of the target shapes at these sizes
+
+
+def test_bench_targets_read_the_target_shapes():
+    from lstmd.kernels import bench
+
+    def row(op, shape, impl, ms, gbps=None):
+        return {"op": op, "shape": shape, "impl": impl, "ms": ms, "GB/s": gbps}
+
+    s4k, s16k = "B=4096 H=256 L=1 I=64 S=1e6", "B=16384 H=256 L=1 I=64 S=1e6"
+    rows = [
+        row("step", s4k, "torch eager", 0.5), row("step", s4k, "torch eager, CUDA graph", 0.15),
+        row("step", s4k, "triton tiled 64x32 (auto)", 0.125), row("step", s4k, "triton rows 16x256", 0.25),
+        row("step", s16k, "triton tiled 64x32 (auto)", 0.3, gbps=1600.0),
+        row("tbptt fwd+bwd", "B=256 T=64 H=128 L=2 I=64", "triton steps (auto)", 2.0),
+        row("tbptt fwd+bwd", "B=256 T=64 H=128 L=2 I=64", "cuDNN nn.LSTM", 1.0),
+    ]  # fmt: skip
+    got = {what: (measured, ok) for what, measured, ok in bench.targets(rows, hbm_gbps=3000.0)}
+    assert got["step B=4096 H=256 >= 3x torch eager"] == ("4.00x", True)
+    assert got["step B=4096 H=256 >= 1.5x eager CUDA graph"] == ("1.20x", False)
+    assert got["step B=16384 H=256 >= 50% of HBM (measured copy)"] == ("53% (triton tiled 64x32 (auto))", True)
+    assert got["TBPTT B=256 T=64 H=128 L=2 >= 1.0x cuDNN"] == ("0.50x", False)
