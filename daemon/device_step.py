@@ -15,8 +15,9 @@ Per wave of n events (daemon/engine.py hands it over on CUDA devices only; the C
    captured the first time the bucket is seen (`serve.cuda_graphs = false`: launched eagerly), then one
    device→host copy of the n predictions into a pinned buffer, and an event.
 3. `result()` waits for that event: the only synchronisation of a wave, the one that hands predictions back.
-Nothing is allocated per wave (the graphs own their intermediates), except the small numpy array of predictions
-handed back. Two staging buffers alternate, so a caller may fill wave k+1 while wave k runs (submit / result).
+With graphs nothing is allocated per wave (the graphs own their intermediates; without them the caching
+allocator hands out the same blocks again), except the small numpy array of predictions handed back. Two
+staging buffers alternate, so a caller may fill wave k+1 while wave k runs (submit / result).
 
 The graphs read weights from tensors this class owns: publishing a model copies its tensors into them (on the
 same stream, between waves); the Triton backend's transposed layouts are refreshed in place too.

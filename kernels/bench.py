@@ -7,8 +7,8 @@ the rows, the device and the targets for docs/benchmarks.md):
     PyTorch eager (index_select + cell + index_copy_, the reference backend) and the same captured in a CUDA
     graph; each Triton plan ("rows", "tiled", forced; "(auto)" marks plan_step's choice) launched and in a CUDA
     graph; the public lstm_step_ (which checks slot values: one sync); bf16 weights.
-  - a TBPTT window, B = 256, T = 64, L = 2, H in {128, 256}, forward + backward: each Triton sequence plan
-    ("rows", "steps") vs cuDNN nn.LSTM.
+  - a TBPTT window, B = 256, T = 64, L = 2, H in {128, 256}, and the trainer's default B = 64, T = 32 (L = 1,
+    H = 256), forward + backward: each Triton sequence plan ("rows", "steps") vs cuDNN nn.LSTM.
   - issue 17's kernel targets, MET or MISS, computed from the rows above.
   Times are triton.testing.do_bench medians; tables and inputs are random (METHOD.md: never zeros).
 On the CPU (no GPU): the reference step vs a naive per-stream Python loop, and the reference sequence vs
@@ -163,16 +163,17 @@ def bench_cuda(quick: bool = False) -> list[Row]:
         S=1_000_000,
         hidden=(256,) if quick else (128, 256, 512),
         batches=(4096, 16384) if quick else (256, 4096, 16384),
-        tbptt=(256, 64, 2, (128, 256)),
+        # issue 17's TBPTT target shapes, and the trainer's defaults (train.batch = 64 windows of k2 = 32)
+        tbptt=[(256, 64, 2, 128), (256, 64, 2, 256)] + ([] if quick else [(64, 32, 1, 256)]),
         timed=lambda fn: triton.testing.do_bench(fn, return_mode="median"),
         graphed=_graphed,
     )
 
 
 def sweep(dev, S, hidden, batches, tbptt, timed, graphed, IN: int = 64) -> list[Row]:  # noqa: N803 (legend)
-    """The rows of bench_cuda on `dev`; `timed(fn)` → ms, `graphed(fn)` → a replay of fn captured in a CUDA
-    graph. tests/test_kernels.py runs it on the CPU through the interpreter at tiny sizes (no timing, no graph),
-    so the first GPU run does not find a typo here."""
+    """The rows of bench_cuda on `dev` (tbptt: a list of (B, T, L, H)); `timed(fn)` → ms, `graphed(fn)` → a
+    replay of fn captured in a CUDA graph. tests/test_kernels.py runs it on the CPU through the interpreter at
+    tiny sizes (no timing, no graph), so the first GPU run does not find a typo here."""
     from lstmd.kernels import triton_lstm as tk
 
     rows: list[Row] = []
@@ -214,8 +215,7 @@ def sweep(dev, S, hidden, batches, tbptt, timed, graphed, IN: int = 64) -> list[
                     rows.append(_row("step", shape, name, times[name], moved, flops, times["torch eager"]))
             h = c = impls = None  # free the 2·S·H·4-byte tables (and the graphs' pools) before the next H
             torch.cuda.empty_cache()
-    B, T, L, tbptt_hidden = tbptt
-    for H in tbptt_hidden:
+    for B, T, L, H in tbptt:
         m, params = _params(IN, H, L, dev)
         for p in params:
             for w in p:

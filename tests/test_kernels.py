@@ -486,7 +486,7 @@ def test_bench_sweep_runs_through_the_interpreter(backend, device, rtol):
     from lstmd.kernels import bench
 
     rows = bench.sweep(
-        "cpu", S=64, hidden=(48,), batches=(20,), tbptt=(5, 3, 2, (40,)), timed=lambda fn: (fn(), 1.0)[1],
+        "cpu", S=64, hidden=(48,), batches=(20,), tbptt=[(5, 3, 2, 40)], timed=lambda fn: (fn(), 1.0)[1],
         graphed=lambda fn: fn, IN=7,
     )  # fmt: skip
     impls = {r["impl"] for r in rows}
