@@ -86,21 +86,21 @@ class _Static:
             self.model.normalization = type(norm)(norm.mean.clone(), norm.std.clone(), norm.delta_scale.clone(),
                                                   norm.inputs)  # fmt: skip
 
-    def load(self, model: ServingModel) -> None:
-        if model.spec != self.model.spec:
-            raise ValueError(
-                f"the published model does not fit the serving step: {model.spec.mismatch(self.model.spec)}"
-            )
-        for name, tensor in model.tensors.items():
-            self.model.tensors[name].copy_(tensor, non_blocking=True)
+    def fits(self, model: ServingModel) -> bool:
+        """Whether `model` can be copied in: same sizes and task, and the same normalisation branch (the
+        captured graphs hold the Python branches taken at capture)."""
         mine, theirs = self.model.normalization, model.normalization
         if (mine is None) != (theirs is None):
-            raise ValueError("the published model's forecast normalisation does not fit the serving step")
-        if mine is not None:
-            if mine.inputs != theirs.inputs:
-                raise ValueError(f"forecast inputs changed from {mine.inputs} to {theirs.inputs} while serving")
+            return False
+        return model.spec == self.model.spec and (mine is None or mine.inputs == theirs.inputs)
+
+    def load(self, model: ServingModel) -> None:
+        """Copy a model that fits() into these tensors, on the current stream."""
+        for name, tensor in model.tensors.items():
+            self.model.tensors[name].copy_(tensor, non_blocking=True)
+        if model.normalization is not None:
             for k in ("mean", "std", "delta_scale"):
-                getattr(mine, k).copy_(getattr(theirs, k), non_blocking=True)
+                getattr(self.model.normalization, k).copy_(getattr(model.normalization, k), non_blocking=True)
 
 
 class DeviceStep:
@@ -201,12 +201,7 @@ class DeviceStep:
                 # model's tensors) comes first; no host synchronisation.
                 self._stream.wait_stream(torch.cuda.default_stream(self.device))
             if model is not self._loaded:
-                self.static.load(model)
-                if self._weights is not None:
-                    from lstmd.kernels import triton_lstm
-
-                    triton_lstm.load_step_weights(self._weights, self.static.model.params)
-                self._loaded = model
+                self._publish(model)
             self._staging[:nbytes].copy_(self._host[k][:nbytes], non_blocking=True)
             if self.cuda:
                 self._copied[k].record(self._stream)
@@ -218,6 +213,24 @@ class DeviceStep:
         self._pending[k] = pending
         self._next = 1 - k
         return pending
+
+    def _publish(self, model: ServingModel) -> None:
+        """Serve `model` from the next wave: copied into the captured tensors, or, where it changes what the
+        graphs branched on (a forecast model's inputs kind), into new ones, the graphs captured again."""
+        if self.static.fits(model):
+            self.static.load(model)
+        else:
+            self.static = _Static(model)
+            self._graphs.clear()
+            if self._weights is not None:
+                from lstmd.kernels import triton_lstm
+
+                self._weights = triton_lstm.prepare_step_weights(self.static.model.params)
+        if self._weights is not None:
+            from lstmd.kernels import triton_lstm
+
+            triton_lstm.load_step_weights(self._weights, self.static.model.params)
+        self._loaded = model
 
     def _run(self, bucket: int) -> None:
         """The bucket's step: replayed from its graph, or launched (and, with graphs on, captured for next time).

@@ -192,3 +192,27 @@ def test_engine_on_cuda_serves_through_graphs(device):
     for x, slots, fresh in _waves(rng, S, n_in, n_waves=8):
         np.testing.assert_allclose(gpu.step(x, slots, fresh), cpu.step(x, slots, fresh), rtol=1e-2, atol=1e-3)
     assert gpu._device_step._graphs
+
+
+def test_a_model_that_changes_the_forecast_branch_is_served_from_new_tensors():
+    """Publishing a forecast model whose inputs kind differs (levels, not changes) cannot be copied into captured
+    tensors (the graphs hold the branch): the step rebuilds its weights, drops its graphs, and serves it."""
+    from lstmd.daemon.normalization import ForecastNormalization
+
+    S, dev = 20, torch.device("cpu")
+    model = _model("forecast", 0)
+    levels = ServingModel(model.spec, dict(model.tensors), 1)
+    levels.normalization = ForecastNormalization(
+        torch.full((5,), 0.5), torch.full((5,), 2.0), torch.full((5,), 0.25), "level"
+    )
+    ref = Engine(model, StateStore(2, 24, S, dev), dev, "torch")
+    step = DeviceStep(model, StateStore(2, 24, S, dev), _last_x(model.spec, S, dev), "torch", dev, cuda_graphs=False)
+    old_static = step.static
+    rng = np.random.default_rng(4)
+    for k, (x, slots, fresh) in enumerate(_waves(rng, S, 5)):
+        serving = model if k < 2 else levels
+        if k == 2:
+            ref.swap_model(levels)
+        np.testing.assert_allclose(step.step(serving, x, slots, fresh), ref.step(x, slots, fresh), rtol=1e-6,
+                                   atol=1e-6, err_msg=f"wave {k}")  # fmt: skip
+    assert step.static is not old_static and step.static.model.normalization.inputs == "level"
