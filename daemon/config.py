@@ -116,6 +116,11 @@ class ServeConfig(_Section):
     # Threads the CPU step splits each wave over (kernels/cpu_step.py: disjoint rows, one torch thread each, not
     # torch's OpenMP pool); 0: one per usable core, at most 4. Measured on 2 cores only (docs/benchmarks.md).
     step_threads: Annotated[int, doc("threads the CPU step splits a batch over; 0: one per core, at most 4", ge=0)] = 0
+    # daemon/device_step.py: one graph per batch size bucket (powers of two, 16..16384), captured at first use;
+    # weights are copied into the captured tensors when a model is published. Never yet run on a GPU.
+    cuda_graphs: Annotated[bool, doc("cuda: replay the serving step from CUDA graphs, one per batch-size bucket")] = (
+        True
+    )
 
 
 class StateConfig(_Section):

@@ -2,6 +2,8 @@
 
 Holds the serving model on the device. Swapping `engine.model` for a new `ServingModel` between two batches is
 how new weights are published: the loop reads the reference once per wave, so a swap never tears a wave.
+On a CUDA device the step goes through daemon/device_step.py (pinned staging, one copy each way per wave, a CUDA
+graph per bucketed batch size under serve.cuda_graphs); that path has never run on a GPU. The CPU path is below.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Engine:
         backend: str,
         cpu_threads: int = 0,
         step_threads: int = 1,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = device
         if device.type == "cpu":
@@ -54,6 +57,16 @@ class Engine:
             if spec.task == "forecast"
             else None
         )
+        self._device_step = None
+        if device.type == "cuda":
+            from lstmd.daemon.device_step import DeviceStep
+
+            # It takes over the state tables (one scratch row more) and last_x; the store and this engine keep
+            # views of them.
+            self._device_step = DeviceStep(
+                self.model, store, self.last_x, self.backends.kernel, device, cuda_graphs
+            )
+            self.last_x = self._device_step.last_x
 
     @property
     def backend_name(self) -> str:
@@ -82,6 +95,8 @@ class Engine:
     def step(self, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance the streams at `slots` (distinct) by one event each; return predictions [n, O] float32."""
         model = self.model
+        if self._device_step is not None:
+            return self._device_step.step(model, features, slots, fresh)
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None

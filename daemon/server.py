@@ -116,6 +116,7 @@ class Daemon:
             config.serve.backend,
             cpu_threads=config.serve.cpu_threads,
             step_threads=config.serve.step_threads,
+            cuda_graphs=config.serve.cuda_graphs,
         )
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")

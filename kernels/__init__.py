@@ -17,6 +17,9 @@ the argument.
 The Triton module is imported on first use, so serving on the CPU never imports triton. Side by side in this
 package: `reference.py` (PyTorch), `triton_lstm.py` (Triton), `cpu_step.py` + `_cpu_kernel.c` (the daemon's CPU
 serving step), `backends.py` (which one runs where), `tuning.py` (process-wide thread settings).
+Variants: the Triton backend picks a launch plan by B and H (triton_lstm.plan_step / plan_sequence: one program
+per 16 whole rows, or H split in tiles over programs with one launch per layer or per time step); the choice is
+internal and does not change this contract.
 Precision: on a GPU the Triton kernels' matrix products use TF32 (lstmd.kernels.triton_lstm.ALLOW_TF32 = False
 for full fp32); the reference follows torch's own TF32 settings. H is limited to 512 on the Triton backend
 (ValueError above it).

@@ -1,11 +1,16 @@
 """Benchmark of the LSTM kernels: `python -m lstmd.kernels.bench` (a script, not a test; prints a table last).
 
-On CUDA (the sweep of issue 2; budget: under 4 minutes on one H100):
+On CUDA (issue 17's sweep; about 2 minutes on one H100, `--quick` the target shapes only; `--json FILE` keeps
+the rows, the device and the targets for docs/benchmarks.md):
+  - the HBM ceiling: a 2 GiB device-to-device copy (bytes read + written); "% HBM" is against it.
   - step over a resident table, S = 1,000,000 rows, I = 64, L = 1, B in {256, 4096, 16384}, H in {128, 256, 512}:
-    Triton vs PyTorch eager (index_select + cell + index_copy_, the reference backend) vs the same eager step
-    captured in a CUDA graph; bytes moved, FLOPs and achieved GB/s next to each time.
-  - a TBPTT window, B = 256, T = 64, L = 2, H in {128, 256}, forward + backward: Triton vs cuDNN nn.LSTM.
-  Times are triton.testing.do_bench medians.
+    PyTorch eager (index_select + cell + index_copy_, the reference backend) and the same captured in a CUDA
+    graph; each Triton plan ("rows", "tiled", forced; "(auto)" marks plan_step's choice) launched and in a CUDA
+    graph; the public lstm_step_ (which checks slot values: one sync); bf16 weights.
+  - a TBPTT window, B = 256, T = 64, L = 2, H in {128, 256}, and the trainer's default B = 64, T = 32 (L = 1,
+    H = 256), forward + backward: each Triton sequence plan ("rows", "steps") vs cuDNN nn.LSTM.
+  - issue 17's kernel targets, MET or MISS, computed from the rows above.
+  Times are triton.testing.do_bench medians; tables and inputs are random (METHOD.md: never zeros).
 On the CPU (no GPU): the reference step vs a naive per-stream Python loop, and the reference sequence vs
 nn.LSTM, at small sizes, timed as medians of time.perf_counter() over repeats, so the script runs everywhere.
 
@@ -17,12 +22,12 @@ Bytes per step and layer: gather h, c and scatter h, c (4·B·H·4), x (B·I_l·
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from lstmd import kernels
 from lstmd.kernels import lstm_sequence, lstm_step_, reference
 
 Row = dict[str, object]
@@ -120,78 +125,162 @@ def bench_cpu() -> list[Row]:
     return rows
 
 
-def bench_cuda() -> list[Row]:
+# Datasheet HBM bandwidth (GB/s) by device name; the sweep also measures a device-to-device copy and reports
+# "% HBM" against that measured ceiling (METHOD.md: datasheet rates are leads).
+DATASHEET_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800}
+
+
+def _copy_gbps() -> float:
+    """Measured HBM ceiling: a 2 GiB device-to-device copy, bytes read plus written, median of do_bench."""
     import triton.testing
 
+    src = torch.randn(1 << 29, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6  # the buffers go when this returns
+
+
+def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after warm-up runs on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_cuda(quick: bool = False) -> list[Row]:
+    """The sweep of issue 17 (budget: about 2 minutes on one H100; --quick: the target shapes only)."""
+    import triton.testing
+
+    return sweep(
+        "cuda",
+        S=1_000_000,
+        hidden=(256,) if quick else (128, 256, 512),
+        batches=(4096, 16384) if quick else (256, 4096, 16384),
+        # issue 17's TBPTT target shapes, and the trainer's defaults (train.batch = 64 windows of k2 = 32)
+        tbptt=[(256, 64, 2, 128), (256, 64, 2, 256)] + ([] if quick else [(64, 32, 1, 256)]),
+        timed=lambda fn: triton.testing.do_bench(fn, return_mode="median"),
+        graphed=_graphed,
+    )
+
+
+def sweep(dev, S, hidden, batches, tbptt, timed, graphed, IN: int = 64) -> list[Row]:  # noqa: N803 (legend)
+    """The rows of bench_cuda on `dev` (tbptt: a list of (B, T, L, H)); `timed(fn)` → ms, `graphed(fn)` → a
+    replay of fn captured in a CUDA graph. tests/test_kernels.py runs it on the CPU through the interpreter at
+    tiny sizes (no timing, no graph), so the first GPU run does not find a typo here."""
+    from lstmd.kernels import triton_lstm as tk
+
     rows: list[Row] = []
-    dev = "cuda"
-    S, IN, L = 1_000_000, 64, 1
+    L = 1
     with torch.no_grad():
-        for H in (128, 256, 512):
+        for H in hidden:
             _, params = _params(IN, H, L, dev)
-            h = torch.zeros(L, S, H, device=dev)
-            c = torch.zeros(L, S, H, device=dev)
-            for B in (256, 4096, 16384):
+            _, params_bf16 = _params(IN, H, L, dev, torch.bfloat16)
+            weights = tk.prepare_step_weights(params)
+            h = torch.randn(L, S, H, device=dev) * 0.1  # not zeros: METHOD.md (zeros can run faster)
+            c = torch.randn(L, S, H, device=dev) * 0.1
+            for B in batches:
                 slots = torch.randperm(S, device=dev)[:B]
                 x = torch.randn(B, IN, device=dev)
+                y = torch.empty(B, H, device=dev)
                 nbytes, flops = _step_bytes_flops(B, IN, H, L)
-
-                def eager():
-                    return reference.lstm_step_(x, slots, h, c, params)  # noqa: B023
-
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        eager()
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    eager()
-                t_tr = triton.testing.do_bench(lambda: lstm_step_(x, slots, h, c, params, backend="triton"))  # noqa: B023
-                kernels.VALIDATE_SLOTS = False
-                t_tr_nocheck = triton.testing.do_bench(
-                    lambda: lstm_step_(x, slots, h, c, params, backend="triton")  # noqa: B023
+                auto = tk.plan_step(B, H)
+                impls: dict[str, tuple[Callable[[], object], int]] = {
+                    "torch eager": (lambda: reference.lstm_step_(x, slots, h, c, params), nbytes),  # noqa: B023
+                }
+                impls["torch eager, CUDA graph"] = (graphed(impls["torch eager"][0]), nbytes)
+                for plan in (tk.StepPlan("rows", 16, max(16, triton_next_pow2(H))), tk.StepPlan("tiled", 64, 32)):
+                    name = f"triton {plan.kind} {plan.block_b}x{plan.block_h}" + (" (auto)" if plan == auto else "")
+                    run = lambda plan=plan: tk.launch_step(x, slots, h, c, weights, None, y, plan)  # noqa: B023, E731
+                    impls[name] = (run, nbytes)
+                    impls[name + ", CUDA graph"] = (graphed(run), nbytes)
+                impls["triton auto, public lstm_step_ (slots checked: 1 sync)"] = (
+                    lambda: lstm_step_(x, slots, h, c, params, backend="triton"),  # noqa: B023
+                    nbytes,
                 )
-                kernels.VALIDATE_SLOTS = True
-                t_eager = triton.testing.do_bench(eager)
-                t_graph = triton.testing.do_bench(graph.replay)  # noqa: B023
-                shape = f"B={B} H={H} L={L} I={IN} S=1e6"
-                for name, ms in (
-                    ("triton, slots checked (1 sync)", t_tr),
-                    ("triton, VALIDATE_SLOTS=False", t_tr_nocheck),
-                    ("torch eager", t_eager),
-                    ("torch eager, CUDA graph", t_graph),
-                ):
-                    rows.append(_row("step", shape, name, ms, nbytes, flops, t_eager))
-                del graph
-            h = c = None  # free the 2·S·H·4-byte tables before the next H
+                nbytes_bf16, _ = _step_bytes_flops(B, IN, H, L, wbytes=2)
+                impls["triton auto, bf16 weights"] = (
+                    lambda: tk.lstm_step_(x, slots, h, c, params_bf16, out=y),  # noqa: B023
+                    nbytes_bf16,
+                )
+                times = {name: timed(fn) for name, (fn, _) in impls.items()}
+                shape = f"B={B} H={H} L={L} I={IN} S={S:.0e}".replace("e+0", "e")
+                for name, (_, moved) in impls.items():
+                    rows.append(_row("step", shape, name, times[name], moved, flops, times["torch eager"]))
+            h = c = impls = None  # free the 2·S·H·4-byte tables (and the graphs' pools) before the next H
             torch.cuda.empty_cache()
-    B, T, L = 256, 64, 2
-    for H in (128, 256):
+    for B, T, L, H in tbptt:
         m, params = _params(IN, H, L, dev)
         for p in params:
             for w in p:
                 w.requires_grad_()
         x = torch.randn(B, T, IN, device=dev)
-        h0 = torch.zeros(L, B, H, device=dev)
+        h0 = torch.randn(L, B, H, device=dev) * 0.1
         flat = [w for p in params for w in p]
 
-        def ours():
-            y, (h_n, _) = lstm_sequence(x, h0, h0, params, backend="triton")  # noqa: B023
-            torch.autograd.grad(y.sum() + h_n.sum(), flat)  # noqa: B023
+        def ours(plan):
+            tk.FORCE_SEQUENCE_PLAN = plan
+            try:
+                y, (h_n, _) = lstm_sequence(x, h0, h0, params, backend="triton")  # noqa: B023
+                torch.autograd.grad(y.sum() + h_n.sum(), flat)  # noqa: B023
+            finally:
+                tk.FORCE_SEQUENCE_PLAN = None
 
         def cudnn():
             y, (h_n, _) = m(x, (h0, h0))  # noqa: B023
             torch.autograd.grad(y.sum() + h_n.sum(), list(m.parameters()))  # noqa: B023
 
-        t_ours = triton.testing.do_bench(ours)
-        t_cudnn = triton.testing.do_bench(cudnn)
+        auto = tk.plan_sequence(B, H)
+        t_cudnn = timed(cudnn)
         flops = 3 * sum(2 * B * T * 4 * H * ((IN if k == 0 else H) + H) for k in range(L))
         shape = f"B={B} T={T} H={H} L={L} I={IN}"
-        rows.append(_row("tbptt fwd+bwd", shape, "triton", t_ours, None, flops, t_cudnn))
+        for plan in (tk.SequencePlan("rows", max(16, triton_next_pow2(H))), tk.SequencePlan("steps", 32)):
+            name = f"triton {plan.kind}" + (" (auto)" if plan == auto else "")
+            rows.append(_row("tbptt fwd+bwd", shape, name, timed(lambda plan=plan: ours(plan)), None, flops, t_cudnn))
         rows.append(_row("tbptt fwd+bwd", shape, "cuDNN nn.LSTM", t_cudnn, None, flops, t_cudnn))
     return rows
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def targets(rows: list[Row], hbm_gbps: float) -> list[tuple[str, str, bool | None]]:
+    """Issue 17's kernel targets from the sweep: (target, measured, met?); None where the sweep lacks the shape."""
+
+    def best(op, shape, prefix):
+        ms = [r["ms"] for r in rows if r["op"] == op and r["shape"] == shape and str(r["impl"]).startswith(prefix)]
+        return min(ms) if ms else None
+
+    def one(op, shape, impl):
+        return next((r for r in rows if r["op"] == op and r["shape"] == shape and r["impl"] == impl), None)
+
+    out = []
+    s4096, s16384 = "B=4096 H=256 L=1 I=64 S=1e6", "B=16384 H=256 L=1 I=64 S=1e6"
+    tri, eager, graph = best("step", s4096, "triton"), one("step", s4096, "torch eager"), one(
+        "step", s4096, "torch eager, CUDA graph"
+    )
+    if tri and eager and graph:
+        out.append(("step B=4096 H=256 >= 3x torch eager", f"{eager['ms'] / tri:.2f}x", eager["ms"] / tri >= 3))
+        ratio = graph["ms"] / tri
+        out.append(("step B=4096 H=256 >= 1.5x eager CUDA graph", f"{ratio:.2f}x", ratio >= 1.5))
+    best16k = max((r for r in rows if r["shape"] == s16384 and str(r["impl"]).startswith("triton")),
+                  key=lambda r: r["GB/s"] or 0, default=None)  # fmt: skip
+    if best16k:
+        pct = 100 * best16k["GB/s"] / hbm_gbps
+        out.append(("step B=16384 H=256 >= 50% of HBM (measured copy)", f"{pct:.0f}% ({best16k['impl']})", pct >= 50))
+    for H in (128, 256):
+        shape = f"B=256 T=64 H={H} L=2 I=64"
+        tri, cud = best("tbptt fwd+bwd", shape, "triton"), one("tbptt fwd+bwd", shape, "cuDNN nn.LSTM")
+        if tri and cud:
+            out.append((f"TBPTT B=256 T=64 H={H} L=2 >= 1.0x cuDNN", f"{cud['ms'] / tri:.2f}x", cud["ms"] / tri >= 1.0))
+    return out
 
 
 def _row(op, shape, impl, ms, nbytes, flops, baseline_ms, ms_min=None) -> Row:
@@ -209,7 +298,7 @@ def _row(op, shape, impl, ms, nbytes, flops, baseline_ms, ms_min=None) -> Row:
 
 
 def print_table(rows: list[Row], baseline: str) -> None:
-    cols = ["op", "shape", "impl", "ms", "min ms", "MB", "GB/s", "GFLOP/s", "speedup"]
+    cols = ["op", "shape", "impl", "ms", "min ms", "MB", "GB/s", "% HBM", "GFLOP/s", "speedup"]
 
     def fmt(v: object) -> str:
         if v is None:
@@ -218,7 +307,7 @@ def print_table(rows: list[Row], baseline: str) -> None:
             return f"{v:.4g}"
         return str(v)
 
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(f"ms = median; speedup = {baseline} median / this median, same shape, same run")
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
@@ -233,21 +322,43 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is steadier on a busy host"
     )
+    parser.add_argument("--quick", action="store_true", help="cuda: only the shapes of issue 17's targets")
+    parser.add_argument("--json", dest="json_path", help="also write the rows, the device and the targets here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     torch.manual_seed(0)
+    report: dict[str, object] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
     if use_cuda:
+        import triton
+
         torch.backends.cuda.matmul.allow_tf32 = True  # eager and cuDNN get TF32 too, like the Triton kernels
         torch.backends.cudnn.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-        rows = bench_cuda()
+        name = torch.cuda.get_device_name()
+        hbm = _copy_gbps()
+        torch.cuda.empty_cache()
+        sheet = next((v for k, v in DATASHEET_GBPS.items() if k in name), None)
+        print(f"device: {name}, torch {torch.__version__}, triton {triton.__version__}; device-to-device copy "
+              f"{hbm:,.0f} GB/s (datasheet {sheet or '?'} GB/s)")  # fmt: skip
+        rows = bench_cuda(quick=args.quick)
+        for r in rows:
+            r["% HBM"] = None if r["GB/s"] is None else 100 * r["GB/s"] / hbm
         print_table(rows, "torch eager (step) / cuDNN (tbptt)")
+        met = targets(rows, hbm)
+        print("\nissue 17 kernel targets (this run):")
+        for what, measured, ok in met:
+            print(f"  {'MET ' if ok else 'MISS'} {what}: {measured}")
+        report |= {"device": name, "triton": triton.__version__, "copy_gbps": hbm, "datasheet_gbps": sheet,
+                   "targets": [{"target": w, "measured": m, "met": ok} for w, m, ok in met]}  # fmt: skip
     else:
         print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; no GPU")
         rows = bench_cpu()
         print_table(rows, "naive loop (step) / nn.LSTM (tbptt)")
+        report["device"] = "cpu"
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report | {"rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Compile the Triton kernels for a GPU target without a GPU: `python -m lstmd.kernels.compile_check`.
 
 The interpreter accepts what the compiler rejects (tl.dot shapes under 16, some type mixes) and says nothing
-about resources. This compiles every kernel, at the launch configuration `launch_config` picks, for sm_90
-(H100) through Triton's own toolchain (no driver needed), and fails if a compile fails or a kernel needs more
-shared memory than one block may have. With cuobjdump (shipped in Triton's NVIDIA backend) it also prints
-registers per thread and the stack (spill) bytes, the first thing to look at when tuning on a real card.
+about resources. This compiles every kernel and variant, at the launch configurations the launchers use
+(`launch_config`; `tiled_config` for the tiled step at the tile plan_step picks; `_steps_config` for the
+per-step sequence), for sm_90 (H100) through Triton's own toolchain (no driver needed), and fails if a compile
+fails or a kernel needs more shared memory than one block may have. With cuobjdump (shipped in Triton's NVIDIA
+backend) it also prints registers per thread and the stack (spill) bytes, the first thing to look at when tuning
+on a real card.
 
 Shapes: H hidden (each H maps to one BLOCK_H, see triton_lstm.launch_config), L layers.
 The kernels must be compiled, not interpreted: the module re-runs itself without TRITON_INTERPRET if it is set.
@@ -24,7 +26,7 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
 def _signatures(wt: str) -> dict[str, dict[str, str]]:
-    """Triton signatures of the three kernels; wt is the weight pointer type ("*fp32" or "*bf16")."""
+    """Triton signatures of the kernels; wt is the weight pointer type ("*fp32" or "*bf16")."""
     f32, i32 = "*fp32", "i32"
     cexpr = {n: "constexpr" for n in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "PREC")}
     step = dict(
@@ -36,7 +38,43 @@ def _signatures(wt: str) -> dict[str, dict[str, str]]:
         dy_ptr=f32, dhn_ptr=f32, dcn_ptr=f32, gates_ptr=f32, cs_ptr=f32, w_ptr=wt, dg_ptr=f32, dh0_ptr=f32,
         dc0_ptr=f32, B=i32, T=i32, H=i32, **cexpr,
     )  # fmt: skip
-    return {"_lstm_step_kernel": step, "_lstm_seq_fwd_kernel": fwd, "_lstm_seq_bwd_kernel": bwd}
+    tiled = dict(
+        inp_ptr=f32, slots_ptr="*i64", reset_ptr="*i8", h_ptr=f32, c_ptr=f32, w_in_ptr=wt, w_h_ptr=wt, bias_ptr=f32,
+        hn_ptr=f32, B=i32, K_in=i32, S=i32, H=i32, layer=i32, HAS_RESET="constexpr", IN_PLACE="constexpr",
+        SCATTER_PREV="constexpr", **cexpr,
+    )  # fmt: skip
+    scatter = dict(
+        src_ptr=f32, slots_ptr="*i64", h_ptr=f32, B=i32, S=i32, H=i32, layer=i32, BLOCK_B="constexpr",
+        BLOCK_H="constexpr",
+    )  # fmt: skip
+    fwd_step = dict(xw_ptr=f32, wh_ptr=wt, hs_ptr=f32, cs_ptr=f32, gates_ptr=f32, B=i32, T=i32, H=i32, t=i32, **cexpr)
+    bwd_step = dict(
+        dy_ptr=f32, dhn_ptr=f32, dc_ptr=f32, gates_ptr=f32, cs_ptr=f32, w_ptr=wt, dg_ptr=f32, dh0_ptr=f32, B=i32,
+        T=i32, H=i32, t=i32, FIRST="constexpr", FINAL="constexpr", **cexpr,
+    )  # fmt: skip
+    return {
+        "_lstm_step_kernel": step, "_lstm_seq_fwd_kernel": fwd, "_lstm_seq_bwd_kernel": bwd,
+        "_lstm_step_tiled_kernel": tiled, "_scatter_rows_kernel": scatter,
+        "_lstm_seq_fwd_step_kernel": fwd_step, "_lstm_seq_bwd_step_kernel": bwd_step,
+    }  # fmt: skip
+
+
+def _jobs(tk, H: int, layers: list[int], prec: str) -> list[tuple[str, object, dict]]:
+    """(kernel, launch config, constexprs) for every kernel and variant the launchers use at hidden size H."""
+    rows = tk.launch_config(H, on_cuda=True)._replace(prec=prec)
+    tiled = tk.tiled_config(tk.plan_step(1 << 20, max(H, 128)), H, on_cuda=True)._replace(prec=prec)
+    steps = tk._steps_config(tk.SequencePlan("steps", 32), on_cuda=True)._replace(prec=prec)
+    jobs = [("_lstm_step_kernel", rows, {**rows.constexprs(), "L": L, "HAS_RESET": True}) for L in layers]
+    jobs += [("_lstm_seq_fwd_kernel", rows, rows.constexprs()), ("_lstm_seq_bwd_kernel", rows, rows.constexprs())]
+    jobs += [
+        ("_lstm_step_tiled_kernel", tiled,
+         {**tiled.constexprs(), "HAS_RESET": True, "IN_PLACE": False, "SCATTER_PREV": True}),
+        ("_lstm_seq_fwd_step_kernel", steps, steps.constexprs()),
+        ("_lstm_seq_bwd_step_kernel", steps, {**steps.constexprs(), "FIRST": False, "FINAL": False}),
+    ]  # fmt: skip
+    scatter = tk.LaunchConfig(*tk.SCATTER_BLOCKS, 16, tk.SCATTER_WARPS, 1, prec)
+    jobs.append(("_scatter_rows_kernel", scatter, {"BLOCK_B": scatter.block_b, "BLOCK_H": scatter.block_h}))
+    return jobs
 
 
 def _resources(cubin: bytes) -> str:
@@ -68,12 +106,11 @@ def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: in
     for wd, prec in [(wd, prec) for wd in weight_dtypes for prec in precisions]:
         sigs = _signatures("*fp32" if wd == "fp32" else "*bf16")
         for H in hidden:
-            cfg = tk.launch_config(H, on_cuda=True)._replace(prec=prec)
-            jobs = [("_lstm_step_kernel", {"L": L, "HAS_RESET": True}) for L in layers]
-            jobs += [("_lstm_seq_fwd_kernel", {}), ("_lstm_seq_bwd_kernel", {})]
-            for name, extra in jobs:
-                consts = {**cfg.constexprs(), **extra}
-                label = f"{name:22s} H={H:<4d} BLOCK_H={cfg.block_h:<4d} {wd:4s} {prec:4s} {extra.get('L', '')!s:>2s}"
+            for name, cfg, consts in _jobs(tk, H, layers, prec):
+                label = (
+                    f"{name:26s} H={H:<4d} BLOCK_B={cfg.block_b:<3d} BLOCK_H={cfg.block_h:<4d} {wd:4s} {prec:4s} "
+                    f"{consts.get('L', '')!s:>2s}"
+                )
                 try:
                     src = ASTSource(fn=getattr(tk, name), signature=sigs[name], constexprs=consts)
                     kernel = triton.compile(

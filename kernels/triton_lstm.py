@@ -6,13 +6,26 @@ Dimension legend (every shape comment below uses it):
     K: the reduction length of one matrix product (I or H for the gates, 4H for the backward)
 
 Layers of this module, as in Liger-Kernel's ops:
-    _lstm_step_kernel, _lstm_seq_fwd_kernel, _lstm_seq_bwd_kernel   private @triton.jit kernels
-    lstm_step_, _LSTMSequence, lstm_sequence                         launchers / autograd.Function / public
+    _lstm_step_kernel, _lstm_step_tiled_kernel, _scatter_rows_kernel,
+    _lstm_seq_fwd_kernel, _lstm_seq_bwd_kernel, _lstm_seq_fwd_step_kernel, _lstm_seq_bwd_step_kernel
+                                                                     private @triton.jit kernels
+    plan_step, plan_sequence                                         the one choice of variant, by B and H
+    lstm_step_, launch_step, _LSTMSequence, lstm_sequence            launchers / autograd.Function / public
+
+Variants (each chosen by plan_step / plan_sequence; FORCE_STEP_PLAN / FORCE_SEQUENCE_PLAN force one for tests
+and the benchmark; the public contract of lstmd.kernels does not change with the variant):
+    step "rows"       one launch; a program owns 16 whole rows through all L layers (the original design below)
+    step "tiled"      one launch per layer over (row blocks of 64, H tiles of 32), then one scatter launch: 4x
+                      fewer weight reads per row than "rows" at large B, and B/64 · H/32 programs
+    sequence "rows"   one launch per layer and direction, a program loops over T for 16 whole rows
+    sequence "steps"  one launch per time step over (row blocks of 16, H tiles of 32): more programs at small B
+None of the variants was timed: no GPU was available when they were written. They are checked against
+nn.LSTM / nn.LSTMCell under the interpreter (tests/test_kernels.py) and compiled for sm_90 (compile_check.py).
 
 Design (why it is shaped like this):
-- One program owns whole rows: all H of a block of BLOCK_B streams, and all L layers. Slots are distinct,
-  so the rows a program reads are exactly the rows it writes, and no program of the launch ever reads a row
-  another one writes. Within a program a `tl.debug_barrier()` separates the last read of a row from its
+- ("rows" variants) One program owns whole rows: all H of a block of BLOCK_B streams, and all L layers. Slots
+  are distinct, so the rows a program reads are exactly the rows it writes, and no program of the launch ever
+  reads a row another one writes. Within a program a `tl.debug_barrier()` separates the last read of a row from its
   overwrite (the threads of one program read and write different parts of the row).
 - The matrix products are K-looped from global memory: the left operand (x, or h of the previous layer or
   step) is re-read in BLOCK_K slices. For the step, layer l+1 reads layer l's new h back from the table rows
@@ -30,9 +43,10 @@ Design (why it is shaped like this):
   (compile_check.py), every kernel fits in shared memory up to H=512, but registers saturate from H=128 and
   spill up to 1.2 KB per thread at H=512: slow there, not wrong. No GPU was available when this was written,
   so nothing here is timed; the first GPU run (`pytest -m cuda`) is the real launch test.
-- Parallelism: a launch has cdiv(B, 16) programs, so a TBPTT window of B=256 keeps 16 SMs busy. Splitting H
-  across programs would need a grid-wide barrier per time step (or one launch per step), which this design
-  avoids so that the interpreter can run it.
+- Parallelism: a "rows" launch has cdiv(B, 16) programs, so a TBPTT window of B=256 keeps 16 SMs busy.
+  Splitting H across programs needs all of a row's previous h before any program goes on, so the split variants
+  ("tiled", "steps") pay with one launch per layer or per time step instead of a grid-wide barrier, which the
+  interpreter could not run (it runs programs one after another). In a CUDA graph those launches cost little.
 
 Weight re-layouts (transposed [K, 4H] weights, b_ih + b_hh) are cached per parameter set and rebuilt when any
 weight tensor's `_version` changes, i.e. after an in-place optimizer update. Writes through `.data` bypass the
@@ -293,6 +307,221 @@ def _lstm_seq_bwd_kernel(
     tl.store(dc0_ptr + state_tile, dc, mask=tile_mask)
 
 
+@triton.jit
+def _lstm_step_tiled_kernel(
+    inp_ptr,  # [B, K_in] fp32, dense by event: x for layer 0, the previous layer's new h (its `hn`) otherwise
+    slots_ptr,  # [B] int64, distinct rows of the tables
+    reset_ptr,  # [B] int8 (read only if HAS_RESET)
+    h_ptr,  # [L, S, H] fp32 table
+    c_ptr,  # [L, S, H] fp32 table
+    w_in_ptr,  # [K_in, 4H] this layer's w_ih transposed
+    w_h_ptr,  # [H, 4H] this layer's w_hh transposed
+    bias_ptr,  # [4H] fp32, this layer's b_ih + b_hh
+    hn_ptr,  # [B, H] fp32 out, dense by event: this layer's new h
+    B,
+    K_in,
+    S,
+    H,
+    layer,  # this launch's layer: its rows are (slot + layer * S)
+    HAS_RESET: tl.constexpr,
+    IN_PLACE: tl.constexpr,  # one H tile per row block: write the new h rows straight into the table
+    SCATTER_PREV: tl.constexpr,  # write the previous layer's new h (inp) into its table rows, this tile's columns
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # the columns of H one program computes (a tile, not necessarily all of H)
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One layer of the step for a [BLOCK_B rows, BLOCK_H columns] tile of every gate; grid (row blocks, H tiles).
+
+    A tile needs the whole old h row for R·h, so when H is split over programs no program may write a layer's h
+    rows during that layer's launch: the new h goes to the dense `hn` buffer, and the next layer's launch (which
+    reads layer l's rows of no table) scatters it, tile by tile; the last layer's is scattered by
+    _scatter_rows_kernel. c is read and written by the tile that owns those columns only, so it is updated in
+    place. With a single H tile (IN_PLACE) a program owns whole rows, as in _lstm_step_kernel.
+    """
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    tile_mask = b_mask[:, None] & h_mask[None, :]
+    b64 = offs_b.to(tl.int64)
+    slots = tl.load(slots_ptr + offs_b, mask=b_mask, other=0).to(tl.int64)
+    if HAS_RESET:  # noqa: SIM108 (a constexpr branch)
+        keep = b_mask & (tl.load(reset_ptr + offs_b, mask=b_mask, other=1) == 0)
+    else:
+        keep = b_mask
+    rows = (slots + layer * S) * H
+    zero = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_i = zero + tl.load(bias_ptr + offs_h, mask=h_mask, other=0.0)[None, :]
+    acc_f = zero + tl.load(bias_ptr + H + offs_h, mask=h_mask, other=0.0)[None, :]
+    acc_g = zero + tl.load(bias_ptr + 2 * H + offs_h, mask=h_mask, other=0.0)[None, :]
+    acc_o = zero + tl.load(bias_ptr + 3 * H + offs_h, mask=h_mask, other=0.0)[None, :]
+    acc_i, acc_f, acc_g, acc_o = _accumulate_gates(
+        acc_i, acc_f, acc_g, acc_o, inp_ptr, b64 * K_in, b_mask, w_in_ptr, K_in, H, offs_h, h_mask, BLOCK_K, PREC
+    )
+    acc_i, acc_f, acc_g, acc_o = _accumulate_gates(
+        acc_i, acc_f, acc_g, acc_o, h_ptr, rows, keep, w_h_ptr, H, H, offs_h, h_mask, BLOCK_K, PREC
+    )
+    row_tile = rows[:, None] + offs_h[None, :]
+    c_old = tl.load(c_ptr + row_tile, mask=keep[:, None] & h_mask[None, :], other=0.0)
+    c_new = _sigmoid(acc_f) * c_old + _sigmoid(acc_i) * _tanh(acc_g)
+    h_new = _sigmoid(acc_o) * _tanh(c_new)
+    dense_tile = (b64 * H)[:, None] + offs_h[None, :]
+    tl.store(hn_ptr + dense_tile, h_new, mask=tile_mask)
+    if SCATTER_PREV:
+        # Layer l-1's table rows are read by no program of this launch (its new h comes from `inp`).
+        prev_tile = ((slots + (layer - 1) * S) * H)[:, None] + offs_h[None, :]
+        prev = tl.load(inp_ptr + dense_tile, mask=tile_mask, other=0.0)
+        tl.store(h_ptr + prev_tile, prev, mask=tile_mask)
+    # Every thread has read this tile's old h (the K loop) and c before any thread overwrites them.
+    tl.debug_barrier()
+    tl.store(c_ptr + row_tile, c_new, mask=tile_mask)
+    if IN_PLACE:
+        tl.store(h_ptr + row_tile, h_new, mask=tile_mask)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    src_ptr,  # [B, H] fp32, dense by event
+    slots_ptr,  # [B] int64
+    h_ptr,  # [L, S, H] fp32 table
+    B,
+    S,
+    H,
+    layer,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """table[layer, slots[b], :] = src[b, :]: the last layer's new h, after the tiled step's last launch."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (offs_b < B)[:, None] & (offs_h < H)[None, :]
+    slots = tl.load(slots_ptr + offs_b, mask=offs_b < B, other=0).to(tl.int64)
+    val = tl.load(src_ptr + (offs_b.to(tl.int64) * H)[:, None] + offs_h[None, :], mask=mask, other=0.0)
+    tl.store(h_ptr + ((slots + layer * S) * H)[:, None] + offs_h[None, :], val, mask=mask)
+
+
+@triton.jit
+def _lstm_seq_fwd_step_kernel(
+    xw_ptr,  # [B, T, 4H] fp32: x @ w_ih^T + b_ih + b_hh
+    wh_ptr,  # [H, 4H] w_hh transposed
+    hs_ptr,  # [B, T+1, H] fp32: reads hs[:, t], writes hs[:, t+1]
+    cs_ptr,  # [B, T+1, H] fp32: reads cs[:, t], writes cs[:, t+1]
+    gates_ptr,  # [B, T, 4H] fp32 out: activated gates at step t
+    B,
+    T,
+    H,
+    t,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # a tile of H: the grid is (row blocks, H tiles)
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Time step t of the sequence forward for one [BLOCK_B, BLOCK_H] tile: one launch per step, so H can be
+    split over programs (the whole h_{t-1} row was written by the previous launch) and a small batch still fills
+    the GPU. Nothing written here is read by this launch: it reads index t and writes index t+1."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    tile_mask = b_mask[:, None] & h_mask[None, :]
+    b64 = offs_b.to(tl.int64)
+    g_tile = ((b64 * T + t) * (4 * H))[:, None] + offs_h[None, :]
+    acc_i = tl.load(xw_ptr + g_tile, mask=tile_mask, other=0.0)
+    acc_f = tl.load(xw_ptr + g_tile + H, mask=tile_mask, other=0.0)
+    acc_g = tl.load(xw_ptr + g_tile + 2 * H, mask=tile_mask, other=0.0)
+    acc_o = tl.load(xw_ptr + g_tile + 3 * H, mask=tile_mask, other=0.0)
+    prev_rows = (b64 * (T + 1) + t) * H
+    acc_i, acc_f, acc_g, acc_o = _accumulate_gates(
+        acc_i, acc_f, acc_g, acc_o, hs_ptr, prev_rows, b_mask, wh_ptr, H, H, offs_h, h_mask, BLOCK_K, PREC
+    )
+    c_prev = tl.load(cs_ptr + prev_rows[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
+    gi = _sigmoid(acc_i)
+    gf = _sigmoid(acc_f)
+    gg = _tanh(acc_g)
+    go = _sigmoid(acc_o)
+    c = gf * c_prev + gi * gg
+    h = go * _tanh(c)
+    tl.store(gates_ptr + g_tile, gi, mask=tile_mask)
+    tl.store(gates_ptr + g_tile + H, gf, mask=tile_mask)
+    tl.store(gates_ptr + g_tile + 2 * H, gg, mask=tile_mask)
+    tl.store(gates_ptr + g_tile + 3 * H, go, mask=tile_mask)
+    s_tile = (prev_rows + H)[:, None] + offs_h[None, :]
+    tl.store(hs_ptr + s_tile, h, mask=tile_mask)
+    tl.store(cs_ptr + s_tile, c, mask=tile_mask)
+
+
+@triton.jit
+def _lstm_seq_bwd_step_kernel(
+    dy_ptr,  # [B, T, H] fp32: dL/dh_t from outside the recurrence
+    dhn_ptr,  # [B, H] fp32: dL/dh_n (read at the first launch, t = T-1)
+    dc_ptr,  # [B, H] fp32 in/out: dL/dc carried between launches (dL/dc_n before the first), times f_{t+1}
+    gates_ptr,  # [B, T, 4H] fp32: activated gates saved by the forward
+    cs_ptr,  # [B, T+1, H] fp32: c0 and c_t saved by the forward
+    w_ptr,  # [4H, H] w_hh: dh_t through time = dgates_{t+1} @ w_hh
+    dg_ptr,  # [B, T, 4H] fp32: reads dgates_{t+1}, writes dgates_t
+    dh0_ptr,  # [B, H] fp32 out (the FINAL launch only)
+    B,
+    T,
+    H,
+    t,  # the step this launch computes dgates for; FINAL: 0 (dh0 = dgates_0 @ w_hh)
+    FIRST: tl.constexpr,  # t = T-1: the gradient through time is dL/dh_n
+    FINAL: tl.constexpr,  # after t = 0: only dh0 = dgates_0 @ w_hh
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One reverse time step of the sequence backward for a [BLOCK_B, BLOCK_H] tile; launches t = T-1 .. 0, then
+    one FINAL launch. The product through time needs all 4H columns of dgates_{t+1}, which the previous launch
+    wrote; dL/dc stays with the tile that owns its columns, in dc_ptr between launches."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    tile_mask = b_mask[:, None] & h_mask[None, :]
+    b64 = offs_b.to(tl.int64)
+    state_tile = (b64 * H)[:, None] + offs_h[None, :]
+    if FIRST:
+        dh_rec = tl.load(dhn_ptr + state_tile, mask=tile_mask, other=0.0)
+    else:
+        # dgates of the step after this one (t+1; for FINAL, t = 0 itself) @ w_hh
+        nxt = t if FINAL else t + 1
+        dh_rec = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        n_rows = (b64 * T + nxt) * (4 * H)
+        for k0 in range(0, 4 * H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < 4 * H
+            a = tl.load(dg_ptr + n_rows[:, None] + offs_k[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + offs_k[:, None].to(tl.int64) * H + offs_h[None, :],
+                mask=k_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            dh_rec = tl.dot(a, w, dh_rec, input_precision=PREC)
+    if FINAL:
+        tl.store(dh0_ptr + state_tile, dh_rec, mask=tile_mask)
+    else:
+        g_tile = ((b64 * T + t) * (4 * H))[:, None] + offs_h[None, :]
+        gi = tl.load(gates_ptr + g_tile, mask=tile_mask, other=0.0)
+        gf = tl.load(gates_ptr + g_tile + H, mask=tile_mask, other=0.0)
+        gg = tl.load(gates_ptr + g_tile + 2 * H, mask=tile_mask, other=0.0)
+        go = tl.load(gates_ptr + g_tile + 3 * H, mask=tile_mask, other=0.0)
+        c_rows = (b64 * (T + 1) + t) * H
+        c_prev = tl.load(cs_ptr + c_rows[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
+        c_t = tl.load(cs_ptr + (c_rows + H)[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
+        dh = dh_rec + tl.load(dy_ptr + ((b64 * T + t) * H)[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
+        tc = _tanh(c_t)
+        dc = tl.load(dc_ptr + state_tile, mask=tile_mask, other=0.0) + dh * go * (1.0 - tc * tc)
+        tl.store(dg_ptr + g_tile, dc * gg * gi * (1.0 - gi), mask=tile_mask)
+        tl.store(dg_ptr + g_tile + H, dc * c_prev * gf * (1.0 - gf), mask=tile_mask)
+        tl.store(dg_ptr + g_tile + 2 * H, dc * gi * (1.0 - gg * gg), mask=tile_mask)
+        tl.store(dg_ptr + g_tile + 3 * H, dh * tc * go * (1.0 - go), mask=tile_mask)
+        tl.store(dc_ptr + state_tile, dc * gf, mask=tile_mask)
+
+
 # Whether the kernels above were decorated under TRITON_INTERPRET=1 (then they run on CPU tensors, slowly).
 INTERPRETED = type(_lstm_step_kernel).__name__ == "InterpretedFunction"
 
@@ -310,6 +539,15 @@ class LaunchConfig(NamedTuple):
 
     def constexprs(self) -> dict[str, object]:
         return {"BLOCK_B": self.block_b, "BLOCK_H": self.block_h, "BLOCK_K": self.block_k, "PREC": self.prec}
+
+
+class StepWeights(NamedTuple):
+    """The step's weight layouts (see _step_layout)."""
+
+    wx0: torch.Tensor  # [I, 4H] layer 0's w_ih transposed
+    wxr: torch.Tensor  # [L-1, H, 4H] w_ih of layers 1.. transposed (wx0 when L == 1: never read)
+    wh: torch.Tensor  # [L, H, 4H] w_hh transposed
+    bias: torch.Tensor  # [L, 4H] fp32, b_ih + b_hh
 
 
 def launch_config(H: int, on_cuda: bool) -> LaunchConfig:
@@ -403,6 +641,53 @@ def _seq_layout(params: Params) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # The step
 
 
+class StepPlan(NamedTuple):
+    """How one step is launched: "rows" (one launch, a program owns BLOCK_B whole rows through all L layers) or
+    "tiled" (one launch per layer over (row blocks, H tiles), plus one scatter launch unless a tile is all of H)."""
+
+    kind: str  # "rows" or "tiled"
+    block_b: int
+    block_h: int  # tiled: the H columns of one program's tile (a power of two >= 16)
+
+
+# The tiled step's last launch copies [B, H] rows: tiles of 32 x 64, 4 warps (a copy; nothing to tune yet).
+SCATTER_BLOCKS = (32, 64)
+SCATTER_WARPS = 4
+# Tests and the benchmark force a plan here (None: plan_step decides).
+FORCE_STEP_PLAN: StepPlan | None = None
+
+
+def plan_step(B: int, H: int) -> StepPlan:
+    """The launch plan for a step of B events at hidden size H: the one place the variant is chosen.
+
+    Small batches keep the single-launch "rows" kernel: at B=4096 it has 256 programs, and each reads the whole
+    4H·(I+H) weight matrix (about 335 MB of L2 reads at H=256, KERNELS.md). From B=2048 and H >= 128 the tiled
+    variant reads the weights once per 64 rows (4x less) while splitting H in tiles of 32 keeps the program count
+    at B/64 · H/32 (512 at B=4096, H=256); the 64x32 tile is the one that compiled without spills. The
+    thresholds are a first guess from that arithmetic, not from timings (no GPU yet): `python -m
+    lstmd.kernels.bench` times every plan at each shape for the first GPU run.
+    """
+    if FORCE_STEP_PLAN is not None:
+        return FORCE_STEP_PLAN
+    if B >= 2048 and H >= 128:
+        return StepPlan("tiled", 64, 32)
+    return StepPlan("rows", 16, max(16, triton.next_power_of_2(H)))
+
+
+def tiled_config(plan: StepPlan, H: int, on_cuda: bool) -> LaunchConfig:
+    """Warps, BLOCK_K and stages of the tiled step for its [block_b, block_h] tile.
+
+    Chosen by compiling for sm_90 (compile_check), not by timing. Tiled step, fp32 weights, TF32:
+    64x32 tile, 8 warps, BLOCK_K=32, 2 stages: 184 registers, no spill, 48 KB shared;
+    64x64 tile, 8 warps, BLOCK_K=16, 1 stage: 255 registers and 32 B spilled; 32x64, 4 warps: 112 B spilled.
+    """
+    tile = plan.block_b * plan.block_h  # elements of one gate accumulator
+    prec = "tf32" if (ALLOW_TF32 and on_cuda) else "ieee"
+    if tile <= 2048:
+        return LaunchConfig(plan.block_b, plan.block_h, 32, 8 if tile >= 2048 else 4, 2, prec)
+    return LaunchConfig(plan.block_b, plan.block_h, 16, 8, 1, prec)
+
+
 def lstm_step_(
     x: torch.Tensor,  # [B, I] fp32
     slots: torch.Tensor,  # [B] int64/int32, distinct
@@ -411,25 +696,84 @@ def lstm_step_(
     params: Params,
     reset: torch.Tensor | None = None,  # [B] bool
     out: torch.Tensor | None = None,  # [B, H] fp32, optional preallocated output, written completely
+    plan: StepPlan | None = None,  # None: plan_step(B, H)
 ) -> torch.Tensor:  # [B, H]
-    """One launch: gather rows → all L cells → scatter rows. Arguments are assumed checked (see _checks)."""
+    """gather rows → all L cells → scatter rows. Arguments are assumed checked (see _checks)."""
     L, S, H = h.shape
     B, n_in = x.shape
-    cfg = launch_config(H, h.device.type == "cuda")
+    launch_config(H, h.device.type == "cuda")  # the H limit
     y = out if out is not None else _new((B, H), h.device)
     if B == 0:
         return y
-    wx0, wxr, wh, bias = _cache.get("step", params, _step_layout)
+    return launch_step(x, slots, h, c, _cache.get("step", params, _step_layout), reset, y, plan or plan_step(B, H))
+
+
+def prepare_step_weights(params: Params) -> StepWeights:
+    """The step's weight layouts for `params`, outside the cache: a caller that captures the step in a CUDA graph
+    owns these tensors and refreshes them in place with `load_step_weights` when the weights change."""
+    with torch.no_grad():
+        return StepWeights(*_step_layout(params))
+
+
+def load_step_weights(weights: StepWeights, params: Params) -> None:
+    """Copy the layouts of new `params` (same shapes and dtypes) into `weights`' tensors, in place."""
+    with torch.no_grad():
+        for dst, src in zip(weights, _step_layout(params), strict=True):
+            dst.copy_(src)
+
+
+def launch_step(
+    x: torch.Tensor,  # [B, I] fp32
+    slots: torch.Tensor,  # [B] int64
+    h: torch.Tensor,  # [L, S, H]
+    c: torch.Tensor,  # [L, S, H]
+    weights: StepWeights | tuple,  # _step_layout(params)
+    reset: torch.Tensor | None,  # [B] bool
+    y: torch.Tensor,  # [B, H] out
+    plan: StepPlan,
+) -> torch.Tensor:
+    """The launches of one step with prepared weights; no host synchronisation, so a CUDA graph can capture it."""
+    L, S, H = h.shape
+    B, n_in = x.shape
+    on_cuda = h.device.type == "cuda"
+    wx0, wxr, wh, bias = weights
     x = x.contiguous()
     slots = slots.to(torch.int64).contiguous()
     reset_arg = reset.to(torch.int8).contiguous() if reset is not None else slots  # placeholder, never read
-    grid = (triton.cdiv(B, cfg.block_b),)
-    _lstm_step_kernel[grid](
-        x, slots, reset_arg, h, c, wx0, wxr, wh, bias, y,
-        B, n_in, S, H,
-        L=L, HAS_RESET=reset is not None, **cfg.constexprs(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    if plan.kind == "rows":
+        cfg = launch_config(H, on_cuda)._replace(block_b=plan.block_b)
+        _lstm_step_kernel[(triton.cdiv(B, cfg.block_b),)](
+            x, slots, reset_arg, h, c, wx0, wxr, wh, bias, y,
+            B, n_in, S, H,
+            L=L, HAS_RESET=reset is not None, **cfg.constexprs(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return y
+    if plan.kind != "tiled":
+        raise ValueError(f"plan: unknown step variant {plan.kind!r} (expected 'rows' or 'tiled')")
+    cfg = tiled_config(plan, H, on_cuda)
+    h_tiles = triton.cdiv(H, cfg.block_h)
+    in_place = h_tiles == 1
+    grid = (triton.cdiv(B, cfg.block_b), h_tiles)
+    # Layers l < L-1 write their new h into one of two dense buffers: launch l+1 reads buffer l while it
+    # writes the other. The last layer writes y.
+    dense = [_new((B, H), h.device) for _ in range(min(L - 1, 2))]
+    inp, k_in = x, n_in
+    for layer in range(L):
+        hn = y if layer == L - 1 else dense[layer % 2]
+        w_in = wx0 if layer == 0 else wxr[layer - 1]
+        _lstm_step_tiled_kernel[grid](
+            inp, slots, reset_arg, h, c, w_in, wh[layer], bias[layer], hn,
+            B, k_in, S, H, layer,
+            HAS_RESET=reset is not None, IN_PLACE=in_place, SCATTER_PREV=(layer > 0 and not in_place),
+            **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        inp, k_in = hn, H
+    if not in_place:
+        sb, sh = SCATTER_BLOCKS
+        _scatter_rows_kernel[(triton.cdiv(B, sb), triton.cdiv(H, sh))](
+            y, slots, h, B, S, H, L - 1, BLOCK_B=sb, BLOCK_H=sh, num_warps=SCATTER_WARPS
+        )
     return y
 
 
@@ -437,16 +781,58 @@ def lstm_step_(
 # The sequence: forward and backward per layer, wrapped in one autograd.Function over the whole stack
 
 
-def _layer_forward(xw: torch.Tensor, wh_t: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor):
+class SequencePlan(NamedTuple):
+    """How the sequence kernels run: "rows" (one launch per layer and direction, a program owns BLOCK_B whole
+    rows and loops over T) or "steps" (one launch per time step over (row blocks, H tiles) of block_h columns)."""
+
+    kind: str  # "rows" or "steps"
+    block_h: int  # steps: the H columns of one program's tile
+
+
+# Tests and the benchmark force a plan here (None: plan_sequence decides).
+FORCE_SEQUENCE_PLAN: SequencePlan | None = None
+
+
+def plan_sequence(B: int, H: int) -> SequencePlan:
+    """The sequence variant for a window of B streams at hidden size H.
+
+    "rows" has cdiv(B, 16) programs for the whole window: 16 of an H100's 132 SMs at B=256. "steps" splits H in
+    tiles of 32 (B=256, H=256: 16 x 8 = 128 programs) at the price of T launches forward and T+1 backward per
+    layer. It is chosen for B <= 512 from H=128, the issue's TBPTT target (B=256, T=64, H in {128, 256}) — a
+    guess from the program counts, not a timing: the benchmark times both plans for the first GPU run.
+    """
+    if FORCE_SEQUENCE_PLAN is not None:
+        return FORCE_SEQUENCE_PLAN
+    if B <= 512 and H >= 128:
+        return SequencePlan("steps", 32)
+    return SequencePlan("rows", max(16, triton.next_power_of_2(H)))
+
+
+def _steps_config(plan: SequencePlan, on_cuda: bool) -> LaunchConfig:
+    prec = "tf32" if (ALLOW_TF32 and on_cuda) else "ieee"
+    return LaunchConfig(16, plan.block_h, 32, 4, 2, prec)
+
+
+def _layer_forward(xw: torch.Tensor, wh_t: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, plan: SequencePlan):
     """xw [B, T, 4H], wh_t [H, 4H], h0/c0 [B, H] → hs, cs [B, T+1, H] (index 0: initial), gates [B, T, 4H]."""
     B, T, H4 = xw.shape
     H = H4 // 4
-    cfg = launch_config(H, xw.device.type == "cuda")
+    on_cuda = xw.device.type == "cuda"
     hs = _new((B, T + 1, H), xw.device)
     cs = _new((B, T + 1, H), xw.device)
     hs[:, 0] = h0
     cs[:, 0] = c0
     gates = _new((B, T, 4 * H), xw.device)
+    if plan.kind == "steps":
+        cfg = _steps_config(plan, on_cuda)
+        grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
+        for t in range(T):
+            _lstm_seq_fwd_step_kernel[grid](
+                xw, wh_t, hs, cs, gates, B, T, H, t,
+                **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+        return hs, cs, gates
+    cfg = launch_config(H, on_cuda)
     _lstm_seq_fwd_kernel[(triton.cdiv(B, cfg.block_b),)](
         xw, wh_t, hs, cs, gates,
         B, T, H,
@@ -455,14 +841,26 @@ def _layer_forward(xw: torch.Tensor, wh_t: torch.Tensor, h0: torch.Tensor, c0: t
     return hs, cs, gates
 
 
-def _layer_backward(dy, dhn, dcn, gates, cs, w_hh):
+def _layer_backward(dy, dhn, dcn, gates, cs, w_hh, plan: SequencePlan):
     """The reverse-time recurrence: → dgates [B, T, 4H], dh0 [B, H], dc0 [B, H]."""
     B, T, H4 = gates.shape
     H = H4 // 4
-    cfg = launch_config(H, gates.device.type == "cuda")
+    on_cuda = gates.device.type == "cuda"
     dg = _new((B, T, 4 * H), gates.device)
     dh0 = _new((B, H), gates.device)
+    if plan.kind == "steps":
+        cfg = _steps_config(plan, on_cuda)
+        grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
+        dc = dcn.clone()  # carried between launches; dc0 at the end
+        launches = [(t, t == T - 1, False) for t in range(T - 1, -1, -1)] + [(0, False, True)]
+        for t, first, final in launches:
+            _lstm_seq_bwd_step_kernel[grid](
+                dy, dhn, dc, gates, cs, w_hh, dg, dh0, B, T, H, t,
+                FIRST=first, FINAL=final, **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+        return dg, dh0, dc
     dc0 = _new((B, H), gates.device)
+    cfg = launch_config(H, on_cuda)
     _lstm_seq_bwd_kernel[(triton.cdiv(B, cfg.block_b),)](
         dy, dhn, dcn, gates, cs, w_hh, dg, dh0, dc0,
         B, T, H,
@@ -479,6 +877,7 @@ class _LSTMSequence(torch.autograd.Function):
         L = len(weights) // 4
         params = [tuple(weights[4 * k : 4 * k + 4]) for k in range(L)]
         layout = _cache.get("sequence", params, _seq_layout)
+        plan = plan_sequence(x.shape[0], params[0][1].shape[1])
         inp = x
         saved, h_n, c_n = [], [], []
         for layer, (w_ih, _w_hh, _b_ih, _b_hh) in enumerate(params):
@@ -486,12 +885,13 @@ class _LSTMSequence(torch.autograd.Function):
             B, T, _ = inp.shape
             # Hoisted input projection: one GEMM over B·T rows; the kernel only does R·h and the gate math.
             xw = torch.addmm(bias, inp.reshape(B * T, -1), w_ih.t().float()).view(B, T, -1)
-            hs, cs, gates = _layer_forward(xw, wh_t, h0[layer], c0[layer])
+            hs, cs, gates = _layer_forward(xw, wh_t, h0[layer], c0[layer], plan)
             saved += [inp, hs, cs, gates]
             h_n.append(hs[:, T])
             c_n.append(cs[:, T])
             inp = hs[:, 1:]
         ctx.num_layers = L
+        ctx.plan = plan
         ctx.save_for_backward(*saved, *weights)
         y = inp.contiguous()
         return y, torch.stack(h_n), torch.stack(c_n)
@@ -515,7 +915,7 @@ class _LSTMSequence(torch.autograd.Function):
             w_ih, w_hh, b_ih, b_hh = params[layer]
             dhn = dh_n[layer].contiguous() if dh_n is not None else zeros_state
             dcn = dc_n[layer].contiguous() if dc_n is not None else zeros_state
-            dg, dh0s[layer], dc0s[layer] = _layer_backward(d_out, dhn, dcn, gates, cs, w_hh.contiguous())
+            dg, dh0s[layer], dc0s[layer] = _layer_backward(d_out, dhn, dcn, gates, cs, w_hh.contiguous(), ctx.plan)
             # Weight gradients as plain GEMMs over all B·T rows: deterministic, no atomics.
             dg2 = dg.view(B * T, -1)  # [B·T, 4H]
             h_prev = hs[:, :T].reshape(B * T, H)  # h_{t-1} for every t

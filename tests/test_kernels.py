@@ -380,3 +380,138 @@ def test_cuda_tf32_default(monkeypatch):
 def test_default_backend_on_cpu_is_the_reference():
     assert _checks.resolve_backend(None, torch.device("cpu")) == "torch"
     assert _checks.resolve_backend(None, torch.device("cuda", 0)) == "triton"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants (triton_lstm.plan_step / plan_sequence), forced one by one: the same checks against float64 truth
+
+
+def _step_plans():
+    from lstmd.kernels.triton_lstm import StepPlan
+
+    return [
+        pytest.param(StepPlan("tiled", 16, 16), id="tiled-16x16"),  # H=48: three H tiles, the last one masked
+        pytest.param(StepPlan("tiled", 32, 64), id="tiled-32x64"),  # H=130: three tiles of 64
+        pytest.param(StepPlan("tiled", 64, 64), id="tiled-64x64-inplace"),  # H=48: one tile, rows in place
+        pytest.param(StepPlan("rows", 32, 64), id="rows-32"),  # the original kernel, a larger row block
+    ]
+
+
+@pytest.mark.parametrize("plan", _step_plans())
+@pytest.mark.parametrize(("L", "H", "B"), [(1, 48, 5), (3, 48, 40), (2, 130, 37)])
+@pytest.mark.parametrize(("backend", "device", "rtol"), TRITON_CASES)
+def test_step_variants_match_lstmcell(backend, device, rtol, L, H, B, plan, monkeypatch):
+    """Every step variant: rows permuted over several programs and H tiles, a third of them reset (NaN rows),
+    L layers re-reading what the previous layer wrote; untouched rows stay bit-identical."""
+    from lstmd.kernels import triton_lstm
+
+    if plan.block_h < H and plan.kind == "rows":
+        pytest.skip("a rows plan holds all of H in one block")
+    monkeypatch.setattr(triton_lstm, "FORCE_STEP_PLAN", plan)
+    S, IN = B + 7, 7
+    params, m64 = make_model(IN, H, L, device)
+    h, c = _tables(L, S, H, device)
+    slots = torch.randperm(S, generator=torch.Generator().manual_seed(B))[:B].to(device)
+    reset = (torch.arange(B) % 3 == 1).to(device)
+    h[:, slots[reset]] = float("nan")
+    c[:, slots[reset]] = float("inf")
+    h_before, c_before = h.clone(), c.clone()
+    x = torch.randn(B, IN, device=device)
+    truth = _expected_step(m64, x, slots, h, c, reset)
+    y = lstm_step_(x, slots, h, c, params, reset=reset, backend=backend)
+    _check_step(f"{plan.kind} {plan.block_b}x{plan.block_h}", rtol, slots, h, c, h_before, c_before, y, truth)
+
+
+@pytest.mark.parametrize(("backend", "device", "rtol"), TRITON_CASES)
+def test_step_plan_follows_batch_and_hidden(backend, device, rtol):
+    from lstmd.kernels.triton_lstm import plan_sequence, plan_step
+
+    assert plan_step(256, 256).kind == "rows" and plan_step(4096, 64).kind == "rows"
+    assert plan_step(4096, 256).kind == "tiled" and plan_step(16384, 128).kind == "tiled"
+    assert plan_sequence(256, 128).kind == "steps" and plan_sequence(256, 64).kind == "rows"
+    assert plan_sequence(4096, 256).kind == "rows"
+
+
+@pytest.mark.parametrize("block_h", [16, 64])
+@pytest.mark.parametrize(
+    ("B", "T", "IN", "H", "L"),
+    [(5, 1, 7, 48, 1), (17, 5, 7, 33, 3), (3, 3, 5, 130, 2)],
+)
+@pytest.mark.parametrize(("backend", "device", "rtol"), TRITON_CASES)
+def test_sequence_steps_variant_matches_nn_lstm(backend, device, rtol, B, T, IN, H, L, block_h, monkeypatch):
+    """The one-launch-per-step sequence (H split in tiles): forward and every gradient against float64 nn.LSTM."""
+    from lstmd.kernels import triton_lstm
+
+    monkeypatch.setattr(triton_lstm, "FORCE_SEQUENCE_PLAN", triton_lstm.SequencePlan("steps", block_h))
+    test_sequence_matches_nn_lstm(backend, device, rtol, B, T, IN, H, L)
+
+
+@pytest.mark.parametrize(("backend", "device", "rtol"), TRITON_CASES)
+def test_sequence_steps_backward_is_deterministic(backend, device, rtol, monkeypatch):
+    from lstmd.kernels import triton_lstm
+
+    monkeypatch.setattr(triton_lstm, "FORCE_SEQUENCE_PLAN", triton_lstm.SequencePlan("steps", 16))
+    test_sequence_backward_is_deterministic(backend, device, rtol)
+
+
+@pytest.mark.parametrize(("backend", "device", "rtol"), TRITON_CASES)
+def test_step_with_prepared_weights_follows_a_reload(backend, device, rtol):
+    """launch_step with weights the caller owns (what a CUDA graph captures): load_step_weights refreshes them in
+    place, and the next step computes with the new weights."""
+    from lstmd.kernels import triton_lstm
+
+    B, S, IN, H, L = 6, 9, 7, 48, 2
+    params, _ = make_model(IN, H, L, device)
+    other, _ = make_model(IN, H, L, device, seed=3)
+    weights = triton_lstm.prepare_step_weights(params)
+    slots = torch.tensor([8, 0, 3, 5, 1, 6], device=device)
+    x = torch.randn(B, IN, device=device)
+    for round_, now in enumerate((params, other)):
+        if round_:
+            triton_lstm.load_step_weights(weights, now)
+        h, c = _tables(L, S, H, device)
+        h_ref, c_ref = h.clone(), c.clone()
+        y = torch.empty(B, H, device=device)
+        plan = triton_lstm.plan_step(B, H)
+        triton_lstm.launch_step(x, slots, h, c, weights, None, y, plan)
+        y_ref = lstm_step_(x, slots, h_ref, c_ref, now, backend="torch")
+        assert_close(f"round {round_} y", y, y_ref, rtol)
+        assert_close(f"round {round_} h", h, h_ref, rtol)
+
+
+@pytest.mark.parametrize(("backend", "device", "rtol"), [p for p in TRITON_CASES if p.values[1] == "cpu"])
+def test_bench_sweep_runs_through_the_interpreter(backend, device, rtol):
+    """kernels/bench.py's GPU sweep, at tiny sizes on the CPU (no timing, no graph): every implementation runs,
+    every row is complete, and the target summary reads the rows (scripts/gpu-check's first run depends on it)."""
+    from lstmd.kernels import bench
+
+    rows = bench.sweep(
+        "cpu", S=64, hidden=(48,), batches=(20,), tbptt=[(5, 3, 2, 40)], timed=lambda fn: (fn(), 1.0)[1],
+        graphed=lambda fn: fn, IN=7,
+    )  # fmt: skip
+    impls = {r["impl"] for r in rows}
+    assert {"torch eager", "torch eager, CUDA graph", "triton tiled 64x32", "cuDNN nn.LSTM", "triton steps"} <= impls
+    assert any(str(i).endswith("(auto)") for i in impls)
+    assert all(r["ms"] == 1.0 and r["speedup"] is not None for r in rows)
+    assert bench.targets(rows, hbm_gbps=1000.0) == []  # none of the target shapes at these sizes
+
+
+def test_bench_targets_read_the_target_shapes():
+    from lstmd.kernels import bench
+
+    def row(op, shape, impl, ms, gbps=None):
+        return {"op": op, "shape": shape, "impl": impl, "ms": ms, "GB/s": gbps}
+
+    s4k, s16k = "B=4096 H=256 L=1 I=64 S=1e6", "B=16384 H=256 L=1 I=64 S=1e6"
+    rows = [
+        row("step", s4k, "torch eager", 0.5), row("step", s4k, "torch eager, CUDA graph", 0.15),
+        row("step", s4k, "triton tiled 64x32 (auto)", 0.125), row("step", s4k, "triton rows 16x256", 0.25),
+        row("step", s16k, "triton tiled 64x32 (auto)", 0.3, gbps=1600.0),
+        row("tbptt fwd+bwd", "B=256 T=64 H=128 L=2 I=64", "triton steps (auto)", 2.0),
+        row("tbptt fwd+bwd", "B=256 T=64 H=128 L=2 I=64", "cuDNN nn.LSTM", 1.0),
+    ]  # fmt: skip
+    got = {what: (measured, ok) for what, measured, ok in bench.targets(rows, hbm_gbps=3000.0)}
+    assert got["step B=4096 H=256 >= 3x torch eager"] == ("4.00x", True)
+    assert got["step B=4096 H=256 >= 1.5x eager CUDA graph"] == ("1.20x", False)
+    assert got["step B=16384 H=256 >= 50% of HBM (measured copy)"] == ("53% (triton tiled 64x32 (auto))", True)
+    assert got["TBPTT B=256 T=64 H=128 L=2 >= 1.0x cuDNN"] == ("0.50x", False)

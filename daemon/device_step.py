@@ -1,0 +1,298 @@
+"""The serving step on a CUDA device: staged copies, bucketed batch sizes, and the step captured in CUDA graphs.
+
+**This path has never run on a GPU.** It was written and tested without one: the CPU tests
+(tests/test_engine_cuda.py) run this class on the CPU, where the copies are plain copies and nothing is captured,
+and the `cuda`-marked tests there (graph replay against the uncaptured step) wait for the first GPU run
+(scripts/gpu-check).
+
+Per wave of n events (daemon/engine.py hands it over on CUDA devices only; the CPU path does not come here):
+1. The host writes slots, features and reset flags into one pinned staging buffer, laid out for the wave's bucket
+   (the next power of two >= n, at least 16: `bucket_for`). Rows n..bucket are padding: their slot is the scratch
+   slot (one row past the state store's capacity, in tables this class owns) and their reset flag is set, so they
+   read zeros, never what another padding row wrote, and write only the scratch row.
+2. On a dedicated stream: one host→device copy of that buffer, then the step for the bucket: gather → L cells →
+   scatter → head (and a forecast model's normalisation, a classifier's softmax), replayed from a CUDA graph
+   captured the first time the bucket is seen (`serve.cuda_graphs = false`: launched eagerly), then one
+   device→host copy of the n predictions into a pinned buffer, and an event.
+3. `result()` waits for that event: the only synchronisation of a wave, the one that hands predictions back.
+With graphs nothing is allocated per wave (the graphs own their intermediates; without them the caching
+allocator hands out the same blocks again), except the small numpy array of predictions handed back. Two
+staging buffers alternate, so a caller may fill wave k+1 while wave k runs (submit / result).
+
+The graphs read weights from tensors this class owns: publishing a model copies its tensors into them (on the
+same stream, between waves); the Triton backend's transposed layouts are refreshed in place too.
+
+The state store's tables are replaced by views of tables with that one extra row (store.h = full[:, :S]); all
+other code reads and writes them through the views as before. For L > 1 the views are not contiguous, which only
+the kernels care about, and they are given the full tables.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from lstmd.daemon.model import ServingModel
+from lstmd.daemon.state_store import StateStore
+from lstmd.kernels import reference
+
+MIN_BUCKET = 16  # tl.dot's smallest M: no bucket is below one row block
+MAX_BUCKET = 16384  # serve.max_batch's default; a larger wave goes through in chunks of this size
+
+
+def bucket_for(n: int) -> int:
+    """Rows a wave of n events (1 <= n <= MAX_BUCKET) is padded to: powers of two from 16, so at most 11 graphs."""
+    if not 1 <= n <= MAX_BUCKET:
+        raise ValueError(f"a wave of {n} events: expected 1 to {MAX_BUCKET} (larger waves go in chunks)")
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def staging_views(buffer: torch.Tensor, bucket: int, input_size: int):
+    """(slots int64 [bucket], x float32 [bucket, I], reset bool [bucket]) packed at the start of a uint8 buffer, in
+    that order, so one copy of staging_bytes(bucket, I) moves all three. Buckets are powers of two >= 16, so x starts
+    on a 128-byte boundary."""
+    x_at = 8 * bucket
+    reset_at = x_at + 4 * bucket * input_size
+    slots = buffer[:x_at].view(torch.int64)
+    x = buffer[x_at:reset_at].view(torch.float32).view(bucket, input_size)
+    reset = buffer[reset_at : reset_at + bucket].view(torch.bool)
+    return slots, x, reset
+
+
+def staging_bytes(bucket: int, input_size: int) -> int:
+    return bucket * (8 + 4 * input_size + 1)
+
+
+def fill_staging(host: tuple, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray, scratch: int) -> None:
+    """Write one wave into host staging views (numpy), padding rows n..bucket to the scratch slot with reset set.
+    Padding rows' features are left as they are: whatever they hold, their results go to the scratch row only."""
+    h_slots, h_x, h_reset = host
+    n = slots.shape[0]
+    h_slots[:n] = slots
+    h_slots[n:] = scratch
+    h_x[:n] = features
+    h_reset[:n] = fresh
+    h_reset[n:] = True
+
+
+class _Static:
+    """The weights the step reads, owned here (and captured by the graphs): a published model is copied in."""
+
+    def __init__(self, model: ServingModel) -> None:
+        self.model = ServingModel(model.spec, {k: v.clone() for k, v in model.tensors.items()}, model.version)
+        norm = model.normalization
+        if norm is not None:  # a copy with tensors of its own
+            self.model.normalization = type(norm)(norm.mean.clone(), norm.std.clone(), norm.delta_scale.clone(),
+                                                  norm.inputs)  # fmt: skip
+
+    def fits(self, model: ServingModel) -> bool:
+        """Whether `model` can be copied in: same sizes and task, and the same normalisation branch (the
+        captured graphs hold the Python branches taken at capture)."""
+        mine, theirs = self.model.normalization, model.normalization
+        if (mine is None) != (theirs is None):
+            return False
+        return model.spec == self.model.spec and (mine is None or mine.inputs == theirs.inputs)
+
+    def load(self, model: ServingModel) -> None:
+        """Copy a model that fits() into these tensors, on the current stream."""
+        for name, tensor in model.tensors.items():
+            self.model.tensors[name].copy_(tensor, non_blocking=True)
+        if model.normalization is not None:
+            for k in ("mean", "std", "delta_scale"):
+                getattr(self.model.normalization, k).copy_(getattr(model.normalization, k), non_blocking=True)
+
+
+class DeviceStep:
+    """The serving step with staged copies and (on CUDA, `cuda_graphs`) one captured graph per bucket."""
+
+    def __init__(
+        self,
+        model: ServingModel,  # on `device`
+        store: StateStore,
+        last_x: torch.Tensor | None,  # [S, I] forecast models' last events, or None
+        kernel_backend: str,  # "triton" or "torch": lstm_step_'s backend
+        device: torch.device,
+        cuda_graphs: bool,
+    ) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.graphs_enabled = cuda_graphs and self.cuda
+        self.backend = kernel_backend
+        spec = model.spec
+        self.input_size, self.hidden = spec.input_size, spec.hidden_size
+        self.store = store
+        L, S, H = store.h.shape
+        self.scratch = S
+        # Tables with one more row, the scratch slot; the store keeps working through views of their first S rows.
+        self.h = torch.zeros(L, S + 1, H, device=device)
+        self.c = torch.zeros(L, S + 1, H, device=device)
+        self.h[:, :S] = store.h
+        self.c[:, :S] = store.c
+        store.h, store.c = self.h[:, :S], self.c[:, :S]
+        self.last_x_full = None
+        if last_x is not None:
+            self.last_x_full = torch.full((S + 1, spec.input_size), float("nan"), device=device)
+            self.last_x_full[:S] = last_x
+        self.static = _Static(model)
+        self._loaded = model
+        self._weights = None
+        if kernel_backend == "triton":
+            from lstmd.kernels import triton_lstm
+
+            self._weights = triton_lstm.prepare_step_weights(self.static.model.params)
+        nbytes = staging_bytes(MAX_BUCKET, spec.input_size)
+        pin = self.cuda  # page-locked, so the copies are asynchronous DMA
+        self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self._host_preds = [torch.zeros(MAX_BUCKET, spec.output_size, pin_memory=pin) for _ in range(2)]
+        self._staging = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._y = torch.zeros(MAX_BUCKET, H, device=device)
+        self._out = torch.zeros(MAX_BUCKET, spec.output_size, device=device)
+        self._host_views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self._next = 0  # which host buffer the next wave fills
+        self._pending: list[PendingStep | None] = [None, None]
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._copied = [torch.cuda.Event() for _ in range(2)]  # the host→device copy of buffer k has finished
+            self._done = [torch.cuda.Event() for _ in range(2)]  # wave k's predictions are in host memory
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+
+    @property
+    def last_x(self) -> torch.Tensor | None:
+        """The view of the forecast table the engine keeps (its first S rows)."""
+        return None if self.last_x_full is None else self.last_x_full[: self.scratch]
+
+    def step(self, model: ServingModel, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """Advance `slots` (distinct) one event each; predictions [n, O] float32. Waves over MAX_BUCKET go in chunks
+        (their slots are distinct, so the chunks are independent)."""
+        n = slots.shape[0]
+        if n <= MAX_BUCKET:
+            return self.submit(model, features, slots, fresh).result()
+        parts = [
+            self.submit(model, features[i : i + MAX_BUCKET], slots[i : i + MAX_BUCKET], fresh[i : i + MAX_BUCKET])
+            .result()
+            for i in range(0, n, MAX_BUCKET)
+        ]
+        return np.concatenate(parts)
+
+    def submit(self, model: ServingModel, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> PendingStep:
+        """Stage and enqueue one wave (1..MAX_BUCKET events); the returned handle's result() hands back the
+        predictions. At most two waves may be pending; state tables must not be read before their result()."""
+        n = slots.shape[0]
+        bucket = bucket_for(n)
+        if self.store.h.data_ptr() != self.h.data_ptr() or self.store.c.data_ptr() != self.c.data_ptr():
+            raise RuntimeError("the state store's tables were replaced; the device step serves from its own tables")
+        k = self._next
+        if self._pending[k] is not None:
+            raise RuntimeError("two waves are pending already: call result() on the older one first")
+        if self.cuda:
+            self._copied[k].synchronize()  # the previous copy out of this buffer has finished (normally long ago)
+        host = self._host_views.get((k, bucket))
+        if host is None:  # numpy views of the pinned buffer, made once per buffer and bucket
+            host = self._host_views[k, bucket] = tuple(
+                t.numpy() for t in staging_views(self._host[k], bucket, self.input_size)
+            )
+        fill_staging(host, features, slots, fresh, self.scratch)
+        nbytes = staging_bytes(bucket, self.input_size)
+        with torch.cuda.stream(self._stream) if self.cuda else nullcontext(), torch.inference_mode():
+            if self.cuda:
+                # Work the loop, snapshots or restores enqueued on the default stream (table writes, a published
+                # model's tensors) comes first; no host synchronisation.
+                self._stream.wait_stream(torch.cuda.default_stream(self.device))
+            if model is not self._loaded:
+                self._publish(model)
+            self._staging[:nbytes].copy_(self._host[k][:nbytes], non_blocking=True)
+            if self.cuda:
+                self._copied[k].record(self._stream)
+            self._run(bucket)
+            self._host_preds[k][:n].copy_(self._out[:n], non_blocking=True)
+            if self.cuda:
+                self._done[k].record(self._stream)
+        pending = PendingStep(self, k, n)
+        self._pending[k] = pending
+        self._next = 1 - k
+        return pending
+
+    def _publish(self, model: ServingModel) -> None:
+        """Serve `model` from the next wave: copied into the captured tensors, or, where it changes what the
+        graphs branched on (a forecast model's inputs kind), into new ones, the graphs captured again."""
+        if self.static.fits(model):
+            self.static.load(model)
+        else:
+            self.static = _Static(model)
+            self._graphs.clear()
+            if self._weights is not None:
+                from lstmd.kernels import triton_lstm
+
+                self._weights = triton_lstm.prepare_step_weights(self.static.model.params)
+        if self._weights is not None:
+            from lstmd.kernels import triton_lstm
+
+            triton_lstm.load_step_weights(self._weights, self.static.model.params)
+        self._loaded = model
+
+    def _run(self, bucket: int) -> None:
+        """The bucket's step: replayed from its graph, or launched (and, with graphs on, captured for next time).
+
+        The first wave of a bucket pays for Triton's compile (cached on disk after the first process) and the
+        capture, which synchronises the device and collects garbage (torch.cuda.graph does): a one-off latency
+        spike per bucket, at most 11 of them."""
+        graph = self._graphs.get(bucket)
+        if graph is not None:
+            graph.replay()
+            return
+        self.compute(bucket)  # eager: the first run also compiles the Triton kernels, outside any capture
+        if self.graphs_enabled:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the trainer thread may use the device while this thread captures.
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+                self.compute(bucket)
+            self._graphs[bucket] = graph
+
+    def compute(self, bucket: int) -> None:
+        """gather → L cells → scatter → head over the staged bucket, into self._out[:bucket]. No host
+        synchronisation and no shape that depends on data, so a CUDA graph can capture it."""
+        slots, x, reset = staging_views(self._staging, bucket, self.input_size)
+        model = self.static.model
+        inputs = x
+        if self.last_x_full is not None:  # forecast: the change since each stream's previous event (0 at its first)
+            previous = self.last_x_full.index_select(0, slots)
+            unknown = previous.isnan() | reset.unsqueeze(1)
+            previous = torch.where(unknown, x, previous)
+            self.last_x_full.index_copy_(0, slots, x)
+        norm = model.normalization
+        if norm is not None:
+            inputs = norm.lstm_inputs(x, x - previous)
+        if self._weights is not None:
+            from lstmd.kernels import triton_lstm
+
+            y = triton_lstm.launch_step(
+                inputs, slots, self.h, self.c, self._weights, reset, self._y[:bucket],
+                triton_lstm.plan_step(bucket, self.hidden),
+            )  # fmt: skip
+        else:
+            y = reference.lstm_step_(inputs, slots, self.h, self.c, model.params, reset)
+        weight, bias = model.head
+        out = torch.addmm(bias, y, weight.t())
+        if norm is not None:
+            out = norm.predictions(x, out, model.columns)
+        if model.spec.task == "classification":
+            out = out.softmax(-1)
+        self._out[:bucket].copy_(out)
+
+
+class PendingStep:
+    """A submitted wave; result() waits for its predictions (the one synchronisation of a wave)."""
+
+    def __init__(self, owner: DeviceStep, k: int, n: int) -> None:
+        self._owner, self._k, self._n = owner, k, n
+
+    def result(self) -> np.ndarray:
+        owner = self._owner
+        if owner._pending[self._k] is not self:
+            raise RuntimeError("this wave's result was already taken")
+        if owner.cuda:
+            owner._done[self._k].synchronize()
+        owner._pending[self._k] = None
+        return owner._host_preds[self._k][: self._n].numpy().copy()
