@@ -117,6 +117,25 @@ def _accumulate_gates(
 
 
 @triton.jit
+def _sequence_cell(acc_i, acc_f, acc_g, acc_o, c_prev, gates_ptr, g_tile, H, hs_ptr, cs_ptr, s_tile, tile_mask):
+    """One time step's cell of the sequence kernels: the activated gates go to `gates` (the backward pass reads
+    them), the new h and c to the per-step tables at `s_tile`; returns (h, c)."""
+    gi = _sigmoid(acc_i)
+    gf = _sigmoid(acc_f)
+    gg = _tanh(acc_g)
+    go = _sigmoid(acc_o)
+    c = gf * c_prev + gi * gg
+    h = go * _tanh(c)
+    tl.store(gates_ptr + g_tile, gi, mask=tile_mask)
+    tl.store(gates_ptr + g_tile + H, gf, mask=tile_mask)
+    tl.store(gates_ptr + g_tile + 2 * H, gg, mask=tile_mask)
+    tl.store(gates_ptr + g_tile + 3 * H, go, mask=tile_mask)
+    tl.store(hs_ptr + s_tile, h, mask=tile_mask)
+    tl.store(cs_ptr + s_tile, c, mask=tile_mask)
+    return h, c
+
+
+@triton.jit
 def _lstm_step_kernel(
     x_ptr,  # [B, I] fp32
     slots_ptr,  # [B] int64, distinct rows of the tables
@@ -223,19 +242,8 @@ def _lstm_seq_fwd_kernel(
         acc_i, acc_f, acc_g, acc_o = _accumulate_gates(
             acc_i, acc_f, acc_g, acc_o, hs_ptr, prev_rows, b_mask, wh_ptr, H, H, offs_h, h_mask, BLOCK_K, PREC
         )
-        gi = _sigmoid(acc_i)
-        gf = _sigmoid(acc_f)
-        gg = _tanh(acc_g)
-        go = _sigmoid(acc_o)
-        c = gf * c + gi * gg
-        h = go * _tanh(c)
-        tl.store(gates_ptr + g_tile, gi, mask=tile_mask)
-        tl.store(gates_ptr + g_tile + H, gf, mask=tile_mask)
-        tl.store(gates_ptr + g_tile + 2 * H, gg, mask=tile_mask)
-        tl.store(gates_ptr + g_tile + 3 * H, go, mask=tile_mask)
         s_tile = (prev_rows + H)[:, None] + offs_h[None, :]
-        tl.store(hs_ptr + s_tile, h, mask=tile_mask)
-        tl.store(cs_ptr + s_tile, c, mask=tile_mask)
+        h, c = _sequence_cell(acc_i, acc_f, acc_g, acc_o, c, gates_ptr, g_tile, H, hs_ptr, cs_ptr, s_tile, tile_mask)
         # Step t+1 reads h_t back from hs in BLOCK_K slices, through other threads than the writers.
         tl.debug_barrier()
 
@@ -438,19 +446,8 @@ def _lstm_seq_fwd_step_kernel(
         acc_i, acc_f, acc_g, acc_o, hs_ptr, prev_rows, b_mask, wh_ptr, H, H, offs_h, h_mask, BLOCK_K, PREC
     )
     c_prev = tl.load(cs_ptr + prev_rows[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
-    gi = _sigmoid(acc_i)
-    gf = _sigmoid(acc_f)
-    gg = _tanh(acc_g)
-    go = _sigmoid(acc_o)
-    c = gf * c_prev + gi * gg
-    h = go * _tanh(c)
-    tl.store(gates_ptr + g_tile, gi, mask=tile_mask)
-    tl.store(gates_ptr + g_tile + H, gf, mask=tile_mask)
-    tl.store(gates_ptr + g_tile + 2 * H, gg, mask=tile_mask)
-    tl.store(gates_ptr + g_tile + 3 * H, go, mask=tile_mask)
     s_tile = (prev_rows + H)[:, None] + offs_h[None, :]
-    tl.store(hs_ptr + s_tile, h, mask=tile_mask)
-    tl.store(cs_ptr + s_tile, c, mask=tile_mask)
+    _sequence_cell(acc_i, acc_f, acc_g, acc_o, c_prev, gates_ptr, g_tile, H, hs_ptr, cs_ptr, s_tile, tile_mask)
 
 
 @triton.jit
