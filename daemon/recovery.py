@@ -28,7 +28,6 @@ are the only durability, and the hot path does no extra work.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import threading
@@ -36,17 +35,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import msgspec
 import numpy as np
 import safetensors.torch
 import torch
-from lstmd.clients import protocol
-from lstmd.daemon import batching
 from lstmd.daemon import snapshot as snapshots
 from lstmd.daemon import wal as wal_files
+from lstmd.daemon import wal_records as records
 from lstmd.daemon.config import model_file_metadata
 from lstmd.daemon.control import CommandError
 from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.pipeline import AppliedBatch, ReplayError
 from lstmd.daemon.wal import WalError, WriteAheadLog
 
 if TYPE_CHECKING:
@@ -54,30 +52,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lstmd.durability")
 
-# Record kinds (first element of each msgpack payload). PAUSE: (PAUSE, paused: bool), `train pause`/`resume`.
-EVENTS, MODEL, EVICT, RESET, PROBE, TARGETS, PAUSE = "E", "M", "X", "R", "P", "T", "Z"
 # Optional daemon attributes with snapshot_tensors() / restore_tensors(): training state and model history.
 COMPONENTS = ("recorder", "trainer", "versions")
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
 
 
 class RecoveryError(RuntimeError):
     """The state directory cannot be restored; the message says what was found and what to do."""
-
-
-def encode_targets(streams: list, seqs: np.ndarray, targets: np.ndarray) -> bytes:
-    """The payload of a delayed-targets record: (TARGETS, stream ids, seqs int64, D, targets float32 [n, D])."""
-    targets = np.ascontiguousarray(targets, dtype=np.float32)
-    return _encode(
-        (TARGETS, list(streams), np.asarray(seqs, dtype=np.int64).tobytes(), targets.shape[1], targets.tobytes())
-    )
-
-
-def decode_targets(record: list) -> tuple[list, np.ndarray, np.ndarray]:
-    """(stream ids, seqs [n] int64, targets [n, D] float32) of a decoded delayed-targets record."""
-    _, streams, seq_bytes, dim, target_bytes = record
-    return streams, np.frombuffer(seq_bytes, dtype=np.int64), np.frombuffer(target_bytes, np.float32).reshape(-1, dim)
 
 
 class Durability:
@@ -232,7 +212,11 @@ class Durability:
                 if problem is None:
                     scan = wal_files.read_segment(path, segment)
                     for payload in scan.records:
-                        self._apply_record(_decode(payload), summary)
+                        try:
+                            record = records.decode(payload)
+                        except records.UnknownRecord as exc:
+                            raise RecoveryError(str(exc)) from None
+                        self._apply_record(record, summary)
                     summary["segments"] += 1
                     problem = scan.problem
                 expected = segment + 1
@@ -265,106 +249,48 @@ class Durability:
             )
         daemon.metrics.active_streams.set(len(store))
 
-    def _apply_record(self, record: list, summary: dict) -> None:
-        kind = record[0]
+    def _apply_record(self, record: records.Record, summary: dict) -> None:
         store = self.daemon.store
         summary["records"] += 1
-        if kind == EVENTS:
-            summary["events"] += self._replay_events(record)
-        elif kind == MODEL:
-            model = ServingModel.from_bytes(record[1])
-            self.daemon.engine.swap_model(model)
-            self.daemon.metrics.model_version.set(model.version)
-        elif kind == EVICT:
-            slots = [store.slot_of[sid] for sid in record[1] if sid in store.slot_of]
-            store._release(np.asarray(slots, dtype=np.int64), record[2])
-        elif kind == RESET:
-            for sid in record[1]:
-                store.reset(sid)
-        elif kind == TARGETS:
-            self._replay_targets(record)
-        elif kind == PAUSE:
-            trainer = getattr(self.daemon, "trainer", None)
-            if trainer is not None:  # training may be off now: then there is nothing to pause
-                trainer.paused = bool(record[1])
-        elif kind != PROBE:
-            raise RecoveryError(f"write-ahead log record of unknown kind {kind!r}: written by a newer lstmd?")
+        match record:
+            case records.EventsRecord():
+                recorder = getattr(self.daemon, "recorder", None) if self._feed_recorder else None
+                try:
+                    summary["events"] += self.daemon.pipeline.replay(record, recorder)
+                except ReplayError as exc:
+                    raise RecoveryError(str(exc)) from None
+            case records.ModelRecord():
+                model = ServingModel.from_bytes(record.model_bytes)
+                self.daemon.engine.swap_model(model)
+                self.daemon.metrics.model_version.set(model.version)
+            case records.EvictRecord():
+                store.release_ids(record.streams, record.cause)
+            case records.ResetRecord():
+                for sid in record.streams:
+                    store.reset(sid)
+            case records.TargetsRecord():
+                self._replay_targets(record)
+            case records.PauseRecord():
+                trainer = getattr(self.daemon, "trainer", None)
+                if trainer is not None:  # training may be off now: then there is nothing to pause
+                    trainer.paused = record.paused
 
-    def _replay_events(self, record: list) -> int:
-        """Re-apply one logged batch: the events in arrival order, one step per stream per wave."""
-        _, message_streams, x_bytes, dim, idx_bytes, seq_bytes, fresh_bytes, message_targets = record
-        daemon, store = self.daemon, self.daemon.store
-        idx = np.frombuffer(idx_bytes, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")  # logged in wave order; admit and re-wave in arrival order
-        idx = idx[order]
-        seq = np.frombuffer(seq_bytes, dtype=np.int64)[order]
-        fresh = np.frombuffer(fresh_bytes, dtype=bool)[order]
-        x = np.frombuffer(x_bytes, dtype=np.float32).reshape(-1, dim)[order]
-        streams = list(itertools.chain.from_iterable(message_streams))
-        ids = [streams[i] for i in idx.tolist()]
-        admission = store.admit(ids, max(len(ids), 1))
-        slots = admission.slots
-        if admission.rejected:
-            raise RecoveryError(
-                f"replaying the log: {len(admission.rejected)} events found no state slot "
-                f"({next(iter(admission.rejected.values()))[1]}); was state.capacity lowered? Raise it back."
-            )
-        recorder = getattr(daemon, "recorder", None) if self._feed_recorder else None
-        targets = None
-        if recorder is not None:
-            full = self._recorded_targets(message_streams, message_targets)
-            targets = None if full is None else full[idx]
-        for wave in batching.waves(slots):
-            wave_targets = None if targets is None else targets[wave]
-            daemon.apply_wave(x[wave], slots[wave], seq[wave], fresh[wave], wave_targets, recorder)
-        return int(idx.size)
-
-    def _replay_targets(self, record: list) -> None:
+    def _replay_targets(self, record: records.TargetsRecord) -> None:
         """Join a logged delayed-targets message again, exactly as the serving loop did (same counters too)."""
         recorder = getattr(self.daemon, "recorder", None) if self._feed_recorder else None
         if recorder is None or recorder.forecast:  # training off now, or reloading (the recorder has them)
             return
-        streams, seqs, targets = decode_targets(record)
         get = self.daemon.store.slot_of.get
-        slots = np.fromiter((get(sid, -1) for sid in streams), dtype=np.int64, count=len(streams))
-        recorder.join_targets(slots, seqs, targets)
-
-    def _recorded_targets(self, message_streams: list, message_targets: list) -> np.ndarray | None:
-        """[N, D] targets of a logged batch exactly as the serving loop hands them to the recorder."""
-        if not message_targets:
-            return None
-        messages = [
-            _LoggedMessage(
-                None if t is None else np.frombuffer(t[2], dtype=protocol.TARGET_DTYPES[t[0]]).reshape(-1, t[1])
-            )
-            for t in message_targets
-        ]
-        counts = [len(m) for m in message_streams]
-        return self.daemon._batch_targets(messages, counts, sum(counts))
+        slots = np.fromiter((get(sid, -1) for sid in record.streams), dtype=np.int64, count=len(record.streams))
+        recorder.join_targets(slots, record.seqs, record.targets)
 
     # ---- serving --------------------------------------------------------------------------------------------
 
-    def log_batch(self, batch: list, features: np.ndarray, applied_parts: list) -> None:
-        """Append a batch's applied events (after pending side records) in one group commit; WalError if not."""
-        idx = np.concatenate([p[0] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][0]
-        seq = np.concatenate([p[1] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][1]
-        fresh = np.concatenate([p[2] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][2]
-        targets = [
-            None if m.targets is None else (m.header.targets, m.targets.shape[1], m.targets.tobytes()) for m in batch
-        ]
-        payload = _encode(
-            (
-                EVENTS,
-                [m.header.streams for m in batch],
-                features[idx].tobytes(),
-                features.shape[1],
-                idx.astype(np.int64, copy=False).tobytes(),
-                seq.astype(np.int64, copy=False).tobytes(),
-                fresh.astype(bool, copy=False).tobytes(),
-                targets if any(t is not None for t in targets) else [],
-            )
-        )
-        self._append([*self._side_records(), payload])
+    def log_batch(self, streams: list[list], features: np.ndarray, applied: AppliedBatch, targets: list) -> None:
+        """Append a batch's applied events (after pending side records) in one group commit; WalError if not.
+        `streams` and `targets` per message, `features` the whole batch."""
+        record = records.events_record(streams, features, applied.idx, applied.seqs, applied.fresh, targets)
+        self._append([*self._side_records(), records.encode(record)])
 
     def log_targets(self, streams: list, seqs: np.ndarray, targets: np.ndarray) -> tuple[str, str] | None:
         """Append a delayed-targets message (after pending side records) before it is joined.
@@ -375,7 +301,8 @@ class Durability:
         """
         failing = self.wal.error is not None
         try:
-            self._append([*self._side_records(), encode_targets(streams, seqs, targets)])
+            record = records.TargetsRecord(list(streams), seqs, targets)
+            self._append([*self._side_records(), records.encode(record)])
         except WalError as exc:
             reason = "wal_unavailable" if failing else "wal_write_failed"
             log.error("%s: rejecting %d delayed target(s)", exc.strerror, len(streams))
@@ -385,17 +312,13 @@ class Durability:
         return None
 
     def _side_records(self) -> list[bytes]:
-        out = []
-        journal = self.daemon.store.journal
-        if journal:
-            for entry in journal:
-                out.append(_encode((EVICT, entry[1], entry[2]) if entry[0] == "evict" else (RESET, entry[1])))
+        out = [records.encode(entry) for entry in self.daemon.store.journal or ()]
         model = self.daemon.engine.model
         if model is not self._logged_model:
-            out.append(_encode((MODEL, model.to_bytes())))
+            out.append(records.encode(records.ModelRecord(model.to_bytes())))
         paused = self._paused()
         if paused is not None and paused != self._logged_paused:
-            out.append(_encode((PAUSE, paused)))
+            out.append(records.encode(records.PauseRecord(paused)))
         return out
 
     def _paused(self) -> bool | None:
@@ -442,20 +365,15 @@ class Durability:
     def writable(self) -> bool:
         """While appends fail: try a tiny probe record; True once the log accepts writes again."""
         try:
-            self.wal.append([_encode((PROBE,))])
+            self.wal.append([records.encode(records.ProbeRecord())])
         except WalError:
             return False
         log.warning("the write-ahead log accepts writes again; serving resumes")
         return True
 
-    def reject_unlogged(self, exc: WalError, status: np.ndarray, reasons: dict, applied_parts: list) -> None:
+    def reject_unlogged(self, exc: WalError, applied: AppliedBatch) -> None:
         """The batch could not be logged: reject its applied events and roll the state back to the disk's."""
-        message = f"{exc.strerror}; the event was not applied, resend it"
-        for part in applied_parts:
-            status[part[0]] = protocol.REJECTED
-            for i in part[0].tolist():
-                reasons[i] = ("wal_write_failed", message)
-        applied_parts.clear()
+        applied.unapply(("wal_write_failed", f"{exc.strerror}; the event was not applied, resend it"))
         log.error("%s: rejecting the batch and reloading the state from %s", exc.strerror, self.directory)
         self.reload()
 
@@ -615,10 +533,3 @@ class Durability:
         if self.wal is not None:
             self.wal.close()
             self.wal = None
-
-
-class _LoggedMessage:
-    """The one attribute of an events message that the loop's target builder reads."""
-
-    def __init__(self, targets: np.ndarray | None) -> None:
-        self.targets = targets

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 from lstmd.clients import protocol
-from lstmd.daemon import batching, control
+from lstmd.daemon import control
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
@@ -39,9 +39,10 @@ from lstmd.daemon.io import (
 from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.pipeline import AppliedBatch, Pipeline
 from lstmd.daemon.recovery import Durability, RecoveryError
 from lstmd.daemon.state_lock import StateDirLocked, StateLock
-from lstmd.daemon.state_store import NO_SEQ, StateStore
+from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.versions import ModelHistory
 from lstmd.daemon.wal import WalError
 from lstmd.kernels.tuning import SERVE_SWITCH_INTERVAL_S, adopt_torch_threads, limit_switch_interval
@@ -50,7 +51,6 @@ log = logging.getLogger("lstmd.daemon")
 
 VERSION = "0.1.0"
 _STOP = object()
-_ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assigns the number
 # Events in a gathered batch from which the loop steps once no request is waiting instead of waiting out
 # max_wait_ms. Nothing waiting means the loop is not saturated, so waiting buys no throughput: at half the max
 # rate (10k streams, 1,000 events per message) 256 instead of 1,024 halved the in-daemon p50 (≤ 5 → ≤ 2.5 ms),
@@ -80,7 +80,6 @@ class ServeStats:
     batches: int = 0
     events: np.ndarray = field(default_factory=lambda: np.zeros(len(protocol.STATUS_NAMES), dtype=np.int64))
     rejections: dict[str, int] = field(default_factory=dict)
-    sequence_gaps: int = 0
     evictions: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)  # "<what>_<reason>": dropped instead of queued
 
@@ -120,6 +119,8 @@ class Daemon:
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
         self.recorder, self.trainer = self._make_training(spec)
+        self.pipeline = Pipeline(self.store, self.engine, self.metrics, config.serve, self._batch_targets)
+        self.pipeline.recorder = self.recorder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.endpoints: dict[str, str] = {}
         self._stopping = False
@@ -439,158 +440,22 @@ class Daemon:
         if wal is not None and wal.error is not None and not self.durability.writable():
             self._reject_unloggable(batch, counts)  # the log still fails: apply nothing, acknowledge nothing
             return
-        n = sum(counts)
-        out_dim = self.spec.output_size
         features = batch[0].features if len(batch) == 1 else np.concatenate([m.features for m in batch])
-        status = np.zeros(n, dtype=np.uint8)
-        preds = np.full((n, out_dim), np.nan, dtype=np.float32)
-        reasons: dict[int, tuple[str, str]] = {}
-        slots = np.empty(n, dtype=np.int64)
-        seqs = np.full(n, _ASSIGN, dtype=np.int64)
-        was_dropped = np.zeros(n, dtype=bool)
-        unavailable: dict[int, tuple[str, str]] = {}  # duplicates whose prediction is no longer kept
-        offset = 0
-        for message, count in zip(batch, counts, strict=True):
-            self._admit_message(
-                message, offset, features[offset : offset + count], slots, seqs, was_dropped, reasons
-            )
-            offset += count
-        for i in reasons:
-            status[i] = protocol.REJECTED
-
-        accepted = np.flatnonzero(slots >= 0)
-        applied_parts = []
-        targets = self._batch_targets(batch, counts, n) if self.recorder is not None else None
-        for wave in batching.waves(slots[accepted]):
-            idx = accepted[wave]
-            wave_slots = slots[idx]
-            last = self.store.last_seq[wave_slots]
-            seq = seqs[idx]
-            assign = seq == _ASSIGN
-            # last < SEQ_LIMIT (every applied number is), so last + 1 cannot overflow; a stream whose numbers
-            # are used up is refused rather than wrapped around.
-            seq = np.where(assign, last + 1, seq)
-            exhausted = seq >= protocol.SEQ_LIMIT
-            if exhausted.any():
-                why = ("seq_exhausted", "the stream's sequence numbers are used up (2^63 - 2 applied): drop it")
-                for i in idx[exhausted].tolist():
-                    reasons[i] = why
-                    status[i] = protocol.REJECTED
-                idx, wave_slots, seq, last = idx[~exhausted], wave_slots[~exhausted], seq[~exhausted], last[~exhausted]
-                if idx.size == 0:
-                    continue
-            duplicate = seq <= last
-            gaps = (last != NO_SEQ) & (seq > last + 1)
-            if gaps.any():  # summed in Python integers: gaps near 2^63 would overflow an int64 sum
-                missing = sum((seq[gaps] - last[gaps] - 1).tolist())
-                # Saturates at 2^63 - 1: adversarial numbers could push the sum past what msgpack and JSON readers
-                # of `lstmd status` take (the Prometheus counter is a float and just keeps counting).
-                self.stats.sequence_gaps = min(self.stats.sequence_gaps + missing, protocol.SEQ_LIMIT)
-                self.metrics.sequence_gaps.inc(missing)
-            if duplicate.any():
-                dup = idx[duplicate]
-                self._answer_duplicates(dup, wave_slots[duplicate], seq[duplicate], status, preds, unavailable)
-                idx, wave_slots, seq = idx[~duplicate], wave_slots[~duplicate], seq[~duplicate]
-                if idx.size == 0:
-                    continue
-            fresh = self.store.needs_reset[wave_slots]
-            x = features if idx.size == n else features[idx]
-            wave_targets = None if targets is None else targets[idx]
-            preds[idx] = self.apply_wave(x, wave_slots, seq, fresh, wave_targets, self.recorder)
-            reset_now = fresh & was_dropped[idx]
-            if reset_now.any():
-                status[idx[reset_now]] = protocol.STATE_RESET
-            applied_parts.append((idx, seq, fresh))
-
-        if self.durability.wal is not None and applied_parts:
+        applied = self.pipeline.serve(
+            [m.header.streams for m in batch],
+            [m.header.seqs for m in batch],
+            features,
+            [m.targets for m in batch],
+        )
+        if self.durability.wal is not None and applied.applied:
             try:  # group commit: one append (and under fsync = always one fsync) per batch, before the replies
-                self.durability.log_batch(batch, features, applied_parts)
+                self.durability.log_batch([m.header.streams for m in batch], features, applied,
+                                          [m.targets for m in batch])
             except WalError as exc:
-                self.durability.reject_unlogged(exc, status, reasons, applied_parts)
-        self._reply(batch, counts, status, preds, reasons | unavailable if unavailable else reasons)
-        self._publish(batch, applied_parts, preds)
-        self._account(n, status, reasons)
-
-    def _answer_duplicates(self, idx, slots, seq, status, preds, unavailable) -> None:
-        """Already applied events: answered `duplicate` with their original predictions from the resend window,
-        or, beyond it, with a reason saying the prediction is no longer kept (the Producer raises on that)."""
-        status[idx] = protocol.DUPLICATE
-        kept, found = self.store.kept_outputs(slots, seq)
-        preds[idx[found]] = kept[found]
-        if found.all():
-            return
-        window = self.config.serve.resend_window
-        self.metrics.duplicates_unavailable.inc(int((~found).sum()))
-        for i, number in zip(idx[~found].tolist(), seq[~found].tolist(), strict=True):
-            unavailable[i] = (
-                "prediction_unavailable",
-                f"sequence number {number} was already applied; its prediction is no longer kept (the daemon "
-                f"keeps each stream's last serve.resend_window = {window})",
-            )
-
-    def apply_wave(self, x, slots, seq, fresh, targets, recorder) -> np.ndarray:
-        """One launch: advance `slots` (distinct) by one event each, keep their outputs for resends, record the
-        events for training (when `recorder` is given), mark the slots used. Serving and the log replay both apply
-        events through here (so the replay rebuilds the resend window too)."""
-        started = time.perf_counter()
-        preds = self.engine.step(x, slots, fresh)
-        self.metrics.step_duration.observe(time.perf_counter() - started)
-        self.store.keep_outputs(slots, seq, preds)
-        if recorder is not None:
-            recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c)
-        self.store.last_seq[slots] = seq
-        self.store.touch(slots)
-        return preds
-
-    def _admit_message(self, message, offset, features, slots, seqs, was_dropped, reasons) -> None:
-        """Per-event validation and slot lookup for one message's events (indices offset.. in the batch)."""
-        header = message.header
-        streams = header.streams
-        count = len(streams)
-        bad: dict[int, tuple[str, str]] = {}
-        # One reduction instead of a per-row check: any NaN or Inf makes the sum non-finite. A sum that only
-        # overflowed lands in the exact check too, which then finds every row finite.
-        if not np.isfinite(features.sum()):
-            for i in np.flatnonzero(~np.isfinite(features).all(axis=1)).tolist():
-                bad[i] = ("non_finite", "features hold NaN or Inf")
-        if header.seqs is not None:
-            seq_arr = protocol.seq_array(header.seqs)
-            # One comparison for both ends of [0, SEQ_LIMIT): a negative int64 viewed as uint64 is >= 2^63.
-            for i in np.flatnonzero(seq_arr.view(np.uint64) >= protocol.SEQ_LIMIT).tolist():
-                bad[i] = ("bad_seq", f"sequence number {header.seqs[i]} is outside [0, 2^63 - 1)")
-            seqs[offset : offset + count] = seq_arr
-        if bad:
-            keep = [i for i in range(count) if i not in bad]
-            admission = self.store.admit(
-                [streams[i] for i in keep], self.config.serve.max_new_streams_per_message, self._check_new_id
-            )
-            local = np.full(count, -1, dtype=np.int64)
-            local[keep] = admission.slots
-            dropped = np.zeros(count, dtype=bool)
-            dropped[keep] = admission.was_dropped
-            bad |= {keep[j]: why for j, why in admission.rejected.items()}
-        else:
-            admission = self.store.admit(streams, self.config.serve.max_new_streams_per_message, self._check_new_id)
-            local, dropped = admission.slots, admission.was_dropped
-            bad = admission.rejected
-        slots[offset : offset + count] = local
-        was_dropped[offset : offset + count] = dropped
-        for i, why in bad.items():
-            slots[offset + i] = -1
-            reasons[offset + i] = why
-
-    def _check_new_id(self, stream) -> tuple[str, str] | None:
-        """Why a stream id not yet in the store may not become one (its length), or None. Only new ids are
-        checked: a resident id passed this when it was created, so the hot path runs no check per event (the
-        per-event type scan it replaces was ~5% of the loop at 10k int ids per batch)."""
-        if type(stream) is not str:
-            return None
-        length, limit = len(stream), self.config.serve.max_stream_id_length
-        if length == 0:
-            return ("bad_stream_id", "stream id is empty")
-        if length > limit:
-            return ("stream_id_too_long", f"stream id of {length} characters exceeds the limit of {limit}")
-        return None
+                self.durability.reject_unlogged(exc, applied)
+        self._reply(batch, counts, applied.status, applied.predictions, applied.reply_reasons())
+        self._publish(batch, applied)
+        self._account(features.shape[0], applied.status, applied.reasons)
 
     def _reply(self, batch, counts, status, preds, reasons) -> None:
         version = self.engine.model.version
@@ -615,15 +480,14 @@ class Daemon:
             self.metrics.event_latency.observe(now - message.received)
             offset = end
 
-    def _publish(self, batch, applied_parts, preds) -> None:
+    def _publish(self, batch, applied: AppliedBatch) -> None:
         """The batch's applied predictions to the I/O thread as one PUB message (protocol.PublishedBatch), within
         serve.publish_queue_bytes: a batch that does not fit is dropped and counted, so a publisher that falls
         behind never holds memory or the loop."""
-        if self._io is None or self._io.subscribers <= 0 or not applied_parts:
+        if self._io is None or self._io.subscribers <= 0 or not applied.applied:
             return
         streams = list(itertools.chain.from_iterable(m.header.streams for m in batch))
-        idx = np.concatenate([p[0] for p in applied_parts])
-        seq = np.concatenate([p[1] for p in applied_parts])
+        idx, seq, preds = applied.idx, applied.seqs, applied.predictions
         self._published_batches += 1
         header = protocol.encode(
             protocol.PublishedBatch(
@@ -733,15 +597,16 @@ class Daemon:
         trainer = Trainer(t, spec, recorder, serving, self.metrics, self.device, backends, seed)
         return recorder, trainer
 
-    def _batch_targets(self, batch, counts, n) -> np.ndarray | None:
-        """[n, D] float32 targets of the batch's events, NaN rows where an event has none; None when none has."""
-        if self.recorder.forecast or all(m.targets is None for m in batch):
+    def _batch_targets(self, targets: list, counts: list[int], n: int) -> np.ndarray | None:
+        """[n, D] float32 targets of a batch from its messages' targets (None or [n_m, D]), NaN rows where an event
+        has none; None when none has."""
+        if self.recorder.forecast or all(t is None for t in targets):
             return None
         out = np.full((n, self.recorder.y.shape[2]), np.nan, dtype=np.float32)
         offset = 0
-        for message, count in zip(batch, counts, strict=True):
-            if message.targets is not None:
-                out[offset : offset + count] = message.targets
+        for message_targets, count in zip(targets, counts, strict=True):
+            if message_targets is not None:
+                out[offset : offset + count] = message_targets
             offset += count
         if self.spec.task == "classification":  # a label outside 0..O-1 teaches nothing: drop it
             labels = out[:, 0]
@@ -863,7 +728,7 @@ class Daemon:
             "batches": self.stats.batches,
             "events": dict(zip(protocol.STATUS_NAMES, self.stats.events.tolist(), strict=True)),
             "rejections": dict(self.stats.rejections),
-            "sequence_gaps": self.stats.sequence_gaps,
+            "sequence_gaps": self.pipeline.sequence_gaps,
             "evictions": dict(self.stats.evictions),
             "evicted_filter": self.store.evicted.status(),
             "queue_depth": self._backlog + self._events.pending() + self.inbox.qsize(),

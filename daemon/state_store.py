@@ -28,6 +28,7 @@ import msgspec
 import numpy as np
 import torch
 from lstmd.clients.protocol import StreamId
+from lstmd.daemon.wal_records import EvictRecord, ResetRecord
 
 log = logging.getLogger("lstmd.state")
 
@@ -180,8 +181,8 @@ class StateStore:
         self.on_evict = on_evict or (lambda cause, count: None)
         self.clock = clock
         # With the write-ahead log on, changes made outside the event path (evictions, resets) are appended
-        # here as ("evict", ids, cause) / ("reset", ids) and logged by the durability code; None: not kept.
-        self.journal: list | None = None
+        # here as WAL records (daemon/wal_records.py) and logged by the durability code; None: not kept.
+        self.journal: list[EvictRecord | ResetRecord] | None = None
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -297,6 +298,11 @@ class StateStore:
         self._release(idle, "ttl")
         return int(idle.size)
 
+    def release_ids(self, streams: list, cause: str) -> None:
+        """Evict the named streams (those resident), as a logged eviction is replayed."""
+        slots = [self.slot_of[sid] for sid in streams if sid in self.slot_of]
+        self._release(np.asarray(slots, dtype=np.int64), cause)
+
     def _release(self, slots: np.ndarray, cause: str) -> None:
         if slots.size == 0:
             return
@@ -311,7 +317,7 @@ class StateStore:
         self.reset_by_command[slots] = False
         self.evicted.add(released)
         if self.journal is not None:
-            self.journal.append(("evict", released, cause))
+            self.journal.append(EvictRecord(released, cause))
         self.on_evict(cause, int(slots.size))
         log.warning(
             "evicted %d stream(s) (cause: %s); their next event is answered state_reset", slots.size, cause
@@ -335,7 +341,7 @@ class StateStore:
         slot = self.slot_of[sid]
         self.needs_reset[slot] = self.reset_by_command[slot] = True
         if self.journal is not None:
-            self.journal.append(("reset", [sid]))
+            self.journal.append(ResetRecord([sid]))
         return True
 
     def drop(self, stream: StreamId) -> bool:
