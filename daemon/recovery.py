@@ -32,8 +32,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import safetensors.torch
@@ -41,31 +42,57 @@ import torch
 from lstmd.daemon import snapshot as snapshots
 from lstmd.daemon import wal as wal_files
 from lstmd.daemon import wal_records as records
-from lstmd.daemon.config import model_file_metadata
-from lstmd.daemon.control import CommandError
+from lstmd.daemon.config import DurabilityConfig, model_file_metadata
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.pipeline import AppliedBatch, ReplayError
 from lstmd.daemon.wal import WalError, WriteAheadLog
 
-if TYPE_CHECKING:
-    from lstmd.daemon.server import Daemon
-
 log = logging.getLogger("lstmd.durability")
-
-# Optional daemon attributes with snapshot_tensors() / restore_tensors(): training state and model history.
-COMPONENTS = ("recorder", "trainer", "versions")
 
 
 class RecoveryError(RuntimeError):
     """The state directory cannot be restored; the message says what was found and what to do."""
 
 
+class ChangeNotLogged(RuntimeError):
+    """A control command's change could not be logged and was undone; the message says so (for the reply)."""
+
+
+@dataclass
+class SnapshotComponent:
+    """A part whose tensors every snapshot carries under `<name>.` (training state, model history).
+
+    `snapshot_tensors()` returns CPU copies; `restore_tensors(tensors)` puts them back and raises KeyError,
+    ValueError or RuntimeError when they do not fit (the part then starts empty, the streams still restore).
+    """
+
+    snapshot_tensors: Callable[[], dict[str, torch.Tensor]]
+    restore_tensors: Callable[[dict[str, torch.Tensor]], None]
+
+
 class Durability:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.config = daemon.config.durability
-        self.directory = Path(daemon.config.state.dir)
+    """The log, the snapshots and restore, built from the parts it writes and rebuilds (never the Daemon)."""
+
+    def __init__(
+        self,
+        config: DurabilityConfig,
+        directory: Path,
+        store,
+        engine,
+        pipeline,
+        metrics,
+        initial_model: Callable[[], ServingModel],
+        components: dict[str, SnapshotComponent],
+        recorder=None,
+        trainer=None,
+    ) -> None:
+        self.config = config
+        self.directory = Path(directory)
         self.wal_dir = self.directory / "wal"
+        self.store, self.engine, self.pipeline, self.metrics = store, engine, pipeline, metrics
+        self.initial_model = initial_model  # the configured model: what a state without a snapshot starts from
+        self.components = components
+        self.recorder, self.trainer = recorder, trainer
         self.wal: WriteAheadLog | None = None
         self._logged_model: ServingModel | None = None  # the serving model the log already holds
         self._logged_paused: bool | None = None  # the trainer's paused flag as the log has it (None: not logged)
@@ -85,7 +112,7 @@ class Durability:
             log.warning("removed %s, left by a crash during a snapshot", stale.name)
         snapshot_numbers = snapshots.list_snapshots(self.directory)
         segments = wal_files.list_segments(self.wal_dir)
-        store = self.daemon.store
+        store = self.store
         loaded = None
         summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
         if not self.config.restore:
@@ -102,25 +129,14 @@ class Durability:
                 )
             snapshot_numbers, segments = [], []
         else:
-            for number in reversed(snapshot_numbers):
-                path = snapshots.snapshot_path(self.directory, number)
-                try:
-                    loaded = snapshots.read(path)
-                    self._apply_snapshot(loaded)
-                    break
-                except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
-                    log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
-                    loaded = None
-                    if isinstance(exc, snapshots.SnapshotError):
-                        # Torn or corrupt: out of the way, so pruning never keeps it in place of a good one.
-                        path.rename(path.with_name(path.name + ".corrupt"))
+            loaded = self._load_newest_snapshot(snapshot_numbers, at_start=True)
             if loaded is not None:
                 summary["snapshot"] = loaded.path.name
                 summary["streams"] = len(store)
                 log.info(
                     "restored %d streams and model version %d from %s",
                     len(store),
-                    self.daemon.engine.model.version,
+                    self.engine.model.version,
                     loaded.path.name,
                 )
             elif snapshot_numbers and (not segments or segments[0] > 0):
@@ -139,8 +155,8 @@ class Durability:
                 self._next_segment,
                 self.config.fsync,
                 self.config.fsync_interval_ms,
-                on_bytes=self.daemon.metrics.wal_bytes.inc,
-                on_fsync=self.daemon.metrics.wal_fsync_duration.observe,
+                on_bytes=self.metrics.wal_bytes.inc,
+                on_fsync=self.metrics.wal_fsync_duration.observe,
             )
             self._next_segment += 1
             store.journal = []
@@ -148,18 +164,37 @@ class Durability:
         # log always has a snapshot (holding the model) to start from.
         if summary["records"] or (self.config.wal and loaded is None):
             self.snapshot("restore" if summary["records"] else "start")
-        self._logged_model = self.daemon.engine.model
+        self._logged_model = self.engine.model
         self._logged_paused = self._paused()
         summary["seconds"] = round(time.perf_counter() - started, 3)
         self.restored = summary
         return summary
 
+    def _load_newest_snapshot(self, numbers: list[int], at_start: bool) -> snapshots.Snapshot | None:
+        """Apply the newest of `numbers` that reads and fits, falling back to older ones; None if none does.
+
+        at_start (restore): the components are restored too, and a torn or corrupt snapshot is renamed *.corrupt,
+        so pruning never keeps it in place of a good one. Reloading after a failed write (the disk may be
+        failing) leaves the files and the training state as they are."""
+        for number in reversed(numbers):
+            path = snapshots.snapshot_path(self.directory, number)
+            try:
+                loaded = snapshots.read(path)
+                self._apply_snapshot(loaded, components=at_start)
+                return loaded
+            except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
+                log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
+                if at_start and isinstance(exc, snapshots.SnapshotError):
+                    path.rename(path.with_name(path.name + ".corrupt"))
+        return None
+
     def _apply_snapshot(self, snap: snapshots.Snapshot, components: bool = True) -> None:
-        daemon, meta = self.daemon, snap.metadata
+        meta = snap.metadata
         spec = ModelSpec.from_metadata(meta)
-        if spec != daemon.spec:
+        serving = self.engine.model.spec
+        if spec != serving:
             raise RecoveryError(
-                f"{snap.path} holds a model {spec}, but the [model] config says {daemon.spec}: fix the config "
+                f"{snap.path} holds a model {spec}, but the [model] config says {serving}: fix the config "
                 f"or move {self.directory} away"
             )
         groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -170,37 +205,36 @@ class Durability:
         # comes back exactly as ServingModel.from_bytes reads an exported model.
         model_meta = json.loads(meta["model_metadata"])
         model = ServingModel.from_bytes(safetensors.torch.save(groups.get("model", {}), metadata=model_meta))
-        daemon.store.restore_tensors(groups.get("state", {}))
+        self.store.restore_tensors(groups.get("state", {}))
         if "engine" in groups:
-            daemon.engine.restore_tensors(groups["engine"], groups["state"]["slots"])
-        daemon.engine.swap_model(model)
-        daemon.metrics.model_version.set(model.version)
-        for component in COMPONENTS if components else ():
-            target = getattr(daemon, component, None)
-            if target is None or component not in groups:
-                continue
-            prefixed = meta.get(f"{component}_prefixed") == "1"
-            part = {f"{component}.{k}" if prefixed else k: v for k, v in groups[component].items()}
-            try:
-                if component == "versions":
-                    target.restore_tensors(part, spec)
-                else:
-                    target.restore_tensors(part)
-            except (KeyError, ValueError, RuntimeError) as exc:
-                # Training state from another lstmd version or configuration: the streams and the model are
-                # what a restart must keep; training goes on from here rather than refusing to start.
-                log.error(
-                    "%s state in %s cannot be restored (%s: %s); %s starts without it",
-                    component,
-                    snap.path.name,
-                    type(exc).__name__,
-                    exc,
-                    component,
-                )
+            self.engine.restore_tensors(groups["engine"], groups["state"]["slots"])
+        self.engine.swap_model(model)
+        self.metrics.model_version.set(model.version)
+        for name, component in self.components.items() if components else ():
+            if name in groups:
+                self._restore_component(name, component, groups[name], snap, meta.get(f"{name}_prefixed") == "1")
+
+    @staticmethod
+    def _restore_component(name, component: SnapshotComponent, tensors: dict, snap, prefixed: bool) -> None:
+        # Components that name their own tensors `<name>.x` get the names back as they wrote them.
+        part = {f"{name}.{k}" if prefixed else k: v for k, v in tensors.items()}
+        try:
+            component.restore_tensors(part)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            # Training state from another lstmd version or configuration: the streams and the model are
+            # what a restart must keep; training goes on from here rather than refusing to start.
+            log.error(
+                "%s state in %s cannot be restored (%s: %s); %s starts without it",
+                name,
+                snap.path.name,
+                type(exc).__name__,
+                exc,
+                name,
+            )
 
     def _replay(self, segments: list[int], summary: dict) -> None:
         """Apply every good record of `segments` in order; cut the log at the first bad record."""
-        store, daemon = self.daemon.store, self.daemon
+        store = self.store
         journal, on_evict = store.journal, store.on_evict
         store.journal, store.on_evict = None, lambda cause, count: None
         try:
@@ -247,22 +281,22 @@ class Durability:
                 summary["segments"],
                 len(store),
             )
-        daemon.metrics.active_streams.set(len(store))
+        self.metrics.active_streams.set(len(store))
 
     def _apply_record(self, record: records.Record, summary: dict) -> None:
-        store = self.daemon.store
+        store = self.store
         summary["records"] += 1
         match record:
             case records.EventsRecord():
-                recorder = getattr(self.daemon, "recorder", None) if self._feed_recorder else None
+                recorder = self.recorder if self._feed_recorder else None
                 try:
-                    summary["events"] += self.daemon.pipeline.replay(record, recorder)
+                    summary["events"] += self.pipeline.replay(record, recorder)
                 except ReplayError as exc:
                     raise RecoveryError(str(exc)) from None
             case records.ModelRecord():
                 model = ServingModel.from_bytes(record.model_bytes)
-                self.daemon.engine.swap_model(model)
-                self.daemon.metrics.model_version.set(model.version)
+                self.engine.swap_model(model)
+                self.metrics.model_version.set(model.version)
             case records.EvictRecord():
                 store.release_ids(record.streams, record.cause)
             case records.ResetRecord():
@@ -271,16 +305,15 @@ class Durability:
             case records.TargetsRecord():
                 self._replay_targets(record)
             case records.PauseRecord():
-                trainer = getattr(self.daemon, "trainer", None)
-                if trainer is not None:  # training may be off now: then there is nothing to pause
-                    trainer.paused = record.paused
+                if self.trainer is not None:  # training may be off now: then there is nothing to pause
+                    self.trainer.paused = record.paused
 
     def _replay_targets(self, record: records.TargetsRecord) -> None:
         """Join a logged delayed-targets message again, exactly as the serving loop did (same counters too)."""
-        recorder = getattr(self.daemon, "recorder", None) if self._feed_recorder else None
+        recorder = self.recorder if self._feed_recorder else None
         if recorder is None or recorder.forecast:  # training off now, or reloading (the recorder has them)
             return
-        get = self.daemon.store.slot_of.get
+        get = self.store.slot_of.get
         slots = np.fromiter((get(sid, -1) for sid in record.streams), dtype=np.int64, count=len(record.streams))
         recorder.join_targets(slots, record.seqs, record.targets)
 
@@ -312,8 +345,8 @@ class Durability:
         return None
 
     def _side_records(self) -> list[bytes]:
-        out = [records.encode(entry) for entry in self.daemon.store.journal or ()]
-        model = self.daemon.engine.model
+        out = [records.encode(entry) for entry in self.store.journal or ()]
+        model = self.engine.model
         if model is not self._logged_model:
             out.append(records.encode(records.ModelRecord(model.to_bytes())))
         paused = self._paused()
@@ -322,20 +355,19 @@ class Durability:
         return out
 
     def _paused(self) -> bool | None:
-        trainer = getattr(self.daemon, "trainer", None)
-        return None if trainer is None else trainer.paused
+        return None if self.trainer is None else self.trainer.paused
 
     def _append(self, payloads: list[bytes]) -> None:
         self.wal.append(payloads)
-        if self.daemon.store.journal:
-            self.daemon.store.journal.clear()
-        self._logged_model = self.daemon.engine.model
+        if self.store.journal:
+            self.store.journal.clear()
+        self._logged_model = self.engine.model
         self._logged_paused = self._paused()
 
     def after_command(self) -> None:
         """Log what a control command changed (reset, drop, new model) before it is answered.
 
-        If the log cannot be written, the change is undone (state reloaded from disk) and CommandError says so.
+        If the log cannot be written, the change is undone (state reloaded from disk) and ChangeNotLogged says so.
         """
         if self.wal is None:
             return
@@ -346,7 +378,7 @@ class Durability:
             self._append(side)
         except WalError as exc:
             self.reload()
-            raise CommandError(
+            raise ChangeNotLogged(
                 f"{exc.strerror}: the command's change was undone; retry when the disk is fixed"
             ) from None
 
@@ -384,27 +416,19 @@ class Durability:
         rejected batch costs it at most a few recorded events.
         """
         self.wait_for_writer()  # its pruning must not race the reads below
-        store = self.daemon.store
+        store = self.store
         store.clear()
         store.journal = [] if self.wal is not None else None
-        self.daemon.engine.swap_model(self.daemon._initial_model())
+        self.engine.swap_model(self.initial_model())
         summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
-        loaded = None
-        for number in reversed(snapshots.list_snapshots(self.directory)):
-            try:
-                loaded = snapshots.read(snapshots.snapshot_path(self.directory, number))
-                self._apply_snapshot(loaded, components=False)
-                break
-            except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
-                log.error("snapshot %s is unusable (%s); trying the previous one", number, exc)
-                loaded = None
+        loaded = self._load_newest_snapshot(snapshots.list_snapshots(self.directory), at_start=False)
         start = loaded.segment if loaded is not None else 0
         self._feed_recorder = False  # the recorder already holds these events
         try:
             self._replay([s for s in wal_files.list_segments(self.wal_dir) if s >= start], summary)
         finally:
             self._feed_recorder = True
-        self._logged_model = self.daemon.engine.model
+        self._logged_model = self.engine.model
 
     # ---- snapshots ------------------------------------------------------------------------------------------
 
@@ -416,7 +440,6 @@ class Durability:
         """
         self.wait_for_writer()
         started = time.perf_counter()
-        daemon = self.daemon
         if self.wal is not None:
             side = self._side_records()
             if side:
@@ -425,27 +448,24 @@ class Durability:
         else:
             segment = self._next_segment
             self._next_segment += 1
-        model = daemon.engine.model  # published models are immutable: no copy needed
+        model = self.engine.model  # published models are immutable: no copy needed
         tensors = {f"model.{k}": v.cpu() for k, v in model.tensors.items()}
-        state = daemon.store.snapshot_tensors()
+        state = self.store.snapshot_tensors()
         tensors |= {f"state.{k}": v for k, v in state.items()}
         # Forecast models: each stream's last event, so the first change after a restart is the real one.
-        tensors |= {f"engine.{k}": v for k, v in daemon.engine.snapshot_tensors(state["slots"]).items()}
-        metadata = daemon.spec.to_metadata() | {
+        tensors |= {f"engine.{k}": v for k, v in self.engine.snapshot_tensors(state["slots"]).items()}
+        metadata = model.spec.to_metadata() | {
             "model_version": str(model.version),
             "model_metadata": json.dumps(model_file_metadata(model.to_bytes())),
-            "streams": str(len(daemon.store)),
+            "streams": str(len(self.store)),
             "created": f"{time.time():.3f}",
             "reason": reason,
         }
-        for component in COMPONENTS:
-            source = getattr(daemon, component, None)
-            if source is None:
-                continue
-            part = source.snapshot_tensors()
-            prefixed = all(k.startswith(f"{component}.") for k in part)
-            tensors |= {k if prefixed else f"{component}.{k}": v for k, v in part.items()}
-            metadata[f"{component}_prefixed"] = "1" if prefixed else "0"
+        for name, component in self.components.items():
+            part = component.snapshot_tensors()
+            prefixed = all(k.startswith(f"{name}.") for k in part)
+            tensors |= {k if prefixed else f"{name}.{k}": v for k, v in part.items()}
+            metadata[f"{name}_prefixed"] = "1" if prefixed else "0"
         self._last_snapshot = time.monotonic()
         if background:
             self._writer = threading.Thread(
@@ -462,8 +482,8 @@ class Durability:
         path, size = snapshots.write(self.directory, segment, tensors, metadata)
         removed = self._prune()
         seconds = time.perf_counter() - started
-        self.daemon.metrics.snapshot_duration.observe(seconds)
-        self.daemon.metrics.last_snapshot.set(time.time())
+        self.metrics.snapshot_duration.observe(seconds)
+        self.metrics.last_snapshot.set(time.time())
         streams = int(metadata["streams"])
         log.info("snapshot %s (%s): %d streams, %d bytes in %.3fs", path.name, reason, streams, size, seconds)
         return {

@@ -40,7 +40,7 @@ from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.pipeline import AppliedBatch, Pipeline
-from lstmd.daemon.recovery import Durability, RecoveryError
+from lstmd.daemon.recovery import ChangeNotLogged, Durability, RecoveryError, SnapshotComponent
 from lstmd.daemon.state_lock import StateDirLocked, StateLock
 from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.versions import ModelHistory
@@ -135,7 +135,29 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._state_lock: StateLock | None = None  # held from start() to the end of _shutdown()
         self._last_housekeeping = time.monotonic()
-        self.durability = Durability(self)  # WAL, snapshots, restore (daemon/recovery.py)
+        self.durability = Durability(  # WAL, snapshots, restore (daemon/recovery.py)
+            config.durability,
+            Path(config.state.dir),
+            self.store,
+            self.engine,
+            self.pipeline,
+            self.metrics,
+            self._initial_model,
+            self._snapshot_components(spec),
+            self.recorder,
+            self.trainer,
+        )
+
+    def _snapshot_components(self, spec: ModelSpec) -> dict[str, SnapshotComponent]:
+        """The parts besides streams and model that every snapshot carries: training state and model history."""
+        parts = {}
+        if self.recorder is not None:
+            parts["recorder"] = SnapshotComponent(self.recorder.snapshot_tensors, self.recorder.restore_tensors)
+            parts["trainer"] = SnapshotComponent(self.trainer.snapshot_tensors, self.trainer.restore_tensors)
+        parts["versions"] = SnapshotComponent(
+            self.versions.snapshot_tensors, lambda tensors: self.versions.restore_tensors(tensors, spec)
+        )
+        return parts
 
     @property
     def spec(self) -> ModelSpec:
@@ -694,7 +716,7 @@ class Daemon:
             self.durability.after_command()  # log what the command changed before answering it
             reply = protocol.ControlReply(ok=True, result=result)
             outcome = "ok"
-        except control.CommandError as exc:
+        except (control.CommandError, ChangeNotLogged) as exc:
             reply = protocol.ControlReply(ok=False, error=str(exc))
             outcome = "error"
         except Exception:  # a bug in a command must not take the daemon down; its text stays in the log
