@@ -65,11 +65,9 @@ def _stream(daemon: Daemon, args: dict) -> dict:
     info = daemon.store.describe(_stream_arg(args))
     if info is None:
         raise CommandError(f"no stream {args['stream']!r} holds state")
-    last_x = daemon.engine.last_x
-    if last_x is not None:  # forecast: the event the stream's next change is taken from; None: not known (fresh)
-        row = last_x[info["slot"]]
-        known = not daemon.store.needs_reset[info["slot"]] and not bool(row.isnan().any())
-        info["last_x"] = [float(v) for v in row.cpu()] if known else None
+    last_events = daemon.engine.stream_state
+    if last_events is not None:  # forecast: the event the stream's next change is taken from; None: not known
+        info["last_x"] = last_events.known(info["slot"], bool(daemon.store.needs_reset[info["slot"]]))
     return info
 
 

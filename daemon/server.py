@@ -119,7 +119,7 @@ class Daemon:
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
         self.recorder, self.trainer = self._make_training(spec)
-        self.pipeline = Pipeline(self.store, self.engine, self.metrics, config.serve, self._batch_targets)
+        self.pipeline = Pipeline(self.store, self.engine, self.metrics, config.serve, self.engine.task.batch_targets)
         self.pipeline.recorder = self.recorder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.endpoints: dict[str, str] = {}
@@ -234,7 +234,7 @@ class Daemon:
                 serve.max_message_events,
                 serve.max_message_bytes,
                 self._count_message_rejection,
-                target_dim=self._target_dim(),
+                target_dim=self.engine.task.wire_target_dim,
                 max_stream_id_length=serve.max_stream_id_length,
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes, self._max_reply_bytes()),
                 on_dropped=self._count_drop,
@@ -586,11 +586,6 @@ class Daemon:
 
     # ---- online training (daemon/recorder.py, daemon/trainer.py) -----------------------------------------
 
-    def _target_dim(self) -> int:
-        """Values per event in a targets frame: output_size for regression, 1 class label; 0: not checked."""
-        task = self.spec.task
-        return {"regression": self.spec.output_size, "classification": 1}.get(task, 0)
-
     def _make_training(self, spec: ModelSpec):
         t = self.config.train
         if not t.enabled:
@@ -598,13 +593,13 @@ class Daemon:
         from lstmd.daemon.recorder import Recorder
         from lstmd.daemon.trainer import Trainer
 
-        forecast = spec.task == "forecast"
-        target_size = spec.output_size if forecast else self._target_dim()  # forecast: the chosen columns
+        task = self.engine.task
+        forecast = not task.takes_targets  # its targets are the next events' chosen columns
         recorder = Recorder(
             spec.num_layers,
             spec.hidden_size,
             spec.input_size,
-            target_size,
+            task.recorded_target_size,
             spec.task,
             self.config.state.capacity,
             t.record_streams,
@@ -619,28 +614,12 @@ class Daemon:
         trainer = Trainer(t, spec, recorder, serving, self.metrics, self.device, backends, seed)
         return recorder, trainer
 
-    def _batch_targets(self, targets: list, counts: list[int], n: int) -> np.ndarray | None:
-        """[n, D] float32 targets of a batch from its messages' targets (None or [n_m, D]), NaN rows where an event
-        has none; None when none has."""
-        if self.recorder.forecast or all(t is None for t in targets):
-            return None
-        out = np.full((n, self.recorder.y.shape[2]), np.nan, dtype=np.float32)
-        offset = 0
-        for message_targets, count in zip(targets, counts, strict=True):
-            if message_targets is not None:
-                out[offset : offset + count] = message_targets
-            offset += count
-        if self.spec.task == "classification":  # a label outside 0..O-1 teaches nothing: drop it
-            labels = out[:, 0]
-            out[~((labels >= 0) & (labels < self.spec.output_size))] = np.nan
-        return out
-
     def _join_targets(self, message: TargetsMessage) -> None:
         """Delayed targets: join each to its recorded event (stream, seq); reply per item ok or rejected."""
         header = message.header
         n = len(header.streams)
         status = np.full(n, protocol.REJECTED, dtype=np.uint8)
-        if self.recorder is None or self.recorder.forecast:
+        if self.recorder is None or not self.engine.task.takes_targets:
             why = "training is disabled" if self.recorder is None else "forecast targets are the next events"
             reasons = dict.fromkeys(range(n), f"target not recorded: {why}")
         else:

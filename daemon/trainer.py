@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lstmd.daemon.config import TrainConfig
 from lstmd.daemon.model import ModelSpec, ServingModel, tensor_names
 from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.daemon.recorder import Recorder, Windows
+from lstmd.daemon.tasks import task_for
 from lstmd.kernels import lstm_sequence
 from lstmd.kernels.backends import Backends, select_backends
 from lstmd.kernels.tuning import (
@@ -115,12 +115,9 @@ class Trainer:
         self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
         self.consecutive_rejections = 0  # rejected or diverged rounds since the last candidate or reset
         self.resets = 0  # restarts from the serving weights after reset_after_rejections such rounds
+        self.task = task_for(spec)  # the loss and the normalisation hooks (daemon/tasks.py)
         # Forecast: the columns of the next event that are the target (index tensor), None: every feature.
-        self._columns = (
-            torch.tensor(spec.forecast_columns, dtype=torch.long, device=device)
-            if spec.task == "forecast" and spec.forecast_columns
-            else None
-        )
+        self._columns = self.task.columns(device)
         self._candidate: Candidate | None = None
         # Guards _candidate, requested, _running, _pending_reset and the checkpoint. Reentrant: an operator's reset
         # applied while holding it saves the checkpoint, which takes it too.
@@ -369,7 +366,7 @@ class Trainer:
         with ctx:
             if serving.version not in self._lineage or not self._params:
                 self._reset_from(serving)
-            norm = self._normalization(train) if self.spec.task == "forecast" else None
+            norm = self._normalization(train) if self.task.normalizes else None
             train_t, holdout_t = self._to_device(train), self._to_device(holdout)
             ref_scale = None if norm is None else norm.target_scale(self._columns)
             try:
@@ -517,8 +514,7 @@ class Trainer:
         return functional_call(self._native, weights, (x, (h0, c0)))
 
     def _loss(self, params, norm, data, ref_scale) -> torch.Tensor:
-        """Mean loss over known targets. Forecast errors are in units of `ref_scale` (one step's typical change of
-        each forecast column), so models with different normalisation statistics are compared on the same scale."""
+        """Mean loss over known targets, the task's loss (daemon/tasks.py) of the head's output."""
         L = self.spec.num_layers
         layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
         head_w, head_b = params[4 * L], params[4 * L + 1]
@@ -526,16 +522,7 @@ class Trainer:
         inputs = x if norm is None else norm.lstm_inputs(x, data["dx"])
         seq, _ = self._sequence(inputs, data["h0"], data["c0"], layers)
         out = seq @ head_w.t() + head_b  # [B, k2, O]
-        if self.spec.task == "classification":
-            labels = y[..., 0].long()
-            return F.cross_entropy(out[mask], labels[mask]) if mask.any() else out.sum() * 0
-        if self.spec.task == "forecast":
-            pred = out if norm is None else norm.predictions(x, out, self._columns)  # y: the columns' next values
-            err = pred - y if ref_scale is None else (pred - y) / ref_scale
-        else:
-            err = out - y
-        m = mask.unsqueeze(-1).to(err.dtype)
-        return (err.pow(2) * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
+        return self.task.loss(out, x, y, mask, norm, self._columns, ref_scale)
 
     # ---- snapshots (the durability code calls these) ------------------------------------------------------
 
