@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lstmd.daemon.auth import AuthError
 from lstmd.daemon.keras_import import convert_keras
-from lstmd.daemon.model import ServingModel
+from lstmd.daemon.model import ModelSpec, ServingModel
 
-if TYPE_CHECKING:
-    from lstmd.daemon.server import Daemon
+
+class Daemon(Protocol):
+    """What the commands use of the serving loop (daemon/server.py's Daemon); named here, not imported, so
+    control.py does not import the module that dispatches to it."""
+
+    config: Any
+    store: Any  # StateStore
+    engine: Any  # Engine
+    metrics: Any
+    trainer: Any  # Trainer or None
+    versions: Any  # ModelHistory
+    durability: Any  # Durability
+    security: Any  # Security or None
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    def status(self) -> dict: ...
+
+    def install_model(self, model: ServingModel, source: str, **info) -> int: ...
 
 
 class CommandError(ValueError):

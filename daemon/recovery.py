@@ -42,8 +42,9 @@ import torch
 from lstmd.daemon import snapshot as snapshots
 from lstmd.daemon import wal as wal_files
 from lstmd.daemon import wal_records as records
-from lstmd.daemon.config import DurabilityConfig, model_file_metadata
+from lstmd.daemon.config import DurabilityConfig
 from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.model_header import model_file_metadata
 from lstmd.daemon.pipeline import AppliedBatch, ReplayError
 from lstmd.daemon.wal import WalError, WriteAheadLog
 
