@@ -113,41 +113,13 @@ class Durability:
             log.warning("removed %s, left by a crash during a snapshot", stale.name)
         snapshot_numbers = snapshots.list_snapshots(self.directory)
         segments = wal_files.list_segments(self.wal_dir)
-        store = self.store
         loaded = None
         summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
         if not self.config.restore:
-            # Set aside, not deleted: a later restore must never mix this old state with new events.
-            old = [snapshots.snapshot_path(self.directory, n) for n in snapshot_numbers]
-            old += [wal_files.segment_path(self.wal_dir, n) for n in segments]
-            for path in old:
-                path.rename(path.with_name(path.name + ".not-restored"))
-            if old:
-                log.warning(
-                    "durability.restore = false: %d snapshot(s) and log segment(s) in %s renamed *.not-restored",
-                    len(old),
-                    self.directory,
-                )
+            self._set_aside(snapshot_numbers, segments)
             snapshot_numbers, segments = [], []
         else:
-            loaded = self._load_newest_snapshot(snapshot_numbers, at_start=True)
-            if loaded is not None:
-                summary["snapshot"] = loaded.path.name
-                summary["streams"] = len(store)
-                log.info(
-                    "restored %d streams and model version %d from %s",
-                    len(store),
-                    self.engine.model.version,
-                    loaded.path.name,
-                )
-            elif snapshot_numbers and (not segments or segments[0] > 0):
-                raise RecoveryError(
-                    f"no snapshot in {self.directory} is usable and the write-ahead log no longer starts at "
-                    f"segment 0, so the state cannot be rebuilt; see the errors above. Move {self.directory} "
-                    "away to start from an empty state."
-                )
-            start = loaded.segment if loaded is not None else 0
-            self._replay([s for s in segments if s >= start], summary)
+            loaded = self._restore_from(snapshot_numbers, segments, summary)
         segments = wal_files.list_segments(self.wal_dir)
         self._next_segment = max([*segments, *snapshot_numbers, -1]) + 1
         if self.config.wal:
@@ -160,7 +132,7 @@ class Durability:
                 on_fsync=self.metrics.wal_fsync_duration.observe,
             )
             self._next_segment += 1
-            store.journal = []
+            self.store.journal = []
         # Pin the restored state in a snapshot: a crash loop then never replays the same log twice, and the
         # log always has a snapshot (holding the model) to start from.
         if summary["records"] or (self.config.wal and loaded is None):
@@ -170,6 +142,42 @@ class Durability:
         summary["seconds"] = round(time.perf_counter() - started, 3)
         self.restored = summary
         return summary
+
+    def _set_aside(self, snapshot_numbers: list[int], segments: list[int]) -> None:
+        """durability.restore = false: rename the old files, not deleted: a later restore must never mix this old
+        state with new events."""
+        old = [snapshots.snapshot_path(self.directory, n) for n in snapshot_numbers]
+        old += [wal_files.segment_path(self.wal_dir, n) for n in segments]
+        for path in old:
+            path.rename(path.with_name(path.name + ".not-restored"))
+        if old:
+            log.warning(
+                "durability.restore = false: %d snapshot(s) and log segment(s) in %s renamed *.not-restored",
+                len(old),
+                self.directory,
+            )
+
+    def _restore_from(self, snapshot_numbers: list[int], segments: list[int], summary: dict):
+        """The newest usable snapshot, then the log from its segment on; the snapshot used (or None)."""
+        loaded = self._load_newest_snapshot(snapshot_numbers, at_start=True)
+        if loaded is not None:
+            summary["snapshot"] = loaded.path.name
+            summary["streams"] = len(self.store)
+            log.info(
+                "restored %d streams and model version %d from %s",
+                len(self.store),
+                self.engine.model.version,
+                loaded.path.name,
+            )
+        elif snapshot_numbers and (not segments or segments[0] > 0):
+            raise RecoveryError(
+                f"no snapshot in {self.directory} is usable and the write-ahead log no longer starts at "
+                f"segment 0, so the state cannot be rebuilt; see the errors above. Move {self.directory} "
+                "away to start from an empty state."
+            )
+        start = loaded.segment if loaded is not None else 0
+        self._replay([s for s in segments if s >= start], summary)
+        return loaded
 
     def _load_newest_snapshot(self, numbers: list[int], at_start: bool) -> snapshots.Snapshot | None:
         """Apply the newest of `numbers` that reads and fits, falling back to older ones; None if none does.

@@ -135,9 +135,12 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._state_lock: StateLock | None = None  # held from start() to the end of _shutdown()
         self._last_housekeeping = time.monotonic()
-        self.durability = Durability(  # WAL, snapshots, restore (daemon/recovery.py)
-            config.durability,
-            Path(config.state.dir),
+        self.durability = self._make_durability(spec)  # WAL, snapshots, restore (daemon/recovery.py)
+
+    def _make_durability(self, spec: ModelSpec) -> Durability:
+        return Durability(
+            self.config.durability,
+            Path(self.config.state.dir),
             self.store,
             self.engine,
             self.pipeline,
@@ -197,6 +200,41 @@ class Daemon:
     def _start_locked(self) -> None:
         """Create the state directory, bind every socket and the metrics endpoint, start the I/O thread."""
         self._start_security()
+        state_dir = self._writable_state_dir()
+        serve = self.config.serve
+        # Metrics first, with /readyz answering 503, so a long restore is observable; events sockets after the
+        # restore, so nothing is served from a half-restored state.
+        if serve.metrics:
+            self._serve_metrics(serve.metrics)
+        try:
+            self.durability.restore()
+        except (RecoveryError, OSError) as exc:
+            self._close_http()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
+        self._bind_sockets()
+        self._watch_io()
+        limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
+        self.metrics.capacity.set(self.config.state.capacity)
+        self.metrics.model_version.set(self.engine.model.version)
+        self.metrics.last_publish.set(time.time())  # the weights started serving now
+        self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
+        self.metrics.watch_device_memory(self.device)
+        (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
+        self._state_lock.record(self.endpoints)
+        if self.trainer is not None:
+            self.trainer.start()
+            self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
+        self.metrics.set_ready(True)
+        log.info(
+            "lstmd %s serving (device %s, backend %s): %s",
+            VERSION,
+            self.device,
+            self.engine.backend_name,
+            ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
+        )
+
+    def _writable_state_dir(self) -> Path:
         state_dir = Path(self.config.state.dir)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -205,22 +243,19 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"state.dir {state_dir} is not writable: {exc.strerror}") from None
-        serve = self.config.serve
-        # Metrics first, with /readyz answering 503, so a long restore is observable; events sockets after the
-        # restore, so nothing is served from a half-restored state.
-        if serve.metrics:
-            try:
-                self._http = self.metrics.serve_http(serve.metrics)
-            except (OSError, ValueError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else str(exc)
-                raise StartupError(f"cannot serve metrics on {serve.metrics}: {why}") from None
-            self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
+        return state_dir
+
+    def _serve_metrics(self, address: str) -> None:
         try:
-            self.durability.restore()
-        except (RecoveryError, OSError) as exc:
-            self._close_http()
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
+            self._http = self.metrics.serve_http(address)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise StartupError(f"cannot serve metrics on {address}: {why}") from None
+        self.endpoints["metrics"] = f"{address.rpartition(':')[0]}:{self._http.server_port}"
+
+    def _bind_sockets(self) -> None:
+        """The events socket, the I/O thread's control and publish sockets (ZAP first), and the outbox to it."""
+        serve = self.config.serve
         self._ctx = zmq.Context()
         secure = None
         try:
@@ -267,30 +302,13 @@ class Daemon:
         self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
         self._outbox.connect(self._io.outbox_endpoint)
         self._io.start()
+
+    def _watch_io(self) -> None:
         stall = self.metrics.stall_timeout_s
         self.metrics.add_health_check("io", lambda: self._io.health(stall))
         self.metrics.add_health_check("publisher", lambda: self._io.publisher_health())
         self.metrics.inflight_bytes.set_function(lambda: self._events.pending_bytes)
         self.metrics.publish_queue_bytes.set_function(lambda: self._io.publish_budget.used)
-        limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
-        self.metrics.capacity.set(self.config.state.capacity)
-        self.metrics.model_version.set(self.engine.model.version)
-        self.metrics.last_publish.set(time.time())  # the weights started serving now
-        self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
-        self.metrics.watch_device_memory(self.device)
-        (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
-        self._state_lock.record(self.endpoints)
-        if self.trainer is not None:
-            self.trainer.start()
-            self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
-        self.metrics.set_ready(True)
-        log.info(
-            "lstmd %s serving (device %s, backend %s): %s",
-            VERSION,
-            self.device,
-            self.engine.backend_name,
-            ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
-        )
 
     def _start_security(self) -> None:
         """Load the CURVE keys of `[security]`, or, without them, refuse to listen beyond this host unless

@@ -207,22 +207,7 @@ class StateStore:
             new_ids: dict[StreamId, list[int]] = {}
             for i in new_idx.tolist():
                 new_ids.setdefault(streams[i], []).append(i)
-            order = list(new_ids)
-            if check_new is not None:
-                refused = {sid: why for sid in order if (why := check_new(sid)) is not None}
-                for sid, why in refused.items():
-                    for i in new_ids[sid]:
-                        rejected[i] = why
-                if refused:
-                    order = [sid for sid in order if sid not in refused]
-            if len(order) > max_new:
-                for sid in order[max_new:]:
-                    for i in new_ids[sid]:
-                        rejected[i] = (
-                            "too_many_new_streams",
-                            f"too many new streams in one message (limit {max_new})",
-                        )
-                order = order[:max_new]
+            order = self._refuse_new(new_ids, max_new, check_new, rejected)
             shortfall = len(order) - len(self._free)
             if shortfall > 0 and self.on_full == "evict":
                 self._evict_lru(shortfall, now)
@@ -252,6 +237,28 @@ class StateStore:
         ok = slots >= 0
         was_dropped[ok] |= self.reset_by_command[slots[ok]]
         return Admission(slots, was_dropped, rejected)
+
+    @staticmethod
+    def _refuse_new(new_ids: dict, max_new: int, check_new, rejected: dict) -> list[StreamId]:
+        """The new ids that may become streams, in arrival order: those `check_new` refuses and those beyond
+        `max_new` get their events' rejections in `rejected`."""
+        order = list(new_ids)
+        if check_new is not None:
+            refused = {sid: why for sid in order if (why := check_new(sid)) is not None}
+            for sid, why in refused.items():
+                for i in new_ids[sid]:
+                    rejected[i] = why
+            if refused:
+                order = [sid for sid in order if sid not in refused]
+        if len(order) > max_new:
+            for sid in order[max_new:]:
+                for i in new_ids[sid]:
+                    rejected[i] = (
+                        "too_many_new_streams",
+                        f"too many new streams in one message (limit {max_new})",
+                    )
+            order = order[:max_new]
+        return order
 
     def touch(self, slots: np.ndarray) -> None:
         """Mark slots as used now and their pending resets as done (call after the step applied them)."""

@@ -374,9 +374,8 @@ class Trainer:
                 candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
                 with torch.no_grad():
                     report.holdout_candidate = self._loss(self._params, norm, holdout_t, ref_scale).item()
-                if not all(torch.isfinite(t).all() for t in candidate_tensors.values()) or not math.isfinite(
-                    report.holdout_candidate
-                ):
+                finite = all(torch.isfinite(t).all() for t in candidate_tensors.values())
+                if not (finite and math.isfinite(report.holdout_candidate)):
                     raise Diverged("candidate weights or holdout loss are not finite")
             except Diverged as exc:
                 report.outcome, report.reason = "diverged", str(exc)
@@ -403,7 +402,12 @@ class Trainer:
                 f"holdout loss {report.holdout_candidate:.6g} worse than serving {report.holdout_serving:.6g}"
             )
             return self._finish(report, started, serving=serving)
-        model = ServingModel(self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu")))
+        return self._offer(report, started, serving, ServingModel(
+            self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu"))
+        ), forced)
+
+    def _offer(self, report: RoundReport, started: float, serving: ServingModel, model: ServingModel, forced: bool):
+        """The candidate passed its holdout check: hand it to the serving loop, which publishes (or skips) it."""
         info = {
             "round": report.round,
             "train_loss": report.train_loss,
