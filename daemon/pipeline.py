@@ -239,6 +239,31 @@ class Pipeline:
             return ("stream_id_too_long", f"stream id of {length} characters exceeds the limit of {limit}")
         return None
 
+    def join_targets(self, streams: list, seqs: list, targets: np.ndarray, log_targets=None):
+        """Delayed targets: join each to its recorded event (stream, seq). `log_targets(streams, seqs, targets)`
+        (the WAL append, or None) runs first and returns None or (label, why) when the log cannot be written; then
+        nothing is joined. Returns (status [n] uint8, reasons {i: text}, the unlogged label or None)."""
+        n = len(streams)
+        status = np.full(n, protocol.REJECTED, dtype=np.uint8)
+        if self.recorder is None or self.recorder.forecast:
+            why = "training is disabled" if self.recorder is None else "forecast targets are the next events"
+            return status, dict.fromkeys(range(n), f"target not recorded: {why}"), None
+        get = self.store.slot_of.get
+        slots = np.fromiter((get(sid, -1) for sid in streams), dtype=np.int64, count=n)
+        seq_arr = np.asarray(seqs, dtype=np.int64)
+        targets = targets.astype(np.float32)
+        unlogged = None if log_targets is None else log_targets(streams, seq_arr, targets)
+        if unlogged is not None:
+            label, why = unlogged
+            return status, dict.fromkeys(range(n), why), label
+        joined = self.recorder.join_targets(slots, seq_arr, targets)
+        status[joined] = protocol.OK
+        reasons = {
+            i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
+            for i in np.flatnonzero(~joined).tolist()
+        }
+        return status, reasons, None
+
     # ---- replay ---------------------------------------------------------------------------------------------
 
     def replay(self, record: EventsRecord, recorder) -> int:

@@ -40,7 +40,7 @@ from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.pipeline import AppliedBatch, Pipeline
-from lstmd.daemon.recovery import ChangeNotLogged, Durability, RecoveryError, SnapshotComponent
+from lstmd.daemon.recovery import Durability, RecoveryError, SnapshotComponent
 from lstmd.daemon.state_lock import StateDirLocked, StateLock
 from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.versions import ModelHistory
@@ -61,11 +61,6 @@ _IDLE_POLL_MS = 5
 # Messages libzmq queues per subscriber at least, whatever serve.publish_queue_bytes: small batches at a high rate
 # would otherwise be dropped for a subscriber only a few milliseconds behind.
 _MIN_PUBLISH_HWM = 16
-
-
-def _internal_error(cmd: str) -> str:
-    """What a client is told when a control command failed by a bug: no exception text (that goes to the log)."""
-    return f"internal error in {cmd!r} (details are in the daemon's log)"
 
 
 class StartupError(RuntimeError):
@@ -635,31 +630,13 @@ class Daemon:
     def _join_targets(self, message: TargetsMessage) -> None:
         """Delayed targets: join each to its recorded event (stream, seq); reply per item ok or rejected."""
         header = message.header
-        n = len(header.streams)
-        status = np.full(n, protocol.REJECTED, dtype=np.uint8)
-        if self.recorder is None or not self.engine.task.takes_targets:
-            why = "training is disabled" if self.recorder is None else "forecast targets are the next events"
-            reasons = dict.fromkeys(range(n), f"target not recorded: {why}")
-        else:
-            get = self.store.slot_of.get
-            slots = np.fromiter((get(sid, -1) for sid in header.streams), dtype=np.int64, count=n)
-            seqs = np.asarray(header.seqs, dtype=np.int64)
-            targets = message.targets.astype(np.float32)
-            # Write-ahead: logged before the join and the reply, so an acknowledged target survives a crash.
-            wal = self.durability.wal
-            unlogged = None if wal is None else self.durability.log_targets(header.streams, seqs, targets)
-            if unlogged is not None:  # the log cannot be written: join nothing, answer every target rejected
-                label, why = unlogged
-                reasons = dict.fromkeys(range(n), why)
-                self.stats.rejections[label] = self.stats.rejections.get(label, 0) + n
-                self.metrics.rejections.labels(reason=label).inc(n)
-            else:
-                joined = self.recorder.join_targets(slots, seqs, targets)
-                status[joined] = protocol.OK
-                reasons = {
-                    i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
-                    for i in np.flatnonzero(~joined).tolist()
-                }
+        # Write-ahead: logged before the join and the reply, so an acknowledged target survives a crash.
+        log_targets = self.durability.log_targets if self.durability.wal is not None else None
+        status, reasons, unlogged = self.pipeline.join_targets(header.streams, header.seqs, message.targets,
+                                                               log_targets)
+        if unlogged is not None:  # the log could not be written: every target rejected, counted by reason
+            self.stats.rejections[unlogged] = self.stats.rejections.get(unlogged, 0) + len(status)
+            self.metrics.rejections.labels(reason=unlogged).inc(len(status))
         reply = protocol.EventsReply(
             v=protocol.PROTOCOL_VERSION,
             req=header.req,
@@ -694,42 +671,10 @@ class Daemon:
     # ---- control ----------------------------------------------------------------------------------------
 
     def _run_control(self, message: ControlMessage) -> None:
-        if message.refused is not None:  # the I/O thread could not decode it: answer why, count by reason
-            reason, why = message.refused
-            self.metrics.control_rejections.labels(reason=reason).inc()
-            reply = protocol.ControlReply(ok=False, error=why)
-            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
-            return
-        request = message.request
-        refusal = None if self.security is None else self.security.refusal(message.role, request.cmd)
-        if refusal is not None:
-            known = request.cmd if request.cmd in control.COMMANDS else "unknown"
-            self.metrics.control_commands.labels(command=known, outcome="refused").inc()
-            reply = protocol.ControlReply(ok=False, error=refusal)
-            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
-            return
-        try:
-            result = control.dispatch(self, request.cmd, request.args)
-            self.durability.after_command()  # log what the command changed before answering it
-            reply = protocol.ControlReply(ok=True, result=result)
-            outcome = "ok"
-        except (control.CommandError, ChangeNotLogged) as exc:
-            reply = protocol.ControlReply(ok=False, error=str(exc))
-            outcome = "error"
-        except Exception:  # a bug in a command must not take the daemon down; its text stays in the log
-            log.exception("control command %r failed", request.cmd)
-            reply = protocol.ControlReply(ok=False, error=_internal_error(request.cmd))
-            outcome = "internal_error"
-        try:
-            payload = protocol.encode(reply)
-        except Exception:  # a result msgpack cannot hold is a bug in the command too
-            log.exception("control command %r returned a result that cannot be encoded", request.cmd)
-            payload = protocol.encode(protocol.ControlReply(ok=False, error=_internal_error(request.cmd)))
-            outcome = "internal_error"
-        known = request.cmd if request.cmd in control.COMMANDS else "unknown"
-        self.metrics.control_commands.labels(command=known, outcome=outcome).inc()
+        """Answer a control request (daemon/control.py runs it) through the I/O thread."""
+        payload, stop = control.answer(self, message)
         self._outbox.send_multipart([CONTROL, *message.envelope, payload], copy=False)
-        if request.cmd == "shutdown" and reply.ok:
+        if stop:
             self._stopping = True
 
     def status(self) -> dict:
