@@ -52,9 +52,8 @@ log = logging.getLogger("lstmd.daemon")
 VERSION = "0.1.0"
 _STOP = object()
 # Events in a gathered batch from which the loop steps once no request is waiting instead of waiting out
-# max_wait_ms. Nothing waiting means the loop is not saturated, so waiting buys no throughput: at half the max
-# rate (10k streams, 1,000 events per message) 256 instead of 1,024 halved the in-daemon p50 (≤ 5 → ≤ 2.5 ms),
-# and closed-loop throughput did not drop (518k/430k → 546k/524k, noisy shared 2-core CPU).
+# max_wait_ms. Nothing waiting means the loop is not saturated, so waiting buys no throughput; 256 halved the
+# in-daemon p50 at half rate with no loss of throughput (docs/benchmarks.md, "Numbers once kept in comments").
 _STEP_WITHOUT_WAITING = 256
 # How long an idle loop blocks on the events socket before it looks at the inbox (control, stop) again.
 _IDLE_POLL_MS = 5
@@ -428,7 +427,7 @@ class Daemon:
             if message is None:
                 remaining = deadline - time.perf_counter()
                 # A batch already big enough to use the step well runs as soon as nothing is waiting: waiting
-                # out max_wait_ms then only adds latency (closed loop, 10k streams: the loop idled ~15%).
+                # out max_wait_ms then only adds latency (docs/benchmarks.md, "Numbers once kept in comments").
                 if not batch or n >= _STEP_WITHOUT_WAITING or remaining <= 0:
                     break
                 waited = True

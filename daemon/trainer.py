@@ -153,8 +153,8 @@ class Trainer:
     def start(self) -> None:
         if self.device.type == "cpu":
             # Process-wide: the serving loop's kernels use the same pool (serve.cpu_threads sets it; 0 here
-            # leaves it). One thread on 2 cores: two OpenMP threads put idle p50 latency at ~4x
-            # (docs/benchmarks.md, "Online learning").
+            # leaves it). One thread on 2 cores: two OpenMP threads multiplied idle p50 latency (docs/benchmarks.md,
+            # "Online learning" and "Numbers once kept in comments").
             set_torch_threads(self.config.threads)
         # The trainer's Python competes with the loop and the I/O thread for the GIL (kernels/tuning.py).
         limit_switch_interval(TRAIN_SWITCH_INTERVAL_S)
@@ -510,8 +510,9 @@ class Trainer:
 
     def _sequence(self, x, h0, c0, layers):
         """`lstm_sequence`'s contract. The "torch-native" backend (the CPU, serve.backend = auto) runs torch's own
-        LSTM op (oneDNN) with the trainer's weights: ~3x faster forward + backward than the reference backend's
-        Python time loop (docs/benchmarks.md), and one op per layer leaves the GIL to the serving loop."""
+        LSTM op (oneDNN) with the trainer's weights: faster forward + backward than the reference backend's
+        Python time loop (docs/benchmarks.md, "Numbers once kept in comments"), and one op per layer leaves the
+        GIL to the serving loop."""
         if self._native is None:
             return lstm_sequence(x, h0, c0, layers, backend=self.backends.sequence)
         weights = {name: w.float() for name, w in zip(self._native_names, itertools.chain(*layers), strict=True)}
