@@ -4,7 +4,8 @@ The serving loop owns one `Durability` and calls it at fixed points, all on the 
 
 - `restore()` in `Daemon.start()`, before any socket is bound: load the newest snapshot that verifies (a torn
   or corrupt one is logged and the previous one used), replay the WAL segments from that snapshot's number on
-  through the same apply path as serving (StateStore.admit → batching.waves → Engine.step → touch; no replies),
+  through the serving pipeline (daemon/pipeline.py `Pipeline.replay`: StateStore.admit → batching.waves →
+  apply_wave; no replies), each payload decoded by daemon/wal_records.py,
   truncate a torn or corrupt record at the end of the log, open a fresh segment, and snapshot if anything was
   replayed, so crash loops do not pile up log.
 - `log_batch()` after a batch's waves and before its replies: one WAL append (group commit) of the events
@@ -16,7 +17,8 @@ The serving loop owns one `Durability` and calls it at fixed points, all on the 
   message (streams, seqs, targets), so replay joins it again at the same point between the logged batches and
   the recorder comes back exactly as it was. It is logged *before* the join (the join is deterministic given
   the state the log rebuilds), so a failed append leaves nothing to undo: the targets are answered rejected.
-- `after_command()` after a control command: logs its state changes before the command is answered.
+- `after_command()` after a control command: logs its state changes before the command is answered, or undoes
+  them and raises ChangeNotLogged (daemon/control.py answers with its message).
 - `maybe_snapshot()` from housekeeping, `snapshot()` for `lstmd snapshot`, `on_clean_stop()` at shutdown.
 
 Snapshot protocol: append pending side records, rotate the log to segment S, write `snapshot-S` atomically,
