@@ -8,15 +8,38 @@ CommandError for a request the user must fix; its message is shown to them as is
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from lstmd.clients import protocol
 from lstmd.daemon.auth import AuthError
 from lstmd.daemon.keras_import import convert_keras
-from lstmd.daemon.model import ServingModel
+from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.recovery import ChangeNotLogged
 
-if TYPE_CHECKING:
-    from lstmd.daemon.server import Daemon
+log = logging.getLogger("lstmd.daemon")
+
+
+class Daemon(Protocol):
+    """What the commands use of the serving loop (daemon/server.py's Daemon); named here, not imported, so
+    control.py does not import the module that dispatches to it."""
+
+    config: Any
+    store: Any  # StateStore
+    engine: Any  # Engine
+    metrics: Any
+    trainer: Any  # Trainer or None
+    versions: Any  # ModelHistory
+    durability: Any  # Durability
+    security: Any  # Security or None
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    def status(self) -> dict: ...
+
+    def install_model(self, model: ServingModel, source: str, **info) -> int: ...
 
 
 class CommandError(ValueError):
@@ -32,6 +55,44 @@ def command(name: str):
         return fn
 
     return register
+
+
+def answer(daemon: Daemon, message) -> tuple[bytes, bool]:
+    """Run one decoded control request (daemon/io.py ControlMessage) between two batches: refusals by the I/O
+    thread or by role, the command, the logging of its change (the durability code) and the counters. Returns
+    the encoded ControlReply and whether the daemon should stop (a successful `shutdown`)."""
+    if message.refused is not None:  # the I/O thread could not decode it: answer why, count by reason
+        reason, why = message.refused
+        daemon.metrics.control_rejections.labels(reason=reason).inc()
+        return protocol.encode(protocol.ControlReply(ok=False, error=why)), False
+    request = message.request
+    known = request.cmd if request.cmd in COMMANDS else "unknown"
+    refusal = None if daemon.security is None else daemon.security.refusal(message.role, request.cmd)
+    if refusal is not None:
+        daemon.metrics.control_commands.labels(command=known, outcome="refused").inc()
+        return protocol.encode(protocol.ControlReply(ok=False, error=refusal)), False
+    try:
+        result = dispatch(daemon, request.cmd, request.args)
+        daemon.durability.after_command()  # log what the command changed before answering it
+        reply, outcome = protocol.ControlReply(ok=True, result=result), "ok"
+    except (CommandError, ChangeNotLogged) as exc:
+        reply, outcome = protocol.ControlReply(ok=False, error=str(exc)), "error"
+    except Exception:  # a bug in a command must not take the daemon down; its text stays in the log
+        log.exception("control command %r failed", request.cmd)
+        reply, outcome = protocol.ControlReply(ok=False, error=_internal_error(request.cmd)), "internal_error"
+    try:
+        payload = protocol.encode(reply)
+    except Exception:  # a result msgpack cannot hold is a bug in the command too
+        log.exception("control command %r returned a result that cannot be encoded", request.cmd)
+        payload = protocol.encode(protocol.ControlReply(ok=False, error=_internal_error(request.cmd)))
+        outcome = "internal_error"
+    daemon.metrics.control_commands.labels(command=known, outcome=outcome).inc()
+    return payload, request.cmd == "shutdown" and reply.ok
+
+
+def _internal_error(cmd: str) -> str:
+    """What a client is told when a control command failed by a bug: no exception text (that goes to the log)."""
+    return f"internal error in {cmd!r} (details are in the daemon's log)"
 
 
 def dispatch(daemon: Daemon, cmd: str, args: dict) -> Any:
@@ -65,11 +126,9 @@ def _stream(daemon: Daemon, args: dict) -> dict:
     info = daemon.store.describe(_stream_arg(args))
     if info is None:
         raise CommandError(f"no stream {args['stream']!r} holds state")
-    last_x = daemon.engine.last_x
-    if last_x is not None:  # forecast: the event the stream's next change is taken from; None: not known (fresh)
-        row = last_x[info["slot"]]
-        known = not daemon.store.needs_reset[info["slot"]] and not bool(row.isnan().any())
-        info["last_x"] = [float(v) for v in row.cpu()] if known else None
+    last_events = daemon.engine.stream_state
+    if last_events is not None:  # forecast: the event the stream's next change is taken from; None: not known
+        info["last_x"] = last_events.known(info["slot"], bool(daemon.store.needs_reset[info["slot"]]))
     return info
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lstmd.daemon.model import ServingModel
 from lstmd.daemon.state_store import StateStore
+from lstmd.daemon.tasks import task_for
 from lstmd.kernels import lstm_step_
 from lstmd.kernels.backends import Backends, select_backends
 from lstmd.kernels.cpu_step import CpuStep
@@ -48,40 +49,33 @@ class Engine:
         # step_threads 0: one per core this process may run on, at most 4 (serve.step_threads).
         threads = step_threads or min(4, len(os.sched_getaffinity(0)))
         self._cpu_step = CpuStep(threads) if self.backends.step == "cpu" else None
-        # Forecast models see each stream's change since its previous event (daemon/normalization.py): the last
-        # event of every slot, [capacity, I], kept next to the state tables and updated by every step. NaN marks
-        # "not known" (start, or a restore that did not bring it back): that event's change counts as 0.
-        spec = model.spec
-        self.last_x = (
-            torch.full((store.capacity, spec.input_size), float("nan"), device=device)
-            if spec.task == "forecast"
-            else None
-        )
+        # Forecast models see each stream's change since its previous event (daemon/normalization.py): the task
+        # keeps every slot's last event next to the state tables (daemon/tasks.py LastEvents); others keep none.
+        self.task = task_for(model.spec)
+        self.stream_state = self.task.stream_state(store.capacity, device)
         self._device_step = None
         if device.type == "cuda":
             from lstmd.daemon.device_step import DeviceStep
 
-            # It takes over the state tables (one scratch row more) and last_x; the store and this engine keep
-            # views of them.
-            self._device_step = DeviceStep(
-                self.model, store, self.last_x, self.backends.kernel, device, cuda_graphs
-            )
-            self.last_x = self._device_step.last_x
+            # It takes over the state tables (one scratch row more) and the last events; the store and the
+            # task's LastEvents keep views of them.
+            rows = None if self.stream_state is None else self.stream_state.rows
+            self._device_step = DeviceStep(self.model, store, rows, self.backends.kernel, device, cuda_graphs)
+            if self.stream_state is not None:
+                self.stream_state.rows = self._device_step.last_x
 
     @property
     def backend_name(self) -> str:
         return self.backends.step if self._cpu_step is None else self._cpu_step.name
 
     def snapshot_tensors(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forecast tasks: the last event of each of `slots` (CPU copy), for the snapshot; else nothing."""
-        if self.last_x is None:
-            return {}
-        return {"last_x": self.last_x.index_select(0, slots.to(self.device)).cpu()}
+        """The task's per-stream state of `slots` (CPU copies), for the snapshot; {} when it keeps none."""
+        return {} if self.stream_state is None else self.stream_state.snapshot_tensors(slots)
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor], slots: torch.Tensor) -> None:
         """Put back what snapshot_tensors(slots) returned (same slots, after the state store's restore)."""
-        if self.last_x is not None and "last_x" in tensors:
-            self.last_x.index_copy_(0, slots.to(self.device), tensors["last_x"].to(self.device))
+        if self.stream_state is not None:
+            self.stream_state.restore_tensors(tensors, slots)
 
     def close(self) -> None:
         """Stop the CPU step's threads (the daemon's shutdown)."""
@@ -101,13 +95,8 @@ class Engine:
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
         inputs = x
-        if self.last_x is not None:  # forecast: the change since each stream's previous event (0 at its first)
-            previous = self.last_x.index_select(0, slot_t)
-            unknown = previous.isnan()
-            if reset is not None:
-                unknown |= reset.unsqueeze(1)
-            previous = torch.where(unknown, x, previous)
-            self.last_x.index_copy_(0, slot_t, x)
+        if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
+            previous = self.stream_state.previous(x, slot_t, reset)
         norm = model.normalization
         if norm is not None:
             inputs = norm.lstm_inputs(x, x - previous)
@@ -123,6 +112,4 @@ class Engine:
             out = torch.addmm(bias, y, weight.t())
         if norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
-        if model.spec.task == "classification":  # replies are class probabilities, as a Keras softmax head's
-            out = out.softmax(-1)
-        return out.cpu().numpy()
+        return self.task.replies(out).cpu().numpy()

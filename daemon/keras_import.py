@@ -299,7 +299,9 @@ def _check_lstm(layer: _Layer, last: bool) -> None:
         raise KerasImportError(f"{where} computes in {_dtype(c)}: lstmd computes in float32, so answers would differ")
 
 
-def _convert(chain: list[_Layer], weights: dict[str, list[np.ndarray]]) -> ServingModel:
+def _lstm_stack_and_head(chain: list[_Layer]) -> tuple[list[_Layer], _Layer]:
+    """The LSTM layers and the final Dense of a layer chain (skipping inputs and inference-time identities), or
+    KerasImportError naming the first layer that does not fit that shape."""
     skipped = ("InputLayer", *INFERENCE_IDENTITY)
     layers = [layer for layer in chain if layer.class_name not in skipped]
     if not layers:
@@ -320,6 +322,11 @@ def _convert(chain: list[_Layer], weights: dict[str, list[np.ndarray]]) -> Servi
         raise KerasImportError(f"the model ends with {dense.class_name} {dense.name!r}: lstmd needs a final Dense head")
     if not lstms:
         raise KerasImportError(f"layer {dense.name!r} (Dense) has no LSTM before it: nothing to serve per stream")
+    return lstms, dense
+
+
+def _convert(chain: list[_Layer], weights: dict[str, list[np.ndarray]]) -> ServingModel:
+    lstms, dense = _lstm_stack_and_head(chain)
     units = {layer.name: int(layer.config.get("units", 0)) for layer in lstms}
     if len(set(units.values())) > 1:
         raise KerasImportError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import safetensors.torch
 import torch
-from lstmd.daemon.config import model_file_metadata
+from lstmd.daemon.model_header import model_file_metadata
 from lstmd.daemon.normalization import COLUMNS_KEY, ForecastNormalization, read_columns
 from lstmd.daemon.normalization import METADATA_KEY as NORMALIZATION_KEY
 from lstmd.kernels import Params

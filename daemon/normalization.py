@@ -18,7 +18,7 @@ and publishes them with the weights. They travel in the model file's metadata as
 `forecast_normalization` (`inputs`, and per feature `mean`, `std`, `delta_scale`); a forecast model file
 without it is served as is (plain `nn.LSTM` + `nn.Linear` output). The columns travel as a JSON list under
 `forecast_columns`. `predict_file_sequence` applies both to a model file's torch modules (daemon/model.py). The
-engine keeps every stream's last event (`Engine.last_x`) to form the changes.
+forecast task keeps every stream's last event (daemon/tasks.py `LastEvents`) to form the changes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The serving loop owns one `Durability` and calls it at fixed points, all on the 
 
 - `restore()` in `Daemon.start()`, before any socket is bound: load the newest snapshot that verifies (a torn
   or corrupt one is logged and the previous one used), replay the WAL segments from that snapshot's number on
-  through the same apply path as serving (StateStore.admit → batching.waves → Engine.step → touch; no replies),
+  through the serving pipeline (daemon/pipeline.py `Pipeline.replay`: StateStore.admit → batching.waves →
+  apply_wave; no replies), each payload decoded by daemon/wal_records.py,
   truncate a torn or corrupt record at the end of the log, open a fresh segment, and snapshot if anything was
   replayed, so crash loops do not pile up log.
 - `log_batch()` after a batch's waves and before its replies: one WAL append (group commit) of the events
@@ -16,7 +17,8 @@ The serving loop owns one `Durability` and calls it at fixed points, all on the 
   message (streams, seqs, targets), so replay joins it again at the same point between the logged batches and
   the recorder comes back exactly as it was. It is logged *before* the join (the join is deterministic given
   the state the log rebuilds), so a failed append leaves nothing to undo: the targets are answered rejected.
-- `after_command()` after a control command: logs its state changes before the command is answered.
+- `after_command()` after a control command: logs its state changes before the command is answered, or undoes
+  them and raises ChangeNotLogged (daemon/control.py answers with its message).
 - `maybe_snapshot()` from housekeeping, `snapshot()` for `lstmd snapshot`, `on_clean_stop()` at shutdown.
 
 Snapshot protocol: append pending side records, rotate the log to segment S, write `snapshot-S` atomically,
@@ -28,64 +30,72 @@ are the only durability, and the hot path does no extra work.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import msgspec
 import numpy as np
 import safetensors.torch
 import torch
-from lstmd.clients import protocol
-from lstmd.daemon import batching
 from lstmd.daemon import snapshot as snapshots
 from lstmd.daemon import wal as wal_files
-from lstmd.daemon.config import model_file_metadata
-from lstmd.daemon.control import CommandError
+from lstmd.daemon import wal_records as records
+from lstmd.daemon.config import DurabilityConfig
 from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.model_header import model_file_metadata
+from lstmd.daemon.pipeline import AppliedBatch, ReplayError
 from lstmd.daemon.wal import WalError, WriteAheadLog
 
-if TYPE_CHECKING:
-    from lstmd.daemon.server import Daemon
-
 log = logging.getLogger("lstmd.durability")
-
-# Record kinds (first element of each msgpack payload). PAUSE: (PAUSE, paused: bool), `train pause`/`resume`.
-EVENTS, MODEL, EVICT, RESET, PROBE, TARGETS, PAUSE = "E", "M", "X", "R", "P", "T", "Z"
-# Optional daemon attributes with snapshot_tensors() / restore_tensors(): training state and model history.
-COMPONENTS = ("recorder", "trainer", "versions")
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
 
 
 class RecoveryError(RuntimeError):
     """The state directory cannot be restored; the message says what was found and what to do."""
 
 
-def encode_targets(streams: list, seqs: np.ndarray, targets: np.ndarray) -> bytes:
-    """The payload of a delayed-targets record: (TARGETS, stream ids, seqs int64, D, targets float32 [n, D])."""
-    targets = np.ascontiguousarray(targets, dtype=np.float32)
-    return _encode(
-        (TARGETS, list(streams), np.asarray(seqs, dtype=np.int64).tobytes(), targets.shape[1], targets.tobytes())
-    )
+class ChangeNotLogged(RuntimeError):
+    """A control command's change could not be logged and was undone; the message says so (for the reply)."""
 
 
-def decode_targets(record: list) -> tuple[list, np.ndarray, np.ndarray]:
-    """(stream ids, seqs [n] int64, targets [n, D] float32) of a decoded delayed-targets record."""
-    _, streams, seq_bytes, dim, target_bytes = record
-    return streams, np.frombuffer(seq_bytes, dtype=np.int64), np.frombuffer(target_bytes, np.float32).reshape(-1, dim)
+@dataclass
+class SnapshotComponent:
+    """A part whose tensors every snapshot carries under `<name>.` (training state, model history).
+
+    `snapshot_tensors()` returns CPU copies; `restore_tensors(tensors)` puts them back and raises KeyError,
+    ValueError or RuntimeError when they do not fit (the part then starts empty, the streams still restore).
+    """
+
+    snapshot_tensors: Callable[[], dict[str, torch.Tensor]]
+    restore_tensors: Callable[[dict[str, torch.Tensor]], None]
 
 
 class Durability:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.config = daemon.config.durability
-        self.directory = Path(daemon.config.state.dir)
+    """The log, the snapshots and restore, built from the parts it writes and rebuilds (never the Daemon)."""
+
+    def __init__(
+        self,
+        config: DurabilityConfig,
+        directory: Path,
+        store,
+        engine,
+        pipeline,
+        metrics,
+        initial_model: Callable[[], ServingModel],
+        components: dict[str, SnapshotComponent],
+        recorder=None,
+        trainer=None,
+    ) -> None:
+        self.config = config
+        self.directory = Path(directory)
         self.wal_dir = self.directory / "wal"
+        self.store, self.engine, self.pipeline, self.metrics = store, engine, pipeline, metrics
+        self.initial_model = initial_model  # the configured model: what a state without a snapshot starts from
+        self.components = components
+        self.recorder, self.trainer = recorder, trainer
         self.wal: WriteAheadLog | None = None
         self._logged_model: ServingModel | None = None  # the serving model the log already holds
         self._logged_paused: bool | None = None  # the trainer's paused flag as the log has it (None: not logged)
@@ -105,52 +115,13 @@ class Durability:
             log.warning("removed %s, left by a crash during a snapshot", stale.name)
         snapshot_numbers = snapshots.list_snapshots(self.directory)
         segments = wal_files.list_segments(self.wal_dir)
-        store = self.daemon.store
         loaded = None
         summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
         if not self.config.restore:
-            # Set aside, not deleted: a later restore must never mix this old state with new events.
-            old = [snapshots.snapshot_path(self.directory, n) for n in snapshot_numbers]
-            old += [wal_files.segment_path(self.wal_dir, n) for n in segments]
-            for path in old:
-                path.rename(path.with_name(path.name + ".not-restored"))
-            if old:
-                log.warning(
-                    "durability.restore = false: %d snapshot(s) and log segment(s) in %s renamed *.not-restored",
-                    len(old),
-                    self.directory,
-                )
+            self._set_aside(snapshot_numbers, segments)
             snapshot_numbers, segments = [], []
         else:
-            for number in reversed(snapshot_numbers):
-                path = snapshots.snapshot_path(self.directory, number)
-                try:
-                    loaded = snapshots.read(path)
-                    self._apply_snapshot(loaded)
-                    break
-                except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
-                    log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
-                    loaded = None
-                    if isinstance(exc, snapshots.SnapshotError):
-                        # Torn or corrupt: out of the way, so pruning never keeps it in place of a good one.
-                        path.rename(path.with_name(path.name + ".corrupt"))
-            if loaded is not None:
-                summary["snapshot"] = loaded.path.name
-                summary["streams"] = len(store)
-                log.info(
-                    "restored %d streams and model version %d from %s",
-                    len(store),
-                    self.daemon.engine.model.version,
-                    loaded.path.name,
-                )
-            elif snapshot_numbers and (not segments or segments[0] > 0):
-                raise RecoveryError(
-                    f"no snapshot in {self.directory} is usable and the write-ahead log no longer starts at "
-                    f"segment 0, so the state cannot be rebuilt; see the errors above. Move {self.directory} "
-                    "away to start from an empty state."
-                )
-            start = loaded.segment if loaded is not None else 0
-            self._replay([s for s in segments if s >= start], summary)
+            loaded = self._restore_from(snapshot_numbers, segments, summary)
         segments = wal_files.list_segments(self.wal_dir)
         self._next_segment = max([*segments, *snapshot_numbers, -1]) + 1
         if self.config.wal:
@@ -159,27 +130,82 @@ class Durability:
                 self._next_segment,
                 self.config.fsync,
                 self.config.fsync_interval_ms,
-                on_bytes=self.daemon.metrics.wal_bytes.inc,
-                on_fsync=self.daemon.metrics.wal_fsync_duration.observe,
+                on_bytes=self.metrics.wal_bytes.inc,
+                on_fsync=self.metrics.wal_fsync_duration.observe,
             )
             self._next_segment += 1
-            store.journal = []
+            self.store.journal = []
         # Pin the restored state in a snapshot: a crash loop then never replays the same log twice, and the
         # log always has a snapshot (holding the model) to start from.
         if summary["records"] or (self.config.wal and loaded is None):
             self.snapshot("restore" if summary["records"] else "start")
-        self._logged_model = self.daemon.engine.model
+        self._logged_model = self.engine.model
         self._logged_paused = self._paused()
         summary["seconds"] = round(time.perf_counter() - started, 3)
         self.restored = summary
         return summary
 
-    def _apply_snapshot(self, snap: snapshots.Snapshot, components: bool = True) -> None:
-        daemon, meta = self.daemon, snap.metadata
-        spec = ModelSpec.from_metadata(meta)
-        if spec != daemon.spec:
+    def _set_aside(self, snapshot_numbers: list[int], segments: list[int]) -> None:
+        """durability.restore = false: rename the old files, not deleted: a later restore must never mix this old
+        state with new events."""
+        old = [snapshots.snapshot_path(self.directory, n) for n in snapshot_numbers]
+        old += [wal_files.segment_path(self.wal_dir, n) for n in segments]
+        for path in old:
+            path.rename(path.with_name(path.name + ".not-restored"))
+        if old:
+            log.warning(
+                "durability.restore = false: %d snapshot(s) and log segment(s) in %s renamed *.not-restored",
+                len(old),
+                self.directory,
+            )
+
+    def _restore_from(self, snapshot_numbers: list[int], segments: list[int], summary: dict):
+        """The newest usable snapshot, then the log from its segment on; the snapshot used (or None)."""
+        loaded = self._load_newest_snapshot(snapshot_numbers, at_start=True)
+        if loaded is not None:
+            summary["snapshot"] = loaded.path.name
+            summary["streams"] = len(self.store)
+            log.info(
+                "restored %d streams and model version %d from %s",
+                len(self.store),
+                self.engine.model.version,
+                loaded.path.name,
+            )
+        elif snapshot_numbers and (not segments or segments[0] > 0):
             raise RecoveryError(
-                f"{snap.path} holds a model {spec}, but the [model] config says {daemon.spec}: fix the config "
+                f"no snapshot in {self.directory} is usable and the write-ahead log no longer starts at "
+                f"segment 0, so the state cannot be rebuilt; see the errors above. Move {self.directory} "
+                "away to start from an empty state."
+            )
+        start = loaded.segment if loaded is not None else 0
+        self._replay([s for s in segments if s >= start], summary)
+        return loaded
+
+    def _load_newest_snapshot(self, numbers: list[int], at_start: bool) -> snapshots.Snapshot | None:
+        """Apply the newest of `numbers` that reads and fits, falling back to older ones; None if none does.
+
+        at_start (restore): the components are restored too, and a torn or corrupt snapshot is renamed *.corrupt,
+        so pruning never keeps it in place of a good one. Reloading after a failed write (the disk may be
+        failing) leaves the files and the training state as they are."""
+        for number in reversed(numbers):
+            path = snapshots.snapshot_path(self.directory, number)
+            try:
+                loaded = snapshots.read(path)
+                self._apply_snapshot(loaded, components=at_start)
+                return loaded
+            except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
+                log.error("snapshot %s is unusable (%s); trying the previous one", path.name, exc)
+                if at_start and isinstance(exc, snapshots.SnapshotError):
+                    path.rename(path.with_name(path.name + ".corrupt"))
+        return None
+
+    def _apply_snapshot(self, snap: snapshots.Snapshot, components: bool = True) -> None:
+        meta = snap.metadata
+        spec = ModelSpec.from_metadata(meta)
+        serving = self.engine.model.spec
+        if spec != serving:
+            raise RecoveryError(
+                f"{snap.path} holds a model {spec}, but the [model] config says {serving}: fix the config "
                 f"or move {self.directory} away"
             )
         groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -190,37 +216,36 @@ class Durability:
         # comes back exactly as ServingModel.from_bytes reads an exported model.
         model_meta = json.loads(meta["model_metadata"])
         model = ServingModel.from_bytes(safetensors.torch.save(groups.get("model", {}), metadata=model_meta))
-        daemon.store.restore_tensors(groups.get("state", {}))
+        self.store.restore_tensors(groups.get("state", {}))
         if "engine" in groups:
-            daemon.engine.restore_tensors(groups["engine"], groups["state"]["slots"])
-        daemon.engine.swap_model(model)
-        daemon.metrics.model_version.set(model.version)
-        for component in COMPONENTS if components else ():
-            target = getattr(daemon, component, None)
-            if target is None or component not in groups:
-                continue
-            prefixed = meta.get(f"{component}_prefixed") == "1"
-            part = {f"{component}.{k}" if prefixed else k: v for k, v in groups[component].items()}
-            try:
-                if component == "versions":
-                    target.restore_tensors(part, spec)
-                else:
-                    target.restore_tensors(part)
-            except (KeyError, ValueError, RuntimeError) as exc:
-                # Training state from another lstmd version or configuration: the streams and the model are
-                # what a restart must keep; training goes on from here rather than refusing to start.
-                log.error(
-                    "%s state in %s cannot be restored (%s: %s); %s starts without it",
-                    component,
-                    snap.path.name,
-                    type(exc).__name__,
-                    exc,
-                    component,
-                )
+            self.engine.restore_tensors(groups["engine"], groups["state"]["slots"])
+        self.engine.swap_model(model)
+        self.metrics.model_version.set(model.version)
+        for name, component in self.components.items() if components else ():
+            if name in groups:
+                self._restore_component(name, component, groups[name], snap, meta.get(f"{name}_prefixed") == "1")
+
+    @staticmethod
+    def _restore_component(name, component: SnapshotComponent, tensors: dict, snap, prefixed: bool) -> None:
+        # Components that name their own tensors `<name>.x` get the names back as they wrote them.
+        part = {f"{name}.{k}" if prefixed else k: v for k, v in tensors.items()}
+        try:
+            component.restore_tensors(part)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            # Training state from another lstmd version or configuration: the streams and the model are
+            # what a restart must keep; training goes on from here rather than refusing to start.
+            log.error(
+                "%s state in %s cannot be restored (%s: %s); %s starts without it",
+                name,
+                snap.path.name,
+                type(exc).__name__,
+                exc,
+                name,
+            )
 
     def _replay(self, segments: list[int], summary: dict) -> None:
         """Apply every good record of `segments` in order; cut the log at the first bad record."""
-        store, daemon = self.daemon.store, self.daemon
+        store = self.store
         journal, on_evict = store.journal, store.on_evict
         store.journal, store.on_evict = None, lambda cause, count: None
         try:
@@ -232,7 +257,11 @@ class Durability:
                 if problem is None:
                     scan = wal_files.read_segment(path, segment)
                     for payload in scan.records:
-                        self._apply_record(_decode(payload), summary)
+                        try:
+                            record = records.decode(payload)
+                        except records.UnknownRecord as exc:
+                            raise RecoveryError(str(exc)) from None
+                        self._apply_record(record, summary)
                     summary["segments"] += 1
                     problem = scan.problem
                 expected = segment + 1
@@ -263,108 +292,49 @@ class Durability:
                 summary["segments"],
                 len(store),
             )
-        daemon.metrics.active_streams.set(len(store))
+        self.metrics.active_streams.set(len(store))
 
-    def _apply_record(self, record: list, summary: dict) -> None:
-        kind = record[0]
-        store = self.daemon.store
+    def _apply_record(self, record: records.Record, summary: dict) -> None:
+        store = self.store
         summary["records"] += 1
-        if kind == EVENTS:
-            summary["events"] += self._replay_events(record)
-        elif kind == MODEL:
-            model = ServingModel.from_bytes(record[1])
-            self.daemon.engine.swap_model(model)
-            self.daemon.metrics.model_version.set(model.version)
-        elif kind == EVICT:
-            slots = [store.slot_of[sid] for sid in record[1] if sid in store.slot_of]
-            store._release(np.asarray(slots, dtype=np.int64), record[2])
-        elif kind == RESET:
-            for sid in record[1]:
-                store.reset(sid)
-        elif kind == TARGETS:
-            self._replay_targets(record)
-        elif kind == PAUSE:
-            trainer = getattr(self.daemon, "trainer", None)
-            if trainer is not None:  # training may be off now: then there is nothing to pause
-                trainer.paused = bool(record[1])
-        elif kind != PROBE:
-            raise RecoveryError(f"write-ahead log record of unknown kind {kind!r}: written by a newer lstmd?")
+        match record:
+            case records.EventsRecord():
+                recorder = self.recorder if self._feed_recorder else None
+                try:
+                    summary["events"] += self.pipeline.replay(record, recorder)
+                except ReplayError as exc:
+                    raise RecoveryError(str(exc)) from None
+            case records.ModelRecord():
+                model = ServingModel.from_bytes(record.model_bytes)
+                self.engine.swap_model(model)
+                self.metrics.model_version.set(model.version)
+            case records.EvictRecord():
+                store.release_ids(record.streams, record.cause)
+            case records.ResetRecord():
+                for sid in record.streams:
+                    store.reset(sid)
+            case records.TargetsRecord():
+                self._replay_targets(record)
+            case records.PauseRecord():
+                if self.trainer is not None:  # training may be off now: then there is nothing to pause
+                    self.trainer.paused = record.paused
 
-    def _replay_events(self, record: list) -> int:
-        """Re-apply one logged batch: the events in arrival order, one step per stream per wave."""
-        _, message_streams, x_bytes, dim, idx_bytes, seq_bytes, fresh_bytes, message_targets = record
-        daemon, store = self.daemon, self.daemon.store
-        idx = np.frombuffer(idx_bytes, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")  # logged in wave order; admit and re-wave in arrival order
-        idx = idx[order]
-        seq = np.frombuffer(seq_bytes, dtype=np.int64)[order]
-        fresh = np.frombuffer(fresh_bytes, dtype=bool)[order]
-        x = np.frombuffer(x_bytes, dtype=np.float32).reshape(-1, dim)[order]
-        streams = list(itertools.chain.from_iterable(message_streams))
-        ids = [streams[i] for i in idx.tolist()]
-        admission = store.admit(ids, max(len(ids), 1))
-        slots = admission.slots
-        if admission.rejected:
-            raise RecoveryError(
-                f"replaying the log: {len(admission.rejected)} events found no state slot "
-                f"({next(iter(admission.rejected.values()))[1]}); was state.capacity lowered? Raise it back."
-            )
-        recorder = getattr(daemon, "recorder", None) if self._feed_recorder else None
-        targets = None
-        if recorder is not None:
-            full = self._recorded_targets(message_streams, message_targets)
-            targets = None if full is None else full[idx]
-        for wave in batching.waves(slots):
-            wave_targets = None if targets is None else targets[wave]
-            daemon.apply_wave(x[wave], slots[wave], seq[wave], fresh[wave], wave_targets, recorder)
-        return int(idx.size)
-
-    def _replay_targets(self, record: list) -> None:
+    def _replay_targets(self, record: records.TargetsRecord) -> None:
         """Join a logged delayed-targets message again, exactly as the serving loop did (same counters too)."""
-        recorder = getattr(self.daemon, "recorder", None) if self._feed_recorder else None
+        recorder = self.recorder if self._feed_recorder else None
         if recorder is None or recorder.forecast:  # training off now, or reloading (the recorder has them)
             return
-        streams, seqs, targets = decode_targets(record)
-        get = self.daemon.store.slot_of.get
-        slots = np.fromiter((get(sid, -1) for sid in streams), dtype=np.int64, count=len(streams))
-        recorder.join_targets(slots, seqs, targets)
-
-    def _recorded_targets(self, message_streams: list, message_targets: list) -> np.ndarray | None:
-        """[N, D] targets of a logged batch exactly as the serving loop hands them to the recorder."""
-        if not message_targets:
-            return None
-        messages = [
-            _LoggedMessage(
-                None if t is None else np.frombuffer(t[2], dtype=protocol.TARGET_DTYPES[t[0]]).reshape(-1, t[1])
-            )
-            for t in message_targets
-        ]
-        counts = [len(m) for m in message_streams]
-        return self.daemon._batch_targets(messages, counts, sum(counts))
+        get = self.store.slot_of.get
+        slots = np.fromiter((get(sid, -1) for sid in record.streams), dtype=np.int64, count=len(record.streams))
+        recorder.join_targets(slots, record.seqs, record.targets)
 
     # ---- serving --------------------------------------------------------------------------------------------
 
-    def log_batch(self, batch: list, features: np.ndarray, applied_parts: list) -> None:
-        """Append a batch's applied events (after pending side records) in one group commit; WalError if not."""
-        idx = np.concatenate([p[0] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][0]
-        seq = np.concatenate([p[1] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][1]
-        fresh = np.concatenate([p[2] for p in applied_parts]) if len(applied_parts) > 1 else applied_parts[0][2]
-        targets = [
-            None if m.targets is None else (m.header.targets, m.targets.shape[1], m.targets.tobytes()) for m in batch
-        ]
-        payload = _encode(
-            (
-                EVENTS,
-                [m.header.streams for m in batch],
-                features[idx].tobytes(),
-                features.shape[1],
-                idx.astype(np.int64, copy=False).tobytes(),
-                seq.astype(np.int64, copy=False).tobytes(),
-                fresh.astype(bool, copy=False).tobytes(),
-                targets if any(t is not None for t in targets) else [],
-            )
-        )
-        self._append([*self._side_records(), payload])
+    def log_batch(self, streams: list[list], features: np.ndarray, applied: AppliedBatch, targets: list) -> None:
+        """Append a batch's applied events (after pending side records) in one group commit; WalError if not.
+        `streams` and `targets` per message, `features` the whole batch."""
+        record = records.events_record(streams, features, applied.idx, applied.seqs, applied.fresh, targets)
+        self._append([*self._side_records(), records.encode(record)])
 
     def log_targets(self, streams: list, seqs: np.ndarray, targets: np.ndarray) -> tuple[str, str] | None:
         """Append a delayed-targets message (after pending side records) before it is joined.
@@ -375,7 +345,8 @@ class Durability:
         """
         failing = self.wal.error is not None
         try:
-            self._append([*self._side_records(), encode_targets(streams, seqs, targets)])
+            record = records.TargetsRecord(list(streams), seqs, targets)
+            self._append([*self._side_records(), records.encode(record)])
         except WalError as exc:
             reason = "wal_unavailable" if failing else "wal_write_failed"
             log.error("%s: rejecting %d delayed target(s)", exc.strerror, len(streams))
@@ -385,34 +356,29 @@ class Durability:
         return None
 
     def _side_records(self) -> list[bytes]:
-        out = []
-        journal = self.daemon.store.journal
-        if journal:
-            for entry in journal:
-                out.append(_encode((EVICT, entry[1], entry[2]) if entry[0] == "evict" else (RESET, entry[1])))
-        model = self.daemon.engine.model
+        out = [records.encode(entry) for entry in self.store.journal or ()]
+        model = self.engine.model
         if model is not self._logged_model:
-            out.append(_encode((MODEL, model.to_bytes())))
+            out.append(records.encode(records.ModelRecord(model.to_bytes())))
         paused = self._paused()
         if paused is not None and paused != self._logged_paused:
-            out.append(_encode((PAUSE, paused)))
+            out.append(records.encode(records.PauseRecord(paused)))
         return out
 
     def _paused(self) -> bool | None:
-        trainer = getattr(self.daemon, "trainer", None)
-        return None if trainer is None else trainer.paused
+        return None if self.trainer is None else self.trainer.paused
 
     def _append(self, payloads: list[bytes]) -> None:
         self.wal.append(payloads)
-        if self.daemon.store.journal:
-            self.daemon.store.journal.clear()
-        self._logged_model = self.daemon.engine.model
+        if self.store.journal:
+            self.store.journal.clear()
+        self._logged_model = self.engine.model
         self._logged_paused = self._paused()
 
     def after_command(self) -> None:
         """Log what a control command changed (reset, drop, new model) before it is answered.
 
-        If the log cannot be written, the change is undone (state reloaded from disk) and CommandError says so.
+        If the log cannot be written, the change is undone (state reloaded from disk) and ChangeNotLogged says so.
         """
         if self.wal is None:
             return
@@ -423,7 +389,7 @@ class Durability:
             self._append(side)
         except WalError as exc:
             self.reload()
-            raise CommandError(
+            raise ChangeNotLogged(
                 f"{exc.strerror}: the command's change was undone; retry when the disk is fixed"
             ) from None
 
@@ -442,20 +408,15 @@ class Durability:
     def writable(self) -> bool:
         """While appends fail: try a tiny probe record; True once the log accepts writes again."""
         try:
-            self.wal.append([_encode((PROBE,))])
+            self.wal.append([records.encode(records.ProbeRecord())])
         except WalError:
             return False
         log.warning("the write-ahead log accepts writes again; serving resumes")
         return True
 
-    def reject_unlogged(self, exc: WalError, status: np.ndarray, reasons: dict, applied_parts: list) -> None:
+    def reject_unlogged(self, exc: WalError, applied: AppliedBatch) -> None:
         """The batch could not be logged: reject its applied events and roll the state back to the disk's."""
-        message = f"{exc.strerror}; the event was not applied, resend it"
-        for part in applied_parts:
-            status[part[0]] = protocol.REJECTED
-            for i in part[0].tolist():
-                reasons[i] = ("wal_write_failed", message)
-        applied_parts.clear()
+        applied.unapply(("wal_write_failed", f"{exc.strerror}; the event was not applied, resend it"))
         log.error("%s: rejecting the batch and reloading the state from %s", exc.strerror, self.directory)
         self.reload()
 
@@ -466,27 +427,19 @@ class Durability:
         rejected batch costs it at most a few recorded events.
         """
         self.wait_for_writer()  # its pruning must not race the reads below
-        store = self.daemon.store
+        store = self.store
         store.clear()
         store.journal = [] if self.wal is not None else None
-        self.daemon.engine.swap_model(self.daemon._initial_model())
+        self.engine.swap_model(self.initial_model())
         summary = {"snapshot": None, "streams": 0, "records": 0, "events": 0, "segments": 0}
-        loaded = None
-        for number in reversed(snapshots.list_snapshots(self.directory)):
-            try:
-                loaded = snapshots.read(snapshots.snapshot_path(self.directory, number))
-                self._apply_snapshot(loaded, components=False)
-                break
-            except (snapshots.SnapshotError, ValueError, KeyError, OSError) as exc:
-                log.error("snapshot %s is unusable (%s); trying the previous one", number, exc)
-                loaded = None
+        loaded = self._load_newest_snapshot(snapshots.list_snapshots(self.directory), at_start=False)
         start = loaded.segment if loaded is not None else 0
         self._feed_recorder = False  # the recorder already holds these events
         try:
             self._replay([s for s in wal_files.list_segments(self.wal_dir) if s >= start], summary)
         finally:
             self._feed_recorder = True
-        self._logged_model = self.daemon.engine.model
+        self._logged_model = self.engine.model
 
     # ---- snapshots ------------------------------------------------------------------------------------------
 
@@ -498,7 +451,6 @@ class Durability:
         """
         self.wait_for_writer()
         started = time.perf_counter()
-        daemon = self.daemon
         if self.wal is not None:
             side = self._side_records()
             if side:
@@ -507,27 +459,24 @@ class Durability:
         else:
             segment = self._next_segment
             self._next_segment += 1
-        model = daemon.engine.model  # published models are immutable: no copy needed
+        model = self.engine.model  # published models are immutable: no copy needed
         tensors = {f"model.{k}": v.cpu() for k, v in model.tensors.items()}
-        state = daemon.store.snapshot_tensors()
+        state = self.store.snapshot_tensors()
         tensors |= {f"state.{k}": v for k, v in state.items()}
         # Forecast models: each stream's last event, so the first change after a restart is the real one.
-        tensors |= {f"engine.{k}": v for k, v in daemon.engine.snapshot_tensors(state["slots"]).items()}
-        metadata = daemon.spec.to_metadata() | {
+        tensors |= {f"engine.{k}": v for k, v in self.engine.snapshot_tensors(state["slots"]).items()}
+        metadata = model.spec.to_metadata() | {
             "model_version": str(model.version),
             "model_metadata": json.dumps(model_file_metadata(model.to_bytes())),
-            "streams": str(len(daemon.store)),
+            "streams": str(len(self.store)),
             "created": f"{time.time():.3f}",
             "reason": reason,
         }
-        for component in COMPONENTS:
-            source = getattr(daemon, component, None)
-            if source is None:
-                continue
-            part = source.snapshot_tensors()
-            prefixed = all(k.startswith(f"{component}.") for k in part)
-            tensors |= {k if prefixed else f"{component}.{k}": v for k, v in part.items()}
-            metadata[f"{component}_prefixed"] = "1" if prefixed else "0"
+        for name, component in self.components.items():
+            part = component.snapshot_tensors()
+            prefixed = all(k.startswith(f"{name}.") for k in part)
+            tensors |= {k if prefixed else f"{name}.{k}": v for k, v in part.items()}
+            metadata[f"{name}_prefixed"] = "1" if prefixed else "0"
         self._last_snapshot = time.monotonic()
         if background:
             self._writer = threading.Thread(
@@ -544,8 +493,8 @@ class Durability:
         path, size = snapshots.write(self.directory, segment, tensors, metadata)
         removed = self._prune()
         seconds = time.perf_counter() - started
-        self.daemon.metrics.snapshot_duration.observe(seconds)
-        self.daemon.metrics.last_snapshot.set(time.time())
+        self.metrics.snapshot_duration.observe(seconds)
+        self.metrics.last_snapshot.set(time.time())
         streams = int(metadata["streams"])
         log.info("snapshot %s (%s): %d streams, %d bytes in %.3fs", path.name, reason, streams, size, seconds)
         return {
@@ -615,10 +564,3 @@ class Durability:
         if self.wal is not None:
             self.wal.close()
             self.wal = None
-
-
-class _LoggedMessage:
-    """The one attribute of an events message that the loop's target builder reads."""
-
-    def __init__(self, targets: np.ndarray | None) -> None:
-        self.targets = targets

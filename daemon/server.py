@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 from lstmd.clients import protocol
-from lstmd.daemon import batching, control
+from lstmd.daemon import control
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
@@ -39,9 +39,10 @@ from lstmd.daemon.io import (
 from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
-from lstmd.daemon.recovery import Durability, RecoveryError
+from lstmd.daemon.pipeline import AppliedBatch, Pipeline
+from lstmd.daemon.recovery import Durability, RecoveryError, SnapshotComponent
 from lstmd.daemon.state_lock import StateDirLocked, StateLock
-from lstmd.daemon.state_store import NO_SEQ, StateStore
+from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.versions import ModelHistory
 from lstmd.daemon.wal import WalError
 from lstmd.kernels.tuning import SERVE_SWITCH_INTERVAL_S, adopt_torch_threads, limit_switch_interval
@@ -50,22 +51,15 @@ log = logging.getLogger("lstmd.daemon")
 
 VERSION = "0.1.0"
 _STOP = object()
-_ASSIGN = -1  # internal marker in the batch's sequence array: the daemon assigns the number
 # Events in a gathered batch from which the loop steps once no request is waiting instead of waiting out
-# max_wait_ms. Nothing waiting means the loop is not saturated, so waiting buys no throughput: at half the max
-# rate (10k streams, 1,000 events per message) 256 instead of 1,024 halved the in-daemon p50 (≤ 5 → ≤ 2.5 ms),
-# and closed-loop throughput did not drop (518k/430k → 546k/524k, noisy shared 2-core CPU).
+# max_wait_ms. Nothing waiting means the loop is not saturated, so waiting buys no throughput; 256 halved the
+# in-daemon p50 at half rate with no loss of throughput (docs/benchmarks.md, "Numbers once kept in comments").
 _STEP_WITHOUT_WAITING = 256
 # How long an idle loop blocks on the events socket before it looks at the inbox (control, stop) again.
 _IDLE_POLL_MS = 5
 # Messages libzmq queues per subscriber at least, whatever serve.publish_queue_bytes: small batches at a high rate
 # would otherwise be dropped for a subscriber only a few milliseconds behind.
 _MIN_PUBLISH_HWM = 16
-
-
-def _internal_error(cmd: str) -> str:
-    """What a client is told when a control command failed by a bug: no exception text (that goes to the log)."""
-    return f"internal error in {cmd!r} (details are in the daemon's log)"
 
 
 class StartupError(RuntimeError):
@@ -80,7 +74,6 @@ class ServeStats:
     batches: int = 0
     events: np.ndarray = field(default_factory=lambda: np.zeros(len(protocol.STATUS_NAMES), dtype=np.int64))
     rejections: dict[str, int] = field(default_factory=dict)
-    sequence_gaps: int = 0
     evictions: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)  # "<what>_<reason>": dropped instead of queued
 
@@ -121,6 +114,8 @@ class Daemon:
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
         self.recorder, self.trainer = self._make_training(spec)
+        self.pipeline = Pipeline(self.store, self.engine, self.metrics, config.serve, self.engine.task.batch_targets)
+        self.pipeline.recorder = self.recorder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.endpoints: dict[str, str] = {}
         self._stopping = False
@@ -135,7 +130,32 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._state_lock: StateLock | None = None  # held from start() to the end of _shutdown()
         self._last_housekeeping = time.monotonic()
-        self.durability = Durability(self)  # WAL, snapshots, restore (daemon/recovery.py)
+        self.durability = self._make_durability(spec)  # WAL, snapshots, restore (daemon/recovery.py)
+
+    def _make_durability(self, spec: ModelSpec) -> Durability:
+        return Durability(
+            self.config.durability,
+            Path(self.config.state.dir),
+            self.store,
+            self.engine,
+            self.pipeline,
+            self.metrics,
+            self._initial_model,
+            self._snapshot_components(spec),
+            self.recorder,
+            self.trainer,
+        )
+
+    def _snapshot_components(self, spec: ModelSpec) -> dict[str, SnapshotComponent]:
+        """The parts besides streams and model that every snapshot carries: training state and model history."""
+        parts = {}
+        if self.recorder is not None:
+            parts["recorder"] = SnapshotComponent(self.recorder.snapshot_tensors, self.recorder.restore_tensors)
+            parts["trainer"] = SnapshotComponent(self.trainer.snapshot_tensors, self.trainer.restore_tensors)
+        parts["versions"] = SnapshotComponent(
+            self.versions.snapshot_tensors, lambda tensors: self.versions.restore_tensors(tensors, spec)
+        )
+        return parts
 
     @property
     def spec(self) -> ModelSpec:
@@ -175,6 +195,41 @@ class Daemon:
     def _start_locked(self) -> None:
         """Create the state directory, bind every socket and the metrics endpoint, start the I/O thread."""
         self._start_security()
+        state_dir = self._writable_state_dir()
+        serve = self.config.serve
+        # Metrics first, with /readyz answering 503, so a long restore is observable; events sockets after the
+        # restore, so nothing is served from a half-restored state.
+        if serve.metrics:
+            self._serve_metrics(serve.metrics)
+        try:
+            self.durability.restore()
+        except (RecoveryError, OSError) as exc:
+            self._close_http()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
+        self._bind_sockets()
+        self._watch_io()
+        limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
+        self.metrics.capacity.set(self.config.state.capacity)
+        self.metrics.model_version.set(self.engine.model.version)
+        self.metrics.last_publish.set(time.time())  # the weights started serving now
+        self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
+        self.metrics.watch_device_memory(self.device)
+        (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
+        self._state_lock.record(self.endpoints)
+        if self.trainer is not None:
+            self.trainer.start()
+            self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
+        self.metrics.set_ready(True)
+        log.info(
+            "lstmd %s serving (device %s, backend %s): %s",
+            VERSION,
+            self.device,
+            self.engine.backend_name,
+            ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
+        )
+
+    def _writable_state_dir(self) -> Path:
         state_dir = Path(self.config.state.dir)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -183,22 +238,19 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"state.dir {state_dir} is not writable: {exc.strerror}") from None
-        serve = self.config.serve
-        # Metrics first, with /readyz answering 503, so a long restore is observable; events sockets after the
-        # restore, so nothing is served from a half-restored state.
-        if serve.metrics:
-            try:
-                self._http = self.metrics.serve_http(serve.metrics)
-            except (OSError, ValueError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else str(exc)
-                raise StartupError(f"cannot serve metrics on {serve.metrics}: {why}") from None
-            self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
+        return state_dir
+
+    def _serve_metrics(self, address: str) -> None:
         try:
-            self.durability.restore()
-        except (RecoveryError, OSError) as exc:
-            self._close_http()
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
+            self._http = self.metrics.serve_http(address)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise StartupError(f"cannot serve metrics on {address}: {why}") from None
+        self.endpoints["metrics"] = f"{address.rpartition(':')[0]}:{self._http.server_port}"
+
+    def _bind_sockets(self) -> None:
+        """The events socket, the I/O thread's control and publish sockets (ZAP first), and the outbox to it."""
+        serve = self.config.serve
         self._ctx = zmq.Context()
         secure = None
         try:
@@ -212,7 +264,7 @@ class Daemon:
                 serve.max_message_events,
                 serve.max_message_bytes,
                 self._count_message_rejection,
-                target_dim=self._target_dim(),
+                target_dim=self.engine.task.wire_target_dim,
                 max_stream_id_length=serve.max_stream_id_length,
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes, self._max_reply_bytes()),
                 on_dropped=self._count_drop,
@@ -245,30 +297,13 @@ class Daemon:
         self._outbox.setsockopt(zmq.SNDHWM, 0)  # never drop a reply
         self._outbox.connect(self._io.outbox_endpoint)
         self._io.start()
+
+    def _watch_io(self) -> None:
         stall = self.metrics.stall_timeout_s
         self.metrics.add_health_check("io", lambda: self._io.health(stall))
         self.metrics.add_health_check("publisher", lambda: self._io.publisher_health())
         self.metrics.inflight_bytes.set_function(lambda: self._events.pending_bytes)
         self.metrics.publish_queue_bytes.set_function(lambda: self._io.publish_budget.used)
-        limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
-        self.metrics.capacity.set(self.config.state.capacity)
-        self.metrics.model_version.set(self.engine.model.version)
-        self.metrics.last_publish.set(time.time())  # the weights started serving now
-        self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
-        self.metrics.watch_device_memory(self.device)
-        (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
-        self._state_lock.record(self.endpoints)
-        if self.trainer is not None:
-            self.trainer.start()
-            self.metrics.train_enabled.set(0 if self.trainer.paused else 1)
-        self.metrics.set_ready(True)
-        log.info(
-            "lstmd %s serving (device %s, backend %s): %s",
-            VERSION,
-            self.device,
-            self.engine.backend_name,
-            ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
-        )
 
     def _start_security(self) -> None:
         """Load the CURVE keys of `[security]`, or, without them, refuse to listen beyond this host unless
@@ -393,7 +428,7 @@ class Daemon:
             if message is None:
                 remaining = deadline - time.perf_counter()
                 # A batch already big enough to use the step well runs as soon as nothing is waiting: waiting
-                # out max_wait_ms then only adds latency (closed loop, 10k streams: the loop idled ~15%).
+                # out max_wait_ms then only adds latency (docs/benchmarks.md, "Numbers once kept in comments").
                 if not batch or n >= _STEP_WITHOUT_WAITING or remaining <= 0:
                     break
                 waited = True
@@ -440,158 +475,22 @@ class Daemon:
         if wal is not None and wal.error is not None and not self.durability.writable():
             self._reject_unloggable(batch, counts)  # the log still fails: apply nothing, acknowledge nothing
             return
-        n = sum(counts)
-        out_dim = self.spec.output_size
         features = batch[0].features if len(batch) == 1 else np.concatenate([m.features for m in batch])
-        status = np.zeros(n, dtype=np.uint8)
-        preds = np.full((n, out_dim), np.nan, dtype=np.float32)
-        reasons: dict[int, tuple[str, str]] = {}
-        slots = np.empty(n, dtype=np.int64)
-        seqs = np.full(n, _ASSIGN, dtype=np.int64)
-        was_dropped = np.zeros(n, dtype=bool)
-        unavailable: dict[int, tuple[str, str]] = {}  # duplicates whose prediction is no longer kept
-        offset = 0
-        for message, count in zip(batch, counts, strict=True):
-            self._admit_message(
-                message, offset, features[offset : offset + count], slots, seqs, was_dropped, reasons
-            )
-            offset += count
-        for i in reasons:
-            status[i] = protocol.REJECTED
-
-        accepted = np.flatnonzero(slots >= 0)
-        applied_parts = []
-        targets = self._batch_targets(batch, counts, n) if self.recorder is not None else None
-        for wave in batching.waves(slots[accepted]):
-            idx = accepted[wave]
-            wave_slots = slots[idx]
-            last = self.store.last_seq[wave_slots]
-            seq = seqs[idx]
-            assign = seq == _ASSIGN
-            # last < SEQ_LIMIT (every applied number is), so last + 1 cannot overflow; a stream whose numbers
-            # are used up is refused rather than wrapped around.
-            seq = np.where(assign, last + 1, seq)
-            exhausted = seq >= protocol.SEQ_LIMIT
-            if exhausted.any():
-                why = ("seq_exhausted", "the stream's sequence numbers are used up (2^63 - 2 applied): drop it")
-                for i in idx[exhausted].tolist():
-                    reasons[i] = why
-                    status[i] = protocol.REJECTED
-                idx, wave_slots, seq, last = idx[~exhausted], wave_slots[~exhausted], seq[~exhausted], last[~exhausted]
-                if idx.size == 0:
-                    continue
-            duplicate = seq <= last
-            gaps = (last != NO_SEQ) & (seq > last + 1)
-            if gaps.any():  # summed in Python integers: gaps near 2^63 would overflow an int64 sum
-                missing = sum((seq[gaps] - last[gaps] - 1).tolist())
-                # Saturates at 2^63 - 1: adversarial numbers could push the sum past what msgpack and JSON readers
-                # of `lstmd status` take (the Prometheus counter is a float and just keeps counting).
-                self.stats.sequence_gaps = min(self.stats.sequence_gaps + missing, protocol.SEQ_LIMIT)
-                self.metrics.sequence_gaps.inc(missing)
-            if duplicate.any():
-                dup = idx[duplicate]
-                self._answer_duplicates(dup, wave_slots[duplicate], seq[duplicate], status, preds, unavailable)
-                idx, wave_slots, seq = idx[~duplicate], wave_slots[~duplicate], seq[~duplicate]
-                if idx.size == 0:
-                    continue
-            fresh = self.store.needs_reset[wave_slots]
-            x = features if idx.size == n else features[idx]
-            wave_targets = None if targets is None else targets[idx]
-            preds[idx] = self.apply_wave(x, wave_slots, seq, fresh, wave_targets, self.recorder)
-            reset_now = fresh & was_dropped[idx]
-            if reset_now.any():
-                status[idx[reset_now]] = protocol.STATE_RESET
-            applied_parts.append((idx, seq, fresh))
-
-        if self.durability.wal is not None and applied_parts:
+        applied = self.pipeline.serve(
+            [m.header.streams for m in batch],
+            [m.header.seqs for m in batch],
+            features,
+            [m.targets for m in batch],
+        )
+        if self.durability.wal is not None and applied.applied:
             try:  # group commit: one append (and under fsync = always one fsync) per batch, before the replies
-                self.durability.log_batch(batch, features, applied_parts)
+                self.durability.log_batch([m.header.streams for m in batch], features, applied,
+                                          [m.targets for m in batch])
             except WalError as exc:
-                self.durability.reject_unlogged(exc, status, reasons, applied_parts)
-        self._reply(batch, counts, status, preds, reasons | unavailable if unavailable else reasons)
-        self._publish(batch, applied_parts, preds)
-        self._account(n, status, reasons)
-
-    def _answer_duplicates(self, idx, slots, seq, status, preds, unavailable) -> None:
-        """Already applied events: answered `duplicate` with their original predictions from the resend window,
-        or, beyond it, with a reason saying the prediction is no longer kept (the Producer raises on that)."""
-        status[idx] = protocol.DUPLICATE
-        kept, found = self.store.kept_outputs(slots, seq)
-        preds[idx[found]] = kept[found]
-        if found.all():
-            return
-        window = self.config.serve.resend_window
-        self.metrics.duplicates_unavailable.inc(int((~found).sum()))
-        for i, number in zip(idx[~found].tolist(), seq[~found].tolist(), strict=True):
-            unavailable[i] = (
-                "prediction_unavailable",
-                f"sequence number {number} was already applied; its prediction is no longer kept (the daemon "
-                f"keeps each stream's last serve.resend_window = {window})",
-            )
-
-    def apply_wave(self, x, slots, seq, fresh, targets, recorder) -> np.ndarray:
-        """One launch: advance `slots` (distinct) by one event each, keep their outputs for resends, record the
-        events for training (when `recorder` is given), mark the slots used. Serving and the log replay both apply
-        events through here (so the replay rebuilds the resend window too)."""
-        started = time.perf_counter()
-        preds = self.engine.step(x, slots, fresh)
-        self.metrics.step_duration.observe(time.perf_counter() - started)
-        self.store.keep_outputs(slots, seq, preds)
-        if recorder is not None:
-            recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c)
-        self.store.last_seq[slots] = seq
-        self.store.touch(slots)
-        return preds
-
-    def _admit_message(self, message, offset, features, slots, seqs, was_dropped, reasons) -> None:
-        """Per-event validation and slot lookup for one message's events (indices offset.. in the batch)."""
-        header = message.header
-        streams = header.streams
-        count = len(streams)
-        bad: dict[int, tuple[str, str]] = {}
-        # One reduction instead of a per-row check: any NaN or Inf makes the sum non-finite. A sum that only
-        # overflowed lands in the exact check too, which then finds every row finite.
-        if not np.isfinite(features.sum()):
-            for i in np.flatnonzero(~np.isfinite(features).all(axis=1)).tolist():
-                bad[i] = ("non_finite", "features hold NaN or Inf")
-        if header.seqs is not None:
-            seq_arr = protocol.seq_array(header.seqs)
-            # One comparison for both ends of [0, SEQ_LIMIT): a negative int64 viewed as uint64 is >= 2^63.
-            for i in np.flatnonzero(seq_arr.view(np.uint64) >= protocol.SEQ_LIMIT).tolist():
-                bad[i] = ("bad_seq", f"sequence number {header.seqs[i]} is outside [0, 2^63 - 1)")
-            seqs[offset : offset + count] = seq_arr
-        if bad:
-            keep = [i for i in range(count) if i not in bad]
-            admission = self.store.admit(
-                [streams[i] for i in keep], self.config.serve.max_new_streams_per_message, self._check_new_id
-            )
-            local = np.full(count, -1, dtype=np.int64)
-            local[keep] = admission.slots
-            dropped = np.zeros(count, dtype=bool)
-            dropped[keep] = admission.was_dropped
-            bad |= {keep[j]: why for j, why in admission.rejected.items()}
-        else:
-            admission = self.store.admit(streams, self.config.serve.max_new_streams_per_message, self._check_new_id)
-            local, dropped = admission.slots, admission.was_dropped
-            bad = admission.rejected
-        slots[offset : offset + count] = local
-        was_dropped[offset : offset + count] = dropped
-        for i, why in bad.items():
-            slots[offset + i] = -1
-            reasons[offset + i] = why
-
-    def _check_new_id(self, stream) -> tuple[str, str] | None:
-        """Why a stream id not yet in the store may not become one (its length), or None. Only new ids are
-        checked: a resident id passed this when it was created, so the hot path runs no check per event (the
-        per-event type scan it replaces was ~5% of the loop at 10k int ids per batch)."""
-        if type(stream) is not str:
-            return None
-        length, limit = len(stream), self.config.serve.max_stream_id_length
-        if length == 0:
-            return ("bad_stream_id", "stream id is empty")
-        if length > limit:
-            return ("stream_id_too_long", f"stream id of {length} characters exceeds the limit of {limit}")
-        return None
+                self.durability.reject_unlogged(exc, applied)
+        self._reply(batch, counts, applied.status, applied.predictions, applied.reply_reasons())
+        self._publish(batch, applied)
+        self._account(features.shape[0], applied.status, applied.reasons)
 
     def _reply(self, batch, counts, status, preds, reasons) -> None:
         version = self.engine.model.version
@@ -616,15 +515,14 @@ class Daemon:
             self.metrics.event_latency.observe(now - message.received)
             offset = end
 
-    def _publish(self, batch, applied_parts, preds) -> None:
+    def _publish(self, batch, applied: AppliedBatch) -> None:
         """The batch's applied predictions to the I/O thread as one PUB message (protocol.PublishedBatch), within
         serve.publish_queue_bytes: a batch that does not fit is dropped and counted, so a publisher that falls
         behind never holds memory or the loop."""
-        if self._io is None or self._io.subscribers <= 0 or not applied_parts:
+        if self._io is None or self._io.subscribers <= 0 or not applied.applied:
             return
         streams = list(itertools.chain.from_iterable(m.header.streams for m in batch))
-        idx = np.concatenate([p[0] for p in applied_parts])
-        seq = np.concatenate([p[1] for p in applied_parts])
+        idx, seq, preds = applied.idx, applied.seqs, applied.predictions
         self._published_batches += 1
         header = protocol.encode(
             protocol.PublishedBatch(
@@ -701,11 +599,6 @@ class Daemon:
 
     # ---- online training (daemon/recorder.py, daemon/trainer.py) -----------------------------------------
 
-    def _target_dim(self) -> int:
-        """Values per event in a targets frame: output_size for regression, 1 class label; 0: not checked."""
-        task = self.spec.task
-        return {"regression": self.spec.output_size, "classification": 1}.get(task, 0)
-
     def _make_training(self, spec: ModelSpec):
         t = self.config.train
         if not t.enabled:
@@ -713,13 +606,13 @@ class Daemon:
         from lstmd.daemon.recorder import Recorder
         from lstmd.daemon.trainer import Trainer
 
-        forecast = spec.task == "forecast"
-        target_size = spec.output_size if forecast else self._target_dim()  # forecast: the chosen columns
+        task = self.engine.task
+        forecast = not task.takes_targets  # its targets are the next events' chosen columns
         recorder = Recorder(
             spec.num_layers,
             spec.hidden_size,
             spec.input_size,
-            target_size,
+            task.recorded_target_size,
             spec.task,
             self.config.state.capacity,
             t.record_streams,
@@ -734,49 +627,16 @@ class Daemon:
         trainer = Trainer(t, spec, recorder, serving, self.metrics, self.device, backends, seed)
         return recorder, trainer
 
-    def _batch_targets(self, batch, counts, n) -> np.ndarray | None:
-        """[n, D] float32 targets of the batch's events, NaN rows where an event has none; None when none has."""
-        if self.recorder.forecast or all(m.targets is None for m in batch):
-            return None
-        out = np.full((n, self.recorder.y.shape[2]), np.nan, dtype=np.float32)
-        offset = 0
-        for message, count in zip(batch, counts, strict=True):
-            if message.targets is not None:
-                out[offset : offset + count] = message.targets
-            offset += count
-        if self.spec.task == "classification":  # a label outside 0..O-1 teaches nothing: drop it
-            labels = out[:, 0]
-            out[~((labels >= 0) & (labels < self.spec.output_size))] = np.nan
-        return out
-
     def _join_targets(self, message: TargetsMessage) -> None:
         """Delayed targets: join each to its recorded event (stream, seq); reply per item ok or rejected."""
         header = message.header
-        n = len(header.streams)
-        status = np.full(n, protocol.REJECTED, dtype=np.uint8)
-        if self.recorder is None or self.recorder.forecast:
-            why = "training is disabled" if self.recorder is None else "forecast targets are the next events"
-            reasons = dict.fromkeys(range(n), f"target not recorded: {why}")
-        else:
-            get = self.store.slot_of.get
-            slots = np.fromiter((get(sid, -1) for sid in header.streams), dtype=np.int64, count=n)
-            seqs = np.asarray(header.seqs, dtype=np.int64)
-            targets = message.targets.astype(np.float32)
-            # Write-ahead: logged before the join and the reply, so an acknowledged target survives a crash.
-            wal = self.durability.wal
-            unlogged = None if wal is None else self.durability.log_targets(header.streams, seqs, targets)
-            if unlogged is not None:  # the log cannot be written: join nothing, answer every target rejected
-                label, why = unlogged
-                reasons = dict.fromkeys(range(n), why)
-                self.stats.rejections[label] = self.stats.rejections.get(label, 0) + n
-                self.metrics.rejections.labels(reason=label).inc(n)
-            else:
-                joined = self.recorder.join_targets(slots, seqs, targets)
-                status[joined] = protocol.OK
-                reasons = {
-                    i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
-                    for i in np.flatnonzero(~joined).tolist()
-                }
+        # Write-ahead: logged before the join and the reply, so an acknowledged target survives a crash.
+        log_targets = self.durability.log_targets if self.durability.wal is not None else None
+        status, reasons, unlogged = self.pipeline.join_targets(header.streams, header.seqs, message.targets,
+                                                               log_targets)
+        if unlogged is not None:  # the log could not be written: every target rejected, counted by reason
+            self.stats.rejections[unlogged] = self.stats.rejections.get(unlogged, 0) + len(status)
+            self.metrics.rejections.labels(reason=unlogged).inc(len(status))
         reply = protocol.EventsReply(
             v=protocol.PROTOCOL_VERSION,
             req=header.req,
@@ -811,42 +671,10 @@ class Daemon:
     # ---- control ----------------------------------------------------------------------------------------
 
     def _run_control(self, message: ControlMessage) -> None:
-        if message.refused is not None:  # the I/O thread could not decode it: answer why, count by reason
-            reason, why = message.refused
-            self.metrics.control_rejections.labels(reason=reason).inc()
-            reply = protocol.ControlReply(ok=False, error=why)
-            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
-            return
-        request = message.request
-        refusal = None if self.security is None else self.security.refusal(message.role, request.cmd)
-        if refusal is not None:
-            known = request.cmd if request.cmd in control.COMMANDS else "unknown"
-            self.metrics.control_commands.labels(command=known, outcome="refused").inc()
-            reply = protocol.ControlReply(ok=False, error=refusal)
-            self._outbox.send_multipart([CONTROL, *message.envelope, protocol.encode(reply)], copy=False)
-            return
-        try:
-            result = control.dispatch(self, request.cmd, request.args)
-            self.durability.after_command()  # log what the command changed before answering it
-            reply = protocol.ControlReply(ok=True, result=result)
-            outcome = "ok"
-        except control.CommandError as exc:
-            reply = protocol.ControlReply(ok=False, error=str(exc))
-            outcome = "error"
-        except Exception:  # a bug in a command must not take the daemon down; its text stays in the log
-            log.exception("control command %r failed", request.cmd)
-            reply = protocol.ControlReply(ok=False, error=_internal_error(request.cmd))
-            outcome = "internal_error"
-        try:
-            payload = protocol.encode(reply)
-        except Exception:  # a result msgpack cannot hold is a bug in the command too
-            log.exception("control command %r returned a result that cannot be encoded", request.cmd)
-            payload = protocol.encode(protocol.ControlReply(ok=False, error=_internal_error(request.cmd)))
-            outcome = "internal_error"
-        known = request.cmd if request.cmd in control.COMMANDS else "unknown"
-        self.metrics.control_commands.labels(command=known, outcome=outcome).inc()
+        """Answer a control request (daemon/control.py runs it) through the I/O thread."""
+        payload, stop = control.answer(self, message)
         self._outbox.send_multipart([CONTROL, *message.envelope, payload], copy=False)
-        if request.cmd == "shutdown" and reply.ok:
+        if stop:
             self._stopping = True
 
     def status(self) -> dict:
@@ -864,7 +692,7 @@ class Daemon:
             "batches": self.stats.batches,
             "events": dict(zip(protocol.STATUS_NAMES, self.stats.events.tolist(), strict=True)),
             "rejections": dict(self.stats.rejections),
-            "sequence_gaps": self.stats.sequence_gaps,
+            "sequence_gaps": self.pipeline.sequence_gaps,
             "evictions": dict(self.stats.evictions),
             "evicted_filter": self.store.evicted.status(),
             "queue_depth": self._backlog + self._events.pending() + self.inbox.qsize(),

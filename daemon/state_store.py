@@ -28,6 +28,7 @@ import msgspec
 import numpy as np
 import torch
 from lstmd.clients.protocol import StreamId
+from lstmd.daemon.wal_records import EvictRecord, ResetRecord
 
 log = logging.getLogger("lstmd.state")
 
@@ -180,8 +181,8 @@ class StateStore:
         self.on_evict = on_evict or (lambda cause, count: None)
         self.clock = clock
         # With the write-ahead log on, changes made outside the event path (evictions, resets) are appended
-        # here as ("evict", ids, cause) / ("reset", ids) and logged by the durability code; None: not kept.
-        self.journal: list | None = None
+        # here as WAL records (daemon/wal_records.py) and logged by the durability code; None: not kept.
+        self.journal: list[EvictRecord | ResetRecord] | None = None
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -206,22 +207,7 @@ class StateStore:
             new_ids: dict[StreamId, list[int]] = {}
             for i in new_idx.tolist():
                 new_ids.setdefault(streams[i], []).append(i)
-            order = list(new_ids)
-            if check_new is not None:
-                refused = {sid: why for sid in order if (why := check_new(sid)) is not None}
-                for sid, why in refused.items():
-                    for i in new_ids[sid]:
-                        rejected[i] = why
-                if refused:
-                    order = [sid for sid in order if sid not in refused]
-            if len(order) > max_new:
-                for sid in order[max_new:]:
-                    for i in new_ids[sid]:
-                        rejected[i] = (
-                            "too_many_new_streams",
-                            f"too many new streams in one message (limit {max_new})",
-                        )
-                order = order[:max_new]
+            order = self._refuse_new(new_ids, max_new, check_new, rejected)
             shortfall = len(order) - len(self._free)
             if shortfall > 0 and self.on_full == "evict":
                 self._evict_lru(shortfall, now)
@@ -251,6 +237,28 @@ class StateStore:
         ok = slots >= 0
         was_dropped[ok] |= self.reset_by_command[slots[ok]]
         return Admission(slots, was_dropped, rejected)
+
+    @staticmethod
+    def _refuse_new(new_ids: dict, max_new: int, check_new, rejected: dict) -> list[StreamId]:
+        """The new ids that may become streams, in arrival order: those `check_new` refuses and those beyond
+        `max_new` get their events' rejections in `rejected`."""
+        order = list(new_ids)
+        if check_new is not None:
+            refused = {sid: why for sid in order if (why := check_new(sid)) is not None}
+            for sid, why in refused.items():
+                for i in new_ids[sid]:
+                    rejected[i] = why
+            if refused:
+                order = [sid for sid in order if sid not in refused]
+        if len(order) > max_new:
+            for sid in order[max_new:]:
+                for i in new_ids[sid]:
+                    rejected[i] = (
+                        "too_many_new_streams",
+                        f"too many new streams in one message (limit {max_new})",
+                    )
+            order = order[:max_new]
+        return order
 
     def touch(self, slots: np.ndarray) -> None:
         """Mark slots as used now and their pending resets as done (call after the step applied them)."""
@@ -297,6 +305,11 @@ class StateStore:
         self._release(idle, "ttl")
         return int(idle.size)
 
+    def release_ids(self, streams: list, cause: str) -> None:
+        """Evict the named streams (those resident), as a logged eviction is replayed."""
+        slots = [self.slot_of[sid] for sid in streams if sid in self.slot_of]
+        self._release(np.asarray(slots, dtype=np.int64), cause)
+
     def _release(self, slots: np.ndarray, cause: str) -> None:
         if slots.size == 0:
             return
@@ -311,7 +324,7 @@ class StateStore:
         self.reset_by_command[slots] = False
         self.evicted.add(released)
         if self.journal is not None:
-            self.journal.append(("evict", released, cause))
+            self.journal.append(EvictRecord(released, cause))
         self.on_evict(cause, int(slots.size))
         log.warning(
             "evicted %d stream(s) (cause: %s); their next event is answered state_reset", slots.size, cause
@@ -335,7 +348,7 @@ class StateStore:
         slot = self.slot_of[sid]
         self.needs_reset[slot] = self.reset_by_command[slot] = True
         if self.journal is not None:
-            self.journal.append(("reset", [sid]))
+            self.journal.append(ResetRecord([sid]))
         return True
 
     def drop(self, stream: StreamId) -> bool:

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lstmd.daemon.config import TrainConfig
 from lstmd.daemon.model import ModelSpec, ServingModel, tensor_names
 from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.daemon.recorder import Recorder, Windows
+from lstmd.daemon.tasks import task_for
 from lstmd.kernels import lstm_sequence
 from lstmd.kernels.backends import Backends, select_backends
 from lstmd.kernels.tuning import (
@@ -115,12 +115,9 @@ class Trainer:
         self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
         self.consecutive_rejections = 0  # rejected or diverged rounds since the last candidate or reset
         self.resets = 0  # restarts from the serving weights after reset_after_rejections such rounds
+        self.task = task_for(spec)  # the loss and the normalisation hooks (daemon/tasks.py)
         # Forecast: the columns of the next event that are the target (index tensor), None: every feature.
-        self._columns = (
-            torch.tensor(spec.forecast_columns, dtype=torch.long, device=device)
-            if spec.task == "forecast" and spec.forecast_columns
-            else None
-        )
+        self._columns = self.task.columns(device)
         self._candidate: Candidate | None = None
         # Guards _candidate, requested, _running, _pending_reset and the checkpoint. Reentrant: an operator's reset
         # applied while holding it saves the checkpoint, which takes it too.
@@ -156,8 +153,8 @@ class Trainer:
     def start(self) -> None:
         if self.device.type == "cpu":
             # Process-wide: the serving loop's kernels use the same pool (serve.cpu_threads sets it; 0 here
-            # leaves it). One thread on 2 cores: two OpenMP threads put idle p50 latency at ~4x
-            # (docs/benchmarks.md, "Online learning").
+            # leaves it). One thread on 2 cores: two OpenMP threads multiplied idle p50 latency (docs/benchmarks.md,
+            # "Online learning" and "Numbers once kept in comments").
             set_torch_threads(self.config.threads)
         # The trainer's Python competes with the loop and the I/O thread for the GIL (kernels/tuning.py).
         limit_switch_interval(TRAIN_SWITCH_INTERVAL_S)
@@ -369,7 +366,7 @@ class Trainer:
         with ctx:
             if serving.version not in self._lineage or not self._params:
                 self._reset_from(serving)
-            norm = self._normalization(train) if self.spec.task == "forecast" else None
+            norm = self._normalization(train) if self.task.normalizes else None
             train_t, holdout_t = self._to_device(train), self._to_device(holdout)
             ref_scale = None if norm is None else norm.target_scale(self._columns)
             try:
@@ -377,9 +374,8 @@ class Trainer:
                 candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
                 with torch.no_grad():
                     report.holdout_candidate = self._loss(self._params, norm, holdout_t, ref_scale).item()
-                if not all(torch.isfinite(t).all() for t in candidate_tensors.values()) or not math.isfinite(
-                    report.holdout_candidate
-                ):
+                finite = all(torch.isfinite(t).all() for t in candidate_tensors.values())
+                if not (finite and math.isfinite(report.holdout_candidate)):
                     raise Diverged("candidate weights or holdout loss are not finite")
             except Diverged as exc:
                 report.outcome, report.reason = "diverged", str(exc)
@@ -406,7 +402,12 @@ class Trainer:
                 f"holdout loss {report.holdout_candidate:.6g} worse than serving {report.holdout_serving:.6g}"
             )
             return self._finish(report, started, serving=serving)
-        model = ServingModel(self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu")))
+        return self._offer(report, started, serving, ServingModel(
+            self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu"))
+        ), forced)
+
+    def _offer(self, report: RoundReport, started: float, serving: ServingModel, model: ServingModel, forced: bool):
+        """The candidate passed its holdout check: hand it to the serving loop, which publishes (or skips) it."""
         info = {
             "round": report.round,
             "train_loss": report.train_loss,
@@ -509,16 +510,16 @@ class Trainer:
 
     def _sequence(self, x, h0, c0, layers):
         """`lstm_sequence`'s contract. The "torch-native" backend (the CPU, serve.backend = auto) runs torch's own
-        LSTM op (oneDNN) with the trainer's weights: ~3x faster forward + backward than the reference backend's
-        Python time loop (docs/benchmarks.md), and one op per layer leaves the GIL to the serving loop."""
+        LSTM op (oneDNN) with the trainer's weights: faster forward + backward than the reference backend's
+        Python time loop (docs/benchmarks.md, "Numbers once kept in comments"), and one op per layer leaves the
+        GIL to the serving loop."""
         if self._native is None:
             return lstm_sequence(x, h0, c0, layers, backend=self.backends.sequence)
         weights = {name: w.float() for name, w in zip(self._native_names, itertools.chain(*layers), strict=True)}
         return functional_call(self._native, weights, (x, (h0, c0)))
 
     def _loss(self, params, norm, data, ref_scale) -> torch.Tensor:
-        """Mean loss over known targets. Forecast errors are in units of `ref_scale` (one step's typical change of
-        each forecast column), so models with different normalisation statistics are compared on the same scale."""
+        """Mean loss over known targets, the task's loss (daemon/tasks.py) of the head's output."""
         L = self.spec.num_layers
         layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
         head_w, head_b = params[4 * L], params[4 * L + 1]
@@ -526,16 +527,7 @@ class Trainer:
         inputs = x if norm is None else norm.lstm_inputs(x, data["dx"])
         seq, _ = self._sequence(inputs, data["h0"], data["c0"], layers)
         out = seq @ head_w.t() + head_b  # [B, k2, O]
-        if self.spec.task == "classification":
-            labels = y[..., 0].long()
-            return F.cross_entropy(out[mask], labels[mask]) if mask.any() else out.sum() * 0
-        if self.spec.task == "forecast":
-            pred = out if norm is None else norm.predictions(x, out, self._columns)  # y: the columns' next values
-            err = pred - y if ref_scale is None else (pred - y) / ref_scale
-        else:
-            err = out - y
-        m = mask.unsqueeze(-1).to(err.dtype)
-        return (err.pow(2) * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
+        return self.task.loss(out, x, y, mask, norm, self._columns, ref_scale)
 
     # ---- snapshots (the durability code calls these) ------------------------------------------------------
 

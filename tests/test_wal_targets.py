@@ -17,7 +17,8 @@ import numpy as np
 import safetensors.torch
 import torch
 from lstmd.clients import Admin, Producer
-from lstmd.daemon import recovery, wal
+from lstmd.daemon import wal
+from lstmd.daemon import wal_records as records
 
 SETTINGS = {
     "durability.wal": True,
@@ -87,13 +88,13 @@ def test_targets_record_round_trips_through_a_log_segment(tmp_path):
     seqs = np.array([0, 5, 2**40, 7], dtype=np.int64)
     targets = np.array([[1.5, -2.0], [np.nan, 0.25], [3.0, 4.0], [-0.0, 1e-30]], dtype=np.float32)
     log = wal.WriteAheadLog(tmp_path, 0, "always")
-    log.append([recovery.encode_targets(streams, seqs, targets), msgspec.msgpack.encode((recovery.PROBE,))])
+    log.append([records.encode(records.TargetsRecord(streams, seqs, targets)), records.encode(records.ProbeRecord())])
     log.close()
     scan = wal.read_segment(wal.segment_path(tmp_path, 0), 0)
     assert scan.clean and len(scan.records) == 2
-    record = msgspec.msgpack.decode(scan.records[0])
-    assert record[0] == recovery.TARGETS
-    got_streams, got_seqs, got_targets = recovery.decode_targets(record)
+    assert msgspec.msgpack.decode(scan.records[0])[0] == records.TARGETS
+    record = records.decode(scan.records[0])
+    got_streams, got_seqs, got_targets = record.streams, record.seqs, record.targets
     assert got_streams == streams and [type(s) for s in got_streams] == [str, int, str, int]
     assert got_seqs.dtype == np.int64 and np.array_equal(got_seqs, seqs)
     assert got_targets.dtype == np.float32 and got_targets.shape == (4, 2)
