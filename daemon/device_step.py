@@ -282,6 +282,16 @@ class DeviceStep:
         self._out[:bucket].copy_(out)
 
 
+    def collect(self, pending: PendingStep, k: int, n: int) -> np.ndarray:
+        """The predictions of the wave `pending` submitted into buffer k (n rows): wait for it, free the buffer."""
+        if self._pending[k] is not pending:
+            raise RuntimeError("this wave's result was already taken")
+        if self.cuda:
+            self._done[k].synchronize()
+        self._pending[k] = None
+        return self._host_preds[k][:n].numpy().copy()
+
+
 class PendingStep:
     """A submitted wave; result() waits for its predictions (the one synchronisation of a wave)."""
 
@@ -289,10 +299,4 @@ class PendingStep:
         self._owner, self._k, self._n = owner, k, n
 
     def result(self) -> np.ndarray:
-        owner = self._owner
-        if owner._pending[self._k] is not self:
-            raise RuntimeError("this wave's result was already taken")
-        if owner.cuda:
-            owner._done[self._k].synchronize()
-        owner._pending[self._k] = None
-        return owner._host_preds[self._k][: self._n].numpy().copy()
+        return self._owner.collect(self, self._k, self._n)
