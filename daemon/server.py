@@ -190,14 +190,15 @@ class Daemon:
                 raise StartupError(f"cannot serve metrics on {serve.metrics}: {why}") from None
             self.endpoints["metrics"] = f"{serve.metrics.rpartition(':')[0]}:{self._http.server_port}"
         try:
-            self.durability.restore()
+            if not self.config.cluster.nats:  # a replica's state comes from the cluster's log (daemon/cluster/)
+                self.durability.restore()
         except (RecoveryError, OSError) as exc:
             self._close_http()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
         self._ctx = zmq.Context()
         try:
-            self._events = EventsSocket(
+            self._events = self._cluster_source() if self.config.cluster.nats else EventsSocket(
                 self._ctx,
                 serve.events,
                 self.spec.input_size,
@@ -256,6 +257,15 @@ class Daemon:
             self.engine.backend_name,
             ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
         )
+
+    def _cluster_source(self):
+        """Cluster mode: the events come from the key groups this replica owns, not from a socket (a ClusterError
+        saying what is wrong with the cluster becomes the StartupError of the caller)."""
+        from lstmd.daemon.cluster.replica import ClusterSource
+        from lstmd.daemon.io import EventsLimits
+
+        limits = EventsLimits(self.spec.input_size, self.config.serve.max_message_events, None, self._target_dim())
+        return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes)
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train, watch
+from lstmd.clients.cli import gateway as gateway_cmd
 
 app = typer.Typer(
     name="lstmd",
@@ -45,6 +46,7 @@ app.command()(replay.replay)
 app.command()(bench.bench)
 app.command()(top.top)
 app.command()(watch.watch)
+app.command()(gateway_cmd.gateway)
 app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")

