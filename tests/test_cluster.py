@@ -165,3 +165,146 @@ def test_wrong_key_groups_against_an_existing_cluster(make_daemon, nats_url, tmp
         _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
     with pytest.raises(Exception, match="cluster.key_groups = 128, but .* set cluster.key_groups = 64"):
         make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 128})
+
+
+def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
+    """A replica as a real `lstmd serve` process (so it can be killed -9), its state directory."""
+    state = tmp_path / member
+    config = tmp_path / f"{member}.toml"
+    config.write_text(
+        f"""[model]
+input_size = 4
+hidden_size = 16
+output_size = 2
+seed = 3
+[serve]
+control = "tcp://127.0.0.1:*"
+publish = ""
+metrics = ""
+device = "cpu"
+max_wait_ms = 1.0
+[state]
+dir = "{state}"
+capacity = 4096
+[cluster]
+nats = "{nats_url}"
+key_groups = 32
+member = "{member}"
+lease_ttl = 2.0
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
+    )
+    return proc, state
+
+
+def _wait(what: str, check, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def _replayed(admin, stream) -> dict | None:
+    """The stream's state on `admin`'s daemon once it has applied the whole trace, else None."""
+    from lstmd.clients.admin import DaemonError
+
+    try:
+        state = admin.stream(stream)
+    except DaemonError:  # not there yet: its owner has not reached it in the log
+        return None
+    return state if state["last_seq"] == STEPS else None
+
+
+def test_kill_9_and_join_mid_trace(make_daemon, nats_url, tmp_path):
+    """50 streams x 200 events through a gateway to 3 replicas; one is killed -9 at 40% of the trace, a fourth
+    joins at 70%. Every producer message is answered once, every prediction equals the single-process run's,
+    and every stream's final (h, c) on its owner equals the single-process run's (tolerance 1e-5: batch
+    composition changes BLAS blocking). The killed member's key groups are replayed by their new owners from
+    the log; the joining member replays the key groups it wins."""
+    import json
+
+    from lstmd.clients import Admin, Producer
+    from lstmd.daemon.cluster.log import NatsLink, key_group
+    from lstmd.daemon.cluster.membership import assignment, live_members, members_bucket
+
+    single = make_daemon(**MODEL)
+    expected = _run(single.endpoints["events"])
+    procs = {m: _replica(nats_url, tmp_path, m) for m in ("r1", "r2", "r3")}
+    link = NatsLink(nats_url, "test")
+
+    def members() -> set[str]:
+        async def read():
+            return await live_members(await members_bucket(link.js, 2.0))
+
+        return set(link.run(read()))
+
+    def control(member: str) -> str:
+        path = procs[member][1] / "endpoints.json"
+        return json.loads(path.read_text())["control"] if path.exists() else ""
+
+    gw = None
+    try:
+        _wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
+        gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
+        got = []
+        with Producer(gw.endpoint, timeout=60) as producer:
+            for step, (streams, x, seqs) in enumerate(_trace()):
+                if step == STEPS * 2 // 5:
+                    procs["r1"][0].kill()
+                if step == STEPS * 7 // 10:
+                    procs["r4"] = _replica(nats_url, tmp_path, "r4")
+                got.append(producer.send(streams, x, seqs=seqs))
+        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
+        assert procs["r1"][0].wait(10) == -9
+        # the trace did exercise a failover and a move: r1 held some of its streams, r4 wins some
+        groups = {key_group(s, 32) for s in next(_trace())[0]}
+        assert groups & set(assignment({"r1", "r2", "r3"}, 32)["r1"])
+        assert groups & set(assignment({"r2", "r3", "r4"}, 32)["r4"])
+
+        _wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
+        owners = assignment({"r2", "r3", "r4"}, 32)
+        owner_of = {g: m for m, groups in owners.items() for g in groups}
+        admins = {m: Admin(control(m)) for m in owners}
+        reference = Admin(single.endpoints["control"])
+        streams = next(_trace())[0]
+        for stream in streams:
+            admin = admins[owner_of[key_group(stream, 32)]]
+            # the joining member may still be replaying the key groups it won
+            b = _wait(f"stream {stream} replayed", lambda a=admin, s=stream: _replayed(a, s))
+            a = reference.stream(stream)
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+    finally:
+        if gw is not None:
+            gw.stop_and_join()
+        link.close()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(30)
+
+
+def test_cluster_status_lists_members_with_their_key_groups(make_daemon, nats_url, tmp_path):
+    import json
+
+    from lstmd.clients.cli import app
+    from typer.testing import CliRunner
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1", "cluster.key_groups": 8})
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r2", "cluster.key_groups": 8})
+    config = tmp_path / "c.toml"
+    config.write_text(f'[cluster]\nnats = "{nats_url}"\nkey_groups = 8\n')
+    result = CliRunner().invoke(app, ["cluster", "status", "--json", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    owned = {m["member"]: m["key_groups"] for m in status["members"]}
+    assert set(owned) == {"r1", "r2"}
+    assert sorted(owned["r1"] + owned["r2"]) == list(range(8))
+    result = CliRunner().invoke(app, ["cluster", "status", "--config", str(config)])
+    assert result.exit_code == 0 and "r1" in result.output and "2 member(s)" in result.output, result.output

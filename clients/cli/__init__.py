@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from lstmd.clients.cli import bench, config_cmd, model, replay, serve, snapshot, status, streams, top, train, watch
+from lstmd.clients.cli import cluster as cluster_cmd
 from lstmd.clients.cli import gateway as gateway_cmd
 
 app = typer.Typer(
@@ -52,6 +53,7 @@ app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(train.app, name="train")
+app.add_typer(cluster_cmd.app, name="cluster")
 
 
 def main() -> None:
