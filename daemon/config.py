@@ -215,6 +215,9 @@ class ClusterConfig(_Section):
     ] = 256
     member: Annotated[str, doc("this process's name in the cluster; empty: host-pid")] = ""
     lease_ttl: Annotated[float, doc("seconds before a silent member's key groups move", gt=0)] = 2.0
+    snapshot_interval_s: Annotated[
+        float, doc("how often a member snapshots its key groups to the object store (bounds replay)", gt=0)
+    ] = 10.0
 
 
 class Config(_Section):

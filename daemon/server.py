@@ -265,7 +265,8 @@ class Daemon:
         from lstmd.daemon.io import EventsLimits
 
         limits = EventsLimits(self.spec.input_size, self.config.serve.max_message_events, None, self._target_dim())
-        return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes)
+        return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
+                             lambda: self.engine.model.version)
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""

@@ -194,7 +194,7 @@ lease_ttl = 2.0
 """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "warning"],
+        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "info"],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
     )

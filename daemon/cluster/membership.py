@@ -69,12 +69,12 @@ async def live_members(kv) -> dict[str, dict]:
 class Membership:
     """This member's heartbeat and its view of the live members (on the NATS link's loop)."""
 
-    def __init__(self, js, member: str, ttl: float, card: dict, on_change: Callable[[set[str]], None]) -> None:
+    def __init__(self, js, member: str, ttl: float, card: dict, on_beat: Callable[[set[str]], None]) -> None:
         self.js = js
         self.member = member
         self.ttl = ttl
         self.card = json.dumps(card).encode()
-        self.on_change = on_change
+        self.on_beat = on_beat
         self.members: set[str] = set()
         self._task: asyncio.Task | None = None
 
@@ -98,7 +98,7 @@ class Membership:
             if members != self.members:
                 log.info("cluster members now %s", ", ".join(sorted(members)))
                 self.members = members
-                self.on_change(members)
+            self.on_beat(members)  # every beat: claims to retry, snapshots due
 
     async def leave(self) -> None:
         if self._task is not None:
