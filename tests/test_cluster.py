@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -220,12 +221,12 @@ def _replayed(admin, stream) -> dict | None:
     return state if state["last_seq"] == STEPS else None
 
 
-def test_kill_9_and_join_mid_trace(make_daemon, nats_url, tmp_path):
-    """50 streams x 200 events through a gateway to 3 replicas; one is killed -9 at 40% of the trace, a fourth
-    joins at 70%. Every producer message is answered once, every prediction equals the single-process run's,
-    and every stream's final (h, c) on its owner equals the single-process run's (tolerance 1e-5: batch
-    composition changes BLAS blocking). The killed member's key groups are replayed by their new owners from
-    the log; the joining member replays the key groups it wins."""
+def test_kill_9_pause_and_join_mid_trace(make_daemon, nats_url, tmp_path):
+    """50 streams x 200 events through a gateway to 3 replicas: one is killed -9 at 40% of the trace, one is
+    paused (SIGSTOP) past its lease at 55% and resumed at 65%, a fourth joins at 70%. Every producer message is
+    answered once, every prediction equals the single-process run's, and every stream's final (h, c) on its
+    owner equals the single-process run's (tolerance 1e-5: batch composition changes BLAS blocking). Moved key
+    groups are restored from their snapshots and replayed from the log by their new owners."""
     import json
 
     from lstmd.clients import Admin, Producer
@@ -256,6 +257,12 @@ def test_kill_9_and_join_mid_trace(make_daemon, nats_url, tmp_path):
             for step, (streams, x, seqs) in enumerate(_trace()):
                 if step == STEPS * 2 // 5:
                     procs["r1"][0].kill()
+                if step == STEPS * 11 // 20:  # paused past its lease: its key groups move; resumed, it is fenced
+                    procs["r2"][0].send_signal(signal.SIGSTOP)
+                    stopped = time.monotonic()
+                if step == STEPS * 13 // 20:
+                    time.sleep(max(0.0, stopped + 5.0 - time.monotonic()))  # lease_ttl is 2 s
+                    procs["r2"][0].send_signal(signal.SIGCONT)
                 if step == STEPS * 7 // 10:
                     procs["r4"] = _replica(nats_url, tmp_path, "r4")
                 got.append(producer.send(streams, x, seqs=seqs))
@@ -265,6 +272,8 @@ def test_kill_9_and_join_mid_trace(make_daemon, nats_url, tmp_path):
         groups = {key_group(s, 32) for s in next(_trace())[0]}
         assert groups & set(assignment({"r1", "r2", "r3"}, 32)["r1"])
         assert groups & set(assignment({"r2", "r3", "r4"}, 32)["r4"])
+        # the paused member found its key groups claimed when it resumed, and dropped them
+        assert "while r2 was silent: fenced from it" in (tmp_path / "r2.log").read_text()
 
         _wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
         owners = assignment({"r2", "r3", "r4"}, 32)
@@ -277,6 +286,7 @@ def test_kill_9_and_join_mid_trace(make_daemon, nats_url, tmp_path):
             # the joining member may still be replaying the key groups it won
             b = _wait(f"stream {stream} replayed", lambda a=admin, s=stream: _replayed(a, s))
             a = reference.stream(stream)
+            assert b["events"] == a["events"] == STEPS  # applied exactly once along the owners' lineage
             np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
             np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
     finally:

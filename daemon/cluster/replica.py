@@ -71,6 +71,8 @@ class ClusterSource:
         self.store = store
         self.model_version = model_version  # callable: the serving model's version
         self.snapshot_interval_s = cluster.snapshot_interval_s
+        self.lease_ttl = cluster.lease_ttl
+        self._last_rebalance = time.monotonic()
         self.endpoint = f"{cluster.nats} (cluster member {self.member})"
         self.monitor = None  # no ZeroMQ peers to watch: the I/O thread's monitor is off
         self.positions = [0] * self.groups  # per key group: log sequence of the last record the loop answered
@@ -132,6 +134,10 @@ class ClusterSource:
     async def _rebalance(self, members: set[str]) -> None:
         async with self._owning:
             try:
+                now = time.monotonic()
+                if now - self._last_rebalance > self.lease_ttl:
+                    await self._verify_owned()  # this member was silent past its lease: its groups may be gone
+                self._last_rebalance = now
                 intended = set(assignment(members, self.groups)[self.member])
                 before = self.owned
                 for group in sorted(self.owned - intended):
@@ -148,6 +154,19 @@ class ClusterSource:
                     await self._resubscribe()
             except Exception:  # NATS away, a snapshot that failed: the next heartbeat tries again
                 log.exception("cluster member %s: rebalancing failed; retried at the next heartbeat", self.member)
+
+    async def _verify_owned(self) -> None:
+        """Drop (fenced) every owned key group whose entry another member has written since our last write."""
+        for group in sorted(self.owned):
+            entry, revision = await own.read_entry(self.kv, group)
+            if revision != self.revision.get(group):
+                self.fenced += 1
+                log.warning("key group %d was claimed by %s while %s was silent: fenced from it", group,
+                            entry.owner if entry else "nobody", self.member)
+                self._set_owned(self.owned - {group})
+                self.revision.pop(group, None)
+                self.entries.pop(group, None)
+                self.snapshotted.pop(group, None)
 
     def _set_owned(self, owned: frozenset[int], gained: int | None = None) -> None:
         with self._cond:
