@@ -104,7 +104,7 @@ def _run(endpoint: str) -> np.ndarray:
         return np.stack([producer.send(streams, x, seqs=seqs) for streams, x, seqs in _trace()])
 
 
-def test_gateway_and_replica_answer_like_one_daemon(make_daemon, nats_url, tmp_path):
+def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_path):
     """A trace of 50 streams x 200 events through a gateway to one replica: every event answered once, with the
     single-process daemon's prediction, and every stream's final (h, c) equal to the single-process run's.
     Tolerance 1e-5: the replica batches the same events differently (BLAS blocking), nothing else differs."""
@@ -158,7 +158,7 @@ def test_no_server_is_a_clear_error_at_start(tmp_path):
     again.stop_and_join()
 
 
-def test_wrong_key_groups_against_an_existing_cluster(make_daemon, nats_url, tmp_path):
+def test_wrong_key_groups_against_an_existing_cluster(nats_url, make_daemon, tmp_path):
     from lstmd.daemon.cluster.log import ClusterError
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 64})
@@ -221,7 +221,7 @@ def _replayed(admin, stream) -> dict | None:
     return state if state["last_seq"] == STEPS else None
 
 
-def test_kill_9_pause_and_join_mid_trace(make_daemon, nats_url, tmp_path):
+def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
     """50 streams x 200 events through a gateway to 3 replicas: one is killed -9 at 40% of the trace, one is
     paused (SIGSTOP) past its lease at 55% and resumed at 65%, a fourth joins at 70%. Every producer message is
     answered once, every prediction equals the single-process run's, and every stream's final (h, c) on its
@@ -300,7 +300,7 @@ def test_kill_9_pause_and_join_mid_trace(make_daemon, nats_url, tmp_path):
             proc.wait(30)
 
 
-def test_cluster_status_lists_members_with_their_key_groups(make_daemon, nats_url, tmp_path):
+def test_cluster_status_lists_members_with_their_key_groups(nats_url, make_daemon, tmp_path):
     import json
 
     from lstmd.clients.cli import app
@@ -318,3 +318,62 @@ def test_cluster_status_lists_members_with_their_key_groups(make_daemon, nats_ur
     assert sorted(owned["r1"] + owned["r2"]) == list(range(8))
     result = CliRunner().invoke(app, ["cluster", "status", "--config", str(config)])
     assert result.exit_code == 0 and "r1" in result.output and "2 member(s)" in result.output, result.output
+
+
+def test_gateway_restart_and_resends(nats_url, make_daemon, tmp_path):
+    """The gateway is stopped mid-trace with a message in flight and another takes its endpoint; the producer
+    resends that message (same sequence numbers): it is applied once and answered with the prediction of its
+    first copy; the trace's predictions and final states equal the single-process run's."""
+    import zmq
+    from lstmd.clients import Admin, Producer, protocol
+
+    numbered = [(streams, x, [step + 1] * STREAMS) for step, (streams, x, _) in enumerate(_trace())]
+    single = make_daemon(**MODEL)
+    with Producer(single.endpoints["events"], timeout=30) as producer:
+        expected = np.stack([producer.send(s, x, seqs=q) for s, x, q in numbered])
+    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url})
+    gw = _gateway(nats_url, tmp_path)
+    endpoint = gw.endpoint
+    half = STEPS // 2
+    got = []
+    with Producer(endpoint, timeout=30) as producer:
+        got += [producer.send(s, x, seqs=q) for s, x, q in numbered[:half]]
+    # the next message reaches the gateway, which stops before answering it
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    s, x, q = numbered[half]
+    dealer.send_multipart(protocol.encode_events(999, s, x, seqs=q))
+    gw.stop_and_join()
+    dealer.close()
+    gw = _gateway(nats_url, tmp_path, **{"serve.events": endpoint})
+    try:
+        with Producer(endpoint, timeout=30) as producer:
+            got += [producer.send(s, x, seqs=q) for s, x, q in numbered[half:]]
+            again = producer.send_detailed(*numbered[-1][:2], seqs=numbered[-1][2])  # a resend after its answer
+        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
+        assert set(again.status_names) == {"duplicate"}
+        np.testing.assert_allclose(again.predictions, expected[-1], atol=1e-5, rtol=0)
+        reference, admin = Admin(single.endpoints["control"]), Admin(replica.endpoints["control"])
+        for stream in numbered[0][0]:
+            a, b = reference.stream(stream), _wait("replayed", lambda s=stream: _replayed(admin, s))
+            assert b["events"] == a["events"] == STEPS
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+    finally:
+        gw.stop_and_join()
+
+
+def test_gateway_command_without_a_server_fails_clearly(tmp_path):
+    config = tmp_path / "gw.toml"
+    url = f"nats://127.0.0.1:{_free_port()}"
+    config.write_text(f'[serve]\nevents = "tcp://127.0.0.1:*"\n[cluster]\nnats = "{url}"\n')
+    done = subprocess.run([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"cannot reach the NATS server at cluster.nats = {url}" in done.stderr
+    assert "Traceback" not in done.stderr
+    config.write_text('[serve]\nevents = "tcp://127.0.0.1:*"\n')
+    done = subprocess.run([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "needs [cluster] nats" in done.stderr

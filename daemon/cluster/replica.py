@@ -56,6 +56,14 @@ log = logging.getLogger("lstmd.cluster")
 _HEADER_BYTES_PER_EVENT = 96  # as daemon/io.py counts a decoded header's Python objects
 
 
+async def _all(coroutines) -> None:
+    """Run the coroutines concurrently; the first failure is raised once all have finished."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 def member_name(configured: str) -> str:
     return configured or f"{socket.gethostname()}-{os.getpid()}"
 
@@ -140,14 +148,12 @@ class ClusterSource:
                 self._last_rebalance = now
                 intended = set(assignment(members, self.groups)[self.member])
                 before = self.owned
-                for group in sorted(self.owned - intended):
-                    await self._release(group)
-                for group in sorted(intended - self.owned):
-                    await self._claim(group, members)
+                # Each step over its key groups at once: one NATS round trip of latency, not one per group.
+                await _all(self._release(group) for group in sorted(self.owned - intended))
+                await _all(self._claim(group, members) for group in sorted(intended - self.owned))
                 now = time.monotonic()
-                for group in sorted(self.owned):
-                    if now - self.snapshotted.get(group, now) >= self.snapshot_interval_s:
-                        await self._checkpoint(group, owner=self.member)
+                due = [g for g in sorted(self.owned) if now - self.snapshotted.get(g, now) >= self.snapshot_interval_s]
+                await _all(self._checkpoint(group, owner=self.member) for group in due)
                 if self.owned != before or self._sub is None:
                     log.info("cluster member %s owns %d of %d key groups among %d member(s)", self.member,
                              len(self.owned), self.groups, len(members))
@@ -219,16 +225,19 @@ class ClusterSource:
         if entry is None:
             return
         self.snapshotted[group] = time.monotonic()
-        if owner and self.positions[group] == entry.seq:
-            return  # nothing applied since the last snapshot
-        version = self.model_version()
-        position, data = await self._on_loop(
-            lambda: (self.positions[group], own.snapshot_group(self.store, group, self.groups,
-                                                               self.positions[group], version))
-        )
-        name = f"g{group}-{position}"
-        await self.objects.put(name, data)
-        updated = own.GroupEntry(owner=owner, epoch=entry.epoch, snapshot=name, seq=position, model_version=version)
+        if self.positions[group] == entry.seq:  # nothing applied since the last snapshot: it stands
+            if owner == entry.owner:
+                return
+            updated = own.GroupEntry(owner, entry.epoch, entry.snapshot, entry.seq, entry.model_version)
+        else:
+            version = self.model_version()
+            position, data = await self._on_loop(
+                lambda: (self.positions[group], own.snapshot_group(self.store, group, self.groups,
+                                                                   self.positions[group], version))
+            )
+            name = f"g{group}-{position}"
+            await self.objects.put(name, data)
+            updated = own.GroupEntry(owner, entry.epoch, name, position, version)
         revision = await own.write_entry(self.kv, group, updated, self.revision[group])
         if revision is None:
             self.fenced += 1
@@ -366,11 +375,12 @@ class ClusterSource:
         async def leave() -> None:
             await self.membership.leave()
             async with self._owning:
-                for group in sorted(self.owned):
-                    await self._release(group)
+                await _all(self._release(group) for group in sorted(self.owned))
 
         try:
-            self.link.run(leave(), 60)
+            if not self.link.nc.is_connected:
+                raise ConnectionError("not connected to NATS")
+            self.link.run(leave(), 30)
         except Exception:  # the others restore the last snapshots and replay, as after a death
             log.exception("cluster member %s could not hand its key groups over", self.member)
         self.link.close()
