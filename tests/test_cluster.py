@@ -113,11 +113,23 @@ def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_p
     single = make_daemon(**MODEL)
     expected = _run(single.endpoints["events"])
 
-    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1"})
+    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1",
+                                       "cluster.snapshot_interval_s": 0.5})
     gw = _gateway(nats_url, tmp_path)
     try:
         got = _run(gw.endpoint)
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+        # Retention: snapshots taken, the log trimmed below them (one record per key group per message was
+        # published: far more than the snapshots leave).
+        from lstmd.daemon.cluster.log import LOG_STREAM, NatsLink
+
+        link = NatsLink(nats_url, "test")
+        try:
+            info = link.run(link.js.stream_info(LOG_STREAM))
+            published = info.state.last_seq
+            _wait("the log trimmed", lambda: link.run(link.js.stream_info(LOG_STREAM)).state.messages < published / 2)
+        finally:
+            link.close()
         # A resend of the last numbered message: stored once by JetStream, answered duplicate with its first
         # prediction, applied once.
         streams, x, seqs = list(_trace())[-2 if (STEPS - 2) % 3 == 0 else (STEPS - 1) // 3 * 3]

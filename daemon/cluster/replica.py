@@ -22,6 +22,8 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   another member claimed the group: this one is fenced, drops the group and its answers.
 - Snapshots and restores touch the state store, so they run on the serving loop's thread: queued as jobs that
   `wait` runs.
+- Retention: after a snapshot is referenced, the key group's older snapshot and its records up to the new
+  snapshot's position are deleted; nothing else is (JetStream keeps the rest).
 - Decoding: each record's frames go through `daemon/io.py`'s `decode_events_request` with the daemon's limits;
   an undecodable record is answered with the error, as the socket would.
 - Sequence numbers the producer left out are assigned by the loop (last + 1) in log order: replaying the log
@@ -247,6 +249,19 @@ class ClusterSource:
             self.entries.pop(group, None)
             return
         self.revision[group], self.entries[group] = revision, updated
+        if updated.snapshot != entry.snapshot:
+            await self._trim(group, entry.snapshot, updated.seq)
+
+    async def _trim(self, group: int, old_snapshot: str, seq: int) -> None:
+        """Retention: once the entry points at a newer snapshot, the older one and the key group's records up to
+        its position are no longer needed by anyone (a claim restores that snapshot or reads on from a later
+        position of its own), so the log keeps what the newest referenced snapshot needs, and no more."""
+        try:
+            if old_snapshot:
+                await self.objects.delete(old_snapshot)
+            await self.link.js.purge_stream(clog.LOG_STREAM, subject=clog.subject(group), seq=seq + 1)
+        except Exception as exc:  # kept a while longer: the next snapshot trims again
+            log.warning("key group %d: trimming below log position %d failed: %s", group, seq, exc)
 
     async def _resubscribe(self) -> None:
         from nats.js import api
