@@ -19,6 +19,7 @@ and a gateway that dies loses only the requests in flight, which their producers
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -169,6 +170,7 @@ class Gateway:
         token = next(self._tokens)
         parts = {int(g): np.flatnonzero(groups == g) for g in np.unique(groups)}
         self._pending[token] = _Pending(message.envelope, header.req, len(streams), dict(parts), time.monotonic())
+        records = []
         for group, idx in parts.items():
             seqs = None if header.seqs is None else [header.seqs[i] for i in idx.tolist()]
             frames = protocol.encode_events(
@@ -181,9 +183,14 @@ class Gateway:
             record = clog.LogRecord(self.reply_subject, token, bytes(frames[0]), bytes(frames[1]),
                                     bytes(frames[2]) if len(frames) > 2 else None)
             msg_id = clog.message_id([streams[i] for i in idx.tolist()], seqs, f"{self.id}:{token}:{group}")
-            self.link.submit(self._publish(token, group, clog.log_record_codec[0].encode(record), msg_id))
+            records.append((group, clog.log_record_codec[0].encode(record), msg_id))
+        # One hand-over to the NATS thread per producer message, its records published concurrently there.
+        self.link.submit(self._publish_all(token, records))
 
     # ---- the NATS link's thread -------------------------------------------------------------------------
+
+    async def _publish_all(self, token: int, records: list) -> None:
+        await asyncio.gather(*(self._publish(token, *record) for record in records))
 
     async def _publish(self, token: int, group: int, payload: bytes, msg_id: str) -> None:
         js = self.link.js
