@@ -53,6 +53,7 @@ class _Pending:
     preds: np.ndarray | None = None  # [n, O], allocated at the first answer with predictions
     reasons: dict[int, str] = field(default_factory=dict)
     version: int = 0
+    nbytes: int = 0
 
     def __post_init__(self) -> None:
         self.status = np.full(self.n, protocol.REJECTED, dtype=np.uint8)
@@ -66,6 +67,11 @@ class Gateway:
         self.groups = config.cluster.key_groups
         self.endpoint: str | None = None
         self._pending: dict[int, _Pending] = {}
+        # Bytes of requests forwarded and finished: each counter written by one thread only (this loop, the NATS
+        # link's), so no update is lost; their difference is what is in flight, against serve.max_inflight_bytes.
+        self._forwarded_bytes = 0
+        self._finished_bytes = 0
+        self.max_inflight_bytes = config.serve.max_inflight_bytes
         self._tokens = itertools.count()
         self._stopping = threading.Event()
         self._ctx: zmq.Context | None = None
@@ -104,6 +110,10 @@ class Gateway:
         log.info("lstmd gateway %s: events %s, cluster %s (%d key groups)", self.id, self.endpoint, cluster.nats,
                  self.groups)
 
+    @property
+    def inflight_bytes(self) -> int:
+        return self._forwarded_bytes - self._finished_bytes
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -122,8 +132,10 @@ class Gateway:
                         except zmq.Again:
                             break
                         self.events.send(frames)
+                # Requests forwarded and not yet answered stay within serve.max_inflight_bytes; beyond it they
+                # wait in the events socket, whose own budgets answer the excess `overloaded`.
                 if self.events.sock in ready or self.events.pending():
-                    while (message := self.events.take()) is not None:
+                    while self.inflight_bytes < self.max_inflight_bytes and (message := self.events.take()):
                         self._forward(message)
                 if time.monotonic() - last_sweep > 10:
                     last_sweep = time.monotonic()
@@ -147,9 +159,11 @@ class Gateway:
             self.link.close()
             self.link = None
         if self._ctx is not None:
-            for sock in ("events", "_done", "_done_push"):
-                if hasattr(self, sock):
-                    getattr(self, sock).close() if sock == "events" else getattr(self, sock).close(linger=0)
+            if hasattr(self, "events"):
+                self.events.close()  # lingers a second: the last replies go out
+            for name in ("_done", "_done_push"):
+                if hasattr(self, name):
+                    getattr(self, name).close(linger=0)
             self._ctx.term()
             self._ctx = None
 
@@ -169,7 +183,10 @@ class Gateway:
         groups = np.fromiter((clog.key_group(s, self.groups) for s in streams), dtype=np.int64, count=len(streams))
         token = next(self._tokens)
         parts = {int(g): np.flatnonzero(groups == g) for g in np.unique(groups)}
-        self._pending[token] = _Pending(message.envelope, header.req, len(streams), dict(parts), time.monotonic())
+        pending = _Pending(message.envelope, header.req, len(streams), dict(parts), time.monotonic(),
+                           nbytes=message.nbytes)
+        self._pending[token] = pending
+        self._forwarded_bytes += pending.nbytes
         records = []
         for group, idx in parts.items():
             seqs = None if header.seqs is None else [header.seqs[i] for i in idx.tolist()]
@@ -201,6 +218,7 @@ class Gateway:
         except Exception as exc:
             pending = self._pending.pop(token, None)
             if pending is not None:
+                self._finished_bytes += pending.nbytes
                 reply = protocol.EventsReply(
                     v=protocol.PROTOCOL_VERSION,
                     req=pending.req,
@@ -233,6 +251,7 @@ class Gateway:
         if pending.parts:
             return
         del self._pending[answer.token]
+        self._finished_bytes += pending.nbytes
         preds = pending.preds
         if preds is None:
             preds = np.full((pending.n, self.config.model.output_size), np.nan, dtype=np.float32)
@@ -255,4 +274,4 @@ class Gateway:
     def _forget_stale(self) -> None:
         cutoff = time.monotonic() - _FORGET_AFTER_S
         for token in [t for t, p in list(self._pending.items()) if p.started < cutoff]:
-            del self._pending[token]
+            self._finished_bytes += self._pending.pop(token).nbytes
