@@ -266,7 +266,7 @@ class Daemon:
 
         limits = EventsLimits(self.spec.input_size, self.config.serve.max_message_events, None, self._target_dim())
         return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
-                             lambda: self.engine.model.version)
+                             lambda: self.engine.model.version, self.metrics)
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""

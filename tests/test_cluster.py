@@ -144,6 +144,10 @@ def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_p
             assert b["last_seq"] == a["last_seq"] == STEPS
             np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
             np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+        sample = replica.metrics.registry.get_sample_value
+        assert sample("lstmd_cluster_key_groups") == 256  # the only member owns every key group
+        assert sample("lstmd_cluster_key_group_moves_total", {"kind": "claimed"}) == 256
+        assert sample("lstmd_cluster_key_group_moves_total", {"kind": "fenced"}) == 0
         events = replica.status()["events"]
         assert (events["ok"], events["duplicate"], events["rejected"]) == (STREAMS * STEPS, STREAMS, 0)
     finally:

@@ -73,13 +73,14 @@ def member_name(configured: str) -> str:
 class ClusterSource:
     """The serving loop's events, from the key groups this replica owns."""
 
-    def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version) -> None:
+    def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics) -> None:
         self.groups = cluster.key_groups
         self.member = member_name(cluster.member)
         self.limits = limits
         self.max_inflight_bytes = max_inflight_bytes
         self.store = store
         self.model_version = model_version  # callable: the serving model's version
+        self.metrics = metrics
         self.snapshot_interval_s = cluster.snapshot_interval_s
         self.lease_ttl = cluster.lease_ttl
         self._last_rebalance = time.monotonic()
@@ -91,7 +92,6 @@ class ClusterSource:
         self.revision: dict[int, int] = {}  # owned key group -> revision of our last write of its entry
         self.entries: dict[int, own.GroupEntry] = {}  # owned key group -> that entry
         self.snapshotted: dict[int, float] = {}  # owned key group -> monotonic time of its last snapshot
-        self.fenced = 0
         self.pending_bytes = 0
         self._ready: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -168,7 +168,7 @@ class ClusterSource:
         for group in sorted(self.owned):
             entry, revision = await own.read_entry(self.kv, group)
             if revision != self.revision.get(group):
-                self.fenced += 1
+                self.metrics.cluster_moves.labels("fenced").inc()
                 log.warning("key group %d was claimed by %s while %s was silent: fenced from it", group,
                             entry.owner if entry else "nobody", self.member)
                 self._set_owned(self.owned - {group})
@@ -185,6 +185,7 @@ class ClusterSource:
                     self.pending_bytes -= sum(item[2].nbytes for item in dropped)
                 self.queued[gained] = self.positions[gained]
             self.owned = owned
+        self.metrics.cluster_key_groups.set(len(owned))
 
     async def _claim(self, group: int, members: set[str]) -> None:
         entry, revision = await own.read_entry(self.kv, group)
@@ -211,11 +212,14 @@ class ClusterSource:
         self.revision[group], self.entries[group] = new_revision, claimed
         self.snapshotted[group] = time.monotonic()
         self._set_owned(self.owned | {group}, gained=group)
+        self.metrics.cluster_moves.labels("claimed").inc()
 
     async def _release(self, group: int) -> None:
         """Hand a key group over: stop reading it, snapshot it, release its entry."""
         self._set_owned(self.owned - {group})
         await self._checkpoint(group, owner="")
+        if group in self.entries:  # not fenced meanwhile
+            self.metrics.cluster_moves.labels("released").inc()
         self.revision.pop(group, None)
         self.entries.pop(group, None)
         self.snapshotted.pop(group, None)
@@ -242,7 +246,7 @@ class ClusterSource:
             updated = own.GroupEntry(owner, entry.epoch, name, position, version)
         revision = await own.write_entry(self.kv, group, updated, self.revision[group])
         if revision is None:
-            self.fenced += 1
+            self.metrics.cluster_moves.labels("fenced").inc()
             log.warning("key group %d was claimed by another member: %s is fenced from it", group, self.member)
             self._set_owned(self.owned - {group})
             self.revision.pop(group, None)
@@ -293,6 +297,7 @@ class ClusterSource:
         while self.pending_bytes > self.max_inflight_bytes and not self._closing:
             await asyncio.sleep(0.002)  # the loop is behind: leave the rest in JetStream
         position = msg.metadata.sequence.stream
+        self.metrics.cluster_log_pending.set(msg.metadata.num_pending)
         # Checked after the wait, with no await before the record is queued: ownership may have moved meanwhile
         if sub is not self._sub or group not in self.owned or position <= self.queued[group]:
             return
