@@ -264,6 +264,10 @@ class Daemon:
         from lstmd.daemon.cluster.replica import ClusterSource
         from lstmd.daemon.io import EventsLimits
 
+        if self.trainer is not None:  # each replica would train its own weights: a moved stream changes model
+            raise StartupError("train.enabled = true with [cluster] nats: weight sync across replicas is not built "
+                               "yet; serve a fixed model in a cluster (train.enabled = false)")
+
         limits = EventsLimits(self.spec.input_size, self.config.serve.max_message_events, None, self._target_dim())
         return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
                              lambda: self.engine.model.version, self.metrics)

@@ -393,3 +393,35 @@ def test_gateway_command_without_a_server_fails_clearly(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "needs [cluster] nats" in done.stderr
+
+
+def test_key_groups_and_rendezvous_ownership():
+    """Stable key groups (str and int ids apart); rendezvous ownership covers every group once and moves only
+    the joining member's share on a join (and only the leaving member's on a leave)."""
+    from lstmd.daemon.cluster.log import key_group
+    from lstmd.daemon.cluster.membership import assignment
+
+    assert key_group("sensor-1", 256) == key_group("sensor-1", 256)
+    assert [key_group(s, 256) for s in ("a", "b", 7, "7")] == [64, 132, 77, 231]  # fixed for a cluster's life
+    before = assignment({"r1", "r2", "r3"}, 256)
+    assert sorted(g for groups in before.values() for g in groups) == list(range(256))
+    after = assignment({"r1", "r2", "r3", "r4"}, 256)
+    owner = {g: m for m, groups in before.items() for g in groups}
+    moved = [g for m, groups in after.items() for g in groups if owner[g] != m]
+    assert set(moved) == set(after["r4"]) and 30 < len(moved) < 100  # about G / 4, all to the newcomer
+    left = assignment({"r1", "r3"}, 256)
+    assert all(owner[g] == m for m in ("r1", "r3") for g in before[m] if g in left[m])
+    assert set(left["r1"]) | set(left["r3"]) == set(range(256))
+
+
+def test_training_in_a_cluster_is_refused_clearly(nats_url, tmp_path):
+    from lstmd.daemon.config import load_config
+    from lstmd.daemon.server import Daemon, StartupError
+    from prometheus_client import CollectorRegistry
+
+    from tests.conftest import daemon_overrides
+
+    overrides = daemon_overrides(tmp_path / "r", **MODEL, **{"cluster.nats": nats_url, "train.enabled": True})
+    daemon = Daemon(load_config(overrides=overrides, environ={}), registry=CollectorRegistry())
+    with pytest.raises(StartupError, match="weight sync across replicas is not built yet"):
+        daemon.start()
