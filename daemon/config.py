@@ -232,6 +232,20 @@ class SecurityConfig(_Section):
     ] = ""
 
 
+class ClusterConfig(_Section):
+    """Cluster mode on NATS JetStream (daemon/cluster/): off unless `nats` names a server."""
+
+    nats: Annotated[str, doc("NATS server URL of the cluster, e.g. nats://127.0.0.1:4222; empty: single process")] = ""
+    key_groups: Annotated[
+        int, doc("key groups the streams are hashed into; fixed for the cluster's life", ge=1, le=65536)
+    ] = 256
+    member: Annotated[str, doc("this process's name in the cluster; empty: host-pid")] = ""
+    lease_ttl: Annotated[float, doc("seconds before a silent member's key groups move", gt=0)] = 2.0
+    snapshot_interval_s: Annotated[
+        float, doc("how often a member snapshots its key groups to the object store (bounds replay)", gt=0)
+    ] = 10.0
+
+
 class Config(_Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
@@ -239,6 +253,7 @@ class Config(_Section):
     train: TrainConfig = msgspec.field(default_factory=TrainConfig)
     durability: DurabilityConfig = msgspec.field(default_factory=DurabilityConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
         return msgspec.to_builtins(self)

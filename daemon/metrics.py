@@ -200,6 +200,21 @@ class Metrics:
         self.last_snapshot = Gauge(
             "lstmd_last_snapshot_timestamp_seconds", "Unix time of the last completed snapshot", registry=r
         )
+        # Cluster mode (daemon/cluster/): zero and absent moves in single-process mode.
+        self.cluster_key_groups = Gauge("lstmd_cluster_key_groups", "Key groups this replica owns", registry=r)
+        self.cluster_moves = Counter(
+            "lstmd_cluster_key_group_moves",
+            "Key groups claimed, released (handed over), or lost to another member's claim (fenced)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("claimed", "released", "fenced"):
+            self.cluster_moves.labels(kind)
+        self.cluster_log_pending = Gauge(
+            "lstmd_cluster_log_pending_records",
+            "Records in the cluster's log after the last one this replica read (its consumer lag, all key groups)",
+            registry=r,
+        )
         # Process.
         self.device_memory = Gauge(
             "lstmd_device_memory_bytes", "Accelerator memory held by the daemon", ["kind"], registry=r

@@ -202,7 +202,8 @@ class Daemon:
         if serve.metrics:
             self._serve_metrics(serve.metrics)
         try:
-            self.durability.restore()
+            if not self.config.cluster.nats:  # a replica's state comes from the cluster's log (daemon/cluster/)
+                self.durability.restore()
         except (RecoveryError, OSError) as exc:
             self._close_http()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -257,7 +258,7 @@ class Daemon:
             if self.security is not None:  # ZAP first: a CURVE socket must never accept before it can ask
                 self.security.start(self._ctx)
                 secure = self.security.secure
-            self._events = EventsSocket(
+            self._events = self._cluster_source() if self.config.cluster.nats else EventsSocket(
                 self._ctx,
                 serve.events,
                 self.spec.input_size,
@@ -323,6 +324,21 @@ class Daemon:
             self.security = Security(sec, lambda reason: self.metrics.auth_failures.labels(reason=reason).inc())
         except AuthError as exc:
             raise StartupError(str(exc)) from None
+
+    def _cluster_source(self):
+        """Cluster mode: the events come from the key groups this replica owns, not from a socket (a ClusterError
+        saying what is wrong with the cluster becomes the StartupError of the caller)."""
+        from lstmd.daemon.cluster.replica import ClusterSource
+        from lstmd.daemon.io import EventsLimits
+
+        if self.trainer is not None:  # each replica would train its own weights: a moved stream changes model
+            raise StartupError("train.enabled = true with [cluster] nats: weight sync across replicas is not built "
+                               "yet; serve a fixed model in a cluster (train.enabled = false)")
+
+        serve = self.config.serve
+        limits = EventsLimits(self.spec.input_size, serve.max_message_events, None, self.engine.task.wire_target_dim)
+        return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
+                             lambda: self.engine.model.version, self.metrics)
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""

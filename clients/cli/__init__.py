@@ -24,6 +24,8 @@ from lstmd.clients.cli import (
     train,
     watch,
 )
+from lstmd.clients.cli import cluster as cluster_cmd
+from lstmd.clients.cli import gateway as gateway_cmd
 from lstmd.clients.cli._common import add_key_options
 
 app = typer.Typer(
@@ -59,12 +61,14 @@ app.command()(replay.replay)
 app.command()(bench.bench)
 app.command()(top.top)
 app.command()(watch.watch)
+app.command()(gateway_cmd.gateway)
 app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(train.app, name="train")
 app.add_typer(keys.app, name="keys")
+app.add_typer(cluster_cmd.app, name="cluster")
 add_key_options(app)  # --server-key/--client-key on every command that talks to a daemon (last: sees them all)
 
 

@@ -1,0 +1,219 @@
+"""What gateways and replicas agree on: key groups, the JetStream log's names and records, the NATS link.
+
+- A stream belongs to key group `key_group(stream_id, G)`: the first 8 bytes of its BLAKE2b digest mod G, with
+  str and int ids kept apart ("7" and 7 are different streams, as in the daemon). Stable across processes,
+  versions and machines (Python's hash() is salted per process).
+- The log is one JetStream stream, LOG_STREAM, file storage, subjects `lstmd.ev.<key group>`; its metadata
+  records G, so a member configured with another G is refused at start (the key groups would not match).
+- One log record = the events of one producer message that fall into one key group, as the wire format's own
+  frames (clients/protocol.py) inside a msgpack `LogRecord`, plus where the answer goes: the gateway's reply
+  subject and its token. A replica answers each record with one `ReplyRecord` on that subject.
+- nats-py is asyncio; the daemon's loop and the gateway's ZeroMQ loop are not. `NatsLink` runs one asyncio loop
+  on its own thread and owns the connection: the other threads submit coroutines to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+from lstmd.clients import protocol
+
+log = logging.getLogger("lstmd.cluster")
+
+LOG_STREAM = "LSTMD_EVENTS"
+SUBJECT_PREFIX = "lstmd.ev."
+REPLY_PREFIX = "lstmd.reply."
+# JetStream drops a publish whose Nats-Msg-Id it stored within this window (a gateway's retried publish).
+DUPLICATE_WINDOW_S = 120.0
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be used as configured (no server, no JetStream, another G): the message says why."""
+
+
+def key_group(stream: protocol.StreamId, groups: int) -> int:
+    raw = stream.encode() if type(stream) is str else b"\x00" + str(stream).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") % groups
+
+
+def subject(group: int) -> str:
+    return f"{SUBJECT_PREFIX}{group}"
+
+
+def group_of(subject_: str) -> int:
+    return int(subject_[len(SUBJECT_PREFIX) :])
+
+
+class LogRecord(msgspec.Struct, array_like=True):
+    """One key group's share of one producer message, as stored in the log."""
+
+    reply: str  # the gateway's reply subject
+    token: int  # the gateway's id of the producer message
+    header: bytes  # protocol.EventsHeader of these events only (msgpack)
+    features: bytes  # float32 [n, I]
+    targets: bytes | None = None  # the targets frame, when the message carried one
+
+
+class ReplyRecord(msgspec.Struct, array_like=True):
+    """A replica's answer to one log record: the daemon's own reply frames."""
+
+    token: int
+    group: int
+    reply: bytes  # protocol.EventsReply (msgpack)
+    predictions: bytes = b""  # float32 [n, O]; empty when the record was rejected whole
+
+
+log_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(LogRecord))
+reply_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ReplyRecord))
+
+
+def message_id(streams: list, seqs: list[int] | None, fallback: str) -> str:
+    """Nats-Msg-Id of a record: `<stream>:<seq>` of its one event, or of its first event plus a digest of all its
+    (stream, seq) pairs, so only an identical resend is dropped by JetStream; `fallback` (unique per gateway
+    message) when the producer numbered nothing (such a resend is new events, as in single-process mode)."""
+    if seqs is None:
+        return fallback
+    first = f"{streams[0]}:{seqs[0]}"
+    if len(streams) == 1:
+        return first
+    digest = hashlib.blake2b(msgspec.msgpack.encode([streams, seqs]), digest_size=12).hexdigest()
+    return f"{first}+{len(streams)}:{digest}"
+
+
+class NatsLink:
+    """A NATS connection and its JetStream context, on an asyncio loop of its own thread."""
+
+    def __init__(self, url: str, name: str) -> None:
+        try:
+            import nats  # noqa: F401  (the cluster extra; single-process mode never imports this module)
+        except ImportError:
+            raise ClusterError("cluster mode needs nats-py: pip install 'lstmd[cluster]'") from None
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"lstmd-nats-{name}", daemon=True)
+        self._thread.start()
+        self.nc = None
+        self.js = None
+        self.closing = False
+        try:
+            self.run(self._connect(name), CONNECT_TIMEOUT_S + 1)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, name: str) -> None:
+        import nats
+
+        async def on_error(exc: Exception) -> None:  # nats-py prints a traceback per failed attempt by default
+            log.debug("NATS %s: %s", self.url, exc)
+
+        async def on_disconnected() -> None:
+            if self.closing:
+                return
+            log.warning("NATS connection to %s lost; reconnecting", self.url)
+
+        async def on_reconnected() -> None:
+            log.warning("NATS connection to %s back", self.url)
+
+        # Reconnects never give up once connected (a NATS restart must not end the member); the first connection
+        # is bounded by CONNECT_TIMEOUT_S, so a wrong URL is a clear error at start instead of a hang.
+        try:
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    self.url,
+                    name=name,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.2,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except TimeoutError:
+            raise ClusterError(
+                f"cannot reach the NATS server at cluster.nats = {self.url} within {CONNECT_TIMEOUT_S:g} s"
+            ) from None
+        except Exception as exc:
+            raise ClusterError(f"cannot connect to the NATS server at cluster.nats = {self.url}: {exc}") from None
+        self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT_S)
+
+    def run(self, coro: Coroutine, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        """Run `coro` on the link's loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Coroutine) -> None:
+        """Run `coro` on the link's loop without waiting (its failure is the coroutine's to handle)."""
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):  # closing: a connection already gone has nothing left to flush
+                self.run(self.nc.drain(), 5)
+        with contextlib.suppress(Exception):  # nats-py's own tasks must end before their loop closes
+            self.run(_cancel_tasks(), 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def ensure_log(js, groups: int) -> None:
+    """The log stream exists with G = `groups`: created when missing; a log made for another G is refused."""
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await js.stream_info(LOG_STREAM)
+    except NotFoundError:
+        config = api.StreamConfig(
+            name=LOG_STREAM,
+            subjects=[f"{SUBJECT_PREFIX}*"],
+            storage=api.StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            metadata={"lstmd_key_groups": str(groups)},
+        )
+        try:
+            await js.add_stream(config)
+            return
+        except Exception as exc:  # a racing member created it first: then check it like any other
+            info = await js.stream_info(LOG_STREAM)
+            if info is None:
+                raise ClusterError(f"cannot create the JetStream stream {LOG_STREAM}: {exc}") from None
+    found = (info.config.metadata or {}).get("lstmd_key_groups")
+    if found != str(groups):
+        raise ClusterError(
+            f"cluster.key_groups = {groups}, but the cluster's log {LOG_STREAM} was created with {found} key "
+            f"groups; G is fixed for a cluster's life: set cluster.key_groups = {found}"
+        )
+
+
+def open_log(link: NatsLink, groups: int) -> None:
+    """ensure_log from another thread, every failure a ClusterError that says what was wrong."""
+    try:
+        link.run(ensure_log(link.js, groups))
+    except ClusterError:
+        raise
+    except Exception as exc:
+        raise ClusterError(
+            f"the NATS server at {link.url} does not serve JetStream as needed (is it started with -js?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None

