@@ -13,7 +13,9 @@ TABLES = {("metrics.py", "Metrics.__init__"), ("onnx_export.py", "to_onnx")}
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(DAEMON.glob("*.py"))}
+    """daemon/ and daemon/cluster/ modules by name (the names are distinct; of the two __init__ files, which are
+    docstrings, one is kept)."""
+    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(DAEMON.rglob("*.py"))}
 
 
 def _imports(tree: ast.Module, modules: set[str]) -> set[str]:
