@@ -162,8 +162,10 @@ class TrainConfig(_Section):
         int, doc("newest windows of each recorded stream held out for the check (few streams: more)", ge=1)
     ] = 1
     forecast_inputs: Annotated[
-        Literal["change", "level"], doc("forecast: the LSTM sees changes or levels (normalization.py)")
-    ] = "change"
+        Literal["stream", "change", "level"],
+        doc("forecast: the LSTM sees changes in each stream's own scale (with the guard), changes or levels "
+            "(normalization.py)"),
+    ] = "stream"
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 128

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 from lstmd.daemon.model import ServingModel
+from lstmd.daemon.normalization import adapt_begin, adapt_finish, adaptation_shapes
 from lstmd.daemon.state_store import StateStore
 from lstmd.kernels import lstm_step_
 from lstmd.kernels.backends import Backends, select_backends
@@ -54,6 +55,8 @@ class Engine:
             if spec.task == "forecast"
             else None
         )
+        if self.last_x is not None:  # per-stream scale and guard (normalization.py): kept for every forecast model
+            store.enable_adaptation(adaptation_shapes(spec.input_size, spec.output_size))
 
     @property
     def backend_name(self) -> str:
@@ -85,7 +88,7 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        inputs = x
+        inputs, rows = x, None
         if self.last_x is not None:  # forecast: the change since each stream's previous event (0 at its first)
             previous = self.last_x.index_select(0, slot_t)
             unknown = previous.isnan()
@@ -93,9 +96,12 @@ class Engine:
                 unknown |= reset.unsqueeze(1)
             previous = torch.where(unknown, x, previous)
             self.last_x.index_copy_(0, slot_t, x)
+            table = self.store.adaptation
+            rows = {k: v.index_select(0, slot_t) for k, v in table.items()}
+            rows, dx = adapt_begin(rows, x, previous, unknown.any(1), model.columns)
         norm = model.normalization
         if norm is not None:
-            inputs = norm.lstm_inputs(x, x - previous)
+            inputs = norm.lstm_inputs(x, dx if norm.inputs == "stream" else x - previous, rows["scale"])
         if self._cpu_step is not None:  # the step and the head, on the rows each thread just computed
             out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
         else:
@@ -106,8 +112,13 @@ class Engine:
             )
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
-        if norm is not None:
+        if norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
+            out = adapt_finish(rows, x, out, model.columns)
+        elif norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
+        if rows is not None:
+            for k, v in rows.items():
+                table[k].index_copy_(0, slot_t, v)
         if model.spec.task == "classification":  # replies are class probabilities, as a Keras softmax head's
             out = out.softmax(-1)
         return out.cpu().numpy()
