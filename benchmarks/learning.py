@@ -318,7 +318,9 @@ def deep_river_worker(src: str, dst: str) -> None:
     with np.load(src) as data:
         for key in sorted(data.files, key=lambda k: int(k.split("_")[1])):
             x = data[key].astype(np.float64)
-            model = RollingRegressor(module=LstmModule, loss_fn="mse", optimizer_fn="adam", window_size=30, lr=1e-3)
+            model = RollingRegressor(
+                module=LstmModule(1), loss_fn="mse", optimizer_fn="adam", window_size=30, lr=1e-3, seed=0
+            )
             pred = np.full(len(x), np.nan, np.float32)
             for t in range(1, len(x) - 1):
                 features = {"change": float(x[t] - x[t - 1])}

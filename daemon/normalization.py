@@ -1,10 +1,16 @@
-"""Forecast normalisation: how a forecast model copes with level and scale drift.
+"""Forecast normalisation: how a forecast model copes with level and scale drift, per stream, and the guard that
+keeps its forecasts from losing to the last value.
 
 A forecast model sees each stream's *change* since its previous event, scaled by the typical size of one step's
-change, and predicts the next change in the same units:
+change, and predicts the next change in the same units. With `inputs = "stream"` (the default) that scale is
+the stream's own, kept per stream in the state store, and the predicted change is shrunk per stream by the
+guard's gain g in [0, 1] (below, "per-stream adaptation and the guard"):
 
-    d_t = (x_t - x_{t-1}) / delta_scale        (d = 0 at a stream's first event, and after a reset)
-    prediction_t = x_t[cols] + delta_scale[cols] * head(lstm(d_1 .. d_t))
+    d_t = clip((x_t - x_{t-1}) / scale_t, -4, 4)      (d = 0 at a stream's first event, and after a reset)
+    prediction_t = x_t[cols] + scale_t[cols] * g_t * head(lstm(d_1 .. d_t))
+
+With `inputs = "change"` the scale is the model's `delta_scale` (one per feature, from recent events of all
+streams) and there is no gain: prediction_t = x_t[cols] + delta_scale[cols] * head(lstm(d_1 .. d_t)).
 
 so a model that has learnt nothing yet (head output near 0) is the naive last-value forecast, and neither the
 level nor a trend of the series ever leaves the range the weights were trained on. `cols` are the forecast

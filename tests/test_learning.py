@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from lstmd.clients import Admin, Producer
+from lstmd.clients.cli import app
 from lstmd.daemon.config import model_file_metadata
 from lstmd.daemon.engine import Engine
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.normalization import CLIP, FALLBACK_GAIN, gain, guard_summary, predict_file_sequence
 from lstmd.daemon.state_store import StateStore
+from typer.testing import CliRunner
 
 CPU = torch.device("cpu")
 
@@ -186,3 +188,14 @@ def test_train_status_and_metrics_report_the_guard(make_daemon):
     registry = daemon.metrics.registry
     assert registry.get_sample_value("lstmd_forecast_fallback_streams") == guard["fallback_streams"]
     assert registry.get_sample_value("lstmd_forecast_error_ratio", {"forecast": "served"}) is not None
+    table = CliRunner().invoke(app, ["train", "status", "--control", daemon.endpoints["control"]]).stdout
+    assert "guard" in table and "served the last value" in table
+
+
+def test_onnx_export_refuses_a_stream_scaled_forecast_model():
+    pytest.importorskip("onnx")
+    from lstmd.daemon.onnx_export import OnnxExportError, to_onnx
+
+    model = ServingModel.initial(ModelSpec(2, 4, 1, 2, "forecast"), seed=0)
+    with pytest.raises(OnnxExportError, match="per-stream state is not part of an ONNX graph"):
+        to_onnx(model)
