@@ -138,7 +138,7 @@ def _trainer(daemon: Daemon):
 def _train_status(daemon: Daemon, args: dict) -> dict:
     if daemon.trainer is None:
         return {"enabled": False}
-    guard = {"guard": daemon.guard_summary()} if daemon.store.adaptation else {}
+    guard = {"guard": daemon.guard_summary()} if daemon.store.adaptation is not None else {}
     return {**daemon.trainer.status(), "model_version": daemon.engine.model.version, **guard}
 
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 from lstmd.daemon.model import ServingModel
-from lstmd.daemon.normalization import adapt_begin, adapt_finish, adaptation_shapes
+from lstmd.daemon.normalization import AdaptationLayout, adapt_begin, adapt_finish
 from lstmd.daemon.state_store import StateStore
 from lstmd.kernels import lstm_step_
 from lstmd.kernels.backends import Backends, select_backends
@@ -55,8 +55,10 @@ class Engine:
             if spec.task == "forecast"
             else None
         )
+        self.layout = None
         if self.last_x is not None:  # per-stream scale and guard (normalization.py): kept for every forecast model
-            store.enable_adaptation(adaptation_shapes(spec.input_size, spec.output_size))
+            self.layout = AdaptationLayout(spec.input_size, spec.output_size)
+            store.enable_adaptation(self.layout.initial_row())
 
     @property
     def backend_name(self) -> str:
@@ -96,12 +98,15 @@ class Engine:
                 unknown |= reset.unsqueeze(1)
             previous = torch.where(unknown, x, previous)
             self.last_x.index_copy_(0, slot_t, x)
-            table = self.store.adaptation
-            rows = {k: v.index_select(0, slot_t) for k, v in table.items()}
-            rows, dx = adapt_begin(rows, x, previous, unknown.any(1), model.columns)
+            dx = x - previous
+            # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
+            rows = self.store.adaptation.index_select(0, slot_t)
+            if reset is not None:
+                rows[reset] = self.store.adaptation_init
+            rows = adapt_begin(self.layout, rows, x, dx, model.columns)
         norm = model.normalization
         if norm is not None:
-            inputs = norm.lstm_inputs(x, dx if norm.inputs == "stream" else x - previous, rows["scale"])
+            inputs = norm.lstm_inputs(x, dx, rows[:, self.layout.field("scale")])
         if self._cpu_step is not None:  # the step and the head, on the rows each thread just computed
             out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
         else:
@@ -113,12 +118,11 @@ class Engine:
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
         if norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
-            out = adapt_finish(rows, x, out, model.columns)
+            out = adapt_finish(self.layout, rows, x, out, model.columns)
         elif norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
         if rows is not None:
-            for k, v in rows.items():
-                table[k].index_copy_(0, slot_t, v)
+            self.store.adaptation.index_copy_(0, slot_t, rows)
         if model.spec.task == "classification":  # replies are class probabilities, as a Keras softmax head's
             out = out.softmax(-1)
         return out.cpu().numpy()

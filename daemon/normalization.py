@@ -147,13 +147,14 @@ def predict_file_sequence(
     index = None if columns is None else torch.tensor(columns, dtype=torch.long)
     if norm.inputs == "stream":  # event by event: the stream's scale and guard evolve with it
         B, T, _ = x.shape
-        rows = initial_rows(B, x.shape[2], head.out_features)
+        layout = AdaptationLayout(x.shape[2], head.out_features)
+        rows = layout.initial_row().expand(B, -1).clone()
         state, out = None, []
         for t in range(T):
-            previous = x[:, t - 1] if t else x[:, 0]
-            rows, dx = adapt_begin(rows, x[:, t], previous, torch.full((B,), t == 0), index)
-            y, state = lstm(stream_inputs(dx, rows["scale"]).unsqueeze(1), state)
-            out.append(adapt_finish(rows, x[:, t], head(y[:, 0]), index))
+            dx = x[:, t] - x[:, t - 1] if t else torch.zeros_like(x[:, 0])
+            rows = adapt_begin(layout, rows, x[:, t], dx, index)
+            y, state = lstm(stream_inputs(dx, rows[:, layout.field("scale")]).unsqueeze(1), state)
+            out.append(adapt_finish(layout, rows, x[:, t], head(y[:, 0]), index))
         return torch.stack(out, 1)
     dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)  # 0 at a stream's first event
     y, _ = lstm(norm.lstm_inputs(x, dx))
@@ -162,22 +163,23 @@ def predict_file_sequence(
 
 # ---- per-stream adaptation and the guard ("stream" inputs) ---------------------------------------------------
 #
-# Every forecast stream keeps, in the state store (one preallocated row per slot, updated for a whole wave with a
-# few tensor ops: no per-stream Python work):
+# Every forecast stream keeps one packed row in the state store's adaptation table ([capacity, width], float32,
+# on the device; AdaptationLayout says where each field is), updated for a whole wave with one gather, about
+# twenty elementwise tensor ops and one scatter: no per-stream Python work.
 #   scale [I]   its typical |change| per feature: a running mean over its first 1/SCALE_RATE changes, then an
 #               exponential average; a change larger than SCALE_CLIP scales moves it by SCALE_CLIP scales at most
 #               (an outlier burst or a level shift does not blow the scale up, real growth still wins in a few steps)
 #   count       events since the stream (re)started
 #   prev [O]    the model's last predicted change, in units of the scale it was made with (not shrunk)
-#   cross, dd [O]  exponential averages (rate GAIN_RATE) of target*prev and prev*prev, where target is the change
-#               that then happened in the same units, clipped at CLIP
-#   err [3]     exponential averages of the squared error (summed over columns, same units) of the served
-#               forecast, the model's unshrunk forecast and the last value (metrics and `lstmd train status`)
+#   cross, dd, tt [O]  exponential averages (rate GAIN_RATE) of target*prev, prev*prev and target*target, where
+#               target is the change that then happened, in the same units, clipped at CLIP
 # The served forecast is  x_t[cols] + scale[cols] * gain * change  with  gain = clamp(cross / dd, 0, 1): the least-
 # squares factor by which this stream's recent predicted changes should have been shrunk toward the last value.
 # A model that is no help on a stream gets gain 0 there, i.e. the last-value forecast (counted as a fallback
 # stream); one that helps keeps gain near 1. A stream starts with cross = 0, dd = GAIN_PRIOR: a ridge prior toward
 # the last value, so a stream's forecasts start as the last value and move toward the model as it proves itself.
+# The recent squared errors follow from the same averages: last value tt, model tt - 2 cross + dd, served (at the
+# current gain) tt - 2 g cross + g^2 dd.
 
 SCALE_RATE = 0.05
 SCALE_CLIP = 10.0
@@ -185,13 +187,32 @@ CLIP = 4.0  # inputs and scored or trained targets are clipped at this many scal
 GAIN_RATE = 0.02  # memory of the guard's statistics: about 50 events
 GAIN_PRIOR = 0.05
 FALLBACK_GAIN = 0.1  # a stream whose gain is below this in every column counts as falling back to the last value
-ADAPTATION_FIELDS = ("scale", "count", "prev", "cross", "dd", "err")
+_FIRST = 1e30  # "no scale yet": caps nothing, and multiplies a gain of exactly 0 at a stream's first event
 
 
-def adaptation_shapes(input_size: int, output_size: int) -> dict[str, tuple[int, ...]]:
-    """Per-row shapes of the adaptation fields (the state store allocates [capacity, *shape])."""
-    return {"scale": (input_size,), "count": (), "prev": (output_size,), "cross": (output_size,),
-            "dd": (output_size,), "err": (3,)}  # fmt: skip
+@dataclass(frozen=True)
+class AdaptationLayout:
+    """Where each per-stream field sits in a packed adaptation row (I inputs, O forecast columns)."""
+
+    inputs: int
+    outputs: int
+
+    @property
+    def width(self) -> int:
+        return self.inputs + 1 + 4 * self.outputs
+
+    def field(self, name: str) -> slice:
+        i, o = self.inputs, self.outputs
+        start = {"scale": 0, "count": i, "prev": i + 1, "cross": i + 1 + o, "dd": i + 1 + 2 * o,
+                 "tt": i + 1 + 3 * o}[name]  # fmt: skip
+        return slice(start, start + (1 if name == "count" else o if name != "scale" else i))
+
+    def initial_row(self, device=None) -> torch.Tensor:
+        """A stream's row before its first event."""
+        row = torch.zeros(self.width, device=device)
+        row[self.field("scale")] = _FIRST
+        row[self.field("dd")] = GAIN_PRIOR
+        return row
 
 
 def stream_inputs(dx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -203,66 +224,61 @@ def gain(cross: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
     return (cross / dd.clamp_min(1e-12)).clamp(0.0, 1.0)
 
 
-def adapt_begin(rows: dict[str, torch.Tensor], x: torch.Tensor, previous: torch.Tensor, fresh: torch.Tensor,
-                columns: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One event per row: score the previous forecast, update the scale. `rows`: the streams' adaptation fields
-    (gathered, [B, ...]); x [B, I]; previous [B, I] their previous events (x where unknown); fresh [B] bool: the
-    stream starts over here. Returns the new fields (the change's scale in `scale`) and the changes (0 where a
-    stream starts)."""
-    n = torch.where(fresh, 0.0, rows["count"])
-    start = (n == 0).unsqueeze(1)
-    dx = torch.where(start, 0.0, x - previous)
-    s_prev = rows["scale"]
+def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+                columns: torch.Tensor | None) -> torch.Tensor:
+    """One event per row: score the previous forecast, update the scale. `rows` [B, width]: the streams' rows,
+    a gathered copy (initial rows where a stream starts over), updated in place and returned; x [B, I]; dx [B, I]
+    their changes (0 at a start). rows[:, field("scale")] is then the scale of this change; adapt_finish adds
+    the new prediction."""
+    f = layout.field
+    s_prev, n, h = rows[:, f("scale")], rows[:, f("count")], rows[:, f("prev")]
     col = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
-    # The forecast made at the previous event (its own scale is set from the second event on) meets its target.
-    scored = (n >= 2).unsqueeze(1)
-    target = (col(dx) / col(s_prev)).clamp(-CLIP, CLIP)
-    h, cross, dd = rows["prev"], rows["cross"], rows["dd"]
-    g = gain(cross, dd)
-    errors = torch.stack(
-        [(target - g * h).square().sum(1), (target - h).square().sum(1), target.square().sum(1)], 1
-    )
-    prior = torch.full_like(cross, GAIN_PRIOR)
-    cross = torch.where(start, 0.0, torch.where(scored, torch.lerp(cross, target * h, GAIN_RATE), cross))
-    dd = torch.where(start, prior, torch.where(scored, torch.lerp(dd, h * h, GAIN_RATE), dd))
-    err = torch.where(start, 0.0, torch.where(scored, torch.lerp(rows["err"], errors, GAIN_RATE), rows["err"]))
-    # The scale: unknown at a start (a tiny floor relative to the level), then running mean, then the average.
-    size = dx.abs()
-    size = torch.where(n.unsqueeze(1) >= 2, torch.minimum(size, SCALE_CLIP * s_prev), size)
-    rate = torch.clamp(1.0 / n.clamp_min(1.0), min=SCALE_RATE).unsqueeze(1)
-    floor = 1e-6 * x.abs() + 1e-12
-    scale = torch.where(n.unsqueeze(1) >= 1, torch.lerp(s_prev, size, rate), floor).maximum(floor)
-    return {"scale": scale, "count": n + 1, "prev": h, "cross": cross, "dd": dd, "err": err}, dx
+    # The forecast made at the previous event (scored from the stream's third event: the first has no scale and
+    # the second a scale of one change) meets its target. Masks multiply (torch.where costs ~8 multiplies on the
+    # CPU) and the fields update in place (a torch.cat of them cost as much as all the arithmetic).
+    weight = (n >= 2).to(rows.dtype).mul_(GAIN_RATE)
+    target = (col(dx) / col(s_prev)).clamp_(-CLIP, CLIP)
+    rows[:, f("cross")].lerp_(target * h, weight)
+    rows[:, f("dd")].lerp_(h * h, weight)
+    rows[:, f("tt")].lerp_(target.square_(), weight)
+    # The scale: _FIRST at a stream's first event (its change is 0), the first change sets it (rate 1), then a
+    # running mean, then the average; a change counts at most SCALE_CLIP scales (_FIRST caps nothing). Floored
+    # relative to the level: never 0.
+    size = torch.minimum(dx.abs(), s_prev * SCALE_CLIP)
+    rate = n.clamp_min(1.0).reciprocal_().clamp_(min=SCALE_RATE).mul_(n >= 1)
+    s_prev.lerp_(size, rate)
+    torch.maximum(s_prev, x.abs().mul_(1e-6).add_(1e-12), out=size)
+    s_prev.copy_(size)
+    n.add_(1.0)
+    return rows
 
 
-def adapt_finish(rows: dict[str, torch.Tensor], x: torch.Tensor, change: torch.Tensor,
+def adapt_finish(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, change: torch.Tensor,
                  columns: torch.Tensor | None) -> torch.Tensor:
-    """The served forecast from the model's predicted `change` [B, O] (units of the stream scale); keeps it in
-    rows["prev"] for the next event's scoring."""
-    rows["prev"] = change
-    s = rows["scale"] if columns is None else rows["scale"].index_select(1, columns)
-    last = x if columns is None else x.index_select(1, columns)
-    return torch.addcmul(last, s, gain(rows["cross"], rows["dd"]) * change)
+    """The served forecast from the model's predicted `change` [B, O] (units of the stream scale); keeps it in the
+    rows for the next event's scoring."""
+    f = layout.field
+    rows[:, f("prev")] = change
+    s = rows[:, f("scale")]
+    if columns is not None:
+        s, x = s.index_select(1, columns), x.index_select(1, columns)
+    return torch.addcmul(x, s, gain(rows[:, f("cross")], rows[:, f("dd")]).mul_(change))
 
 
-def initial_rows(batch: int, input_size: int, output_size: int, device=None) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros((batch, *shape), device=device) for k, shape in adaptation_shapes(
-        input_size, output_size).items()}
-
-
-def guard_summary(table: dict[str, torch.Tensor], occupied: torch.Tensor) -> dict:
+def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, occupied: torch.Tensor) -> dict:
     """The guard over every stream that has had a forecast scored (`occupied` [capacity] bool: slots in use):
     streams, fallback streams, mean gain and the error ratios of `lstmd train status` and the metrics."""
-    if not table:
+    if table is None or layout is None:
         return {}
-    live = occupied & (table["count"] >= 3)
-    g = gain(table["cross"][live], table["dd"][live])
-    err = table["err"][live].sum(0)  # served, model, last value
-    naive = float(err[2]) if g.shape[0] else 0.0
-    ratio = (lambda v: round(float(v) / naive, 4) if naive > 0 else None)
+    f = layout.field
+    live = table[occupied & (table[:, f("count")].squeeze(1) >= 3)]
+    cross, dd, tt = live[:, f("cross")], live[:, f("dd")], live[:, f("tt")]
+    g = gain(cross, dd)
+    naive = float(tt.sum())
+    ratio = (lambda v: round(float(v.sum()) / naive, 4) if naive > 0 else None)
     return {
-        "streams": int(g.shape[0]),
+        "streams": int(live.shape[0]),
         "fallback_streams": int((g < FALLBACK_GAIN).all(1).sum()),
         "mean_gain": round(float(g.mean()), 4) if g.numel() else None,
-        "error_vs_last_value": {"served": ratio(err[0]), "model": ratio(err[1])},
+        "error_vs_last_value": {"served": ratio(tt - 2 * g * cross + g * g * dd), "model": ratio(tt - 2 * cross + dd)},
     }

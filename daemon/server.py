@@ -667,7 +667,8 @@ class Daemon:
         self.durability.maybe_snapshot()
         self.metrics.active_streams.set(len(self.store))
         self.metrics.queue_depth.set(self._backlog + self._events.pending() + self.inbox.qsize())
-        if self.store.adaptation and now - self._last_guard_metrics >= 10.0:  # forecast: O(capacity), not each second
+        # Forecast: the guard's gauges, O(capacity), so every 10 s rather than every second.
+        if self.store.adaptation is not None and now - self._last_guard_metrics >= 10.0:
             self._last_guard_metrics = now
             self.metrics.set_guard(self.guard_summary())
 
@@ -681,7 +682,7 @@ class Daemon:
     def guard_summary(self) -> dict:
         """The forecast guard over the resident streams (daemon/normalization.py); {} for other tasks."""
         occupied = torch.from_numpy(np.isfinite(self.store.last_used)).to(self.device)
-        return guard_summary(self.store.adaptation, occupied)
+        return guard_summary(self.engine.layout, self.store.adaptation, occupied)
 
     def _make_training(self, spec: ModelSpec):
         t = self.config.train
@@ -705,7 +706,7 @@ class Daemon:
             t.record_idle_s,
             t.holdout_windows,
             columns=(list(spec.forecast_columns) or None) if forecast else None,
-            scale_table=self.store.adaptation.get("scale"),
+            scale_table=self.store.adaptation[:, self.engine.layout.field("scale")] if forecast else None,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backends, seed = self.engine.backends, self.config.model.seed

@@ -12,11 +12,22 @@ from lstmd.clients.cli import app
 from lstmd.daemon.config import model_file_metadata
 from lstmd.daemon.engine import Engine
 from lstmd.daemon.model import ModelSpec, ServingModel
-from lstmd.daemon.normalization import CLIP, FALLBACK_GAIN, gain, guard_summary, predict_file_sequence
+from lstmd.daemon.normalization import (
+    CLIP,
+    FALLBACK_GAIN,
+    AdaptationLayout,
+    gain,
+    guard_summary,
+    predict_file_sequence,
+)
 from lstmd.daemon.state_store import StateStore
 from typer.testing import CliRunner
 
 CPU = torch.device("cpu")
+
+
+def field(engine: Engine, name: str) -> torch.Tensor:
+    return engine.store.adaptation[:, engine.layout.field(name)]
 
 
 def engine_for(model: ServingModel, capacity: int = 8) -> Engine:
@@ -63,7 +74,7 @@ def test_a_level_shift_does_not_blow_up_the_scale_or_the_inputs():
     scales = []
     for t, v in enumerate(x):
         engine.step(np.array([[v]], np.float32), np.array([0]), np.array([t == 0]))
-        scales.append(float(engine.store.adaptation["scale"][0, 0]))
+        scales.append(float(field(engine, "scale")[0, 0]))
     before, jump = scales[149], scales[150]
     assert 0.05 < before < 0.2
     assert jump < before * 1.5, "one jump moves the scale by a bounded step (SCALE_CLIP scales at most)"
@@ -83,7 +94,7 @@ def test_an_outlier_burst_leaves_the_forecasts_near_the_last_value_afterwards():
     model_err = np.abs(forecasts[after] - clean[231:400]).mean()
     last_err = np.abs(clean[230:399] - clean[231:400]).mean()
     assert model_err < 1.1 * last_err, (model_err, last_err)
-    assert float(engine.store.adaptation["scale"][0, 0]) < 0.2
+    assert float(field(engine, "scale")[0, 0]) < 0.2
 
 
 def test_the_guard_falls_back_to_the_last_value_where_the_model_is_worse():
@@ -96,15 +107,14 @@ def test_the_guard_falls_back_to_the_last_value_where_the_model_is_worse():
     series = np.stack([up, down], axis=1)[:, :, None]
     engine = engine_for(biased_model(1.0))
     out = run(engine, series)[:, :, 0]
-    table = engine.store.adaptation
-    g = gain(table["cross"][:2], table["dd"][:2])[:, 0]
+    g = gain(field(engine, "cross")[:2], field(engine, "dd")[:2])[:, 0]
     assert g[0] > 0.8 and g[1] < FALLBACK_GAIN, g
     late = slice(300, 599)
     err = np.abs(out[late] - series[301:600, :, 0]).mean(0)
     naive = np.abs(series[300:599, :, 0] - series[301:600, :, 0]).mean(0)
     assert err[0] < 0.5 * naive[0], "where the model helps it is used"
     assert err[1] <= 1.02 * naive[1], "where it hurts the last value is served"
-    summary = guard_summary(table, torch.tensor([True, True] + [False] * 6))
+    summary = guard_summary(engine.layout, engine.store.adaptation, torch.tensor([True, True] + [False] * 6))
     assert summary["streams"] == 2 and summary["fallback_streams"] == 1
     served, model = summary["error_vs_last_value"]["served"], summary["error_vs_last_value"]["model"]
     assert served < model, summary
@@ -134,12 +144,12 @@ def test_the_per_stream_state_survives_a_snapshot_and_a_restart(make_daemon, tmp
             for x in series[:30]:
                 producer.send(ids, x)
     Admin(restarted.endpoints["control"]).snapshot()
-    before = {k: v.clone() for k, v in restarted.store.adaptation.items()}
+    before = restarted.store.adaptation.clone()
     restarted.stop_and_join()
     restarted = make_daemon(state_dir=tmp_path / "state", **settings)
     slots = [restarted.store.slot_of[i] for i in ids]
-    for name, table in restarted.store.adaptation.items():
-        torch.testing.assert_close(table[slots], before[name][slots], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(restarted.store.adaptation[slots], before[slots], rtol=0, atol=0)
+    assert (before[slots, restarted.engine.layout.field("count")] == 30).all()
     answers = []
     for daemon in (uninterrupted, restarted):
         with Producer(daemon.endpoints["events"]) as producer:
@@ -148,22 +158,20 @@ def test_the_per_stream_state_survives_a_snapshot_and_a_restart(make_daemon, tmp
 
 
 def test_a_state_store_snapshot_carries_the_adaptation_rows():
+    initial = AdaptationLayout(2, 1).initial_row()
     store = StateStore(1, 4, 6, CPU)
-    store.enable_adaptation({"scale": (2,), "count": ()})
+    store.enable_adaptation(initial)
     admitted = store.admit(["x", "y"], max_new=2)
-    slots = np.asarray(admitted.slots)
-    store.adaptation["scale"][slots] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    store.adaptation["count"][slots] = torch.tensor([5.0, 6.0])
+    slots = torch.from_numpy(np.asarray(admitted.slots))
+    store.adaptation[slots] = torch.randn(2, initial.shape[0])
     saved = store.snapshot_tensors()
     other = StateStore(1, 4, 6, CPU)
-    other.enable_adaptation({"scale": (2,), "count": ()})
+    other.enable_adaptation(initial)
     other.restore_tensors(saved)
-    for name in ("scale", "count"):
-        torch.testing.assert_close(other.adaptation[name][slots], store.adaptation[name][slots])
-    older = {k: v for k, v in saved.items() if not k.startswith("adaptation.")}
-    other.adaptation["count"][slots] = 9.0
+    torch.testing.assert_close(other.adaptation[slots], store.adaptation[slots], rtol=0, atol=0)
+    older = {k: v for k, v in saved.items() if k != "adaptation"}
     other.restore_tensors(older)  # a snapshot from before: those streams start their adaptation over
-    assert (other.adaptation["count"][slots] == 0).all()
+    torch.testing.assert_close(other.adaptation[slots], initial.expand(2, -1))
 
 
 @pytest.mark.timeout(120)
