@@ -19,7 +19,13 @@ producer pauses), so the errors do not depend on how fast the machine trains; pa
 concurrently costs the serving path.
 
     python benchmarks/learning.py                   # all three parts
-    python benchmarks/learning.py --part synthetic  # or co2, latency
+    python benchmarks/learning.py --part synthetic  # or co2, latency, suite, guard
+
+4. suite: eight real series from statsmodels as streams of one daemon (standardised on their first quarter,
+   one-step-ahead, online, error on the second half) against the last value, seasonal naive, the frozen model
+   and deep-river's rolling LSTM regressor (`--deep-river-python` or LSTMD_DEEP_RIVER_PYTHON: a Python with
+   deep-river, in its own virtual environment; it pins an older torch). One table and the geometric means.
+5. guard: the per-stream adaptation's share of the serving step's time (in process).
 """
 
 from __future__ import annotations
@@ -381,6 +387,54 @@ def print_suite(result: dict) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in result["geomean_vs_last_value"].items()))  # fmt: skip
 
 
+def part_guard(args) -> dict:
+    """The guard's share of the serving step: Engine.step of a forecast model (I = O = 8, H = 64, one wave of
+    `--guard-batch` streams on the CPU, one torch thread) against the per-stream adaptation alone (gather, update,
+    forecast, scatter), interleaved; medians. An upper bound for its share of serving throughput: the step is
+    most, not all, of what an event costs."""
+    import torch
+    from lstmd.daemon import normalization as N
+    from lstmd.daemon.engine import Engine
+    from lstmd.daemon.model import ModelSpec, ServingModel
+    from lstmd.daemon.state_store import StateStore
+
+    torch.set_num_threads(1)
+    cpu, n = torch.device("cpu"), args.guard_batch
+    spec = ModelSpec(8, 64, 1, 8, "forecast", ())
+    engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
+    fresh = np.zeros(n, bool)
+    xt, slot_t, layout, table = torch.from_numpy(x), torch.from_numpy(slots), engine.layout, engine.store.adaptation
+    change = xt * 0.01
+
+    def adaptation() -> None:
+        rows = N.adapt_begin(layout, table.index_select(0, slot_t), xt, xt * 0.1, None)
+        N.adapt_finish(layout, rows, xt, change, None)
+        table.index_copy_(0, slot_t, rows)
+
+    step_s, guard_s = [], []
+    for i in range(args.guard_repeats + 5):
+        t0 = time.perf_counter()
+        engine.step(x, slots, fresh)
+        t1 = time.perf_counter()
+        adaptation()
+        if i >= 5:  # warm-up
+            step_s.append(t1 - t0)
+            guard_s.append(time.perf_counter() - t1)
+    step, guard = float(np.median(step_s)), float(np.median(guard_s))
+    return {"batch": n, "step_us": step * 1e6, "adaptation_us": guard * 1e6, "share": guard / step,
+            "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+
+
+def print_guard(result: dict) -> None:
+    print(f"\n## the guard's cost: {result['batch']} events per step, load average {result['load_avg_1m']:.1f}")
+    per_event = result["step_us"] / result["batch"] * 1e3
+    print(f"Engine.step {result['step_us']:.0f} us ({per_event:.0f} ns per event), of which the per-stream "
+          f"adaptation {result['adaptation_us']:.0f} us = {100 * result['share']:.1f}%")  # fmt: skip
+
+
 # ---- part 3: latency --------------------------------------------------------------------------------------
 
 
@@ -500,7 +554,7 @@ def print_latency(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "synthetic", "co2", "latency", "suite"], default="all")
+    parser.add_argument("--part", choices=["all", "synthetic", "co2", "latency", "suite", "guard"], default="all")
     parser.add_argument("--streams", type=int, default=200, help="synthetic streams")
     parser.add_argument("--half", type=int, default=1200, help="synthetic ticks before (and after) the change")
     parser.add_argument("--round-every", type=int, default=20, help="synthetic: ticks between training rounds")
@@ -518,6 +572,8 @@ def main() -> None:
         default=os.environ.get("LSTMD_DEEP_RIVER_PYTHON"),
         help="suite: a Python with deep-river installed (its own venv: its torch pin); unset: no deep-river column",
     )
+    parser.add_argument("--guard-batch", type=int, default=5000, help="guard: events per step")
+    parser.add_argument("--guard-repeats", type=int, default=300, help="guard: steps timed")
     parser.add_argument("--deep-river-worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -538,6 +594,9 @@ def main() -> None:
     if args.part in ("all", "suite"):
         results["suite"] = part_suite(args)
         print_suite(results["suite"])
+    if args.part in ("all", "guard"):
+        results["guard"] = part_guard(args)
+        print_guard(results["guard"])
     if args.part in ("all", "latency"):
         results["latency"] = part_latency(args)
         print_latency(results["latency"])

@@ -187,6 +187,7 @@ CLIP = 4.0  # inputs and scored or trained targets are clipped at this many scal
 GAIN_RATE = 0.02  # memory of the guard's statistics: about 50 events
 GAIN_PRIOR = 0.05
 FALLBACK_GAIN = 0.1  # a stream whose gain is below this in every column counts as falling back to the last value
+SCALE_FLOOR = 1e-12
 _FIRST = 1e30  # "no scale yet": caps nothing, and multiplies a gain of exactly 0 at a stream's first event
 
 
@@ -233,24 +234,39 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     f = layout.field
     s_prev, n, h = rows[:, f("scale")], rows[:, f("count")], rows[:, f("prev")]
     col = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
+    # Every op here costs a few microseconds per wave whatever its size, so: the weights that depend on the count
+    # come from one table lookup, masks multiply (torch.where costs ~8 multiplies on the CPU), and the fields update
+    # in place (a torch.cat of them cost as much as all the arithmetic).
+    steps = _count_steps(rows.device)
+    rate, weight = steps.index_select(0, n.squeeze(1).clamp(max=steps.shape[0] - 1).long()).unbind(1)
+    rate, weight = rate.unsqueeze(1), weight.unsqueeze(1)
     # The forecast made at the previous event (scored from the stream's third event: the first has no scale and
-    # the second a scale of one change) meets its target. Masks multiply (torch.where costs ~8 multiplies on the
-    # CPU) and the fields update in place (a torch.cat of them cost as much as all the arithmetic).
-    weight = (n >= 2).to(rows.dtype).mul_(GAIN_RATE)
+    # the second a scale of one change) meets its target.
     target = (col(dx) / col(s_prev)).clamp_(-CLIP, CLIP)
     rows[:, f("cross")].lerp_(target * h, weight)
     rows[:, f("dd")].lerp_(h * h, weight)
     rows[:, f("tt")].lerp_(target.square_(), weight)
     # The scale: _FIRST at a stream's first event (its change is 0), the first change sets it (rate 1), then a
-    # running mean, then the average; a change counts at most SCALE_CLIP scales (_FIRST caps nothing). Floored
-    # relative to the level: never 0.
+    # running mean, then the average; a change counts at most SCALE_CLIP scales (_FIRST caps nothing). Never 0:
+    # a stream that has not moved yet sees its first move as CLIP scales.
     size = torch.minimum(dx.abs(), s_prev * SCALE_CLIP)
-    rate = n.clamp_min(1.0).reciprocal_().clamp_(min=SCALE_RATE).mul_(n >= 1)
-    s_prev.lerp_(size, rate)
-    torch.maximum(s_prev, x.abs().mul_(1e-6).add_(1e-12), out=size)
-    s_prev.copy_(size)
+    s_prev.lerp_(size, rate).clamp_(min=SCALE_FLOOR)
     n.add_(1.0)
     return rows
+
+
+_STEPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _count_steps(device: torch.device) -> torch.Tensor:
+    """[k, 2]: the scale's rate and the guard's weight for a stream that has seen k events (the last row: all
+    later counts). Rate 0 at the first event (no change yet), then 1/k (a running mean), then SCALE_RATE; weight 0
+    for the first two events (no scored forecast yet), then GAIN_RATE."""
+    if device not in _STEPS:
+        k = torch.arange(int(1 / SCALE_RATE) + 2, dtype=torch.float64)
+        rate = torch.where(k >= 1, (1 / k.clamp_min(1)).clamp_min(SCALE_RATE), 0.0)
+        _STEPS[device] = torch.stack([rate, (k >= 2) * GAIN_RATE], 1).float().to(device)
+    return _STEPS[device]
 
 
 def adapt_finish(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, change: torch.Tensor,
