@@ -19,7 +19,13 @@ producer pauses), so the errors do not depend on how fast the machine trains; pa
 concurrently costs the serving path.
 
     python benchmarks/learning.py                   # all three parts
-    python benchmarks/learning.py --part synthetic  # or co2, latency
+    python benchmarks/learning.py --part synthetic  # or co2, latency, suite, guard
+
+4. suite: eight real series from statsmodels as streams of one daemon (standardised on their first quarter,
+   one-step-ahead, online, error on the second half) against the last value, seasonal naive, the frozen model
+   and deep-river's rolling LSTM regressor (`--deep-river-python` or LSTMD_DEEP_RIVER_PYTHON: a Python with
+   deep-river, in its own virtual environment; it pins an older torch). One table and the geometric means.
+5. guard: the per-stream adaptation's share of the serving step's time (in process).
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lstmd.clients.bench import free_tcp_port
 
 SERVE_LOOPBACK = [
     "serve.events=tcp://127.0.0.1:*",
@@ -218,6 +223,218 @@ def part_co2(args) -> dict:
     )
 
 
+# ---- part 4: a suite of real series as streams of one daemon ------------------------------------------------
+
+# (name, loader, season): public series that ship inside statsmodels (no downloads at run time); season: the
+# seasonal-naive forecast's lag where the series has one.
+SUITE = (
+    ("co2 weekly", lambda d: d.co2.load_pandas().data["co2"].interpolate().bfill(), 52),
+    ("sunspots yearly", lambda d: d.sunspots.load_pandas().data["SUNACTIVITY"], 11),
+    ("nile yearly", lambda d: d.nile.load_pandas().data["volume"], None),
+    ("elnino monthly", lambda d: d.elnino.load_pandas().data.iloc[:, 1:].stack(), 12),
+    ("us real gdp quarterly", lambda d: d.macrodata.load_pandas().data["realgdp"], None),
+    ("us cpi quarterly", lambda d: d.macrodata.load_pandas().data["cpi"], None),
+    ("us unemployment quarterly", lambda d: d.macrodata.load_pandas().data["unemp"], None),
+    ("us t-bill rate quarterly", lambda d: d.macrodata.load_pandas().data["tbilrate"], None),
+)
+
+
+def load_suite() -> list[tuple[str, np.ndarray, int | None]]:
+    """Each series standardised on its first quarter (as a user would before going live), float32."""
+    try:
+        import statsmodels.api as sm
+    except ImportError:
+        sys.exit("the suite needs statsmodels: pip install statsmodels (or pip install -e '.[bench]')")
+    out = []
+    for name, load, season in SUITE:
+        x = np.asarray(load(sm.datasets), np.float64)
+        q = x[: len(x) // 4]
+        out.append((name, ((x - q.mean()) / q.std()).astype(np.float32), season))
+    return out
+
+
+def run_suite_daemons(suite, model: list[str], train: list[str], round_every: int) -> dict:
+    """Every series is one stream of the same daemons (trained and frozen): one event per series per tick, a
+    training round every `round_every` ticks. Returns each stream's one-step forecasts [len] (NaN: none)."""
+    from lstmd.clients import Admin, Producer
+
+    n, ticks = len(suite), max(len(x) for _, x, _ in suite)
+    forecasts = {k: [np.full(len(x), np.nan, np.float32) for _, x, _ in suite] for k in ("trained", "frozen")}
+    model = [*model, f"state.capacity={max(4, n)}"]
+    rounds = published = 0
+    with tempfile.TemporaryDirectory(prefix="lstmd-suite-") as tmp:
+        daemons = {
+            "trained": start_daemon(Path(tmp) / "t", [*model, "train.enabled=true", "train.interval=0", *train]),
+            "frozen": start_daemon(Path(tmp) / "f", model),
+        }
+        admin = Admin(daemons["trained"].endpoints["control"])
+        producers = {k: Producer(d.endpoints["events"]) for k, d in daemons.items()}
+        started = time.perf_counter()
+        try:
+            for t in range(ticks):
+                ids = [i for i, (_, x, _) in enumerate(suite) if t < len(x)]
+                events = np.array([[suite[i][1][t]] for i in ids], np.float32)
+                for k, producer in producers.items():
+                    pred = producer.send(ids, events)
+                    for j, i in enumerate(ids):
+                        if t + 1 < len(suite[i][1]):
+                            forecasts[k][i][t + 1] = pred[j, 0]
+                if t > 0 and t % round_every == 0:
+                    status = admin.train_now(wait=120)
+                    rounds += 1
+                    published += status["last_round"]["outcome"] == "published"
+            guard = admin.train_status().get("guard")
+        finally:
+            for producer in producers.values():
+                producer.close()
+            for daemon in daemons.values():
+                daemon.stop_and_join()
+    return {"forecasts": forecasts, "rounds": rounds, "published": published, "guard": guard,
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def deep_river_forecasts(python: str, suite) -> list[np.ndarray]:
+    """deep-river's RollingRegressor with an LSTM (its own virtual environment: `python`), one model per series,
+    fed the series' change and predicting the next change (the same idea lstmd uses; fed levels it does worse)."""
+    with tempfile.TemporaryDirectory(prefix="lstmd-deep-river-") as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, *[x for _, x, _ in suite])
+        subprocess.run([python, __file__, "--deep-river-worker", str(src), str(dst)], check=True)
+        with np.load(dst) as out:
+            return [out[f"arr_{i}"] for i in range(len(suite))]
+
+
+def deep_river_worker(src: str, dst: str) -> None:
+    """Runs inside deep-river's environment: one-step forecasts of every series in `src`, written to `dst`."""
+    import torch
+    from deep_river.regression import RollingRegressor
+
+    class LstmModule(torch.nn.Module):
+        def __init__(self, n_features: int, hidden_size: int = 16):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(n_features, hidden_size, num_layers=1)
+            self.head = torch.nn.Linear(hidden_size, 1)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)  # [window, batch, features] (deep-river's rolling layout)
+            return self.head(out[-1])
+
+    torch.manual_seed(0)
+    results = []
+    with np.load(src) as data:
+        for key in sorted(data.files, key=lambda k: int(k.split("_")[1])):
+            x = data[key].astype(np.float64)
+            model = RollingRegressor(
+                module=LstmModule(1), loss_fn="mse", optimizer_fn="adam", window_size=30, lr=1e-3, seed=0
+            )
+            pred = np.full(len(x), np.nan, np.float32)
+            for t in range(1, len(x) - 1):
+                features = {"change": float(x[t] - x[t - 1])}
+                pred[t + 1] = x[t] + float(model.predict_one(features))
+                model.learn_one(features, float(x[t + 1] - x[t]))
+            results.append(pred)
+    np.savez(dst, *results)
+
+
+def part_suite(args) -> dict:
+    suite = load_suite()
+    model = ["model.task=forecast", "model.input_size=1", "model.output_size=1",
+             f"model.hidden_size={args.suite_hidden}", f"model.seed={args.seed}"]  # fmt: skip
+    train = ["train.min_windows=1", *args.suite_set]
+    run = run_suite_daemons(suite, model, train, args.suite_round_every)
+    deep = deep_river_forecasts(args.deep_river_python, suite) if args.deep_river_python else None
+    rows = []
+
+    def mae(forecast: np.ndarray, x: np.ndarray) -> float:  # over the second half
+        return float(np.nanmean(np.abs(forecast[len(x) // 2 :] - x[len(x) // 2 :])))
+
+    for i, (name, x, season) in enumerate(suite):
+        mae_x = lambda f, x=x: mae(f, x)  # noqa: E731
+        last = np.concatenate([[np.nan], x[:-1]])
+        row = {"series": name, "events": len(x), "last_value": mae_x(last)}
+        if season:
+            row["seasonal_naive"] = mae_x(np.concatenate([np.full(season, np.nan), x[:-season]]))
+        row["frozen"] = mae_x(run["forecasts"]["frozen"][i])
+        row["trained"] = mae_x(run["forecasts"]["trained"][i])
+        if deep is not None:
+            row["deep_river"] = mae_x(deep[i])
+        rows.append(row)
+    geo = lambda key: float(np.exp(np.mean([np.log(r[key] / r["last_value"]) for r in rows])))  # noqa: E731
+    means = {k: geo(k) for k in ("frozen", "trained", "deep_river") if k in rows[0]}
+    kept = {k: run[k] for k in ("rounds", "published", "seconds", "guard")}
+    return {"rows": rows, "geomean_vs_last_value": means, "model": model, "train": train,
+            "round_every": args.suite_round_every, **kept}  # fmt: skip
+
+
+def print_suite(result: dict) -> None:
+    rows = result["rows"]
+    deep = "deep_river" in rows[0]
+    print(f"\n## suite: {len(rows)} real series as streams of one daemon (mean absolute one-step error, second half)")
+    print(f"{' '.join(result['model'][1:])}; {' '.join(result['train'])}; a round every {result['round_every']} ticks: "
+          f"{result['rounds']} rounds, {result['published']} published, {result['seconds']} s; guard {result['guard']}")
+    head = "| series | events | last value | seasonal naive | frozen | trained | trained / last | trained <= frozen |"
+    print(head + (" deep-river | trained / deep-river |" if deep else ""))
+    print("|---" * (head.count("|") - 1 + (2 if deep else 0)) + "|")
+    for r in rows:
+        sn = f"{r['seasonal_naive']:.4f}" if "seasonal_naive" in r else "-"
+        line = (f"| {r['series']} | {r['events']} | {r['last_value']:.4f} | {sn} | {r['frozen']:.4f} | "
+                f"{r['trained']:.4f} | {r['trained'] / r['last_value']:.3f} | "
+                f"{'yes' if r['trained'] <= r['frozen'] else 'no'} |")  # fmt: skip
+        if deep:
+            line += f" {r['deep_river']:.4f} | {r['trained'] / r['deep_river']:.3f} |"
+        print(line)
+    print("geometric mean over the suite, / last value: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result["geomean_vs_last_value"].items()))  # fmt: skip
+
+
+def part_guard(args) -> dict:
+    """The guard's share of the serving step: Engine.step of a forecast model (I = O = 8, H = 64, one wave of
+    `--guard-batch` streams on the CPU, one torch thread) against the per-stream adaptation alone (gather, update,
+    forecast, scatter), interleaved; medians. An upper bound for its share of serving throughput: the step is
+    most, not all, of what an event costs."""
+    import torch
+    from lstmd.daemon import normalization as N
+    from lstmd.daemon.engine import Engine
+    from lstmd.daemon.model import ModelSpec, ServingModel
+    from lstmd.daemon.state_store import StateStore
+
+    torch.set_num_threads(1)
+    cpu, n = torch.device("cpu"), args.guard_batch
+    spec = ModelSpec(8, 64, 1, 8, "forecast", ())
+    engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
+    fresh = np.zeros(n, bool)
+    xt, slot_t, layout, table = torch.from_numpy(x), torch.from_numpy(slots), engine.layout, engine.store.adaptation
+    change = xt * 0.01
+
+    def adaptation() -> None:
+        rows = N.adapt_begin(layout, table.index_select(0, slot_t), xt, xt * 0.1, None)
+        N.adapt_finish(layout, rows, xt, change, None)
+        table.index_copy_(0, slot_t, rows)
+
+    step_s, guard_s = [], []
+    for i in range(args.guard_repeats + 5):
+        t0 = time.perf_counter()
+        engine.step(x, slots, fresh)
+        t1 = time.perf_counter()
+        adaptation()
+        if i >= 5:  # warm-up
+            step_s.append(t1 - t0)
+            guard_s.append(time.perf_counter() - t1)
+    step, guard = float(np.median(step_s)), float(np.median(guard_s))
+    return {"batch": n, "step_us": step * 1e6, "adaptation_us": guard * 1e6, "share": guard / step,
+            "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+
+
+def print_guard(result: dict) -> None:
+    print(f"\n## the guard's cost: {result['batch']} events per step, load average {result['load_avg_1m']:.1f}")
+    per_event = result["step_us"] / result["batch"] * 1e3
+    print(f"Engine.step {result['step_us']:.0f} us ({per_event:.0f} ns per event), of which the per-stream "
+          f"adaptation {result['adaptation_us']:.0f} us = {100 * result['share']:.1f}%")  # fmt: skip
+
+
 # ---- part 3: latency --------------------------------------------------------------------------------------
 
 
@@ -234,6 +451,7 @@ def _latencies(producer, ids, rng, seconds: float) -> np.ndarray:
 
 def part_latency(args) -> dict:
     from lstmd.clients import Admin, Producer
+    from lstmd.clients.bench import free_tcp_port
 
     events, control = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     results = {}
@@ -336,7 +554,7 @@ def print_latency(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "synthetic", "co2", "latency"], default="all")
+    parser.add_argument("--part", choices=["all", "synthetic", "co2", "latency", "suite", "guard"], default="all")
     parser.add_argument("--streams", type=int, default=200, help="synthetic streams")
     parser.add_argument("--half", type=int, default=1200, help="synthetic ticks before (and after) the change")
     parser.add_argument("--round-every", type=int, default=20, help="synthetic: ticks between training rounds")
@@ -346,8 +564,22 @@ def main() -> None:
     parser.add_argument("--latency-streams", type=int, default=100)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="train.threads settings to time")
+    parser.add_argument("--suite-set", nargs="*", default=[], help="config overrides for the suite's trained daemon")
+    parser.add_argument("--suite-round-every", type=int, default=8, help="suite: ticks between training rounds")
+    parser.add_argument("--suite-hidden", type=int, default=32, help="suite: model.hidden_size")
+    parser.add_argument(
+        "--deep-river-python",
+        default=os.environ.get("LSTMD_DEEP_RIVER_PYTHON"),
+        help="suite: a Python with deep-river installed (its own venv: its torch pin); unset: no deep-river column",
+    )
+    parser.add_argument("--guard-batch", type=int, default=5000, help="guard: events per step")
+    parser.add_argument("--guard-repeats", type=int, default=300, help="guard: steps timed")
+    parser.add_argument("--deep-river-worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.deep_river_worker:
+        deep_river_worker(*args.deep_river_worker)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     print(
         f"# lstmd learning benchmark: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPU cores"
@@ -359,6 +591,12 @@ def main() -> None:
     if args.part in ("all", "co2"):
         results["co2"] = part_co2(args)
         print_learning(results["co2"])
+    if args.part in ("all", "suite"):
+        results["suite"] = part_suite(args)
+        print_suite(results["suite"])
+    if args.part in ("all", "guard"):
+        results["guard"] = part_guard(args)
+        print_guard(results["guard"])
     if args.part in ("all", "latency"):
         results["latency"] = part_latency(args)
         print_latency(results["latency"])

@@ -154,22 +154,26 @@ class TrainConfig(_Section):
     interval_events: Annotated[int, doc("also start a round after this many recorded events; 0: off", ge=0)] = 0
     k2: Annotated[int, doc("truncation length: steps per training window", ge=1)] = 32
     batch: Annotated[int, doc("windows per optimizer step, sampled across streams", ge=1)] = 64
-    steps: Annotated[int, doc("optimizer steps per round", ge=1)] = 20
+    # steps, lr, holdout_windows, record_steps: chosen on the real series of benchmarks/learning.py --part suite
+    # (docs/benchmarks.md "Online learning"): few large steps per round overfit the recent windows least.
+    steps: Annotated[int, doc("optimizer steps per round", ge=1)] = 5
     optimizer: Annotated[Literal["adam", "sgd"], doc("the optimizer")] = "adam"
-    lr: Annotated[float, doc("learning rate", gt=0)] = 3e-3
+    lr: Annotated[float, doc("learning rate", gt=0)] = 1e-2
     clip_norm: Annotated[float, doc("gradient-norm clipping", gt=0)] = 1.0
     tolerance: Annotated[
         float, doc("publish when holdout loss <= serving loss * (1 + tolerance)", ge=0)
     ] = 0.0
     holdout_windows: Annotated[
         int, doc("newest windows of each recorded stream held out for the check (few streams: more)", ge=1)
-    ] = 1
+    ] = 2
     forecast_inputs: Annotated[
-        Literal["change", "level"], doc("forecast: the LSTM sees changes or levels (normalization.py)")
-    ] = "change"
+        Literal["stream", "change", "level"],
+        doc("forecast: the LSTM sees changes in each stream's own scale (with the guard), changes or levels "
+            "(normalization.py)"),
+    ] = "stream"
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
-    record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 128
+    record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
     record_idle_s: Annotated[
         float, doc("a recorded stream idle this long may give its buffer to a new stream", ge=0)
     ] = 60.0

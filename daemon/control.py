@@ -198,7 +198,8 @@ def _trainer(daemon: Daemon):
 def _train_status(daemon: Daemon, args: dict) -> dict:
     if daemon.trainer is None:
         return {"enabled": False}
-    return {**daemon.trainer.status(), "model_version": daemon.engine.model.version}
+    guard = {"guard": daemon.guard_summary()} if daemon.store.adaptation is not None else {}
+    return {**daemon.trainer.status(), "model_version": daemon.engine.model.version, **guard}
 
 
 @command("train_now")

@@ -81,26 +81,15 @@ class _Static:
 
     def __init__(self, model: ServingModel) -> None:
         self.model = ServingModel(model.spec, {k: v.clone() for k, v in model.tensors.items()}, model.version)
-        norm = model.normalization
-        if norm is not None:  # a copy with tensors of its own
-            self.model.normalization = type(norm)(norm.mean.clone(), norm.std.clone(), norm.delta_scale.clone(),
-                                                  norm.inputs)  # fmt: skip
 
     def fits(self, model: ServingModel) -> bool:
-        """Whether `model` can be copied in: same sizes and task, and the same normalisation branch (the
-        captured graphs hold the Python branches taken at capture)."""
-        mine, theirs = self.model.normalization, model.normalization
-        if (mine is None) != (theirs is None):
-            return False
-        return model.spec == self.model.spec and (mine is None or mine.inputs == theirs.inputs)
+        """Whether `model` can be copied in: same sizes and task."""
+        return model.spec == self.model.spec
 
     def load(self, model: ServingModel) -> None:
         """Copy a model that fits() into these tensors, on the current stream."""
         for name, tensor in model.tensors.items():
             self.model.tensors[name].copy_(tensor, non_blocking=True)
-        if model.normalization is not None:
-            for k in ("mean", "std", "delta_scale"):
-                getattr(self.model.normalization, k).copy_(getattr(model.normalization, k), non_blocking=True)
 
 
 class DeviceStep:
@@ -110,11 +99,13 @@ class DeviceStep:
         self,
         model: ServingModel,  # on `device`
         store: StateStore,
-        last_x: torch.Tensor | None,  # [S, I] forecast models' last events, or None
         kernel_backend: str,  # "triton" or "torch": lstm_step_'s backend
         device: torch.device,
         cuda_graphs: bool,
     ) -> None:
+        if model.spec.task == "forecast":  # per-stream adaptation (daemon/normalization.py) is not in the graph
+            raise ValueError("DeviceStep serves regression and classification models; forecast models step "
+                             "through the engine's general path")
         self.device = device
         self.cuda = device.type == "cuda"
         self.graphs_enabled = cuda_graphs and self.cuda
@@ -130,10 +121,6 @@ class DeviceStep:
         self.h[:, :S] = store.h
         self.c[:, :S] = store.c
         store.h, store.c = self.h[:, :S], self.c[:, :S]
-        self.last_x_full = None
-        if last_x is not None:
-            self.last_x_full = torch.full((S + 1, spec.input_size), float("nan"), device=device)
-            self.last_x_full[:S] = last_x
         self.static = _Static(model)
         self._loaded = model
         self._weights = None
@@ -157,11 +144,6 @@ class DeviceStep:
             self._copied = [torch.cuda.Event() for _ in range(2)]  # the host→device copy of buffer k has finished
             self._done = [torch.cuda.Event() for _ in range(2)]  # wave k's predictions are in host memory
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
-
-    @property
-    def last_x(self) -> torch.Tensor | None:
-        """The view of the forecast table the engine keeps (its first S rows)."""
-        return None if self.last_x_full is None else self.last_x_full[: self.scratch]
 
     def step(self, model: ServingModel, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance `slots` (distinct) one event each; predictions [n, O] float32. Waves over MAX_BUCKET go in chunks
@@ -215,8 +197,8 @@ class DeviceStep:
         return pending
 
     def _publish(self, model: ServingModel) -> None:
-        """Serve `model` from the next wave: copied into the captured tensors, or, where it changes what the
-        graphs branched on (a forecast model's inputs kind), into new ones, the graphs captured again."""
+        """Serve `model` from the next wave: copied into the captured tensors, or, should it not fit them, into
+        new ones, the graphs captured again."""
         if self.static.fits(model):
             self.static.load(model)
         else:
@@ -256,14 +238,6 @@ class DeviceStep:
         slots, x, reset = staging_views(self._staging, bucket, self.input_size)
         model = self.static.model
         inputs = x
-        if self.last_x_full is not None:  # forecast: the change since each stream's previous event (0 at its first)
-            previous = self.last_x_full.index_select(0, slots)
-            unknown = previous.isnan() | reset.unsqueeze(1)
-            previous = torch.where(unknown, x, previous)
-            self.last_x_full.index_copy_(0, slots, x)
-        norm = model.normalization
-        if norm is not None:
-            inputs = norm.lstm_inputs(x, x - previous)
         if self._weights is not None:
             from lstmd.kernels import triton_lstm
 
@@ -275,8 +249,6 @@ class DeviceStep:
             y = reference.lstm_step_(inputs, slots, self.h, self.c, model.params, reset)
         weight, bias = model.head
         out = torch.addmm(bias, y, weight.t())
-        if norm is not None:
-            out = norm.predictions(x, out, model.columns)
         if model.spec.task == "classification":
             out = out.softmax(-1)
         self._out[:bucket].copy_(out)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 from lstmd.daemon.model import ServingModel
+from lstmd.daemon.normalization import AdaptationLayout, adapt_begin, adapt_finish
 from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.tasks import task_for
 from lstmd.kernels import lstm_step_
@@ -53,16 +54,17 @@ class Engine:
         # keeps every slot's last event next to the state tables (daemon/tasks.py LastEvents); others keep none.
         self.task = task_for(model.spec)
         self.stream_state = self.task.stream_state(store.capacity, device)
+        self.layout = None
+        if self.stream_state is not None:  # per-stream scale and guard (normalization.py), every forecast model
+            self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size)
+            store.enable_adaptation(self.layout.initial_row())
         self._device_step = None
-        if device.type == "cuda":
+        if device.type == "cuda" and self.stream_state is None:
             from lstmd.daemon.device_step import DeviceStep
 
-            # It takes over the state tables (one scratch row more) and the last events; the store and the
-            # task's LastEvents keep views of them.
-            rows = None if self.stream_state is None else self.stream_state.rows
-            self._device_step = DeviceStep(self.model, store, rows, self.backends.kernel, device, cuda_graphs)
-            if self.stream_state is not None:
-                self.stream_state.rows = self._device_step.last_x
+            # It takes over the state tables (one scratch row more); the store keeps views of them. Forecast
+            # models (per-stream adaptation, not in DeviceStep yet) step through the path below on CUDA too.
+            self._device_step = DeviceStep(self.model, store, self.backends.kernel, device, cuda_graphs)
 
     @property
     def backend_name(self) -> str:
@@ -94,12 +96,17 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        inputs = x
+        inputs, rows = x, None
         if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
-            previous = self.stream_state.previous(x, slot_t, reset)
+            dx = x - self.stream_state.previous(x, slot_t, reset)
+            # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
+            rows = self.store.adaptation.index_select(0, slot_t)
+            if reset is not None:
+                rows[reset] = self.store.adaptation_init
+            rows = adapt_begin(self.layout, rows, x, dx, model.columns)
         norm = model.normalization
         if norm is not None:
-            inputs = norm.lstm_inputs(x, x - previous)
+            inputs = norm.lstm_inputs(x, dx, rows[:, self.layout.field("scale")])
         if self._cpu_step is not None:  # the step and the head, on the rows each thread just computed
             out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
         else:
@@ -110,6 +117,10 @@ class Engine:
             )
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
-        if norm is not None:
+        if norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
+            out = adapt_finish(self.layout, rows, x, out, model.columns)
+        elif norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
+        if rows is not None:
+            self.store.adaptation.index_copy_(0, slot_t, rows)
         return self.task.replies(out).cpu().numpy()

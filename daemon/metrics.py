@@ -49,7 +49,7 @@ DURATION_BUCKETS = (1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
 EVENT_STATUSES = ("ok", "duplicate", "state_reset", "rejected")
 EVICTION_CAUSES = ("capacity", "ttl", "drop")
 TRAIN_OUTCOMES = ("published", "rejected", "diverged", "skipped")
-HOLDOUT_MODELS = ("serving", "candidate")
+HOLDOUT_MODELS = ("serving", "candidate", "baseline")
 DEVICE_MEMORY_KINDS = ("allocated", "reserved")
 DROP_REASONS = (
     ("reply", "peer_not_reading"),
@@ -67,7 +67,8 @@ class Metrics:
     `.labels(...)` on them directly. Label values in use: `events{status}` ok|duplicate|state_reset|rejected;
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
     `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
-    the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate;
+    the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate|baseline (the
+    last value); `forecast_error_ratio{forecast}` served|model;
     `device_memory{kind}` allocated|reserved;
     `control_commands{command, outcome}` outcome ok|error|internal_error|refused;
     `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error;
@@ -176,6 +177,23 @@ class Metrics:
         self.holdout_loss = Gauge(
             "lstmd_holdout_loss", "Loss on the held-out recent slice, by model", ["model"], registry=r
         )
+        # The forecast guard (daemon/normalization.py): refreshed by the loop's housekeeping every few seconds.
+        self.forecast_fallback_streams = Gauge(
+            "lstmd_forecast_fallback_streams",
+            "Forecast streams served the last value (the guard's gain below 0.1 in every column)",
+            registry=r,
+        )
+        self.forecast_gain = Gauge(
+            "lstmd_forecast_gain_mean", "Mean guard gain over forecast streams (1: the model's change as predicted)",
+            registry=r,
+        )
+        self.forecast_error_ratio = Gauge(
+            "lstmd_forecast_error_ratio",
+            "Recent squared forecast error over the last value's, all streams in their own scales (served: after the "
+            "guard; model: the model's unshrunk forecast)",
+            ["forecast"],
+            registry=r,
+        )
         self.train_round_duration = Histogram(
             "lstmd_train_round_duration_seconds",
             "Duration of a training round",
@@ -241,8 +259,19 @@ class Metrics:
             self.holdout_loss.labels(model).set(float("nan"))
         for kind in DEVICE_MEMORY_KINDS:
             self.device_memory.labels(kind).set(0)
+        for forecast in ("served", "model"):
+            self.forecast_error_ratio.labels(forecast).set(float("nan"))
+        self.forecast_gain.set(float("nan"))
 
     # --- state the daemon reports --------------------------------------------------------------------------
+
+    def set_guard(self, summary: dict) -> None:
+        """The forecast guard's gauges from daemon/normalization.py's guard_summary (None: not measured yet)."""
+        nan = float("nan")
+        self.forecast_fallback_streams.set(summary.get("fallback_streams", 0))
+        self.forecast_gain.set(summary.get("mean_gain") if summary.get("mean_gain") is not None else nan)
+        for forecast, value in (summary.get("error_vs_last_value") or {}).items():
+            self.forecast_error_ratio.labels(forecast).set(nan if value is None else value)
 
     def set_ready(self, ready: bool) -> None:
         """Mark the daemon ready (sockets bound, state restored) or not (starting, draining)."""

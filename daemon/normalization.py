@@ -1,10 +1,16 @@
-"""Forecast normalisation: how a forecast model copes with level and scale drift.
+"""Forecast normalisation: how a forecast model copes with level and scale drift, per stream, and the guard that
+keeps its forecasts from losing to the last value.
 
 A forecast model sees each stream's *change* since its previous event, scaled by the typical size of one step's
-change, and predicts the next change in the same units:
+change, and predicts the next change in the same units. With `inputs = "stream"` (the default) that scale is
+the stream's own, kept per stream in the state store, and the predicted change is shrunk per stream by the
+guard's gain g in [0, 1] (below, "per-stream adaptation and the guard"):
 
-    d_t = (x_t - x_{t-1}) / delta_scale        (d = 0 at a stream's first event, and after a reset)
-    prediction_t = x_t[cols] + delta_scale[cols] * head(lstm(d_1 .. d_t))
+    d_t = clip((x_t - x_{t-1}) / scale_t, -4, 4)      (d = 0 at a stream's first event, and after a reset)
+    prediction_t = x_t[cols] + scale_t[cols] * g_t * head(lstm(d_1 .. d_t))
+
+With `inputs = "change"` the scale is the model's `delta_scale` (one per feature, from recent events of all
+streams) and there is no gain: prediction_t = x_t[cols] + delta_scale[cols] * head(lstm(d_1 .. d_t)).
 
 so a model that has learnt nothing yet (head output near 0) is the naive last-value forecast, and neither the
 level nor a trend of the series ever leaves the range the weights were trained on. `cols` are the forecast
@@ -30,7 +36,7 @@ import torch
 
 METADATA_KEY = "forecast_normalization"
 COLUMNS_KEY = "forecast_columns"
-INPUTS = ("change", "level")
+INPUTS = ("stream", "change", "level")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class ForecastNormalization:
     mean: torch.Tensor  # [I]
     std: torch.Tensor  # [I], > 0
     delta_scale: torch.Tensor  # [I], > 0: typical size of one step's change
-    inputs: str = "change"  # what the LSTM sees: "change" (x_t - x_{t-1}) / delta_scale, or "level" (x - mean) / std
+    # What the LSTM sees: "stream" (x_t - x_{t-1}) / the stream's own scale (StreamAdaptation, the default),
+    # "change" (x_t - x_{t-1}) / delta_scale, or "level" (x - mean) / std.
+    inputs: str = "stream"
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
@@ -53,11 +61,11 @@ class ForecastNormalization:
             raise ValueError("forecast normalisation std and delta_scale must be positive")
 
     @classmethod
-    def identity(cls, size: int, inputs: str = "change") -> ForecastNormalization:
+    def identity(cls, size: int, inputs: str = "stream") -> ForecastNormalization:
         return cls(torch.zeros(size), torch.ones(size), torch.ones(size), inputs)
 
     @classmethod
-    def from_data(cls, x: torch.Tensor, dx: torch.Tensor, inputs: str = "change") -> ForecastNormalization:
+    def from_data(cls, x: torch.Tensor, dx: torch.Tensor, inputs: str = "stream") -> ForecastNormalization:
         """Statistics of recent events x [N, I] and of their one-step changes dx [M, I] (finite values only)."""
         mean = x.mean(0)
         # Floors keep a constant feature from blowing up its inputs once it moves: relative to its level.
@@ -71,8 +79,11 @@ class ForecastNormalization:
             self.mean.to(device), self.std.to(device), self.delta_scale.to(device), self.inputs
         )
 
-    def lstm_inputs(self, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-        """What the LSTM sees, from events x and their changes dx = x_t - x_{t-1} (any leading shape)."""
+    def lstm_inputs(self, x: torch.Tensor, dx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """What the LSTM sees, from events x and their changes dx = x_t - x_{t-1} (any leading shape); `scale`:
+        each event's stream scale (StreamAdaptation), needed by "stream" inputs."""
+        if self.inputs == "stream":
+            return stream_inputs(dx, scale)
         if self.inputs == "change":
             return dx / self.delta_scale
         return (x - self.mean) / self.std
@@ -83,10 +94,6 @@ class ForecastNormalization:
         if columns is None:
             return torch.addcmul(x, head_out, self.delta_scale)
         return torch.addcmul(x.index_select(-1, columns), head_out, self.delta_scale.index_select(0, columns))
-
-    def target_scale(self, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """delta_scale of the forecast columns: the unit forecast errors are measured in."""
-        return self.delta_scale if columns is None else self.delta_scale.index_select(0, columns)
 
     def to_json(self) -> str:
         stats = {k: [float(v) for v in getattr(self, k).cpu()] for k in ("mean", "std", "delta_scale")}
@@ -138,6 +145,156 @@ def predict_file_sequence(
     norm = ForecastNormalization.from_json(metadata[METADATA_KEY])
     columns = read_columns(metadata)
     index = None if columns is None else torch.tensor(columns, dtype=torch.long)
+    if norm.inputs == "stream":  # event by event: the stream's scale and guard evolve with it
+        B, T, _ = x.shape
+        layout = AdaptationLayout(x.shape[2], head.out_features)
+        rows = layout.initial_row().expand(B, -1).clone()
+        state, out = None, []
+        for t in range(T):
+            dx = x[:, t] - x[:, t - 1] if t else torch.zeros_like(x[:, 0])
+            rows = adapt_begin(layout, rows, x[:, t], dx, index)
+            y, state = lstm(stream_inputs(dx, rows[:, layout.field("scale")]).unsqueeze(1), state)
+            out.append(adapt_finish(layout, rows, x[:, t], head(y[:, 0]), index))
+        return torch.stack(out, 1)
     dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)  # 0 at a stream's first event
     y, _ = lstm(norm.lstm_inputs(x, dx))
     return norm.predictions(x, head(y), index)
+
+
+# ---- per-stream adaptation and the guard ("stream" inputs) ---------------------------------------------------
+#
+# Every forecast stream keeps one packed row in the state store's adaptation table ([capacity, width], float32,
+# on the device; AdaptationLayout says where each field is), updated for a whole wave with one gather, about
+# twenty elementwise tensor ops and one scatter: no per-stream Python work.
+#   scale [I]   its typical |change| per feature: a running mean over its first 1/SCALE_RATE changes, then an
+#               exponential average; a change larger than SCALE_CLIP scales moves it by SCALE_CLIP scales at most
+#               (an outlier burst or a level shift does not blow the scale up, real growth still wins in a few steps)
+#   count       events since the stream (re)started
+#   prev [O]    the model's last predicted change, in units of the scale it was made with (not shrunk)
+#   cross, dd, tt [O]  exponential averages (rate GAIN_RATE) of target*prev, prev*prev and target*target, where
+#               target is the change that then happened, in the same units, clipped at CLIP
+# The served forecast is  x_t[cols] + scale[cols] * gain * change  with  gain = clamp(cross / dd, 0, 1): the least-
+# squares factor by which this stream's recent predicted changes should have been shrunk toward the last value.
+# A model that is no help on a stream gets gain 0 there, i.e. the last-value forecast (counted as a fallback
+# stream); one that helps keeps gain near 1. A stream starts with cross = 0, dd = GAIN_PRIOR: a ridge prior toward
+# the last value, so a stream's forecasts start as the last value and move toward the model as it proves itself.
+# The recent squared errors follow from the same averages: last value tt, model tt - 2 cross + dd, served (at the
+# current gain) tt - 2 g cross + g^2 dd.
+
+SCALE_RATE = 0.05
+SCALE_CLIP = 10.0
+CLIP = 4.0  # inputs and scored or trained targets are clipped at this many scales: outliers, level shifts
+GAIN_RATE = 0.02  # memory of the guard's statistics: about 50 events
+GAIN_PRIOR = 0.05
+FALLBACK_GAIN = 0.1  # a stream whose gain is below this in every column counts as falling back to the last value
+SCALE_FLOOR = 1e-12
+_FIRST = 1e30  # "no scale yet": caps nothing, and multiplies a gain of exactly 0 at a stream's first event
+
+
+@dataclass(frozen=True)
+class AdaptationLayout:
+    """Where each per-stream field sits in a packed adaptation row (I inputs, O forecast columns)."""
+
+    inputs: int
+    outputs: int
+
+    @property
+    def width(self) -> int:
+        return self.inputs + 1 + 4 * self.outputs
+
+    def field(self, name: str) -> slice:
+        i, o = self.inputs, self.outputs
+        start = {"scale": 0, "count": i, "prev": i + 1, "cross": i + 1 + o, "dd": i + 1 + 2 * o,
+                 "tt": i + 1 + 3 * o}[name]  # fmt: skip
+        return slice(start, start + (1 if name == "count" else o if name != "scale" else i))
+
+    def initial_row(self, device=None) -> torch.Tensor:
+        """A stream's row before its first event."""
+        row = torch.zeros(self.width, device=device)
+        row[self.field("scale")] = _FIRST
+        row[self.field("dd")] = GAIN_PRIOR
+        return row
+
+
+def stream_inputs(dx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What a "stream" model's LSTM sees: each change in units of its stream's scale, clipped."""
+    return (dx / scale).clamp(-CLIP, CLIP)
+
+
+def gain(cross: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    return (cross / dd.clamp_min(1e-12)).clamp(0.0, 1.0)
+
+
+def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+                columns: torch.Tensor | None) -> torch.Tensor:
+    """One event per row: score the previous forecast, update the scale. `rows` [B, width]: the streams' rows,
+    a gathered copy (initial rows where a stream starts over), updated in place and returned; x [B, I]; dx [B, I]
+    their changes (0 at a start). rows[:, field("scale")] is then the scale of this change; adapt_finish adds
+    the new prediction."""
+    f = layout.field
+    s_prev, n, h = rows[:, f("scale")], rows[:, f("count")], rows[:, f("prev")]
+    col = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
+    # Every op here costs a few microseconds per wave whatever its size, so: the weights that depend on the count
+    # come from one table lookup, masks multiply (torch.where costs ~8 multiplies on the CPU), and the fields update
+    # in place (a torch.cat of them cost as much as all the arithmetic).
+    steps = _count_steps(rows.device)
+    rate, weight = steps.index_select(0, n.squeeze(1).clamp(max=steps.shape[0] - 1).long()).unbind(1)
+    rate, weight = rate.unsqueeze(1), weight.unsqueeze(1)
+    # The forecast made at the previous event (scored from the stream's third event: the first has no scale and
+    # the second a scale of one change) meets its target.
+    target = (col(dx) / col(s_prev)).clamp_(-CLIP, CLIP)
+    rows[:, f("cross")].lerp_(target * h, weight)
+    rows[:, f("dd")].lerp_(h * h, weight)
+    rows[:, f("tt")].lerp_(target.square_(), weight)
+    # The scale: _FIRST at a stream's first event (its change is 0), the first change sets it (rate 1), then a
+    # running mean, then the average; a change counts at most SCALE_CLIP scales (_FIRST caps nothing). Never 0:
+    # a stream that has not moved yet sees its first move as CLIP scales.
+    size = torch.minimum(dx.abs(), s_prev * SCALE_CLIP)
+    s_prev.lerp_(size, rate).clamp_(min=SCALE_FLOOR)
+    n.add_(1.0)
+    return rows
+
+
+_STEPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _count_steps(device: torch.device) -> torch.Tensor:
+    """[k, 2]: the scale's rate and the guard's weight for a stream that has seen k events (the last row: all
+    later counts). Rate 0 at the first event (no change yet), then 1/k (a running mean), then SCALE_RATE; weight 0
+    for the first two events (no scored forecast yet), then GAIN_RATE."""
+    if device not in _STEPS:
+        k = torch.arange(int(1 / SCALE_RATE) + 2, dtype=torch.float64)
+        rate = torch.where(k >= 1, (1 / k.clamp_min(1)).clamp_min(SCALE_RATE), 0.0)
+        _STEPS[device] = torch.stack([rate, (k >= 2) * GAIN_RATE], 1).float().to(device)
+    return _STEPS[device]
+
+
+def adapt_finish(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, change: torch.Tensor,
+                 columns: torch.Tensor | None) -> torch.Tensor:
+    """The served forecast from the model's predicted `change` [B, O] (units of the stream scale); keeps it in the
+    rows for the next event's scoring."""
+    f = layout.field
+    rows[:, f("prev")] = change
+    s = rows[:, f("scale")]
+    if columns is not None:
+        s, x = s.index_select(1, columns), x.index_select(1, columns)
+    return torch.addcmul(x, s, gain(rows[:, f("cross")], rows[:, f("dd")]).mul_(change))
+
+
+def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, occupied: torch.Tensor) -> dict:
+    """The guard over every stream that has had a forecast scored (`occupied` [capacity] bool: slots in use):
+    streams, fallback streams, mean gain and the error ratios of `lstmd train status` and the metrics."""
+    if table is None or layout is None:
+        return {}
+    f = layout.field
+    live = table[occupied & (table[:, f("count")].squeeze(1) >= 3)]
+    cross, dd, tt = live[:, f("cross")], live[:, f("dd")], live[:, f("tt")]
+    g = gain(cross, dd)
+    naive = float(tt.sum())
+    ratio = (lambda v: round(float(v.sum()) / naive, 4) if naive > 0 else None)
+    return {
+        "streams": int(live.shape[0]),
+        "fallback_streams": int((g < FALLBACK_GAIN).all(1).sum()),
+        "mean_gain": round(float(g.mean()), 4) if g.numel() else None,
+        "error_vs_last_value": {"served": ratio(tt - 2 * g * cross + g * g * dd), "model": ratio(tt - 2 * cross + dd)},
+    }

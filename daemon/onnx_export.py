@@ -50,6 +50,12 @@ def to_onnx(model: ServingModel) -> bytes:
         initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d scalars
         return name
 
+    if norm is not None and norm.inputs == "stream":
+        raise OnnxExportError(
+            "this forecast model scales each stream by its own running scale and shrinks its forecasts per stream "
+            "(forecast_normalization inputs = \"stream\"): that per-stream state is not part of an ONNX graph; "
+            "train with --set train.forecast_inputs=change to export"
+        )
     lstm_input = "x"
     if norm is not None:  # forecast: what daemon/engine.py feeds the LSTM (ForecastNormalization.lstm_inputs)
         stats = {k: getattr(norm, k).detach().cpu().numpy().astype(np.float32) for k in ("mean", "std", "delta_scale")}

@@ -8,6 +8,8 @@ Layout (R = record_streams rows, T = record_steps, k2 = window length, W = T / k
 
     x      [R, T, I] float32   the events, a ring buffer per row
     dx     [R, T, I] float32   forecast only: each event's change since the stream's previous event (0 at a start)
+    scale  [R, T, I] float32   forecast only: the stream's scale after that event (the state store's adaptation
+                               table, daemon/normalization.py): "stream" inputs and the units errors are taken in
     y      [R, T, D] float32   their targets (regression values, class labels, or for forecasts the next event's
                                forecast columns)
     y_ok   [R, T]    bool      the target is known (targets may arrive later, or never)
@@ -40,6 +42,7 @@ class Windows:
 
     x: np.ndarray  # [B, k2, I] float32
     dx: np.ndarray | None  # [B, k2, I] forecast: change since the previous event
+    scale: np.ndarray | None  # [B, k2, I] forecast: the stream's scale at each event
     y: np.ndarray  # [B, k2, D] float32
     mask: np.ndarray  # [B, k2] bool: target known
     h0: np.ndarray  # [L, B, H] float32
@@ -52,6 +55,7 @@ class Windows:
         return Windows(
             self.x[index],
             None if self.dx is None else self.dx[index],
+            None if self.scale is None else self.scale[index],
             self.y[index],
             self.mask[index],
             np.ascontiguousarray(self.h0[:, index]),
@@ -75,6 +79,7 @@ class Recorder:
         holdout_windows: int = 1,
         clock=time.monotonic,
         columns: list[int] | None = None,  # forecast: the next event's columns that are the target; None: all
+        scale_table: torch.Tensor | None = None,  # forecast: the state store's per-slot scale [capacity, I]
     ) -> None:
         if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
             raise ValueError(
@@ -89,6 +94,8 @@ class Recorder:
             raise ValueError(f"forecast target_size {target_size} does not match the forecast columns {columns}")
         self.x = np.zeros((R, T, input_size), np.float32)
         self.dx = np.zeros((R, T, input_size) if self.forecast else (0, 0, input_size), np.float32)
+        self.scale = np.ones_like(self.dx)
+        self.scale_table = scale_table
         self.y = np.zeros((R, T, target_size), np.float32)
         self.y_ok = np.zeros((R, T), bool)
         self.seq = np.full((R, T), -1, np.int64)
@@ -158,6 +165,9 @@ class Recorder:
                 change = np.zeros_like(x)
                 change[has_prev] = new - x_flat[before]
                 self.dx.reshape(-1, self.dx.shape[2])[at] = change
+                if self.scale_table is not None:
+                    scale = self.scale_table.index_select(0, torch.from_numpy(slots).to(self.scale_table.device))
+                    self.scale.reshape(-1, self.scale.shape[2])[at] = scale.cpu().numpy()
             x_flat[at] = x
             self.seq.reshape(-1)[at] = seqs
             if targets is None:
@@ -316,6 +326,7 @@ class Recorder:
         return Windows(
             x=self.x[r, pos],
             dx=self.dx[r, pos] if self.forecast else None,
+            scale=self.scale[r, pos] if self.forecast else None,
             y=self.y[r, pos],
             mask=self.y_ok[r, pos],
             h0=np.ascontiguousarray(self.h0[rows, ws].transpose(1, 0, 2)),
@@ -324,7 +335,7 @@ class Recorder:
 
     # ---- snapshots (the durability code calls these) ------------------------------------------------------
 
-    _ARRAYS = ("x", "dx", "y", "y_ok", "seq", "h0", "c0", "state_ok", "count", "generation", "last_write",
+    _ARRAYS = ("x", "dx", "scale", "y", "y_ok", "seq", "h0", "c0", "state_ok", "count", "generation", "last_write",
                "slot_of_row", "row_of_slot")  # fmt: skip
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
@@ -340,7 +351,12 @@ class Recorder:
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what snapshot_tensors() returned (same configuration); missing names are an error."""
         # Check every array before changing any, so a snapshot that does not fit leaves the recorder untouched.
-        values = {name: tensors[f"recorder.{name}"].numpy() for name in self._ARRAYS}
+        # "scale" came with per-stream adaptation: an older snapshot lacks it (its windows then count in units of 1).
+        values = {
+            name: tensors[f"recorder.{name}"].numpy()
+            for name in self._ARRAYS
+            if name != "scale" or "recorder.scale" in tensors
+        }
         counter_names = ("recorded", "targets_joined", "targets_unmatched")
         counters = {name: int(tensors[f"recorder.{name}"]) for name in counter_names}
         for name, value in values.items():
@@ -350,6 +366,7 @@ class Recorder:
                     f"recorder.{name} in the snapshot has shape {value.shape}, this configuration {expected}"
                 )
         with self.lock:
+            self.scale[...] = 1.0
             for name, value in values.items():
                 getattr(self, name)[...] = value
             self.last_write[...] = self.clock() - self.last_write

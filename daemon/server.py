@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import control
@@ -39,6 +40,7 @@ from lstmd.daemon.io import (
 from lstmd.daemon.keras_import import convert_keras, is_keras_bytes
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
+from lstmd.daemon.normalization import guard_summary
 from lstmd.daemon.pipeline import AppliedBatch, Pipeline
 from lstmd.daemon.recovery import Durability, RecoveryError, SnapshotComponent
 from lstmd.daemon.state_lock import StateDirLocked, StateLock
@@ -130,6 +132,7 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._state_lock: StateLock | None = None  # held from start() to the end of _shutdown()
         self._last_housekeeping = time.monotonic()
+        self._last_guard_metrics = 0.0
         self.durability = self._make_durability(spec)  # WAL, snapshots, restore (daemon/recovery.py)
 
     def _make_durability(self, spec: ModelSpec) -> Durability:
@@ -612,8 +615,17 @@ class Daemon:
         self.durability.maybe_snapshot()
         self.metrics.active_streams.set(len(self.store))
         self.metrics.queue_depth.set(self._backlog + self._events.pending() + self.inbox.qsize())
+        # Forecast: the guard's gauges, O(capacity), so every 10 s rather than every second.
+        if self.store.adaptation is not None and now - self._last_guard_metrics >= 10.0:
+            self._last_guard_metrics = now
+            self.metrics.set_guard(self.guard_summary())
 
     # ---- online training (daemon/recorder.py, daemon/trainer.py) -----------------------------------------
+
+    def guard_summary(self) -> dict:
+        """The forecast guard over the resident streams (daemon/normalization.py); {} for other tasks."""
+        occupied = torch.from_numpy(np.isfinite(self.store.last_used)).to(self.device)
+        return guard_summary(self.engine.layout, self.store.adaptation, occupied)
 
     def _make_training(self, spec: ModelSpec):
         t = self.config.train
@@ -637,6 +649,7 @@ class Daemon:
             t.record_idle_s,
             t.holdout_windows,
             columns=(list(spec.forecast_columns) or None) if forecast else None,
+            scale_table=self.store.adaptation[:, self.engine.layout.field("scale")] if forecast else None,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backends, seed = self.engine.backends, self.config.model.seed

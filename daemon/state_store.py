@@ -183,6 +183,16 @@ class StateStore:
         # With the write-ahead log on, changes made outside the event path (evictions, resets) are appended
         # here as WAL records (daemon/wal_records.py) and logged by the durability code; None: not kept.
         self.journal: list[EvictRecord | ResetRecord] | None = None
+        # Forecast models: one packed row per slot of per-stream adaptation (daemon/normalization.py, "per-stream
+        # adaptation"), allocated by enable_adaptation(); the engine puts a stream's row back to `adaptation_init`
+        # at its first event (new, reset, reused slot), so no pass clears them. None: not a forecast model.
+        self.adaptation: torch.Tensor | None = None
+        self.adaptation_init: torch.Tensor | None = None
+
+    def enable_adaptation(self, initial_row: torch.Tensor) -> None:
+        """Allocate the [capacity, width] float32 adaptation table on the device, every row `initial_row`."""
+        self.adaptation_init = initial_row.to(self.device, torch.float32)
+        self.adaptation = self.adaptation_init.expand(self.capacity, -1).clone()
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -420,6 +430,7 @@ class StateStore:
             "resend_key": torch.from_numpy(self.resend_key[slots]),
             "resend_out": torch.from_numpy(self.resend_out[slots]),
             **self.evicted.snapshot_tensors(),
+            **({} if self.adaptation is None else {"adaptation": self.adaptation.index_select(0, take).cpu()}),
         }
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -462,6 +473,12 @@ class StateStore:
             self.resend_out[slots] = out.numpy()
         elif self.resend_window:
             log.warning("the snapshot's resend window does not fit serve.resend_window: earlier outputs not kept")
+        if self.adaptation is not None:
+            saved = tensors.get("adaptation")
+            if saved is not None and saved.shape == (n, self.adaptation.shape[1]):
+                self.adaptation.index_copy_(0, take, saved.to(self.device))
+            # else an older snapshot, or another model shape: clear() left those streams' rows initial (they start
+            # their adaptation over)
 
     def clear(self) -> None:
         """Forget every stream (their rows start from zero at their next event)."""
@@ -477,6 +494,8 @@ class StateStore:
         self.resend_key = np.zeros_like(self.resend_key)  # fresh zero pages, not a pass over the whole table
         self.h.zero_()
         self.c.zero_()
+        if self.adaptation is not None:
+            self.adaptation.copy_(self.adaptation_init.expand_as(self.adaptation))
 
 
 def _blob(value) -> torch.Tensor:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lstmd.daemon.model import ModelSpec
+from lstmd.daemon.normalization import CLIP
 
 
 class LastEvents:
@@ -97,11 +98,10 @@ class Task:
         """The head's output → what replies carry."""
         return out
 
-    def loss(self, out, x, y, mask, norm, columns, ref_scale) -> torch.Tensor:
-        """Mean loss over known targets; `out` [B, T, O] is the head's output for inputs x [B, T, I]."""
-        err = out - y
-        m = mask.unsqueeze(-1).to(err.dtype)
-        return (err.pow(2) * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
+    def loss(self, out, data, norm, columns) -> torch.Tensor:
+        """Mean loss over known targets; `out` [B, T, O] is the head's output for the recorded windows `data`
+        (x [B, T, I], y, mask, and for forecasts each event's stream scale)."""
+        return _masked_mse(out - data["y"], data["mask"])
 
 
 class RegressionTask(Task):
@@ -127,8 +127,8 @@ class ClassificationTask(Task):
     def replies(self, out: torch.Tensor) -> torch.Tensor:
         return out.softmax(-1)  # class probabilities, as a Keras softmax head's
 
-    def loss(self, out, x, y, mask, norm, columns, ref_scale) -> torch.Tensor:
-        labels = y[..., 0].long()
+    def loss(self, out, data, norm, columns) -> torch.Tensor:
+        labels, mask = data["y"][..., 0].long(), data["mask"]
         return F.cross_entropy(out[mask], labels[mask]) if mask.any() else out.sum() * 0
 
 
@@ -153,13 +153,37 @@ class ForecastTask(Task):
     def stream_state(self, capacity: int, device: torch.device) -> LastEvents:
         return LastEvents(capacity, self.spec.input_size, device)
 
-    def loss(self, out, x, y, mask, norm, columns, ref_scale) -> torch.Tensor:
-        """Errors in units of `ref_scale` (one step's typical change of each forecast column), so models with
-        different normalisation statistics are compared on the same scale."""
-        pred = out if norm is None else norm.predictions(x, out, columns)  # y: the columns' next values
-        err = pred - y if ref_scale is None else (pred - y) / ref_scale
-        m = mask.unsqueeze(-1).to(err.dtype)
-        return (err.pow(2) * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
+    def loss(self, out, data, norm, columns) -> torch.Tensor:
+        """Forecast errors in units of each stream's own scale at each event (recorded from the state store), the
+        target change clipped at normalization.CLIP scales: every stream counts alike whatever its scale (1000x
+        apart in one daemon), an outlier burst or a level shift cannot dominate a round, and models with
+        different normalisations are compared in the same units."""
+        return _masked_mse(self._error(norm, data, columns, out), data["mask"])
+
+    def baseline_loss(self, data, columns) -> torch.Tensor:
+        """The last-value forecast's loss on the same windows, in the same units as loss()."""
+        return _masked_mse(self._error(None, data, columns, None), data["mask"])
+
+    def _error(self, norm, data, columns, out) -> torch.Tensor:
+        """Predicted minus actual change in stream scales; `out`: the head's output, None: the last value."""
+        cols = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
+        x = data["x"]
+        s, last = cols(data["scale"]), cols(x)
+        target = ((data["y"] - last) / s).clamp(-CLIP, CLIP)
+        if out is None:
+            return -target
+        if norm is None:
+            change = (out - last) / s
+        elif norm.inputs == "stream":
+            change = out
+        else:
+            change = (norm.predictions(x, out, columns) - last) / s
+        return change - target
+
+
+def _masked_mse(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(err.dtype)
+    return (err.pow(2) * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (RegressionTask, ClassificationTask, ForecastTask)}

@@ -79,6 +79,7 @@ class RoundReport:
     train_loss: float = math.nan
     holdout_serving: float = math.nan
     holdout_candidate: float = math.nan
+    holdout_baseline: float = math.nan  # forecast: the last-value forecast on the same held-out windows
     windows: int = 0
     duration_s: float = 0.0
     finished: float = 0.0  # unix seconds
@@ -368,14 +369,14 @@ class Trainer:
                 self._reset_from(serving)
             norm = self._normalization(train) if self.task.normalizes else None
             train_t, holdout_t = self._to_device(train), self._to_device(holdout)
-            ref_scale = None if norm is None else norm.target_scale(self._columns)
             try:
-                report.train_loss = self._train(train_t, norm, ref_scale)
+                report.train_loss = self._train(train_t, norm)
                 candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
                 with torch.no_grad():
-                    report.holdout_candidate = self._loss(self._params, norm, holdout_t, ref_scale).item()
-                finite = all(torch.isfinite(t).all() for t in candidate_tensors.values())
-                if not (finite and math.isfinite(report.holdout_candidate)):
+                    report.holdout_candidate = self._loss(self._params, norm, holdout_t).item()
+                if not all(torch.isfinite(t).all() for t in candidate_tensors.values()) or not math.isfinite(
+                    report.holdout_candidate
+                ):
                     raise Diverged("candidate weights or holdout loss are not finite")
             except Diverged as exc:
                 report.outcome, report.reason = "diverged", str(exc)
@@ -385,7 +386,9 @@ class Trainer:
                 serving_params = [serving.tensors[n].to(self.device) for n in self._names]
                 serving_norm = serving.normalization
                 serving_norm = None if serving_norm is None else serving_norm.to(self.device)
-                report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t, ref_scale).item()
+                report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t).item()
+                if norm is not None:
+                    report.holdout_baseline = self.baseline_loss(holdout_t).item()
             if self._stream is not None:
                 self._stream.synchronize()
         if self._stream is not None:
@@ -395,6 +398,8 @@ class Trainer:
         self.metrics.train_loss.set(report.train_loss)
         self.metrics.holdout_loss.labels("serving").set(report.holdout_serving)
         self.metrics.holdout_loss.labels("candidate").set(report.holdout_candidate)
+        if math.isfinite(report.holdout_baseline):
+            self.metrics.holdout_loss.labels("baseline").set(report.holdout_baseline)
         allowed = report.holdout_serving * (1 + c.tolerance) if math.isfinite(report.holdout_serving) else math.inf
         if report.holdout_candidate > allowed:
             report.outcome = "rejected"
@@ -484,19 +489,20 @@ class Trainer:
         return {
             "x": torch.from_numpy(w.x).to(dev),
             "dx": torch.from_numpy(w.x if w.dx is None else w.dx).to(dev),
+            "scale": torch.from_numpy(w.x if w.scale is None else w.scale).to(dev),
             "y": torch.from_numpy(w.y).to(dev),
             "mask": torch.from_numpy(w.mask).to(dev),
             "h0": torch.from_numpy(w.h0).to(dev),
             "c0": torch.from_numpy(w.c0).to(dev),
         }
 
-    def _train(self, data: dict[str, torch.Tensor], norm, ref_scale) -> float:
+    def _train(self, data: dict[str, torch.Tensor], norm) -> float:
         c = self.config
         losses = []
         for step in range(c.steps):
             part = slice(step * c.batch, (step + 1) * c.batch)
             batch = {k: (v[:, part] if k in ("h0", "c0") else v[part]) for k, v in data.items()}
-            loss = self._loss(self._params, norm, batch, ref_scale)
+            loss = self._loss(self._params, norm, batch)
             if not torch.isfinite(loss):
                 raise Diverged(f"training loss became {loss.item()} at step {step + 1}")
             self._optimizer.zero_grad(set_to_none=True)
@@ -518,16 +524,20 @@ class Trainer:
         weights = {name: w.float() for name, w in zip(self._native_names, itertools.chain(*layers), strict=True)}
         return functional_call(self._native, weights, (x, (h0, c0)))
 
-    def _loss(self, params, norm, data, ref_scale) -> torch.Tensor:
+    def baseline_loss(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forecast: the last-value forecast's loss on the same windows, in the same units as _loss."""
+        return self.task.baseline_loss(data, self._columns)
+
+    def _loss(self, params, norm, data) -> torch.Tensor:
         """Mean loss over known targets, the task's loss (daemon/tasks.py) of the head's output."""
         L = self.spec.num_layers
         layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
         head_w, head_b = params[4 * L], params[4 * L + 1]
-        x, y, mask = data["x"], data["y"], data["mask"]
-        inputs = x if norm is None else norm.lstm_inputs(x, data["dx"])
+        x = data["x"]
+        inputs = x if norm is None else norm.lstm_inputs(x, data["dx"], data["scale"])
         seq, _ = self._sequence(inputs, data["h0"], data["c0"], layers)
         out = seq @ head_w.t() + head_b  # [B, k2, O]
-        return self.task.loss(out, x, y, mask, norm, self._columns, ref_scale)
+        return self.task.loss(out, data, norm, self._columns)
 
     # ---- snapshots (the durability code calls these) ------------------------------------------------------
 

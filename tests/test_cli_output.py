@@ -32,7 +32,7 @@ def test_durations_times_and_sizes():
 def test_status_and_train_status_read_the_same_and_json_is_unchanged(make_daemon):
     daemon = make_daemon(
         **{"model.input_size": 2, "train.enabled": True, "train.interval": 0.0, "train.k2": 4,
-           "train.record_steps": 8, "train.min_windows": 1, "durability.wal": True}
+           "train.record_steps": 8, "train.holdout_windows": 1, "train.min_windows": 1, "durability.wal": True}
     )  # fmt: skip
     control = ["--control", daemon.endpoints["control"]]
     with Producer(daemon.endpoints["events"]) as producer:

@@ -47,7 +47,8 @@ def test_triton_backend_serves_nn_lstm_predictions_and_trains(make_daemon, tmp_p
         "serve.backend": "triton", "serve.device": device,
         "model.input_size": n_in, "model.hidden_size": H, "model.num_layers": L,
         "model.output_size": n_out, "model.task": "regression", "train.enabled": True, "train.interval": 0.0,
-        "train.k2": 4, "train.record_steps": 16, "train.batch": 8, "train.steps": 3, "train.min_windows": 1,
+        "train.k2": 4, "train.record_steps": 16, "train.holdout_windows": 1, "train.batch": 8, "train.steps": 3,
+        "train.min_windows": 1,
     })
     assert daemon.engine.backend_name == "triton" and daemon.device.type == device
     if device == "cuda":  # compare without TF32 in the kernels' products (tests/test_kernels.py does the same)

@@ -84,11 +84,11 @@ def _run_pair(task, backend, device="cpu", graphs=False, swap_at=None):
         ref_step = ref.step
         ref_swap = ref.swap_model
     else:
-        ref = DeviceStep(model, ref_store, _last_x(spec, S, dev), backend, dev, cuda_graphs=False)
+        ref = DeviceStep(model, ref_store, backend, dev, cuda_graphs=False)
         current = {"model": model}
         ref_step = lambda f, s, r: ref.step(current["model"], f, s, r)  # noqa: E731
         ref_swap = lambda m: current.update(model=m)  # noqa: E731
-    step = DeviceStep(model, store, _last_x(spec, S, dev), backend, dev, cuda_graphs=graphs)
+    step = DeviceStep(model, store, backend, dev, cuda_graphs=graphs)
     serving = model
     rng = np.random.default_rng(11)
     for k, (x, slots, fresh) in enumerate(_waves(rng, S, n_in)):
@@ -100,11 +100,7 @@ def _run_pair(task, backend, device="cpu", graphs=False, swap_at=None):
         yield k, want, got, ref_store, store, step
 
 
-def _last_x(spec, S, dev):
-    return torch.full((S, spec.input_size), float("nan"), device=dev) if spec.task == "forecast" else None
-
-
-@pytest.mark.parametrize("task", ["regression", "classification", "forecast"])
+@pytest.mark.parametrize("task", ["regression", "classification"])
 def test_device_step_on_cpu_matches_the_engine(task):
     """Padding to the scratch slot changes nothing: predictions and every state row as the engine's own CPU
     path with the torch backend gives them; a model published half-way is copied in and used from that wave."""
@@ -115,7 +111,7 @@ def test_device_step_on_cpu_matches_the_engine(task):
         assert store.h.data_ptr() == step.h.data_ptr() and store.h.shape == ref_store.h.shape
 
 
-@pytest.mark.parametrize("task", [pytest.param("regression", marks=_interp), pytest.param("forecast", marks=_interp)])
+@pytest.mark.parametrize("task", [pytest.param(t, marks=_interp) for t in ("regression", "classification")])
 def test_device_step_triton_interpreter_matches_the_engine(task):
     """The Triton kernels (interpreter) through DeviceStep's prepared weights, against the engine's torch path."""
     for k, want, got, ref_store, store, _step in _run_pair(task, "triton", swap_at=2):
@@ -130,7 +126,7 @@ def test_waves_over_the_largest_bucket_go_in_chunks(monkeypatch):
     dev = torch.device("cpu")
     ref = Engine(model, StateStore(2, 24, S, dev), dev, "torch")
     store = StateStore(2, 24, S, dev)
-    step = DeviceStep(model, store, None, "torch", dev, cuda_graphs=False)
+    step = DeviceStep(model, store, "torch", dev, cuda_graphs=False)
     slots = np.random.default_rng(1).permutation(S)[:75].astype(np.int64)
     x = np.random.default_rng(2).standard_normal((75, n_in)).astype(np.float32)
     fresh = np.ones(75, dtype=bool)
@@ -140,7 +136,7 @@ def test_waves_over_the_largest_bucket_go_in_chunks(monkeypatch):
 def test_two_waves_may_be_pending_not_three():
     dev = torch.device("cpu")
     model = _model("regression", 0)
-    step = DeviceStep(model, StateStore(2, 24, 10, dev), None, "torch", dev, cuda_graphs=False)
+    step = DeviceStep(model, StateStore(2, 24, 10, dev), "torch", dev, cuda_graphs=False)
     x = np.zeros((1, 5), dtype=np.float32)
     first = step.submit(model, x, np.array([0]), np.array([True]))
     second = step.submit(model, x, np.array([1]), np.array([True]))
@@ -155,7 +151,7 @@ def test_replaced_store_tables_are_refused():
     dev = torch.device("cpu")
     model = _model("regression", 0)
     store = StateStore(2, 24, 10, dev)
-    step = DeviceStep(model, store, None, "torch", dev, cuda_graphs=False)
+    step = DeviceStep(model, store, "torch", dev, cuda_graphs=False)
     store.h = torch.zeros_like(store.h)
     with pytest.raises(RuntimeError, match="tables were replaced"):
         step.step(model, np.zeros((1, 5), dtype=np.float32), np.array([0]), np.array([True]))
@@ -165,7 +161,7 @@ def test_replaced_store_tables_are_refused():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("task", ["regression", "classification", "forecast"])
+@pytest.mark.parametrize("task", ["regression", "classification"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=_cuda)])
 def test_graph_replay_matches_the_uncaptured_step(device, task, backend, monkeypatch):
     """Captured per bucket and replayed (weights published half-way copied into the captured tensors) against
@@ -194,25 +190,10 @@ def test_engine_on_cuda_serves_through_graphs(device):
     assert gpu._device_step._graphs
 
 
-def test_a_model_that_changes_the_forecast_branch_is_served_from_new_tensors():
-    """Publishing a forecast model whose inputs kind differs (levels, not changes) cannot be copied into captured
-    tensors (the graphs hold the branch): the step rebuilds its weights, drops its graphs, and serves it."""
-    from lstmd.daemon.normalization import ForecastNormalization
-
-    S, dev = 20, torch.device("cpu")
+def test_forecast_models_step_through_the_engine_not_the_device_step():
+    """Per-stream adaptation (daemon/normalization.py) is not in DeviceStep: it refuses forecast models, and the
+    engine's CUDA branch never builds it for one."""
+    dev = torch.device("cpu")
     model = _model("forecast", 0)
-    levels = ServingModel(model.spec, dict(model.tensors), 1)
-    levels.normalization = ForecastNormalization(
-        torch.full((5,), 0.5), torch.full((5,), 2.0), torch.full((5,), 0.25), "level"
-    )
-    ref = Engine(model, StateStore(2, 24, S, dev), dev, "torch")
-    step = DeviceStep(model, StateStore(2, 24, S, dev), _last_x(model.spec, S, dev), "torch", dev, cuda_graphs=False)
-    old_static = step.static
-    rng = np.random.default_rng(4)
-    for k, (x, slots, fresh) in enumerate(_waves(rng, S, 5)):
-        serving = model if k < 2 else levels
-        if k == 2:
-            ref.swap_model(levels)
-        np.testing.assert_allclose(step.step(serving, x, slots, fresh), ref.step(x, slots, fresh), rtol=1e-6,
-                                   atol=1e-6, err_msg=f"wave {k}")  # fmt: skip
-    assert step.static is not old_static and step.static.model.normalization.inputs == "level"
+    with pytest.raises(ValueError, match="forecast models step through the engine"):
+        DeviceStep(model, StateStore(2, 24, 10, dev), "torch", dev, cuda_graphs=False)

@@ -97,7 +97,9 @@ def test_a_model_that_predicts_no_change_answers_the_last_value_of_the_columns(m
 
 
 def test_training_publishes_and_the_model_file_reproduces_the_daemon(make_daemon, tmp_path):
-    daemon = make_daemon(**COLUMNS)
+    # The global-scale "change" inputs, whose formula is checked by hand below (tests/test_learning.py checks the
+    # per-stream "stream" inputs, the default, against the file).
+    daemon = make_daemon(**COLUMNS, **{"train.forecast_inputs": "change"})
     admin = Admin(daemon.endpoints["control"])
     workload = PeriodicStreams(24, 3, seed=11)
     with Producer(daemon.endpoints["events"]) as producer:

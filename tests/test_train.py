@@ -260,11 +260,14 @@ def test_training_windows_start_from_the_state_the_stream_really_had(make_daemon
 
 
 def test_recorder_memory_stays_within_its_bound_with_many_streams(make_daemon):
-    daemon = make_daemon(**{**FORECAST, "train.record_streams": 50, "train.record_steps": 16, "state.capacity": 5000})
+    daemon = make_daemon(
+        **{**FORECAST, "train.record_streams": 50, "train.record_steps": 16, "train.holdout_windows": 1,
+           "state.capacity": 5000}  # fmt: skip
+    )
     bound = daemon.recorder.nbytes
     rec = daemon.recorder
-    # x, dx, y; y_ok, seq; h0, c0 (2 windows); state_ok; count, generation, last_write, slot_of_row; row_of_slot
-    expected = 50 * 16 * (2 + 2 + 2) * 4 + 50 * 16 * (1 + 8) + 2 * 50 * 2 * 1 * 8 * 4 + 50 * 2 + 50 * 8 * 4 + 5000 * 8
+    # x, dx, scale, y; y_ok, seq; h0, c0 (2 windows); state_ok; count, generation, last_write, slot_of_row; row_of_slot
+    expected = 50 * 16 * 8 * 4 + 50 * 16 * (1 + 8) + 2 * 50 * 2 * 1 * 8 * 4 + 50 * 2 + 50 * 8 * 4 + 5000 * 8
     assert bound == expected
     rng = np.random.default_rng(3)
     with Producer(daemon.endpoints["events"]) as producer:

@@ -253,9 +253,20 @@ def training_view(data: dict) -> Table:
                 f"tolerance {number(s.get('tolerance'))}, {number(s.get('torch_threads'))} torch threads",
             )
         )
+    guard = data.get("guard")
+    if guard:  # forecast models: the per-stream guard against the last value (daemon/normalization.py)
+        ratios = guard.get("error_vs_last_value") or {}
+        shown = ", ".join(f"{k} {number(v)}" for k, v in ratios.items() if v is not None) or "not measured yet"
+        rows.append(
+            (
+                "guard",
+                f"{number(guard.get('fallback_streams'))} of {number(guard.get('streams'))} streams served the last "
+                f"value; mean gain {number(guard.get('mean_gain'))}; squared error / last value's: {shown}",
+            )
+        )
     known = {
         "enabled", "paused", "rounds", "requested", "outcomes", "consecutive_rejections", "resets", "last_round",
-        "recorder", "settings", "model_version", "next_round", "new_data_since_last_round",
+        "recorder", "settings", "model_version", "next_round", "new_data_since_last_round", "guard",
     }  # fmt: skip
     rows += [(k, plain(v)) for k, v in data.items() if k not in known]
     return section("training", rows)
@@ -274,6 +285,7 @@ def _last_round(last: dict) -> str:
             ("train loss", "train_loss"),
             ("holdout: serving", "holdout_serving"),
             ("candidate", "holdout_candidate"),
+            ("last value", "holdout_baseline"),
         )
         if last.get(key) is not None
     ]
