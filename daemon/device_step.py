@@ -11,7 +11,7 @@ Per wave of n events (daemon/engine.py hands it over on CUDA devices only; the C
    slot (one row past the state store's capacity, in tables this class owns) and their reset flag is set, so they
    read zeros, never what another padding row wrote, and write only the scratch row.
 2. On a dedicated stream: one host→device copy of that buffer, then the step for the bucket: gather → L cells →
-   scatter → head (and a forecast model's normalisation, a classifier's softmax), replayed from a CUDA graph
+   scatter → head (and a classifier's softmax; forecast models are refused), replayed from a CUDA graph
    captured the first time the bucket is seen (`serve.cuda_graphs = false`: launched eagerly), then one
    device→host copy of the n predictions into a pinned buffer, and an event.
 3. `result()` waits for that event: the only synchronisation of a wave, the one that hands predictions back.
