@@ -157,17 +157,7 @@ class Recorder:
             x_flat, y_flat = self.x.reshape(-1, self.x.shape[2]), self.y.reshape(-1, self.y.shape[2])
             y_ok_flat = self.y_ok.reshape(-1)
             if self.forecast:  # this event is the target of the stream's previous one
-                has_prev = count > 0
-                before = at[has_prev] - 1 + np.where(count[has_prev] % T == 0, T, 0)
-                new = x[has_prev]
-                y_flat[before] = new if self.columns is None else new[:, self.columns]
-                y_ok_flat[before] = True
-                change = np.zeros_like(x)
-                change[has_prev] = new - x_flat[before]
-                self.dx.reshape(-1, self.dx.shape[2])[at] = change
-                if self.scale_table is not None:
-                    scale = self.scale_table.index_select(0, torch.from_numpy(slots).to(self.scale_table.device))
-                    self.scale.reshape(-1, self.scale.shape[2])[at] = scale.cpu().numpy()
+                self._record_forecast(slots, x, count, at)
             x_flat[at] = x
             self.seq.reshape(-1)[at] = seqs
             if targets is None:
@@ -179,14 +169,36 @@ class Recorder:
             self.count[rows] = count
             self.last_write[rows] = self.clock()
             self.recorded += int(rows.size)
-            boundary = np.flatnonzero(count % self.k2 == 0)
-            if boundary.size:  # the state after this event starts the row's next window
-                w = (count[boundary] % T) // self.k2
-                take = torch.from_numpy(slots[boundary]).to(h.device)
-                # [L, b, H] -> [b, L, H]
-                self.h0[rows[boundary], w] = h[:, take].transpose(0, 1).cpu().numpy()
-                self.c0[rows[boundary], w] = c[:, take].transpose(0, 1).cpu().numpy()
-                self.state_ok[rows[boundary], w] = True
+            self._start_windows(rows, slots, count, h, c)
+
+    def _record_forecast(self, slots: np.ndarray, x: np.ndarray, count: np.ndarray, at: np.ndarray) -> None:
+        """Forecast: each event is the target of its stream's previous one; record its change since then and,
+        with per-stream adaptation, the stream's scale after it. `at`: the events' flat positions, `count`: how
+        many events each row held before them. Called under the lock, before x is written."""
+        T = self.x.shape[1]
+        x_flat, y_flat = self.x.reshape(-1, self.x.shape[2]), self.y.reshape(-1, self.y.shape[2])
+        has_prev = count > 0
+        before = at[has_prev] - 1 + np.where(count[has_prev] % T == 0, T, 0)
+        new = x[has_prev]
+        y_flat[before] = new if self.columns is None else new[:, self.columns]
+        self.y_ok.reshape(-1)[before] = True
+        change = np.zeros_like(x)
+        change[has_prev] = new - x_flat[before]
+        self.dx.reshape(-1, self.dx.shape[2])[at] = change
+        if self.scale_table is not None:
+            scale = self.scale_table.index_select(0, torch.from_numpy(slots).to(self.scale_table.device))
+            self.scale.reshape(-1, self.scale.shape[2])[at] = scale.cpu().numpy()
+
+    def _start_windows(self, rows, slots, count, h, c) -> None:
+        """Rows whose count reached a window boundary: the state after this event starts their next window."""
+        boundary = np.flatnonzero(count % self.k2 == 0)
+        if boundary.size:
+            w = (count[boundary] % self.x.shape[1]) // self.k2
+            take = torch.from_numpy(slots[boundary]).to(h.device)
+            # [L, b, H] -> [b, L, H]
+            self.h0[rows[boundary], w] = h[:, take].transpose(0, 1).cpu().numpy()
+            self.c0[rows[boundary], w] = c[:, take].transpose(0, 1).cpu().numpy()
+            self.state_ok[rows[boundary], w] = True
 
     def _allocate(self, slots: np.ndarray) -> np.ndarray:
         """Rows for slots that have none: free rows first, then rows idle longer than idle_s; else -1."""

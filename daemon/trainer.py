@@ -382,24 +382,14 @@ class Trainer:
                 report.outcome, report.reason = "diverged", str(exc)
                 self._params = []  # next round starts again from the serving weights
                 return self._finish(report, started, serving=serving)
-            with torch.no_grad():
-                serving_params = [serving.tensors[n].to(self.device) for n in self._names]
-                serving_norm = serving.normalization
-                serving_norm = None if serving_norm is None else serving_norm.to(self.device)
-                report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t).item()
-                if norm is not None:
-                    report.holdout_baseline = self.baseline_loss(holdout_t).item()
+            self._evaluate_others(report, serving, holdout_t, baseline=norm is not None)
             if self._stream is not None:
                 self._stream.synchronize()
         if self._stream is not None:
             # Serving reads these on its own (default) stream: copies allocated there, so the caching
             # allocator never hands their memory back to the trainer's stream while serving still uses them.
             candidate_tensors = {n: t.clone() for n, t in candidate_tensors.items()}
-        self.metrics.train_loss.set(report.train_loss)
-        self.metrics.holdout_loss.labels("serving").set(report.holdout_serving)
-        self.metrics.holdout_loss.labels("candidate").set(report.holdout_candidate)
-        if math.isfinite(report.holdout_baseline):
-            self.metrics.holdout_loss.labels("baseline").set(report.holdout_baseline)
+        self._report_losses(report)
         allowed = report.holdout_serving * (1 + c.tolerance) if math.isfinite(report.holdout_serving) else math.inf
         if report.holdout_candidate > allowed:
             report.outcome = "rejected"
@@ -410,6 +400,23 @@ class Trainer:
         return self._offer(report, started, serving, ServingModel(
             self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu"))
         ), forced)
+
+    @torch.no_grad()
+    def _evaluate_others(self, report: RoundReport, serving: ServingModel, holdout_t, baseline: bool) -> None:
+        """The serving model's loss on the held-out windows and, for forecasts, the last value's."""
+        serving_params = [serving.tensors[n].to(self.device) for n in self._names]
+        serving_norm = serving.normalization
+        serving_norm = None if serving_norm is None else serving_norm.to(self.device)
+        report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t).item()
+        if baseline:
+            report.holdout_baseline = self.baseline_loss(holdout_t).item()
+
+    def _report_losses(self, report: RoundReport) -> None:
+        self.metrics.train_loss.set(report.train_loss)
+        self.metrics.holdout_loss.labels("serving").set(report.holdout_serving)
+        self.metrics.holdout_loss.labels("candidate").set(report.holdout_candidate)
+        if math.isfinite(report.holdout_baseline):
+            self.metrics.holdout_loss.labels("baseline").set(report.holdout_baseline)
 
     def _offer(self, report: RoundReport, started: float, serving: ServingModel, model: ServingModel, forced: bool):
         """The candidate passed its holdout check: hand it to the serving loop, which publishes (or skips) it."""

@@ -51,10 +51,11 @@ def test_losses_are_the_tasks_losses():
     out, mask = torch.randn(2, 5, 3), torch.rand(2, 5) > 0.3
     y = torch.randn(2, 5, 3)
     want = ((out - y)[mask] ** 2).mean()
-    torch.testing.assert_close(RegressionTask(_spec("regression")).loss(out, None, y, mask, None, None, None), want)
+    data = {"y": y, "mask": mask}
+    torch.testing.assert_close(RegressionTask(_spec("regression")).loss(out, data, None, None), want)
     labels = torch.randint(0, 3, (2, 5, 1)).float()
     want = F.cross_entropy(out[mask], labels[..., 0].long()[mask])
-    got = ClassificationTask(_spec("classification")).loss(out, None, labels, mask, None, None, None)
+    got = ClassificationTask(_spec("classification")).loss(out, {"y": labels, "mask": mask}, None, None)
     torch.testing.assert_close(got, want)
 
 
