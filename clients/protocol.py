@@ -138,6 +138,19 @@ class RollbackArgs(msgspec.Struct, forbid_unknown_fields=True):
     version: int | None = None  # None: the version before the serving one
 
 
+MAX_FORECAST_HORIZON = 1024  # steps in one forecast (daemon/forecast.py)
+
+
+class ForecastArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """A multi-step forecast of `streams` (the daemon also bounds their number by serve.max_message_events);
+    `exog`: known future features, [streams, horizon, input_size] flattened row-major (None: held at the last
+    event's values)."""
+
+    streams: Annotated[list[StreamId], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+    horizon: Annotated[int, msgspec.Meta(ge=1, le=MAX_FORECAST_HORIZON)]
+    exog: list[float] | None = None
+
+
 CONTROL_ARGS: dict[str, type[msgspec.Struct]] = {
     **dict.fromkeys(
         [
@@ -160,6 +173,7 @@ CONTROL_ARGS: dict[str, type[msgspec.Struct]] = {
     "streams": StreamsArgs,
     "import_model": ImportModelArgs,
     "model_rollback": RollbackArgs,
+    "forecast": ForecastArgs,
 }
 
 
