@@ -87,6 +87,16 @@ class TargetsMessage:
 
 
 @dataclass
+class ForecastMessage:
+    """A multi-step forecast request (daemon/forecast.py), answered between two batches without changing state."""
+
+    envelope: list
+    header: protocol.EventsHeader
+    exog: np.ndarray | None  # [n, horizon, I] float32, a view over the received frame
+    nbytes: int = 0
+
+
+@dataclass
 class ControlMessage:
     envelope: list
     request: protocol.ControlRequest | None  # None when refused
@@ -130,7 +140,8 @@ def decode_events_request(body: list, limits: EventsLimits) -> tuple[protocol.Ev
         )
     if header.kind == "targets":
         return header, None, targets
-    if header.dim != limits.input_size:
+    # A forecast's exog holds whole events too; without exog (empty frame) its dim says nothing.
+    if header.dim != limits.input_size and not (header.kind == "forecast" and features is None):
         raise protocol.ProtocolError(
             "bad_shape", f"events have {header.dim} features, the model's input_size is {limits.input_size}"
         )
@@ -290,7 +301,7 @@ class EventsSocket:
             return True
         return bool(self.sock.poll(max(0, math.ceil(timeout_ms)), zmq.POLLIN))  # ZeroMQ counts whole ms
 
-    def take(self) -> EventsMessage | TargetsMessage | None:
+    def take(self) -> EventsMessage | TargetsMessage | ForecastMessage | None:
         """The next request for the loop, or None when none is waiting: peers take turns, one request each, and
         each peer's requests keep their order.
 
@@ -332,9 +343,10 @@ class EventsSocket:
             if message is None:
                 return
             n = len(message.header.streams)
+            array = message.exog if isinstance(message, ForecastMessage) else message.targets
             message.nbytes = (
                 (message.features.nbytes if isinstance(message, EventsMessage) else 0)
-                + (message.targets.nbytes if message.targets is not None else 0)
+                + (array.nbytes if array is not None else 0)
                 + n * _HEADER_BYTES_PER_EVENT
             )
             peer = message.envelope[0].bytes
@@ -366,7 +378,7 @@ class EventsSocket:
         """Requests waiting for the loop (its queue depth gauge)."""
         return self._waiting_requests
 
-    def receive(self) -> EventsMessage | TargetsMessage | None:
+    def receive(self) -> EventsMessage | TargetsMessage | ForecastMessage | None:
         """The next decodable request, or None when none is waiting; undecodable ones are answered and skipped."""
         for frames in _waiting(self.sock):
             received = time.perf_counter()
@@ -382,6 +394,8 @@ class EventsSocket:
                 continue
             if header.kind == "targets":
                 return TargetsMessage(envelope, header, targets)
+            if header.kind == "forecast":
+                return ForecastMessage(envelope, header, features)
             return EventsMessage(envelope, header, features, targets, received)
         return None
 

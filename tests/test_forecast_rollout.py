@@ -13,6 +13,7 @@ import pytest
 import torch
 from lstmd.clients import Admin, DaemonError, Producer
 from lstmd.clients.cli import app
+from lstmd.clients.producer import RejectedError
 from lstmd.daemon.model import ServingModel
 from lstmd.daemon.normalization import ForecastNormalization
 from typer.testing import CliRunner
@@ -181,3 +182,35 @@ def test_cli_forecast(make_daemon, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["forecast"] == expected
+
+
+def test_producer_forecast_over_the_events_socket(make_daemon, tmp_path):
+    """The wire request (header kind "forecast"): the same numbers as the control command, exog included, state
+    untouched, per-stream and whole-message refusals."""
+    daemon = make_daemon(**SPEC, **{"train.enabled": True, "train.interval": 0.0})
+    serve_random_model(daemon, tmp_path)
+    last_reply = feed(daemon)
+    admin = Admin(daemon.endpoints["control"])
+    exog = np.random.default_rng(5).normal(size=(len(STREAMS), 7, 3)).astype(np.float32)
+    with Producer(daemon.endpoints["events"]) as producer:
+        before = streams_state(daemon)
+        plain = producer.forecast(STREAMS, 7)
+        given = producer.forecast(STREAMS, 7, exog=exog)
+        assert_same_state(before, streams_state(daemon))
+        assert plain.shape == given.shape == (3, 7, 2)
+        np.testing.assert_allclose(plain[:, 0], last_reply, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(plain, admin.call("forecast", streams=STREAMS, horizon=7)["forecasts"])
+        by_control = admin.call("forecast", streams=STREAMS, horizon=7, exog=exog.ravel().tolist())["forecasts"]
+        np.testing.assert_array_equal(given, np.array(by_control, dtype=np.float32))
+        assert not np.array_equal(plain[:, 1:], given[:, 1:])  # the known features did change the rollout
+        with pytest.raises(RejectedError, match=r"1 of 2 streams cannot be forecast: stream #1 \(stream 'x'\): no "):
+            producer.forecast(["a", "x"], 3)
+        with pytest.raises(RejectedError, match=r"forecast refused \(bad_horizon\): horizon must be in 1..1024"):
+            producer.forecast(["a"], 2000)
+        with pytest.raises(RejectedError, match=r"\(bad_shape\): events have 2 features, the model's input_size is 3"):
+            producer.forecast(["a"], 2, exog=np.zeros((1, 2, 2)))
+        with pytest.raises(ValueError, match=r"exog must have shape \[streams, horizon, input_size\] = \[1, 2, 3\]"):
+            producer.forecast(["a"], 2, exog=np.zeros((1, 3, 3)))
+        # The events path goes on as before: the next reply continues the untouched state.
+        assert producer.send(["a"], np.zeros((1, 3), np.float32)).shape == (1, 2)
+    assert admin.stream("a")["last_seq"] == before["last_seq"][daemon.store.slot_of["a"]] + 1
