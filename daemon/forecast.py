@@ -4,14 +4,14 @@ Meaning (docs in /work/shared/DESIGN.md "Multi-step forecasts"): step j is what 
 predicted events 1..j-1 arrived as the stream's next real events; nothing of the streams changes (state rows,
 last events, sequence numbers, recorder, resend window, LRU order).
 
-Exact semantics, from the serving step (daemon/engine.py) and daemon/normalization.py. Let x_0 be the stream's
-last event (the forecast task's `LastEvents` row), (h, c) its state after it, `cols` the forecast columns:
-- step 1 is the last reply's prediction, recomputed: p_1 = predictions(x_0, head(h_top), cols) (no new LSTM step:
-  the last reply already predicted the next event). Without a normalisation in the model: p_1 = head(h_top).
-- the event fed for step j > 1 is e_{j-1}: x_{j-2}'s features, with `cols` replaced by p_{j-1}, and the other
-  features taken from `exog[:, j-2]` when given (else held at their last value). The LSTM sees it as the engine
-  would: lstm_inputs(e, e - previous) with previous = the event before it (x_0 for the first); then
-  p_j = predictions(e_{j-1}, head(h_top), cols).
+Exact semantics, from the serving step (daemon/engine.py) and daemon/normalization.py. Let e_0 be the stream's
+last event (the forecast task's `LastEvents` row), (h, c) its state after it, `cols` the forecast columns,
+P(e) = predictions(e, head(h_top), cols) (= head(h_top) for a model without a normalisation):
+- step 1: p_1 = P(e_0), the last reply's prediction recomputed (no new LSTM step: the last reply already
+  predicted the next event);
+- step j > 1: the event e_{j-1} is fed: `exog[:, j-2]` when given, else e_{j-2} (the features held at their last
+  value), with `cols` replaced by p_{j-1}. The LSTM sees it as the engine would, lstm_inputs(e_{j-1},
+  e_{j-1} - e_{j-2}), one step on the scratch (h, c); then p_j = P(e_{j-1}).
 So `exog[:, i]` holds the known features of future event i + 1; its forecast columns are ignored (the prediction
 replaces them), and `exog[:, k - 1]` is not used (event k is what step k predicts) but is part of the shape the
 contract fixes. A stream reset since its last event, or whose last event is not known (a restore that did not

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from lstmd.clients import Admin, DaemonError, Producer
+from lstmd.clients import Admin, DaemonError, Producer, protocol
 from lstmd.clients.cli import app
 from lstmd.clients.producer import RejectedError
 from lstmd.daemon.model import ServingModel
@@ -214,3 +214,23 @@ def test_producer_forecast_over_the_events_socket(make_daemon, tmp_path):
         # The events path goes on as before: the next reply continues the untouched state.
         assert producer.send(["a"], np.zeros((1, 3), np.float32)).shape == (1, 2)
     assert admin.stream("a")["last_seq"] == before["last_seq"][daemon.store.slot_of["a"]] + 1
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason", "message"),
+    [
+        (lambda: protocol.encode_forecast(1, ["a"], 3, 2)[:1], "malformed", "expected 2 or 3 frames"),
+        (lambda: [*protocol.encode_forecast(1, ["a"], 3, 2), b""], "malformed", "a forecast message has 2 frames"),
+        (lambda: protocol.encode_forecast(1, ["a"], 0, 2), "bad_horizon", r"horizon must be in 1..1024, got 0"),
+        (lambda: protocol.encode_forecast(1, ["a"], 1025, 2), "bad_horizon", "got 1025"),
+        (lambda: protocol.encode_forecast(1, [], 3, 2), "bad_shape", "names no stream"),
+        (lambda: [protocol.encode_forecast(1, ["a"], 3, 2)[0], b"\0" * 20], "bad_shape",
+         r"exog frame holds 5 float32 values, expected 1 events x 6"),
+    ],
+)
+def test_forecast_requests_decode_totally(frames, reason, message):
+    with pytest.raises(protocol.ProtocolError, match=message) as caught:
+        protocol.decode_events(frames())
+    assert caught.value.reason == reason
+    header, exog, targets = protocol.decode_events(protocol.encode_forecast(1, ["a", 2], 3, 2, np.ones((2, 3, 2))))
+    assert header.kind == "forecast" and header.horizon == 3 and exog.shape == (2, 3, 2) and targets is None
