@@ -359,6 +359,8 @@ def _decode_forecast_exog(header: EventsHeader, frames: list) -> np.ndarray | No
     """The exog [N, horizon, dim] view of a forecast request, or None when its frame is empty."""
     if len(frames) != 2:
         raise ProtocolError("malformed", f"a forecast message has 2 frames (header, exog), got {len(frames)}")
+    if header.seqs is not None or header.targets is not None or header.target_dim:
+        raise ProtocolError("malformed", "a forecast message carries no sequence numbers or targets")
     if not 1 <= header.horizon <= MAX_FORECAST_HORIZON:
         raise ProtocolError("bad_horizon", f"horizon must be in 1..{MAX_FORECAST_HORIZON}, got {header.horizon}")
     if not header.streams:

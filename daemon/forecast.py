@@ -29,19 +29,25 @@ import torch
 from lstmd.clients.protocol import MAX_FORECAST_HORIZON as MAX_HORIZON
 from lstmd.kernels import lstm_step_
 
+EXOG_NOT_FINITE = "exog holds NaN or Inf"
+
 
 class ForecastError(ValueError):
     """A forecast request the caller must fix; the message says what was wrong."""
+
+
+def not_a_forecast_model(task_name: str) -> str:
+    return (
+        f"forecasts need a model with task = forecast; the serving model's task is {task_name!r} "
+        "(its replies already are its whole output)"
+    )
 
 
 def check_request(task_name: str, horizon: int, n: int, input_size: int, exog: np.ndarray | None,
                   max_streams: int) -> None:
     """Refuse what cannot be forecast before anything is computed."""
     if task_name != "forecast":
-        raise ForecastError(
-            f"forecasts need a model with task = forecast; the serving model's task is {task_name!r} "
-            "(its replies already are its whole output)"
-        )
+        raise ForecastError(not_a_forecast_model(task_name))
     if not 1 <= horizon <= MAX_HORIZON:
         raise ForecastError(f"horizon must be in 1..{MAX_HORIZON}, got {horizon}")
     if not 1 <= n <= max_streams:
@@ -53,7 +59,7 @@ def check_request(task_name: str, horizon: int, n: int, input_size: int, exog: n
                 f"got {list(exog.shape)}"
             )
         if not np.isfinite(exog).all():
-            raise ForecastError("exog holds NaN or Inf")
+            raise ForecastError(EXOG_NOT_FINITE)
 
 
 def slots_of(store, last_events, streams: list) -> tuple[np.ndarray, dict[int, str]]:

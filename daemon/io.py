@@ -40,6 +40,7 @@ import msgspec
 import numpy as np
 import zmq
 from lstmd.clients import protocol
+from lstmd.daemon import forecast
 from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("lstmd.io")
@@ -118,6 +119,7 @@ class EventsLimits:
     max_events: int
     header_limit: int | None = None  # bytes of the header frame; None: only the protocol's limits
     target_dim: int = 0  # values per event a targets frame must hold; 0: not checked
+    task: str | None = None  # the model's task: forecast requests need "forecast"; None: not checked
 
 
 class _RequestId(msgspec.Struct):
@@ -140,6 +142,11 @@ def decode_events_request(body: list, limits: EventsLimits) -> tuple[protocol.Ev
         )
     if header.kind == "targets":
         return header, None, targets
+    if header.kind == "forecast":  # refused whole here, so a decodable forecast gets an answer per stream
+        if limits.task is not None and limits.task != "forecast":
+            raise protocol.ProtocolError("not_forecast", forecast.not_a_forecast_model(limits.task))
+        if features is not None and not np.isfinite(features).all():
+            raise protocol.ProtocolError("bad_exog", forecast.EXOG_NOT_FINITE)
     # A forecast's exog holds whole events too; without exog (empty frame) its dim says nothing.
     if header.dim != limits.input_size and not (header.kind == "forecast" and features is None):
         raise protocol.ProtocolError(
@@ -246,13 +253,14 @@ class EventsSocket:
         budgets: EventsBudgets | None = None,
         on_dropped: Callable[[str, str], None] = lambda what, reason: None,  # (reply|request, reason), counted
         secure=None,  # callback(socket, name) making a socket a CURVE server before it binds; None: plain
+        task: str | None = None,  # the model's task (forecast requests); None: not checked
     ) -> None:
         header_limit = (
             None
             if max_stream_id_length is None
             else protocol.max_header_bytes(max_message_events, max_stream_id_length)
         )
-        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim)
+        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim, task)
         self.on_message_rejected = on_message_rejected
         self.on_dropped = on_dropped
         self.budgets = budgets or EventsBudgets()

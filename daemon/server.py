@@ -271,6 +271,7 @@ class Daemon:
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes, self._max_reply_bytes()),
                 on_dropped=self._count_drop,
                 secure=secure,
+                task=self.engine.task.name,
             )
             self._io = IOThread(
                 self._ctx,

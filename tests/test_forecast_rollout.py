@@ -154,9 +154,12 @@ def test_admin_forecast_and_refusals(make_daemon, tmp_path):
 
 def test_models_that_are_not_forecasts_refuse(make_daemon):
     daemon = make_daemon(**{"model.task": "regression", "model.input_size": 2, "model.output_size": 1})
+    refusal = "forecasts need a model with task = forecast; the serving model's task is 'regression'"
     with Producer(daemon.endpoints["events"]) as producer:
         producer.send(["a"], np.zeros((1, 2), np.float32))
-    with pytest.raises(DaemonError, match="forecasts need a model with task = forecast; the serving model's task is"):
+        with pytest.raises(RejectedError, match=rf"forecast refused \(not_forecast\): {refusal}"):
+            producer.forecast(["a"], 3)
+    with pytest.raises(DaemonError, match=refusal):
         Admin(daemon.endpoints["control"]).forecast("a", 3)
 
 
@@ -211,6 +214,8 @@ def test_producer_forecast_over_the_events_socket(make_daemon, tmp_path):
             producer.forecast(["a"], 2, exog=np.zeros((1, 2, 2)))
         with pytest.raises(ValueError, match=r"exog must have shape \[streams, horizon, input_size\] = \[1, 2, 3\]"):
             producer.forecast(["a"], 2, exog=np.zeros((1, 3, 3)))
+        with pytest.raises(RejectedError, match=r"forecast refused \(bad_exog\): exog holds NaN or Inf"):
+            producer.forecast(["a"], 2, exog=np.full((1, 2, 3), np.inf))
         # The events path goes on as before: the next reply continues the untouched state.
         assert producer.send(["a"], np.zeros((1, 3), np.float32)).shape == (1, 2)
     assert admin.stream("a")["last_seq"] == before["last_seq"][daemon.store.slot_of["a"]] + 1
