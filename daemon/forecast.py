@@ -44,14 +44,21 @@ def not_a_forecast_model(task_name: str) -> str:
 
 
 def check_request(task_name: str, horizon: int, n: int, input_size: int, exog: np.ndarray | None,
-                  max_streams: int) -> None:
-    """Refuse what cannot be forecast before anything is computed."""
+                  max_streams: int, output_size: int, max_bytes: int) -> None:
+    """Refuse what cannot be forecast before anything is computed: the result must fit in `max_bytes`
+    (serve.max_message_bytes), so no request makes the daemon build a reply larger than a message it accepts."""
     if task_name != "forecast":
         raise ForecastError(not_a_forecast_model(task_name))
     if not 1 <= horizon <= MAX_HORIZON:
         raise ForecastError(f"horizon must be in 1..{MAX_HORIZON}, got {horizon}")
     if not 1 <= n <= max_streams:
         raise ForecastError(f"a forecast names 1..{max_streams} streams (serve.max_message_events), got {n}")
+    size = n * horizon * output_size * 4
+    if size > max_bytes:
+        raise ForecastError(
+            f"a forecast of {n} streams x {horizon} steps x {output_size} outputs is {size} bytes, over "
+            f"serve.max_message_bytes = {max_bytes}: ask for fewer streams or a shorter horizon"
+        )
     if exog is not None:
         if exog.shape != (n, horizon, input_size):
             raise ForecastError(
@@ -124,7 +131,9 @@ def forecast(daemon, streams: list, horizon: int, exog: np.ndarray | None = None
     streams that cannot be forecast, {position: why}). Raises ForecastError for a request that is wrong whole."""
     engine = daemon.engine
     spec = engine.model.spec
-    check_request(spec.task, horizon, len(streams), spec.input_size, exog, daemon.config.serve.max_message_events)
+    serve = daemon.config.serve
+    check_request(spec.task, horizon, len(streams), spec.input_size, exog, serve.max_message_events,
+                  spec.output_size, serve.max_message_bytes)
     slots, errors = slots_of(daemon.store, engine.stream_state, streams)
     result = np.full((len(streams), horizon, spec.output_size), np.nan, dtype=np.float32)
     ok = np.flatnonzero(slots >= 0)

@@ -142,7 +142,9 @@ def decode_events_request(body: list, limits: EventsLimits) -> tuple[protocol.Ev
         )
     if header.kind == "targets":
         return header, None, targets
-    if header.kind == "forecast":  # refused whole here, so a decodable forecast gets an answer per stream
+    # Refused whole here, so a decodable forecast is answered per stream (unless its result would exceed
+    # serve.max_message_bytes: daemon/forecast.py refuses that whole).
+    if header.kind == "forecast":
         if limits.task is not None and limits.task != "forecast":
             raise protocol.ProtocolError("not_forecast", forecast.not_a_forecast_model(limits.task))
         if features is not None and not np.isfinite(features).all():

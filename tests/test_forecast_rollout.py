@@ -152,6 +152,19 @@ def test_admin_forecast_and_refusals(make_daemon, tmp_path):
         admin.forecast("a", 3)
 
 
+def test_a_forecast_larger_than_a_message_is_refused(make_daemon, tmp_path):
+    daemon = make_daemon(**SPEC, **{"serve.max_message_bytes": 4096})
+    serve_random_model(daemon, tmp_path)
+    feed(daemon, 1)
+    with pytest.raises(DaemonError, match=r"a forecast of 1 streams x 600 steps x 2 outputs is 4800 bytes, over "
+                       r"serve.max_message_bytes = 4096: ask for fewer streams or a shorter horizon"):
+        Admin(daemon.endpoints["control"]).forecast("a", 600)
+    with Producer(daemon.endpoints["events"]) as producer:
+        with pytest.raises(RejectedError, match=r"forecast refused \(bad_forecast\): a forecast of 3 streams x 200"):
+            producer.forecast(STREAMS, 200)
+        assert producer.forecast(STREAMS, 100).shape == (3, 100, 2)
+
+
 def test_models_that_are_not_forecasts_refuse(make_daemon):
     daemon = make_daemon(**{"model.task": "regression", "model.input_size": 2, "model.output_size": 1})
     refusal = "forecasts need a model with task = forecast; the serving model's task is 'regression'"
