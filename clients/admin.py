@@ -126,6 +126,14 @@ class Admin:
     def drop(self, stream_id) -> dict:
         return self.call("drop", stream=stream_id)
 
+    def forecast(self, stream, horizon: int) -> list[list[float]]:
+        """The next `horizon` predictions of one forecast stream, [horizon][O], each fed back as the next event
+        (daemon/forecast.py); the stream itself is not changed. Raises DaemonError for an unknown stream."""
+        result = self.call("forecast", streams=[stream], horizon=int(horizon))
+        if result["errors"]:
+            raise DaemonError(result["errors"]["0"])
+        return result["forecasts"][0]
+
     def model_info(self) -> dict:
         return self.call("model_info")
 

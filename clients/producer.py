@@ -162,6 +162,34 @@ class Producer:
             raise RejectedError(f"targets rejected ({reply.error_reason}): {reply.error}")
         return np.frombuffer(reply.status, dtype=np.uint8) == protocol.OK
 
+    def forecast(self, streams: Sequence[StreamId], horizon: int, exog=None) -> np.ndarray:
+        """Multi-step forecasts [N, horizon, O] of `streams` (task = forecast models): step j is what the daemon
+        would answer if the predicted events 1..j-1 arrived as the stream's next events; `exog` [N, horizon, I]
+        gives known future features (the forecast columns are ignored; else the last event's values are held).
+        Computed on copies: no stream's state, sequence numbers or recorder change, so a lost reply is just asked
+        again. Raises RejectedError naming each stream that cannot be forecast (unknown, reset) or why the
+        request was refused whole (task, horizon, exog)."""
+        streams = list(streams)
+        exog = None if exog is None else np.asarray(exog, dtype=np.float32)
+        dim = 0 if exog is None else exog.shape[-1]
+        req = next(self._req_ids)
+        frames = protocol.encode_forecast(req, streams, int(horizon), dim, exog)
+        reply_frames = self._await(req) if self._send(frames) else None
+        if reply_frames is None:
+            self._connect()
+            raise TimeoutError(
+                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g} s: is `lstmd serve` "
+                "running, and is this its events endpoint (serve.events)? A forecast changes nothing: ask again."
+                + self._curve_hint
+            )
+        reply, preds = protocol.decode_reply(reply_frames)
+        if reply.error is not None:
+            raise RejectedError(f"forecast refused ({reply.error_reason}): {reply.error}")
+        if reply.reasons:
+            detail = _listing(dict(reply.reasons), streams).replace("event ", "stream #")
+            raise RejectedError(f"{len(reply.reasons)} of {len(streams)} streams cannot be forecast: {detail}")
+        return preds.reshape(len(streams), int(horizon), -1)
+
     def _no_reply(self, attempts: int, resendable: bool) -> str:
         """What a send that got no reply means for the caller, and what to do about it."""
         waited = f"within {self.timeout_ms / 1000:g} s" + (f", {attempts} tries" if attempts > 1 else "")

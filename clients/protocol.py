@@ -62,6 +62,7 @@ MAX_EVENTS = 1 << 20  # stream ids (and sequence numbers) in one events header
 MAX_ROW_VALUES = 1 << 20  # dim and target_dim: values per event
 MAX_CONTROL_BYTES = 64 * 1024 * 1024  # one control request frame (an imported model travels in it, base64)
 MAX_COMMAND_CHARS = 64
+MAX_FORECAST_HORIZON = 1024  # steps in one forecast (daemon/forecast.py)
 MAX_CONTROL_ARGS = 16
 _HEADER_FIXED_BYTES = 256  # every field of an EventsHeader but the two per-event lists, with room to spare
 
@@ -80,7 +81,12 @@ class EventsHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # "targets": delayed targets for events already sent, named by (stream, seq); frames [header, targets],
     # `seqs` required, `dim` 0. Answered with an EventsReply: status ok (joined) or rejected per item, no
     # predictions frame.
-    kind: Literal["events", "targets"] = "events"
+    # "forecast": a multi-step forecast of each named stream, computed on copies of its state (nothing of the
+    # stream changes); frames [header, exog], the exog frame empty or N*horizon*dim float32 known future features
+    # (dim = input_size). Answered with an EventsReply per stream (ok, or rejected with the reason) and a
+    # predictions frame of N*horizon*O values (out_dim = horizon*O; NaN rows for rejected streams).
+    kind: Literal["events", "targets", "forecast"] = "events"
+    horizon: int = 0  # "forecast": steps ahead, 1..MAX_FORECAST_HORIZON
 
 
 class EventsReply(msgspec.Struct, kw_only=True):
@@ -138,6 +144,17 @@ class RollbackArgs(msgspec.Struct, forbid_unknown_fields=True):
     version: int | None = None  # None: the version before the serving one
 
 
+
+class ForecastArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """A multi-step forecast of `streams` (the daemon also bounds their number by serve.max_message_events);
+    `exog`: known future features, [streams, horizon, input_size] flattened row-major (None: held at the last
+    event's values)."""
+
+    streams: Annotated[list[StreamId], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+    horizon: Annotated[int, msgspec.Meta(ge=1, le=MAX_FORECAST_HORIZON)]
+    exog: list[float] | None = None
+
+
 CONTROL_ARGS: dict[str, type[msgspec.Struct]] = {
     **dict.fromkeys(
         [
@@ -160,6 +177,7 @@ CONTROL_ARGS: dict[str, type[msgspec.Struct]] = {
     "streams": StreamsArgs,
     "import_model": ImportModelArgs,
     "model_rollback": RollbackArgs,
+    "forecast": ForecastArgs,
 }
 
 
@@ -282,6 +300,8 @@ def decode_events(
         )
     if header.kind == "targets":
         return header, None, _decode_delayed_targets(header, frames)
+    if header.kind == "forecast":
+        return header, _decode_forecast_exog(header, frames), None
     n = len(header.streams)
     features = _view_rows(frames[1], FEATURE_DTYPE, n, header.dim, "features", "dim")
     if header.seqs is not None and len(header.seqs) != n:
@@ -319,6 +339,37 @@ def encode_targets(
         kind="targets",
     )
     return [encode(header), _raw(targets)]
+
+
+def encode_forecast(req: int, streams: list[StreamId], horizon: int, dim: int, exog=None) -> list:
+    """A forecast request's frames; `exog` None or [N, horizon, dim] known future features."""
+    if exog is not None:
+        exog = np.ascontiguousarray(exog, dtype=FEATURE_DTYPE)
+        if exog.shape != (len(streams), horizon, dim):
+            raise ValueError(
+                f"exog must have shape [streams, horizon, input_size] = [{len(streams)}, {horizon}, {dim}], "
+                f"got {list(exog.shape)}"
+            )
+    header = EventsHeader(v=PROTOCOL_VERSION, req=req, streams=list(streams), dim=dim, kind="forecast",
+                          horizon=horizon)
+    return [encode(header), b"" if exog is None else _raw(exog)]
+
+
+def _decode_forecast_exog(header: EventsHeader, frames: list) -> np.ndarray | None:
+    """The exog [N, horizon, dim] view of a forecast request, or None when its frame is empty."""
+    if len(frames) != 2:
+        raise ProtocolError("malformed", f"a forecast message has 2 frames (header, exog), got {len(frames)}")
+    if header.seqs is not None or header.targets is not None or header.target_dim:
+        raise ProtocolError("malformed", "a forecast message carries no sequence numbers or targets")
+    if not 1 <= header.horizon <= MAX_FORECAST_HORIZON:
+        raise ProtocolError("bad_horizon", f"horizon must be in 1..{MAX_FORECAST_HORIZON}, got {header.horizon}")
+    if not header.streams:
+        raise ProtocolError("bad_shape", "a forecast message names no stream")
+    if memoryview(frames[1]).nbytes == 0:
+        return None
+    n = len(header.streams)
+    rows = _view_rows(frames[1], FEATURE_DTYPE, n, header.horizon * header.dim, "exog", "horizon * dim")
+    return rows.reshape(n, header.horizon, header.dim)
 
 
 def _decode_delayed_targets(header: EventsHeader, frames: list) -> np.ndarray:

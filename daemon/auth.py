@@ -8,7 +8,8 @@ frame the client sends (frame property "User-Id"), so the control path knows the
 any state of its own. An unknown key is refused in the handshake: the client never gets a byte through.
 
 Roles: a producer key may send events, subscribe to predictions and run the control commands in
-`PRODUCER_COMMANDS` (read-only, revealing nothing but health and the model's shape); an admin key may do all
+`PRODUCER_COMMANDS` (read-only: health, the model's shape, and forecasts, which the events socket gives a
+producer anyway); an admin key may do all
 of that and run every command. Refusals are counted in `lstmd_auth_failures_total{reason}`: `unknown_key`
 (ZAP), `wrong_role` (a producer key asked for an admin command), and from socket monitors on the same thread
 as the counting, handshakes that never reach ZAP: `no_curve` (a plain client on a CURVE socket) and
@@ -39,10 +40,11 @@ from zmq.utils.monitor import recv_monitor_message
 log = logging.getLogger("lstmd.auth")
 
 PRODUCER, ADMIN = "producer", "admin"
-# The only control commands a producer key may run. Everything else changes state (reset, drop, import,
+# The only control commands a producer key may run (forecast: read-only, predictions a producer may already
+# subscribe to). Everything else changes state (reset, drop, import,
 # rollback, train, snapshot, shutdown, keys_reload) or reveals it (streams and their hidden state, the
 # config with its paths, the exported weights, the version history): admin keys only.
-PRODUCER_COMMANDS = frozenset({"status", "model_info", "train_status"})
+PRODUCER_COMMANDS = frozenset({"status", "model_info", "train_status", "forecast"})
 ZAP_DOMAIN = "lstmd"
 
 # Handshake failures libzmq reports on a socket monitor before ZAP is asked (so ZAP never counts them).

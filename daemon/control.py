@@ -12,7 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 from lstmd.clients import protocol
+from lstmd.daemon import forecast as forecasts
 from lstmd.daemon.auth import AuthError
 from lstmd.daemon.keras_import import convert_keras
 from lstmd.daemon.model import ModelSpec, ServingModel
@@ -130,6 +132,32 @@ def _stream(daemon: Daemon, args: dict) -> dict:
     if last_events is not None:  # forecast: the event the stream's next change is taken from; None: not known
         info["last_x"] = last_events.known(info["slot"], bool(daemon.store.needs_reset[info["slot"]]))
     return info
+
+
+@command("forecast")
+def _forecast(daemon: Daemon, args: dict) -> dict:
+    """A k-step forecast of `streams` on copies of their state (daemon/forecast.py): per stream its [k, O] rows,
+    or None and its error in `errors` (unknown stream, reset, last event not known)."""
+    streams, horizon, exog = args["streams"], args["horizon"], args.get("exog")
+    spec = daemon.engine.model.spec
+    if exog is not None:
+        expected = len(streams) * horizon * spec.input_size
+        if len(exog) != expected:
+            raise CommandError(
+                f"exog must hold streams x horizon x input_size = {len(streams)} x {horizon} x {spec.input_size} "
+                f"= {expected} values, got {len(exog)}"
+            )
+        exog = np.asarray(exog, dtype=np.float32).reshape(len(streams), horizon, spec.input_size)
+    try:
+        result, errors = forecasts.forecast(daemon, streams, horizon, exog)
+    except forecasts.ForecastError as exc:
+        raise CommandError(str(exc)) from None
+    return {
+        "horizon": horizon,
+        "version": daemon.engine.model.version,
+        "forecasts": [None if i in errors else rows.tolist() for i, rows in enumerate(result)],
+        "errors": {str(i): why for i, why in errors.items()},
+    }
 
 
 @command("reset")

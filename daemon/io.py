@@ -40,6 +40,7 @@ import msgspec
 import numpy as np
 import zmq
 from lstmd.clients import protocol
+from lstmd.daemon import forecast
 from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("lstmd.io")
@@ -87,6 +88,16 @@ class TargetsMessage:
 
 
 @dataclass
+class ForecastMessage:
+    """A multi-step forecast request (daemon/forecast.py), answered between two batches without changing state."""
+
+    envelope: list
+    header: protocol.EventsHeader
+    exog: np.ndarray | None  # [n, horizon, I] float32, a view over the received frame
+    nbytes: int = 0
+
+
+@dataclass
 class ControlMessage:
     envelope: list
     request: protocol.ControlRequest | None  # None when refused
@@ -108,6 +119,7 @@ class EventsLimits:
     max_events: int
     header_limit: int | None = None  # bytes of the header frame; None: only the protocol's limits
     target_dim: int = 0  # values per event a targets frame must hold; 0: not checked
+    task: str | None = None  # the model's task: forecast requests need "forecast"; None: not checked
 
 
 class _RequestId(msgspec.Struct):
@@ -130,7 +142,15 @@ def decode_events_request(body: list, limits: EventsLimits) -> tuple[protocol.Ev
         )
     if header.kind == "targets":
         return header, None, targets
-    if header.dim != limits.input_size:
+    # Refused whole here, so a decodable forecast is answered per stream (unless its result would exceed
+    # serve.max_message_bytes: daemon/forecast.py refuses that whole).
+    if header.kind == "forecast":
+        if limits.task is not None and limits.task != "forecast":
+            raise protocol.ProtocolError("not_forecast", forecast.not_a_forecast_model(limits.task))
+        if features is not None and not np.isfinite(features).all():
+            raise protocol.ProtocolError("bad_exog", forecast.EXOG_NOT_FINITE)
+    # A forecast's exog holds whole events too; without exog (empty frame) its dim says nothing.
+    if header.dim != limits.input_size and not (header.kind == "forecast" and features is None):
         raise protocol.ProtocolError(
             "bad_shape", f"events have {header.dim} features, the model's input_size is {limits.input_size}"
         )
@@ -235,13 +255,14 @@ class EventsSocket:
         budgets: EventsBudgets | None = None,
         on_dropped: Callable[[str, str], None] = lambda what, reason: None,  # (reply|request, reason), counted
         secure=None,  # callback(socket, name) making a socket a CURVE server before it binds; None: plain
+        task: str | None = None,  # the model's task (forecast requests); None: not checked
     ) -> None:
         header_limit = (
             None
             if max_stream_id_length is None
             else protocol.max_header_bytes(max_message_events, max_stream_id_length)
         )
-        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim)
+        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim, task)
         self.on_message_rejected = on_message_rejected
         self.on_dropped = on_dropped
         self.budgets = budgets or EventsBudgets()
@@ -290,7 +311,7 @@ class EventsSocket:
             return True
         return bool(self.sock.poll(max(0, math.ceil(timeout_ms)), zmq.POLLIN))  # ZeroMQ counts whole ms
 
-    def take(self) -> EventsMessage | TargetsMessage | None:
+    def take(self) -> EventsMessage | TargetsMessage | ForecastMessage | None:
         """The next request for the loop, or None when none is waiting: peers take turns, one request each, and
         each peer's requests keep their order.
 
@@ -332,9 +353,10 @@ class EventsSocket:
             if message is None:
                 return
             n = len(message.header.streams)
+            array = message.exog if isinstance(message, ForecastMessage) else message.targets
             message.nbytes = (
                 (message.features.nbytes if isinstance(message, EventsMessage) else 0)
-                + (message.targets.nbytes if message.targets is not None else 0)
+                + (array.nbytes if array is not None else 0)
                 + n * _HEADER_BYTES_PER_EVENT
             )
             peer = message.envelope[0].bytes
@@ -366,7 +388,7 @@ class EventsSocket:
         """Requests waiting for the loop (its queue depth gauge)."""
         return self._waiting_requests
 
-    def receive(self) -> EventsMessage | TargetsMessage | None:
+    def receive(self) -> EventsMessage | TargetsMessage | ForecastMessage | None:
         """The next decodable request, or None when none is waiting; undecodable ones are answered and skipped."""
         for frames in _waiting(self.sock):
             received = time.perf_counter()
@@ -382,6 +404,8 @@ class EventsSocket:
                 continue
             if header.kind == "targets":
                 return TargetsMessage(envelope, header, targets)
+            if header.kind == "forecast":
+                return ForecastMessage(envelope, header, features)
             return EventsMessage(envelope, header, features, targets, received)
         return None
 

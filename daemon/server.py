@@ -23,6 +23,7 @@ import torch
 import zmq
 from lstmd.clients import protocol
 from lstmd.daemon import control
+from lstmd.daemon import forecast as forecasts
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.config import Config
 from lstmd.daemon.engine import Engine, pick_device
@@ -33,6 +34,7 @@ from lstmd.daemon.io import (
     EventsBudgets,
     EventsMessage,
     EventsSocket,
+    ForecastMessage,
     IOThread,
     PublishBudget,
     TargetsMessage,
@@ -273,6 +275,7 @@ class Daemon:
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes, self._max_reply_bytes()),
                 on_dropped=self._count_drop,
                 secure=secure,
+                task=self.engine.task.name,
             )
             self._io = IOThread(
                 self._ctx,
@@ -356,7 +359,7 @@ class Daemon:
                     self._serve_guarded(batch)
                 if other is _STOP:
                     self._stopping = True
-                elif isinstance(other, TargetsMessage):
+                elif isinstance(other, TargetsMessage | ForecastMessage):
                     self._serve_guarded([other])
                 elif other is not None:
                     self._run_control(other)
@@ -456,7 +459,7 @@ class Daemon:
                 continue
             if not waited:
                 backlog += 1
-            if isinstance(message, TargetsMessage):
+            if isinstance(message, TargetsMessage | ForecastMessage):
                 self._backlog = backlog
                 return batch, message
             batch.append(message)
@@ -472,6 +475,8 @@ class Daemon:
         try:
             if isinstance(batch[0], TargetsMessage):
                 self._join_targets(batch[0])
+            elif isinstance(batch[0], ForecastMessage):
+                self._answer_forecast(batch[0])
             else:
                 self._serve(batch)
         except Exception:
@@ -674,6 +679,30 @@ class Daemon:
             reasons=reasons,
         )
         self._events.send([*message.envelope, protocol.encode(reply)])
+
+    def _answer_forecast(self, message: ForecastMessage) -> None:
+        """A multi-step forecast (daemon/forecast.py) on copies of the streams' state: per stream ok or rejected
+        (unknown, reset), rows [horizon, O] each; a request wrong whole (task, horizon, exog) is refused whole."""
+        header = message.header
+        try:
+            result, errors = forecasts.forecast(self, header.streams, header.horizon, message.exog)
+        except forecasts.ForecastError as exc:
+            self._count_message_rejection("bad_forecast")
+            reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=header.req, error=str(exc),
+                                         error_reason="bad_forecast")
+            self._events.send([*message.envelope, protocol.encode(reply)])
+            return
+        status = np.zeros(len(header.streams), dtype=np.uint8)
+        status[list(errors)] = protocol.REJECTED
+        reply = protocol.EventsReply(
+            v=protocol.PROTOCOL_VERSION,
+            req=header.req,
+            version=self.engine.model.version,
+            out_dim=header.horizon * result.shape[2],
+            status=status.tobytes(),
+            reasons=errors,
+        )
+        self._events.send([*message.envelope, *protocol.encode_reply(reply, result.reshape(len(status), -1))])
 
     def _publish_trained(self) -> None:
         """Between two batches: serve the trainer's candidate, if one passed its holdout check."""

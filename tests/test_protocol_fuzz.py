@@ -21,7 +21,9 @@ from lstmd.clients import protocol
 from lstmd.daemon.io import EventsLimits, decode_events_request
 
 LIMITS = EventsLimits(input_size=8, max_events=64, header_limit=protocol.max_header_bytes(64, 32), target_dim=1)
-EVENTS_REASONS = {"malformed", "protocol_version", "bad_shape", "bad_target_shape", "oversized", "bad_seq"}
+EVENTS_REASONS = {
+    "malformed", "protocol_version", "bad_shape", "bad_target_shape", "oversized", "bad_seq", "bad_horizon", "bad_exog"
+}
 CONTROL_REASONS = {"malformed", "protocol_version", "bad_args"}
 MUTATION_CASES = 110_000  # the numpy loop's share; hypothesis adds its examples on top
 HYPOTHESIS = settings(
@@ -45,6 +47,11 @@ def check_events(frames: list) -> None:
     if header.kind == "targets":
         assert features is None and header.seqs is not None
         assert all(0 <= s < protocol.SEQ_LIMIT for s in header.seqs)
+    elif header.kind == "forecast":  # exog: None (empty frame) or whole, finite events per horizon step
+        assert 1 <= n <= LIMITS.max_events and 1 <= header.horizon <= protocol.MAX_FORECAST_HORIZON
+        assert features is None or (
+            features.shape == (n, header.horizon, LIMITS.input_size) and np.isfinite(features).all()
+        )
     else:
         assert n <= LIMITS.max_events
         assert features.shape == (n, LIMITS.input_size) and features.dtype == protocol.FEATURE_DTYPE
@@ -188,7 +195,8 @@ def _seeds(rng: np.random.Generator) -> tuple[list[list[bytes]], list[list[bytes
         events.append([bytes(f) for f in protocol.encode_events(n, streams, x)])
         events.append([bytes(f) for f in protocol.encode_events(n, streams, x, rng.standard_normal(n), seqs)])
         events.append([bytes(f) for f in protocol.encode_targets(n, streams, seqs, rng.integers(0, 3, n))])
-    args = {"stream": "s1", "limit": 5, "safetensors_b64": "AAAA", "version": 1}
+        events.append([bytes(f) for f in protocol.encode_forecast(n, streams, 3, 8, rng.standard_normal((n, 3, 8)))])
+    args = {"stream": "s1", "limit": 5, "safetensors_b64": "AAAA", "version": 1, "streams": ["s1", 7], "horizon": 3}
     control = []
     for cmd, schema in protocol.CONTROL_ARGS.items():
         fields = {k: args[k] for k in schema.__struct_fields__ if k in args}

@@ -13,6 +13,7 @@ import typer
 from lstmd.clients.cli import (
     bench,
     config_cmd,
+    forecast,
     keys,
     model,
     replay,
@@ -62,6 +63,7 @@ app.command()(bench.bench)
 app.command()(top.top)
 app.command()(watch.watch)
 app.command()(gateway_cmd.gateway)
+app.command()(forecast.forecast)
 app.command()(snapshot.snapshot)
 app.add_typer(streams.app, name="streams")
 app.add_typer(model.app, name="model")
