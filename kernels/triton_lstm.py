@@ -117,6 +117,25 @@ def _accumulate_gates(
 
 
 @triton.jit
+def _sequence_cell_backward(dh, dc_next, gates_ptr, g_tile, H, cs_ptr, c_rows, offs_h, dg_ptr, tile_mask):
+    """One time step's cell backward of the sequence kernels: from dh (the gradient reaching h_t) and dc_next
+    (reaching c_t through time) store the gate pre-activation gradients in `dg` and return dc_{t-1}."""
+    gi = tl.load(gates_ptr + g_tile, mask=tile_mask, other=0.0)
+    gf = tl.load(gates_ptr + g_tile + H, mask=tile_mask, other=0.0)
+    gg = tl.load(gates_ptr + g_tile + 2 * H, mask=tile_mask, other=0.0)
+    go = tl.load(gates_ptr + g_tile + 3 * H, mask=tile_mask, other=0.0)
+    c_prev = tl.load(cs_ptr + c_rows[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
+    c_t = tl.load(cs_ptr + (c_rows + H)[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
+    tc = _tanh(c_t)
+    dc = dc_next + dh * go * (1.0 - tc * tc)
+    tl.store(dg_ptr + g_tile, dc * gg * gi * (1.0 - gi), mask=tile_mask)
+    tl.store(dg_ptr + g_tile + H, dc * c_prev * gf * (1.0 - gf), mask=tile_mask)
+    tl.store(dg_ptr + g_tile + 2 * H, dc * gi * (1.0 - gg * gg), mask=tile_mask)
+    tl.store(dg_ptr + g_tile + 3 * H, dh * tc * go * (1.0 - go), mask=tile_mask)
+    return dc * gf
+
+
+@triton.jit
 def _sequence_cell(acc_i, acc_f, acc_g, acc_o, c_prev, gates_ptr, g_tile, H, hs_ptr, cs_ptr, s_tile, tile_mask):
     """One time step's cell of the sequence kernels: the activated gates go to `gates` (the backward pass reads
     them), the new h and c to the per-step tables at `s_tile`; returns (h, c)."""
@@ -281,22 +300,10 @@ def _lstm_seq_bwd_kernel(
         t = T - 1 - step
         g_rows = (b64 * T + t) * (4 * H)
         g_tile = g_rows[:, None] + offs_h[None, :]
-        gi = tl.load(gates_ptr + g_tile, mask=tile_mask, other=0.0)
-        gf = tl.load(gates_ptr + g_tile + H, mask=tile_mask, other=0.0)
-        gg = tl.load(gates_ptr + g_tile + 2 * H, mask=tile_mask, other=0.0)
-        go = tl.load(gates_ptr + g_tile + 3 * H, mask=tile_mask, other=0.0)
-        c_rows = (b64 * (T + 1) + t) * H
-        c_prev = tl.load(cs_ptr + c_rows[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
-        c_t = tl.load(cs_ptr + (c_rows + H)[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
         y_tile = ((b64 * T + t) * H)[:, None] + offs_h[None, :]
         dh = dh_rec + tl.load(dy_ptr + y_tile, mask=tile_mask, other=0.0)
-        tc = _tanh(c_t)
-        dc = dc + dh * go * (1.0 - tc * tc)
-        tl.store(dg_ptr + g_tile, dc * gg * gi * (1.0 - gi), mask=tile_mask)
-        tl.store(dg_ptr + g_tile + H, dc * c_prev * gf * (1.0 - gf), mask=tile_mask)
-        tl.store(dg_ptr + g_tile + 2 * H, dc * gi * (1.0 - gg * gg), mask=tile_mask)
-        tl.store(dg_ptr + g_tile + 3 * H, dh * tc * go * (1.0 - go), mask=tile_mask)
-        dc = dc * gf
+        c_rows = (b64 * (T + 1) + t) * H
+        dc = _sequence_cell_backward(dh, dc, gates_ptr, g_tile, H, cs_ptr, c_rows, offs_h, dg_ptr, tile_mask)
         # dh_{t-1} = dgates_t @ w_hh reads the row just stored, in BLOCK_K slices, through other threads.
         tl.debug_barrier()
         dh_rec = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -502,21 +509,11 @@ def _lstm_seq_bwd_step_kernel(
         tl.store(dh0_ptr + state_tile, dh_rec, mask=tile_mask)
     else:
         g_tile = ((b64 * T + t) * (4 * H))[:, None] + offs_h[None, :]
-        gi = tl.load(gates_ptr + g_tile, mask=tile_mask, other=0.0)
-        gf = tl.load(gates_ptr + g_tile + H, mask=tile_mask, other=0.0)
-        gg = tl.load(gates_ptr + g_tile + 2 * H, mask=tile_mask, other=0.0)
-        go = tl.load(gates_ptr + g_tile + 3 * H, mask=tile_mask, other=0.0)
-        c_rows = (b64 * (T + 1) + t) * H
-        c_prev = tl.load(cs_ptr + c_rows[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
-        c_t = tl.load(cs_ptr + (c_rows + H)[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
         dh = dh_rec + tl.load(dy_ptr + ((b64 * T + t) * H)[:, None] + offs_h[None, :], mask=tile_mask, other=0.0)
-        tc = _tanh(c_t)
-        dc = tl.load(dc_ptr + state_tile, mask=tile_mask, other=0.0) + dh * go * (1.0 - tc * tc)
-        tl.store(dg_ptr + g_tile, dc * gg * gi * (1.0 - gi), mask=tile_mask)
-        tl.store(dg_ptr + g_tile + H, dc * c_prev * gf * (1.0 - gf), mask=tile_mask)
-        tl.store(dg_ptr + g_tile + 2 * H, dc * gi * (1.0 - gg * gg), mask=tile_mask)
-        tl.store(dg_ptr + g_tile + 3 * H, dh * tc * go * (1.0 - go), mask=tile_mask)
-        tl.store(dc_ptr + state_tile, dc * gf, mask=tile_mask)
+        c_rows = (b64 * (T + 1) + t) * H
+        dc_next = tl.load(dc_ptr + state_tile, mask=tile_mask, other=0.0)
+        dc = _sequence_cell_backward(dh, dc_next, gates_ptr, g_tile, H, cs_ptr, c_rows, offs_h, dg_ptr, tile_mask)
+        tl.store(dc_ptr + state_tile, dc, mask=tile_mask)
 
 
 # Whether the kernels above were decorated under TRITON_INTERPRET=1 (then they run on CPU tensors, slowly).
