@@ -149,15 +149,7 @@ class Producer:
         streams = list(streams)
         req = next(self._req_ids)
         frames = protocol.encode_targets(req, streams, list(seqs), targets)
-        reply_frames = self._await(req) if self._send(frames) else None
-        if reply_frames is None:
-            self._connect()
-            raise TimeoutError(
-                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g} s: is `lstmd serve` "
-                "running, and is this its events endpoint (serve.events)? The targets may or may not have been "
-                f"joined to their events.{self._curve_hint}"
-            )
-        reply, _ = protocol.decode_reply(reply_frames)
+        reply, _ = self._ask_once(req, frames, "The targets may or may not have been joined to their events.")
         if reply.error is not None:
             raise RejectedError(f"targets rejected ({reply.error_reason}): {reply.error}")
         return np.frombuffer(reply.status, dtype=np.uint8) == protocol.OK
@@ -174,21 +166,25 @@ class Producer:
         dim = 0 if exog is None else exog.shape[-1]
         req = next(self._req_ids)
         frames = protocol.encode_forecast(req, streams, int(horizon), dim, exog)
-        reply_frames = self._await(req) if self._send(frames) else None
-        if reply_frames is None:
-            self._connect()
-            raise TimeoutError(
-                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g} s: is `lstmd serve` "
-                "running, and is this its events endpoint (serve.events)? A forecast changes nothing: ask again."
-                + self._curve_hint
-            )
-        reply, preds = protocol.decode_reply(reply_frames)
+        reply, preds = self._ask_once(req, frames, "A forecast changes nothing: ask again.")
         if reply.error is not None:
             raise RejectedError(f"forecast refused ({reply.error_reason}): {reply.error}")
         if reply.reasons:
             detail = _listing(dict(reply.reasons), streams).replace("event ", "stream #")
             raise RejectedError(f"{len(reply.reasons)} of {len(streams)} streams cannot be forecast: {detail}")
         return preds.reshape(len(streams), int(horizon), -1)
+
+    def _ask_once(self, req: int, frames: list, outcome: str) -> tuple:
+        """Send a request that is never resent and decode its reply; TimeoutError without one (`outcome`: what
+        that means for the caller)."""
+        reply_frames = self._await(req) if self._send(frames) else None
+        if reply_frames is None:
+            self._connect()
+            raise TimeoutError(
+                f"no reply from lstmd at {self.endpoint} within {self.timeout_ms / 1000:g} s: is `lstmd serve` "
+                f"running, and is this its events endpoint (serve.events)? {outcome}{self._curve_hint}"
+            )
+        return protocol.decode_reply(reply_frames)
 
     def _no_reply(self, attempts: int, resendable: bool) -> str:
         """What a send that got no reply means for the caller, and what to do about it."""

@@ -294,10 +294,7 @@ def decode_events(
         header = events_header_decoder.decode(frames[0])
     except _UNDECODABLE as exc:
         raise ProtocolError("malformed", f"bad header: {_why(exc)}") from None
-    if header.v != PROTOCOL_VERSION:
-        raise ProtocolError(
-            "protocol_version", f"unknown protocol version {header.v}; this daemon speaks {PROTOCOL_VERSION}"
-        )
+    _check_version(header.v)
     if header.kind == "targets":
         return header, None, _decode_delayed_targets(header, frames)
     if header.kind == "forecast":
@@ -416,6 +413,11 @@ def seq_array(seqs: list[int]) -> np.ndarray:
         return np.asarray([min(s, SEQ_LIMIT) for s in seqs], dtype=np.int64)
 
 
+def _check_version(v: int) -> None:
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError("protocol_version", f"unknown protocol version {v}; this daemon speaks {PROTOCOL_VERSION}")
+
+
 def decode_control(frames: list) -> ControlRequest:
     """Validate one control request (the frames after the routing envelope); raises ProtocolError (and
     nothing else) naming what was wrong. The returned request's args are the command's checked arguments
@@ -426,10 +428,7 @@ def decode_control(frames: list) -> ControlRequest:
         request = control_request_decoder.decode(frames[0])
     except _UNDECODABLE as exc:
         raise ProtocolError("malformed", f"malformed control request: {_why(exc)}") from None
-    if request.v != PROTOCOL_VERSION:
-        raise ProtocolError(
-            "protocol_version", f"unknown protocol version {request.v}; this daemon speaks {PROTOCOL_VERSION}"
-        )
+    _check_version(request.v)
     schema = CONTROL_ARGS.get(request.cmd)
     if schema is not None:
         try:
