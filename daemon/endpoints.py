@@ -10,14 +10,13 @@ serves nothing itself: the serving loop reads the events source and writes the o
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from pathlib import Path
 
 import zmq
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.config import Config
-from lstmd.daemon.io import EventsBudgets, EventsLimits, EventsSocket, IOThread, PublishBudget
+from lstmd.daemon.io import EventsBudgets, EventsLimits, EventsSocket, Inbox, IOThread, PublishBudget
 
 # Messages libzmq queues per subscriber at least, whatever serve.publish_queue_bytes: small batches at a high rate
 # would otherwise be dropped for a subscriber only a few milliseconds behind.
@@ -35,7 +34,7 @@ class Endpoints:
         self,
         config: Config,
         metrics,
-        inbox: queue.SimpleQueue,
+        inbox: Inbox,
         engine,
         store,
         training: bool,
@@ -121,6 +120,7 @@ class Endpoints:
                 on_failure=self.metrics.io_failures.inc,
                 on_disconnect=self.metrics.events_disconnects.inc,
                 on_handshake_failed=self.security.handshake_failed if self.security else lambda event: None,
+                on_control_overloaded=self.metrics.control_rejections.labels(reason="overloaded").inc,
                 secure=secure,
             )
         except Exception as exc:

@@ -27,7 +27,7 @@ from lstmd.daemon import control, report, side_requests
 from lstmd.daemon.config import Config
 from lstmd.daemon.endpoints import Endpoints, StartupError
 from lstmd.daemon.engine import Engine, pick_device
-from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, ForecastMessage, TargetsMessage
+from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, ForecastMessage, Inbox, TargetsMessage
 from lstmd.daemon.metrics import Metrics
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.model_loader import ModelFileError, load_initial_model
@@ -76,7 +76,7 @@ class Daemon:
         self.versions, self.recorder, self.trainer = self.online.versions, self.online.recorder, self.online.trainer
         self.pipeline = Pipeline(self.store, self.engine, self.metrics, serve, self.engine.task.batch_targets)
         self.pipeline.recorder = self.recorder
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox = Inbox(serve.max_control_inbox_bytes)  # control requests and the stop sentinel
         # Sockets, I/O thread, metrics server, security (daemon/endpoints.py). The loop keeps its own references
         # to the events source, the I/O thread and the outbox once they are open: one attribute lookup per use.
         self.net = Endpoints(config, self.metrics, self.inbox, self.engine, self.store, self.trainer is not None,
