@@ -18,9 +18,12 @@ travels to the loop as a refusal, which the loop answers and counts (the metrics
 
 Memory under abuse is bounded in bytes, not messages (docs/operations.md, "Memory bound"): requests read from the
 events socket wait in `EventsSocket`'s pending queue within a per-peer and a total byte budget (beyond it a
-request is answered `overloaded`); replies go out without blocking, and one to a peer that is gone or does not
-read is dropped and counted instead of queued; predictions to publish pass a byte budget (`PublishBudget`) on
-their way to the I/O thread, which forwards each batch as one message. The I/O thread is supervised: a failure
+request is answered `overloaded`); an events frame over serve.max_message_bytes is answered `frame_too_large`
+(libzmq's own cap, FRAME_CAP_FACTOR times that, closes the connection of a bigger one); replies go out without
+blocking, and one to a peer that is gone or does not read is dropped and counted instead of queued; predictions
+to publish pass a byte budget (`PublishBudget`) on their way to the I/O thread, which forwards each batch as one
+message; control requests wait for the loop in the `Inbox`, within serve.max_control_inbox_bytes (beyond it the
+I/O thread answers `overloaded`). The I/O thread is supervised: a failure
 in it is logged and the thread carries on, up to a limit, after which `/healthz` answers 503 with the reason.
 """
 

@@ -52,6 +52,8 @@ _IDLE_POLL_MS = 5
 
 
 class Daemon:
+    """One daemon: `start()` (or `start_in_thread()`), then `serve_forever()` until `request_stop()`."""
+
     def __init__(self, config: Config, registry=None) -> None:
         self.config = config
         self.metrics = Metrics(registry)
