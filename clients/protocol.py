@@ -19,9 +19,9 @@ Arrays travel as raw buffers, not per-element msgpack, so neither side builds a 
 Decoding is total: `decode_events` and `decode_control` either return a typed, size-checked request or raise
 ProtocolError with a short reason label and a message saying what was wrong; no other exception escapes them
 for any input. The limits they enforce (the daemon's configured limits come on top, see daemon/config.py):
-- Frames: events requests have 2 or 3 frames, control requests 1. ZeroMQ drops (and disconnects the peer of)
-  any frame over `serve.max_message_bytes` on the events socket and over MAX_CONTROL_BYTES on the control
-  socket, before Python sees it.
+- Frames: events requests have 2 or 3 frames, control requests 1. An events frame over `serve.max_message_bytes`
+  is answered `frame_too_large`; ZeroMQ drops (and disconnects the peer of) any frame over twice that on the
+  events socket and over MAX_CONTROL_BYTES on the control socket, before Python sees it.
 - Events header: at most `max_header_bytes(max_events, max_id_chars)` bytes, checked before it is decoded;
   typed msgpack (unknown fields refused), at most MAX_EVENTS stream ids and sequence numbers, strings valid
   UTF-8, every container of the declared type, so nesting depth is bounded by the schema.

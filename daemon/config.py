@@ -82,9 +82,9 @@ class ServeConfig(_Section):
     max_batch: Annotated[int, doc("events per serving batch", ge=1)] = 16384
     max_wait_ms: Annotated[float, doc("how long the loop gathers events before stepping", ge=0)] = 1.0
     max_message_events: Annotated[int, doc("events per message; larger messages are rejected whole", ge=1)] = 65536
-    max_message_bytes: Annotated[int, doc("bytes per frame, enforced by ZeroMQ (ZMQ_MAXMSGSIZE)", ge=1)] = (
-        64 * 1024 * 1024
-    )
+    max_message_bytes: Annotated[
+        int, doc("bytes per events frame; larger: frame_too_large (ZeroMQ disconnects past twice this)", ge=1)
+    ] = 64 * 1024 * 1024
     max_new_streams_per_message: Annotated[
         int, doc("new stream ids one message may create (admission control against id floods)", ge=1)
     ] = 65536
@@ -102,6 +102,11 @@ class ServeConfig(_Section):
     ] = 256 * 2**20
     max_peer_inflight_bytes: Annotated[
         int, doc("the same for one producer (at most max_inflight_bytes); sizes its socket queues too", ge=1)
+    ] = 64 * 2**20
+    # Control requests received and waiting for the serving loop (a model import is one, up to 64 MiB): beyond it
+    # the I/O thread answers `overloaded` (lstmd_control_rejections_total{reason="overloaded"}).
+    max_control_inbox_bytes: Annotated[
+        int, doc("bytes of control requests waiting for the serving loop; beyond: overloaded (one always fits)", ge=1)
     ] = 64 * 2**20
     # Predictions waiting for the publisher (beyond: the batch is not published, counted), and the bytes libzmq
     # queues per subscriber (beyond: dropped for that subscriber).

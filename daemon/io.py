@@ -18,9 +18,12 @@ travels to the loop as a refusal, which the loop answers and counts (the metrics
 
 Memory under abuse is bounded in bytes, not messages (docs/operations.md, "Memory bound"): requests read from the
 events socket wait in `EventsSocket`'s pending queue within a per-peer and a total byte budget (beyond it a
-request is answered `overloaded`); replies go out without blocking, and one to a peer that is gone or does not
-read is dropped and counted instead of queued; predictions to publish pass a byte budget (`PublishBudget`) on
-their way to the I/O thread, which forwards each batch as one message. The I/O thread is supervised: a failure
+request is answered `overloaded`); an events frame over serve.max_message_bytes is answered `frame_too_large`
+(libzmq's own cap, FRAME_CAP_FACTOR times that, closes the connection of a bigger one); replies go out without
+blocking, and one to a peer that is gone or does not read is dropped and counted instead of queued; predictions
+to publish pass a byte budget (`PublishBudget`) on their way to the I/O thread, which forwards each batch as one
+message; control requests wait for the loop in the `Inbox`, within serve.max_control_inbox_bytes (beyond it the
+I/O thread answers `overloaded`). The I/O thread is supervised: a failure
 in it is logged and the thread carries on, up to a limit, after which `/healthz` answers 503 with the reason.
 """
 
@@ -54,6 +57,9 @@ _FILL_MESSAGES = 1024
 # libzmq's receive queue per events connection, in messages, at least: with one or two, each message waits for
 # libzmq's own I/O thread to be woken to read the next (a pipelining producer would stall on it).
 _MIN_RCVHWM = 4
+# libzmq's own frame cap on the events socket, as a multiple of serve.max_message_bytes: frames between the two are
+# read and answered `frame_too_large`; libzmq closes the connection of a bigger one without a reason to count.
+FRAME_CAP_FACTOR = 2
 # libzmq's reply queue per events connection, in messages, at least: one batch answers up to one message per
 # event at once, faster than libzmq's I/O thread moves them to the connection; below this a reading peer would
 # lose replies to the burst.
@@ -103,6 +109,45 @@ class ControlMessage:
     request: protocol.ControlRequest | None  # None when refused
     refused: tuple[str, str] | None = None  # (reason label, message for the client): not decodable
     role: str | None = None  # the client key's role from the ZAP User-Id (daemon/auth.py); None: no CURVE
+    nbytes: int = 0  # the request's received bytes, counted in the inbox's budget while it waits (Inbox)
+
+
+class Inbox:
+    """What the I/O thread hands the serving loop: control requests, bounded in bytes, and the stop sentinel.
+
+    The I/O thread `reserve`s each control request's received size before it decodes it; a request that would take
+    the bytes waiting past `limit` (serve.max_control_inbox_bytes) is refused and answered `overloaded` by that
+    thread, so a flood of large requests (a model import travels as one, up to protocol.MAX_CONTROL_BYTES) cannot
+    queue without bound while the loop is busy. One request always fits an empty inbox. `get_nowait` gives a
+    request's bytes (ControlMessage.nbytes) back as the loop takes it. Safe from any thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.limit and self.used:
+                return False
+            self.used += nbytes
+            return True
+
+    def put(self, item) -> None:
+        """Queue a control request (its bytes reserved first) or the stop sentinel."""
+        self._queue.put(item)
+
+    def get_nowait(self):
+        """The oldest item; raises queue.Empty when there is none."""
+        item = self._queue.get_nowait()
+        if isinstance(item, ControlMessage) and item.nbytes:
+            with self._lock:
+                self.used -= item.nbytes
+        return item
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
 
 
 # What a client is told when handling its message raised unexpectedly; the traceback goes to the log only.
@@ -271,14 +316,16 @@ class EventsSocket:
         # receive queue and its reply queue each stay within the per-peer byte budget, but not below the floors.
         self.sock = _router(
             ctx,
-            rcvhwm=max(_MIN_RCVHWM, b.max_peer_inflight_bytes // max_message_bytes),
+            rcvhwm=max(_MIN_RCVHWM, b.max_peer_inflight_bytes // (FRAME_CAP_FACTOR * max_message_bytes)),
             sndhwm=max(_MIN_SNDHWM, b.max_peer_inflight_bytes // b.max_reply_bytes),
             mandatory=True,
         )
-        # Hard cap per frame; the friendlier per-message limit (max_message_events) is checked on decode. libzmq
-        # closes the connection of a peer that announces a bigger frame without reading it (the IO thread's
-        # monitor counts the disconnect: libzmq gives no reason).
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # Frames over max_message_bytes are answered `frame_too_large` (counted under that reason) by receive().
+        # libzmq cannot say why it closed a connection, so its own cap (MAXMSGSIZE) sits above ours, at
+        # FRAME_CAP_FACTOR times: a frame past that is not read at all, its connection is closed and only the I/O
+        # thread's monitor sees it, as a disconnect.
+        self.max_frame_bytes = max_message_bytes
+        self.sock.setsockopt(zmq.MAXMSGSIZE, FRAME_CAP_FACTOR * max_message_bytes)
         # Decoded requests waiting for the loop, one queue per peer (routing id), oldest first; the dict's order is
         # the peers' turn order.
         self._queues: dict[bytes, collections.deque] = {}
@@ -393,6 +440,11 @@ class EventsSocket:
         for frames in _waiting(self.sock):
             received = time.perf_counter()
             envelope, body = _split_envelope(frames)
+            largest = max((len(frame) for frame in body), default=0)
+            if largest > self.max_frame_bytes:
+                why = f"a frame of {largest} bytes, over this daemon's serve.max_message_bytes = {self.max_frame_bytes}"
+                self._reject(envelope, body, "frame_too_large", why)
+                continue
             try:
                 header, features, targets = decode_events_request(body, self.limits)
             except protocol.ProtocolError as exc:
@@ -448,7 +500,7 @@ class IOThread(threading.Thread):
     def __init__(
         self,
         ctx: zmq.Context,
-        inbox: queue.SimpleQueue,
+        inbox: Inbox,
         control_endpoint: str,
         publish_endpoint: str,
         *,
@@ -458,6 +510,7 @@ class IOThread(threading.Thread):
         on_failure: Callable[[], None] = lambda: None,
         on_disconnect: Callable[[], None] = lambda: None,
         on_handshake_failed: Callable[[dict], None] = lambda event: None,  # the events socket's, with CURVE
+        on_control_overloaded: Callable[[], None] = lambda: None,  # a control request refused: the inbox is full
         clock: Callable[[], float] = time.monotonic,
         secure=None,  # as EventsSocket's
     ) -> None:
@@ -471,6 +524,7 @@ class IOThread(threading.Thread):
         self.on_failure = on_failure
         self.on_disconnect = on_disconnect
         self.on_handshake_failed = on_handshake_failed
+        self.on_control_overloaded = on_control_overloaded
         self._clock = clock
         self.failures: collections.deque[float] = collections.deque()  # times of failures in the window
         self.restarts = 0  # failures the thread carried on after
@@ -586,12 +640,19 @@ class IOThread(threading.Thread):
             "gave_up": self.gave_up,
             "subscribers": self.subscribers,
             "publish_queue_bytes": self.publish_budget.used,
+            "control_inbox_bytes": self.inbox.used,
         }
 
     def _receive_control(self) -> None:
-        """Decode each waiting control request here, off the loop; refusals go to the loop too (it counts)."""
+        """Decode each waiting control request here, off the loop; refusals go to the loop too (it counts), except
+        a request the inbox has no room for: answered `overloaded` here, undecoded, and counted through
+        `on_control_overloaded` (the loop may be busy for a while: that is when requests pile up)."""
         for frames in _waiting(self.control):
             envelope, body = _split_envelope(frames)
+            nbytes = sum(len(frame) for frame in frames)
+            if not self.inbox.reserve(nbytes):
+                self._refuse_overloaded(envelope, nbytes)
+                continue
             try:
                 message = ControlMessage(envelope, protocol.decode_control(body))
             except protocol.ProtocolError as exc:
@@ -603,7 +664,16 @@ class IOThread(threading.Thread):
             if self.secured and body:
                 with contextlib.suppress(zmq.ZMQError):
                     message.role = body[0].get("User-Id")
+            message.nbytes = nbytes
             self.inbox.put(message)
+
+    def _refuse_overloaded(self, envelope: list, nbytes: int) -> None:
+        self.on_control_overloaded()
+        why = (
+            f"the daemon is overloaded: control requests waiting for the serving loop hold {self.inbox.used} bytes "
+            f"and this one {nbytes} (serve.max_control_inbox_bytes = {self.inbox.limit}); resend later"
+        )
+        self.control.send_multipart([*envelope, protocol.encode(protocol.ControlReply(ok=False, error=why))])
 
     def _receive_subscriptions(self) -> None:
         for frames in _waiting(self.publisher):

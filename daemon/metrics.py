@@ -71,7 +71,7 @@ class Metrics:
     last value); `forecast_error_ratio{forecast}` served|model;
     `device_memory{kind}` allocated|reserved;
     `control_commands{command, outcome}` outcome ok|error|internal_error|refused;
-    `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error;
+    `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error|overloaded;
     `auth_failures{reason}` unknown_key|wrong_role|no_curve|bad_handshake.
     """
 
@@ -143,7 +143,7 @@ class Metrics:
         )
         self.events_disconnects = Counter(
             "lstmd_events_disconnects",
-            "Events connections that ended: closed by the peer, or by ZeroMQ for a frame over "
+            "Events connections that ended: closed by the peer, or by ZeroMQ for a frame over twice "
             "serve.max_message_bytes (read no further, never allocated)",
             registry=r,
         )

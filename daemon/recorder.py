@@ -351,26 +351,22 @@ class Recorder:
                "slot_of_row", "row_of_slot")  # fmt: skip
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything the recorder holds, as flat CPU tensors (copies); scalars as 0-d tensors."""
+        """Everything the recorder holds, as flat CPU tensors (copies) under its own names; scalars as 0-d tensors."""
         with self.lock:
-            out = {f"recorder.{name}": torch.from_numpy(getattr(self, name).copy()) for name in self._ARRAYS}
+            out = {name: torch.from_numpy(getattr(self, name).copy()) for name in self._ARRAYS}
             # Monotonic clocks do not survive a restart: store idle ages instead of timestamps.
-            out["recorder.last_write"] = torch.from_numpy(self.clock() - self.last_write)
+            out["last_write"] = torch.from_numpy(self.clock() - self.last_write)
             for name in ("recorded", "targets_joined", "targets_unmatched"):
-                out[f"recorder.{name}"] = torch.tensor(getattr(self, name), dtype=torch.int64)
+                out[name] = torch.tensor(getattr(self, name), dtype=torch.int64)
         return out
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what snapshot_tensors() returned (same configuration); missing names are an error."""
         # Check every array before changing any, so a snapshot that does not fit leaves the recorder untouched.
         # "scale" came with per-stream adaptation: an older snapshot lacks it (its windows then count in units of 1).
-        values = {
-            name: tensors[f"recorder.{name}"].numpy()
-            for name in self._ARRAYS
-            if name != "scale" or "recorder.scale" in tensors
-        }
+        values = {name: tensors[name].numpy() for name in self._ARRAYS if name != "scale" or "scale" in tensors}
         counter_names = ("recorded", "targets_joined", "targets_unmatched")
-        counters = {name: int(tensors[f"recorder.{name}"]) for name in counter_names}
+        counters = {name: int(tensors[name]) for name in counter_names}
         for name, value in values.items():
             expected = getattr(self, name).shape
             if value.shape != expected:

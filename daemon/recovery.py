@@ -65,8 +65,9 @@ class ChangeNotLogged(RuntimeError):
 class SnapshotComponent:
     """A part whose tensors every snapshot carries under `<name>.` (training state, model history).
 
-    `snapshot_tensors()` returns CPU copies; `restore_tensors(tensors)` puts them back and raises KeyError,
-    ValueError or RuntimeError when they do not fit (the part then starts empty, the streams still restore).
+    `snapshot_tensors()` returns CPU copies under the part's own names (no prefix: daemon/snapshot.py's `join` adds
+    `<name>.`, `split` strips it); `restore_tensors(tensors)` puts them back and raises KeyError, ValueError or
+    RuntimeError when they do not fit (the part then starts empty, the streams still restore).
     """
 
     snapshot_tensors: Callable[[], dict[str, torch.Tensor]]
@@ -208,10 +209,7 @@ class Durability:
                 f"{snap.path} holds a model {spec}, but the [model] config says {serving}: fix the config "
                 f"or move {self.directory} away"
             )
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in snap.tensors.items():
-            prefix, _, rest = name.partition(".")
-            groups.setdefault(prefix, {})[rest] = tensor
+        groups = snapshots.split(snap.tensors)
         # Rebuilt through the model file format, so whatever its metadata carries (version, normalisation)
         # comes back exactly as ServingModel.from_bytes reads an exported model.
         model_meta = json.loads(meta["model_metadata"])
@@ -223,14 +221,12 @@ class Durability:
         self.metrics.model_version.set(model.version)
         for name, component in self.components.items() if components else ():
             if name in groups:
-                self._restore_component(name, component, groups[name], snap, meta.get(f"{name}_prefixed") == "1")
+                self._restore_component(name, component, groups[name], snap)
 
     @staticmethod
-    def _restore_component(name, component: SnapshotComponent, tensors: dict, snap, prefixed: bool) -> None:
-        # Components that name their own tensors `<name>.x` get the names back as they wrote them.
-        part = {f"{name}.{k}" if prefixed else k: v for k, v in tensors.items()}
+    def _restore_component(name, component: SnapshotComponent, tensors: dict, snap) -> None:
         try:
-            component.restore_tensors(part)
+            component.restore_tensors(tensors)
         except (KeyError, ValueError, RuntimeError) as exc:
             # Training state from another lstmd version or configuration: the streams and the model are
             # what a restart must keep; training goes on from here rather than refusing to start.
@@ -460,11 +456,15 @@ class Durability:
             segment = self._next_segment
             self._next_segment += 1
         model = self.engine.model  # published models are immutable: no copy needed
-        tensors = {f"model.{k}": v.cpu() for k, v in model.tensors.items()}
         state = self.store.snapshot_tensors()
-        tensors |= {f"state.{k}": v for k, v in state.items()}
-        # Forecast models: each stream's last event, so the first change after a restart is the real one.
-        tensors |= {f"engine.{k}": v for k, v in self.engine.snapshot_tensors(state["slots"]).items()}
+        parts = {
+            "model": {k: v.cpu() for k, v in model.tensors.items()},
+            "state": state,
+            # Forecast models: each stream's last event, so the first change after a restart is the real one.
+            "engine": self.engine.snapshot_tensors(state["slots"]),
+        }
+        parts |= {name: component.snapshot_tensors() for name, component in self.components.items()}
+        tensors = snapshots.join(parts)
         metadata = model.spec.to_metadata() | {
             "model_version": str(model.version),
             "model_metadata": json.dumps(model_file_metadata(model.to_bytes())),
@@ -472,11 +472,6 @@ class Durability:
             "created": f"{time.time():.3f}",
             "reason": reason,
         }
-        for name, component in self.components.items():
-            part = component.snapshot_tensors()
-            prefixed = all(k.startswith(f"{name}.") for k in part)
-            tensors |= {k if prefixed else f"{name}.{k}": v for k, v in part.items()}
-            metadata[f"{name}_prefixed"] = "1" if prefixed else "0"
         self._last_snapshot = time.monotonic()
         if background:
             self._writer = threading.Thread(

@@ -2,11 +2,14 @@
 
 A snapshot is `snapshot-<segment>.safetensors` in the state directory, where <segment> is the first WAL
 segment it does not contain (daemon/wal.py): restore = this file + replay of segments >= <segment>.
-Tensor names are grouped by prefix: `model.*` (serving weights, torch.nn.LSTM + head names), `state.*` (the
-state store's resident streams, see StateStore.snapshot_tensors), and `recorder.*` / `trainer.*` when training
-is on. Metadata (strings) holds the format, the model spec and version, the WAL segment, and `checksum`: the
-crc32 (zlib) of the header with the checksum left out (canonical JSON) followed by the whole data section, so
-a flipped bit anywhere in a name, shape, offset, metadata value or tensor byte is detected. Never pickle.
+Tensor names are grouped by part, `<part>.<name>`: `model.*` (serving weights, torch.nn.LSTM + head names),
+`state.*` (the state store's resident streams, see StateStore.snapshot_tensors), `engine.*` (per-stream task
+state), `versions.*` (the model history), and `recorder.*` / `trainer.*` when training is on. Each part names its
+own tensors without a prefix; `join` adds `<part>.` when a snapshot is written and `split` strips it when one is
+read, so a part never needs to know the name it is stored under. Metadata (strings) holds the format, the model
+spec and version, the WAL segment, and `checksum`: the crc32 (zlib) of the header with the checksum left out
+(canonical JSON) followed by the whole data section, so a flipped bit anywhere in a name, shape, offset,
+metadata value or tensor byte is detected. Never pickle.
 
 Writing is atomic: temporary file in the same directory, fsync, rename over the final name, fsync of the
 directory. A crash leaves either the complete new file or none (a stale `.tmp` is removed at the next start).
@@ -40,6 +43,23 @@ class Snapshot:
     segment: int  # first WAL segment not contained
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+
+
+def join(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One flat dict of a snapshot's tensors: each part's own names under `<part>.`."""
+    for part in parts:
+        if not part or "." in part:
+            raise ValueError(f"snapshot part name {part!r}: must be non-empty and without a dot")
+    return {f"{part}.{name}": tensor for part, tensors in parts.items() for name, tensor in tensors.items()}
+
+
+def split(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The parts of a snapshot's tensors, `<part>.` stripped from their names (the inverse of `join`)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        part, _, rest = name.partition(".")
+        parts.setdefault(part, {})[rest] = tensor
+    return parts
 
 
 def snapshot_path(directory: Path, segment: int) -> Path:

@@ -551,21 +551,21 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Copy weights and optimizer state after each round, so snapshot_tensors() never waits for a round."""
         out: dict[str, torch.Tensor] = {
-            "trainer.rounds": torch.tensor(self.rounds),
-            "trainer.data_mark": torch.tensor(self._data_mark),
-            "trainer.consecutive_rejections": torch.tensor(self.consecutive_rejections),
-            "trainer.resets": torch.tensor(self.resets),
+            "rounds": torch.tensor(self.rounds),
+            "data_mark": torch.tensor(self._data_mark),
+            "consecutive_rejections": torch.tensor(self.consecutive_rejections),
+            "resets": torch.tensor(self.resets),
         }
         for name, count in self.outcomes.items():
-            out[f"trainer.outcomes.{name}"] = torch.tensor(count)
+            out[f"outcomes.{name}"] = torch.tensor(count)
         if self._params:
-            out["trainer.lineage"] = torch.tensor(sorted(self._lineage), dtype=torch.int64)
+            out["lineage"] = torch.tensor(sorted(self._lineage), dtype=torch.int64)
             for name, p in zip(self._names, self._params, strict=True):
-                out[f"trainer.weights.{name}"] = p.detach().cpu().clone()
+                out[f"weights.{name}"] = p.detach().cpu().clone()
             for index, state in self._optimizer.state_dict()["state"].items():
                 for key, value in state.items():
                     tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                    out[f"trainer.optimizer.{index}.{key}"] = tensor.detach().cpu().clone()
+                    out[f"optimizer.{index}.{key}"] = tensor.detach().cpu().clone()
         with self._lock:
             self._checkpoint = out
 
@@ -573,32 +573,32 @@ class Trainer:
         """Trainer weights, optimizer state and counters as of the last finished round (flat CPU tensors), and
         `paused` as it is now (it changes between rounds)."""
         with self._lock:
-            return {**self._checkpoint, "trainer.paused": torch.tensor(int(self.paused))}
+            return {**self._checkpoint, "paused": torch.tensor(int(self.paused))}
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what snapshot_tensors() returned; call before start()."""
-        self.rounds = int(tensors.get("trainer.rounds", torch.tensor(0)))
-        self.paused = bool(int(tensors.get("trainer.paused", torch.tensor(0))))
-        self.consecutive_rejections = int(tensors.get("trainer.consecutive_rejections", torch.tensor(0)))
-        self.resets = int(tensors.get("trainer.resets", torch.tensor(0)))
+        self.rounds = int(tensors.get("rounds", torch.tensor(0)))
+        self.paused = bool(int(tensors.get("paused", torch.tensor(0))))
+        self.consecutive_rejections = int(tensors.get("consecutive_rejections", torch.tensor(0)))
+        self.resets = int(tensors.get("resets", torch.tensor(0)))
         # Older snapshots lack the mark: the restored data then counts as new, as it did before.
-        self._data_mark = int(tensors.get("trainer.data_mark", torch.tensor(0)))
+        self._data_mark = int(tensors.get("data_mark", torch.tensor(0)))
         for name in self.outcomes:
-            key = f"trainer.outcomes.{name}"
+            key = f"outcomes.{name}"
             if key in tensors:
                 self.outcomes[name] = int(tensors[key])
-        if f"trainer.weights.{self._names[0]}" in tensors:
+        if f"weights.{self._names[0]}" in tensors:
             self._params = [
-                tensors[f"trainer.weights.{n}"].to(self.device).clone().requires_grad_(True) for n in self._names
+                tensors[f"weights.{n}"].to(self.device).clone().requires_grad_(True) for n in self._names
             ]
             self._optimizer = self._make_optimizer(self._params)
             state: dict[int, dict] = {}
             for key, value in tensors.items():
-                if key.startswith("trainer.optimizer."):
-                    index, name = key[len("trainer.optimizer.") :].split(".", 1)
+                if key.startswith("optimizer."):
+                    index, name = key[len("optimizer.") :].split(".", 1)
                     state.setdefault(int(index), {})[name] = value.clone()
             if state:
                 saved = self._optimizer.state_dict()
                 self._optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-            self._lineage = set(tensors["trainer.lineage"].tolist())
+            self._lineage = set(tensors["lineage"].tolist())
         self._save_checkpoint()

@@ -63,12 +63,12 @@ class ModelHistory:
     # ---- snapshots ----------------------------------------------------------------------------------------
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
-        """Every kept version as flat tensors `versions.<n>.<name>`, plus a JSON index as a uint8 tensor."""
+        """Every kept version as flat tensors `<n>.<name>`, plus a JSON index (`index`) as a uint8 tensor."""
         out: dict[str, torch.Tensor] = {}
         index = []
         for version, entry in self.entries.items():
             for name, tensor in entry.model.tensors.items():
-                out[f"versions.{version}.{name}"] = tensor.clone()
+                out[f"{version}.{name}"] = tensor.clone()
             norm = entry.model.normalization
             index.append(
                 {
@@ -79,17 +79,17 @@ class ModelHistory:
                     "normalization": None if norm is None else norm.to_json(),
                 }
             )
-        out["versions.index"] = torch.frombuffer(bytearray(json.dumps(index).encode()), dtype=torch.uint8)
+        out["index"] = torch.frombuffer(bytearray(json.dumps(index).encode()), dtype=torch.uint8)
         return out
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor], spec) -> None:
         from lstmd.daemon.normalization import ForecastNormalization
 
-        index = json.loads(bytes(tensors["versions.index"].numpy()).decode())
+        index = json.loads(bytes(tensors["index"].numpy()).decode())
         self.entries.clear()
         for item in index:
             version = item["version"]
-            prefix = f"versions.{version}."
+            prefix = f"{version}."
             weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             norm = item["normalization"]
             model = ServingModel(

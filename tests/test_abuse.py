@@ -23,7 +23,7 @@ import psutil
 import pytest
 import zmq
 from lstmd.clients import Admin, Producer, protocol
-from lstmd.daemon.io import _MIN_RCVHWM, _MIN_SNDHWM, EventsBudgets, EventsSocket, PublishBudget
+from lstmd.daemon.io import _MIN_RCVHWM, _MIN_SNDHWM, FRAME_CAP_FACTOR, EventsBudgets, EventsSocket, PublishBudget
 from prometheus_client.parser import text_string_to_metric_families
 
 MiB = 2**20
@@ -166,6 +166,7 @@ BUDGETS = {
     "serve.max_inflight_bytes": 16 * MiB,
     "serve.max_peer_inflight_bytes": 4 * MiB,
     "serve.publish_queue_bytes": 4 * MiB,
+    "serve.max_control_inbox_bytes": 4 * MiB,
     "serve.max_batch": 4096,
     "serve.max_stream_id_length": 32,
 }
@@ -176,14 +177,15 @@ def memory_bound(base: int, peers: int, subscribers: int, output_size: int = 1, 
     s = BUDGETS
     batch_bytes = s["serve.max_batch"] * (4 * input_size + 4 * output_size + 200)
     max_reply = s["serve.max_message_events"] * (1 + 4 * output_size + 128) + 1024
-    rcvhwm = max(_MIN_RCVHWM, s["serve.max_peer_inflight_bytes"] // s["serve.max_message_bytes"])
+    frame_cap = FRAME_CAP_FACTOR * s["serve.max_message_bytes"]  # what libzmq reads; the daemon answers beyond
+    rcvhwm = max(_MIN_RCVHWM, s["serve.max_peer_inflight_bytes"] // frame_cap)
     sndhwm = max(_MIN_SNDHWM, s["serve.max_peer_inflight_bytes"] // max_reply)
-    per_peer = (rcvhwm + 1) * 3 * s["serve.max_message_bytes"] + sndhwm * max_reply
+    per_peer = (rcvhwm + 1) * 3 * frame_cap + sndhwm * max_reply
     max_publish = s["serve.max_batch"] * (4 * output_size + 9 + s["serve.max_stream_id_length"] + 3) + 1024
     per_subscriber = max(16 * max_publish, s["serve.publish_queue_bytes"])
     return (
         base + s["serve.max_inflight_bytes"] + batch_bytes + s["serve.publish_queue_bytes"]
-        + peers * per_peer + subscribers * per_subscriber
+        + s["serve.max_control_inbox_bytes"] + peers * per_peer + subscribers * per_subscriber
     )
 
 
@@ -307,7 +309,8 @@ def test_abusive_clients_leave_memory_bounded_and_others_answered(daemon) -> Non
         )
         cli_seconds = time.perf_counter() - started
         assert cli.returncode == 0 and json.loads(cli.stdout)["io"]["subscribers"] >= 1, cli.stderr
-        # A 200 MB frame: ZeroMQ closes that connection without reading it; the daemon counts the disconnect.
+        # A 200 MB frame (past ZeroMQ's cap, twice max_message_bytes): ZeroMQ closes that connection without
+        # reading it; the daemon counts the disconnect.
         disconnects = _metric(endpoints, "lstmd_events_disconnects_total")
         big = _dealer(ctx, endpoints["events"])
         frames = _events(0)

@@ -44,6 +44,24 @@ def _flip(path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_parts_are_stored_under_their_name_and_come_back_without_it():
+    """Each part names its own tensors; the snapshot adds `<part>.` and strips it (a dot in a part's own names
+    stays: only the first dot ends the prefix)."""
+    parts = {
+        "trainer": {"rounds": torch.tensor(3), "optimizer.0.step": torch.tensor(7.0)},
+        "versions": {"2.weight_ih_l0": torch.ones(4, 2), "index": torch.zeros(5, dtype=torch.uint8)},
+    }
+    flat = snapshot.join(parts)
+    assert set(flat) == {"trainer.rounds", "trainer.optimizer.0.step", "versions.2.weight_ih_l0", "versions.index"}
+    back = snapshot.split(flat)
+    assert back.keys() == parts.keys()
+    for part, tensors in parts.items():
+        assert back[part].keys() == tensors.keys()
+        assert all(torch.equal(back[part][k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="without a dot"):
+        snapshot.join({"a.b": {"x": torch.zeros(1)}})
+
+
 def test_flipped_bit_in_the_data_is_detected(tmp_path):
     path, size = snapshot.write(tmp_path, 1, _tensors(), {})
     _flip(path, size - 5)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,7 +138,7 @@ def test_replay_records_logged_events_and_targets_exactly_as_serving_did(make_da
     after = second.recorder.snapshot_tensors()
     assert before.keys() == after.keys()
     for name in before:
-        if name != "recorder.last_write":  # idle ages move with the clock
+        if name != "last_write":  # idle ages move with the clock
             assert torch.equal(before[name], after[name]), name
 
 
@@ -206,3 +208,22 @@ def test_forecast_last_events_survive_a_snapshot_restart(make_daemon, tmp_path):
         with Producer(daemon.endpoints["events"]) as producer:
             predictions.append(producer.send(workload.ids, events[7]))
     np.testing.assert_array_equal(predictions[0], predictions[1])
+
+
+def test_parts_of_a_snapshot_written_when_they_named_their_own_prefix_restore_exactly(make_daemon, tmp_path):
+    """tests/data/wal_v1's snapshot was written when the recorder, the trainer and the version history returned
+    `<part>.x` names themselves (metadata `<part>_prefixed = 1`); now the snapshot adds and strips the prefix, and
+    every part of that old file comes back as it was written."""
+    fixture = Path(__file__).parent / "data" / "wal_v1"
+    state = tmp_path / "state"
+    shutil.copytree(fixture, state)
+    shutil.rmtree(state / "wal")  # the snapshot alone: nothing replayed on top of it
+    old = snapshot.split(snapshot.read(state / "snapshot-000000000002.safetensors").tensors)
+    daemon = make_daemon(state_dir=state, **json.loads((fixture / "settings.json").read_text()))
+    assert daemon.status()["durability"]["restored"]["records"] == 0
+    for part in ("recorder", "trainer", "versions"):
+        now = getattr(daemon, part).snapshot_tensors()
+        assert now.keys() >= old[part].keys(), part  # the recorder has gained `scale` since (restored as 1)
+        for name, tensor in old[part].items():
+            if name != "last_write":  # idle ages move with the clock
+                assert torch.equal(now[name], tensor), f"{part}.{name}"

@@ -103,3 +103,10 @@ def test_no_function_in_daemon_is_over_60_lines():
                 long.append(f"{name}.py {qualname}: {lines} lines")
     assert long == []
     assert tables_seen == TABLES  # an exemption that names nothing is stale: remove it
+
+
+def test_server_keeps_only_the_lifecycle_and_the_loop():
+    """Sockets (endpoints.py), training (online.py), the initial model (model_loader.py), delayed targets and
+    forecasts (side_requests.py) and the status report (report.py) live with their owners, not in server.py."""
+    lines = len((DAEMON / "server.py").read_text().splitlines())
+    assert lines < 450, f"daemon/server.py has {lines} lines"

@@ -325,9 +325,9 @@ def test_snapshot_tensors_round_trip(make_daemon):
         again = getattr(fresh, part).snapshot_tensors()
         assert saved.keys() == again.keys()
         for name in saved:
-            if name != "recorder.last_write":  # idle ages move with the clock
+            if name != "last_write":  # idle ages move with the clock
                 assert torch.equal(saved[name], again[name]), name
-    assert any(k.startswith("trainer.optimizer.") for k in daemon.trainer.snapshot_tensors())
+    assert any(k.startswith("optimizer.") for k in daemon.trainer.snapshot_tensors())
     fresh.versions.restore_tensors(daemon.versions.snapshot_tensors(), daemon.spec)
     assert fresh.versions.listing(1) == daemon.versions.listing(1)
     for version in (0, 1):
@@ -478,13 +478,13 @@ def test_recorder_restore_that_does_not_fit_changes_nothing(make_daemon):
     saved = daemon.recorder.snapshot_tensors()
     before = {k: v.clone() for k, v in saved.items()}
     broken = dict(saved)
-    broken["recorder.seq"] = saved["recorder.seq"][:-1]  # one array of the wrong shape, late in the list
+    broken["seq"] = saved["seq"][:-1]  # one array of the wrong shape, late in the list
     fresh = make_daemon(**FORECAST)
     untouched = fresh.recorder.snapshot_tensors()
     with pytest.raises(ValueError, match="recorder.seq in the snapshot has shape"):
         fresh.recorder.restore_tensors(broken)
     after = fresh.recorder.snapshot_tensors()
     for name in untouched:
-        if name != "recorder.last_write":
+        if name != "last_write":
             assert torch.equal(untouched[name], after[name]), name
     assert all(torch.equal(before[k], saved[k]) for k in saved)

@@ -30,7 +30,7 @@ def train_round(daemon, admin: Admin) -> dict:
 
 def trainer_weights(daemon) -> dict[str, torch.Tensor]:
     saved = daemon.trainer.snapshot_tensors()
-    return {k.removeprefix("trainer.weights."): v for k, v in saved.items() if k.startswith("trainer.weights.")}
+    return {k.removeprefix("weights."): v for k, v in saved.items() if k.startswith("weights.")}
 
 
 def serving_weights(daemon) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def test_the_trainer_restarts_from_the_serving_weights_after_n_failed_rounds(mak
     mine, serving = trainer_weights(daemon), serving_weights(daemon)
     assert mine.keys() == serving.keys()
     assert all(torch.equal(mine[k], serving[k]) for k in serving)
-    assert not any(k.startswith("trainer.optimizer.") for k in daemon.trainer.snapshot_tensors())
+    assert not any(k.startswith("optimizer.") for k in daemon.trainer.snapshot_tensors())
     assert status["model_version"] == 0, "nothing was published"
     # The streak starts over; `lstmd train status` shows it and the resets.
     train_round(daemon, admin)
@@ -76,7 +76,7 @@ def test_the_trainer_restarts_from_the_serving_weights_after_n_failed_rounds(mak
     assert "rejected in a row" in table and "1 (a restart at 3); 1 restarts" in table, table
     # The counters survive a snapshot of the trainer.
     saved = daemon.trainer.snapshot_tensors()
-    assert int(saved["trainer.resets"]) == 1 and int(saved["trainer.consecutive_rejections"]) == 1
+    assert int(saved["resets"]) == 1 and int(saved["consecutive_rejections"]) == 1
 
 
 def test_a_published_round_ends_the_streak(make_daemon):
