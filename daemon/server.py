@@ -118,7 +118,8 @@ class Daemon:
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
         self.recorder, self.trainer = self._make_training(spec)
-        self.pipeline = Pipeline(self.store, self.engine, self.metrics, config.serve, self.engine.task.batch_targets)
+        self.pipeline = Pipeline(self.store, self.engine, self.metrics, config.serve, self.engine.task.batch_targets,
+                                 config.model.output)
         self.pipeline.recorder = self.recorder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.endpoints: dict[str, str] = {}
@@ -276,6 +277,7 @@ class Daemon:
                 on_dropped=self._count_drop,
                 secure=secure,
                 task=self.engine.task.name,
+                ends=self.config.model.output == "end",
             )
             self._io = IOThread(
                 self._ctx,
@@ -505,6 +507,7 @@ class Daemon:
             [m.header.seqs for m in batch],
             features,
             [m.targets for m in batch],
+            [m.header.ends for m in batch],
         )
         if self.durability.wal is not None and applied.applied:
             try:  # group commit: one append (and under fsync = always one fsync) per batch, before the replies
@@ -512,11 +515,11 @@ class Daemon:
                                           [m.targets for m in batch])
             except WalError as exc:
                 self.durability.reject_unlogged(exc, applied)
-        self._reply(batch, counts, applied.status, applied.predictions, applied.reply_reasons())
+        self._reply(batch, counts, applied.status, applied.predictions, applied.reply_reasons(), applied.flags)
         self._publish(batch, applied)
         self._account(features.shape[0], applied.status, applied.reasons)
 
-    def _reply(self, batch, counts, status, preds, reasons) -> None:
+    def _reply(self, batch, counts, status, preds, reasons, flags=None) -> None:
         version = self.engine.model.version
         out_dim = preds.shape[1]
         now = time.perf_counter()
@@ -534,6 +537,7 @@ class Daemon:
                 out_dim=out_dim,
                 status=status[offset:end].tobytes(),
                 reasons=local_reasons,
+                flags=b"" if flags is None else flags[offset:end].tobytes(),
             )
             send([*message.envelope, protocol.encode(reply), preds[offset:end].tobytes()])
             self.metrics.event_latency.observe(now - message.received)
@@ -655,6 +659,7 @@ class Daemon:
             t.holdout_windows,
             columns=(list(spec.forecast_columns) or None) if forecast else None,
             scale_table=self.store.adaptation[:, self.engine.layout.field("scale")] if forecast else None,
+            max_sequence=t.max_sequence if self.config.model.output == "end" else 0,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backends, seed = self.engine.backends, self.config.model.seed
