@@ -424,7 +424,10 @@ class Recorder:
         a 2-core CPU, which the serving loop would otherwise wait for in record()). The loop only ever writes
         ahead of the complete windows, so a window can change under the copy only when its row wraps around
         onto it or starts over; those windows are found afterwards and replaced.
+        With whole sequences (model.output = "end"), the same from the sequence pool, copied under the lock.
         """
+        if self.sequences is not None:
+            return self._sample_sequences(n_train, max_holdout, rng)
         with self.lock:
             rows, ws, hold, starts = self.available()
             train = np.flatnonzero(~hold)
