@@ -5,6 +5,10 @@ sequence task (made from the GOOG daily prices that ship with matplotlib)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import msgspec
 import numpy as np
 import pytest
@@ -184,6 +188,71 @@ def test_wal_replay_restores_the_same_resets_and_open_sequences(make_daemon, tmp
     whole = [np.vstack([x[4], more[0]]), more[1:2], np.vstack([x[[3, 6, 7, 8]], more[2]])]
     want = _sequence_outputs(_model(second), whole)
     np.testing.assert_allclose(result.predictions, want, rtol=1e-4, atol=1e-5)
+
+
+def _crash_harness():
+    """benchmarks/crash_stress.py (its daemon subprocess: start, wait until ready, SIGKILL), as tests/test_crash.py
+    loads it."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "crash_stress.py"
+    spec = importlib.util.spec_from_file_location("crash_stress", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_restarts_reset_exactly_the_streams_whose_sequence_ended(tmp_path):
+    """A real `lstmd serve` killed with SIGKILL twice mid-traffic (fsync = always: every acknowledged event is on
+    disk): after each restart the streams continue their open sequences and the ended ones start from zero, so
+    every end output still equals torch.nn.LSTM + head over its whole sequence."""
+    from lstmd.clients.bench import free_tcp_port
+
+    events, control = (f"tcp://127.0.0.1:{free_tcp_port()}" for _ in range(2))
+    config = tmp_path / "lstmd.toml"
+    config.write_text(
+        "[model]\ninput_size = 5\nhidden_size = 16\noutput_size = 3\ntask = 'classification'\noutput = 'end'\n"
+        f"[serve]\nevents = '{events}'\ncontrol = '{control}'\npublish = ''\nmetrics = ''\ndevice = 'cpu'\n"
+        f"[state]\ndir = '{tmp_path / 'state'}'\ncapacity = 64\n"
+        "[durability]\nwal = true\nfsync = 'always'\nsnapshot_interval_s = 0\n"
+    )
+    daemon = _crash_harness()._Daemon(config, tmp_path / "daemon.log", control)
+    rng = np.random.default_rng(9)
+    streams = [f"s{i}" for i in range(6)]
+    lengths = {sid: [int(n) for n in rng.integers(1, 7, size=4)] for sid in streams}
+    messages = list(_interleaved(rng, streams, lengths, 5))
+    events_of = {sid: [] for sid in streams}
+    answers = {sid: [] for sid in streams}
+    seq = dict.fromkeys(streams, 0)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        for m, (ids, x, ends) in enumerate(messages):
+            if m in (len(messages) // 3, 2 * len(messages) // 3):
+                daemon.kill()
+                daemon.start()
+                daemon.wait_ready()
+            numbers = []
+            for sid in ids:
+                numbers.append(seq[sid])
+                seq[sid] += 1
+            with Producer(events) as producer:
+                result = producer.send_detailed(ids, x, seqs=numbers, ends=ends)
+            assert result.status_names == ["ok"] * len(ids)
+            for sid, xi, row, flag in zip(ids, x, result.predictions, result.flags, strict=True):
+                events_of[sid].append(xi)
+                answers[sid].append((row, int(flag)))
+        Admin(control).export_model(tmp_path / "model.safetensors")
+    finally:
+        daemon.stop()
+    model = ServingModel.from_bytes((tmp_path / "model.safetensors").read_bytes())
+    for sid in streams:
+        pos = 0
+        for n in lengths[sid]:
+            assert answers[sid][pos][1] & protocol.FLAG_SEQUENCE_START, (sid, pos)
+            want = _sequence_outputs(model, [events_of[sid][pos : pos + n]])[0]
+            np.testing.assert_allclose(answers[sid][pos + n - 1][0], want, rtol=1e-4, atol=1e-5, err_msg=sid)
+            pos += n
 
 
 def test_wal_records_with_ends_round_trip_and_plain_batches_keep_kind_e():
