@@ -184,7 +184,7 @@ class TrainConfig(_Section):
     # model.output = "end": a sequence longer than this trains on its last steps only, from the newest window
     # boundary (k2) that leaves at most max_sequence of them, starting from the state the stream had there.
     max_sequence: Annotated[
-        int, doc('model.output = "end": longest sequence trained whole (BPTT); at most record_steps', ge=1)
+        int, doc('model.output = "end": longest sequence trained whole (BPTT); k2..record_steps', ge=1)
     ] = 256
     record_idle_s: Annotated[
         float, doc("a recorded stream idle this long may give its buffer to a new stream", ge=0)
@@ -697,10 +697,11 @@ def _validate_train(config: Config) -> None:
             f"(train.holdout_windows + 1) * k2: a stream's recent history holds whole windows, the newest "
             f"{t.holdout_windows} held out for evaluation, at least one to train on"
         )
-    if config.model.output == "end" and t.max_sequence > t.record_steps:
+    if config.model.output == "end" and not t.k2 <= t.max_sequence <= t.record_steps:
         raise ConfigError(
-            f"train.max_sequence ({t.max_sequence}) exceeds train.record_steps ({t.record_steps}): a stream's "
-            f"recorded history must hold the longest sequence trained whole; raise record_steps or lower max_sequence"
+            f"train.max_sequence ({t.max_sequence}) must be between train.k2 ({t.k2}) and train.record_steps "
+            f"({t.record_steps}): a stream's recorded history must hold the longest sequence trained whole, and a "
+            f"longer one is cut at a window boundary (every k2 steps)"
         )
 
 

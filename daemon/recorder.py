@@ -33,12 +33,15 @@ zero (new, reset, evicted and back) starts its row over, so a window never spans
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger("lstmd.recorder")
 
 # Absolute position p of a row (events recorded since its last start) lives at ring index p % T; the window
 # with absolute start s (a multiple of k2) has state index (s % T) // k2.
@@ -156,7 +159,11 @@ class SequencePool:
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what snapshot_tensors() returned; a snapshot without a pool (or of another size) keeps none."""
         values = {name: tensors.get(f"recorder.pool.{name}") for name in self._ARRAYS}
-        if any(v is None or tuple(v.shape) != getattr(self, name).shape for name, v in values.items()):
+        if any(v is None for v in values.values()):
+            return  # taken with model.output = "every": no sequences to bring back
+        if any(tuple(v.shape) != getattr(self, name).shape for name, v in values.items()):
+            log.warning("the snapshot's finished sequences do not fit this configuration (train.max_sequence, "
+                        "record_streams, record_steps or the model changed): training starts without them")
             return
         for name, value in values.items():
             getattr(self, name)[...] = value.numpy()
@@ -215,10 +222,11 @@ class Recorder:
         self.targets_unmatched = 0
         self._free = list(range(R - 1, -1, -1))
         self.lock = threading.Lock()
-        # Whole sequences: as many steps in all as the rows hold (R * T), in entries of max_sequence steps.
+        # Whole sequences: as many steps in all as the rows hold (R * T), in entries of max_sequence steps (at least
+        # k2 per entry in the count, so a short max_sequence does not multiply the entries' states).
         steps = min(max_sequence, T)
         self.sequences = (
-            SequencePool(max(2, R * T // steps), steps, input_size, target_size, num_layers, hidden_size)
+            SequencePool(max(2, R * T // max(steps, k2)), steps, input_size, target_size, num_layers, hidden_size)
             if max_sequence else None
         )
 
