@@ -228,6 +228,8 @@ class Pipeline:
             preds = np.where(False if ends is None else ends[:, None], preds, np.float32(np.nan))
         self.store.keep_outputs(slots, seq, preds)
         if recorder is not None:
+            if self.sequence_outputs:  # a slot's first event since it took a stream: that stream is new there
+                recorder.new_streams(slots[self.store.events_applied[slots] == 0])
             recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c, ends)
         self.store.last_seq[slots] = seq
         self.store.touch(slots)
@@ -301,10 +303,12 @@ class Pipeline:
             return status, dict.fromkeys(range(n), why), label
         joined = self.recorder.join_targets(slots, seq_arr, targets)
         status[joined] = protocol.OK
-        reasons = {
-            i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
-            for i in np.flatnonzero(~joined).tolist()
-        }
+        why = (
+            "no kept sequence ended at this stream and sequence number (not an end event, or no longer kept)"
+            if self.sequence_outputs
+            else "no recorded event with this stream and sequence number (never seen, or no longer kept)"
+        )
+        reasons = dict.fromkeys(np.flatnonzero(~joined).tolist(), why)
         return status, reasons, None
 
     # ---- replay ---------------------------------------------------------------------------------------------

@@ -126,6 +126,12 @@ class SequencePool:
                 self.y[i], self.labelled[i], joined[j] = targets[j], True, True
         return joined
 
+    def forget_slots(self, slots: np.ndarray) -> None:
+        """These slots now hold other streams: their old sequences keep training but no longer take labels."""
+        for i in np.flatnonzero(np.isin(self.slot, slots)).tolist():
+            self._index.pop((int(self.slot[i]), int(self.seq[i])), None)
+            self.slot[i] = -1
+
     def split(self) -> tuple[np.ndarray, np.ndarray]:
         """(training entries, held-out entries) among the labelled ones."""
         usable = (self.length > 0) & self.labelled
@@ -294,6 +300,12 @@ class Recorder:
                 for j in np.flatnonzero(ends).tolist():
                     self._close_sequence(int(rows[j]), int(slots[j]), int(seqs[j]),
                                          None if targets is None else targets[j])
+
+    def new_streams(self, slots: np.ndarray) -> None:
+        """Slots that just took a new stream (with whole sequences: delayed labels name the new stream's events)."""
+        if self.sequences is not None and slots.size:
+            with self.lock:
+                self.sequences.forget_slots(slots)
 
     def _close_sequence(self, row: int, slot: int, seq: int, target) -> None:
         """A sequence ended at the row's newest event: keep its last steps from the newest window boundary that

@@ -357,6 +357,25 @@ def test_recorder_windows_put_the_label_on_the_end_step_only():
     assert w.y[0, 0, 0] == 1 and w.y[1, 1, 0] == 2 and w.x[1, :, 0].tolist() == [0, 1]
 
 
+def test_delayed_labels_name_end_events_of_the_stream_itself(make_daemon):
+    daemon = make_daemon(**{**CLASSES, "train.enabled": True, "train.interval": 0.0, "train.k2": 4,
+                            "train.record_steps": 16, "train.max_sequence": 8})
+    x = np.ones((2, 5), np.float32)
+    admin = Admin(daemon.endpoints["control"])
+    with Producer(daemon.endpoints["events"]) as producer:
+        producer.send(["a", "a"], x, seqs=[0, 1], ends=[False, True])
+        slot = admin.stream("a")["slot"]
+        admin.drop("a")
+        producer.send(["z", "z"], x, seqs=[0, 1], ends=[False, False])  # z takes a's slot; no end yet
+        assert admin.stream("z")["slot"] == slot
+        # (z, 1) is no end, and a's sequence that ended at seq 1 in this slot is no longer z's to label.
+        assert producer.send_targets(["z", "a"], [1, 1], np.array([2, 2])).tolist() == [False, False]
+        producer.send(["z"], x[:1], seqs=[2], ends=[True])
+        assert producer.send_targets(["z", "z"], [2, 0], np.array([1, 1])).tolist() == [True, False]
+    pool = daemon.recorder.sequences
+    assert pool.labelled[:2].tolist() == [False, True] and pool.y[1, 0] == 1
+
+
 def _goog_task():
     """A real labelled sequence task: segments of 5-20 trading days of GOOG's daily prices (matplotlib's sample
     data, 2004-2008), each day's features (log return, log high/low range, log volume change; scaled), labelled
