@@ -9,7 +9,8 @@ Control socket (DEALER → ROUTER): [ControlRequest (msgpack)] → [ControlReply
 Prediction PUB socket (daemon XPUB → SUB): one message per serving batch, frames
     [PREDICTIONS_TOPIC, PublishedBatch (msgpack), predictions (float32 little-endian, N*O)]
 where row i of the predictions is the answer to event (streams[i], seqs[i]); only applied events are published
-(not duplicates or rejections). `batch` counts the batches the daemon handed to its publisher: a gap means batches
+(not duplicates or rejections; with model.output = "end", rows of events other than ends are NaN, as in their
+replies). `batch` counts the batches the daemon handed to its publisher: a gap means batches
 were dropped (the publish queue was full, or this subscriber's queue was: ZeroMQ drops for a subscriber that
 does not keep up, never blocks). Filtering by stream is the subscriber's (see decode_published); subscribe to the
 topic. Nothing is published while no one subscribes.
