@@ -296,7 +296,9 @@ class Pipeline:
         get = self.store.slot_of.get
         slots = np.fromiter((get(sid, -1) for sid in streams), dtype=np.int64, count=n)
         seq_arr = np.asarray(seqs, dtype=np.int64)
-        targets = targets.astype(np.float32)
+        # The task's cleaning, as for targets sent with events: a class label outside 0..O-1 becomes NaN (it would
+        # fail every training round while it stays recorded), and NaN is never joined.
+        targets = self.batch_targets([targets], [n], n)
         unlogged = None if log_targets is None else log_targets(streams, seq_arr, targets)
         if unlogged is not None:
             label, why = unlogged
@@ -309,6 +311,8 @@ class Pipeline:
             else "no recorded event with this stream and sequence number (never seen, or no longer kept)"
         )
         reasons = dict.fromkeys(np.flatnonzero(~joined).tolist(), why)
+        for i in np.flatnonzero(~np.isfinite(targets).all(axis=1)).tolist():
+            reasons[i] = "the target teaches nothing: NaN or Inf, or a class label outside 0..output_size-1"
         return status, reasons, None
 
     # ---- replay ---------------------------------------------------------------------------------------------

@@ -371,9 +371,21 @@ def test_delayed_labels_name_end_events_of_the_stream_itself(make_daemon):
         # (z, 1) is no end, and a's sequence that ended at seq 1 in this slot is no longer z's to label.
         assert producer.send_targets(["z", "a"], [1, 1], np.array([2, 2])).tolist() == [False, False]
         producer.send(["z"], x[:1], seqs=[2], ends=[True])
+        # 3 classes: a label 7 is refused (it would fail every training round while recorded).
+        assert producer.send_targets(["z"], [2], np.array([7])).tolist() == [False]
+        assert not daemon.recorder.sequences.labelled[1]
         assert producer.send_targets(["z", "z"], [2, 0], np.array([1, 1])).tolist() == [True, False]
     pool = daemon.recorder.sequences
     assert pool.labelled[:2].tolist() == [False, True] and pool.y[1, 0] == 1
+
+
+def test_delayed_class_labels_outside_the_classes_are_refused_with_every_output_too(make_daemon):
+    daemon = make_daemon(**{"model.task": "classification", "model.output_size": 3, "train.enabled": True,
+                            "train.interval": 0.0})
+    with Producer(daemon.endpoints["events"]) as producer:
+        producer.send(["a", "a"], np.ones((2, 8), np.float32), seqs=[0, 1])
+        assert producer.send_targets(["a", "a", "a"], [0, 1, 1], np.array([7, -1, 2])).tolist() == [False, False, True]
+    assert daemon.recorder.targets_joined == 1
 
 
 def _goog_task():
