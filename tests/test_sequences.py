@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 from lstmd.clients import Admin, Producer, RejectedError, protocol
+from lstmd.clients.cli._format import training_view
 from lstmd.daemon import wal, wal_records
 from lstmd.daemon.config import ConfigError, load_config
 from lstmd.daemon.io import EventsLimits, decode_events_request
 from lstmd.daemon.model import ServingModel
 from lstmd.daemon.recorder import Recorder
+from rich.console import Console
 
 END = {"model.output": "end"}
 CLASSES = {**END, "model.task": "classification", "model.output_size": 3, "model.input_size": 5}
@@ -291,6 +293,9 @@ def test_finished_sequences_and_their_labels_survive_a_restart(make_daemon, tmp_
     keys = ("sequences_total", "sequences_kept", "training_windows", "holdout_windows")
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
     again = second.recorder.sequences
+    console = Console(width=200, record=True)
+    console.print(training_view(second.trainer.status()))
+    assert "9 kept of 9 finished (up to 8 steps each), 0 dropped" in console.export_text()
     for name in ("x", "h0", "y", "labelled", "length", "seq", "number"):
         np.testing.assert_array_equal(getattr(again, name), getattr(pool, name), err_msg=name)
 
