@@ -47,22 +47,19 @@ def _sequence_outputs(model: ServingModel, sequences: list[np.ndarray]) -> np.nd
 def _interleaved(rng, streams: list, lengths: dict, dim: int):
     """Events of whole sequences of `lengths[stream]` steps (a list per stream, in order), interleaved across streams
     into messages of random size, some streams twice in one message. Yields (streams, x, ends) per message."""
-    queue = [(sid, k, j, n) for sid in streams for k, n in enumerate(lengths[sid]) for j in range(n)]
-    cursor = {sid: 0 for sid in streams}
-    per_stream = {sid: [e for e in queue if e[0] == sid] for sid in streams}
-    left = len(queue)
-    while left:
+    # Per stream, one flag per event: True at the last event of each of its sequences.
+    ends_of = {sid: [j == n - 1 for n in lengths[sid] for j in range(n)] for sid in streams}
+    cursor = dict.fromkeys(streams, 0)
+    while any(cursor[s] < len(ends_of[s]) for s in streams):
         ids, ends = [], []
         for _ in range(int(rng.integers(1, 12))):
-            open_ = [s for s in streams if cursor[s] < len(per_stream[s])]
+            open_ = [s for s in streams if cursor[s] < len(ends_of[s])]
             if not open_:
                 break
             sid = open_[int(rng.integers(0, len(open_)))]
-            _, _, j, n = per_stream[sid][cursor[sid]]
-            cursor[sid] += 1
             ids.append(sid)
-            ends.append(j == n - 1)
-            left -= 1
+            ends.append(ends_of[sid][cursor[sid]])
+            cursor[sid] += 1
         yield ids, rng.standard_normal((len(ids), dim)).astype(np.float32), ends
 
 
