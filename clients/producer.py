@@ -8,6 +8,11 @@ An event the daemon had already applied (its first send was applied but the repl
 `duplicate` with its original prediction, kept by the daemon for each stream's last `serve.resend_window`
 sequence numbers. Beyond that window the prediction is gone: `send()` raises `PredictionUnavailableError`
 (never NaN in place of a prediction), and `send_detailed()` reports those events in `SendResult.unavailable`.
+
+Whole-sequence outputs (a daemon serving `model.output = "end"`): `send(..., ends=[bool per event])` marks the
+events that end their stream's sequence; only their rows hold a prediction (the sequence's output), every other
+row is NaN and flagged in `SendResult.no_output` (clients/protocol.py, FLAG_NO_OUTPUT), and the events that
+started a new sequence are listed in `SendResult.sequence_starts`.
 """
 
 from __future__ import annotations
@@ -46,15 +51,32 @@ class SendResult:
     status: np.ndarray  # [N] uint8 protocol status codes
     version: int  # model version that answered
     reasons: dict[int, str]  # event index -> why rejected, or why a duplicate's prediction is unavailable
+    # [N] uint8 protocol.FLAG_* bits per event (model.output = "end"); zeros from a daemon serving every event
+    flags: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.flags is None:
+            self.flags = np.zeros(self.status.shape, dtype=np.uint8)
 
     @property
     def status_names(self) -> list[str]:
         return [protocol.STATUS_NAMES[s] for s in self.status.tolist()]
 
     @property
+    def no_output(self) -> np.ndarray:
+        """Indices of events answered without a prediction by design: not the end of a sequence (NaN rows)."""
+        return np.flatnonzero(self.flags & protocol.FLAG_NO_OUTPUT)
+
+    @property
+    def sequence_starts(self) -> np.ndarray:
+        """Indices of events that started a new sequence from zero state (model.output = "end")."""
+        return np.flatnonzero(self.flags & protocol.FLAG_SEQUENCE_START)
+
+    @property
     def unavailable(self) -> np.ndarray:
         """Indices of duplicate events answered without a prediction (no longer kept by the daemon)."""
-        return np.flatnonzero((self.status == protocol.DUPLICATE) & np.isnan(self.predictions).any(axis=1))
+        missing = (self.status == protocol.DUPLICATE) & np.isnan(self.predictions).any(axis=1)
+        return np.flatnonzero(missing & ((self.flags & protocol.FLAG_NO_OUTPUT) == 0))
 
 
 class Producer:
@@ -103,10 +125,14 @@ class Producer:
         features,
         targets=None,
         seqs: Sequence[int] | None = None,
+        ends: Sequence[bool] | None = None,
     ) -> np.ndarray:
         """Send N events; return predictions [N, O] in event order. Raises RejectedError on any rejection, and
-        PredictionUnavailableError for already applied events whose prediction the daemon no longer keeps."""
-        result = self.send_detailed(streams, features, targets, seqs)
+        PredictionUnavailableError for already applied events whose prediction the daemon no longer keeps.
+
+        `ends` (a daemon serving model.output = "end"): True for each event that ends its stream's sequence; only
+        those rows hold a prediction (the sequence's output), the others are NaN (see SendResult.no_output)."""
+        result = self.send_detailed(streams, features, targets, seqs, ends)
         rejected = {i: why for i, why in result.reasons.items() if result.status[i] == protocol.REJECTED}
         if rejected:
             detail = _listing(rejected, streams)
@@ -121,11 +147,13 @@ class Producer:
             )
         return result.predictions
 
-    def send_detailed(self, streams, features, targets=None, seqs=None) -> SendResult:
-        """Like send(), but returns per-event status and reasons instead of raising on rejected events."""
+    def send_detailed(self, streams, features, targets=None, seqs=None, ends=None) -> SendResult:
+        """Like send(), but returns per-event status, flags and reasons instead of raising on rejected events."""
         streams = list(streams)
         req = next(self._req_ids)
-        frames = protocol.encode_events(req, streams, np.asarray(features, dtype=np.float32), targets, seqs)
+        frames = protocol.encode_events(
+            req, streams, np.asarray(features, dtype=np.float32), targets, seqs, None if ends is None else list(ends)
+        )
         attempts = self.retries + 1 if seqs is not None else 1
         for _attempt in range(attempts):
             reply_frames = self._await(req) if self._send(frames) else None
@@ -138,7 +166,8 @@ class Producer:
         if reply.error is not None:
             raise RejectedError(f"message rejected ({reply.error_reason}): {reply.error}")
         status = np.frombuffer(reply.status, dtype=np.uint8)
-        return SendResult(preds, status, reply.version, dict(reply.reasons))
+        flags = np.frombuffer(reply.flags, dtype=np.uint8) if len(reply.flags) == status.size else None
+        return SendResult(preds, status, reply.version, dict(reply.reasons), flags)
 
     def send_targets(self, streams: Sequence[StreamId], seqs: Sequence[int], targets) -> np.ndarray:
         """Delayed targets for events already sent (with these sequence numbers); returns [N] bool: joined.

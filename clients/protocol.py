@@ -9,7 +9,8 @@ Control socket (DEALER → ROUTER): [ControlRequest (msgpack)] → [ControlReply
 Prediction PUB socket (daemon XPUB → SUB): one message per serving batch, frames
     [PREDICTIONS_TOPIC, PublishedBatch (msgpack), predictions (float32 little-endian, N*O)]
 where row i of the predictions is the answer to event (streams[i], seqs[i]); only applied events are published
-(not duplicates or rejections). `batch` counts the batches the daemon handed to its publisher: a gap means batches
+(not duplicates or rejections; with model.output = "end", rows of events other than ends are NaN, as in their
+replies). `batch` counts the batches the daemon handed to its publisher: a gap means batches
 were dropped (the publish queue was full, or this subscriber's queue was: ZeroMQ drops for a subscriber that
 does not keep up, never blocks). Filtering by stream is the subscriber's (see decode_published); subscribe to the
 topic. Nothing is published while no one subscribes.
@@ -28,6 +29,8 @@ for any input. The limits they enforce (the daemon's configured limits come on t
 - Arrays: `dim` and `target_dim` in 1..MAX_ROW_VALUES; the features frame must hold exactly N*dim float32
   values (N = number of stream ids), the targets frame exactly N*target_dim values of its dtype; the byte
   length is checked before any array is viewed.
+- Sequence ends (`ends`, optional, one bool per event): exactly N of them when present; a daemon serving
+  `model.output = "every"` refuses a message that marks any event as an end (`ends_not_served`).
 - Sequence numbers: within [0, SEQ_LIMIT) = [0, 2^63 - 1). An events request carrying one outside is answered
   per event (`bad_seq`), a delayed-targets request whole. The daemon assigns a stream's next number as
   last + 1 only while that stays below SEQ_LIMIT (`seq_exhausted` after), so no number ever overflows int64.
@@ -52,6 +55,17 @@ STATE_RESET = 2  # applied, but the stream's state had been dropped (evicted/res
 REJECTED = 3  # not applied; EventsReply.reasons[index] says why; prediction NaN
 STATUS_NAMES = ("ok", "duplicate", "state_reset", "rejected")
 
+# Per-event flags carried in EventsReply.flags (one byte per event, bits or-ed) by a daemon serving whole-sequence
+# outputs (`model.output = "end"`, many-to-one); empty from a daemon serving one output per event ("every").
+# With "end", only the reply to an end event (EventsHeader.ends) carries a prediction, the sequence's output
+# (class probabilities for classification, values for regression); every other applied event's row is NaN and
+# flagged NO_OUTPUT, so a NaN row is never mistaken for a prediction. The stream's (h, c) goes back to zero after
+# an end, and the next event's reply is flagged SEQUENCE_START (so is the first event of a new, reset or evicted
+# stream: each starts a sequence from zero state). A duplicate answers from the resend window: the end event's
+# original output, or NO_OUTPUT for a kept non-end event.
+FLAG_NO_OUTPUT = 1  # no prediction by design: not a sequence's end (the row is NaN)
+FLAG_SEQUENCE_START = 2  # the event started a new sequence from zero state
+
 StreamId = str | int
 FEATURE_DTYPE = np.dtype("<f4")
 TARGET_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
@@ -67,8 +81,9 @@ MAX_CONTROL_ARGS = 16
 _HEADER_FIXED_BYTES = 256  # every field of an EventsHeader but the two per-event lists, with room to spare
 
 
-class EventsHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """First frame of an events request."""
+class EventsHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """First frame of an events request. Fields at their defaults are not sent, so a producer that uses no newer
+    field (`ends`, `kind`) is understood by daemons that predate it."""
 
     v: int  # protocol version
     req: int  # request id chosen by the producer, echoed in the reply
@@ -77,6 +92,9 @@ class EventsHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Per-stream sequence numbers, one per event; None: the daemon assigns them. Range: see SEQ_LIMIT.
     seqs: Annotated[list[int], msgspec.Meta(max_length=MAX_EVENTS)] | None = None
     targets: Literal["float32", "int64"] | None = None  # dtype of the optional third frame
+    # Whole-sequence outputs (model.output = "end"): one flag per event, True where the event ends its stream's
+    # sequence; None: no event does. Events requests only.
+    ends: Annotated[list[bool], msgspec.Meta(max_length=MAX_EVENTS)] | None = None
     target_dim: int = 0  # values per event in the targets frame
     # "targets": delayed targets for events already sent, named by (stream, seq); frames [header, targets],
     # `seqs` required, `dim` 0. Answered with an EventsReply: status ok (joined) or rejected per item, no
@@ -98,6 +116,7 @@ class EventsReply(msgspec.Struct, kw_only=True):
     out_dim: int = 0
     status: bytes = b""  # one status code per event
     reasons: dict[int, str] = {}  # event index -> why it was rejected
+    flags: bytes = b""  # model.output = "end": one byte of FLAG_* bits per event; empty otherwise
     error: str | None = None
     error_reason: str | None = None  # short machine-readable reason for a whole-message rejection
 
@@ -226,8 +245,8 @@ _UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 def max_header_bytes(max_events: int, max_id_chars: int) -> int:
     """The largest events header a daemon with these limits can accept: checked before decoding it."""
     # Per event: a string id of max_id_chars characters (<= 4 UTF-8 bytes each, 5 bytes of msgpack prefix) or
-    # an integer id (<= 9 bytes), and a sequence number (<= 9 bytes).
-    per_event = max(5 + 4 * max_id_chars, 9) + 9
+    # an integer id (<= 9 bytes), a sequence number (<= 9 bytes) and an end flag (1 byte).
+    per_event = max(5 + 4 * max_id_chars, 9) + 9 + 1
     return _HEADER_FIXED_BYTES + min(max_events, MAX_EVENTS) * per_event
 
 
@@ -237,8 +256,10 @@ def encode_events(
     features: np.ndarray,
     targets: np.ndarray | None = None,
     seqs: list[int] | None = None,
+    ends: list[bool] | None = None,
 ) -> list[bytes | memoryview]:
-    """Frames of one events request. `features` is [N, I] float32; `targets` [N] or [N, D]."""
+    """Frames of one events request. `features` is [N, I] float32; `targets` [N] or [N, D]; `ends` one bool per
+    event (True: the event ends its stream's sequence, model.output = "end")."""
     features = np.ascontiguousarray(features, dtype=FEATURE_DTYPE)
     if features.ndim != 2 or features.shape[0] != len(streams):
         raise ValueError(
@@ -246,6 +267,8 @@ def encode_events(
         )
     if seqs is not None and len(seqs) != len(streams):
         raise ValueError(f"seqs must have one number per event ({len(streams)}), got {len(seqs)}")
+    if ends is not None and len(ends) != len(streams):
+        raise ValueError(f"ends must have one flag per event ({len(streams)}), got {len(ends)}")
     target_kind, target_dim, frames_tail = None, 0, []
     if targets is not None:
         targets = np.asarray(targets)
@@ -263,6 +286,7 @@ def encode_events(
         seqs=None if seqs is None else [int(s) for s in seqs],
         targets=target_kind,
         target_dim=target_dim,
+        ends=None if ends is None else [bool(e) for e in ends],
     )
     return [encode(header), _raw(features), *frames_tail]
 
@@ -295,6 +319,8 @@ def decode_events(
     except _UNDECODABLE as exc:
         raise ProtocolError("malformed", f"bad header: {_why(exc)}") from None
     _check_version(header.v)
+    if header.ends is not None and header.kind != "events":
+        raise ProtocolError("malformed", f"a {header.kind} message carries no end flags")
     if header.kind == "targets":
         return header, None, _decode_delayed_targets(header, frames)
     if header.kind == "forecast":
@@ -303,6 +329,8 @@ def decode_events(
     features = _view_rows(frames[1], FEATURE_DTYPE, n, header.dim, "features", "dim")
     if header.seqs is not None and len(header.seqs) != n:
         raise ProtocolError("bad_shape", f"seqs has {len(header.seqs)} numbers for {n} events")
+    if header.ends is not None and len(header.ends) != n:
+        raise ProtocolError("bad_shape", f"ends has {len(header.ends)} flags for {n} events")
     targets = None
     if header.targets is not None:
         if len(frames) != 3:

@@ -63,6 +63,13 @@ class ModelConfig(_Section):
     forecast_columns: Annotated[
         list[int], doc("forecast: the feature columns predicted for the next event; empty: all of them")
     ] = []
+    # "end" (many-to-one): an event may end its stream's sequence (Producer.send(..., ends=...)); only its reply
+    # carries a prediction, the sequence's output, and the stream's state starts from zero after it. Training then
+    # puts the loss on the end step of whole sequences (train.max_sequence). Not for forecast models.
+    output: Annotated[
+        Literal["every", "end"],
+        doc('every: a prediction per event; end: one per sequence, on its end event (state reset after it)'),
+    ] = "every"
 
 
 class ServeConfig(_Section):
@@ -179,6 +186,11 @@ class TrainConfig(_Section):
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
+    # model.output = "end": a sequence longer than this trains on its last steps only, from the newest window
+    # boundary (k2) that leaves at most max_sequence of them, starting from the state the stream had there.
+    max_sequence: Annotated[
+        int, doc('model.output = "end": longest sequence trained whole (BPTT); k2..record_steps', ge=1)
+    ] = 256
     record_idle_s: Annotated[
         float, doc("a recorded stream idle this long may give its buffer to a new stream", ge=0)
     ] = 60.0
@@ -634,6 +646,16 @@ def validate(config: Config) -> None:
             f"model.task = classification needs model.output_size >= 2 classes, got {m.output_size}"
         )
     _validate_forecast_columns(m)
+    if m.output == "end" and m.task == "forecast":
+        raise ConfigError(
+            'model.output = "end" (one output per whole sequence) is for regression and classification: a '
+            'forecast model predicts the next event after every event (use model.output = "every")'
+        )
+    if m.output == "end" and config.cluster.nats:
+        raise ConfigError(
+            'model.output = "end" is not served in cluster mode yet ([cluster] nats is set): the gateway does not '
+            'carry end flags; serve whole-sequence outputs from a single process'
+        )
     _validate_train(config)
     _validate_security(config.security)
     for key in ("events", "control"):
@@ -679,6 +701,12 @@ def _validate_train(config: Config) -> None:
             f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "
             f"(train.holdout_windows + 1) * k2: a stream's recent history holds whole windows, the newest "
             f"{t.holdout_windows} held out for evaluation, at least one to train on"
+        )
+    if config.model.output == "end" and not t.k2 <= t.max_sequence <= t.record_steps:
+        raise ConfigError(
+            f"train.max_sequence ({t.max_sequence}) must be between train.k2 ({t.k2}) and train.record_steps "
+            f"({t.record_steps}): a stream's recorded history must hold the longest sequence trained whole, and a "
+            f"longer one is cut at a window boundary (every k2 steps)"
         )
 
 

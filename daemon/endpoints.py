@@ -108,6 +108,7 @@ class Endpoints:
                 on_dropped=self.on_dropped,
                 secure=secure,
                 task=self.engine.task.name,
+                ends=self.config.model.output == "end",
             )
             self.io = IOThread(
                 self.ctx,

@@ -165,6 +165,7 @@ class EventsLimits:
     header_limit: int | None = None  # bytes of the header frame; None: only the protocol's limits
     target_dim: int = 0  # values per event a targets frame must hold; 0: not checked
     task: str | None = None  # the model's task: forecast requests need "forecast"; None: not checked
+    ends: bool = False  # model.output = "end": events may end their sequence; False: a marked end is refused
 
 
 class _RequestId(msgspec.Struct):
@@ -202,6 +203,13 @@ def decode_events_request(body: list, limits: EventsLimits) -> tuple[protocol.Ev
     if len(header.streams) > limits.max_events:
         raise protocol.ProtocolError(
             "oversized", f"message holds {len(header.streams)} events, limit is {limits.max_events}"
+        )
+    # Refused rather than ignored: a producer that marks ends expects the stream's state to start over after them.
+    if header.ends is not None and not limits.ends and any(header.ends):
+        raise protocol.ProtocolError(
+            "ends_not_served",
+            'events marked as sequence ends, but this daemon serves model.output = "every" (one prediction per '
+            'event, state carried on): whole-sequence outputs need model.output = "end"',
         )
     return header, features, targets
 
@@ -301,13 +309,14 @@ class EventsSocket:
         on_dropped: Callable[[str, str], None] = lambda what, reason: None,  # (reply|request, reason), counted
         secure=None,  # callback(socket, name) making a socket a CURVE server before it binds; None: plain
         task: str | None = None,  # the model's task (forecast requests); None: not checked
+        ends: bool = False,  # model.output = "end": end flags accepted
     ) -> None:
         header_limit = (
             None
             if max_stream_id_length is None
             else protocol.max_header_bytes(max_message_events, max_stream_id_length)
         )
-        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim, task)
+        self.limits = EventsLimits(input_size, max_message_events, header_limit, target_dim, task, ends)
         self.on_message_rejected = on_message_rejected
         self.on_dropped = on_dropped
         self.budgets = budgets or EventsBudgets()

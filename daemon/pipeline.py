@@ -11,6 +11,10 @@ the state rows, each stream's last sequence number, its LRU position, its resend
   duplicates are answered from the resend window instead of being applied.
 - apply_wave: one engine step for the wave, the outputs kept for resends, the events recorded for training,
   last seq and LRU touch.
+- whole-sequence outputs (model.output = "end", many-to-one): only an end event's output is kept and answered
+  (others become NaN rows flagged FLAG_NO_OUTPUT, also in the resend window, so a resend gets the original
+  answer), and an end resets its stream's state for the next event (StateStore.end_sequences), whose reply is
+  flagged FLAG_SEQUENCE_START. The ends travel in the WAL record, so the replay resets the same streams.
 
 The pipeline never replies, publishes or logs: `Daemon` does that with the AppliedBatch it gets back.
 """
@@ -51,6 +55,8 @@ class AppliedBatch:
     idx: np.ndarray = field(default_factory=lambda: _NO_INT)
     seqs: np.ndarray = field(default_factory=lambda: _NO_INT)
     fresh: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    ends: np.ndarray | None = None  # [len(idx)] bool, wave order: the applied event ended its sequence
+    flags: np.ndarray | None = None  # [n] uint8 protocol.FLAG_* per event (model.output = "end"), else None
 
     @property
     def applied(self) -> bool:
@@ -65,7 +71,9 @@ class AppliedBatch:
         self.status[self.idx] = protocol.REJECTED
         for i in self.idx.tolist():
             self.reasons[i] = why
-        self.idx, self.seqs, self.fresh = _NO_INT, _NO_INT, np.empty(0, dtype=bool)
+        self.idx, self.seqs, self.fresh, self.ends = _NO_INT, _NO_INT, np.empty(0, dtype=bool), None
+        if self.flags is not None:
+            self.flags[:] = 0
 
 
 class Pipeline:
@@ -78,6 +86,7 @@ class Pipeline:
         metrics,
         serve_config,
         batch_targets: Callable[[list, list[int], int], np.ndarray | None],
+        output: str = "every",  # model.output
     ) -> None:
         self.store = store
         self.engine = engine
@@ -87,17 +96,23 @@ class Pipeline:
         # [n, D] targets of a batch from each message's targets (or None), NaN rows where none; the task's policy.
         self.batch_targets = batch_targets
         self.sequence_gaps = 0  # missing numbers seen, saturating at SEQ_LIMIT (see _count_gaps)
+        self.sequence_outputs = output == "end"  # answer and keep only end events' outputs, reset after them
 
     # ---- serving --------------------------------------------------------------------------------------------
 
-    def serve(self, streams: list[list], seqs: list, features: np.ndarray, targets: list) -> AppliedBatch:
-        """Apply one gathered batch: per message its stream ids, its seqs (None: the daemon numbers them) and its
-        targets (None or [n_m, D]); `features` is the whole batch [n, I]."""
+    def serve(
+        self, streams: list[list], seqs: list, features: np.ndarray, targets: list, ends: list | None = None
+    ) -> AppliedBatch:
+        """Apply one gathered batch: per message its stream ids, its seqs (None: the daemon numbers them), its
+        targets (None or [n_m, D]) and its end flags (None or [n_m] bools); `features` is the whole batch [n, I]."""
         counts = [len(s) for s in streams]
         n = features.shape[0]
         out = AppliedBatch(
             np.zeros(n, dtype=np.uint8), np.full((n, self.engine.model.spec.output_size), np.nan, dtype=np.float32)
         )
+        batch_ends = self._batch_ends(ends, counts, n) if self.sequence_outputs else None
+        if batch_ends is not None:
+            out.flags = np.zeros(n, dtype=np.uint8)
         slots = np.empty(n, dtype=np.int64)
         numbers = np.full(n, -1, dtype=np.int64)  # -1: the daemon assigns the number
         was_dropped = np.zeros(n, dtype=bool)
@@ -113,16 +128,32 @@ class Pipeline:
         accepted = np.flatnonzero(slots >= 0)
         parts = []
         for wave in batching.waves(slots[accepted]):
-            part = self._serve_wave(accepted[wave], slots, numbers, was_dropped, features, batch_targets, out)
+            part = self._serve_wave(accepted[wave], slots, numbers, was_dropped, features, batch_targets, out,
+                                    batch_ends)
             if part is not None:
                 parts.append(part)
         if len(parts) == 1:
             out.idx, out.seqs, out.fresh = parts[0]
         elif parts:
             out.idx, out.seqs, out.fresh = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        if batch_ends is not None and out.applied:
+            out.ends = batch_ends[out.idx]
         return out
 
-    def _serve_wave(self, idx, slots, numbers, was_dropped, features, targets, out: AppliedBatch):
+    @staticmethod
+    def _batch_ends(ends: list | None, counts: list[int], n: int) -> np.ndarray:
+        """[n] bool end flags of a batch from its messages' (None: no end)."""
+        out = np.zeros(n, dtype=bool)
+        if ends is None:
+            return out
+        offset = 0
+        for message_ends, count in zip(ends, counts, strict=True):
+            if message_ends is not None:
+                out[offset : offset + count] = message_ends
+            offset += count
+        return out
+
+    def _serve_wave(self, idx, slots, numbers, was_dropped, features, targets, out: AppliedBatch, ends=None):
         """One wave: number, refuse exhausted, count gaps, answer duplicates, apply the rest; (idx, seq, fresh)."""
         wave_slots = slots[idx]
         last = self.store.last_seq[wave_slots]
@@ -147,10 +178,15 @@ class Pipeline:
         fresh = self.store.needs_reset[wave_slots]
         x = features if idx.size == features.shape[0] else features[idx]
         wave_targets = None if targets is None else targets[idx]
-        out.predictions[idx] = self.apply_wave(x, wave_slots, seq, fresh, wave_targets, self.recorder)
+        wave_ends = None if ends is None else ends[idx]
+        out.predictions[idx] = self.apply_wave(x, wave_slots, seq, fresh, wave_targets, self.recorder, wave_ends)
         reset_now = fresh & was_dropped[idx]
         if reset_now.any():
             out.status[idx[reset_now]] = protocol.STATE_RESET
+        if out.flags is not None:
+            out.flags[idx] = np.where(wave_ends, 0, protocol.FLAG_NO_OUTPUT) | np.where(
+                fresh, protocol.FLAG_SEQUENCE_START, 0
+            )
         return idx, seq, fresh
 
     def _count_gaps(self, seq: np.ndarray, last: np.ndarray) -> None:
@@ -168,6 +204,8 @@ class Pipeline:
         out.status[idx] = protocol.DUPLICATE
         kept, found = self.store.kept_outputs(slots, seq)
         out.predictions[idx[found]] = kept[found]
+        if out.flags is not None:  # kept NaN: a non-end event's answer under model.output = "end"
+            out.flags[idx[found & np.isnan(kept).any(axis=1)]] = protocol.FLAG_NO_OUTPUT
         if found.all():
             return
         window = self.config.resend_window
@@ -179,17 +217,24 @@ class Pipeline:
                 f"keeps each stream's last serve.resend_window = {window})",
             )
 
-    def apply_wave(self, x, slots, seq, fresh, targets, recorder) -> np.ndarray:
+    def apply_wave(self, x, slots, seq, fresh, targets, recorder, ends=None) -> np.ndarray:
         """One launch: advance `slots` (distinct) by one event each, keep their outputs for resends, record the
-        events for training (when `recorder` is given), mark the slots used."""
+        events for training (when `recorder` is given), mark the slots used. With model.output = "end", `ends`
+        ([n] bool, None: no end) picks the outputs answered (others NaN) and the streams reset after this step."""
         started = time.perf_counter()
         preds = self.engine.step(x, slots, fresh)
         self.metrics.step_duration.observe(time.perf_counter() - started)
+        if self.sequence_outputs:
+            preds = np.where(False if ends is None else ends[:, None], preds, np.float32(np.nan))
         self.store.keep_outputs(slots, seq, preds)
         if recorder is not None:
-            recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c)
+            if self.sequence_outputs:  # a slot's first event since it took a stream: that stream is new there
+                recorder.new_streams(slots[self.store.events_applied[slots] == 0])
+            recorder.record(slots, x, seq, targets, fresh, self.store.h, self.store.c, ends)
         self.store.last_seq[slots] = seq
         self.store.touch(slots)
+        if ends is not None and ends.any():  # (replay too: the log says where sequences ended)
+            self.store.end_sequences(slots[ends])
         return preds
 
     # ---- admission ------------------------------------------------------------------------------------------
@@ -251,17 +296,23 @@ class Pipeline:
         get = self.store.slot_of.get
         slots = np.fromiter((get(sid, -1) for sid in streams), dtype=np.int64, count=n)
         seq_arr = np.asarray(seqs, dtype=np.int64)
-        targets = targets.astype(np.float32)
+        # The task's cleaning, as for targets sent with events: a class label outside 0..O-1 becomes NaN (it would
+        # fail every training round while it stays recorded), and NaN is never joined.
+        targets = self.batch_targets([targets], [n], n)
         unlogged = None if log_targets is None else log_targets(streams, seq_arr, targets)
         if unlogged is not None:
             label, why = unlogged
             return status, dict.fromkeys(range(n), why), label
         joined = self.recorder.join_targets(slots, seq_arr, targets)
         status[joined] = protocol.OK
-        reasons = {
-            i: "no recorded event with this stream and sequence number (never seen, or no longer kept)"
-            for i in np.flatnonzero(~joined).tolist()
-        }
+        why = (
+            "no kept sequence ended at this stream and sequence number (not an end event, or no longer kept)"
+            if self.sequence_outputs
+            else "no recorded event with this stream and sequence number (never seen, or no longer kept)"
+        )
+        reasons = dict.fromkeys(np.flatnonzero(~joined).tolist(), why)
+        for i in np.flatnonzero(~np.isfinite(targets).all(axis=1)).tolist():
+            reasons[i] = "the target teaches nothing: NaN or Inf, or a class label outside 0..output_size-1"
         return status, reasons, None
 
     # ---- replay ---------------------------------------------------------------------------------------------
@@ -271,6 +322,7 @@ class Pipeline:
         and reset flags that were logged; `recorder` (or None) gets them recorded again. Returns the event count."""
         order = np.argsort(record.idx, kind="stable")  # logged in wave order; admit and re-wave in arrival order
         idx, seq, fresh, x = record.idx[order], record.seqs[order], record.fresh[order], record.features[order]
+        ends = None if record.ends is None else record.ends[order]
         streams = list(itertools.chain.from_iterable(record.message_streams))
         ids = [streams[i] for i in idx.tolist()]
         admission = self.store.admit(ids, max(len(ids), 1))
@@ -287,5 +339,6 @@ class Pipeline:
             targets = None if full is None else full[idx]
         for wave in batching.waves(slots):
             wave_targets = None if targets is None else targets[wave]
-            self.apply_wave(x[wave], slots[wave], seq[wave], fresh[wave], wave_targets, recorder)
+            wave_ends = None if ends is None else ends[wave]
+            self.apply_wave(x[wave], slots[wave], seq[wave], fresh[wave], wave_targets, recorder, wave_ends)
         return int(idx.size)

@@ -17,6 +17,14 @@ Layout (R = record_streams rows, T = record_steps, k2 = window length, W = T / k
     h0, c0 [R, W, L, H]        the stream's LSTM state *before* the first event of each window
     state_ok [R, W]  bool      that state was captured (a row that starts mid-stream lacks its first one)
 
+Whole-sequence outputs (model.output = "end", many-to-one): a stream's row holds its current sequence (an end
+resets the stream's state, so its next event starts the row over), and at each end the finished sequence is
+copied into a `SequencePool`: the last steps from the newest window boundary that leaves at most max_sequence of
+them (the whole sequence when it is not longer), the stream's state at that boundary (zero at the sequence's
+start), and its label (the end event's target, or a delayed one joined by (stream, seq of the end event)). The
+trainer then gets padded whole sequences as `Windows` whose mask marks only each end step, so its one code path
+puts the loss on the end step alone (forward is causal: the padding after an end changes nothing).
+
 Every array is allocated once, so memory is fixed by the configuration (`nbytes`), however many streams
 there are: streams beyond R are not recorded until a recorded stream has been idle for `idle_s`. Rows are
 found by state-store slot (a vectorised lookup, no per-event dict work). A stream whose state starts from
@@ -25,12 +33,15 @@ zero (new, reset, evicted and back) starts its row over, so a window never spans
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger("lstmd.recorder")
 
 # Absolute position p of a row (events recorded since its last start) lives at ring index p % T; the window
 # with absolute start s (a multiple of k2) has state index (s % T) // k2.
@@ -63,6 +74,110 @@ class Windows:
         )
 
 
+class SequencePool:
+    """The newest finished sequences (model.output = "end"), a ring of P entries of at most M steps each.
+
+    Entry i of the ring: x [M, I] (the first `length` steps used), the state before its first step h0, c0 [L, H],
+    its label y [D] (`labelled`), and (slot, seq) of its end event for delayed labels. Every HOLDOUT_EVERY-th
+    sequence (by `number`, counted in serving order, so a replay numbers them alike) is held out for the
+    trainer's check and never trained on."""
+
+    HOLDOUT_EVERY = 4
+    _ARRAYS = ("x", "h0", "c0", "y", "labelled", "length", "slot", "seq", "number")
+
+    def __init__(self, size: int, steps: int, input_size: int, target_size: int, num_layers: int, hidden: int):
+        self.x = np.zeros((size, steps, input_size), np.float32)
+        self.h0 = np.zeros((size, num_layers, hidden), np.float32)
+        self.c0 = np.zeros_like(self.h0)
+        self.y = np.zeros((size, target_size), np.float32)
+        self.labelled = np.zeros(size, bool)
+        self.length = np.zeros(size, np.int64)  # 0: empty entry
+        self.slot = np.full(size, -1, np.int64)
+        self.seq = np.full(size, -1, np.int64)
+        self.number = np.full(size, -1, np.int64)
+        self.total = 0  # sequences kept so far (the next one's number)
+        self.dropped = 0  # ends whose sequence could not be kept (recorded mid-sequence without a start state)
+        self._index: dict[tuple[int, int], int] = {}  # (slot, seq of the end event) -> entry
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(getattr(self, name).nbytes for name in self._ARRAYS))
+
+    def add(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, target, slot: int, seq: int) -> None:
+        """Keep one finished sequence (x [m, I], m <= M), overwriting the oldest entry."""
+        i = self.total % self.x.shape[0]
+        self._index.pop((int(self.slot[i]), int(self.seq[i])), None)
+        m = x.shape[0]
+        self.x[i, :m], self.x[i, m:] = x, 0.0
+        self.h0[i], self.c0[i] = h0, c0
+        known = target is not None and bool(np.isfinite(target).all())
+        self.y[i] = target if known else 0.0
+        self.labelled[i] = known
+        self.length[i], self.slot[i], self.seq[i], self.number[i] = m, slot, seq, self.total
+        self._index[(slot, seq)] = i
+        self.total += 1
+
+    def join(self, slots: np.ndarray, seqs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Delayed labels by (slot, seq of the end event); [n] bool: joined (finite and found)."""
+        joined = np.zeros(slots.size, bool)
+        for j, key in enumerate(zip(slots.tolist(), seqs.tolist(), strict=True)):
+            i = self._index.get(key)
+            if i is not None and np.isfinite(targets[j]).all():
+                self.y[i], self.labelled[i], joined[j] = targets[j], True, True
+        return joined
+
+    def forget_slots(self, slots: np.ndarray) -> None:
+        """These slots now hold other streams: their old sequences keep training but no longer take labels."""
+        for i in np.flatnonzero(np.isin(self.slot, slots)).tolist():
+            self._index.pop((int(self.slot[i]), int(self.seq[i])), None)
+            self.slot[i] = -1
+
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(training entries, held-out entries) among the labelled ones."""
+        usable = (self.length > 0) & self.labelled
+        held = usable & (self.number % self.HOLDOUT_EVERY == self.HOLDOUT_EVERY - 1)
+        return np.flatnonzero(usable & ~held), np.flatnonzero(held)
+
+    def windows(self, entries: np.ndarray) -> Windows:
+        """The entries as Windows padded to the longest: mask and label at each end step only."""
+        lengths = self.length[entries]
+        steps = int(lengths.max())
+        b = np.arange(entries.size)
+        mask = np.zeros((entries.size, steps), bool)
+        mask[b, lengths - 1] = True
+        y = np.zeros((entries.size, steps, self.y.shape[1]), np.float32)
+        y[b, lengths - 1] = self.y[entries]
+        return Windows(
+            x=self.x[entries, :steps],
+            dx=None,
+            scale=None,
+            y=y,
+            mask=mask,
+            h0=np.ascontiguousarray(self.h0[entries].transpose(1, 0, 2)),
+            c0=np.ascontiguousarray(self.c0[entries].transpose(1, 0, 2)),
+        )
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"pool.{name}": torch.from_numpy(getattr(self, name).copy()) for name in self._ARRAYS}
+        out["pool.counts"] = torch.tensor([self.total, self.dropped], dtype=torch.int64)
+        return out
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what snapshot_tensors() returned; a snapshot without a pool (or of another size) keeps none."""
+        values = {name: tensors.get(f"pool.{name}") for name in self._ARRAYS}
+        if any(v is None for v in values.values()):
+            return  # taken with model.output = "every": no sequences to bring back
+        if any(tuple(v.shape) != getattr(self, name).shape for name, v in values.items()):
+            log.warning("the snapshot's finished sequences do not fit this configuration (train.max_sequence, "
+                        "record_streams, record_steps or the model changed): training starts without them")
+            return
+        for name, value in values.items():
+            getattr(self, name)[...] = value.numpy()
+        self.total, self.dropped = (int(v) for v in tensors["pool.counts"].tolist())
+        used = np.flatnonzero(self.length > 0)
+        self._index = {(int(self.slot[i]), int(self.seq[i])): int(i) for i in used}
+
+
 class Recorder:
     def __init__(
         self,
@@ -80,6 +195,7 @@ class Recorder:
         clock=time.monotonic,
         columns: list[int] | None = None,  # forecast: the next event's columns that are the target; None: all
         scale_table: torch.Tensor | None = None,  # forecast: the state store's per-slot scale [capacity, I]
+        max_sequence: int = 0,  # model.output = "end": steps kept per finished sequence; 0: output = "every"
     ) -> None:
         if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
             raise ValueError(
@@ -112,11 +228,19 @@ class Recorder:
         self.targets_unmatched = 0
         self._free = list(range(R - 1, -1, -1))
         self.lock = threading.Lock()
+        # Whole sequences: as many steps in all as the rows hold (R * T), in entries of max_sequence steps (at least
+        # k2 per entry in the count, so a short max_sequence does not multiply the entries' states).
+        steps = min(max_sequence, T)
+        self.sequences = (
+            SequencePool(max(2, R * T // max(steps, k2)), steps, input_size, target_size, num_layers, hidden_size)
+            if max_sequence else None
+        )
 
     @property
     def nbytes(self) -> int:
         """Memory the recorder holds; fixed at construction (the bound the config sets)."""
-        return int(sum(getattr(self, name).nbytes for name in self._ARRAYS))
+        pool = 0 if self.sequences is None else self.sequences.nbytes
+        return int(sum(getattr(self, name).nbytes for name in self._ARRAYS)) + pool
 
     @property
     def streams(self) -> int:
@@ -133,6 +257,7 @@ class Recorder:
         fresh: np.ndarray,  # [n] bool: the stream's state started from zero at this event
         h: torch.Tensor,  # [L, S, H] the state tables *after* the step
         c: torch.Tensor,
+        ends: np.ndarray | None = None,  # [n] bool: the event ended its sequence (model.output = "end")
     ) -> None:
         with self.lock:
             rows = self.row_of_slot[slots]
@@ -145,6 +270,7 @@ class Recorder:
             if not ok.all():
                 slots, x, seqs, fresh, rows, start = slots[ok], x[ok], seqs[ok], fresh[ok], rows[ok], start[ok]
                 targets = None if targets is None else targets[ok]
+                ends = None if ends is None else ends[ok]
             if rows.size == 0:
                 return
             if start.any():
@@ -170,6 +296,30 @@ class Recorder:
             self.last_write[rows] = self.clock()
             self.recorded += int(rows.size)
             self._start_windows(rows, slots, count, h, c)
+            if self.sequences is not None and ends is not None and ends.any():
+                for j in np.flatnonzero(ends).tolist():
+                    self._close_sequence(int(rows[j]), int(slots[j]), int(seqs[j]),
+                                         None if targets is None else targets[j])
+
+    def new_streams(self, slots: np.ndarray) -> None:
+        """Slots that just took a new stream (with whole sequences: delayed labels name the new stream's events)."""
+        if self.sequences is not None and slots.size:
+            with self.lock:
+                self.sequences.forget_slots(slots)
+
+    def _close_sequence(self, row: int, slot: int, seq: int, target) -> None:
+        """A sequence ended at the row's newest event: keep its last steps from the newest window boundary that
+        leaves at most the pool's M (all of it when not longer), with the state there. Called under the lock."""
+        T, k2, M = self.x.shape[1], self.k2, self.sequences.x.shape[1]
+        count = int(self.count[row])
+        first = -(-(count - M) // k2) * k2 if count > M else 0  # the first boundary s with count - s <= M
+        for start in range(first, count, k2):
+            w = (start % T) // k2
+            if self.state_ok[row, w]:
+                positions = (start + np.arange(count - start)) % T
+                self.sequences.add(self.x[row, positions], self.h0[row, w], self.c0[row, w], target, slot, seq)
+                return
+        self.sequences.dropped += 1  # recorded from mid-sequence: no state is known at any boundary
 
     def _record_forecast(self, slots: np.ndarray, x: np.ndarray, count: np.ndarray, at: np.ndarray) -> None:
         """Forecast: each event is the target of its stream's previous one; record its change since then and,
@@ -232,8 +382,14 @@ class Recorder:
         self.state_ok[rows, 0] = zero_state
 
     def join_targets(self, slots: np.ndarray, seqs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Delayed targets: put each at the recorded event (slot, seq). Returns [n] bool: joined."""
+        """Delayed targets: put each at the recorded event (slot, seq); with whole sequences, each is the label of
+        the sequence that event ended. Returns [n] bool: joined."""
         with self.lock:
+            if self.sequences is not None:
+                joined = self.sequences.join(slots, seqs, targets)
+                self.targets_joined += int(joined.sum())
+                self.targets_unmatched += int(slots.size - joined.sum())
+                return joined
             rows = self.row_of_slot[slots]
             joined = np.zeros(slots.size, bool)
             have = np.flatnonzero((rows >= 0) & (slots >= 0))
@@ -288,7 +444,10 @@ class Recorder:
         a 2-core CPU, which the serving loop would otherwise wait for in record()). The loop only ever writes
         ahead of the complete windows, so a window can change under the copy only when its row wraps around
         onto it or starts over; those windows are found afterwards and replaced.
+        With whole sequences (model.output = "end"), the same from the sequence pool, copied under the lock.
         """
+        if self.sequences is not None:
+            return self._sample_sequences(n_train, max_holdout, rng)
         with self.lock:
             rows, ws, hold, starts = self.available()
             train = np.flatnonzero(~hold)
@@ -320,8 +479,21 @@ class Recorder:
             train_w = train_w.subset(np.where(ok_train, np.arange(ok_train.size), rng.choice(good, ok_train.size)))
         return (train_w, held_w) if len(held_w) else None
 
+    def _sample_sequences(self, n_train: int, max_holdout: int, rng: np.random.Generator):
+        with self.lock:
+            train, held = self.sequences.split()
+            if train.size == 0 or held.size == 0:
+                return None
+            if held.size > max_holdout:
+                held = rng.choice(held, size=max_holdout, replace=False)
+            return self.sequences.windows(rng.choice(train, size=n_train, replace=True)), self.sequences.windows(held)
+
     def count_windows(self) -> tuple[int, int]:
-        """(training windows, holdout windows) available now."""
+        """(training windows, holdout windows) available now; with whole sequences, labelled sequences."""
+        if self.sequences is not None:
+            with self.lock:
+                train, held = self.sequences.split()
+            return int(train.size), int(held.size)
         with self.lock:
             _, _, hold, _ = self.available()
         return int((~hold).sum()), int(hold.sum())
@@ -358,6 +530,8 @@ class Recorder:
             out["last_write"] = torch.from_numpy(self.clock() - self.last_write)
             for name in ("recorded", "targets_joined", "targets_unmatched"):
                 out[name] = torch.tensor(getattr(self, name), dtype=torch.int64)
+            if self.sequences is not None:
+                out.update(self.sequences.snapshot_tensors())
         return out
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -380,4 +554,6 @@ class Recorder:
             self.last_write[...] = self.clock() - self.last_write
             for name, value in counters.items():
                 setattr(self, name, value)
+            if self.sequences is not None:
+                self.sequences.restore_tensors(tensors)
             self._free = np.flatnonzero(self.slot_of_row < 0)[::-1].tolist()

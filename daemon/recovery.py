@@ -329,7 +329,8 @@ class Durability:
     def log_batch(self, streams: list[list], features: np.ndarray, applied: AppliedBatch, targets: list) -> None:
         """Append a batch's applied events (after pending side records) in one group commit; WalError if not.
         `streams` and `targets` per message, `features` the whole batch."""
-        record = records.events_record(streams, features, applied.idx, applied.seqs, applied.fresh, targets)
+        record = records.events_record(streams, features, applied.idx, applied.seqs, applied.fresh, targets,
+                                        applied.ends)
         self._append([*self._side_records(), records.encode(record)])
 
     def log_targets(self, streams: list, seqs: np.ndarray, targets: np.ndarray) -> tuple[str, str] | None:

@@ -76,7 +76,8 @@ class Daemon:
         # Versions, recorder and trainer (daemon/online.py); the loop uses them directly, they never change.
         self.online = OnlineModel(config, self.engine, self.store, self.metrics, self.device)
         self.versions, self.recorder, self.trainer = self.online.versions, self.online.recorder, self.online.trainer
-        self.pipeline = Pipeline(self.store, self.engine, self.metrics, serve, self.engine.task.batch_targets)
+        self.pipeline = Pipeline(self.store, self.engine, self.metrics, serve, self.engine.task.batch_targets,
+                                 config.model.output)
         self.pipeline.recorder = self.recorder
         self.inbox = Inbox(serve.max_control_inbox_bytes)  # control requests and the stop sentinel
         # Sockets, I/O thread, metrics server, security (daemon/endpoints.py). The loop keeps its own references
@@ -303,6 +304,7 @@ class Daemon:
             [m.header.seqs for m in batch],
             features,
             [m.targets for m in batch],
+            [m.header.ends for m in batch],
         )
         if self.durability.wal is not None and applied.applied:
             try:  # group commit: one append (and under fsync = always one fsync) per batch, before the replies
@@ -310,11 +312,11 @@ class Daemon:
                                           [m.targets for m in batch])
             except WalError as exc:
                 self.durability.reject_unlogged(exc, applied)
-        self._reply(batch, counts, applied.status, applied.predictions, applied.reply_reasons())
+        self._reply(batch, counts, applied.status, applied.predictions, applied.reply_reasons(), applied.flags)
         self._publish(batch, applied)
         self._account(features.shape[0], applied.status, applied.reasons)
 
-    def _reply(self, batch, counts, status, preds, reasons) -> None:
+    def _reply(self, batch, counts, status, preds, reasons, flags=None) -> None:
         version = self.engine.model.version
         out_dim = preds.shape[1]
         now = time.perf_counter()
@@ -332,6 +334,7 @@ class Daemon:
                 out_dim=out_dim,
                 status=status[offset:end].tobytes(),
                 reasons=local_reasons,
+                flags=b"" if flags is None else flags[offset:end].tobytes(),
             )
             send([*message.envelope, protocol.encode(reply), preds[offset:end].tobytes()])
             self.metrics.event_latency.observe(now - message.received)

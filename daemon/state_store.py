@@ -277,6 +277,12 @@ class StateStore:
         self.reset_by_command[slots] = False
         self.events_applied[slots] += 1
 
+    def end_sequences(self, slots: np.ndarray) -> None:
+        """model.output = "end": these slots' sequences just ended, so their state starts from zero at their next
+        step (the kernel's reset mask, as for a new stream), without the `state_reset` status of a dropped one.
+        Call after touch(); the flag is in every snapshot and the log replay sets it again."""
+        self.needs_reset[slots] = True
+
     def keep_outputs(self, slots: np.ndarray, seq: np.ndarray, outputs: np.ndarray) -> None:
         """Keep the outputs of events just applied (distinct slots) for resends of the same (stream, seq)."""
         if self.resend_window:

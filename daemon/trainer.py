@@ -1,6 +1,8 @@
 """The trainer: online truncated-BPTT fine-tuning on the trainer's own thread, while the loop keeps serving.
 
-One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had),
+One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had; with
+model.output = "end", whole sequences padded to the longest, from the zero state or the state carried into a
+truncated one, the mask marking each end step, so the same loss code counts only the end steps),
 run forward and backward through `lstm_sequence`, clip the gradient norm, take optimizer steps (Adam by
 default) on the trainer's own copy of the weights, then evaluate the result and the serving weights on the
 held-out newest window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is
@@ -271,6 +273,7 @@ class Trainer:
                 "targets_joined": self.recorder.targets_joined,
                 "targets_unmatched": self.recorder.targets_unmatched,
                 "memory_bytes": self.recorder.nbytes,
+                **self._sequence_status(),
             },
             "settings": {
                 "interval": c.interval,
@@ -286,6 +289,14 @@ class Trainer:
                 "torch_threads": torch.get_num_threads(),
             },
         }
+
+    def _sequence_status(self) -> dict:
+        """model.output = "end": the recorder's whole sequences (the trainer's windows are sequences then)."""
+        pool = self.recorder.sequences
+        if pool is None:
+            return {}
+        return {"sequences_kept": min(pool.total, pool.x.shape[0]), "sequences_total": pool.total,
+                "sequences_dropped": pool.dropped, "max_sequence": pool.x.shape[1]}
 
     # ---- the thread ---------------------------------------------------------------------------------------
 

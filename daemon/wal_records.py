@@ -9,6 +9,8 @@ payload is one msgpack array whose first element is the kind; arrays travel as r
 |      |                | idx bytes (i64 [n], each event's index in the batch); seqs bytes (i64 [n]);             |
 |      |                | fresh bytes (bool [n], state started from zero); targets per message: [] when no message |
 |      |                | had targets, else [None or [dtype name, D, bytes (protocol.TARGET_DTYPES, n_m x D)], ...] |
+| "S"  | EventsRecord   | the fields of "E", then ends bytes (bool [n], wave order: the event ended its stream's   |
+|      | with ends      | sequence, model.output = "end"); written only for a batch with at least one end        |
 | "M"  | ModelRecord    | the serving model file (bytes, the safetensors format of ServingModel.to_bytes)        |
 | "X"  | EvictRecord    | stream ids [id, ...]; cause (str: capacity, idle, drop)                                 |
 | "R"  | ResetRecord    | stream ids [id, ...] (`lstmd streams reset`)                                            |
@@ -29,6 +31,7 @@ import numpy as np
 from lstmd.clients import protocol
 
 EVENTS, MODEL, EVICT, RESET, PROBE, TARGETS, PAUSE = "E", "M", "X", "R", "P", "T", "Z"
+SEQUENCE_EVENTS = "S"  # "E" plus each event's end flag: a log without ends stays readable by older lstmd
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -48,6 +51,7 @@ class EventsRecord:
     seqs: np.ndarray  # [n] int64, the numbers actually used (daemon-assigned ones included)
     fresh: np.ndarray  # [n] bool
     message_targets: list  # [] or per message None / [dtype name, D, raw bytes]
+    ends: np.ndarray | None = None  # [n] bool, wave order: the event ended its sequence; None: no event did
 
     def batch_targets(self) -> list[np.ndarray | None]:
         """Each message's targets array (None where it had none), as the serving loop received them."""
@@ -93,9 +97,11 @@ class PauseRecord:
 Record = EventsRecord | ModelRecord | EvictRecord | ResetRecord | ProbeRecord | TargetsRecord | PauseRecord
 
 
-def events_record(batch_streams: list[list], features: np.ndarray, idx, seqs, fresh, targets: list) -> EventsRecord:
+def events_record(
+    batch_streams: list[list], features: np.ndarray, idx, seqs, fresh, targets: list, ends=None
+) -> EventsRecord:
     """An EventsRecord of a batch: `features` is the whole batch [N, dim]; `targets` per message (None or the
-    array as received)."""
+    array as received); `ends` [n] bool in wave order or None."""
     encoded = [None if t is None else [_target_dtype(t), t.shape[1], t.tobytes()] for t in targets]
     return EventsRecord(
         batch_streams,
@@ -104,6 +110,7 @@ def events_record(batch_streams: list[list], features: np.ndarray, idx, seqs, fr
         np.asarray(seqs, dtype=np.int64),
         np.asarray(fresh, dtype=bool),
         encoded if any(t is not None for t in encoded) else [],
+        np.asarray(ends, dtype=bool) if ends is not None and np.any(ends) else None,
     )
 
 
@@ -119,18 +126,17 @@ def encode(record: Record) -> bytes:
     match record:
         case EventsRecord():
             features = np.ascontiguousarray(record.features, dtype=np.float32)
-            return _encode(
-                (
-                    EVENTS,
-                    record.message_streams,
-                    features.tobytes(),
-                    features.shape[1],
-                    record.idx.astype(np.int64, copy=False).tobytes(),
-                    record.seqs.astype(np.int64, copy=False).tobytes(),
-                    record.fresh.astype(bool, copy=False).tobytes(),
-                    record.message_targets,
-                )
+            fields = (
+                EVENTS if record.ends is None else SEQUENCE_EVENTS,
+                record.message_streams,
+                features.tobytes(),
+                features.shape[1],
+                record.idx.astype(np.int64, copy=False).tobytes(),
+                record.seqs.astype(np.int64, copy=False).tobytes(),
+                record.fresh.astype(bool, copy=False).tobytes(),
+                record.message_targets,
             )
+            return _encode(fields if record.ends is None else (*fields, record.ends.astype(bool, copy=False).tobytes()))
         case ModelRecord():
             return _encode((MODEL, record.model_bytes))
         case EvictRecord():
@@ -152,8 +158,8 @@ def decode(payload: bytes) -> Record:
     """The record of one payload; UnknownRecord for a kind this code does not know."""
     fields = _decode(payload)
     kind = fields[0]
-    if kind == EVENTS:
-        _, streams, x_bytes, dim, idx_bytes, seq_bytes, fresh_bytes, targets = fields
+    if kind in (EVENTS, SEQUENCE_EVENTS):
+        _, streams, x_bytes, dim, idx_bytes, seq_bytes, fresh_bytes, targets = fields[:8]
         return EventsRecord(
             streams,
             np.frombuffer(x_bytes, dtype=np.float32).reshape(-1, dim),
@@ -161,6 +167,7 @@ def decode(payload: bytes) -> Record:
             np.frombuffer(seq_bytes, dtype=np.int64),
             np.frombuffer(fresh_bytes, dtype=bool),
             targets,
+            np.frombuffer(fields[8], dtype=bool) if kind == SEQUENCE_EVENTS else None,
         )
     if kind == MODEL:
         return ModelRecord(fields[1])

@@ -21,8 +21,11 @@ from lstmd.clients import protocol
 from lstmd.daemon.io import EventsLimits, decode_events_request
 
 LIMITS = EventsLimits(input_size=8, max_events=64, header_limit=protocol.max_header_bytes(64, 32), target_dim=1)
+# Every other case decodes as a daemon serving whole-sequence outputs (model.output = "end"): end flags accepted.
+LIMITS_ENDS = EventsLimits(**{**LIMITS.__dict__, "ends": True})
 EVENTS_REASONS = {
-    "malformed", "protocol_version", "bad_shape", "bad_target_shape", "oversized", "bad_seq", "bad_horizon", "bad_exog"
+    "malformed", "protocol_version", "bad_shape", "bad_target_shape", "oversized", "bad_seq", "bad_horizon", "bad_exog",
+    "ends_not_served",
 }
 CONTROL_REASONS = {"malformed", "protocol_version", "bad_args"}
 MUTATION_CASES = 110_000  # the numpy loop's share; hypothesis adds its examples on top
@@ -35,8 +38,9 @@ counted = {"events": 0, "control": 0}
 
 def check_events(frames: list) -> None:
     counted["events"] += 1
+    limits = LIMITS_ENDS if counted["events"] % 2 else LIMITS
     try:
-        header, features, targets = decode_events_request(frames, LIMITS)
+        header, features, targets = decode_events_request(frames, limits)
     except protocol.ProtocolError as exc:
         assert exc.reason in EVENTS_REASONS, exc.reason
         assert str(exc)
@@ -44,6 +48,9 @@ def check_events(frames: list) -> None:
     n = len(header.streams)
     assert all(type(s) in (str, int) for s in header.streams)
     assert header.seqs is None or len(header.seqs) == n
+    if header.ends is not None:  # only on events requests, one bool per event, a True only where ends are served
+        assert header.kind == "events" and len(header.ends) == n and all(type(e) is bool for e in header.ends)
+        assert limits.ends or not any(header.ends)
     if header.kind == "targets":
         assert features is None and header.seqs is not None
         assert all(0 <= s < protocol.SEQ_LIMIT for s in header.seqs)
@@ -106,6 +113,9 @@ def events_requests(draw) -> list:
     }
     if draw(st.booleans()):
         fields["seqs"] = draw(_field(st.lists(ints, min_size=n, max_size=n) | st.lists(ints, max_size=8)))
+    if draw(st.booleans()):
+        flags = st.lists(st.booleans(), min_size=n, max_size=n) | st.lists(st.booleans(), max_size=8)
+        fields["ends"] = draw(_field(flags))
     if draw(st.booleans()):
         fields["targets"] = draw(_field(st.sampled_from(["float32", "int64", "float64"])))
         fields["target_dim"] = draw(_field(st.sampled_from([1, 1, 0, 2, -3])))
@@ -194,6 +204,8 @@ def _seeds(rng: np.random.Generator) -> tuple[list[list[bytes]], list[list[bytes
         seqs = rng.integers(0, 2**62, n).tolist()
         events.append([bytes(f) for f in protocol.encode_events(n, streams, x)])
         events.append([bytes(f) for f in protocol.encode_events(n, streams, x, rng.standard_normal(n), seqs)])
+        ends = (rng.random(n) < 0.3).tolist()
+        events.append([bytes(f) for f in protocol.encode_events(n, streams, x, rng.integers(0, 3, n), seqs, ends)])
         events.append([bytes(f) for f in protocol.encode_targets(n, streams, seqs, rng.integers(0, 3, n))])
         events.append([bytes(f) for f in protocol.encode_forecast(n, streams, 3, 8, rng.standard_normal((n, 3, 8)))])
     args = {"stream": "s1", "limit": 5, "safetensors_b64": "AAAA", "version": 1, "streams": ["s1", 7], "horizon": 3}

@@ -233,6 +233,15 @@ def training_view(data: dict) -> Table:
                 f"{number(rec.get('training_windows'))} to train on, {number(rec.get('holdout_windows'))} held out",
             )
         )
+        if "sequences_total" in rec:  # model.output = "end": the windows above are labelled whole sequences
+            rows.append(
+                (
+                    "sequences",
+                    f"{number(rec['sequences_kept'])} kept of {number(rec['sequences_total'])} finished (up to "
+                    f"{number(rec.get('max_sequence'))} steps each), {number(rec.get('sequences_dropped'))} "
+                    "dropped (recorded from mid-sequence)",
+                )
+            )
         if rec.get("targets_joined") or rec.get("targets_unmatched"):
             rows.append(
                 (
