@@ -19,7 +19,8 @@ bring it back), has nothing to continue from and is refused.
 
 Batched: the N streams' (h, c) rows are copied into a scratch table once, then each step is one `lstm_step_`
 launch for all N (the serving kernel backend) and one head; the normalisation is the model's own
-`ForecastNormalization`, so a change to how the daemon predicts carries over here.
+`ForecastNormalization`, so a change to how the daemon predicts carries over here. The trainer's multi-step loss
+(daemon/horizon.py) rolls out through the same three steps (`next_event`, `feed`, `model_forecast`).
 """
 
 from __future__ import annotations

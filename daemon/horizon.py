@@ -5,9 +5,14 @@ model is rolled out k - 1 further steps on its own predictions, exactly as a for
 (daemon/forecast.py: `next_event`, `feed`, `model_forecast`, the same normalisation code), and scored at every
 step j = 1..k against the window's real event t + j. The loss is the mean over horizons of each horizon's mean
 squared error over the positions whose target lies inside the window and is known, in the units of today's
-one-step loss (daemon/tasks.py ForecastTask): the stream's scale at the origin t. Step 1 is the one-step loss
-itself; step j compares the forecast's change since x_t with the real change, the target clipped at CLIP * j
-scales (CLIP per step, as the one-step target), so an outlier or a level shift cannot dominate a round.
+one-step loss (daemon/tasks.py ForecastTask): the stream's scale at the origin t, per step of lead time. Step 1
+is the one-step loss itself; step j compares the forecast's change since x_t with the real change, the target
+clipped at CLIP * j scales (CLIP per step, as the one-step target, so an outlier or a level shift cannot dominate
+a round), and divides the difference by j. Why per step: a forecast's error grows with its lead time, about in
+proportion on trending and seasonal series, so undivided squared errors weigh horizon j about j^2 times the first
+and the far horizons drown the near ones. Measured (benchmarks/multistep.py, docs/benchmarks.md "Multi-step
+accuracy"): undivided, train.horizon = 24 was worse than train.horizon = 1 at every reported horizon on both
+series; divided by sqrt(j) in between; divided by j the best of the three.
 
 How it is batched: the teacher-forced part stays with the trainer's sequence backend (`lstm_sequence`, or torch's
 own LSTM op on the CPU), layer by layer, since the rollouts start from every layer's (h, c) at every position and
@@ -87,14 +92,14 @@ def cell(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, layer: Layer) -> tup
 def horizon_errors(pred: torch.Tensor | None, data: dict, columns: torch.Tensor | None,
                    j: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step j's errors [B, T - j + 1, O] of forecasts made at positions 0..T-j (`pred` in data units; None: the
-    last value) against the real event t + j, in units of the stream's scale at t, the target change clipped at
-    CLIP * j; and which of them count [B, T - j + 1] (the target known)."""
+    last value) against the real event t + j, in units of the stream's scale at t per step of lead time (divided
+    by j), the target change clipped at CLIP * j; and which of them count [B, T - j + 1] (the target known)."""
     cols = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
     n = data["x"].shape[1] - j + 1
     last, scale = cols(data["x"][:, :n]), cols(data["scale"][:, :n])
     target = ((data["y"][:, j - 1 :] - last) / scale).clamp(-CLIP * j, CLIP * j)
     change = 0.0 if pred is None else (pred[:, :n] - last) / scale
-    return change - target, data["mask"][:, j - 1 :]
+    return (change - target) / j, data["mask"][:, j - 1 :]
 
 
 def _mean_over_horizons(losses: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The trainer: online truncated-BPTT fine-tuning on the trainer's own thread, while the loop keeps serving.
 
 One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had),
-run forward and backward through `lstm_sequence`, clip the gradient norm, take optimizer steps (Adam by
+run forward and backward through `lstm_sequence` (forecast models with `train.horizon` > 1: the multi-step loss
+of daemon/horizon.py, on which the holdout check judges too), clip the gradient norm, take optimizer steps (Adam by
 default) on the trainer's own copy of the weights, then evaluate the result and the serving weights on the
 held-out newest window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is
 handed to the serving loop, which swaps it in between two batches as version + 1 (`take_candidate`); a worse

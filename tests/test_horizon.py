@@ -95,7 +95,7 @@ def test_horizon_one_is_todays_loss_bit_for_bit(L):
 def reference_loss(params, data, norm, L: int, horizon: int, baseline: bool = False) -> torch.Tensor:
     """By hand: for every window b and position t, nn.LSTMCell layers over events 0..t from the window's start
     state, then horizon - 1 steps fed the model's own forecast (the scale stepped as serving steps it), each step
-    scored against event t + j in units of the scale at t."""
+    scored against event t + j in units of the scale at t per step of lead time."""
     cells = []
     for k in range(L):
         cell = torch.nn.LSTMCell(I if k == 0 else H, H)
@@ -148,7 +148,7 @@ def reference_loss(params, data, norm, L: int, horizon: int, baseline: bool = Fa
                 origin, s0 = x[b, t, cols], scale[b, t, cols]
                 target = ((y[b, at] - origin) / s0).clamp(-CLIP * j, CLIP * j)
                 moved = 0.0 if baseline else (pred - origin) / s0
-                sums[j - 1] = sums[j - 1] + ((moved - target) ** 2).sum()
+                sums[j - 1] = sums[j - 1] + (((moved - target) / j) ** 2).sum()  # per step of lead time
                 counts[j - 1] += 1
     losses = [sums[j] / (counts[j] * O) for j in range(horizon) if counts[j]]
     return sum(losses) / len(losses)
