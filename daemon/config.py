@@ -173,7 +173,8 @@ class TrainConfig(_Section):
     ] = "stream"
     # forecast: each window position is also rolled out horizon - 1 steps on the model's own predictions and scored
     # on every step (daemon/horizon.py), so forecasts beyond one step improve too; at most k2 (targets lie inside
-    # the window). The rollouts cost about horizon - 1 times the one-step loss's compute per round.
+    # the window). Costly on the CPU: the loss's forward + backward took ~11x the one-step loss's at horizon 6 and
+    # ~57x at 24 (B=64, T=32, H=64; docs/benchmarks.md "Multi-step accuracy").
     horizon: Annotated[
         int, doc("forecast: steps of the training loss (multi-step rollouts in each window); 1: one step", ge=1)
     ] = 1

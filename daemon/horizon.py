@@ -20,7 +20,7 @@ the sequence contract returns only the top layer's h. Each layer's cell states c
 the gates at t depend only on x_t and h_{t-1}, so one GEMM over all positions gives them, and c_t = f_t c_{t-1} +
 i_t g_t is a linear recurrence, solved by a parallel scan in log2(T) rounds. Then all B x T positions roll out
 together, one batched LSTM cell (plain torch ops, differentiable in every weight) per extra step: no Python loop
-over positions.
+over positions (step j keeps only positions 0..T-j, whose targets lie inside the window).
 
 Two choices, stated: the rollout feeds the model's own forecast, without the guard's per-stream gain (serving
 state, not a function of the weights; the one-step loss trains the unshrunk change too), so a stream whose gain is
@@ -91,14 +91,15 @@ def cell(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, layer: Layer) -> tup
 
 def horizon_errors(pred: torch.Tensor | None, data: dict, columns: torch.Tensor | None,
                    j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step j's errors [B, T - j + 1, O] of forecasts made at positions 0..T-j (`pred` in data units; None: the
-    last value) against the real event t + j, in units of the stream's scale at t per step of lead time (divided
-    by j), the target change clipped at CLIP * j; and which of them count [B, T - j + 1] (the target known)."""
+    """Step j's errors [B, T - j + 1, O] of forecasts made at positions 0..T-j (`pred` [B, T - j + 1, O] in data
+    units; None: the last value) against the real event t + j, in units of the stream's scale at t per step of
+    lead time (divided by j), the target change clipped at CLIP * j; and which of them count [B, T - j + 1] (the
+    target known)."""
     cols = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
     n = data["x"].shape[1] - j + 1
     last, scale = cols(data["x"][:, :n]), cols(data["scale"][:, :n])
     target = ((data["y"][:, j - 1 :] - last) / scale).clamp(-CLIP * j, CLIP * j)
-    change = 0.0 if pred is None else (pred[:, :n] - last) / scale
+    change = 0.0 if pred is None else (pred - last) / scale
     return (change - target) / j, data["mask"][:, j - 1 :]
 
 
@@ -144,6 +145,10 @@ def multistep_loss(task, sequence: Callable, layers: list[Layer], head: tuple[to
     pred = model_forecast(norm, layout, adapt, last, out.reshape(M, -1), columns, guard=False)
     losses, counts = [first], [data["mask"].sum()]
     for j in range(2, horizon + 1):
+        # Step j scores positions 0..T-j only (the others' targets lie past the window): drop the rest's rollouts.
+        keep = lambda t, n=T - j + 1: t.reshape(B, -1, t.shape[-1])[:, :n].reshape(B * n, -1)  # noqa: E731
+        h, c, last, pred = [keep(t) for t in h], [keep(t) for t in c], keep(last), keep(pred)
+        adapt = None if adapt is None else keep(adapt)
         event = next_event(last, pred, columns)
         inp = feed(norm, layout, adapt, last, event, columns)
         for k, layer in enumerate(layers):
@@ -151,7 +156,7 @@ def multistep_loss(task, sequence: Callable, layers: list[Layer], head: tuple[to
             inp = h[k]
         last = event
         pred = model_forecast(norm, layout, adapt, last, torch.addmm(head_b, h[-1], head_w.t()), columns, guard=False)
-        loss, count = _masked_mse(*horizon_errors(pred.reshape(B, T, -1), data, columns, j))
+        loss, count = _masked_mse(*horizon_errors(pred.reshape(B, T - j + 1, -1), data, columns, j))
         losses.append(loss)
         counts.append(count)
     return _mean_over_horizons(losses, counts)
