@@ -174,7 +174,7 @@ class TrainConfig(_Section):
     # forecast: each window position is also rolled out horizon - 1 steps on the model's own predictions and scored
     # on every step (daemon/horizon.py), so forecasts beyond one step improve too; at most k2 (targets lie inside
     # the window). Costly on the CPU: the loss's forward + backward took ~11x the one-step loss's at horizon 6 and
-    # ~57x at 24 (B=64, T=32, H=64; docs/benchmarks.md "Multi-step accuracy").
+    # 37-57x at 24 (B=64, T=32, H=64; docs/benchmarks.md "Multi-step accuracy").
     horizon: Annotated[
         int, doc("forecast: steps of the training loss (multi-step rollouts in each window); 1: one step", ge=1)
     ] = 1

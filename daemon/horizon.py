@@ -12,7 +12,8 @@ a round), and divides the difference by j. Why per step: a forecast's error grow
 proportion on trending and seasonal series, so undivided squared errors weigh horizon j about j^2 times the first
 and the far horizons drown the near ones. Measured (benchmarks/multistep.py, docs/benchmarks.md "Multi-step
 accuracy"): undivided, train.horizon = 24 was worse than train.horizon = 1 at every reported horizon on both
-series; divided by sqrt(j) in between; divided by j the best of the three.
+series; divided by sqrt(j), mixed (better far ahead on one series, worse everywhere on the other); divided by j,
+the better compromise.
 
 How it is batched: the teacher-forced part stays with the trainer's sequence backend (`lstm_sequence`, or torch's
 own LSTM op on the CPU), layer by layer, since the rollouts start from every layer's (h, c) at every position and
