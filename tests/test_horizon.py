@@ -217,3 +217,31 @@ def test_a_daemon_trains_with_horizon_6_and_publishes(make_daemon):
             assert o["holdout_candidate"] <= o["holdout_serving"]
     assert status["model_version"] >= 1
     assert forecast.shape == (3, 6, 2) and np.isfinite(forecast).all()
+
+
+def test_the_holdout_check_judges_on_the_k_step_objective(make_daemon):
+    """A round's holdout losses are the k-step losses of the models it compares and of the last value on the held-out
+    windows, not the one-step ones."""
+    horizon = 4
+    daemon = make_daemon(**{**FORECAST, "train.horizon": horizon})
+    admin = Admin(daemon.endpoints["control"])
+    workload = PeriodicStreams(12, 2, seed=5)
+    with Producer(daemon.endpoints["events"]) as producer:
+        feed_periodic(producer, workload, 40)
+        report = admin.train_now(wait=120)["last_round"]
+    assert report["outcome"] in ("published", "rejected"), report
+    # Nothing was recorded since: the recorder's held-out windows are the round's (all of them: fewer than its cap).
+    trainer = daemon.trainer
+    _, holdout = daemon.recorder.sample(1, 1024, np.random.default_rng(0))
+    data = trainer._to_device(holdout)
+    task, columns = trainer.task, trainer.task.columns(torch.device("cpu"))
+    # Serving now: the candidate if it was published, else the model it was compared against.
+    model = daemon.engine.model
+    judged = report["holdout_candidate" if report["outcome"] == "published" else "holdout_serving"]
+    loss = multistep_loss(task, trainer._sequence, model.params, model.head, model.normalization, data, columns,
+                          horizon)
+    assert judged == pytest.approx(loss.item(), rel=1e-5)
+    baseline = multistep_baseline(task, data, columns, horizon).item()
+    assert report["holdout_baseline"] == pytest.approx(baseline, rel=1e-6)
+    one_step = task.baseline_loss(data, columns).item()
+    assert not math.isclose(report["holdout_baseline"], one_step, rel_tol=1e-3)
