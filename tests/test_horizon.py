@@ -4,7 +4,9 @@ what cannot work, and a daemon trains with horizon 6 and publishes."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +247,17 @@ def test_the_holdout_check_judges_on_the_k_step_objective(make_daemon):
     assert report["holdout_baseline"] == pytest.approx(baseline, rel=1e-6)
     one_step = task.baseline_loss(data, columns).item()
     assert not math.isclose(report["holdout_baseline"], one_step, rel_tol=1e-3)
+
+
+def test_the_benchmarks_baselines_are_the_last_value_and_the_value_whole_seasons_before():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multistep.py"
+    spec = importlib.util.spec_from_file_location("multistep_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, origins = np.arange(100, dtype=np.float32), np.array([5, 50])
+    out = bench.baselines(x, 12, origins)
+    assert (out["last value"] == x[origins, None]).all()
+    target = origins[:, None] + np.arange(1, bench.FORECAST_STEPS + 1)  # x[t] = t: a forecast names its source
+    seasons_back = np.where(target - 12 <= origins[:, None], target - 12, target - 24)
+    want = np.where(seasons_back >= 0, seasons_back, np.nan)
+    np.testing.assert_array_equal(out["seasonal naive"], want)
