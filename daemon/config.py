@@ -183,6 +183,13 @@ class TrainConfig(_Section):
         doc("forecast: the LSTM sees changes in each stream's own scale (with the guard), changes or levels "
             "(normalization.py)"),
     ] = "stream"
+    # forecast: each window position is also rolled out horizon - 1 steps on the model's own predictions and scored
+    # on every step (daemon/horizon.py), so forecasts beyond one step improve too; at most k2 (targets lie inside
+    # the window). Costly on the CPU: the loss's forward + backward took ~11x the one-step loss's at horizon 6 and
+    # 37-57x at 24 (B=64, T=32, H=64; docs/benchmarks.md "Multi-step accuracy").
+    horizon: Annotated[
+        int, doc("forecast: steps of the training loss (multi-step rollouts in each window); 1: one step", ge=1)
+    ] = 1
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
@@ -707,6 +714,16 @@ def _validate_train(config: Config) -> None:
             f"train.max_sequence ({t.max_sequence}) must be between train.k2 ({t.k2}) and train.record_steps "
             f"({t.record_steps}): a stream's recorded history must hold the longest sequence trained whole, and a "
             f"longer one is cut at a window boundary (every k2 steps)"
+        )
+    if t.horizon > 1 and config.model.task != "forecast":
+        raise ConfigError(
+            f"train.horizon = {t.horizon} is for model.task = forecast only (task is {config.model.task!r}): "
+            "only a forecast model's predictions can be fed back as its next events; use train.horizon = 1"
+        )
+    if t.horizon > t.k2:
+        raise ConfigError(
+            f"train.horizon ({t.horizon}) must not exceed train.k2 ({t.k2}): a rollout's targets are the window's "
+            "own later events"
         )
 
 

@@ -19,7 +19,8 @@ bring it back), has nothing to continue from and is refused.
 
 Batched: the N streams' (h, c) rows are copied into a scratch table once, then each step is one `lstm_step_`
 launch for all N (the serving kernel backend) and one head; the normalisation is the model's own
-`ForecastNormalization`, so a change to how the daemon predicts carries over here.
+`ForecastNormalization`, so a change to how the daemon predicts carries over here. The trainer's multi-step loss
+(daemon/horizon.py) rolls out through the same three steps (`next_event`, `feed`, `model_forecast`).
 """
 
 from __future__ import annotations
@@ -89,11 +90,51 @@ def slots_of(store, last_events, streams: list) -> tuple[np.ndarray, dict[int, s
     return slots, errors
 
 
+def next_event(last: torch.Tensor, pred: torch.Tensor, columns: torch.Tensor | None,
+               known: torch.Tensor | None = None) -> torch.Tensor:
+    """The event a rollout feeds after `last` [N, I]: `known` (exog's features of it) or `last` (held at their last
+    value), with the forecast `columns` replaced by the prediction `pred` [N, O]. Out of place (differentiable in
+    `pred`: the trainer's multi-step loss feeds events through here too, daemon/horizon.py)."""
+    if columns is None:  # every feature is forecast
+        return pred
+    return (last if known is None else known).index_copy(1, columns, pred)
+
+
+def feed(norm, layout, adapt: torch.Tensor | None, last: torch.Tensor, event: torch.Tensor,
+         columns: torch.Tensor | None) -> torch.Tensor:
+    """What the LSTM sees for a rollout's `event` after `last`, as the serving step (daemon/engine.py) forms it.
+    With "stream" inputs the streams' adaptation rows `adapt` are stepped with the event first (in place, as
+    serving steps the real rows). They are running statistics, outside autograd: the scale is a constant for the
+    gradient, as the trainer's recorded scales are; it is copied because the next step changes the rows."""
+    dx = event - last
+    if adapt is None:
+        return event if norm is None else norm.lstm_inputs(event, dx)
+    with torch.no_grad():
+        adapt_begin(layout, adapt, event.detach(), dx.detach(), columns)
+    return norm.lstm_inputs(event, dx, adapt[:, layout.field("scale")].clone())
+
+
+def model_forecast(norm, layout, adapt: torch.Tensor | None, last: torch.Tensor, head_out: torch.Tensor,
+                   columns: torch.Tensor | None, guard: bool = True) -> torch.Tensor:
+    """The forecast in the data's units from the head's output after event `last`, as the serving step forms it.
+    `guard` False (the trainer's rollouts): with "stream" inputs, the model's own forecast, last value + scale x
+    predicted change, without the stream's gain (serving state, not a function of the weights; the one-step loss
+    is on the unshrunk change too)."""
+    if adapt is None:
+        return head_out if norm is None else norm.predictions(last, head_out, columns)
+    if guard:
+        return adapt_finish(layout, adapt, last, head_out, columns)
+    scale = adapt[:, layout.field("scale")]
+    if columns is not None:
+        scale, last = scale.index_select(1, columns), last.index_select(1, columns)
+    return torch.addcmul(last, scale.clone(), head_out)
+
+
 @torch.inference_mode()
 def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = None) -> np.ndarray:
     """Forecasts [N, horizon, O] float32 for the (valid, distinct or not) `slots`; reads the tables only."""
     model, device = engine.model, engine.device
-    norm, columns = model.normalization, model.columns
+    norm, columns, layout = model.normalization, model.columns, engine.layout
     slot_t = torch.from_numpy(slots).to(device)
     n = slot_t.shape[0]
     # The scratch table: copies of the streams' rows (index_select copies), stepped in place.
@@ -109,27 +150,15 @@ def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = N
 
     def predict(last: torch.Tensor) -> torch.Tensor:
         """The forecast from the scratch state's top layer, as the serving step forms it after event `last`."""
-        head_out = torch.addmm(bias, h[-1], weight.t())
-        if adapt is not None:
-            return adapt_finish(engine.layout, adapt, last, head_out, columns)
-        return head_out if norm is None else norm.predictions(last, head_out, columns)
+        return model_forecast(norm, layout, adapt, last, torch.addmm(bias, h[-1], weight.t()), columns)
 
     out = torch.empty(n, horizon, model.spec.output_size, device=device)
     pred = predict(x)  # step 1: the last reply's prediction
     out[:, 0] = engine.task.replies(pred)
     for j in range(1, horizon):
         # Feed e_j: the previous event (or exog's known features) with the forecast columns replaced by p_j.
-        if columns is None:  # every feature is forecast
-            event = pred
-        else:
-            event = x.clone() if future is None else future[:, j - 1].clone()
-            event[:, columns] = pred
-        dx = event - x
-        if adapt is not None:
-            adapt_begin(engine.layout, adapt, event, dx, columns)
-            inputs = norm.lstm_inputs(event, dx, adapt[:, engine.layout.field("scale")])
-        else:
-            inputs = event if norm is None else norm.lstm_inputs(event, dx)
+        event = next_event(x, pred, columns, None if future is None else future[:, j - 1])
+        inputs = feed(norm, layout, adapt, x, event, columns)
         lstm_step_(inputs, rows, h, c, model.params, backend=engine.backends.kernel, validate_slots=False)
         x = event
         pred = predict(x)

@@ -3,7 +3,8 @@
 One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had; with
 model.output = "end", whole sequences padded to the longest, from the zero state or the state carried into a
 truncated one, the mask marking each end step, so the same loss code counts only the end steps),
-run forward and backward through `lstm_sequence`, clip the gradient norm, take optimizer steps (Adam by
+run forward and backward through `lstm_sequence` (forecast models with `train.horizon` > 1: the multi-step loss
+of daemon/horizon.py, on which the holdout check judges too), clip the gradient norm, take optimizer steps (Adam by
 default) on the trainer's own copy of the weights, then evaluate the result and the serving weights on the
 held-out newest window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is
 handed to the serving loop, which swaps it in between two batches as version + 1 (`take_candidate`); a worse
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from lstmd.daemon.config import TrainConfig
+from lstmd.daemon.horizon import multistep_baseline, multistep_loss
 from lstmd.daemon.model import ModelSpec, ServingModel, tensor_names
 from lstmd.daemon.normalization import ForecastNormalization
 from lstmd.daemon.recorder import Recorder, Windows
@@ -144,6 +146,8 @@ class Trainer:
         self._native_names = tensor_names(spec)[: 4 * spec.num_layers]
         if self.backends.sequence == "torch-native":
             self._native = torch.nn.LSTM(spec.input_size, spec.hidden_size, spec.num_layers, batch_first=True)
+        # train.horizon > 1 runs the sequence one layer at a time (daemon/horizon.py): one-layer modules by input size.
+        self._native_layers: dict[int, torch.nn.LSTM] = {}
         # The trainer's own weights (leaf tensors) and optimizer, and the serving version they descend from.
         self._params: list[torch.Tensor] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -279,6 +283,7 @@ class Trainer:
                 "interval": c.interval,
                 "interval_events": c.interval_events,
                 "k2": c.k2,
+                "horizon": c.horizon,
                 "batch": c.batch,
                 "steps": c.steps,
                 "optimizer": c.optimizer,
@@ -539,11 +544,20 @@ class Trainer:
         GIL to the serving loop."""
         if self._native is None:
             return lstm_sequence(x, h0, c0, layers, backend=self.backends.sequence)
-        weights = {name: w.float() for name, w in zip(self._native_names, itertools.chain(*layers), strict=True)}
-        return functional_call(self._native, weights, (x, (h0, c0)))
+        native = self._native
+        if len(layers) != self.spec.num_layers:  # one layer (daemon/horizon.py): an nn.LSTM of its input size
+            size = x.shape[-1]
+            if size not in self._native_layers:
+                self._native_layers[size] = torch.nn.LSTM(size, self.spec.hidden_size, 1, batch_first=True)
+            native = self._native_layers[size]
+        names = self._native_names[: 4 * len(layers)]  # layer 0's names first
+        weights = {name: w.float() for name, w in zip(names, itertools.chain(*layers), strict=True)}
+        return functional_call(native, weights, (x, (h0, c0)))
 
     def baseline_loss(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forecast: the last-value forecast's loss on the same windows, in the same units as _loss."""
+        if self.config.horizon > 1:
+            return multistep_baseline(self.task, data, self._columns, self.config.horizon)
         return self.task.baseline_loss(data, self._columns)
 
     def _loss(self, params, norm, data) -> torch.Tensor:
@@ -551,6 +565,9 @@ class Trainer:
         L = self.spec.num_layers
         layers = [tuple(params[4 * k : 4 * k + 4]) for k in range(L)]
         head_w, head_b = params[4 * L], params[4 * L + 1]
+        if self.config.horizon > 1:  # forecast: the k-step loss, on which candidates are judged too
+            return multistep_loss(self.task, self._sequence, layers, (head_w, head_b), norm, data, self._columns,
+                                  self.config.horizon)
         x = data["x"]
         inputs = x if norm is None else norm.lstm_inputs(x, data["dx"], data["scale"])
         seq, _ = self._sequence(inputs, data["h0"], data["c0"], layers)
