@@ -233,6 +233,48 @@ def test_nats_user_password_and_token(make_daemon, tmp_path):
         connect_options(ClusterConfig(tls_cert=str(tmp_path / "client.pem")))
 
 
+def test_nats_nkey(make_daemon, tmp_path):
+    """A NATS server whose only user is an nkey: a replica with cluster.nkey_seed serves; another seed is
+    refused clearly at start."""
+    nkeys = pytest.importorskip("nkeys", reason="nkey auth needs the nkeys package (in the cluster and test extras)")
+    from lstmd.daemon.cluster.log import ClusterError
+
+    seeds = {}
+    for name in ("member", "stranger"):
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        (tmp_path / f"{name}.nk").write_bytes(seed)
+        seeds[name] = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    port = _free_port()
+    (tmp_path / "nats.conf").write_text(
+        f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "nk"}" }}\n'
+        f'authorization {{ users = [ {{ nkey: "{seeds["member"]}" }} ] }}\n'
+    )
+    proc = subprocess.Popen([_SERVER, "-c", str(tmp_path / "nats.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        _wait("nats-server", lambda: proc.poll() is None and _listening(port), timeout=30)
+        auth = {"cluster.nats": url, "cluster.key_groups": G, "cluster.nkey_seed": str(tmp_path / "member.nk")}
+        make_daemon(**MODEL, **auth)
+        gw = _gateway(url, tmp_path, **auth)
+        try:
+            assert _round_trip(gw.endpoint).shape == (3, 2)
+        finally:
+            gw.stop_and_join()
+        with pytest.raises(ClusterError, match="refused this client"):
+            _gateway(url, tmp_path, **{**auth, "cluster.nkey_seed": str(tmp_path / "stranger.nk")})
+    finally:
+        _stop(proc)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
