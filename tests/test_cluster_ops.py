@@ -385,3 +385,47 @@ def test_drain_moves_a_members_key_groups_to_the_others(nats_url, make_daemon, t
         assert count("lstmd_cluster_rebalances_total") >= 3  # start, drain, cancel
     finally:
         gw.stop_and_join()
+
+
+# ---- NATS down and back --------------------------------------------------------------------------------------
+
+
+def test_nats_restart_the_cluster_carries_on(make_daemon, tmp_path):
+    """The NATS server stops under a gateway and a replica: producers get no answer (nothing applied twice),
+    the gateway's /healthz turns 503; the server restarts with the same storage: both reconnect on their own
+    and the resent message is answered with the single-process prediction."""
+    from lstmd.clients import Producer
+
+    proc, port = _start_nats(tmp_path)
+    url = f"nats://127.0.0.1:{port}"
+    store = next(tmp_path.glob("nats-*"))
+    cluster = {"cluster.nats": url, "cluster.key_groups": G}
+    make_daemon(**MODEL, **cluster)
+    gw = _gateway(url, tmp_path, **cluster)
+    single = make_daemon(**MODEL)
+    x = np.ones((3, 4), dtype=np.float32)
+    streams = ["a", "b", 7]
+    with Producer(single.endpoints["events"], timeout=30) as producer:
+        expected = [producer.send(streams, x * k, seqs=[k] * 3) for k in (1, 2)]
+    try:
+        with Producer(gw.endpoint, timeout=5, retries=0) as producer:
+            np.testing.assert_allclose(producer.send(streams, x, seqs=[1] * 3), expected[0], atol=1e-5, rtol=0)
+            _stop(proc)
+            with pytest.raises(TimeoutError):
+                producer.send(streams, x * 2, seqs=[2] * 3)
+            _wait("the gateway unhealthy", lambda: gw.metrics.unhealthy() == ["nats: NATS connection down"])
+            proc = subprocess.Popen([_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            def answered():
+                try:
+                    return [producer.send(streams, x * 2, seqs=[2] * 3)]
+                except TimeoutError:  # not reconnected yet: the same numbers again
+                    return None
+
+            (got,) = _wait("an answer after the restart", answered, timeout=90)
+        np.testing.assert_allclose(got, expected[1], atol=1e-5, rtol=0)
+        assert gw.metrics.unhealthy() == []
+    finally:
+        gw.stop_and_join()
+        _stop(proc)
