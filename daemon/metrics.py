@@ -402,7 +402,8 @@ class GatewayMetrics:
 
     Label values: `gateway_requests{outcome}` answered (every key group answered) | rejected (refused at the
     gateway) | unavailable (the log did not take it) | forgotten (no answer within the gateway's horizon);
-    `gateway_events{kind}` events | targets; `auth_failures{reason}` as the daemon's."""
+    `gateway_events{kind}` events | targets; `gateway_rejections{reason}` the events socket's reasons (malformed,
+    overloaded, ...); `auth_failures{reason}` as the daemon's."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -426,6 +427,13 @@ class GatewayMetrics:
                                 registry=r)
         self.events = Counter("lstmd_gateway_events", "Events and delayed targets forwarded to the log", ["kind"],
                               registry=r)
+        self.rejections = Counter(
+            "lstmd_gateway_rejections",
+            "Producer messages the gateway's events socket answered with an error before forwarding (undecodable, "
+            "overloaded), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.duplicates = Counter(
             "lstmd_gateway_log_duplicates",
             "Records JetStream had already stored (a producer's resend): republished for their owner to answer",
@@ -448,6 +456,7 @@ class GatewayMetrics:
             PlatformCollector(registry=r)
         _touch(self.requests, GATEWAY_OUTCOMES)
         _touch(self.events, GATEWAY_KINDS)
+        _touch(self.rejections, ("overloaded",))
         _touch(self.auth_failures, AUTH_FAILURE_REASONS)
 
     # The daemon's health and HTTP code, shared as is: it reads only registry, _ready, _health_checks and the

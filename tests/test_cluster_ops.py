@@ -118,6 +118,16 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
         assert _sample(gw, "lstmd_gateway_requests_total", {"outcome": "answered"}) == 5
         assert _sample(gw, "lstmd_gateway_requests_total", {"outcome": "rejected"}) == 1
         assert _sample(gw, "lstmd_gateway_inflight_requests") == 0
+        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match="bad_shape|features"):
+            producer.send(["x"], np.ones((1, 3), dtype=np.float32))  # wrong width: refused at the gateway
+        with zmq.Context.instance().socket(zmq.DEALER) as raw:
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(gw.endpoint)
+            raw.send_multipart([b"not msgpack", b""])
+            assert raw.poll(30_000)
+            assert protocol.events_reply_decoder.decode(raw.recv_multipart()[0]).error_reason == "malformed"
+        assert _sample(gw, "lstmd_gateway_rejections_total", {"reason": "malformed"}) == 1
+        assert _sample(gw, "lstmd_gateway_rejections_total", {"reason": "bad_shape"}) == 1
         with urllib.request.urlopen(f"http://{gw.metrics_endpoint}/metrics", timeout=10) as page:
             text = page.read().decode()
         assert 'lstmd_gateway_requests_total{outcome="answered"} 5.0' in text
@@ -273,6 +283,14 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_the_config_command_never_shows_nats_secrets(make_daemon):
+    from lstmd.clients import Admin
+
+    daemon = make_daemon(**{"cluster.password": "s3cret", "cluster.user": "lstmd"})
+    cluster = Admin(daemon.endpoints["control"]).config()["cluster"]
+    assert cluster["password"] == "(set)" and cluster["user"] == "lstmd" and cluster["token"] == ""
 
 
 def _openssl(*args: str, cwd: Path) -> None:

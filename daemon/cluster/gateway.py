@@ -117,7 +117,7 @@ class Gateway:
                 self.config.model.input_size,
                 serve.max_message_events,
                 serve.max_message_bytes,
-                on_message_rejected=lambda reason: None,
+                on_message_rejected=lambda reason: self.metrics.rejections.labels(reason).inc(),
                 max_stream_id_length=serve.max_stream_id_length,
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes),
                 secure=secure,

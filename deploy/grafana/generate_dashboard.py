@@ -421,10 +421,12 @@ def build() -> dict:
                     query(f"sum by (kind) (rate(lstmd_gateway_events_total{{{SEL}}}[{RATE}]))", "{{kind}} forwarded",
                           "B"),
                     query(f"sum(rate(lstmd_gateway_log_duplicates_total{{{SEL}}}[{RATE}]))", "log duplicates", "C"),
+                    query(f"sum by (reason) (rate(lstmd_gateway_rejections_total{{{SEL}}}[{RATE}]))",
+                          "refused: {{reason}}", "D"),
                 ],
                 "Producer messages the gateways finished: answered, rejected at the gateway, unavailable (the log "
                 "did not take them), forgotten (no answer in time); events and targets forwarded; resends the "
-                "log already held.",
+                "log already held; messages its socket refused (undecodable, overloaded).",
                 span=8,
             )
         )
