@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -183,6 +185,60 @@ def test_gateway_front_requires_curve_with_security_keys(nats_url, make_daemon, 
     # Without keys, a gateway refuses to listen beyond loopback, as lstmd serve does.
     with pytest.raises(AuthError, match="refusing to bind events tcp://0.0.0.0:.* without security"):
         _gateway(nats_url, tmp_path, **{"cluster.key_groups": G, "serve.events": "tcp://0.0.0.0:*"})
+
+
+def test_lstmd_gateway_process_reloads_its_keys_on_sighup(nats_url, make_daemon, keys, tmp_path):  # noqa: F811
+    """`lstmd gateway` in its own process with [security]: a key added after the start is refused until SIGHUP,
+    then served, without a restart; its metrics endpoint counts the refusal."""
+    import signal
+
+    import zmq.auth
+    from lstmd.clients import Producer
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": G})
+    events, metrics = f"tcp://127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        f'[model]\ninput_size = 4\noutput_size = 2\n[serve]\nevents = "{events}"\nmetrics = "{metrics}"\n'
+        f'[cluster]\nnats = "{nats_url}"\nkey_groups = {G}\n'
+        f'[security]\nserver_secret_key = "{keys["server_secret"]}"\nproducer_keys_dir = "{keys["producers"]}"\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait("the gateway ready", lambda: proc.poll() is None and _ready(f"http://{metrics}/readyz"), timeout=60)
+        zmq.auth.create_certificates(tmp_path, "late")
+        late = {"server_key": str(keys["server_public"]), "client_key": str(tmp_path / "late.key_secret")}
+        with Producer(events, timeout=1.0, **late) as producer, pytest.raises(TimeoutError):
+            producer.send(["l"], np.ones((1, 4), dtype=np.float32))
+        (keys["producers"] / "late.key").write_bytes((tmp_path / "late.key").read_bytes())
+        proc.send_signal(signal.SIGHUP)
+
+        def served() -> bool:
+            with Producer(events, timeout=2.0, **late) as producer:
+                try:
+                    return producer.send(["l"], np.ones((1, 4), dtype=np.float32)).shape == (1, 2)
+                except TimeoutError:
+                    return False
+
+        _wait("the late key served", served, timeout=60)
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as page:
+            text = page.read().decode()
+        refused = re.search(r'^lstmd_auth_failures_total\{reason="unknown_key"\} (\S+)$', text, re.MULTILINE)
+        assert refused and float(refused.group(1)) >= 1
+        assert proc.poll() is None  # reloaded, not restarted
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert b"refused a connection with an unknown CURVE key" in proc.stderr.read()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as page:
+            return page.status == 200
+    except OSError:
+        return False
 
 
 def _knock(gw) -> bool:
