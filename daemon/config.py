@@ -264,6 +264,16 @@ class ClusterConfig(_Section):
     """Cluster mode on NATS JetStream (daemon/cluster/): off unless `nats` names a server."""
 
     nats: Annotated[str, doc("NATS server URL of the cluster, e.g. nats://127.0.0.1:4222; empty: single process")] = ""
+    # The NATS server's own auth options, passed to nats-py's connect (daemon/cluster/natsauth.py); at most one of
+    # user/password, token, creds, nkey_seed.
+    user: Annotated[str, doc("NATS user name (with password), as the server's --user / authorization users")] = ""
+    password: Annotated[str, doc("NATS password of `user`; better LSTMD_CLUSTER__PASSWORD than in a file")] = ""
+    token: Annotated[str, doc("NATS authorization token (the server's --auth); better LSTMD_CLUSTER__TOKEN")] = ""
+    creds: Annotated[str, doc("NATS credentials file (JWT + nkey seed, from nsc); needs the nkeys package")] = ""
+    nkey_seed: Annotated[str, doc("file holding this client's NATS nkey seed (SU...); needs the nkeys package")] = ""
+    tls_ca: Annotated[str, doc("CA certificate file (PEM) to verify the NATS server's TLS certificate")] = ""
+    tls_cert: Annotated[str, doc("client certificate file (PEM) for a NATS server that verifies clients")] = ""
+    tls_key: Annotated[str, doc("private key file (PEM) of tls_cert")] = ""
     key_groups: Annotated[
         int, doc("key groups the streams are hashed into; fixed for the cluster's life", ge=1, le=65536)
     ] = 256

@@ -280,7 +280,11 @@ def _model_rollback(daemon: Daemon, args: dict) -> dict:
 
 @command("config")
 def _config(daemon: Daemon, args: dict) -> dict:
-    return daemon.config.to_dict()
+    config = daemon.config.to_dict()
+    for key in ("password", "token"):  # NATS secrets stay in the process: an admin sees that one is set
+        if config["cluster"][key]:
+            config["cluster"][key] = "(set)"
+    return config
 
 
 @command("shutdown")

@@ -233,6 +233,26 @@ class Metrics:
             "Records in the cluster's log after the last one this replica read (its consumer lag, all key groups)",
             registry=r,
         )
+        self.cluster_rebalances = Counter(
+            "lstmd_cluster_rebalances", "Changes of the key groups this replica owns (a join, leave, death or drain)",
+            registry=r,
+        )
+        self.cluster_failovers = Counter(
+            "lstmd_cluster_failovers",
+            "Key groups claimed from a member whose heartbeat had expired (restored from its last snapshot + log)",
+            registry=r,
+        )
+        self.cluster_dropped_answers = Counter(
+            "lstmd_cluster_dropped_answers",
+            "Answers not sent: their key group moved away meanwhile (fenced or handed over; the new owner answers "
+            "the producer's resend)",
+            registry=r,
+        )
+        self.cluster_members = Gauge("lstmd_cluster_members", "Live cluster members this replica sees", registry=r)
+        self.cluster_key_groups_total = Gauge(
+            "lstmd_cluster_key_groups_configured", "cluster.key_groups (G): the key groups of the whole cluster",
+            registry=r,
+        )
         # Process.
         self.device_memory = Gauge(
             "lstmd_device_memory_bytes", "Accelerator memory held by the daemon", ["kind"], registry=r
@@ -370,6 +390,85 @@ class Metrics:
         thread = threading.Thread(target=server.serve_forever, name="lstmd-metrics-http", daemon=True)
         thread.start()
         return server
+
+
+GATEWAY_OUTCOMES = ("answered", "rejected", "unavailable", "forgotten")
+GATEWAY_KINDS = ("events", "targets")
+
+
+class GatewayMetrics:
+    """The metrics of a cluster gateway (`lstmd gateway`, daemon/cluster/gateway.py): its own small set, not
+    the daemon's (it serves no state), with the daemon's /metrics, /healthz and /readyz endpoints.
+
+    Label values: `gateway_requests{outcome}` answered (every key group answered) | rejected (refused at the
+    gateway) | unavailable (the log did not take it) | forgotten (no answer within the gateway's horizon);
+    `gateway_events{kind}` events | targets; `gateway_rejections{reason}` the events socket's reasons (malformed,
+    overloaded, ...); `auth_failures{reason}` as the daemon's."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.stall_timeout_s = 0.0
+        self._last_beat: float | None = None  # the gateway has no serving loop to watch: no stall check
+        self._health_checks: dict[str, Callable[[], str]] = {}
+        self._ready = threading.Event()
+        r = self.registry
+        self.inflight_requests = Gauge(
+            "lstmd_gateway_inflight_requests", "Producer messages forwarded to the cluster and not yet answered",
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "lstmd_gateway_inflight_bytes", "Bytes of the producer messages in flight (against inflight_limit)",
+            registry=r,
+        )
+        self.inflight_limit = Gauge(
+            "lstmd_gateway_inflight_limit_bytes", "serve.max_inflight_bytes: beyond it requests wait", registry=r
+        )
+        self.requests = Counter("lstmd_gateway_requests", "Producer messages finished, by outcome", ["outcome"],
+                                registry=r)
+        self.events = Counter("lstmd_gateway_events", "Events and delayed targets forwarded to the log", ["kind"],
+                              registry=r)
+        self.rejections = Counter(
+            "lstmd_gateway_rejections",
+            "Producer messages the gateway's events socket answered with an error before forwarding (undecodable, "
+            "overloaded), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "lstmd_gateway_log_duplicates",
+            "Records JetStream had already stored (a producer's resend): republished for their owner to answer",
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "lstmd_gateway_request_duration_seconds",
+            "Forwarding a producer message to its last key group's answer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "lstmd_auth_failures", "Clients refused by CurveZMQ security (daemon/auth.py), by reason", ["reason"],
+            registry=r,
+        )
+        self.build_info = Info("lstmd_build", "Version, kernel backend and device", registry=r)
+        self.ready = Gauge("lstmd_ready", "1 once the gateway serves (what /readyz answers)", registry=r)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        _touch(self.requests, GATEWAY_OUTCOMES)
+        _touch(self.events, GATEWAY_KINDS)
+        _touch(self.rejections, ("overloaded",))
+        _touch(self.auth_failures, AUTH_FAILURE_REASONS)
+
+    # The daemon's health and HTTP code, shared as is: it reads only registry, _ready, _health_checks and the
+    # (never armed) stall clock, which this class holds with the same meaning.
+    set_ready = Metrics.set_ready
+    is_ready = Metrics.is_ready
+    stalled_for = Metrics.stalled_for
+    add_health_check = Metrics.add_health_check
+    unhealthy = Metrics.unhealthy
+    set_build_info = Metrics.set_build_info
+    wsgi_app = Metrics.wsgi_app
+    serve_http = Metrics.serve_http
 
 
 def parse_address(address: str) -> tuple[str, int]:

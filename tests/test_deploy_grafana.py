@@ -1,5 +1,6 @@
 """deploy/grafana: the committed dashboard is what the generator makes, its panels are well formed, and every
-query names only metrics the daemon exports. (tests/test_prometheus_live.py runs the queries for real.)"""
+query names only metrics the daemon or a cluster gateway exports. (tests/test_prometheus_live.py runs the queries
+for real.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from lstmd.daemon.metrics import Metrics
+from lstmd.daemon.metrics import GatewayMetrics, Metrics
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,13 +29,16 @@ def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
 
 
 def exported_sample_names() -> set[str]:
-    """Every sample name the daemon exports (counters with _total, histograms with _bucket/_sum/_count)."""
+    """Every sample name the daemon or a cluster gateway exports (counters with _total, histograms with
+    _bucket/_sum/_count)."""
     metrics = Metrics(CollectorRegistry())
     metrics.set_build_info("0", "torch", "cpu")
     # Label values not known up front appear with their first use.
     metrics.rejections.labels("bad_shape")
     metrics.control_commands.labels("status", "ok")
-    text = generate_latest(metrics.registry).decode()
+    gateway = GatewayMetrics(CollectorRegistry())
+    gateway.set_build_info("0", "gateway", "none")
+    text = generate_latest(metrics.registry).decode() + generate_latest(gateway.registry).decode()
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
@@ -73,6 +77,14 @@ def test_dashboard_covers_what_the_issue_asks_for(dashboard: dict) -> None:
         "lstmd_wal_bytes_total",
         "lstmd_wal_fsync_duration_seconds_bucket",
         "lstmd_last_snapshot_timestamp_seconds",
+        # cluster mode (issue 16): key groups, consumer lag, rebalances, failovers, fenced writes, gateway in-flight
+        "lstmd_cluster_key_groups",
+        "lstmd_cluster_log_pending_records",
+        "lstmd_cluster_rebalances_total",
+        "lstmd_cluster_failovers_total",
+        "lstmd_cluster_key_group_moves_total",
+        "lstmd_gateway_inflight_bytes",
+        "lstmd_gateway_requests_total",
     ]:
         assert metric in text, metric
 

@@ -14,6 +14,7 @@ def gateway(config: ConfigOpt = None, set_: SetOpt = None, log_level: LogLevelOp
     cfg = load_config_or_exit(config, set_)
     if not cfg.cluster.nats:
         raise fail("lstmd gateway needs [cluster] nats: the URL of the cluster's NATS server")
+    from lstmd.daemon.auth import AuthError
     from lstmd.daemon.cluster.gateway import Gateway
     from lstmd.daemon.cluster.log import ClusterError
     from lstmd.daemon.io import BindError
@@ -21,8 +22,9 @@ def gateway(config: ConfigOpt = None, set_: SetOpt = None, log_level: LogLevelOp
     gw = Gateway(cfg)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: gw.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: gw.reload_keys())  # as `lstmd serve`: re-read the client keys
     try:
         gw.start()
-    except (ClusterError, BindError) as exc:
+    except (ClusterError, AuthError, BindError) as exc:
         raise fail(str(exc)) from None
     gw.serve_forever()

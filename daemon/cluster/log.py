@@ -33,6 +33,7 @@ REPLY_PREFIX = "lstmd.reply."
 # JetStream drops a publish whose Nats-Msg-Id it stored within this window (a gateway's retried publish).
 DUPLICATE_WINDOW_S = 120.0
 CONNECT_TIMEOUT_S = 5.0
+_AUTH_REFUSED = "authorization violation"  # how nats-server words a refused login (-ERR)
 REQUEST_TIMEOUT_S = 10.0
 
 
@@ -92,7 +93,8 @@ def message_id(streams: list, seqs: list[int] | None, fallback: str) -> str:
 class NatsLink:
     """A NATS connection and its JetStream context, on an asyncio loop of its own thread."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, options: dict | None = None) -> None:
+        """options: nats.connect's auth and TLS arguments (daemon/cluster/natsauth.py's connect_options)."""
         try:
             import nats  # noqa: F401  (the cluster extra; single-process mode never imports this module)
         except ImportError:
@@ -105,16 +107,22 @@ class NatsLink:
         self.js = None
         self.closing = False
         try:
-            self.run(self._connect(name), CONNECT_TIMEOUT_S + 1)
+            self.run(self._connect(name, options or {}), CONNECT_TIMEOUT_S + 1)
         except BaseException:
             self.close()
             raise
 
-    async def _connect(self, name: str) -> None:
+    async def _connect(self, name: str, options: dict) -> None:
         import nats
+
+        refused = asyncio.get_running_loop().create_future()  # the server's refusal of our credentials
+        errors: list[str] = []  # why the attempts failed, for the message when none succeeds
 
         async def on_error(exc: Exception) -> None:  # nats-py prints a traceback per failed attempt by default
             log.debug("NATS %s: %s", self.url, exc)
+            errors[:] = [f"{type(exc).__name__}: {exc}"]
+            if _AUTH_REFUSED in str(exc).lower() and not refused.done():
+                refused.set_result(str(exc))
 
         async def on_disconnected() -> None:
             if self.closing:
@@ -126,23 +134,39 @@ class NatsLink:
 
         # Reconnects never give up once connected (a NATS restart must not end the member); the first connection
         # is bounded by CONNECT_TIMEOUT_S, so a wrong URL is a clear error at start instead of a hang.
-        try:
-            self.nc = await asyncio.wait_for(
-                nats.connect(
-                    self.url,
-                    name=name,
-                    connect_timeout=CONNECT_TIMEOUT_S,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.2,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnected,
-                    reconnected_cb=on_reconnected,
-                ),
-                CONNECT_TIMEOUT_S,
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                self.url,
+                name=name,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                **options,
             )
+        )
+        try:
+            # A refused login is retried forever by nats-py (as a lost connection is): fail at the first refusal.
+            await asyncio.wait([connecting, refused], timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                if refused.done():
+                    raise ClusterError(
+                        f"the NATS server at cluster.nats = {self.url} refused this client ({refused.result()}): "
+                        "check cluster.user/password, token, creds or nkey_seed against the server's authorization"
+                    )
+                raise TimeoutError
+            self.nc = connecting.result()
+        except ClusterError:
+            raise
         except TimeoutError:
             raise ClusterError(
                 f"cannot reach the NATS server at cluster.nats = {self.url} within {CONNECT_TIMEOUT_S:g} s"
+                + (f" (last error: {errors[0]})" if errors else "")
             ) from None
         except Exception as exc:
             raise ClusterError(f"cannot connect to the NATS server at cluster.nats = {self.url}: {exc}") from None

@@ -6,6 +6,12 @@
 - Ownership is rendezvous hashing over the live members: key group g belongs to the member with the highest
   BLAKE2b(member, g). Every member computes the same answer from the same member list, and a join or leave
   moves only the key groups the joining or leaving member wins or held (about G / members of them).
+- Draining (`lstmd cluster drain MEMBER`): DRAIN_BUCKET holds the names of the members being drained (one JSON
+  list, changed by compare-and-set). Rendezvous hashing runs over the live members that are not draining, so
+  a draining member's intended share is empty: it hands its key groups over at its next heartbeat exactly as
+  on a graceful leave (snapshot, release), while the others, seeing it alive, wait for that release instead of
+  claiming over it. A member clears its own mark when it (re)joins: a drained member that is started again is
+  a new member.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Callable
 log = logging.getLogger("lstmd.cluster")
 
 MEMBERS_BUCKET = "lstmd_members"
+DRAIN_BUCKET = "lstmd_drain"
+_DRAIN_KEY = "draining"
 
 
 def _score(member: str, group: int) -> int:
@@ -30,12 +38,14 @@ def owner_of(group: int, members) -> str:
     return max(members, key=lambda m: (_score(m, group), m))
 
 
-def assignment(members, groups: int) -> dict[str, list[int]]:
-    """member -> the key groups it owns, for every live member (one with none gets an empty list)."""
+def assignment(members, groups: int, drained=frozenset()) -> dict[str, list[int]]:
+    """member -> the key groups it owns, for every live member (one with none gets an empty list); members in
+    `drained` own none (they hand theirs over)."""
     owned: dict[str, list[int]] = {m: [] for m in sorted(members)}
-    if owned:
+    serving = [m for m in owned if m not in drained]
+    if serving:
         for group in range(groups):
-            owned[owner_of(group, owned)].append(group)
+            owned[owner_of(group, serving)].append(group)
     return owned
 
 
@@ -66,6 +76,51 @@ async def live_members(kv) -> dict[str, dict]:
     return cards
 
 
+async def drain_bucket(js):
+    """The drain bucket, created when missing (no TTL: a mark stays until its member rejoins or it is cancelled)."""
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        return await js.key_value(DRAIN_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=DRAIN_BUCKET, history=1)
+
+
+async def draining(kv) -> tuple[set[str], int | None]:
+    """(names of the members being drained, the entry's revision; None when never written)."""
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await kv.get(_DRAIN_KEY)
+    except KeyNotFoundError:
+        return set(), None
+    return set(json.loads(entry.value or b"[]")), entry.revision
+
+
+async def mark_draining(kv, member: str, on: bool) -> set[str]:
+    """Add (on) or remove `member` by compare-and-set, retried when another writer changed the list meanwhile;
+    returns the names now draining."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    while True:
+        names, revision = await draining(kv)
+        wanted = names | {member} if on else names - {member}
+        if wanted == names:
+            return names
+        value = json.dumps(sorted(wanted)).encode()
+        try:
+            if revision is None:
+                await kv.create(_DRAIN_KEY, value)
+            else:
+                await kv.update(_DRAIN_KEY, value, last=revision)
+            return wanted
+        except KeyWrongLastSequenceError:
+            continue
+        except Exception as exc:  # a racing create answers with another error class in some versions
+            if "wrong last sequence" not in str(exc).lower() and "exists" not in str(exc).lower():
+                raise
+
+
 class Membership:
     """This member's heartbeat and its view of the live members (on the NATS link's loop)."""
 
@@ -76,10 +131,13 @@ class Membership:
         self.card = json.dumps(card).encode()
         self.on_beat = on_beat
         self.members: set[str] = set()
+        self.drained: set[str] = set()  # members being drained: alive, but owning nothing (module docstring)
         self._task: asyncio.Task | None = None
 
     async def join(self) -> set[str]:
         self.kv = await members_bucket(self.js, self.ttl)
+        self.drain_kv = await drain_bucket(self.js)
+        self.drained = await mark_draining(self.drain_kv, self.member, on=False)
         await self.kv.put(self.member, self.card)
         self.members = set(await live_members(self.kv)) | {self.member}
         self._task = asyncio.get_running_loop().create_task(self._beat())
@@ -92,12 +150,16 @@ class Membership:
             try:
                 await self.kv.put(self.member, self.card)
                 members = set(await live_members(self.kv)) | {self.member}
+                drained = (await draining(self.drain_kv))[0]
             except Exception as exc:  # NATS away for a moment: the next beat tries again
                 log.warning("cluster heartbeat of %s failed: %s", self.member, exc)
                 continue
             if members != self.members:
                 log.info("cluster members now %s", ", ".join(sorted(members)))
                 self.members = members
+            if drained != self.drained:
+                log.info("cluster members draining: %s", ", ".join(sorted(drained)) or "none")
+                self.drained = drained
             self.on_beat(members)  # every beat: claims to retry, snapshots due
 
     async def leave(self) -> None:

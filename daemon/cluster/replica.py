@@ -51,6 +51,7 @@ from lstmd.clients import protocol
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
 from lstmd.daemon.cluster.membership import Membership, assignment
+from lstmd.daemon.cluster.natsauth import connect_options
 from lstmd.daemon.io import EventsLimits, EventsMessage, TargetsMessage, decode_events_request
 
 log = logging.getLogger("lstmd.cluster")
@@ -83,6 +84,7 @@ class ClusterSource:
         self.metrics = metrics
         self.snapshot_interval_s = cluster.snapshot_interval_s
         self.lease_ttl = cluster.lease_ttl
+        metrics.cluster_key_groups_total.set(self.groups)
         self._last_rebalance = time.monotonic()
         self.endpoint = f"{cluster.nats} (cluster member {self.member})"
         self.monitor = None  # no ZeroMQ peers to watch: the I/O thread's monitor is off
@@ -102,7 +104,7 @@ class ClusterSource:
         self._closing = False
         self._sub = None
         self._owning = asyncio.Lock()
-        self.link = clog.NatsLink(cluster.nats, f"replica-{self.member}")
+        self.link = clog.NatsLink(cluster.nats, f"replica-{self.member}", connect_options(cluster))
         try:
             clog.open_log(self.link, self.groups)
             self.kv, self.objects = self.link.run(own.open_buckets(self.link.js))
@@ -119,6 +121,7 @@ class ClusterSource:
     # ---- ownership (the NATS link's thread) ----------------------------------------------------------------
 
     def _on_beat(self, members: set[str]) -> None:
+        self.metrics.cluster_members.set(len(members))
         if not self._closing:
             self.link.loop.create_task(self._rebalance(members))
 
@@ -148,7 +151,7 @@ class ClusterSource:
                 if now - self._last_rebalance > self.lease_ttl:
                     await self._verify_owned()  # this member was silent past its lease: its groups may be gone
                 self._last_rebalance = now
-                intended = set(assignment(members, self.groups)[self.member])
+                intended = set(assignment(members, self.groups, self.membership.drained)[self.member])
                 before = self.owned
                 # Each step over its key groups at once: one NATS round trip of latency, not one per group.
                 await _all(self._release(group) for group in sorted(self.owned - intended))
@@ -156,6 +159,8 @@ class ClusterSource:
                 now = time.monotonic()
                 due = [g for g in sorted(self.owned) if now - self.snapshotted.get(g, now) >= self.snapshot_interval_s]
                 await _all(self._checkpoint(group, owner=self.member) for group in due)
+                if self.owned != before:
+                    self.metrics.cluster_rebalances.inc()
                 if self.owned != before or self._sub is None:
                     log.info("cluster member %s owns %d of %d key groups among %d member(s)", self.member,
                              len(self.owned), self.groups, len(members))
@@ -204,6 +209,8 @@ class ClusterSource:
         new_revision = await own.write_entry(self.kv, group, claimed, revision)
         if new_revision is None:
             return  # another member claimed it first
+        if entry is not None and entry.owner not in ("", self.member):  # its owner's lease expired
+            self.metrics.cluster_failovers.inc()
         if data is not None:
             count = await self._on_loop(lambda: own.restore_group(self.store, data))
             self.positions[group] = claimed.seq
@@ -316,14 +323,15 @@ class ClusterSource:
             body.append(record.targets)
         try:
             header, features, targets = decode_events_request(body, self.limits)
-            if header.kind == "targets":
-                raise protocol.ProtocolError("bad_kind", "delayed targets are not served in cluster mode yet")
         except protocol.ProtocolError as exc:
             reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=0, error=str(exc), error_reason=exc.reason)
             self._replies.pop(token)
             self._answer(record.reply, clog.ReplyRecord(record.token, group, protocol.encode(reply)))
             return
-        message = EventsMessage([token], header, features, targets, time.perf_counter())
+        if header.kind == "targets":  # delayed targets (gateway.py): joined by the loop like the socket's
+            message = TargetsMessage([token], header, targets)
+        else:
+            message = EventsMessage([token], header, features, targets, time.perf_counter())
         message.nbytes = len(msg.data) + len(header.streams) * _HEADER_BYTES_PER_EVENT
         with self._cond:
             self._ready.append((group, position, message))
@@ -371,6 +379,7 @@ class ClusterSource:
         # Answered = applied: the store now holds this record (module docstring, "Positions").
         self.positions[group] = max(self.positions[group], position)
         if group not in self.owned:  # fenced or handed over meanwhile: its new owner answers
+            self.metrics.cluster_dropped_answers.inc()
             return False
         reply = clog.ReplyRecord(token, group, bytes(frames[1]), bytes(frames[2]) if len(frames) > 2 else b"")
         self._answer(subject_, reply)

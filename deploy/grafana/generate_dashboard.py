@@ -364,6 +364,94 @@ def build() -> dict:
                 span=6,
             )
         )
+        # --- cluster mode (zero on a single daemon; the Gateway panels read `lstmd gateway`s) ----------------
+        .with_row(Row("Cluster"))
+        .with_panel(
+            graph(
+                "Key groups per replica",
+                "none",
+                [
+                    query(f"sum by (instance) (lstmd_cluster_key_groups{{{SEL}}})", "{{instance}}", "A"),
+                    query(f"max(lstmd_cluster_key_groups_configured{{{SEL}}})", "G (all key groups)", "B"),
+                    query(f"max(lstmd_cluster_members{{{SEL}}})", "live members", "C"),
+                ],
+                "Key groups each replica owns, against G; their sum below G for long means unowned key groups "
+                "(LstmdClusterKeyGroupsUnowned).",
+                span=8,
+            )
+        )
+        .with_panel(
+            graph(
+                "Consumer lag",
+                "none",
+                [query(f"max by (instance) (lstmd_cluster_log_pending_records{{{SEL}}})", "{{instance}}")],
+                "Records in the cluster's log after the last one each replica read. A lag that keeps growing "
+                "means the replica cannot keep up (LstmdClusterConsumerLagHigh).",
+                span=8,
+            )
+        )
+        .with_panel(
+            graph(
+                "Key group moves",
+                "none",
+                [
+                    query(
+                        f"sum by (kind) (increase(lstmd_cluster_key_group_moves_total{{{SEL}}}[{RATE}]))",
+                        "{{kind}}",
+                        "A",
+                    ),
+                    query(f"sum(increase(lstmd_cluster_rebalances_total{{{SEL}}}[{RATE}]))", "rebalances", "B"),
+                    query(f"sum(increase(lstmd_cluster_failovers_total{{{SEL}}}[{RATE}]))", "failovers", "C"),
+                    query(f"sum(increase(lstmd_cluster_dropped_answers_total{{{SEL}}}[{RATE}]))", "dropped answers",
+                          "D"),
+                ],
+                "Key groups claimed, released (handed over) and fenced (a stale owner's write refused); "
+                "rebalances, failovers (claims from a member whose lease expired) and answers dropped by a "
+                "replica that lost the key group meanwhile.",
+                span=8,
+            )
+        )
+        .with_panel(
+            graph(
+                "Gateway requests by outcome",
+                "ops",
+                [
+                    query(f"sum by (outcome) (rate(lstmd_gateway_requests_total{{{SEL}}}[{RATE}]))", "{{outcome}}",
+                          "A"),
+                    query(f"sum by (kind) (rate(lstmd_gateway_events_total{{{SEL}}}[{RATE}]))", "{{kind}} forwarded",
+                          "B"),
+                    query(f"sum(rate(lstmd_gateway_log_duplicates_total{{{SEL}}}[{RATE}]))", "log duplicates", "C"),
+                    query(f"sum by (reason) (rate(lstmd_gateway_rejections_total{{{SEL}}}[{RATE}]))",
+                          "refused: {{reason}}", "D"),
+                ],
+                "Producer messages the gateways finished: answered, rejected at the gateway, unavailable (the log "
+                "did not take them), forgotten (no answer in time); events and targets forwarded; resends the "
+                "log already held; messages its socket refused (undecodable, overloaded).",
+                span=8,
+            )
+        )
+        .with_panel(
+            graph(
+                "Gateway request duration",
+                "s",
+                quantiles("lstmd_gateway_request_duration_seconds", qs=(0.5, 0.99)),
+                "A producer message from the gateway's publish to its last key group's answer.",
+                span=8,
+            )
+        )
+        .with_panel(
+            graph(
+                "Gateway in flight",
+                "bytes",
+                [
+                    query(f"sum by (instance) (lstmd_gateway_inflight_bytes{{{SEL}}})", "{{instance}}", "A"),
+                    query(f"max(lstmd_gateway_inflight_limit_bytes{{{SEL}}})", "limit", "B"),
+                ],
+                "Bytes of producer messages forwarded and not yet answered; at the limit, requests wait and the "
+                "excess is answered overloaded (LstmdGatewayInflightNearLimit).",
+                span=8,
+            )
+        )
         # --- process --------------------------------------------------------------------------------------
         .with_row(Row("Process"))
         .with_panel(
