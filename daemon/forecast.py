@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from lstmd.clients.protocol import MAX_FORECAST_HORIZON as MAX_HORIZON
-from lstmd.daemon.normalization import adapt_begin, adapt_finish
+from lstmd.daemon.normalization import Ring, adapt_begin, adapt_finish
 from lstmd.kernels import lstm_step_
 
 EXOG_NOT_FINITE = "exog holds NaN or Inf"
@@ -106,12 +106,14 @@ def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = N
     # "stream" inputs: copies of the streams' adaptation rows (scale and guard, daemon/normalization.py), stepped
     # with each predicted event exactly as the serving step steps the real rows (engine.step).
     adapt = engine.store.adaptation.index_select(0, slot_t) if norm is not None and norm.inputs == "stream" else None
+    seasonal = engine.store.seasonal
+    ring = None if adapt is None or seasonal is None else Ring(seasonal.index_select(0, slot_t), rows)
 
     def predict(last: torch.Tensor) -> torch.Tensor:
         """The forecast from the scratch state's top layer, as the serving step forms it after event `last`."""
         head_out = torch.addmm(bias, h[-1], weight.t())
         if adapt is not None:
-            return adapt_finish(engine.layout, adapt, last, head_out, columns)
+            return adapt_finish(engine.layout, adapt, last, head_out, columns, ring)
         return head_out if norm is None else norm.predictions(last, head_out, columns)
 
     out = torch.empty(n, horizon, model.spec.output_size, device=device)
@@ -126,7 +128,7 @@ def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = N
             event[:, columns] = pred
         dx = event - x
         if adapt is not None:
-            adapt_begin(engine.layout, adapt, event, dx, columns)
+            adapt_begin(engine.layout, adapt, event, dx, columns, ring)
             inputs = norm.lstm_inputs(event, dx, adapt[:, engine.layout.field("scale")])
         else:
             inputs = event if norm is None else norm.lstm_inputs(event, dx)

@@ -80,6 +80,7 @@ class Recorder:
         clock=time.monotonic,
         columns: list[int] | None = None,  # forecast: the next event's columns that are the target; None: all
         scale_table: torch.Tensor | None = None,  # forecast: the state store's per-slot scale [capacity, I]
+        sample_half_life: float = 0.0,  # windows: recency weighting of training windows (sample()); 0: uniform
     ) -> None:
         if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
             raise ValueError(
@@ -88,6 +89,7 @@ class Recorder:
         R, T, W = record_streams, record_steps, record_steps // k2
         self.task, self.k2, self.idle_s, self.clock = task, k2, idle_s, clock
         self.holdout_windows = holdout_windows
+        self.sample_half_life = sample_half_life
         self.forecast = task == "forecast"
         self.columns = None if columns is None else [int(c) for c in columns]  # a list: nbytes counts the arrays
         if self.forecast and target_size != (input_size if columns is None else len(columns)):
@@ -298,7 +300,7 @@ class Recorder:
             train, held = train[useful[train]], held[useful[held]]
             if train.size == 0 or held.size == 0:
                 return None
-            pick = rng.choice(train, size=n_train, replace=True)
+            pick = rng.choice(train, size=n_train, replace=True, p=self._recency(rows[train], starts[train]))
             if held.size > max_holdout:
                 held = rng.choice(held, size=max_holdout, replace=False)
             generation = self.generation.copy()
@@ -319,6 +321,17 @@ class Recorder:
                 return None
             train_w = train_w.subset(np.where(ok_train, np.arange(ok_train.size), rng.choice(good, ok_train.size)))
         return (train_w, held_w) if len(held_w) else None
+
+    def _recency(self, rows: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
+        """Sampling probabilities of training windows (rows, absolute starts): a window `a` windows older than its
+        stream's newest training window weighs 0.5 ** (a / sample_half_life), so the trainer sees mostly what the
+        streams do now while older windows still regularise; None (uniform) when the half-life is 0. Call with the
+        lock held."""
+        if self.sample_half_life <= 0:
+            return None
+        newest = (self.count[rows] // self.k2 - 1 - self.holdout_windows) * self.k2
+        weight = np.exp2(-(newest - starts) / (self.k2 * self.sample_half_life))
+        return weight / weight.sum()
 
     def count_windows(self) -> tuple[int, int]:
         """(training windows, holdout windows) available now."""

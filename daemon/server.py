@@ -114,6 +114,7 @@ class Daemon:
             cpu_threads=config.serve.cpu_threads,
             step_threads=config.serve.step_threads,
             cuda_graphs=config.serve.cuda_graphs,
+            season=config.train.season,
         )
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
@@ -655,6 +656,7 @@ class Daemon:
             t.holdout_windows,
             columns=(list(spec.forecast_columns) or None) if forecast else None,
             scale_table=self.store.adaptation[:, self.engine.layout.field("scale")] if forecast else None,
+            sample_half_life=t.sample_half_life,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backends, seed = self.engine.backends, self.config.model.seed

@@ -116,6 +116,7 @@ class Trainer:
         self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
         self.consecutive_rejections = 0  # rejected or diverged rounds since the last candidate or reset
         self.resets = 0  # restarts from the serving weights after reset_after_rejections such rounds
+        self.rounds_since_reset = 0  # rounds trained with the current optimizer: the LR schedule's clock
         self.task = task_for(spec)  # the loss and the normalisation hooks (daemon/tasks.py)
         # Forecast: the columns of the next event that are the target (index tensor), None: every feature.
         self._columns = self.task.columns(device)
@@ -280,6 +281,9 @@ class Trainer:
                 "steps": c.steps,
                 "optimizer": c.optimizer,
                 "lr": c.lr,
+                "lr_now": self.learning_rate(),
+                "lr_half_life": c.lr_half_life,
+                "sample_half_life": c.sample_half_life,
                 "clip_norm": c.clip_norm,
                 "tolerance": c.tolerance,
                 "reset_after_rejections": c.reset_after_rejections,
@@ -370,6 +374,9 @@ class Trainer:
             norm = self._normalization(train) if self.task.normalizes else None
             train_t, holdout_t = self._to_device(train), self._to_device(holdout)
             try:
+                for group in self._optimizer.param_groups:
+                    group["lr"] = self.learning_rate()
+                self.rounds_since_reset += 1
                 report.train_loss = self._train(train_t, norm)
                 candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
                 with torch.no_grad():
@@ -480,6 +487,16 @@ class Trainer:
         self._params = [serving.tensors[n].detach().to(self.device).clone().requires_grad_(True) for n in self._names]
         self._optimizer = self._make_optimizer(self._params)
         self._lineage = {serving.version}
+        self.rounds_since_reset = 0  # a warm restart of the LR schedule: a fresh start, after drift, learns fast
+
+    def learning_rate(self) -> float:
+        """The LR schedule: `lr` halving every `lr_half_life` rounds since the optimizer was last reset, never below
+        `lr_min` * lr. Early rounds after a (re)start move far; later ones fine-tune what was published without
+        undoing it on the noise of a few recent windows."""
+        c = self.config
+        if c.lr_half_life <= 0:
+            return c.lr
+        return c.lr * max(c.lr_min, 0.5 ** (self.rounds_since_reset / c.lr_half_life))
 
     def _make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         if self.config.optimizer == "sgd":
@@ -555,6 +572,7 @@ class Trainer:
             "trainer.data_mark": torch.tensor(self._data_mark),
             "trainer.consecutive_rejections": torch.tensor(self.consecutive_rejections),
             "trainer.resets": torch.tensor(self.resets),
+            "trainer.rounds_since_reset": torch.tensor(self.rounds_since_reset),
         }
         for name, count in self.outcomes.items():
             out[f"trainer.outcomes.{name}"] = torch.tensor(count)
@@ -601,4 +619,5 @@ class Trainer:
                 saved = self._optimizer.state_dict()
                 self._optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
             self._lineage = set(tensors["trainer.lineage"].tolist())
+            self.rounds_since_reset = int(tensors.get("trainer.rounds_since_reset", torch.tensor(0)))
         self._save_checkpoint()
