@@ -25,7 +25,7 @@ concurrently costs the serving path.
    one-step-ahead, online, error on the second half) against the last value, seasonal naive, the frozen model
    and deep-river's rolling LSTM regressor (`--deep-river-python` or LSTMD_DEEP_RIVER_PYTHON: a Python with
    deep-river, in its own virtual environment; it pins an older torch). One table and the geometric means.
-5. guard: the per-stream adaptation's share of the serving step's time (in process).
+5. guard: the per-stream adaptation's share of the serving step's time (in process, an A/B of interleaved pairs).
 """
 
 from __future__ import annotations
@@ -388,51 +388,65 @@ def print_suite(result: dict) -> None:
 
 
 def part_guard(args) -> dict:
-    """The guard's share of the serving step: Engine.step of a forecast model (I = O = 8, H = 64, one wave of
-    `--guard-batch` streams on the CPU, one torch thread) against the per-stream adaptation alone (gather, update,
-    forecast, scatter), interleaved; medians. An upper bound for its share of serving throughput: the step is
-    most, not all, of what an event costs."""
+    """The guard's cost in the serving step, as a same-run A/B: Engine.step of a forecast model (I = O = 8, H = 64,
+    one wave of `--guard-batch` streams on the CPU, one torch thread, the default backend) with the per-stream
+    adaptation (scale and guard: on) against the same step with both adaptation calls replaced by pass-throughs
+    (off: the LSTM sees the raw change and the reply is the head's output; the last-event bookkeeping stays).
+    Interleaved pairs of short blocks, the order alternating; per pair (on - off) / on; median and the 10th-90th
+    percentile range over pairs. An upper bound for its share of serving throughput: the step is most, not all, of
+    what an event costs."""
     import torch
-    from lstmd.daemon import normalization as N
+    from lstmd.daemon import engine as engine_module
     from lstmd.daemon.engine import Engine
     from lstmd.daemon.model import ModelSpec, ServingModel
     from lstmd.daemon.state_store import StateStore
 
     torch.set_num_threads(1)
-    cpu, n = torch.device("cpu"), args.guard_batch
+    cpu = torch.device("cpu")
     spec = ModelSpec(8, 64, 1, 8, "forecast", ())
-    engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 8)).astype(np.float32)
-    slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
-    fresh = np.zeros(n, bool)
-    xt, slot_t, layout, table = torch.from_numpy(x), torch.from_numpy(slots), engine.layout, engine.store.adaptation
-    change = xt * 0.01
+    fused = engine_module.fused_adapt_begin, engine_module.fused_adapt_finish
+    passthrough = (lambda table, slots, reset, init, dx, *rest: dx), (lambda table, slots, x, change, cols: change)
+    results = []
+    for n in args.guard_batch:
+        engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, 8)).astype(np.float32)
+        slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
+        fresh = np.zeros(n, bool)
+        block = max(5, 20_000 // n)  # steps per block: a few ms
 
-    def adaptation() -> None:
-        rows = N.adapt_begin(layout, table.index_select(0, slot_t), xt, xt * 0.1, None)
-        N.adapt_finish(layout, rows, xt, change, None)
-        table.index_copy_(0, slot_t, rows)
+        def timed(on: bool, engine=engine, args=(x, slots, fresh), block=block) -> float:
+            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = fused if on else passthrough
+            t0 = time.perf_counter()
+            for _ in range(block):
+                engine.step(*args)
+            return (time.perf_counter() - t0) / block
 
-    step_s, guard_s = [], []
-    for i in range(args.guard_repeats + 5):
-        t0 = time.perf_counter()
-        engine.step(x, slots, fresh)
-        t1 = time.perf_counter()
-        adaptation()
-        if i >= 5:  # warm-up
-            step_s.append(t1 - t0)
-            guard_s.append(time.perf_counter() - t1)
-    step, guard = float(np.median(step_s)), float(np.median(guard_s))
-    return {"batch": n, "step_us": step * 1e6, "adaptation_us": guard * 1e6, "share": guard / step,
-            "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+        try:
+            timed(True), timed(False)  # warm-up
+            shares, on_s = [], []
+            for pair in range(args.guard_repeats):
+                first = pair % 2 == 0
+                a, b = timed(first), timed(not first)
+                on, off = (a, b) if first else (b, a)
+                shares.append((on - off) / on)
+                on_s.append(on)
+        finally:
+            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = fused
+        p10, p50, p90 = np.percentile(shares, [10, 50, 90])
+        results.append({"batch": n, "pairs": len(shares), "steps_per_block": block, "step_us": float(np.median(on_s))
+                        * 1e6, "share_median": float(p50), "share_p10": float(p10), "share_p90": float(p90),
+                        "fused": engine._fused_adaptation})  # fmt: skip
+    return {"runs": results, "load_avg_1m": os.getloadavg()[0]}
 
 
 def print_guard(result: dict) -> None:
-    print(f"\n## the guard's cost: {result['batch']} events per step, load average {result['load_avg_1m']:.1f}")
-    per_event = result["step_us"] / result["batch"] * 1e3
-    print(f"Engine.step {result['step_us']:.0f} us ({per_event:.0f} ns per event), of which the per-stream "
-          f"adaptation {result['adaptation_us']:.0f} us = {100 * result['share']:.1f}%")  # fmt: skip
+    print(f"\n## the guard's cost (A/B, interleaved pairs), load average {result['load_avg_1m']:.1f}")
+    for r in result["runs"]:
+        print(f"{r['batch']} events per step ({'fused' if r['fused'] else 'torch'}): Engine.step {r['step_us']:.0f} us "
+              f"({r['step_us'] / r['batch'] * 1e3:.0f} ns per event); the adaptation's share, median of {r['pairs']} "
+              f"pairs: {100 * r['share_median']:.1f}% (10th-90th percentile {100 * r['share_p10']:.1f}% to "
+              f"{100 * r['share_p90']:.1f}%)")  # fmt: skip
 
 
 # ---- part 3: latency --------------------------------------------------------------------------------------
@@ -572,8 +586,8 @@ def main() -> None:
         default=os.environ.get("LSTMD_DEEP_RIVER_PYTHON"),
         help="suite: a Python with deep-river installed (its own venv: its torch pin); unset: no deep-river column",
     )
-    parser.add_argument("--guard-batch", type=int, default=5000, help="guard: events per step")
-    parser.add_argument("--guard-repeats", type=int, default=300, help="guard: steps timed")
+    parser.add_argument("--guard-batch", type=int, nargs="+", default=[100, 1000, 5000], help="guard: events per step")
+    parser.add_argument("--guard-repeats", type=int, default=200, help="guard: interleaved pairs of blocks timed")
     parser.add_argument("--deep-river-worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

@@ -263,7 +263,7 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     # Every op here costs a few microseconds per wave whatever its size, so: the weights that depend on the count
     # come from one table lookup, masks multiply (torch.where costs ~8 multiplies on the CPU), and the fields update
     # in place (a torch.cat of them cost as much as all the arithmetic).
-    steps = _count_steps(rows.device)
+    steps = count_steps(rows.device)
     rate, weight = steps.index_select(0, n.squeeze(1).clamp(max=steps.shape[0] - 1).long()).unbind(1)
     rate, weight = rate.unsqueeze(1), weight.unsqueeze(1)
     # The forecast made at the previous event (scored from the stream's third event: the first has no scale and
@@ -291,7 +291,7 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
 _STEPS: dict[torch.device, torch.Tensor] = {}
 
 
-def _count_steps(device: torch.device) -> torch.Tensor:
+def count_steps(device: torch.device) -> torch.Tensor:
     """[k, 2]: the scale's rate and the guard's weight for a stream that has seen k events (the last row: all
     later counts). Rate 0 at the first event (no change yet), then 1/k (a running mean), then SCALE_RATE; weight 0
     for the first two events (no scored forecast yet), then GAIN_RATE."""
