@@ -390,11 +390,11 @@ def print_suite(result: dict) -> None:
 def part_guard(args) -> dict:
     """The guard's cost in the serving step, as a same-run A/B: Engine.step of a forecast model (I = O = 8, H = 64,
     one wave of `--guard-batch` streams on the CPU, one torch thread, the default backend) with the per-stream
-    adaptation (scale and guard: on) against the same step with both adaptation calls replaced by pass-throughs
-    (off: the LSTM sees the raw change and the reply is the head's output; the last-event bookkeeping stays).
-    Interleaved pairs of short blocks, the order alternating; per pair (on - off) / on; median and the 10th-90th
-    percentile range over pairs. An upper bound for its share of serving throughput: the step is most, not all, of
-    what an event costs."""
+    adaptation (scale and guard) fused in C (the default), with it as torch ops (the previous code, as served
+    where the C extension was not built), and off: both adaptation calls replaced by pass-throughs (the LSTM sees
+    the raw change and the reply is the head's output; the last-event bookkeeping stays). Short blocks of steps
+    in rotating order; per round (on - off) / on for each "on"; median and the 10th-90th percentile range over
+    rounds. An upper bound for its share of serving throughput: the step is most, not all, of what an event costs."""
     import torch
     from lstmd.daemon import engine as engine_module
     from lstmd.daemon.engine import Engine
@@ -405,48 +405,56 @@ def part_guard(args) -> dict:
     cpu = torch.device("cpu")
     spec = ModelSpec(8, 64, 1, 8, "forecast", ())
     fused = engine_module.fused_adapt_begin, engine_module.fused_adapt_finish
-    passthrough = (lambda table, slots, reset, init, dx, *rest: dx), (lambda table, slots, x, change, cols: change)
+    passthrough = (lambda table, slots, reset, init, dx, *rest: (dx, None)), (lambda table, slots, f, x, ch, c: ch)
+    modes = ("fused", "torch", "off")
     results = []
     for n in args.guard_batch:
         engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((n, 8)).astype(np.float32)
+        # Random walks, cycled: a constant input would drive the guard's averages of a zero target into subnormal
+        # floats, which cost ~100x per operation (a stream stuck at one value for thousands of events would too).
+        walk = np.cumsum(rng.standard_normal((64, n, 8)), axis=0).astype(np.float32)
         slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
         fresh = np.zeros(n, bool)
         block = max(5, 20_000 // n)  # steps per block: a few ms
 
-        def timed(on: bool, engine=engine, args=(x, slots, fresh), block=block) -> float:
-            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = fused if on else passthrough
+        def timed(mode: str, engine=engine, walk=walk, slots=slots, fresh=fresh, block=block) -> float:
+            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = passthrough if mode == "off" else fused
+            engine._fused_adaptation = mode != "torch"
             t0 = time.perf_counter()
-            for _ in range(block):
-                engine.step(*args)
+            for i in range(block):
+                engine.step(walk[i % 64], slots, fresh)
             return (time.perf_counter() - t0) / block
 
         try:
-            timed(True), timed(False)  # warm-up
-            shares, on_s = [], []
-            for pair in range(args.guard_repeats):
-                first = pair % 2 == 0
-                a, b = timed(first), timed(not first)
-                on, off = (a, b) if first else (b, a)
-                shares.append((on - off) / on)
-                on_s.append(on)
+            for mode in modes:  # warm-up
+                timed(mode)
+            seconds = {mode: [] for mode in modes}
+            for r in range(args.guard_repeats):
+                for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
+                    seconds[mode].append(timed(mode))
         finally:
             engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = fused
-        p10, p50, p90 = np.percentile(shares, [10, 50, 90])
-        results.append({"batch": n, "pairs": len(shares), "steps_per_block": block, "step_us": float(np.median(on_s))
-                        * 1e6, "share_median": float(p50), "share_p10": float(p10), "share_p90": float(p90),
-                        "fused": engine._fused_adaptation})  # fmt: skip
+        off = np.array(seconds["off"])
+        row = {"batch": n, "rounds": args.guard_repeats, "steps_per_block": block,
+               "step_us_off": float(np.median(off)) * 1e6}  # fmt: skip
+        for mode in ("fused", "torch"):
+            on = np.array(seconds[mode])
+            p10, p50, p90 = np.percentile((on - off) / on, [10, 50, 90])
+            row[mode] = {"step_us": float(np.median(on)) * 1e6, "share_median": p50, "share_p10": p10, "share_p90": p90}
+        results.append(row)
     return {"runs": results, "load_avg_1m": os.getloadavg()[0]}
 
 
 def print_guard(result: dict) -> None:
-    print(f"\n## the guard's cost (A/B, interleaved pairs), load average {result['load_avg_1m']:.1f}")
+    print(f"\n## the guard's cost (A/B/C in rotating order), load average {result['load_avg_1m']:.1f}")
+    print("| events per step | step, off (us) | fused: step (us) | fused: share, median (p10 to p90) "
+          "| torch ops: step (us) | torch ops: share, median (p10 to p90) |")
+    print("|---|---|---|---|---|---|")
     for r in result["runs"]:
-        print(f"{r['batch']} events per step ({'fused' if r['fused'] else 'torch'}): Engine.step {r['step_us']:.0f} us "
-              f"({r['step_us'] / r['batch'] * 1e3:.0f} ns per event); the adaptation's share, median of {r['pairs']} "
-              f"pairs: {100 * r['share_median']:.1f}% (10th-90th percentile {100 * r['share_p10']:.1f}% to "
-              f"{100 * r['share_p90']:.1f}%)")  # fmt: skip
+        cells = [f"{r[m]['step_us']:.0f} | {100 * r[m]['share_median']:.1f}% ({100 * r[m]['share_p10']:.1f}% to "
+                 f"{100 * r[m]['share_p90']:.1f}%)" for m in ("fused", "torch")]  # fmt: skip
+        print(f"| {r['batch']} | {r['step_us_off']:.0f} | {cells[0]} | {cells[1]} |")
 
 
 # ---- part 3: latency --------------------------------------------------------------------------------------

@@ -103,11 +103,11 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        inputs, rows, ring, scaled = x, None, None, None
+        inputs, rows, ring, scaled, factor = x, None, None, None, None
         if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
             dx = x - self.stream_state.previous(x, slot_t, reset)
             if self._fused_adaptation:
-                scaled = fused_adapt_begin(
+                scaled, factor = fused_adapt_begin(
                     self.store.adaptation, slot_t, reset, self.store.adaptation_init, dx, model.columns,
                     adaptation.count_steps(self.device), adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
                 )  # fmt: skip
@@ -133,7 +133,7 @@ class Engine:
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
         if norm is not None and norm.inputs == "stream" and rows is None:  # the guard, fused
-            out = fused_adapt_finish(self.store.adaptation, slot_t, x.contiguous(), out, model.columns)
+            out = fused_adapt_finish(self.store.adaptation, slot_t, factor, x.contiguous(), out, model.columns)
         elif norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
             out = adapt_finish(self.layout, rows, x, out, model.columns, ring)
         elif norm is not None:

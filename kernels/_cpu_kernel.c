@@ -15,7 +15,8 @@
  *
  *   adapt_begin:  a reset row starts from the initial row; score the previous forecast (the guard's running
  *                 averages), update the stream's scale and count, and write the LSTM's inputs clip(dx / scale)
- *   adapt_finish: keep the model's predicted change; out = x[cols] + scale[cols] * gain * change
+ *   adapt_finish: keep the model's predicted change; out = x[cols] + factor * change, where adapt_begin left
+ *                 factor = scale[cols] * gain (the rows were in cache then)
  *
  * As torch ops these were ~25 ops per wave (a gather, a scatter, fixed costs of a few µs each): 7-22% of the
  * serving step. The arithmetic is normalization.py's, lerp included (torch's two-sided form, so a weight of 1
@@ -152,9 +153,16 @@ static int adapt_indices_ok(adapt_rows a) {
         tt[j] = lerp(tt[j], target * target, weight);                                                              \
     }
 
+#define FACTOR_LOOP(COL)                                                                                           \
+    for (int64_t j = 0; j < O; j++) {                                                                              \
+        const float g = cross[j] / (dd[j] > 1e-12f ? dd[j] : 1e-12f);                                             \
+        factor[r * O + j] = scale[COL] * (g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g));                                \
+    }
+
 INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const float *restrict init,
-                             const float *restrict dx, float *restrict inputs, const float *restrict steps,
-                             int64_t nsteps, float clip_at, float scale_clip, float floor_at) {
+                             const float *restrict dx, float *restrict inputs, float *restrict factor,
+                             const float *restrict steps, int64_t nsteps, float clip_at, float scale_clip,
+                             float floor_at) {
     const int64_t I = a.I, O = a.O;
     for (int64_t r = 0; r < a.n; r++) {
         if (r + PREFETCH_ROWS < a.n)
@@ -180,26 +188,32 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
             scale[i] = s < floor_at ? floor_at : s;
             in[i] = clip(xd[i] / scale[i], clip_at);
         }
+        /* finish's factor scale[c] * gain, while the row is in cache: after the LSTM step it would come from
+         * memory (finish read the rows ~4x slower than hot, measured in the engine) */
+        if (a.cols == NULL) {
+            FACTOR_LOOP(j)
+        } else {
+            FACTOR_LOOP(a.cols[j])
+        }
         count[0] += 1.0f;
     }
 }
 
 #define FINISH_LOOP(COL)                                                                                           \
     for (int64_t j = 0; j < O; j++) {                                                                              \
-        const float ch = change[r * O + j], g = cross[j] / (dd[j] > 1e-12f ? dd[j] : 1e-12f);                      \
+        const float ch = change[r * O + j];                                                                        \
         prev[j] = ch;                                                                                              \
-        out[r * O + j] = x[r * I + COL] + scale[COL] * ((g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g)) * ch);           \
+        out[r * O + j] = x[r * I + COL] + factor[r * O + j] * ch;                                                  \
     }
 
-INLINE void adapt_finish_body(adapt_rows a, const float *restrict x, const float *restrict change,
-                              float *restrict out) {
+/* Only prev is written back to the rows (a write, prefetched for writing); the rest is sequential. */
+INLINE void adapt_finish_body(adapt_rows a, const float *restrict factor, const float *restrict x,
+                              const float *restrict change, float *restrict out) {
     const int64_t I = a.I, O = a.O;
     for (int64_t r = 0; r < a.n; r++) {
         if (r + PREFETCH_ROWS < a.n)
-            prefetch_small(a.table + a.slots[r + PREFETCH_ROWS] * a.width, a.width);
-        float *restrict row = a.table + a.slots[r] * a.width;
-        const float *restrict scale = row;
-        float *restrict prev = row + I + 1, *restrict cross = prev + O, *restrict dd = prev + 2 * O;
+            __builtin_prefetch(a.table + a.slots[r + PREFETCH_ROWS] * a.width + I + 1, 1, 3);
+        float *restrict prev = a.table + a.slots[r] * a.width + I + 1;
         if (a.cols == NULL) {
             FINISH_LOOP(j)
         } else {
@@ -210,11 +224,13 @@ INLINE void adapt_finish_body(adapt_rows a, const float *restrict x, const float
 
 #define BEGIN_ARGS                                                                                                 \
     adapt_rows a, const uint8_t *restrict reset, const float *restrict init, const float *restrict dx,             \
-        float *restrict inputs, const float *restrict steps, int64_t nsteps, float clip_at, float scale_clip,      \
-        float floor_at
-#define BEGIN_CALL a, reset, init, dx, inputs, steps, nsteps, clip_at, scale_clip, floor_at
-#define FINISH_ARGS adapt_rows a, const float *restrict x, const float *restrict change, float *restrict out
-#define FINISH_CALL a, x, change, out
+        float *restrict inputs, float *restrict factor, const float *restrict steps, int64_t nsteps, float clip_at, \
+        float scale_clip, float floor_at
+#define BEGIN_CALL a, reset, init, dx, inputs, factor, steps, nsteps, clip_at, scale_clip, floor_at
+#define FINISH_ARGS                                                                                                \
+    adapt_rows a, const float *restrict factor, const float *restrict x, const float *restrict change,             \
+        float *restrict out
+#define FINISH_CALL a, factor, x, change, out
 
 #define GATHER_ARGS \
     const float *restrict table, const int64_t *restrict slots, const uint8_t *restrict reset, float *restrict out, \
@@ -283,42 +299,45 @@ static PyObject *py_lstm_cell(PyObject *self, PyObject *args) {
 
 static PyObject *py_adapt_begin(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long table, slots, cols, reset, init, dx, inputs, steps;
+    unsigned long long table, slots, cols, reset, init, dx, inputs, factor, steps;
     long long S, width, I, O, n, nsteps;
     float clip_at, scale_clip, floor_at;
-    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKKLfff", &table, &S, &width, &slots, &cols, &n, &I, &O, &reset, &init,
-                          &dx, &inputs, &steps, &nsteps, &clip_at, &scale_clip, &floor_at))
+    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKKKLfff", &table, &S, &width, &slots, &cols, &n, &I, &O, &reset, &init,
+                          &dx, &inputs, &factor, &steps, &nsteps, &clip_at, &scale_clip, &floor_at))
         return NULL;
     adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n};
     if (!adapt_indices_ok(a))
         return PyErr_Format(PyExc_ValueError, "adapt_begin: a slot outside [0, %lld), a column outside [0, %lld) or "
                             "a row width other than I + 1 + 4 O", S, I);
     Py_BEGIN_ALLOW_THREADS begin_impl(a, PTR(const uint8_t *, reset), PTR(const float *, init),
-                                            PTR(const float *, dx), PTR(float *, inputs),
+                                            PTR(const float *, dx), PTR(float *, inputs), PTR(float *, factor),
                                             PTR(const float *, steps), nsteps, clip_at, scale_clip, floor_at);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyObject *py_adapt_finish(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long table, slots, cols, x, change, out;
+    unsigned long long table, slots, cols, factor, x, change, out;
     long long S, width, I, O, n;
-    if (!PyArg_ParseTuple(args, "KLLKKLLLKKK", &table, &S, &width, &slots, &cols, &n, &I, &O, &x, &change, &out))
+    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKK", &table, &S, &width, &slots, &cols, &n, &I, &O, &factor, &x, &change,
+                          &out))
         return NULL;
     adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n};
     if (!adapt_indices_ok(a))
         return PyErr_Format(PyExc_ValueError, "adapt_finish: a slot outside [0, %lld), a column outside [0, %lld) or "
                             "a row width other than I + 1 + 4 O", S, I);
-    Py_BEGIN_ALLOW_THREADS finish_impl(a, PTR(const float *, x), PTR(const float *, change), PTR(float *, out));
+    Py_BEGIN_ALLOW_THREADS finish_impl(a, PTR(const float *, factor), PTR(const float *, x), PTR(const float *, change),
+                                       PTR(float *, out));
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"adapt_begin", py_adapt_begin, METH_VARARGS,
-     "adapt_begin(table, S, width, slots, cols, n, I, O, reset, init, dx, inputs, steps, nsteps, clip, scale_clip, "
+     "adapt_begin(table, S, width, slots, cols, n, I, O, reset, init, dx, inputs, factor, steps, nsteps, clip, "
+     "scale_clip, "
      "floor): per-stream adaptation before the step (pointers; normalization.adapt_begin)"},
     {"adapt_finish", py_adapt_finish, METH_VARARGS,
-     "adapt_finish(table, S, width, slots, cols, n, I, O, x, change, out): the guarded forecast "
+     "adapt_finish(table, S, width, slots, cols, n, I, O, factor, x, change, out): the guarded forecast "
      "(normalization.adapt_finish)"},
     {"gather_rows", py_gather_rows, METH_VARARGS,
      "gather_rows(table, slots, reset, out, n, H): out[r] = 0 if reset[r] else table[slots[r]] (pointers)"},

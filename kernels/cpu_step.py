@@ -228,9 +228,9 @@ def fused_adapt_begin(
     clip: float,
     scale_clip: float,
     floor: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """normalization.adapt_begin over the table's rows in one C pass, with stream_inputs: returns the LSTM's
-    inputs [B, n_in], clip(dx / new scale)."""
+    inputs [B, I], clip(dx / new scale), and each row's factor scale[cols] * gain [B, O] for fused_adapt_finish."""
     B, n_in = dx.shape
     n_out = n_in if columns is None else columns.shape[0]
     _check_adaptation(table, slots, dx, columns, n_in, n_out)
@@ -240,28 +240,35 @@ def fused_adapt_begin(
         raise ValueError(f"fused adaptation: init must be a contiguous float32 [{table.shape[1]}]")
     if steps.dim() != 2 or steps.shape[1] != 2 or steps.dtype != torch.float32 or not steps.is_contiguous():
         raise ValueError("fused adaptation: steps must be a contiguous float32 [k, 2]")
-    inputs = torch.empty(B, n_in)
+    inputs, factor = torch.empty(B, n_in), torch.empty(B, n_out)
     _cpu_kernel.adapt_begin(
         table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out, _ptr(reset),
-        init.data_ptr(), dx.data_ptr(), inputs.data_ptr(), steps.data_ptr(), steps.shape[0], clip, scale_clip, floor,
+        init.data_ptr(), dx.data_ptr(), inputs.data_ptr(), factor.data_ptr(), steps.data_ptr(), steps.shape[0], clip,
+        scale_clip, floor,
     )  # fmt: skip
-    return inputs
+    return inputs, factor
 
 
 def fused_adapt_finish(
-    table: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, change: torch.Tensor, columns: torch.Tensor | None
+    table: torch.Tensor,
+    slots: torch.Tensor,
+    factor: torch.Tensor,  # [B, O] from fused_adapt_begin of the same wave
+    x: torch.Tensor,
+    change: torch.Tensor,
+    columns: torch.Tensor | None,
 ) -> torch.Tensor:
     """normalization.adapt_finish (no season) over the table's rows in one C pass: keeps each row's predicted
-    `change` [B, n_out] and returns the guarded forecast x[cols] + scale[cols] * gain * change [B, n_out]."""
+    `change` [B, O] and returns the guarded forecast x[cols] + factor * change [B, O]."""
     B, n_in = x.shape
     n_out = change.shape[1]
     _check_adaptation(table, slots, x, columns, n_in, n_out)
-    if change.shape != (B, n_out) or change.dtype != torch.float32 or not change.is_contiguous():
-        raise ValueError(f"fused adaptation: change must be a contiguous float32 [{B}, {n_out}]")
+    for name, t in (("change", change), ("factor", factor)):
+        if t.shape != (B, n_out) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"fused adaptation: {name} must be a contiguous float32 [{B}, {n_out}]")
     out = torch.empty(B, n_out)
     _cpu_kernel.adapt_finish(
-        table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out, x.data_ptr(),
-        change.data_ptr(), out.data_ptr(),
+        table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out,
+        factor.data_ptr(), x.data_ptr(), change.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     return out
 

@@ -54,7 +54,9 @@ def test_the_fused_adaptation_refuses_out_of_range_slots_and_columns():
     with pytest.raises(ValueError, match="a column outside"):
         fused_adapt_begin(table, torch.tensor([1, 2]), None, layout.initial_row(), dx, torch.tensor([2]), steps, *args)
     with pytest.raises(ValueError, match="a slot outside"):
-        fused_adapt_finish(table, torch.tensor([-1, 0]), dx, torch.ones(2, 1), torch.tensor([0]))
+        fused_adapt_finish(table, torch.tensor([-1, 0]), torch.ones(2, 1), dx, torch.ones(2, 1), torch.tensor([0]))
     with pytest.raises(ValueError, match="contiguous int64"):
-        fused_adapt_finish(table, torch.tensor([0, 1], dtype=torch.int32), dx, torch.ones(2, 1), torch.tensor([0]))
+        fused_adapt_finish(
+            table, torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, 1), dx, torch.ones(2, 1), torch.tensor([0])
+        )
     torch.testing.assert_close(table, before, rtol=0, atol=0)
