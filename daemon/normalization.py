@@ -1,5 +1,5 @@
 """Forecast normalisation: how a forecast model copes with level and scale drift, per stream, and the guard that
-keeps its forecasts from losing to the last value.
+keeps its forecasts from losing to the last value (and, with `train.season`, to the seasonal-naive forecast).
 
 A forecast model sees each stream's *change* since its previous event, scaled by the typical size of one step's
 change, and predicts the next change in the same units. With `inputs = "stream"` (the default) that scale is
@@ -181,6 +181,12 @@ def predict_file_sequence(
 # the last value, so a stream's forecasts start as the last value and move toward the model as it proves itself.
 # The recent squared errors follow from the same averages: last value tt, model tt - 2 cross + dd, served (at the
 # current gain) tt - 2 g cross + g^2 dd.
+# With train.season (layout.season = s > 0) four more fields per column follow: sprev, the seasonal-naive change
+# x[k + 1 - s] - x[k] forecast at the previous event (stream scales, clipped), and cs, ss, ms, the averages of
+# target*sprev, sprev*sprev and prev*sprev; the values come from a ring of each stream's last s events (Ring, the
+# state store's `seasonal` table) and guard_coefficients picks the served mix of model and seasonal naive.
+# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, one pass each side of
+# the step (kernels/_cpu_kernel.c adapt_begin/adapt_finish; tests/test_fused_adaptation.py compares the two).
 
 SCALE_RATE = 0.05
 SCALE_CLIP = 10.0

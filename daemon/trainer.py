@@ -2,7 +2,8 @@
 
 One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had),
 run forward and backward through `lstm_sequence`, clip the gradient norm, take optimizer steps (Adam by
-default) on the trainer's own copy of the weights, then evaluate the result and the serving weights on the
+default; the learning rate optionally decaying over rounds since the optimizer's last reset, `learning_rate`) on
+the trainer's own copy of the weights, then evaluate the result and the serving weights on the
 held-out newest window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is
 handed to the serving loop, which swaps it in between two batches as version + 1 (`take_candidate`); a worse
 one is discarded and counted as `rejected`; a round whose loss, gradients or weights turn NaN/Inf is
