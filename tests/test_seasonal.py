@@ -8,12 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lstmd.clients import Producer
+from lstmd.clients import Admin, Producer
+from lstmd.clients.cli import app
 from lstmd.daemon.config import ConfigError, load_config, model_file_metadata
 from lstmd.daemon.engine import Engine
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.normalization import AdaptationLayout, guard_coefficients, guard_summary, predict_file_sequence
 from lstmd.daemon.state_store import StateStore
+from typer.testing import CliRunner
 
 CPU = torch.device("cpu")
 SEASON = 12
@@ -168,3 +170,26 @@ def test_the_config_refuses_a_season_that_cannot_work(overrides, message):
 def test_a_season_is_accepted_for_a_forecast_model():
     config = load_config(overrides=["model.task=forecast", "model.output_size=8", "train.season=52"], environ={})
     assert config.train.season == 52
+
+
+@pytest.mark.timeout(120)
+def test_train_status_metrics_and_the_cli_report_the_seasonal_baseline(make_daemon):
+    daemon = make_daemon(
+        **{"model.task": "forecast", "model.input_size": 1, "model.output_size": 1, "train.enabled": True,
+           "train.interval": 0, "train.season": SEASON}  # fmt: skip
+    )
+    series = np.stack([periodic(240, seed=s) for s in (10, 11)], axis=1)[:, :, None]
+    with Producer(daemon.endpoints["events"]) as producer:
+        for x in series:
+            producer.send(["p", "q"], x)
+    guard = Admin(daemon.endpoints["control"]).train_status()["guard"]
+    assert guard["season"] == SEASON and guard["seasonal_streams"] == 2, guard
+    assert guard["error_vs_last_value"]["seasonal"] < 0.1, "seasonal naive is far better on a periodic stream"
+    assert guard["error_vs_last_value"]["served"] <= 1.02 * guard["error_vs_last_value"]["seasonal"], guard
+    daemon.metrics.set_guard(daemon.guard_summary())
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("lstmd_forecast_seasonal_streams") == 2
+    ratio = registry.get_sample_value("lstmd_forecast_error_ratio", {"forecast": "seasonal"})
+    assert ratio == pytest.approx(guard["error_vs_last_value"]["seasonal"])
+    table = CliRunner().invoke(app, ["train", "status", "--control", daemon.endpoints["control"]]).stdout
+    assert "seasonal baseline" in table and f"lag {SEASON}: 2 streams lean on it" in table
