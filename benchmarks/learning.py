@@ -25,7 +25,7 @@ concurrently costs the serving path.
    one-step-ahead, online, error on the second half) against the last value, seasonal naive, the frozen model
    and deep-river's rolling LSTM regressor (`--deep-river-python` or LSTMD_DEEP_RIVER_PYTHON: a Python with
    deep-river, in its own virtual environment; it pins an older torch). One table and the geometric means.
-5. guard: the per-stream adaptation's share of the serving step's time (in process).
+5. guard: the per-stream adaptation's share of the serving step's time (in process, an A/B of interleaved pairs).
 """
 
 from __future__ import annotations
@@ -388,51 +388,73 @@ def print_suite(result: dict) -> None:
 
 
 def part_guard(args) -> dict:
-    """The guard's share of the serving step: Engine.step of a forecast model (I = O = 8, H = 64, one wave of
-    `--guard-batch` streams on the CPU, one torch thread) against the per-stream adaptation alone (gather, update,
-    forecast, scatter), interleaved; medians. An upper bound for its share of serving throughput: the step is
-    most, not all, of what an event costs."""
+    """The guard's cost in the serving step, as a same-run A/B: Engine.step of a forecast model (I = O = 8, H = 64,
+    one wave of `--guard-batch` streams on the CPU, one torch thread, the default backend) with the per-stream
+    adaptation (scale and guard) fused in C (the default), with it as torch ops (the previous code, as served
+    where the C extension was not built), and off: both adaptation calls replaced by pass-throughs (the LSTM sees
+    the raw change and the reply is the head's output; the last-event bookkeeping stays). Short blocks of steps
+    in rotating order; per round (on - off) / on for each "on"; median and the 10th-90th percentile range over
+    rounds. An upper bound for its share of serving throughput: the step is most, not all, of what an event costs."""
     import torch
-    from lstmd.daemon import normalization as N
+    from lstmd.daemon import engine as engine_module
     from lstmd.daemon.engine import Engine
     from lstmd.daemon.model import ModelSpec, ServingModel
     from lstmd.daemon.state_store import StateStore
 
     torch.set_num_threads(1)
-    cpu, n = torch.device("cpu"), args.guard_batch
+    cpu = torch.device("cpu")
     spec = ModelSpec(8, 64, 1, 8, "forecast", ())
-    engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 8)).astype(np.float32)
-    slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
-    fresh = np.zeros(n, bool)
-    xt, slot_t, layout, table = torch.from_numpy(x), torch.from_numpy(slots), engine.layout, engine.store.adaptation
-    change = xt * 0.01
+    fused = engine_module.fused_adapt_begin, engine_module.fused_adapt_finish
+    passthrough = (lambda table, slots, reset, init, dx, *rest: (dx, None)), (lambda table, slots, f, x, ch, c: ch)
+    modes = ("fused", "torch", "off")
+    results = []
+    for n in args.guard_batch:
+        engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
+        rng = np.random.default_rng(0)
+        # Random walks, cycled: a constant input would drive the guard's averages of a zero target into subnormal
+        # floats, which cost ~100x per operation (a stream stuck at one value for thousands of events would too).
+        walk = np.cumsum(rng.standard_normal((64, n, 8)), axis=0).astype(np.float32)
+        slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
+        fresh = np.zeros(n, bool)
+        block = max(5, 20_000 // n)  # steps per block: a few ms
 
-    def adaptation() -> None:
-        rows = N.adapt_begin(layout, table.index_select(0, slot_t), xt, xt * 0.1, None)
-        N.adapt_finish(layout, rows, xt, change, None)
-        table.index_copy_(0, slot_t, rows)
+        def timed(mode: str, engine=engine, walk=walk, slots=slots, fresh=fresh, block=block) -> float:
+            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = passthrough if mode == "off" else fused
+            engine._fused_adaptation = mode != "torch"
+            t0 = time.perf_counter()
+            for i in range(block):
+                engine.step(walk[i % 64], slots, fresh)
+            return (time.perf_counter() - t0) / block
 
-    step_s, guard_s = [], []
-    for i in range(args.guard_repeats + 5):
-        t0 = time.perf_counter()
-        engine.step(x, slots, fresh)
-        t1 = time.perf_counter()
-        adaptation()
-        if i >= 5:  # warm-up
-            step_s.append(t1 - t0)
-            guard_s.append(time.perf_counter() - t1)
-    step, guard = float(np.median(step_s)), float(np.median(guard_s))
-    return {"batch": n, "step_us": step * 1e6, "adaptation_us": guard * 1e6, "share": guard / step,
-            "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+        try:
+            for mode in modes:  # warm-up
+                timed(mode)
+            seconds = {mode: [] for mode in modes}
+            for r in range(args.guard_repeats):
+                for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
+                    seconds[mode].append(timed(mode))
+        finally:
+            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = fused
+        off = np.array(seconds["off"])
+        row = {"batch": n, "rounds": args.guard_repeats, "steps_per_block": block,
+               "step_us_off": float(np.median(off)) * 1e6}  # fmt: skip
+        for mode in ("fused", "torch"):
+            on = np.array(seconds[mode])
+            p10, p50, p90 = np.percentile((on - off) / on, [10, 50, 90])
+            row[mode] = {"step_us": float(np.median(on)) * 1e6, "share_median": p50, "share_p10": p10, "share_p90": p90}
+        results.append(row)
+    return {"runs": results, "load_avg_1m": os.getloadavg()[0]}
 
 
 def print_guard(result: dict) -> None:
-    print(f"\n## the guard's cost: {result['batch']} events per step, load average {result['load_avg_1m']:.1f}")
-    per_event = result["step_us"] / result["batch"] * 1e3
-    print(f"Engine.step {result['step_us']:.0f} us ({per_event:.0f} ns per event), of which the per-stream "
-          f"adaptation {result['adaptation_us']:.0f} us = {100 * result['share']:.1f}%")  # fmt: skip
+    print(f"\n## the guard's cost (A/B/C in rotating order), load average {result['load_avg_1m']:.1f}")
+    print("| events per step | step, off (us) | fused: step (us) | fused: share, median (p10 to p90) "
+          "| torch ops: step (us) | torch ops: share, median (p10 to p90) |")
+    print("|---|---|---|---|---|---|")
+    for r in result["runs"]:
+        cells = [f"{r[m]['step_us']:.0f} | {100 * r[m]['share_median']:.1f}% ({100 * r[m]['share_p10']:.1f}% to "
+                 f"{100 * r[m]['share_p90']:.1f}%)" for m in ("fused", "torch")]  # fmt: skip
+        print(f"| {r['batch']} | {r['step_us_off']:.0f} | {cells[0]} | {cells[1]} |")
 
 
 # ---- part 3: latency --------------------------------------------------------------------------------------
@@ -572,8 +594,8 @@ def main() -> None:
         default=os.environ.get("LSTMD_DEEP_RIVER_PYTHON"),
         help="suite: a Python with deep-river installed (its own venv: its torch pin); unset: no deep-river column",
     )
-    parser.add_argument("--guard-batch", type=int, default=5000, help="guard: events per step")
-    parser.add_argument("--guard-repeats", type=int, default=300, help="guard: steps timed")
+    parser.add_argument("--guard-batch", type=int, nargs="+", default=[100, 1000, 5000], help="guard: events per step")
+    parser.add_argument("--guard-repeats", type=int, default=200, help="guard: interleaved pairs of blocks timed")
     parser.add_argument("--deep-river-worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

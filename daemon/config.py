@@ -171,6 +171,18 @@ class TrainConfig(_Section):
     steps: Annotated[int, doc("optimizer steps per round", ge=1)] = 5
     optimizer: Annotated[Literal["adam", "sgd"], doc("the optimizer")] = "adam"
     lr: Annotated[float, doc("learning rate", gt=0)] = 1e-2
+    # lr_half_life, lr_min, sample_half_life: chosen on the real series of benchmarks/learning.py --part suite, three
+    # seeds each (docs/benchmarks.md "Issue 15, second session"): a mild recency weighting helped on every seed, a
+    # decaying rate did not beat a constant one.
+    lr_half_life: Annotated[
+        float, doc("rounds over which the learning rate halves, restarting at `lr` with every optimizer reset "
+                   "(drift reset, import, rollback); 0: constant", ge=0)
+    ] = 0.0
+    lr_min: Annotated[float, doc("the decayed learning rate's floor, as a fraction of `lr`", gt=0, le=1)] = 0.1
+    sample_half_life: Annotated[
+        float, doc("recency weighting of training windows: one this many windows older than its stream's newest "
+                   "is drawn half as often; 0: uniform", ge=0)
+    ] = 8.0
     clip_norm: Annotated[float, doc("gradient-norm clipping", gt=0)] = 1.0
     tolerance: Annotated[
         float, doc("publish when holdout loss <= serving loss * (1 + tolerance)", ge=0)
@@ -190,6 +202,10 @@ class TrainConfig(_Section):
     horizon: Annotated[
         int, doc("forecast: steps of the training loss (multi-step rollouts in each window); 1: one step", ge=1)
     ] = 1
+    season: Annotated[
+        int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream; 0: none, else "
+                 ">= 2; costs 4 * season * output_size bytes per state slot", ge=0, le=100_000)
+    ] = 0
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
@@ -713,6 +729,13 @@ def _validate_forecast_columns(m: ModelConfig) -> None:
 
 def _validate_train(config: Config) -> None:
     t = config.train
+    if t.season == 1:
+        raise ConfigError("train.season = 1 is the last value, which the guard always has: use 0 (none) or >= 2")
+    if t.season and (config.model.task != "forecast" or t.forecast_inputs != "stream"):
+        raise ConfigError(
+            f"train.season ({t.season}) is the guard's seasonal-naive baseline, for model.task = forecast with "
+            f"train.forecast_inputs = stream only (task {config.model.task!r}, inputs {t.forecast_inputs!r})"
+        )
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(
             f"train.record_steps ({t.record_steps}) must be a multiple of train.k2 ({t.k2}) and at least "

@@ -12,13 +12,14 @@ import os
 
 import numpy as np
 import torch
+from lstmd.daemon import normalization as adaptation
 from lstmd.daemon.model import ServingModel
-from lstmd.daemon.normalization import AdaptationLayout, adapt_begin, adapt_finish
+from lstmd.daemon.normalization import AdaptationLayout, Ring, adapt_begin, adapt_finish
 from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.tasks import task_for
 from lstmd.kernels import lstm_step_
 from lstmd.kernels.backends import Backends, select_backends
-from lstmd.kernels.cpu_step import CpuStep
+from lstmd.kernels.cpu_step import CpuStep, fused_adapt_begin, fused_adapt_finish
 from lstmd.kernels.tuning import set_torch_threads
 
 
@@ -40,6 +41,7 @@ class Engine:
         cpu_threads: int = 0,
         step_threads: int = 1,
         cuda_graphs: bool = True,
+        season: int = 0,  # train.season: the guard's seasonal-naive lag (forecast models)
     ) -> None:
         self.device = device
         if device.type == "cpu":
@@ -56,8 +58,13 @@ class Engine:
         self.stream_state = self.task.stream_state(store.capacity, device)
         self.layout = None
         if self.stream_state is not None:  # per-stream scale and guard (normalization.py), every forecast model
-            self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size)
-            store.enable_adaptation(self.layout.initial_row())
+            self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size, season)
+            store.enable_adaptation(self.layout.initial_row(), season, model.spec.output_size)
+        # The per-stream adaptation in one C pass each side of the step (kernels/_cpu_kernel.c), where the fused CPU
+        # step was built; a season's ring stays in torch (normalization.py).
+        self._fused_adaptation = self.layout is not None and not season and self._cpu_step is not None and (
+            self._cpu_step.fused
+        )
         self._device_step = None
         if device.type == "cuda" and self.stream_state is None:
             from lstmd.daemon.device_step import DeviceStep
@@ -96,17 +103,25 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        inputs, rows = x, None
+        inputs, rows, ring, scaled, factor = x, None, None, None, None
         if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
             dx = x - self.stream_state.previous(x, slot_t, reset)
-            # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
-            rows = self.store.adaptation.index_select(0, slot_t)
-            if reset is not None:
-                rows[reset] = self.store.adaptation_init
-            rows = adapt_begin(self.layout, rows, x, dx, model.columns)
+            if self._fused_adaptation:
+                scaled, factor = fused_adapt_begin(
+                    self.store.adaptation, slot_t, reset, self.store.adaptation_init, dx, model.columns,
+                    adaptation.count_steps(self.device), adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
+                )  # fmt: skip
+            else:
+                # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
+                rows = self.store.adaptation.index_select(0, slot_t)
+                if reset is not None:
+                    rows[reset] = self.store.adaptation_init
+                ring = None if self.store.seasonal is None else Ring(self.store.seasonal, slot_t)
+                rows = adapt_begin(self.layout, rows, x, dx, model.columns, ring)
+                scaled = adaptation.stream_inputs(dx, rows[:, self.layout.field("scale")])
         norm = model.normalization
         if norm is not None:
-            inputs = norm.lstm_inputs(x, dx, rows[:, self.layout.field("scale")])
+            inputs = scaled if norm.inputs == "stream" else norm.lstm_inputs(x, dx)
         if self._cpu_step is not None:  # the step and the head, on the rows each thread just computed
             out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
         else:
@@ -117,8 +132,10 @@ class Engine:
             )
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
-        if norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
-            out = adapt_finish(self.layout, rows, x, out, model.columns)
+        if norm is not None and norm.inputs == "stream" and rows is None:  # the guard, fused
+            out = fused_adapt_finish(self.store.adaptation, slot_t, factor, x.contiguous(), out, model.columns)
+        elif norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
+            out = adapt_finish(self.layout, rows, x, out, model.columns, ring)
         elif norm is not None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
         if rows is not None:

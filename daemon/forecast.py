@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from lstmd.clients.protocol import MAX_FORECAST_HORIZON as MAX_HORIZON
-from lstmd.daemon.normalization import adapt_begin, adapt_finish
+from lstmd.daemon.normalization import Ring, adapt_begin, adapt_finish
 from lstmd.kernels import lstm_step_
 
 EXOG_NOT_FINITE = "exog holds NaN or Inf"
@@ -101,7 +101,7 @@ def next_event(last: torch.Tensor, pred: torch.Tensor, columns: torch.Tensor | N
 
 
 def feed(norm, layout, adapt: torch.Tensor | None, last: torch.Tensor, event: torch.Tensor,
-         columns: torch.Tensor | None) -> torch.Tensor:
+         columns: torch.Tensor | None, ring: Ring | None = None) -> torch.Tensor:
     """What the LSTM sees for a rollout's `event` after `last`, as the serving step (daemon/engine.py) forms it.
     With "stream" inputs the streams' adaptation rows `adapt` are stepped with the event first (in place, as
     serving steps the real rows). They are running statistics, outside autograd: the scale is a constant for the
@@ -110,12 +110,12 @@ def feed(norm, layout, adapt: torch.Tensor | None, last: torch.Tensor, event: to
     if adapt is None:
         return event if norm is None else norm.lstm_inputs(event, dx)
     with torch.no_grad():
-        adapt_begin(layout, adapt, event.detach(), dx.detach(), columns)
+        adapt_begin(layout, adapt, event.detach(), dx.detach(), columns, ring)
     return norm.lstm_inputs(event, dx, adapt[:, layout.field("scale")].clone())
 
 
 def model_forecast(norm, layout, adapt: torch.Tensor | None, last: torch.Tensor, head_out: torch.Tensor,
-                   columns: torch.Tensor | None, guard: bool = True) -> torch.Tensor:
+                   columns: torch.Tensor | None, guard: bool = True, ring: Ring | None = None) -> torch.Tensor:
     """The forecast in the data's units from the head's output after event `last`, as the serving step forms it.
     `guard` False (the trainer's rollouts): with "stream" inputs, the model's own forecast, last value + scale x
     predicted change, without the stream's gain (serving state, not a function of the weights; the one-step loss
@@ -123,7 +123,7 @@ def model_forecast(norm, layout, adapt: torch.Tensor | None, last: torch.Tensor,
     if adapt is None:
         return head_out if norm is None else norm.predictions(last, head_out, columns)
     if guard:
-        return adapt_finish(layout, adapt, last, head_out, columns)
+        return adapt_finish(layout, adapt, last, head_out, columns, ring)
     scale = adapt[:, layout.field("scale")]
     if columns is not None:
         scale, last = scale.index_select(1, columns), last.index_select(1, columns)
@@ -147,10 +147,12 @@ def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = N
     # "stream" inputs: copies of the streams' adaptation rows (scale and guard, daemon/normalization.py), stepped
     # with each predicted event exactly as the serving step steps the real rows (engine.step).
     adapt = engine.store.adaptation.index_select(0, slot_t) if norm is not None and norm.inputs == "stream" else None
+    seasonal = engine.store.seasonal
+    ring = None if adapt is None or seasonal is None else Ring(seasonal.index_select(0, slot_t), rows)
 
     def predict(last: torch.Tensor) -> torch.Tensor:
         """The forecast from the scratch state's top layer, as the serving step forms it after event `last`."""
-        return model_forecast(norm, layout, adapt, last, torch.addmm(bias, h[-1], weight.t()), columns)
+        return model_forecast(norm, layout, adapt, last, torch.addmm(bias, h[-1], weight.t()), columns, ring=ring)
 
     out = torch.empty(n, horizon, model.spec.output_size, device=device)
     pred = predict(x)  # step 1: the last reply's prediction
@@ -158,7 +160,7 @@ def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = N
     for j in range(1, horizon):
         # Feed e_j: the previous event (or exog's known features) with the forecast columns replaced by p_j.
         event = next_event(x, pred, columns, None if future is None else future[:, j - 1])
-        inputs = feed(norm, layout, adapt, x, event, columns)
+        inputs = feed(norm, layout, adapt, x, event, columns, ring)
         lstm_step_(inputs, rows, h, c, model.params, backend=engine.backends.kernel, validate_slots=False)
         x = event
         pred = predict(x)

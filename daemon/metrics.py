@@ -68,7 +68,7 @@ class Metrics:
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
     `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
     the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate|baseline (the
-    last value); `forecast_error_ratio{forecast}` served|model;
+    last value); `forecast_error_ratio{forecast}` served|model|seasonal (seasonal with train.season);
     `device_memory{kind}` allocated|reserved;
     `control_commands{command, outcome}` outcome ok|error|internal_error|refused;
     `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error|overloaded;
@@ -187,10 +187,16 @@ class Metrics:
             "lstmd_forecast_gain_mean", "Mean guard gain over forecast streams (1: the model's change as predicted)",
             registry=r,
         )
+        self.forecast_seasonal_streams = Gauge(
+            "lstmd_forecast_seasonal_streams",
+            "Forecast streams whose guard leans on the seasonal-naive forecast (weight >= 0.5 in a column; "
+            "train.season)",
+            registry=r,
+        )
         self.forecast_error_ratio = Gauge(
             "lstmd_forecast_error_ratio",
             "Recent squared forecast error over the last value's, all streams in their own scales (served: after the "
-            "guard; model: the model's unshrunk forecast)",
+            "guard; model: the model's unshrunk forecast; seasonal: the seasonal naive, with train.season)",
             ["forecast"],
             registry=r,
         )
@@ -289,6 +295,7 @@ class Metrics:
         """The forecast guard's gauges from daemon/normalization.py's guard_summary (None: not measured yet)."""
         nan = float("nan")
         self.forecast_fallback_streams.set(summary.get("fallback_streams", 0))
+        self.forecast_seasonal_streams.set(summary.get("seasonal_streams", 0))
         self.forecast_gain.set(summary.get("mean_gain") if summary.get("mean_gain") is not None else nan)
         for forecast, value in (summary.get("error_vs_last_value") or {}).items():
             self.forecast_error_ratio.labels(forecast).set(nan if value is None else value)

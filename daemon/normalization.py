@@ -1,5 +1,5 @@
 """Forecast normalisation: how a forecast model copes with level and scale drift, per stream, and the guard that
-keeps its forecasts from losing to the last value.
+keeps its forecasts from losing to the last value (and, with `train.season`, to the seasonal-naive forecast).
 
 A forecast model sees each stream's *change* since its previous event, scaled by the typical size of one step's
 change, and predicts the next change in the same units. With `inputs = "stream"` (the default) that scale is
@@ -133,12 +133,12 @@ def read_columns(metadata: dict[str, str]) -> list[int] | None:
 
 @torch.no_grad()
 def predict_file_sequence(
-    lstm: torch.nn.LSTM, head: torch.nn.Linear, metadata: dict[str, str], x: torch.Tensor
+    lstm: torch.nn.LSTM, head: torch.nn.Linear, metadata: dict[str, str], x: torch.Tensor, season: int = 0
 ) -> torch.Tensor:
     """A model file's predictions for whole streams x [B, T, I] (batch first, each from its first event, zero
     state), with the torch modules the file loads into and its metadata: what the daemon answers for the same
-    events. Forecast files apply their normalisation and columns; classification files answer softmax(head(lstm(x)))
-    (class probabilities); other files plain head(lstm(x))."""
+    events (`season`: the daemon's train.season). Forecast files apply their normalisation and columns;
+    classification files answer softmax(head(lstm(x))) (class probabilities); other files plain head(lstm(x))."""
     if metadata.get("task") != "forecast" or METADATA_KEY not in metadata:
         y, _ = lstm(x)
         return head(y).softmax(-1) if metadata.get("task") == "classification" else head(y)
@@ -147,14 +147,15 @@ def predict_file_sequence(
     index = None if columns is None else torch.tensor(columns, dtype=torch.long)
     if norm.inputs == "stream":  # event by event: the stream's scale and guard evolve with it
         B, T, _ = x.shape
-        layout = AdaptationLayout(x.shape[2], head.out_features)
+        layout = AdaptationLayout(x.shape[2], head.out_features, season)
         rows = layout.initial_row().expand(B, -1).clone()
+        ring = Ring(torch.zeros(B, season, head.out_features), torch.arange(B)) if season else None
         state, out = None, []
         for t in range(T):
             dx = x[:, t] - x[:, t - 1] if t else torch.zeros_like(x[:, 0])
-            rows = adapt_begin(layout, rows, x[:, t], dx, index)
+            rows = adapt_begin(layout, rows, x[:, t], dx, index, ring)
             y, state = lstm(stream_inputs(dx, rows[:, layout.field("scale")]).unsqueeze(1), state)
-            out.append(adapt_finish(layout, rows, x[:, t], head(y[:, 0]), index))
+            out.append(adapt_finish(layout, rows, x[:, t], head(y[:, 0]), index, ring))
         return torch.stack(out, 1)
     dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)  # 0 at a stream's first event
     y, _ = lstm(norm.lstm_inputs(x, dx))
@@ -180,6 +181,12 @@ def predict_file_sequence(
 # the last value, so a stream's forecasts start as the last value and move toward the model as it proves itself.
 # The recent squared errors follow from the same averages: last value tt, model tt - 2 cross + dd, served (at the
 # current gain) tt - 2 g cross + g^2 dd.
+# With train.season (layout.season = s > 0) four more fields per column follow: sprev, the seasonal-naive change
+# x[k + 1 - s] - x[k] forecast at the previous event (stream scales, clipped), and cs, ss, ms, the averages of
+# target*sprev, sprev*sprev and prev*sprev; the values come from a ring of each stream's last s events (Ring, the
+# state store's `seasonal` table) and guard_coefficients picks the served mix of model and seasonal naive.
+# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, one pass each side of
+# the step (kernels/_cpu_kernel.c adapt_begin/adapt_finish; tests/test_fused_adaptation.py compares the two).
 
 SCALE_RATE = 0.05
 SCALE_CLIP = 10.0
@@ -193,19 +200,22 @@ _FIRST = 1e30  # "no scale yet": caps nothing, and multiplies a gain of exactly 
 
 @dataclass(frozen=True)
 class AdaptationLayout:
-    """Where each per-stream field sits in a packed adaptation row (I inputs, O forecast columns)."""
+    """Where each per-stream field sits in a packed adaptation row (I inputs, O forecast columns; with a season,
+    the seasonal-naive baseline's fields after the others)."""
 
     inputs: int
     outputs: int
+    season: int = 0  # train.season: the seasonal-naive lag; 0: none
 
     @property
     def width(self) -> int:
-        return self.inputs + 1 + 4 * self.outputs
+        return self.inputs + 1 + (8 if self.season else 4) * self.outputs
 
     def field(self, name: str) -> slice:
         i, o = self.inputs, self.outputs
         start = {"scale": 0, "count": i, "prev": i + 1, "cross": i + 1 + o, "dd": i + 1 + 2 * o,
-                 "tt": i + 1 + 3 * o}[name]  # fmt: skip
+                 "tt": i + 1 + 3 * o, "sprev": i + 1 + 4 * o, "cs": i + 1 + 5 * o, "ss": i + 1 + 6 * o,
+                 "ms": i + 1 + 7 * o}[name]  # fmt: skip
         return slice(start, start + (1 if name == "count" else o if name != "scale" else i))
 
     def initial_row(self, device=None) -> torch.Tensor:
@@ -213,7 +223,14 @@ class AdaptationLayout:
         row = torch.zeros(self.width, device=device)
         row[self.field("scale")] = _FIRST
         row[self.field("dd")] = GAIN_PRIOR
+        if self.season:
+            row[self.field("ss")] = GAIN_PRIOR  # the same ridge prior: the seasonal forecast earns its weight too
         return row
+
+    def ring_bytes(self) -> int:
+        """Bytes per stream of the seasonal ring (the state store's `seasonal` table): season values of each
+        forecast column, float32."""
+        return 4 * self.season * self.outputs
 
 
 def stream_inputs(dx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -225,19 +242,34 @@ def gain(cross: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
     return (cross / dd.clamp_min(1e-12)).clamp(0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class Ring:
+    """The seasonal ring of a wave's streams: `table` [S, season, O] (the state store's, or a scratch copy) and
+    `slots` [B] each row's index into it. Row b's event k (from 0 since its start) goes to column k % season, so the
+    seasonal-naive forecast of the next event, x[k + 1 - season], sits at column (k + 1) % season once k + 1 >=
+    season. Columns are written before they are read, so a stream that starts over needs no clearing."""
+
+    table: torch.Tensor
+    slots: torch.Tensor
+
+    def flat(self, column: torch.Tensor) -> torch.Tensor:
+        season = self.table.shape[1]
+        return self.slots * season + column.long() % season
+
+
 def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
-                columns: torch.Tensor | None) -> torch.Tensor:
+                columns: torch.Tensor | None, ring: Ring | None = None) -> torch.Tensor:
     """One event per row: score the previous forecast, update the scale. `rows` [B, width]: the streams' rows,
     a gathered copy (initial rows where a stream starts over), updated in place and returned; x [B, I]; dx [B, I]
-    their changes (0 at a start). rows[:, field("scale")] is then the scale of this change; adapt_finish adds
-    the new prediction."""
+    their changes (0 at a start); `ring` (layout.season > 0): where this event's forecast columns are kept.
+    rows[:, field("scale")] is then the scale of this change; adapt_finish adds the new prediction."""
     f = layout.field
     s_prev, n, h = rows[:, f("scale")], rows[:, f("count")], rows[:, f("prev")]
     col = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
     # Every op here costs a few microseconds per wave whatever its size, so: the weights that depend on the count
     # come from one table lookup, masks multiply (torch.where costs ~8 multiplies on the CPU), and the fields update
     # in place (a torch.cat of them cost as much as all the arithmetic).
-    steps = _count_steps(rows.device)
+    steps = count_steps(rows.device)
     rate, weight = steps.index_select(0, n.squeeze(1).clamp(max=steps.shape[0] - 1).long()).unbind(1)
     rate, weight = rate.unsqueeze(1), weight.unsqueeze(1)
     # The forecast made at the previous event (scored from the stream's third event: the first has no scale and
@@ -245,6 +277,11 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     target = (col(dx) / col(s_prev)).clamp_(-CLIP, CLIP)
     rows[:, f("cross")].lerp_(target * h, weight)
     rows[:, f("dd")].lerp_(h * h, weight)
+    if ring is not None:  # the seasonal forecast made at the previous event meets the same target
+        sp = rows[:, f("sprev")]
+        rows[:, f("cs")].lerp_(target * sp, weight)
+        rows[:, f("ss")].lerp_(sp * sp, weight)
+        rows[:, f("ms")].lerp_(h * sp, weight)
     rows[:, f("tt")].lerp_(target.square_(), weight)
     # The scale: _FIRST at a stream's first event (its change is 0), the first change sets it (rate 1), then a
     # running mean, then the average; a change counts at most SCALE_CLIP scales (_FIRST caps nothing). Never 0:
@@ -252,13 +289,15 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     size = torch.minimum(dx.abs(), s_prev * SCALE_CLIP)
     s_prev.lerp_(size, rate).clamp_(min=SCALE_FLOOR)
     n.add_(1.0)
+    if ring is not None:
+        ring.table.view(-1, ring.table.shape[2]).index_copy_(0, ring.flat(n.squeeze(1) - 1), col(x))
     return rows
 
 
 _STEPS: dict[torch.device, torch.Tensor] = {}
 
 
-def _count_steps(device: torch.device) -> torch.Tensor:
+def count_steps(device: torch.device) -> torch.Tensor:
     """[k, 2]: the scale's rate and the guard's weight for a stream that has seen k events (the last row: all
     later counts). Rate 0 at the first event (no change yet), then 1/k (a running mean), then SCALE_RATE; weight 0
     for the first two events (no scored forecast yet), then GAIN_RATE."""
@@ -270,15 +309,49 @@ def _count_steps(device: torch.device) -> torch.Tensor:
 
 
 def adapt_finish(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, change: torch.Tensor,
-                 columns: torch.Tensor | None) -> torch.Tensor:
+                 columns: torch.Tensor | None, ring: Ring | None = None) -> torch.Tensor:
     """The served forecast from the model's predicted `change` [B, O] (units of the stream scale); keeps it in the
-    rows for the next event's scoring."""
+    rows for the next event's scoring. With a `ring`, the seasonal-naive change joins it (guard_coefficients)."""
     f = layout.field
     rows[:, f("prev")] = change
     s = rows[:, f("scale")]
     if columns is not None:
         s, x = s.index_select(1, columns), x.index_select(1, columns)
-    return torch.addcmul(x, s, gain(rows[:, f("cross")], rows[:, f("dd")]).mul_(change))
+    if ring is None:
+        return torch.addcmul(x, s, gain(rows[:, f("cross")], rows[:, f("dd")]).mul_(change))
+    # The seasonal-naive forecast x[k + 1 - season] as a change in stream scales, clipped like every target (an
+    # outlier a season ago must not come back whole); 0 (the last value) until a full season was seen.
+    n = rows[:, f("count")]
+    seasonal = ring.table.view(-1, ring.table.shape[2]).index_select(0, ring.flat(n.squeeze(1)))
+    sp = ((seasonal - x) / s).clamp_(-CLIP, CLIP).mul_(n >= layout.season)
+    rows[:, f("sprev")] = sp
+    g, a = guard_coefficients(layout, rows)
+    return torch.addcmul(x, s, g.mul_(change).addcmul_(a, sp))
+
+
+def guard_coefficients(layout: AdaptationLayout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """With a season: the weights (g, a) of the model's change m and the seasonal-naive change s in the served
+    change g m + a s, per stream and column, from the running averages of the products of m, s and the target t.
+    Three candidates, each a least-squares fit over [0, 1]: the model alone (g = cross / dd, a = 0), the seasonal
+    naive alone (g = 0, a = cs / ss) and both (the 2x2 normal equations, clamped); the one with the least expected
+    squared error E(g, a) = tt - 2 g cross - 2 a cs + g^2 dd + 2 g a ms + a^2 ss is served. (0, 0) is the last value
+    and (0, 1) the seasonal naive, both inside the first two candidates' ranges, so on the stream's recent scored
+    forecasts the served one is never worse than the better of the two baselines."""
+    f = layout.field
+    cross, dd, tt = rows[:, f("cross")], rows[:, f("dd")], rows[:, f("tt")]
+    cs, ss, ms = rows[:, f("cs")], rows[:, f("ss")], rows[:, f("ms")]
+    det = (dd * ss - ms * ms).clamp_min(1e-12)
+    zero = torch.zeros_like(cross)
+    candidates = [
+        (gain(cross, dd), zero),
+        (zero, gain(cs, ss)),
+        (((cross * ss - cs * ms) / det).clamp(0.0, 1.0), ((cs * dd - cross * ms) / det).clamp(0.0, 1.0)),
+    ]
+    errors = torch.stack([tt - 2 * g * cross - 2 * a * cs + g * g * dd + 2 * g * a * ms + a * a * ss
+                          for g, a in candidates])  # fmt: skip
+    best = errors.argmin(0, keepdim=True)
+    pick = lambda k: torch.stack([c[k] for c in candidates]).gather(0, best)[0]  # noqa: E731
+    return pick(0), pick(1)
 
 
 def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, occupied: torch.Tensor) -> dict:
@@ -290,11 +363,23 @@ def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, o
     live = table[occupied & (table[:, f("count")].squeeze(1) >= 3)]
     cross, dd, tt = live[:, f("cross")], live[:, f("dd")], live[:, f("tt")]
     g = gain(cross, dd)
+    a = torch.zeros_like(g)
+    served = tt - 2 * g * cross + g * g * dd
+    if layout.season:
+        cs, ss, ms = live[:, f("cs")], live[:, f("ss")], live[:, f("ms")]
+        g, a = guard_coefficients(layout, live)
+        served = tt - 2 * g * cross - 2 * a * cs + g * g * dd + 2 * g * a * ms + a * a * ss
     naive = float(tt.sum())
     ratio = (lambda v: round(float(v.sum()) / naive, 4) if naive > 0 else None)
-    return {
+    out = {
         "streams": int(live.shape[0]),
-        "fallback_streams": int((g < FALLBACK_GAIN).all(1).sum()),
+        "fallback_streams": int(((g < FALLBACK_GAIN) & (a < FALLBACK_GAIN)).all(1).sum()),
         "mean_gain": round(float(g.mean()), 4) if g.numel() else None,
-        "error_vs_last_value": {"served": ratio(tt - 2 * g * cross + g * g * dd), "model": ratio(tt - 2 * cross + dd)},
+        "error_vs_last_value": {"served": ratio(served), "model": ratio(tt - 2 * cross + dd)},
     }
+    if layout.season:  # the second baseline: how it does, and how many streams lean on it
+        out["season"] = layout.season
+        out["seasonal_streams"] = int((a >= 0.5).any(1).sum())
+        out["mean_seasonal_weight"] = round(float(a.mean()), 4) if a.numel() else None
+        out["error_vs_last_value"]["seasonal"] = ratio(tt - 2 * cs + ss)
+    return out

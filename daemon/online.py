@@ -53,6 +53,7 @@ class OnlineModel:
             columns=(list(spec.forecast_columns) or None) if forecast else None,
             scale_table=self.store.adaptation[:, self.engine.layout.field("scale")] if forecast else None,
             max_sequence=t.max_sequence if self.config.model.output == "end" else 0,
+            sample_half_life=t.sample_half_life,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backends, seed = self.engine.backends, self.config.model.seed

@@ -196,6 +196,7 @@ class Recorder:
         columns: list[int] | None = None,  # forecast: the next event's columns that are the target; None: all
         scale_table: torch.Tensor | None = None,  # forecast: the state store's per-slot scale [capacity, I]
         max_sequence: int = 0,  # model.output = "end": steps kept per finished sequence; 0: output = "every"
+        sample_half_life: float = 0.0,  # windows: recency weighting of training windows (sample()); 0: uniform
     ) -> None:
         if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
             raise ValueError(
@@ -204,6 +205,7 @@ class Recorder:
         R, T, W = record_streams, record_steps, record_steps // k2
         self.task, self.k2, self.idle_s, self.clock = task, k2, idle_s, clock
         self.holdout_windows = holdout_windows
+        self.sample_half_life = sample_half_life
         self.forecast = task == "forecast"
         self.columns = None if columns is None else [int(c) for c in columns]  # a list: nbytes counts the arrays
         if self.forecast and target_size != (input_size if columns is None else len(columns)):
@@ -437,7 +439,8 @@ class Recorder:
         return cat(rows_all), cat(ws_all), cat(hold_all), cat(starts_all)
 
     def sample(self, n_train: int, max_holdout: int, rng: np.random.Generator) -> tuple[Windows, Windows] | None:
-        """Copy out n_train training windows (sampled with replacement) and up to max_holdout holdout windows.
+        """Copy out n_train training windows (sampled with replacement, newer ones more often with a
+        `sample_half_life`: _recency) and up to max_holdout holdout windows.
 
         Returns None when no training window or no holdout window exists yet. The lock is held only to choose
         the windows and to check them afterwards, not during the copy (~10 ms for 1,280 windows of 32 events on
@@ -457,7 +460,7 @@ class Recorder:
             train, held = train[useful[train]], held[useful[held]]
             if train.size == 0 or held.size == 0:
                 return None
-            pick = rng.choice(train, size=n_train, replace=True)
+            pick = rng.choice(train, size=n_train, replace=True, p=self._recency(rows[train], starts[train]))
             if held.size > max_holdout:
                 held = rng.choice(held, size=max_holdout, replace=False)
             generation = self.generation.copy()
@@ -487,6 +490,17 @@ class Recorder:
             if held.size > max_holdout:
                 held = rng.choice(held, size=max_holdout, replace=False)
             return self.sequences.windows(rng.choice(train, size=n_train, replace=True)), self.sequences.windows(held)
+
+    def _recency(self, rows: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
+        """Sampling probabilities of training windows (rows, absolute starts): a window `a` windows older than its
+        stream's newest training window weighs 0.5 ** (a / sample_half_life), so the trainer sees mostly what the
+        streams do now while older windows still regularise; None (uniform) when the half-life is 0. Call with the
+        lock held."""
+        if self.sample_half_life <= 0:
+            return None
+        newest = (self.count[rows] // self.k2 - 1 - self.holdout_windows) * self.k2
+        weight = np.exp2(-(newest - starts) / (self.k2 * self.sample_half_life))
+        return weight / weight.sum()
 
     def count_windows(self) -> tuple[int, int]:
         """(training windows, holdout windows) available now; with whole sequences, labelled sequences."""

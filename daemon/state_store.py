@@ -188,11 +188,17 @@ class StateStore:
         # at its first event (new, reset, reused slot), so no pass clears them. None: not a forecast model.
         self.adaptation: torch.Tensor | None = None
         self.adaptation_init: torch.Tensor | None = None
+        # With train.season: each slot's last `season` values of the forecast columns, a ring (normalization.Ring)
+        # [capacity, season, O] float32 beside the adaptation rows; written before read, so never cleared.
+        self.seasonal: torch.Tensor | None = None
 
-    def enable_adaptation(self, initial_row: torch.Tensor) -> None:
-        """Allocate the [capacity, width] float32 adaptation table on the device, every row `initial_row`."""
+    def enable_adaptation(self, initial_row: torch.Tensor, season: int = 0, outputs: int = 0) -> None:
+        """Allocate the [capacity, width] float32 adaptation table on the device, every row `initial_row`, and with a
+        `season` the seasonal ring of `outputs` columns."""
         self.adaptation_init = initial_row.to(self.device, torch.float32)
         self.adaptation = self.adaptation_init.expand(self.capacity, -1).clone()
+        if season:
+            self.seasonal = torch.zeros(self.capacity, season, outputs, device=self.device)
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -437,6 +443,7 @@ class StateStore:
             "resend_out": torch.from_numpy(self.resend_out[slots]),
             **self.evicted.snapshot_tensors(),
             **({} if self.adaptation is None else {"adaptation": self.adaptation.index_select(0, take).cpu()}),
+            **({} if self.seasonal is None else {"seasonal": self.seasonal.index_select(0, take).cpu()}),
         }
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -481,8 +488,12 @@ class StateStore:
             log.warning("the snapshot's resend window does not fit serve.resend_window: earlier outputs not kept")
         if self.adaptation is not None:
             saved = tensors.get("adaptation")
-            if saved is not None and saved.shape == (n, self.adaptation.shape[1]):
+            ring = tensors.get("seasonal")
+            ring_fits = self.seasonal is None or (ring is not None and ring.shape == (n, *self.seasonal.shape[1:]))
+            if saved is not None and saved.shape == (n, self.adaptation.shape[1]) and ring_fits:
                 self.adaptation.index_copy_(0, take, saved.to(self.device))
+                if self.seasonal is not None:
+                    self.seasonal.index_copy_(0, take, ring.to(self.device))
             # else an older snapshot, or another model shape: clear() left those streams' rows initial (they start
             # their adaptation over)
 

@@ -2,15 +2,16 @@
 
 One round: copy windows of k2 steps out of the recorder (each starting from the state its stream really had; with
 model.output = "end", whole sequences padded to the longest, from the zero state or the state carried into a
-truncated one, the mask marking each end step, so the same loss code counts only the end steps),
-run forward and backward through `lstm_sequence` (forecast models with `train.horizon` > 1: the multi-step loss
-of daemon/horizon.py, on which the holdout check judges too), clip the gradient norm, take optimizer steps (Adam by
-default) on the trainer's own copy of the weights, then evaluate the result and the serving weights on the
-held-out newest window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is
-handed to the serving loop, which swaps it in between two batches as version + 1 (`take_candidate`); a worse
-one is discarded and counted as `rejected`; a round whose loss, gradients or weights turn NaN/Inf is
-discarded as `diverged` and the trainer starts again from the serving weights. Nothing the trainer computes
-reaches serving except through that check, so NaN/Inf never does.
+truncated one, the mask marking each end step, so the same loss code counts only the end steps), run forward and
+backward through `lstm_sequence` (forecast models with `train.horizon` > 1: the multi-step loss of
+daemon/horizon.py, on which the holdout check judges too), clip the gradient norm, take optimizer steps (Adam by
+default; the learning rate optionally decaying over rounds since the optimizer's last reset, `learning_rate`) on
+the trainer's own copy of the weights, then evaluate the result and the serving weights on the held-out newest
+window of every recorded stream. A candidate that is no worse (within `train.tolerance`) is handed to the serving
+loop, which swaps it in between two batches as version + 1 (`take_candidate`); a worse one is discarded and counted
+as `rejected`; a round whose loss, gradients or weights turn NaN/Inf is discarded as `diverged` and the trainer
+starts again from the serving weights. Nothing the trainer computes reaches serving except through that check, so
+NaN/Inf never does.
 
 A rejected round's weights stay the trainer's (the next round may improve on them), but a trainer that keeps
 losing has drifted somewhere worse than serving: after `train.reset_after_rejections` rejected or diverged
@@ -120,6 +121,7 @@ class Trainer:
         self.outcomes = {"published": 0, "rejected": 0, "diverged": 0, "skipped": 0}
         self.consecutive_rejections = 0  # rejected or diverged rounds since the last candidate or reset
         self.resets = 0  # restarts from the serving weights after reset_after_rejections such rounds
+        self.rounds_since_reset = 0  # rounds trained with the current optimizer: the LR schedule's clock
         self.task = task_for(spec)  # the loss and the normalisation hooks (daemon/tasks.py)
         # Forecast: the columns of the next event that are the target (index tensor), None: every feature.
         self._columns = self.task.columns(device)
@@ -288,6 +290,9 @@ class Trainer:
                 "steps": c.steps,
                 "optimizer": c.optimizer,
                 "lr": c.lr,
+                "lr_now": self.learning_rate(),
+                "lr_half_life": c.lr_half_life,
+                "sample_half_life": c.sample_half_life,
                 "clip_norm": c.clip_norm,
                 "tolerance": c.tolerance,
                 "reset_after_rejections": c.reset_after_rejections,
@@ -386,6 +391,9 @@ class Trainer:
             norm = self._normalization(train) if self.task.normalizes else None
             train_t, holdout_t = self._to_device(train), self._to_device(holdout)
             try:
+                for group in self._optimizer.param_groups:
+                    group["lr"] = self.learning_rate()
+                self.rounds_since_reset += 1
                 report.train_loss = self._train(train_t, norm)
                 candidate_tensors = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
                 with torch.no_grad():
@@ -496,6 +504,16 @@ class Trainer:
         self._params = [serving.tensors[n].detach().to(self.device).clone().requires_grad_(True) for n in self._names]
         self._optimizer = self._make_optimizer(self._params)
         self._lineage = {serving.version}
+        self.rounds_since_reset = 0  # a warm restart of the LR schedule: a fresh start, after drift, learns fast
+
+    def learning_rate(self) -> float:
+        """The LR schedule: `lr` halving every `lr_half_life` rounds since the optimizer was last reset, never below
+        `lr_min` * lr. Early rounds after a (re)start move far; later ones fine-tune what was published without
+        undoing it on the noise of a few recent windows."""
+        c = self.config
+        if c.lr_half_life <= 0:
+            return c.lr
+        return c.lr * max(c.lr_min, 0.5 ** (self.rounds_since_reset / c.lr_half_life))
 
     def _make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         if self.config.optimizer == "sgd":
@@ -583,6 +601,7 @@ class Trainer:
             "data_mark": torch.tensor(self._data_mark),
             "consecutive_rejections": torch.tensor(self.consecutive_rejections),
             "resets": torch.tensor(self.resets),
+            "rounds_since_reset": torch.tensor(self.rounds_since_reset),
         }
         for name, count in self.outcomes.items():
             out[f"outcomes.{name}"] = torch.tensor(count)
@@ -629,4 +648,5 @@ class Trainer:
                 saved = self._optimizer.state_dict()
                 self._optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
             self._lineage = set(tensors["lineage"].tolist())
+            self.rounds_since_reset = int(tensors.get("rounds_since_reset", torch.tensor(0)))
         self._save_checkpoint()

@@ -212,3 +212,80 @@ def _check_fused_operands(x, slots, h, c, reset, layers, input_size, hidden) -> 
         raise ValueError("fused CPU step: reset must be a contiguous bool tensor shaped like slots")
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= h.shape[1]):
         raise ValueError(f"fused CPU step: slots must lie in [0, {h.shape[1]})")
+
+
+# ---- per-stream adaptation of forecast models (daemon/normalization.py), fused ------------------------------
+
+
+def fused_adapt_begin(
+    table: torch.Tensor,  # [S, I + 1 + 4 O] float32: the state store's adaptation rows, updated in place at `slots`
+    slots: torch.Tensor,  # [B] int64, distinct
+    reset: torch.Tensor | None,  # [B] bool: those rows start from `init`
+    init: torch.Tensor,  # [width] float32: a stream's row before its first event
+    dx: torch.Tensor,  # [B, n_in] float32: each event's change since the stream's previous one
+    columns: torch.Tensor | None,  # [n_out] int64: the forecast columns; None: every feature
+    steps: torch.Tensor,  # [k, 2] float32: the scale's rate and the guard's weight by count (normalization)
+    clip: float,
+    scale_clip: float,
+    floor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalization.adapt_begin over the table's rows in one C pass, with stream_inputs: returns the LSTM's
+    inputs [B, I], clip(dx / new scale), and each row's factor scale[cols] * gain [B, O] for fused_adapt_finish."""
+    B, n_in = dx.shape
+    n_out = n_in if columns is None else columns.shape[0]
+    _check_adaptation(table, slots, dx, columns, n_in, n_out)
+    if reset is not None and (reset.dtype != torch.bool or not reset.is_contiguous() or reset.shape != slots.shape):
+        raise ValueError("fused adaptation: reset must be a contiguous bool tensor shaped like slots")
+    if init.shape != (table.shape[1],) or init.dtype != torch.float32 or not init.is_contiguous():
+        raise ValueError(f"fused adaptation: init must be a contiguous float32 [{table.shape[1]}]")
+    if steps.dim() != 2 or steps.shape[1] != 2 or steps.dtype != torch.float32 or not steps.is_contiguous():
+        raise ValueError("fused adaptation: steps must be a contiguous float32 [k, 2]")
+    inputs, factor = torch.empty(B, n_in), torch.empty(B, n_out)
+    _cpu_kernel.adapt_begin(
+        table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out, _ptr(reset),
+        init.data_ptr(), dx.data_ptr(), inputs.data_ptr(), factor.data_ptr(), steps.data_ptr(), steps.shape[0], clip,
+        scale_clip, floor,
+    )  # fmt: skip
+    return inputs, factor
+
+
+def fused_adapt_finish(
+    table: torch.Tensor,
+    slots: torch.Tensor,
+    factor: torch.Tensor,  # [B, O] from fused_adapt_begin of the same wave
+    x: torch.Tensor,
+    change: torch.Tensor,
+    columns: torch.Tensor | None,
+) -> torch.Tensor:
+    """normalization.adapt_finish (no season) over the table's rows in one C pass: keeps each row's predicted
+    `change` [B, O] and returns the guarded forecast x[cols] + factor * change [B, O]."""
+    B, n_in = x.shape
+    n_out = change.shape[1]
+    _check_adaptation(table, slots, x, columns, n_in, n_out)
+    for name, t in (("change", change), ("factor", factor)):
+        if t.shape != (B, n_out) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"fused adaptation: {name} must be a contiguous float32 [{B}, {n_out}]")
+    out = torch.empty(B, n_out)
+    _cpu_kernel.adapt_finish(
+        table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out,
+        factor.data_ptr(), x.data_ptr(), change.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_adaptation(table, slots, rows, columns, n_in, n_out) -> None:
+    """What the C side cannot see (it checks slot and column ranges and the row width itself)."""
+    if table.dtype != torch.float32 or table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
+        raise ValueError("fused adaptation: the table must be a contiguous float32 [S, width] CPU tensor")
+    if rows.dtype != torch.float32 or rows.dim() != 2 or not rows.is_contiguous() or rows.shape[1] != n_in:
+        raise ValueError(f"fused adaptation: x and dx must be contiguous float32 [B, {n_in}]")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous() or slots.shape[0] != rows.shape[0]:
+        raise ValueError(f"fused adaptation: slots must be a contiguous int64 [{rows.shape[0]}]")
+    if columns is not None and (
+        columns.dtype != torch.int64 or not columns.is_contiguous() or columns.shape != (n_out,)
+    ):
+        raise ValueError(f"fused adaptation: columns must be a contiguous int64 [{n_out}]")

@@ -273,6 +273,14 @@ def training_view(data: dict) -> Table:
                 f"value; mean gain {number(guard.get('mean_gain'))}; squared error / last value's: {shown}",
             )
         )
+        if guard.get("season"):  # train.season: the second baseline, seasonal naive
+            rows.append(
+                (
+                    "seasonal baseline",
+                    f"lag {number(guard['season'])}: {number(guard.get('seasonal_streams'))} streams lean on it; "
+                    f"mean weight {number(guard.get('mean_seasonal_weight'))}",
+                )
+            )
     known = {
         "enabled", "paused", "rounds", "requested", "outcomes", "consecutive_rejections", "resets", "last_round",
         "recorder", "settings", "model_version", "next_round", "new_data_since_last_round", "guard",
