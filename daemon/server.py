@@ -335,16 +335,14 @@ class Daemon:
         """Cluster mode: the events come from the key groups this replica owns, not from a socket (a ClusterError
         saying what is wrong with the cluster becomes the StartupError of the caller)."""
         from lstmd.daemon.cluster.replica import ClusterSource
+        from lstmd.daemon.cluster.weights import installer
         from lstmd.daemon.io import EventsLimits
-
-        if self.trainer is not None:  # each replica would train its own weights: a moved stream changes model
-            raise StartupError("train.enabled = true with [cluster] nats: weight sync across replicas is not built "
-                               "yet; serve a fixed model in a cluster (train.enabled = false)")
 
         serve = self.config.serve
         limits = EventsLimits(self.spec.input_size, serve.max_message_events, None, self.engine.task.wire_target_dim)
         return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
-                             lambda: self.engine.model.version, self.metrics)
+                             lambda: self.engine.model.version, self.metrics, lambda: self.engine.model,
+                             installer(self))
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""
@@ -713,15 +711,23 @@ class Daemon:
             self.trainer.settle(candidate, False, "the serving model changed during the round")
         elif self.trainer.paused and not candidate.forced:
             self.trainer.settle(candidate, False, "training was paused during the round")
+        elif self.config.cluster.nats:  # one model across the cluster: the averager publishes (cluster/weights.py)
+            self._events.offer_trained(candidate)
+            self.trainer.settle(candidate, True, "sent to the cluster's averager")
         else:
             self.install_model(candidate.model, "train", **candidate.info)
             self.trainer.settle(candidate, True)
 
-    def install_model(self, model: ServingModel, source: str, **info) -> int:
-        """Serve `model` from the next batch on as version + 1, and keep it in the version history."""
-        model.version = self.engine.model.version + 1
+    def install_model(self, model: ServingModel, source: str, version: int | None = None, **info) -> int:
+        """Serve `model` from the next batch on as version + 1, and keep it in the version history. Cluster mode:
+        an operator's model is published as the cluster's next version instead (daemon/cluster/weights.py), and
+        the cluster's versions are installed here under their own `version`."""
+        if version is None and self.config.cluster.nats:
+            return self._events.publish_model(model, source)
+        model.version = self.engine.model.version + 1 if version is None else version
         self.engine.swap_model(model)
-        self.versions.add(self.engine.model, source, **info)
+        if self.versions.get(model.version) is None:  # a replay may return to a version served before
+            self.versions.add(self.engine.model, source, **info)
         self.metrics.model_version.set(model.version)
         self.metrics.last_publish.set(time.time())
         return model.version

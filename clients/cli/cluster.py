@@ -1,4 +1,5 @@
-"""`lstmd cluster status`: the cluster's live members and the key groups each owns (read from NATS, no daemon)."""
+"""`lstmd cluster status`: the cluster's live members, the key groups each owns and the model version each serves,
+and the cluster's newest model version (read from NATS, no daemon)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def status(config: ConfigOpt = None, json: JsonOpt = False) -> None:
         raise fail("no cluster configured: [cluster] nats is empty")
     from lstmd.daemon.cluster.log import ClusterError, NatsLink, open_log
     from lstmd.daemon.cluster.membership import assignment, live_members, members_bucket
+    from lstmd.daemon.cluster.weights import newest_version
 
     try:
         link = NatsLink(cfg.cluster.nats, "lstmd-cluster-status")
@@ -37,10 +39,11 @@ def status(config: ConfigOpt = None, json: JsonOpt = False) -> None:
     try:
         open_log(link, cfg.cluster.key_groups)
 
-        async def read() -> dict:
-            return await live_members(await members_bucket(link.js, cfg.cluster.lease_ttl))
+        async def read() -> tuple[dict, int]:
+            members = await live_members(await members_bucket(link.js, cfg.cluster.lease_ttl))
+            return members, await newest_version(link.js)
 
-        cards = link.run(read())
+        cards, version = link.run(read())
     except ClusterError as exc:
         raise fail(str(exc)) from None
     finally:
@@ -48,12 +51,14 @@ def status(config: ConfigOpt = None, json: JsonOpt = False) -> None:
     owned = assignment(cards, cfg.cluster.key_groups)
     members = [{"member": m, "key_groups": owned[m], **cards[m]} for m in owned]
     if json:
-        print_json({"nats": cfg.cluster.nats, "key_groups": cfg.cluster.key_groups, "members": members})
+        print_json({"nats": cfg.cluster.nats, "key_groups": cfg.cluster.key_groups, "model_version": version,
+                    "members": members})
         return
-    table = Table(title=f"cluster at {cfg.cluster.nats}: {len(members)} member(s), {cfg.cluster.key_groups} key groups")
-    for column in ("member", "host", "pid", "key groups", "owned"):
+    title = f"cluster at {cfg.cluster.nats}: {len(members)} member(s), {cfg.cluster.key_groups} key groups"
+    table = Table(title=f"{title}, model version {version}")
+    for column in ("member", "host", "pid", "model version", "key groups", "owned"):
         table.add_column(column)
     for m in members:
-        table.add_row(m["member"], str(m.get("host", "")), str(m.get("pid", "")), str(len(m["key_groups"])),
-                      _ranges(m["key_groups"]))
+        table.add_row(m["member"], str(m.get("host", "")), str(m.get("pid", "")), str(m.get("model_version", "")),
+                      str(len(m["key_groups"])), _ranges(m["key_groups"]))
     console.print(table)
