@@ -81,6 +81,16 @@ def _latest(link) -> int:
     return table.versions[-1].version if table.versions else 0
 
 
+def _lease(link):
+    from lstmd.daemon.cluster import weights
+
+    async def read():
+        kv = await link.js.key_value(weights.MODEL_BUCKET)
+        return weights._lease_codec[1].decode((await kv.get(weights.LEASE_KEY)).value)
+
+    return link.run(read())
+
+
 def _exported(admin) -> tuple[int, bytes]:
     """(version, the model file's bytes) that `admin`'s replica serves."""
     result = admin.call("export_model")
@@ -200,7 +210,7 @@ key_groups = {G}
 member = "{member}"
 lease_ttl = 2.0
 sync_interval = 0.5
-snapshot_interval_s = 60.0
+snapshot_interval_s = 1.0
 """
     )
     proc = subprocess.Popen(
@@ -209,3 +219,146 @@ snapshot_interval_s = 60.0
         stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
     )
     return proc, state
+
+
+def _recompute(log, table, models, spec_seed: int = 3):
+    """Replay the log by hand: every (stream, seq) once, in log order, with the version `table.at(position)` names.
+    Returns ({(stream, seq): prediction}, {(stream, seq): version}, {stream: (h, c)}, {stream: events})."""
+    import msgspec
+    import torch
+    from lstmd.clients import protocol
+    from lstmd.daemon.cluster import log as clog
+    from lstmd.daemon.cluster.weights import MARKER_SUBJECT
+
+    predictions, state, events, versions = {}, {}, {}, {}
+    for position, subject, data in sorted(log):
+        if subject == MARKER_SUBJECT:
+            continue
+        record = clog.log_record_codec[1].decode(data)
+        header = msgspec.msgpack.decode(record.header, type=protocol.EventsHeader)
+        features = np.frombuffer(bytearray(record.features), dtype=np.float32)
+        x = torch.from_numpy(features.reshape(len(header.streams), -1))
+        version = table.at(position, 0)
+        t = models[version].tensors
+        for i, (stream, seq) in enumerate(zip(header.streams, header.seqs, strict=True)):
+            if (stream, seq) in predictions:
+                continue  # a resend stored twice: applied once
+            h, c = state.get(stream, (torch.zeros(8), torch.zeros(8)))
+            gates = t["weight_ih_l0"] @ x[i] + t["bias_ih_l0"] + t["weight_hh_l0"] @ h + t["bias_hh_l0"]
+            i_, f, g, o = gates.chunk(4)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i_) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            state[stream] = (h, c)
+            events[stream] = events.get(stream, 0) + 1
+            predictions[(stream, seq)] = (t["head.weight"] @ h + t["head.bias"]).numpy()
+            versions[(stream, seq)] = version
+    return predictions, versions, state, events
+
+
+def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tmp_path):
+    """3 training replicas (real processes); the averager is killed -9 at 40% of the trace, after at least one
+    averaged version; another member takes the averager's lease and publishes the next version. Every (stream,
+    seq) is answered once; recomputing the whole log by hand, each record with the version of the newest marker
+    before its log position, gives every prediction the producer got and every stream's final (h, c) on its owner
+    now (which restored a key group snapshot and replayed the records after it). So no event was applied under
+    two versions, before or after the failover. Tolerance 1e-5 (float32, BLAS blocking)."""
+    from lstmd.clients import Admin, Producer
+    from lstmd.daemon.cluster import weights
+    from lstmd.daemon.cluster.log import LOG_STREAM, SUBJECT_PREFIX, key_group
+    from lstmd.daemon.cluster.membership import assignment, live_members, members_bucket
+    from lstmd.daemon.model import ModelSpec, ServingModel
+    from nats.js import api
+
+    procs = {m: _replica(nats, tmp_path, m) for m in ("r1", "r2", "r3")}
+    link = _link(nats)
+    log: list[tuple[int, str, bytes]] = []
+
+    def members() -> set[str]:
+        async def read():
+            return await live_members(await members_bucket(link.js, 2.0))
+
+        return set(link.run(read()))
+
+    def control(member: str) -> str:
+        path = procs[member][1] / "endpoints.json"
+        return json.loads(path.read_text())["control"] if path.exists() else ""
+
+    async def follow():  # the whole log as it is written (snapshots trim it behind the replicas)
+        async def on(msg):
+            log.append((msg.metadata.sequence.stream, msg.subject, msg.data))
+
+        return await link.js.subscribe(f"{SUBJECT_PREFIX}*", stream=LOG_STREAM, cb=on, ordered_consumer=True,
+                                       deliver_policy=api.DeliverPolicy.ALL)
+
+    gw = None
+    try:
+        _wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
+        link.run(follow())
+        gw = _gateway(nats, tmp_path, **{"cluster.key_groups": G})
+        got, replied = {}, []
+        with Producer(gw.endpoint, timeout=60) as producer:
+            for step, (streams, x, y, seqs) in enumerate(_trace()):
+                if step == STEPS * 2 // 5:
+                    _wait("an averaged version", lambda: _latest(link) >= 1, timeout=60)
+                    victim, before = _lease(link).owner, _latest(link)
+                    procs[victim][0].kill()
+                result = producer.send_detailed(streams, x, targets=y, seqs=seqs)
+                assert set(result.status_names) == {"ok"}
+                replied.append((streams, seqs, result.version))
+                got.update(((s, q), p) for s, q, p in zip(streams, seqs, result.predictions, strict=True))
+        assert procs[victim][0].wait(10) == -9
+        survivors = {"r1", "r2", "r3"} - {victim}
+        groups = {key_group(s, G) for s in next(_trace())[0]}
+        assert groups & set(assignment({"r1", "r2", "r3"}, G)[victim])  # the victim held streams: they moved
+        logs = "".join((tmp_path / f"{m}.log").read_text() for m in survivors)
+        assert "restored" in logs  # a new owner restored a snapshot of the victim's and replayed the records after it
+        # the averager was the victim: another member took its lease and averages on
+        _wait("a new averager", lambda: _lease(link).owner in survivors, timeout=30)
+        _wait("a version from the new averager", lambda: _latest(link) > before, timeout=60)
+
+        owners = assignment(survivors, G)
+        owner_of = {g: m for m, gs in owners.items() for g in gs}
+        admins = {m: Admin(control(m)) for m in owners}
+
+        def applied(stream):
+            from lstmd.clients.admin import DaemonError
+
+            try:
+                state = admins[owner_of[key_group(stream, G)]].stream(stream)
+            except DaemonError:
+                return None
+            return state if state["last_seq"] == STEPS else None
+
+        finals = {s: _wait(f"stream {s} applied", lambda s=s: applied(s)) for s in next(_trace())[0]}
+        _wait("the whole log read", lambda: len(log) >= link.run(link.js.stream_info(LOG_STREAM)).state.last_seq)
+        table = _table(link)
+        spec = ModelSpec(4, 8, 1, 2, "regression")
+        models = {0: ServingModel.initial(spec, 3)}
+
+        async def fetch(entry):
+            objects = await link.js.object_store(weights.MODELS_BUCKET)
+            return ServingModel.from_bytes((await objects.get(entry.object)).data)
+
+        for entry in table.versions:
+            models[entry.version] = link.run(fetch(entry))
+        predictions, versions, state, events = _recompute(log, table, models)
+        assert len(set(versions.values())) >= 2, "the trace ran under one version only"
+        assert predictions.keys() == got.keys()
+        for key, prediction in got.items():
+            np.testing.assert_allclose(prediction, predictions[key], atol=1e-5, rtol=0, err_msg=str(key))
+        for stream, final in finals.items():
+            assert final["events"] == events[stream] == STEPS  # applied exactly once along the owners' lineage
+            np.testing.assert_allclose(np.asarray(final["h"]).ravel(), state[stream][0].numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(final["c"]).ravel(), state[stream][1].numpy(), atol=1e-5, rtol=0)
+        # each reply names the newest version its records were applied under
+        for streams, seqs, version in replied:
+            assert version == max(versions[key] for key in zip(streams, seqs, strict=True))
+    finally:
+        if gw is not None:
+            gw.stop_and_join()
+        link.close()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(30)

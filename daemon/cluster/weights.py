@@ -235,14 +235,18 @@ class WeightSync:
         return model
 
     async def complete(self, position: int, marker: Marker) -> bool:
-        """Add the marker at `position` to the table unless another version got there first; True if it is in."""
-        for _ in range(2):
+        """Add the marker at `position` to the table unless another version got there first; True if it is in.
+
+        Only a definite answer is returned (every member must reach the same one): a failure to reach the table
+        raises, and the caller tries again."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        while True:
             table, revision = await self._read()
+            self.table = table
             if any(e.position == position for e in table.versions):
-                self.table = table
                 return True
             if revision != marker.base_revision:  # the table moved on without it: dangling
-                self.table = table
                 return False
             versions = [*table.versions, VersionEntry(marker.version, position, marker.object, marker.source)]
             dropped, versions = versions[: -self.keep], versions[-self.keep :]
@@ -252,16 +256,18 @@ class WeightSync:
                     await self.kv.create(TABLE_KEY, _table_codec[0].encode(updated))
                 else:
                     await self.kv.update(TABLE_KEY, _table_codec[0].encode(updated), last=revision)
-            except Exception as exc:  # lost the compare-and-set: read again and see who won
-                log.debug("version table compare-and-set lost: %s", exc)
+            except KeyWrongLastSequenceError:  # another writer got there first: the next read says who
                 continue
+            except Exception as exc:  # kv.create of an existing key answers with another error class in some versions
+                if "wrong last sequence" in str(exc).lower() or "exists" in str(exc).lower():
+                    continue
+                raise
             self.table = updated
             # Retention: the old floor's object is no longer reachable from the table.
             if dropped and table.floor is not None:
                 with contextlib.suppress(Exception):
                     await self.objects.delete(table.floor.object)
             return True
-        return False
 
     async def on_marker(self, position: int, data: bytes) -> int | None:
         """A marker read from the log (in order, before the records after it): resolve it; its version when it is
@@ -279,13 +285,14 @@ class WeightSync:
         await self.model(marker.version)
         return marker.version
 
-    async def publish(self, model: ServingModel, source: str) -> int:
-        """Publish `model` as the cluster's next version (object, marker, table); returns its number."""
-        from nats.js.errors import KeyNotFoundError
-
+    async def publish(self, model: ServingModel, source: str, base: int | None = None) -> int | None:
+        """Publish `model` as the cluster's next version (object, marker, table); returns its number. `base`: only
+        on top of that version (an average of its deltas), else None: superseded meanwhile, nothing published."""
         for _ in range(_PUBLISH_TRIES):
             table, revision = await self._read()
             self.table = table
+            if base is not None and table.latest(self.initial) != base:
+                return None
             version = table.latest(self.initial) + 1
             name = f"model-{version}-{self.member}-{time.time_ns()}"
             data = ServingModel(model.spec, model.tensors, version, model.normalization).to_bytes()
@@ -298,7 +305,7 @@ class WeightSync:
                                                     model.normalization).to(torch.device("cpu"))
                 log.info("cluster model version %d published (%s) at log position %d", version, source, ack.seq)
                 return version
-            with contextlib.suppress(KeyNotFoundError, Exception):  # its marker dangles: nothing refers to it
+            with contextlib.suppress(Exception):  # its marker dangles: nothing refers to it
                 await self.objects.delete(name)
         raise clog.ClusterError(f"could not publish a model version: {_PUBLISH_TRIES} tries lost to other publishers")
 
@@ -433,7 +440,11 @@ class WeightSync:
             del self._deltas[base]
             return
         windows = sum(windows for windows, _ in deltas)
-        version = await self.publish(model, f"average of {len(got)} member(s), {windows} windows")
+        version = await self.publish(model, f"average of {len(got)} member(s), {windows} windows", base)
+        if version is None:  # an operator's version came first: these deltas are of an older model
+            log.info("averager %s: deltas on version %d superseded before they were published", self.member, base)
+            self._deltas.pop(base, None)
+            return
         log.info("averager %s: version %d from %d delta(s) on version %d (%s)", self.member, version, len(got), base,
                  ", ".join(sorted(got)))
         self._deltas.pop(base, None)
