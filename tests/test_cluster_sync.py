@@ -103,6 +103,33 @@ def _tensor_bytes(data: bytes) -> dict[str, bytes]:
     return {name: array.tobytes() for name, array in load(data).items()}
 
 
+def test_version_table_and_the_weighted_average():
+    """The rule (a record takes the version of the newest marker before its position; the initial model before
+    any; the floor for positions between it and the oldest kept) and the average of deltas weighted by windows,
+    through their safetensors encoding."""
+    import torch
+    from lstmd.daemon.cluster.weights import VersionEntry, VersionTable, average, decode_delta, encode_delta
+    from lstmd.daemon.model import ModelSpec, ServingModel
+
+    table = VersionTable([VersionEntry(3, 100, "c"), VersionEntry(4, 180, "d")], floor=VersionEntry(2, 50, "b"))
+    assert [table.at(p, 0) for p in (60, 100, 101, 180, 181, 10**9)] == [2, 2, 3, 3, 4, 4]
+    assert VersionTable().at(7, 0) == 0 and table.latest(0) == 4 and VersionTable().latest(0) == 0
+    assert table.entry(2).object == "b" and table.entry(1) is None
+
+    spec = ModelSpec(4, 8, 1, 2, "regression")
+    base = ServingModel.initial(spec, 1)
+    base.version = 4
+    trained = [ServingModel(spec, {k: v + step for k, v in base.tensors.items()}) for step in (1.0, 4.0)]
+    deltas = []
+    for member, (model, windows) in enumerate(zip(trained, (3, 1), strict=True)):
+        meta, delta = decode_delta(encode_delta(model, base, f"r{member}", windows))
+        assert meta["base"] == "4" and meta["member"] == f"r{member}"
+        deltas.append((int(meta["windows"]), delta))
+    averaged = average(base, deltas)
+    for name, tensor in base.tensors.items():  # (3 * 1 + 1 * 4) / 4
+        torch.testing.assert_close(averaged[name], tensor + 1.75)
+
+
 def test_three_training_replicas_serve_one_version(nats, make_daemon, tmp_path):
     """3 replicas train on their own streams; after a sync every replica serves the same version, with the same
     weights bytes, which is neither the initial model nor any one replica's own training."""
@@ -182,11 +209,77 @@ def test_import_against_one_replica_reaches_all(nats, make_daemon, tmp_path):
         gw.stop_and_join()
 
 
-def _replica(nats_url: str, tmp_path: Path, member: str, train: bool = True) -> tuple[subprocess.Popen, Path]:
+def test_half_published_versions_are_completed_dangling_ones_ignored_old_ones_trimmed(nats, make_daemon, tmp_path):
+    """A publisher that died between its marker and the version table: the replicas reading the marker complete
+    the table, and serve it. A marker whose table compare-and-set lost (read at an old revision): in the log,
+    in no table, served by no one. Retention: with cluster.model_versions = 2 the table keeps 2 versions and the
+    object store their objects plus the floor's."""
+    from lstmd.clients import Admin
+    from lstmd.daemon.cluster import weights
+    from lstmd.daemon.cluster.log import LOG_STREAM
+    from lstmd.daemon.model import ModelSpec, ServingModel
+
+    replicas = [make_daemon(**MODEL, **CLUSTER, **{"cluster.nats": nats, "cluster.member": f"r{i}",
+                                                   "cluster.model_versions": 2}) for i in range(2)]
+    admin = Admin(replicas[0].endpoints["control"])
+    spec = ModelSpec(4, 8, 1, 2, "regression")
+    link = _link(nats)
+
+    def file(seed: int) -> Path:
+        path = tmp_path / f"m{seed}.safetensors"
+        path.write_bytes(ServingModel.initial(spec, seed=seed).to_bytes())
+        return path
+
+    def bias(seed: int) -> list[float]:
+        return ServingModel.initial(spec, seed=seed).tensors["head.bias"].tolist()
+
+    async def marker_only(seed: int, version: int, base_revision: int) -> int:
+        objects = await link.js.object_store(weights.MODELS_BUCKET)
+        name = f"test-{seed}"
+        await objects.put(name, ServingModel.initial(spec, seed=seed).to_bytes())
+        marker = weights.Marker(version, name, base_revision, "test")
+        ack = await link.js.publish(weights.MARKER_SUBJECT, weights._marker_codec[0].encode(marker), stream=LOG_STREAM)
+        return ack.seq
+
+    async def revision() -> int:
+        return (await (await link.js.key_value(weights.MODEL_BUCKET)).get(weights.TABLE_KEY)).revision
+
+    def serving(version: int, seed: int) -> bool:
+        return all(r.engine.model.version == version and r.engine.model.tensors["head.bias"].tolist() == bias(seed)
+                   for r in replicas)
+
+    try:
+        assert admin.import_model(str(file(11)))["version"] == 1
+        _wait("version 1 everywhere", lambda: serving(1, 11), 30)
+        position = link.run(marker_only(12, 2, link.run(revision())))  # then the publisher "died"
+        _wait("version 2 completed and served", lambda: serving(2, 12), 30)
+        assert [(e.version, e.position) for e in _table(link).versions][-1] == (2, position)
+        stale = link.run(marker_only(13, 3, 1))  # read at revision 1: the table has moved on since
+        assert admin.import_model(str(file(14)))["version"] == 3
+        _wait("version 3 everywhere", lambda: serving(3, 14), 30)
+        table = _table(link)
+        assert stale not in [e.position for e in table.versions]
+        assert [e.version for e in table.versions] == [2, 3] and table.floor.version == 1
+
+        async def objects() -> set[str]:
+            store = await link.js.object_store(weights.MODELS_BUCKET)
+            return {info.name for info in await store.list() if not info.deleted}
+
+        assert admin.import_model(str(file(15)))["version"] == 4
+        table = _table(link)
+        assert [e.version for e in table.versions] == [3, 4] and table.floor.version == 2
+        kept = link.run(objects())
+        assert {e.object for e in (*table.versions, table.floor)} <= kept
+        assert not any(name.startswith("model-1-") for name in kept)  # the old floor's object was deleted
+    finally:
+        link.close()
+
+
+def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
     """A training replica as a real `lstmd serve` process (so it can be killed -9), its state directory."""
     state = tmp_path / member
     config = tmp_path / f"{member}.toml"
-    train_toml = "".join(f"{k.split('.')[1]} = {json.dumps(v)}\n" for k, v in TRAIN.items()) if train else ""
+    train_toml = "".join(f"{k.split('.')[1]} = {json.dumps(v)}\n" for k, v in TRAIN.items())
     config.write_text(
         f"""[model]
 input_size = 4
@@ -203,7 +296,7 @@ max_wait_ms = 1.0
 dir = "{state}"
 capacity = 4096
 [train]
-{train_toml.replace("True", "true")}
+{train_toml}
 [cluster]
 nats = "{nats_url}"
 key_groups = {G}

@@ -33,6 +33,12 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   a gateway that is gone lost its producer's request anyway, and the producer resends).
 - Memory: records read and not yet taken by the loop are bounded by serve.max_inflight_bytes; past it the
   consumer's callback waits, so the backlog stays in JetStream (flow control), not in this process.
+- Model versions (daemon/cluster/weights.py): each record is tagged, when read, with the version its log position
+  names; `take` ends a batch where the tag changes and the model is swapped before the next one (`install`, on
+  the loop's thread, nothing taken and unanswered). Version markers in the log are resolved in log order before
+  the records after them; the newest one is also queued, so a replica with nothing to apply serves it too.
+  Training candidates go to the averager (`offer_trained`); an operator's model is published cluster-wide
+  (`publish_model`).
 """
 
 from __future__ import annotations

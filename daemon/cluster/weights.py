@@ -162,6 +162,7 @@ class WeightSync:
         # The averager (only while this member holds the lease).
         self.holding = False
         self._lease_revision: int | None = None
+        self._lease_epoch = 0
         self._deltas: dict[int, dict[str, tuple[int, dict, str | None]]] = {}  # base -> member -> delta
         self._first_delta: dict[int, float] = {}  # base -> monotonic time its first delta came
         self._deltas_sub = None
@@ -367,6 +368,7 @@ class WeightSync:
         elif intended and not held and (not lease or lease.owner in ("", self.member) or lease.owner not in members):
             epoch = (lease.epoch if lease else 0) + 1
             if await self._write_lease(Lease(self.member, epoch), revision):
+                self._lease_epoch = epoch
                 log.info("cluster member %s is the averager (epoch %d)", self.member, epoch)
                 await self._start_averaging()
         elif held and not self.holding:  # claimed, but its deltas subscription failed: again
@@ -455,7 +457,8 @@ class WeightSync:
         """Hand the averager lease back (a graceful stop): the next intended member claims it at once."""
         if self.holding and self._lease_revision is not None:
             with contextlib.suppress(Exception):
-                await self.kv.update(LEASE_KEY, _lease_codec[0].encode(Lease("", 0)), last=self._lease_revision)
+                await self.kv.update(LEASE_KEY, _lease_codec[0].encode(Lease("", self._lease_epoch)),
+                                     last=self._lease_revision)
         await self._stop_averaging()
 
 
