@@ -342,7 +342,7 @@ class Daemon:
         limits = EventsLimits(self.spec.input_size, serve.max_message_events, None, self.engine.task.wire_target_dim)
         return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
                              lambda: self.engine.model.version, self.metrics, lambda: self.engine.model,
-                             installer(self))
+                             installer(self.install_model, self.engine, self.trainer))
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""

@@ -84,14 +84,15 @@ class ClusterSource:
     """The serving loop's events, from the key groups this replica owns."""
 
     def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics,
-                 serving_model=None, install=None) -> None:
+                 serving_model, install) -> None:
         self.groups = cluster.key_groups
         self.member = member_name(cluster.member)
         self.limits = limits
         self.max_inflight_bytes = max_inflight_bytes
         self.store = store
         self.model_version = model_version  # callable: the serving model's version
-        # Model versions (daemon/cluster/weights.py): install(model, newest) serves a cluster version between batches.
+        # Model versions (daemon/cluster/weights.py): serving_model() is the model served now (the initial one at
+        # start); install(model, newest) serves a cluster version between batches (weights.installer).
         self.install = install
         self._record_versions: dict[bytes, int] = {}  # token -> the model version its record is applied with
         self._taken: set[bytes] = set()  # tokens handed to the loop and not answered yet: a batch in progress

@@ -473,13 +473,13 @@ async def newest_version(js) -> int:
     return _table_codec[1].decode(found.value).latest(0)
 
 
-def installer(daemon):
-    """The serving loop's side: serve a cluster version (the daemon's install path, as that exact number) and, for
-    the newest version, restart the trainer from it."""
+def installer(install_model, engine, trainer):
+    """The serving loop's side: serve a cluster version through the daemon's install path (`install_model`, under
+    that exact number) and, for the newest version, restart the trainer (None: training off) from it."""
 
     def install(model: ServingModel, newest: bool) -> None:
-        daemon.install_model(model, "cluster", version=model.version)
-        if newest and daemon.trainer is not None:
-            daemon.trainer.reset_to(daemon.engine.model, f"cluster version {model.version}")
+        install_model(model, "cluster", version=model.version)
+        if newest and trainer is not None:
+            trainer.reset_to(engine.model, f"cluster version {model.version}")
 
     return install
