@@ -408,8 +408,13 @@ class ClusterSource:
             return True
         if self._taken:
             return False
+        model = self.weights.models.get(needed)
+        if model is None:  # retention dropped it while its records waited (weights.py): the documented limit
+            log.error("model version %d is no longer kept (cluster.model_versions); its records are applied with "
+                      "version %d", needed, self.model_version())
+            return True
         newest = needed == self.weights.latest()
-        self.install(self.weights.models[needed], newest)
+        self.install(model, newest)
         if newest:
             self.card["model_version"] = needed
             self.membership.card = json.dumps(self.card).encode()
