@@ -116,6 +116,10 @@ _marker_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Marker))
 _lease_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Lease))
 
 
+def _newest_position(table: VersionTable) -> int:
+    return table.versions[-1].position if table.versions else 0
+
+
 def average(base: ServingModel, deltas: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """base + the deltas' mean weighted by their windows (each delta: (windows, name -> tensor))."""
     total = sum(max(1, windows) for windows, _ in deltas)
@@ -207,8 +211,14 @@ class WeightSync:
             return VersionTable(), 0
         return _table_codec[1].decode(found.value), found.revision
 
+    def _adopt(self, table: VersionTable) -> None:
+        """Take a table read from the KV unless it is older than ours (a read served by a lagging server of a NATS
+        cluster): the table only grows at its end, so the one whose newest marker is later is the newer."""
+        if _newest_position(table) >= _newest_position(self.table):
+            self.table = table
+
     async def refresh(self) -> VersionTable:
-        self.table, _ = await self._read()
+        self._adopt((await self._read())[0])
         return self.table
 
     def latest(self) -> int:
@@ -244,11 +254,14 @@ class WeightSync:
 
         while True:
             table, revision = await self._read()
-            self.table = table
+            self._adopt(table)
             if any(e.position == position for e in table.versions):
                 return True
-            if revision != marker.base_revision:  # the table moved on without it: dangling
+            if revision > marker.base_revision:  # the table moved on without it: dangling
                 return False
+            if revision < marker.base_revision:  # a lagging server's read (its publisher saw a newer one): again
+                await asyncio.sleep(0.05)
+                continue
             versions = [*table.versions, VersionEntry(marker.version, position, marker.object, marker.source)]
             dropped, versions = versions[: -self.keep], versions[-self.keep :]
             updated = VersionTable(versions, dropped[-1] if dropped else table.floor)
@@ -263,7 +276,7 @@ class WeightSync:
                 if "wrong last sequence" in str(exc).lower() or "exists" in str(exc).lower():
                     continue
                 raise
-            self.table = updated
+            self._adopt(updated)
             # Retention: the old floor's object is no longer reachable from the table.
             if dropped and table.floor is not None:
                 with contextlib.suppress(Exception):
@@ -291,7 +304,7 @@ class WeightSync:
         on top of that version (an average of its deltas), else None: superseded meanwhile, nothing published."""
         for _ in range(_PUBLISH_TRIES):
             table, revision = await self._read()
-            self.table = table
+            self._adopt(table)
             if base is not None and table.latest(self.initial) != base:
                 return None
             version = table.latest(self.initial) + 1
