@@ -402,8 +402,10 @@ class ClusterSource:
         group, _position, item = self._ready[0]
         if group == _MARKER:
             needed = item if item == self.weights.latest() else None
-        else:
+        elif group in self.owned:
             needed = self._record_versions.get(item.envelope[0])
+        else:  # take() drops it: its new owner applies it
+            needed = None
         if needed is None or needed == self.model_version():
             return True
         if self._taken:
@@ -419,7 +421,6 @@ class ClusterSource:
             self.card["model_version"] = needed
             self.membership.card = json.dumps(self.card).encode()
         return True
-
 
     def _run_jobs(self) -> None:
         while True:
