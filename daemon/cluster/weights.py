@@ -47,7 +47,7 @@ import msgspec
 import torch
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster.membership import owner_of
-from lstmd.daemon.model import ServingModel
+from lstmd.daemon.model import ServingModel, expected_shapes
 from lstmd.daemon.model_header import model_file_metadata
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -412,6 +412,10 @@ class WeightSync:
                 return
             if base < self.latest():
                 return  # for a version already superseded
+            shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+            if shapes != expected_shapes(self.spec):  # a member with another [model]: it would poison the average
+                log.error("weight delta from %s does not fit [model] (tensors %s); ignored", member, shapes)
+                return
             self._deltas.setdefault(base, {})[member] = (windows, tensors, meta.get("normalization"))
             self._first_delta.setdefault(base, time.monotonic())
 
