@@ -466,7 +466,9 @@ class ClusterSource:
         subject_, token, group, position = target
         # Answered = applied: the store now holds this record (module docstring, "Positions").
         self.positions[group] = max(self.positions[group], position)
-        if group not in self.owned:  # fenced or handed over meanwhile: its new owner answers
+        # Fenced meanwhile: its new owner replays and answers it. Being handed over (its entry still ours): the
+        # snapshot that goes with the group may be taken after this batch, so hold this record; answered here.
+        if group not in self.owned and group not in self.entries:
             return False
         reply = clog.ReplyRecord(token, group, bytes(frames[1]), bytes(frames[2]) if len(frames) > 2 else b"")
         self._answer(subject_, reply)
