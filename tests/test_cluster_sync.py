@@ -277,6 +277,42 @@ def test_half_published_versions_are_completed_dangling_ones_ignored_old_ones_tr
         link.close()
 
 
+def test_a_record_applied_during_a_handover_is_answered(nats, make_daemon, tmp_path):
+    """The loop is serving a batch when a joining member makes this one hand key groups over: the handover
+    snapshot is taken after that batch and holds its records, so the new owner will not replay them; this member
+    must answer them itself (it used to drop those answers, and the producer waited out its timeout)."""
+    import threading
+
+    from lstmd.clients import Producer
+
+    member = {**MODEL, **CLUSTER, "cluster.nats": nats}
+    old = make_daemon(**member, **{"cluster.member": "r0"})
+    gw = _gateway(nats, tmp_path, **{"cluster.key_groups": G})
+    source = old._events  # the replica's ClusterSource
+    answer, hold = source.send, threading.Event()
+
+    def send_after_the_handover_began(frames):  # one batch of the loop, held until the handover has begun
+        if hold.is_set():
+            _wait("the handover under way", lambda: len(source.owned) < G, 60)
+            hold.clear()
+        return answer(frames)
+
+    source.send = send_after_the_handover_began
+    trace = list(_trace(steps=2))
+    try:
+        with Producer(gw.endpoint, timeout=30, retries=0) as producer:  # a resend would hide a lost answer
+            streams, x, y, seqs = trace[0]
+            producer.send(streams, x, targets=y, seqs=seqs)
+            hold.set()
+            threading.Thread(target=make_daemon, kwargs={**member, "cluster.member": "r1"}, daemon=True).start()
+            streams, x, y, seqs = trace[1]
+            result = producer.send_detailed(streams, x, targets=y, seqs=seqs)
+        assert set(result.status_names) == {"ok"}
+        assert not hold.is_set()  # the batch was held through a handover
+    finally:
+        gw.stop_and_join()
+
+
 def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
     """A training replica as a real `lstmd serve` process (so it can be killed -9), its state directory."""
     state = tmp_path / member
