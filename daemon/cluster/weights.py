@@ -217,9 +217,8 @@ class WeightSync:
         if _newest_position(table) >= _newest_position(self.table):
             self.table = table
 
-    async def refresh(self) -> VersionTable:
+    async def refresh(self) -> None:
         self._adopt((await self._read())[0])
-        return self.table
 
     def latest(self) -> int:
         return self.table.latest(self.initial)
