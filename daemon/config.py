@@ -298,6 +298,12 @@ class ClusterConfig(_Section):
     snapshot_interval_s: Annotated[
         float, doc("how often a member snapshots its key groups to the object store (bounds replay)", gt=0)
     ] = 10.0
+    sync_interval: Annotated[
+        float, doc("with training on: seconds between a replica's weight deltas to the cluster's averager", gt=0)
+    ] = 30.0
+    model_versions: Annotated[
+        int, doc("cluster model versions kept for replays after a failover; cover snapshot_interval_s", ge=2)
+    ] = 16
 
 
 class Config(_Section):

@@ -37,12 +37,13 @@ class Endpoints:
         inbox: Inbox,
         engine,
         store,
-        training: bool,
+        online,
         on_rejected: Callable[[str], None],
         on_dropped: Callable[[str, str], None],
     ) -> None:
         self.config, self.metrics, self.inbox = config, metrics, inbox
-        self.engine, self.store, self.training = engine, store, training
+        self.engine, self.store = engine, store
+        self.online = online  # daemon/online.py: the trainer and the install path a replica's cluster versions take
         self.on_rejected, self.on_dropped = on_rejected, on_dropped  # the loop's counters (Daemon's accounting)
         self.addresses: dict[str, str] = {}
         self.ctx: zmq.Context | None = None
@@ -169,16 +170,14 @@ class Endpoints:
         """Cluster mode: the events come from the key groups this replica owns, not from a socket (a ClusterError
         saying what is wrong with the cluster becomes the StartupError of the caller)."""
         from lstmd.daemon.cluster.replica import ClusterSource  # imports nats-py: only in cluster mode
-
-        if self.training:  # each replica would train its own weights: a moved stream changes model
-            raise StartupError("train.enabled = true with [cluster] nats: weight sync across replicas is not built "
-                               "yet; serve a fixed model in a cluster (train.enabled = false)")
+        from lstmd.daemon.cluster.weights import installer
 
         serve = self.config.serve
         limits = EventsLimits(self.engine.model.spec.input_size, serve.max_message_events, None,
                               self.engine.task.wire_target_dim)
         return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
-                             lambda: self.engine.model.version, self.metrics)
+                             lambda: self.engine.model.version, self.metrics, lambda: self.engine.model,
+                             installer(self.online.install_model, self.engine, self.online.trainer))
 
     def _max_reply_bytes(self) -> int:
         """The largest events reply: per event a status byte, the prediction and a rejection reason's text."""

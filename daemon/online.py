@@ -28,6 +28,9 @@ class OnlineModel:
         self.versions = ModelHistory(config.train.history)  # published versions, for rollback
         self.versions.add(self.engine.model, "initial")
         self.recorder, self.trainer = self._make_training(engine.model.spec)
+        # Cluster mode: the replica's events source (daemon/cluster/replica.py), which publishes trained and imported
+        # models as the cluster's next version; set by the daemon once it is open. None: single-process.
+        self.cluster = None
 
     def _make_training(self, spec: ModelSpec):
         t = self.config.train
@@ -92,15 +95,23 @@ class OnlineModel:
             self.trainer.settle(candidate, False, "the serving model changed during the round")
         elif self.trainer.paused and not candidate.forced:
             self.trainer.settle(candidate, False, "training was paused during the round")
+        elif self.cluster is not None:  # one model across the cluster: the averager publishes (cluster/weights.py)
+            self.cluster.offer_trained(candidate)
+            self.trainer.settle(candidate, True, "sent to the cluster's averager")
         else:
             self.install_model(candidate.model, "train", **candidate.info)
             self.trainer.settle(candidate, True)
 
-    def install_model(self, model: ServingModel, source: str, **info) -> int:
-        """Serve `model` from the next batch on as version + 1, and keep it in the version history."""
-        model.version = self.engine.model.version + 1
+    def install_model(self, model: ServingModel, source: str, version: int | None = None, **info) -> int:
+        """Serve `model` from the next batch on as version + 1, and keep it in the version history. Cluster mode:
+        an operator's model is published as the cluster's next version instead (daemon/cluster/weights.py), and
+        the cluster's versions are installed here under their own `version`."""
+        if version is None and self.cluster is not None:
+            return self.cluster.publish_model(model, source)
+        model.version = self.engine.model.version + 1 if version is None else version
         self.engine.swap_model(model)
-        self.versions.add(self.engine.model, source, **info)
+        if self.versions.get(model.version) is None:  # a replay may return to a version served before
+            self.versions.add(self.engine.model, source, **info)
         self.metrics.model_version.set(model.version)
         self.metrics.last_publish.set(time.time())
         return model.version

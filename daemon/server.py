@@ -83,7 +83,7 @@ class Daemon:
         self.inbox = Inbox(serve.max_control_inbox_bytes)  # control requests and the stop sentinel
         # Sockets, I/O thread, metrics server, security (daemon/endpoints.py). The loop keeps its own references
         # to the events source, the I/O thread and the outbox once they are open: one attribute lookup per use.
-        self.net = Endpoints(config, self.metrics, self.inbox, self.engine, self.store, self.trainer is not None,
+        self.net = Endpoints(config, self.metrics, self.inbox, self.engine, self.store, self.online,
                              self.count_rejection, self._count_drop)
         self._stopping = False
         self._io = None
@@ -148,6 +148,8 @@ class Daemon:
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
         self.net.open()
         self._events, self._io, self._outbox = self.net.events, self.net.io, self.net.outbox
+        if self.config.cluster.nats:  # one model across the cluster: trained and imported models go through it
+            self.online.cluster = self._events
         limit_switch_interval(SERVE_SWITCH_INTERVAL_S)  # kernels/tuning.py says why
         self.metrics.capacity.set(self.config.state.capacity)
         self.metrics.set_build_info(VERSION, self.engine.backend_name, str(self.device))
@@ -425,7 +427,7 @@ class Daemon:
         return self.online.guard_summary()
 
     def install_model(self, model: ServingModel, source: str, **info) -> int:
-        """Serve `model` from the next batch on as version + 1, and keep it in the version history."""
+        """Serve `model` from the next batch on as version + 1 (daemon/online.py; in a cluster: its next version)."""
         return self.online.install_model(model, source, **info)
 
     # ---- control ----------------------------------------------------------------------------------------

@@ -413,15 +413,3 @@ def test_key_groups_and_rendezvous_ownership():
     assert all(owner[g] == m for m in ("r1", "r3") for g in before[m] if g in left[m])
     assert set(left["r1"]) | set(left["r3"]) == set(range(256))
 
-
-def test_training_in_a_cluster_is_refused_clearly(nats_url, tmp_path):
-    from lstmd.daemon.config import load_config
-    from lstmd.daemon.server import Daemon, StartupError
-    from prometheus_client import CollectorRegistry
-
-    from tests.conftest import daemon_overrides
-
-    overrides = daemon_overrides(tmp_path / "r", **MODEL, **{"cluster.nats": nats_url, "train.enabled": True})
-    daemon = Daemon(load_config(overrides=overrides, environ={}), registry=CollectorRegistry())
-    with pytest.raises(StartupError, match="weight sync across replicas is not built yet"):
-        daemon.start()

@@ -1,5 +1,5 @@
-"""`lstmd cluster status` and `lstmd cluster drain`: a cluster's members and key groups, read from and changed
-through NATS (no daemon is asked)."""
+"""`lstmd cluster status` and `lstmd cluster drain`: a cluster's members, the key groups each owns and the model
+version each serves, and the cluster's newest model version; read from and changed through NATS (no daemon is asked)."""
 
 from __future__ import annotations
 
@@ -62,21 +62,25 @@ async def _members(js, ttl: float) -> tuple[dict, set[str]]:
 def status(config: ConfigOpt = None, json: JsonOpt = False) -> None:
     """Members (live heartbeats) and their key groups, by rendezvous hashing as the members compute it."""
     from lstmd.daemon.cluster.membership import assignment
+    from lstmd.daemon.cluster.weights import newest_version
 
     with _cluster(config) as (cfg, link):
         cards, drained = link.run(_members(link.js, cfg.cluster.lease_ttl))
+        version = link.run(newest_version(link.js))
     owned = assignment(cards, cfg.cluster.key_groups, drained)
     members = [{"member": m, "key_groups": owned[m], "draining": m in drained, **cards[m]} for m in owned]
     if json:
-        print_json({"nats": cfg.cluster.nats, "key_groups": cfg.cluster.key_groups, "members": members})
+        print_json({"nats": cfg.cluster.nats, "key_groups": cfg.cluster.key_groups, "model_version": version,
+                    "members": members})
         return
-    table = Table(title=f"cluster at {cfg.cluster.nats}: {len(members)} member(s), {cfg.cluster.key_groups} key groups")
-    for column in ("member", "host", "pid", "key groups", "owned"):
+    title = f"cluster at {cfg.cluster.nats}: {len(members)} member(s), {cfg.cluster.key_groups} key groups"
+    table = Table(title=f"{title}, model version {version}")
+    for column in ("member", "host", "pid", "model version", "key groups", "owned"):
         table.add_column(column)
     for m in members:
         name = m["member"] + (" (draining)" if m["draining"] else "")
-        table.add_row(name, str(m.get("host", "")), str(m.get("pid", "")), str(len(m["key_groups"])),
-                      _ranges(m["key_groups"]))
+        table.add_row(name, str(m.get("host", "")), str(m.get("pid", "")), str(m.get("model_version", "")),
+                      str(len(m["key_groups"])), _ranges(m["key_groups"]))
     console.print(table)
 
 

@@ -33,6 +33,12 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   a gateway that is gone lost its producer's request anyway, and the producer resends).
 - Memory: records read and not yet taken by the loop are bounded by serve.max_inflight_bytes; past it the
   consumer's callback waits, so the backlog stays in JetStream (flow control), not in this process.
+- Model versions (daemon/cluster/weights.py): each record is tagged, when read, with the version its log position
+  names; `take` ends a batch where the tag changes and the model is swapped before the next one (`install`, on
+  the loop's thread, nothing taken and unanswered). Version markers in the log are resolved in log order before
+  the records after them; the newest one is also queued, so a replica with nothing to apply serves it too.
+  Training candidates go to the averager (`offer_trained`); an operator's model is published cluster-wide
+  (`publish_model`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -50,13 +57,16 @@ import time
 from lstmd.clients import protocol
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
+from lstmd.daemon.cluster import weights as wsync
 from lstmd.daemon.cluster.membership import Membership, assignment
 from lstmd.daemon.cluster.natsauth import connect_options
+from lstmd.daemon.control import CommandError
 from lstmd.daemon.io import EventsLimits, EventsMessage, TargetsMessage, decode_events_request
 
 log = logging.getLogger("lstmd.cluster")
 
 _HEADER_BYTES_PER_EVENT = 96  # as daemon/io.py counts a decoded header's Python objects
+_MARKER = -1  # the "key group" of a model version marker queued for the loop (real key groups are >= 0)
 
 
 async def _all(coroutines) -> None:
@@ -74,13 +84,19 @@ def member_name(configured: str) -> str:
 class ClusterSource:
     """The serving loop's events, from the key groups this replica owns."""
 
-    def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics) -> None:
+    def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics,
+                 serving_model, install) -> None:
         self.groups = cluster.key_groups
         self.member = member_name(cluster.member)
         self.limits = limits
         self.max_inflight_bytes = max_inflight_bytes
         self.store = store
         self.model_version = model_version  # callable: the serving model's version
+        # Model versions (daemon/cluster/weights.py): serving_model() is the model served now (the initial one at
+        # start); install(model, newest) serves a cluster version between batches (weights.installer).
+        self.install = install
+        self._record_versions: dict[bytes, int] = {}  # token -> the model version its record is applied with
+        self._taken: set[bytes] = set()  # tokens handed to the loop and not answered yet: a batch in progress
         self.metrics = metrics
         self.snapshot_interval_s = cluster.snapshot_interval_s
         self.lease_ttl = cluster.lease_ttl
@@ -108,8 +124,11 @@ class ClusterSource:
         try:
             clog.open_log(self.link, self.groups)
             self.kv, self.objects = self.link.run(own.open_buckets(self.link.js))
-            card = {"host": socket.gethostname(), "pid": os.getpid()}
-            self.membership = Membership(self.link.js, self.member, cluster.lease_ttl, card, self._on_beat)
+            self.weights = wsync.WeightSync(self.link, self.member, serving_model(), cluster.sync_interval,
+                                            cluster.model_versions)
+            self.link.run(self.weights.open())
+            self.card = {"host": socket.gethostname(), "pid": os.getpid(), "model_version": model_version()}
+            self.membership = Membership(self.link.js, self.member, cluster.lease_ttl, self.card, self._on_beat)
             # The first claims run without the loop (it has not started): restores run here, on this thread.
             self._loop_stopped = True
             self.link.run(self._rebalance(self.link.run(self.membership.join())), 120)
@@ -124,6 +143,7 @@ class ClusterSource:
         self.metrics.cluster_members.set(len(members))
         if not self._closing:
             self.link.loop.create_task(self._rebalance(members))
+            self.link.loop.create_task(self.weights.beat(members))
 
     async def _on_loop(self, fn):
         """Run fn on the serving loop's thread (between its batches) and return its result."""
@@ -188,6 +208,8 @@ class ClusterSource:
                 if dropped:
                     self._ready = collections.deque(item for item in self._ready if item[0] != gained)
                     self.pending_bytes -= sum(item[2].nbytes for item in dropped)
+                    for item in dropped:
+                        self._record_versions.pop(item[2].envelope[0], None)
                 self.queued[gained] = self.positions[gained]
             self.owned = owned
         self.metrics.cluster_key_groups.set(len(owned))
@@ -243,11 +265,13 @@ class ClusterSource:
                 return
             updated = own.GroupEntry(owner, entry.epoch, entry.snapshot, entry.seq, entry.model_version)
         else:
-            version = self.model_version()
+            # The version its next record is applied with (weights.py, "The rule"): what a restore resumes under.
             position, data = await self._on_loop(
-                lambda: (self.positions[group], own.snapshot_group(self.store, group, self.groups,
-                                                                   self.positions[group], version))
+                lambda: (self.positions[group], own.snapshot_group(
+                    self.store, group, self.groups, self.positions[group],
+                    self.weights.version_at(self.positions[group] + 1)))
             )
+            version = self.weights.version_at(position + 1)
             name = f"g{group}-{position}"
             await self.objects.put(name, data)
             updated = own.GroupEntry(owner, entry.epoch, name, position, version)
@@ -283,6 +307,7 @@ class ClusterSource:
             self._sub = None
         if not self.owned:
             return
+        await self.weights.refresh()  # every marker before the start is in the table (weights.py, "The rule")
         start = min(self.queued[g] for g in self.owned) + 1
         sub = None
 
@@ -300,7 +325,13 @@ class ClusterSource:
         self._sub = sub
 
     async def _on_record(self, msg, sub) -> None:
+        if msg.subject == wsync.MARKER_SUBJECT:
+            await self._on_marker(msg, sub)
+            return
         group = clog.group_of(msg.subject)
+        version = self.weights.version_at(msg.metadata.sequence.stream)
+        if version not in self.weights.models:
+            await self.weights.model(version)  # before the checks below: nothing may await between them and queueing
         while self.pending_bytes > self.max_inflight_bytes and not self._closing:
             await asyncio.sleep(0.002)  # the loop is behind: leave the rest in JetStream
         position = msg.metadata.sequence.stream
@@ -317,6 +348,7 @@ class ClusterSource:
         token = self._next.to_bytes(8, "little")
         self._next += 1
         self._replies[token] = (record.reply, record.token, group, position)
+        self._record_versions[token] = version
         # bytearray: the loop hands features to torch, which wants writable memory (a received ZeroMQ frame is)
         body = [record.header, bytearray(record.features)]
         if record.targets is not None:
@@ -326,6 +358,7 @@ class ClusterSource:
         except protocol.ProtocolError as exc:
             reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=0, error=str(exc), error_reason=exc.reason)
             self._replies.pop(token)
+            self._record_versions.pop(token, None)
             self._answer(record.reply, clog.ReplyRecord(record.token, group, protocol.encode(reply)))
             return
         if header.kind == "targets":  # delayed targets (gateway.py): joined by the loop like the socket's
@@ -338,7 +371,64 @@ class ClusterSource:
             self.pending_bytes += message.nbytes
             self._cond.notify()
 
+    async def _on_marker(self, msg, sub) -> None:
+        """A model version marker (weights.py): resolved before any record after it is read; the newest version
+        is also queued in its place, so a replica with no records to apply switches to it too."""
+        position = msg.metadata.sequence.stream
+        while True:  # the records after it wait: their versions depend on it
+            try:
+                version = await self.weights.on_marker(position, msg.data)
+                break
+            except Exception as exc:  # the table or the object store away for a moment
+                log.warning("model marker at log position %d not resolved yet: %s", position, exc)
+                if self._closing or sub is not self._sub:
+                    return
+                await asyncio.sleep(0.2)
+        if version is None or sub is not self._sub:
+            return
+        with self._cond:
+            self._ready.append((_MARKER, position, version))
+            self._cond.notify()
+
+    def publish_model(self, model, source: str) -> int:
+        """An operator's model (`model import`, `model rollback`): published as the cluster's next version, which
+        every replica serves from its marker in the log on; called from the serving loop."""
+        try:
+            return self.link.run(self.weights.publish(model, source))
+        except Exception as exc:  # the operator is told; nothing was published (or it dangles: weights.py)
+            raise CommandError(f"cannot publish the model to the cluster at {self.link.url}: {exc}") from None
+
+    def offer_trained(self, candidate) -> None:
+        """The trainer's candidate (daemon/trainer.py): averaged with the other replicas', never served alone."""
+        self.weights.offer(candidate.model, candidate.base_version, candidate.report.windows)
+
     # ---- the serving loop's side (its thread only) ------------------------------------------------------
+
+    def _switch_model(self) -> bool:
+        """Serve the model version the head of the queue needs (call with _cond held). False: it needs another
+        version than the one serving and a batch is in progress, so that batch ends here."""
+        group, _position, item = self._ready[0]
+        if group == _MARKER:
+            needed = item if item == self.weights.latest() else None
+        elif group in self.owned:
+            needed = self._record_versions.get(item.envelope[0])
+        else:  # take() drops it: its new owner applies it
+            needed = None
+        if needed is None or needed == self.model_version():
+            return True
+        if self._taken:
+            return False
+        model = self.weights.models.get(needed)
+        if model is None:  # retention dropped it while its records waited (weights.py): the documented limit
+            log.error("model version %d is no longer kept (cluster.model_versions); its records are applied with "
+                      "version %d", needed, self.model_version())
+            return True
+        newest = needed == self.weights.latest()
+        self.install(model, newest)
+        if newest:
+            self.card["model_version"] = needed
+            self.membership.card = json.dumps(self.card).encode()
+        return True
 
     def _run_jobs(self) -> None:
         while True:
@@ -354,31 +444,39 @@ class ClusterSource:
             if not self._ready and self._jobs.empty():
                 self._cond.wait(timeout_ms / 1000)
         self._run_jobs()
-        return bool(self._ready)
+        with self._cond:
+            return bool(self._ready) and self._switch_model()
 
     def take(self) -> EventsMessage | TargetsMessage | None:
         while True:
             with self._cond:
-                if not self._ready:
+                if not self._ready or not self._switch_model():
                     return None
                 group, _position, message = self._ready.popleft()
+                if group == _MARKER:
+                    continue
                 self.pending_bytes -= message.nbytes
+                self._record_versions.pop(message.envelope[0], None)
                 if group not in self.owned:  # moved to another member since it was read: that member answers it
                     self._replies.pop(message.envelope[0], None)
                     continue
+                self._taken.add(message.envelope[0])
             return message
 
     def pending(self) -> int:
         return len(self._ready)
 
     def send(self, frames: list) -> bool:
+        self._taken.discard(bytes(frames[0]))
         target = self._replies.pop(bytes(frames[0]), None)
         if target is None:  # a second reply to the same record (the loop's last-resort guard): the first stands
             return False
         subject_, token, group, position = target
         # Answered = applied: the store now holds this record (module docstring, "Positions").
         self.positions[group] = max(self.positions[group], position)
-        if group not in self.owned:  # fenced or handed over meanwhile: its new owner answers
+        # Fenced meanwhile: its new owner replays and answers it. Being handed over (its entry still ours): the
+        # snapshot that goes with the group may be taken after this batch, so hold this record; answered here.
+        if group not in self.owned and group not in self.entries:
             self.metrics.cluster_dropped_answers.inc()
             return False
         reply = clog.ReplyRecord(token, group, bytes(frames[1]), bytes(frames[2]) if len(frames) > 2 else b"")
@@ -403,6 +501,7 @@ class ClusterSource:
 
         async def leave() -> None:
             await self.membership.leave()
+            await self.weights.leave()
             async with self._owning:
                 await _all(self._release(group) for group in sorted(self.owned))
 
