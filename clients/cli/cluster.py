@@ -35,7 +35,7 @@ def status(config: ConfigOpt = None, json: JsonOpt = False) -> None:
     except ClusterError as exc:
         raise fail(str(exc)) from None
     try:
-        open_log(link, cfg.cluster.key_groups)
+        open_log(link, cfg.cluster.key_groups, cfg.cluster.log_partitions)
 
         async def read() -> dict:
             return await live_members(await members_bucket(link.js, cfg.cluster.lease_ttl))

@@ -6,12 +6,18 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
 `Daemon._start_locked` that builds this instead of the socket.
 
 - Reading: one ordered push consumer over the log (AckNone: the position is tracked here, per key group, not
-  acknowledged per message; see DESIGN.md's measurements), from the lowest `position + 1` over the owned key
-  groups; a record of a key group not owned, or at or below what was already queued of it, is skipped. So a
-  record is handed to the loop at most once per ownership, in log order, which is per-stream arrival order.
+  acknowledged per message; see DESIGN.md's measurements), from the lowest `queued + 1` over the owned key
+  groups. A record holds events of several key groups (log partitions, daemon/cluster/log.py): of each record
+  this member takes the events of the key groups it reads whose `queued` is below the record's sequence, as
+  one message for the loop (decoded and cut on the NATS thread, so the loop only steps). So an event is
+  handed to the loop at most once per ownership, in log order, which is per-stream arrival order. A key group
+  is read only from a subscription made while it was owned (`reading`): one gained later waits for the next
+  subscription, which starts at or before its position.
 - Positions: a key group's position is the log sequence of its last record the loop answered (`send`): the loop
   applies a batch and then answers it with nothing in between, so whenever the loop calls `wait` (between
-  batches or while gathering one) the state store holds exactly the records up to the positions.
+  batches or while gathering one) the state store holds exactly the records up to the positions. A key group
+  with nothing queued has every record the subscription delivered applied, so at a snapshot its position moves
+  up to the last record delivered (`read_upto`), and idle key groups do not hold back the log's trimming.
 - Ownership (daemon/cluster/membership.py, ownership.py): at every heartbeat the member compares the key groups
   rendezvous hashing gives it among the live members with those it holds. A group to hand over: stop reading
   it, snapshot its streams at its position to the object store, and release its entry by compare-and-set. A
@@ -22,15 +28,16 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   another member claimed the group: this one is fenced, drops the group and its answers.
 - Snapshots and restores touch the state store, so they run on the serving loop's thread: queued as jobs that
   `wait` runs.
-- Retention: after a snapshot is referenced, the key group's older snapshot and its records up to the new
-  snapshot's position are deleted; nothing else is (JetStream keeps the rest).
+- Retention: after a snapshot is referenced, the key group's older snapshot is deleted, and its log partition's
+  records up to the lowest snapshot position among the partition's key groups (read from their entries).
 - Decoding: each record's frames go through `daemon/io.py`'s `decode_events_request` with the daemon's limits;
   an undecodable record is answered with the error, as the socket would.
 - Sequence numbers the producer left out are assigned by the loop (last + 1) in log order: replaying the log
   from the same state assigns the same numbers, which is why the gateway (stateless, several at once) leaves
   them to the replica.
-- Answers: the loop's reply frames go back as a `ReplyRecord` on the record's reply subject (fire and forget:
-  a gateway that is gone lost its producer's request anyway, and the producer resends).
+- Answers: the loop's replies are gathered per gateway and go out as one `ReplyBatch` per gateway when the loop
+  next waits, i.e. once per serving batch (fire and forget: a gateway that is gone lost its producer's request
+  anyway, and the producer resends). Events of key groups this member no longer owns are not answered.
 - Memory: records read and not yet taken by the loop are bounded by serve.max_inflight_bytes; past it the
   consumer's callback waits, so the backlog stays in JetStream (flow control), not in this process.
 """
@@ -46,7 +53,10 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
+import msgspec
+import numpy as np
 from lstmd.clients import protocol
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
@@ -56,6 +66,54 @@ from lstmd.daemon.io import EventsLimits, EventsMessage, TargetsMessage, decode_
 log = logging.getLogger("lstmd.cluster")
 
 _HEADER_BYTES_PER_EVENT = 96  # as daemon/io.py counts a decoded header's Python objects
+_GROUP_BYTES, _TOKEN_BYTES, _INDEX_BYTES = (np.dtype(t).itemsize for t in (clog.GROUP_DTYPE, clog.TOKEN_DTYPE,
+                                                                           clog.INDEX_DTYPE))
+
+
+@dataclass
+class _Queued:
+    """A message for the loop (this member's events of one log record) and what its answer needs."""
+
+    reply: str  # the gateway's reply subject
+    position: int  # the record's log sequence
+    groups: np.ndarray  # per event: key group, the gateway's token and index (daemon/cluster/log.py)
+    tokens: np.ndarray
+    index: np.ndarray
+    message: EventsMessage
+
+    def subset(self, keep: np.ndarray) -> _Queued:
+        """The same record with only events `keep` (positions) left."""
+        m = self.message
+        message = EventsMessage(m.envelope, _pick(m.header, keep.tolist()), m.features[keep],
+                                None if m.targets is None else m.targets[keep], m.received,
+                                m.nbytes * len(keep) // max(1, len(self.groups)))
+        return _Queued(self.reply, self.position, self.groups[keep], self.tokens[keep], self.index[keep], message)
+
+
+def _pick(header: protocol.EventsHeader, keep: list[int]) -> protocol.EventsHeader:
+    seqs = None if header.seqs is None else [header.seqs[i] for i in keep]
+    return msgspec.structs.replace(header, streams=[header.streams[i] for i in keep], seqs=seqs)
+
+
+def _reply_batch(answers: list[tuple]) -> bytes:
+    """One ReplyBatch of answers (tokens, index, status, predictions [n, O or 0], reasons, version)."""
+    out_dim = max(a[3].shape[1] for a in answers)
+    reasons, offset = {}, 0
+    for a in answers:
+        reasons.update({offset + i: why for i, why in a[4].items()})
+        offset += len(a[0])
+    preds = [a[3] if a[3].shape[1] == out_dim else np.full((len(a[0]), out_dim), np.nan, np.float32)
+             for a in answers]
+    batch = clog.ReplyBatch(
+        tokens=np.concatenate([a[0] for a in answers]).tobytes(),
+        index=np.concatenate([a[1] for a in answers]).tobytes(),
+        status=np.concatenate([a[2] for a in answers]).tobytes(),
+        out_dim=out_dim,
+        predictions=np.concatenate(preds).tobytes(),
+        reasons=reasons,
+        version=max(a[5] for a in answers),
+    )
+    return clog.reply_batch_codec[0].encode(batch)
 
 
 async def _all(coroutines) -> None:
@@ -75,6 +133,7 @@ class ClusterSource:
 
     def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics) -> None:
         self.groups = cluster.key_groups
+        self.partitions = cluster.log_partitions
         self.member = member_name(cluster.member)
         self.limits = limits
         self.max_inflight_bytes = max_inflight_bytes
@@ -86,9 +145,13 @@ class ClusterSource:
         self._last_rebalance = time.monotonic()
         self.endpoint = f"{cluster.nats} (cluster member {self.member})"
         self.monitor = None  # no ZeroMQ peers to watch: the I/O thread's monitor is off
-        self.positions = [0] * self.groups  # per key group: log sequence of the last record the loop answered
-        self.queued = [0] * self.groups  # per key group: log sequence of the last record queued for the loop
+        self.positions = np.zeros(self.groups, dtype=np.int64)  # per key group: see "Positions" above
+        self.queued = np.zeros(self.groups, dtype=np.int64)  # per key group: last record with its events queued
         self.owned: frozenset[int] = frozenset()
+        self.owned_mask = np.zeros(self.groups, dtype=bool)
+        self.reading = np.zeros(self.groups, dtype=bool)  # owned since the subscription began (module docstring)
+        self.releasing = np.zeros(self.groups, dtype=bool)  # being handed over: still answered (_release)
+        self.read_upto = 0  # the last log sequence the subscription delivered (each record examined)
         self.revision: dict[int, int] = {}  # owned key group -> revision of our last write of its entry
         self.entries: dict[int, own.GroupEntry] = {}  # owned key group -> that entry
         self.snapshotted: dict[int, float] = {}  # owned key group -> monotonic time of its last snapshot
@@ -97,14 +160,16 @@ class ClusterSource:
         self._cond = threading.Condition()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # callables for the loop's thread
         self._loop_stopped = False
-        self._replies: dict[bytes, tuple[str, int, int, int]] = {}  # token -> (subject, gateway token, group, pos)
+        self._replies: dict[bytes, _Queued] = {}  # the loop's message token -> what its answer needs
+        self._outgoing: dict[str, list[tuple]] = {}  # gateway reply subject -> answers of the loop's last batch
+        self._trim_due: set[int] = set()  # log partitions whose key groups moved on to newer snapshots
         self._next = 0
         self._closing = False
         self._sub = None
         self._owning = asyncio.Lock()
         self.link = clog.NatsLink(cluster.nats, f"replica-{self.member}")
         try:
-            clog.open_log(self.link, self.groups)
+            self.partitions = clog.open_log(self.link, self.groups, self.partitions)
             self.kv, self.objects = self.link.run(own.open_buckets(self.link.js))
             card = {"host": socket.gethostname(), "pid": os.getpid()}
             self.membership = Membership(self.link.js, self.member, cluster.lease_ttl, card, self._on_beat)
@@ -156,6 +221,8 @@ class ClusterSource:
                 now = time.monotonic()
                 due = [g for g in sorted(self.owned) if now - self.snapshotted.get(g, now) >= self.snapshot_interval_s]
                 await _all(self._checkpoint(group, owner=self.member) for group in due)
+                trim, self._trim_due = self._trim_due, set()
+                await _all(self._trim(partition) for partition in sorted(trim))
                 if self.owned != before or self._sub is None:
                     log.info("cluster member %s owns %d of %d key groups among %d member(s)", self.member,
                              len(self.owned), self.groups, len(members))
@@ -177,14 +244,15 @@ class ClusterSource:
                 self.snapshotted.pop(group, None)
 
     def _set_owned(self, owned: frozenset[int], gained: int | None = None) -> None:
+        mask = np.zeros(self.groups, dtype=bool)
+        mask[list(owned)] = True
         with self._cond:
-            if gained is not None:  # its records still queued from an earlier ownership are read again
-                dropped = [item for item in self._ready if item[0] == gained]
-                if dropped:
-                    self._ready = collections.deque(item for item in self._ready if item[0] != gained)
-                    self.pending_bytes -= sum(item[2].nbytes for item in dropped)
+            if gained is not None:  # its events still queued from an earlier ownership are read again
+                self._drop_queued(gained)
                 self.queued[gained] = self.positions[gained]
             self.owned = owned
+            self.owned_mask = mask
+            self.reading &= mask  # a gained group is read from the next subscription on (_resubscribe)
         self.metrics.cluster_key_groups.set(len(owned))
 
     async def _claim(self, group: int, members: set[str]) -> None:
@@ -215,9 +283,14 @@ class ClusterSource:
         self.metrics.cluster_moves.labels("claimed").inc()
 
     async def _release(self, group: int) -> None:
-        """Hand a key group over: stop reading it, snapshot it, release its entry."""
+        """Hand a key group over: stop reading it, snapshot it, release its entry. Events of it the loop holds
+        now are still answered here: the snapshot, taken after them, includes them, so its next owner will not."""
+        self.releasing[group] = True
         self._set_owned(self.owned - {group})
-        await self._checkpoint(group, owner="")
+        try:
+            await self._checkpoint(group, owner="")
+        finally:
+            self.releasing[group] = False
         if group in self.entries:  # not fenced meanwhile
             self.metrics.cluster_moves.labels("released").inc()
         self.revision.pop(group, None)
@@ -231,16 +304,13 @@ class ClusterSource:
         if entry is None:
             return
         self.snapshotted[group] = time.monotonic()
-        if self.positions[group] == entry.seq:  # nothing applied since the last snapshot: it stands
+        version = self.model_version()
+        position, data = await self._on_loop(lambda: self._snapshot(group, entry.seq, version))
+        if data is None:  # nothing applied since the last snapshot: it stands
             if owner == entry.owner:
                 return
             updated = own.GroupEntry(owner, entry.epoch, entry.snapshot, entry.seq, entry.model_version)
         else:
-            version = self.model_version()
-            position, data = await self._on_loop(
-                lambda: (self.positions[group], own.snapshot_group(self.store, group, self.groups,
-                                                                   self.positions[group], version))
-            )
             name = f"g{group}-{position}"
             await self.objects.put(name, data)
             updated = own.GroupEntry(owner, entry.epoch, name, position, version)
@@ -254,18 +324,41 @@ class ClusterSource:
             return
         self.revision[group], self.entries[group] = revision, updated
         if updated.snapshot != entry.snapshot:
-            await self._trim(group, entry.snapshot, updated.seq)
+            self._trim_due.add(group % self.partitions)
+            if entry.snapshot:  # no longer referenced: a claim restores the newer one
+                try:
+                    await self.objects.delete(entry.snapshot)
+                except Exception as exc:  # left behind; harmless but for the space
+                    log.warning("key group %d: deleting snapshot %s failed: %s", group, entry.snapshot, exc)
 
-    async def _trim(self, group: int, old_snapshot: str, seq: int) -> None:
-        """Retention: once the entry points at a newer snapshot, the older one and the key group's records up to
-        its position are no longer needed by anyone (a claim restores that snapshot or reads on from a later
-        position of its own), so the log keeps what the newest referenced snapshot needs, and no more."""
+    def _snapshot(self, group: int, seq: int, version: int) -> tuple[int, bytes | None]:
+        """(position, snapshot) of a key group, on the loop's thread; no snapshot when the position is still
+        `seq`. A group with nothing queued or in the loop has every record the subscription delivered applied,
+        so its position moves up to `read_upto`: its snapshot then lets the log be trimmed though the group
+        itself is idle (other key groups share its partition)."""
+        with self._cond:
+            if self.reading[group] and self.queued[group] == self.positions[group] < self.read_upto:
+                self.positions[group] = self.queued[group] = self.read_upto
+        position = int(self.positions[group])
+        if position == seq:
+            return position, None
+        return position, own.snapshot_group(self.store, group, self.groups, position, version)
+
+    async def _trim(self, partition: int) -> None:
+        """Retention: a partition's records up to the lowest snapshot position among its key groups are no
+        longer needed by anyone (a claim restores the group's snapshot, or reads on from a later position of its
+        own), so the log keeps what the referenced snapshots need, and no more."""
+        groups = clog.partition_groups(partition, self.groups, self.partitions)
         try:
-            if old_snapshot:
-                await self.objects.delete(old_snapshot)
-            await self.link.js.purge_stream(clog.LOG_STREAM, subject=clog.subject(group), seq=seq + 1)
+            others = [g for g in groups if g not in self.entries]
+            read = await asyncio.gather(*(own.read_entry(self.kv, g) for g in others))
+            seqs = [self.entries[g].seq for g in groups if g in self.entries]
+            seqs += [entry.seq if entry is not None else 0 for entry, _ in read]
+            floor = min(seqs)
+            if floor > 0:
+                await self.link.js.purge_stream(clog.LOG_STREAM, subject=clog.subject(partition), seq=floor + 1)
         except Exception as exc:  # kept a while longer: the next snapshot trims again
-            log.warning("key group %d: trimming below log position %d failed: %s", group, seq, exc)
+            log.warning("log partition %d: trimming failed: %s", partition, exc)
 
     async def _resubscribe(self) -> None:
         from nats.js import api
@@ -276,7 +369,10 @@ class ClusterSource:
             self._sub = None
         if not self.owned:
             return
-        start = min(self.queued[g] for g in self.owned) + 1
+        with self._cond:
+            start = int(self.queued[self.owned_mask].min()) + 1
+            self.reading = self.owned_mask.copy()
+            self.read_upto = start - 1
         sub = None
 
         async def on_record(msg) -> None:
@@ -293,42 +389,67 @@ class ClusterSource:
         self._sub = sub
 
     async def _on_record(self, msg, sub) -> None:
-        group = clog.group_of(msg.subject)
         while self.pending_bytes > self.max_inflight_bytes and not self._closing:
             await asyncio.sleep(0.002)  # the loop is behind: leave the rest in JetStream
+        # Checked after the wait, with no await before the record is queued: ownership may have moved meanwhile
+        if sub is not self._sub:
+            return
         position = msg.metadata.sequence.stream
         self.metrics.cluster_log_pending.set(msg.metadata.num_pending)
-        # Checked after the wait, with no await before the record is queued: ownership may have moved meanwhile
-        if sub is not self._sub or group not in self.owned or position <= self.queued[group]:
-            return
-        self.queued[group] = position
+        item = taken = None
         try:
             record = clog.log_record_codec[1].decode(msg.data)
-        except Exception:
-            log.error("record %d of key group %d is not a lstmd log record; skipped", position, group)
-            return
-        token = self._next.to_bytes(8, "little")
-        self._next += 1
-        self._replies[token] = (record.reply, record.token, group, position)
-        # bytearray: the loop hands features to torch, which wants writable memory (a received ZeroMQ frame is)
-        body = [record.header, bytearray(record.features)]
-        if record.targets is not None:
-            body.append(record.targets)
+            groups = np.frombuffer(record.groups, dtype=clog.GROUP_DTYPE)
+            if len(record.tokens) != _TOKEN_BYTES * len(groups) or len(record.index) != _INDEX_BYTES * len(groups):
+                raise ValueError("its per-event arrays differ in length")
+        except Exception as exc:
+            log.error("record %d of the log is not a lstmd log record (%s); skipped", position, exc)
+        else:
+            mine = np.flatnonzero(self.reading[groups] & (self.queued[groups] < position))
+            if len(mine):
+                taken = groups[mine]
+                item = self._queue_item(record, mine, position, len(msg.data) * len(mine) // len(groups))
+        with self._cond:
+            if taken is not None:  # queued, or answered rejected: either way not taken again
+                self.queued[taken] = position
+            if item is not None:
+                self._ready.append(item)
+                self.pending_bytes += item.message.nbytes
+                self._cond.notify()
+            self.read_upto = position
+
+    def _queue_item(self, record: clog.LogRecord, mine: np.ndarray, position: int, nbytes: int) -> _Queued | None:
+        """This member's events (positions `mine`) of a record as one message for the loop; None when the record
+        cannot be decoded (its events here are answered rejected, as the events socket would answer)."""
+        tokens = np.frombuffer(record.tokens, dtype=clog.TOKEN_DTYPE)[mine]
+        index = np.frombuffer(record.index, dtype=clog.INDEX_DTYPE)[mine]
+        groups = np.frombuffer(record.groups, dtype=clog.GROUP_DTYPE)[mine]
+        body = [record.header, record.features] if record.targets is None else [record.header, record.features,
+                                                                                record.targets]
         try:
             header, features, targets = decode_events_request(body, self.limits)
-            if header.kind == "targets":
-                raise protocol.ProtocolError("bad_kind", "delayed targets are not served in cluster mode yet")
+            if header.kind != "events":
+                raise protocol.ProtocolError("bad_kind", f"{header.kind} requests are not served in cluster mode yet")
+            if len(header.streams) * _GROUP_BYTES != len(record.groups):
+                raise protocol.ProtocolError("malformed", "the record's events and key groups differ in number")
         except protocol.ProtocolError as exc:
-            reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=0, error=str(exc), error_reason=exc.reason)
-            self._replies.pop(token)
-            self._answer(record.reply, clog.ReplyRecord(record.token, group, protocol.encode(reply)))
-            return
-        message = EventsMessage([token], header, features, targets, time.perf_counter())
-        message.nbytes = len(msg.data) + len(header.streams) * _HEADER_BYTES_PER_EVENT
-        with self._cond:
-            self._ready.append((group, position, message))
-            self.pending_bytes += message.nbytes
-            self._cond.notify()
+            n = len(mine)
+            reasons = dict.fromkeys(range(n), str(exc))
+            answer = (tokens, index, np.full(n, protocol.REJECTED, dtype=np.uint8), np.empty((n, 0), np.float32),
+                      reasons, 0)
+            self.link.submit(self._publish(record.reply, _reply_batch([answer])))
+            return None
+        token = self._next.to_bytes(8, "little")
+        self._next += 1
+        if len(mine) < len(header.streams):
+            header = _pick(header, mine.tolist())
+        # a copy either way: the loop hands features to torch, which wants writable memory
+        message = EventsMessage([token], header, features[mine], None if targets is None else targets[mine],
+                                time.perf_counter())
+        message.nbytes = nbytes + len(mine) * _HEADER_BYTES_PER_EVENT
+        item = _Queued(record.reply, position, groups, tokens, index, message)
+        self._replies[token] = item
+        return item
 
     # ---- the serving loop's side (its thread only) ------------------------------------------------------
 
@@ -341,6 +462,7 @@ class ClusterSource:
             job()
 
     def wait(self, timeout_ms: float) -> bool:
+        self._flush()  # the loop waits between batches and while gathering one: the last batch is answered
         self._run_jobs()
         with self._cond:
             if not self._ready and self._jobs.empty():
@@ -353,31 +475,68 @@ class ClusterSource:
             with self._cond:
                 if not self._ready:
                     return None
-                group, _position, message = self._ready.popleft()
-                self.pending_bytes -= message.nbytes
-                if group not in self.owned:  # moved to another member since it was read: that member answers it
-                    self._replies.pop(message.envelope[0], None)
+                item = self._ready.popleft()
+                self.pending_bytes -= item.message.nbytes
+                keep = self.owned_mask[item.groups]
+            if not keep.all():  # key groups moved to another member since it was read: that member answers them
+                if not keep.any():
+                    self._replies.pop(item.message.envelope[0], None)
                     continue
-            return message
+                item = self._replies[item.message.envelope[0]] = item.subset(np.flatnonzero(keep))
+            return item.message
+
+    def _drop_queued(self, group: int) -> None:
+        """Events of `group` out of the queued messages (with self._cond held)."""
+        ready = collections.deque()
+        for item in self._ready:
+            keep = item.groups != group
+            if not keep.all():
+                self.pending_bytes -= item.message.nbytes
+                if not keep.any():
+                    self._replies.pop(item.message.envelope[0], None)
+                    continue
+                item = self._replies[item.message.envelope[0]] = item.subset(np.flatnonzero(keep))
+                self.pending_bytes += item.message.nbytes
+            ready.append(item)
+        self._ready = ready
 
     def pending(self) -> int:
         return len(self._ready)
 
     def send(self, frames: list) -> bool:
-        target = self._replies.pop(bytes(frames[0]), None)
-        if target is None:  # a second reply to the same record (the loop's last-resort guard): the first stands
+        """The loop's reply to one message, kept for the batch's ReplyBatch to its gateway (`_flush`)."""
+        item = self._replies.pop(bytes(frames[0]), None)
+        if item is None:  # a second reply to the same record (the loop's last-resort guard): the first stands
             return False
-        subject_, token, group, position = target
         # Answered = applied: the store now holds this record (module docstring, "Positions").
-        self.positions[group] = max(self.positions[group], position)
-        if group not in self.owned:  # fenced or handed over meanwhile: its new owner answers
+        self.positions[item.groups] = np.maximum(self.positions[item.groups], item.position)
+        keep = self.owned_mask[item.groups] | self.releasing[item.groups]
+        if not keep.any():  # fenced meanwhile: its new owner answers
             return False
-        reply = clog.ReplyRecord(token, group, bytes(frames[1]), bytes(frames[2]) if len(frames) > 2 else b"")
-        self._answer(subject_, reply)
+        reply = protocol.events_reply_decoder.decode(frames[1])
+        n = len(item.groups)
+        if reply.error is not None:
+            status, preds = np.full(n, protocol.REJECTED, dtype=np.uint8), np.empty((n, 0), np.float32)
+            reasons = dict.fromkeys(range(n), reply.error)
+        else:
+            status = np.frombuffer(reply.status, dtype=np.uint8)
+            preds = np.frombuffer(frames[2], dtype=np.float32).reshape(n, reply.out_dim)
+            reasons = reply.reasons
+        tokens, index = item.tokens, item.index
+        if not keep.all():
+            kept = np.flatnonzero(keep)
+            reasons = {j: reasons[i] for j, i in enumerate(kept.tolist()) if i in reasons}
+            tokens, index, status, preds = tokens[kept], index[kept], status[kept], preds[kept]
+        self._outgoing.setdefault(item.reply, []).append((tokens, index, status, preds, reasons, reply.version))
         return True
 
-    def _answer(self, subject_: str, reply: clog.ReplyRecord) -> None:
-        self.link.submit(self._publish(subject_, clog.reply_record_codec[0].encode(reply)))
+    def _flush(self) -> None:
+        """The answers of the loop's last batch: one ReplyBatch per gateway."""
+        if not self._outgoing:
+            return
+        outgoing, self._outgoing = self._outgoing, {}
+        for subject_, answers in outgoing.items():
+            self.link.submit(self._publish(subject_, _reply_batch(answers)))
 
     async def _publish(self, subject_: str, payload: bytes) -> None:
         try:
@@ -389,6 +548,7 @@ class ClusterSource:
         """Hand every owned key group over (snapshot + release) and leave the cluster; the loop has stopped, so
         the snapshots run here."""
         self._closing = True
+        self._flush()
         self._loop_stopped = True
         self._run_jobs()  # one a rebalance already waits for (a start that failed after this was built)
 
