@@ -238,10 +238,18 @@ class ClusterSource:
                 self.metrics.cluster_moves.labels("fenced").inc()
                 log.warning("key group %d was claimed by %s while %s was silent: fenced from it", group,
                             entry.owner if entry else "nobody", self.member)
-                self._set_owned(self.owned - {group})
-                self.revision.pop(group, None)
-                self.entries.pop(group, None)
-                self.snapshotted.pop(group, None)
+                self._fence(group)
+
+    def _fence(self, group: int) -> None:
+        """Another member owns `group` now. What this member applied of it since its last snapshot was not
+        answered, so its own state of the group no longer counts: a later claim restores the entry's snapshot
+        (positions -1) and the group's events are replayed and answered from there."""
+        self._set_owned(self.owned - {group})
+        with self._cond:
+            self.positions[group] = self.queued[group] = -1
+        self.revision.pop(group, None)
+        self.entries.pop(group, None)
+        self.snapshotted.pop(group, None)
 
     def _set_owned(self, owned: frozenset[int], gained: int | None = None) -> None:
         mask = np.zeros(self.groups, dtype=bool)
@@ -277,6 +285,8 @@ class ClusterSource:
             self.positions[group] = claimed.seq
             log.info("key group %d: restored %d streams at log position %d (epoch %d)", group, count, claimed.seq,
                      claimed.epoch)
+        elif self.positions[group] < 0:  # fenced from it once, and no snapshot since: the log from its start
+            self.positions[group] = 0
         self.revision[group], self.entries[group] = new_revision, claimed
         self.snapshotted[group] = time.monotonic()
         self._set_owned(self.owned | {group}, gained=group)
@@ -318,9 +328,7 @@ class ClusterSource:
         if revision is None:
             self.metrics.cluster_moves.labels("fenced").inc()
             log.warning("key group %d was claimed by another member: %s is fenced from it", group, self.member)
-            self._set_owned(self.owned - {group})
-            self.revision.pop(group, None)
-            self.entries.pop(group, None)
+            self._fence(group)
             return
         self.revision[group], self.entries[group] = revision, updated
         if updated.snapshot != entry.snapshot:
@@ -508,10 +516,11 @@ class ClusterSource:
         item = self._replies.pop(bytes(frames[0]), None)
         if item is None:  # a second reply to the same record (the loop's last-resort guard): the first stands
             return False
-        # Answered = applied: the store now holds this record (module docstring, "Positions").
-        self.positions[item.groups] = np.maximum(self.positions[item.groups], item.position)
+        # Answered = applied: the store now holds this record (module docstring, "Positions"); not for a key
+        # group fenced meanwhile (_fence): its new owner answers.
         keep = self.owned_mask[item.groups] | self.releasing[item.groups]
-        if not keep.any():  # fenced meanwhile: its new owner answers
+        self.positions[item.groups[keep]] = np.maximum(self.positions[item.groups[keep]], item.position)
+        if not keep.any():
             return False
         reply = protocol.events_reply_decoder.decode(frames[1])
         n = len(item.groups)
