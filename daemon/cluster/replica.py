@@ -134,6 +134,7 @@ class ClusterSource:
     def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics) -> None:
         self.groups = cluster.key_groups
         self.partitions = cluster.log_partitions
+        self.key_groups = clog.KeyGroups(self.groups)  # of resident streams, at snapshots
         self.member = member_name(cluster.member)
         self.limits = limits
         self.max_inflight_bytes = max_inflight_bytes
@@ -216,11 +217,12 @@ class ClusterSource:
                 intended = set(assignment(members, self.groups)[self.member])
                 before = self.owned
                 # Each step over its key groups at once: one NATS round trip of latency, not one per group.
-                await _all(self._release(group) for group in sorted(self.owned - intended))
+                await self._release(sorted(self.owned - intended))
                 await _all(self._claim(group, members) for group in sorted(intended - self.owned))
                 now = time.monotonic()
                 due = [g for g in sorted(self.owned) if now - self.snapshotted.get(g, now) >= self.snapshot_interval_s]
-                await _all(self._checkpoint(group, owner=self.member) for group in due)
+                taken = await self._snapshots(due)
+                await _all(self._checkpoint(group, self.member, taken.get(group)) for group in due)
                 trim, self._trim_due = self._trim_due, set()
                 await _all(self._trim(partition) for partition in sorted(trim))
                 if self.owned != before or self._sub is None:
@@ -292,30 +294,34 @@ class ClusterSource:
         self._set_owned(self.owned | {group}, gained=group)
         self.metrics.cluster_moves.labels("claimed").inc()
 
-    async def _release(self, group: int) -> None:
-        """Hand a key group over: stop reading it, snapshot it, release its entry. Events of it the loop holds
-        now are still answered here: the snapshot, taken after them, includes them, so its next owner will not."""
-        self.releasing[group] = True
-        self._set_owned(self.owned - {group})
+    async def _release(self, groups: list[int]) -> None:
+        """Hand key groups over: stop reading them, snapshot them, release their entries. Events of them the loop
+        holds now are still answered here: the snapshots, taken after them, include them, so their next owners
+        will not."""
+        if not groups:
+            return
+        self.releasing[groups] = True
+        self._set_owned(self.owned - set(groups))
         try:
-            await self._checkpoint(group, owner="")
+            taken = await self._snapshots(groups)
+            await _all(self._checkpoint(group, "", taken.get(group)) for group in groups)
         finally:
-            self.releasing[group] = False
-        if group in self.entries:  # not fenced meanwhile
-            self.metrics.cluster_moves.labels("released").inc()
-        self.revision.pop(group, None)
-        self.entries.pop(group, None)
-        self.snapshotted.pop(group, None)
+            self.releasing[groups] = False
+        for group in groups:
+            if group in self.entries:  # not fenced meanwhile
+                self.metrics.cluster_moves.labels("released").inc()
+            self.revision.pop(group, None)
+            self.entries.pop(group, None)
+            self.snapshotted.pop(group, None)
 
-    async def _checkpoint(self, group: int, owner: str) -> None:
-        """Snapshot a key group at its position, then point its entry there (compare-and-set); fenced if that
+    async def _checkpoint(self, group: int, owner: str, taken: tuple | None) -> None:
+        """Point a key group's entry at its snapshot `taken` (`_snapshots`) by compare-and-set; fenced if that
         fails. `owner` empty releases the group."""
         entry = self.entries.get(group)
-        if entry is None:
+        if entry is None or taken is None:
             return
         self.snapshotted[group] = time.monotonic()
-        version = self.model_version()
-        position, data = await self._on_loop(lambda: self._snapshot(group, entry.seq, version))
+        position, data, version = taken
         if data is None:  # nothing applied since the last snapshot: it stands
             if owner == entry.owner:
                 return
@@ -339,18 +345,33 @@ class ClusterSource:
                 except Exception as exc:  # left behind; harmless but for the space
                     log.warning("key group %d: deleting snapshot %s failed: %s", group, entry.snapshot, exc)
 
-    def _snapshot(self, group: int, seq: int, version: int) -> tuple[int, bytes | None]:
-        """(position, snapshot) of a key group, on the loop's thread; no snapshot when the position is still
-        `seq`. A group with nothing queued or in the loop has every record the subscription delivered applied,
-        so its position moves up to `read_upto`: its snapshot then lets the log be trimmed though the group
-        itself is idle (other key groups share its partition)."""
-        with self._cond:
-            if self.reading[group] and self.queued[group] == self.positions[group] < self.read_upto:
-                self.positions[group] = self.queued[group] = self.read_upto
-        position = int(self.positions[group])
-        if position == seq:
-            return position, None
-        return position, own.snapshot_group(self.store, group, self.groups, position, version)
+    async def _snapshots(self, groups: list[int]) -> dict[int, tuple[int, bytes | None, int]]:
+        """group -> (position, snapshot or None when unchanged since its entry's, model version), taken on the
+        loop's thread in one pass over the store."""
+        seqs = {g: self.entries[g].seq for g in groups if g in self.entries}
+        version = self.model_version()
+        return await self._on_loop(lambda: self._snapshot_many(seqs, version))
+
+    def _snapshot_many(self, seqs: dict[int, int], version: int) -> dict[int, tuple[int, bytes | None, int]]:
+        """Snapshots of the key groups in `seqs` (group -> its entry's position), on the loop's thread; none for a
+        group still at that position. A group with nothing queued or in the loop has every record the
+        subscription delivered applied, so its position moves up to `read_upto`: its snapshot then lets the log
+        be trimmed though the group itself is idle (other key groups share its partition)."""
+        ids = list(self.store.slot_of)
+        of = self.key_groups.of(ids)
+        out = {}
+        for group, seq in seqs.items():
+            with self._cond:
+                if self.reading[group] and self.queued[group] == self.positions[group] < self.read_upto:
+                    self.positions[group] = self.queued[group] = self.read_upto
+            position = int(self.positions[group])
+            if position == seq:
+                out[group] = (position, None, version)
+                continue
+            members = [ids[i] for i in np.flatnonzero(of == group).tolist()]
+            out[group] = (position, own.snapshot_group(self.store, group, self.groups, position, version, members),
+                          version)
+        return out
 
     async def _trim(self, partition: int) -> None:
         """Retention: a partition's records up to the lowest snapshot position among its key groups are no
@@ -564,7 +585,7 @@ class ClusterSource:
         async def leave() -> None:
             await self.membership.leave()
             async with self._owning:
-                await _all(self._release(group) for group in sorted(self.owned))
+                await self._release(sorted(self.owned))
 
         try:
             if not self.link.nc.is_connected:
