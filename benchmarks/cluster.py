@@ -12,7 +12,7 @@ quarter of it and r3 joins at a half; throughput and answer lag (the slowest rou
 message sent after the kill (every message holds streams of r1's key groups; lease_ttl = `--ttl`).
 
     python benchmarks/cluster.py [--streams 10000] [--events 1000] [--producers 2] [--seconds 10] [--ttl 2]
-                                 [--key-groups 256] [--log-partitions 16] [--timeline 30] [--out docs/cluster]
+                                 [--key-groups 256] [--log-partitions 4] [--timeline 30] [--out docs/cluster]
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--ttl", type=float, default=2.0)
     parser.add_argument("--key-groups", type=int, default=256)
-    parser.add_argument("--log-partitions", type=int, default=16)
+    parser.add_argument("--log-partitions", type=int, default=4)
     parser.add_argument("--timeline", type=float, default=30.0, help="seconds; 0: no kill and join")
     parser.add_argument("--bin", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json (and OUT.png with a timeline)")

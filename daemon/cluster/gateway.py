@@ -239,7 +239,8 @@ class Gateway:
         """(partition, payload, Nats-Msg-Id, tokens) of the records holding these messages' events: per log
         partition, in arrival order, at most max_record_events each."""
         streams = list(itertools.chain.from_iterable(m.header.streams for _, m in messages))
-        numbered = messages[0][1].header.seqs is not None
+        first = messages[0][1].header  # all of one kind: numbered or not, the same targets frame
+        numbered = first.seqs is not None
         seqs = list(itertools.chain.from_iterable(m.header.seqs for _, m in messages)) if numbered else None
         counts = [len(m.header.streams) for _, m in messages]
         features = np.concatenate([m.features for _, m in messages])
@@ -258,12 +259,14 @@ class Gateway:
                 idx = run[start : start + self.max_record_events]
                 ids = [streams[i] for i in idx.tolist()]
                 ev_seqs = None if seqs is None else [seqs[i] for i in idx.tolist()]
-                frames = protocol.encode_events(0, ids, features[idx], None if targets is None else targets[idx],
-                                                ev_seqs)
-                record = clog.LogRecord(self.reply_subject, bytes(frames[0]), bytes(frames[1]),
-                                        bytes(frames[2]) if len(frames) > 2 else None, groups[idx].tobytes(),
+                # The header made directly: the producers' messages were checked when decoded
+                header = protocol.encode(protocol.EventsHeader(
+                    v=protocol.PROTOCOL_VERSION, req=0, streams=ids, dim=features.shape[1], seqs=ev_seqs,
+                    targets=first.targets, target_dim=first.target_dim))
+                record = clog.LogRecord(self.reply_subject, header, features[idx].tobytes(),
+                                        None if targets is None else targets[idx].tobytes(), groups[idx].tobytes(),
                                         tokens[idx].tobytes(), index[idx].tobytes())
-                msg_id = clog.message_id(ids, ev_seqs, f"{self.id}:{next(self._records)}")
+                msg_id = clog.message_id(ids, ev_seqs, header, f"{self.id}:{next(self._records)}")
                 records.append((int(partition[idx[0]]), clog.log_record_codec[0].encode(record), msg_id,
                                 tokens[idx]))
         return records

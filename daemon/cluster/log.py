@@ -115,17 +115,17 @@ log_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(LogRecord
 reply_batch_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ReplyBatch))
 
 
-def message_id(streams: list, seqs: list[int] | None, fallback: str) -> str:
-    """Nats-Msg-Id of a record: `<stream>:<seq>` of its one event, or of its first event plus a digest of all its
-    (stream, seq) pairs, so only an identical resend is dropped by JetStream; `fallback` (unique per gateway
-    message) when the producer numbered nothing (such a resend is new events, as in single-process mode)."""
+def message_id(streams: list, seqs: list[int] | None, header: bytes, fallback: str) -> str:
+    """Nats-Msg-Id of a record: `<stream>:<seq>` of its one event, or of its first event plus a digest of its
+    header (which holds all its (stream, seq) pairs), so only an identical resend is dropped by JetStream;
+    `fallback` (unique per gateway record) when the producer numbered nothing (such a resend is new events, as
+    in single-process mode)."""
     if seqs is None:
         return fallback
     first = f"{streams[0]}:{seqs[0]}"
     if len(streams) == 1:
         return first
-    digest = hashlib.blake2b(msgspec.msgpack.encode([streams, seqs]), digest_size=12).hexdigest()
-    return f"{first}+{len(streams)}:{digest}"
+    return f"{first}+{len(streams)}:{hashlib.blake2b(header, digest_size=12).hexdigest()}"
 
 
 class NatsLink:
