@@ -182,6 +182,9 @@ def test_wrong_key_groups_against_an_existing_cluster(nats_url, make_daemon, tmp
         _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
     with pytest.raises(Exception, match="cluster.key_groups = 128, but .* set cluster.key_groups = 64"):
         make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 128})
+    # log partitions are fixed too (the log was made with the default 4); more than G means one per key group
+    with pytest.raises(ClusterError, match="cluster.log_partitions = 8, but .* created with 4 partitions; .* = 4"):
+        _gateway(nats_url, tmp_path, **{"cluster.key_groups": 64, "cluster.log_partitions": 8})
 
 
 def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
