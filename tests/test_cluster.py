@@ -473,6 +473,8 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
             np.testing.assert_allclose(preds, expected[k], atol=1e-5, rtol=0)
         records = link.run(link.js.stream_info(LOG_STREAM)).state.messages
         assert records < 4 * 4, f"{records} records: messages that arrived together were not coalesced"
+        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match="forecasts are not served"):
+            producer.forecast(messages[0][0][:2], horizon=2)
     finally:
         link.close()
         for dealer in dealers:

@@ -39,7 +39,7 @@ import numpy as np
 import zmq
 from lstmd.clients import protocol
 from lstmd.daemon.cluster import log as clog
-from lstmd.daemon.io import EventsBudgets, EventsSocket, TargetsMessage
+from lstmd.daemon.io import EventsBudgets, EventsSocket, ForecastMessage, TargetsMessage
 
 log = logging.getLogger("lstmd.gateway")
 
@@ -216,6 +216,9 @@ class Gateway:
         while self.inflight_bytes < self.max_inflight_bytes and (message := self.events.take()):
             if isinstance(message, TargetsMessage):
                 self._reject(message, "unsupported", "delayed targets are not served by a cluster gateway yet")
+                continue
+            if isinstance(message, ForecastMessage):
+                self._reject(message, "unsupported", "forecasts are not served by a cluster gateway yet")
                 continue
             header = message.header
             if not header.streams:  # nothing to publish: answered here, as a daemon answers it
