@@ -25,7 +25,8 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   compare-and-set (epoch + 1), restore its snapshot when that is ahead of this member's own state of it, and
   read the log from the snapshot's position + 1. Owned groups are snapshotted every
   cluster.snapshot_interval_s, which bounds the replay after a death. A compare-and-set that fails means
-  another member claimed the group: this one is fenced, drops the group and its answers.
+  another member claimed the group: this one is fenced, drops the group and its answers, and stops trusting
+  its own state of it (a later claim restores the entry's snapshot).
 - Snapshots and restores touch the state store, so they run on the serving loop's thread: queued as jobs that
   `wait` runs.
 - Retention: after a snapshot is referenced, the key group's older snapshot is deleted, and its log partition's
@@ -37,7 +38,8 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   them to the replica.
 - Answers: the loop's replies are gathered per gateway and go out as one `ReplyBatch` per gateway when the loop
   next waits, i.e. once per serving batch (fire and forget: a gateway that is gone lost its producer's request
-  anyway, and the producer resends). Events of key groups this member no longer owns are not answered.
+  anyway, and the producer resends). Events of key groups this member was fenced from are not answered; those
+  of a key group it is handing over are (its snapshot, taken after them, tells the next owner not to).
 - Memory: records read and not yet taken by the loop are bounded by serve.max_inflight_bytes; past it the
   consumer's callback waits, so the backlog stays in JetStream (flow control), not in this process.
 """
