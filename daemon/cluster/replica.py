@@ -166,6 +166,7 @@ class ClusterSource:
         self._replies: dict[bytes, _Queued] = {}  # the loop's message token -> what its answer needs
         self._outgoing: dict[str, list[tuple]] = {}  # gateway reply subject -> answers of the loop's last batch
         self._trim_due: set[int] = set()  # log partitions whose key groups moved on to newer snapshots
+        self._trimmed: dict[int, float] = {}  # log partition -> monotonic time it was last trimmed
         self._next = 0
         self._closing = False
         self._sub = None
@@ -225,7 +226,10 @@ class ClusterSource:
                 due = [g for g in sorted(self.owned) if now - self.snapshotted.get(g, now) >= self.snapshot_interval_s]
                 taken = await self._snapshots(due)
                 await _all(self._checkpoint(group, self.member, taken.get(group)) for group in due)
-                trim, self._trim_due = self._trim_due, set()
+                # A trim reads every key group entry of the partition: once per snapshot interval is enough
+                trim = {p for p in self._trim_due if now - self._trimmed.get(p, -1e9) >= self.snapshot_interval_s}
+                self._trim_due -= trim
+                self._trimmed.update(dict.fromkeys(trim, now))
                 await _all(self._trim(partition) for partition in sorted(trim))
                 if self.owned != before or self._sub is None:
                     log.info("cluster member %s owns %d of %d key groups among %d member(s)", self.member,
@@ -292,7 +296,9 @@ class ClusterSource:
         elif self.positions[group] < 0:  # fenced from it once, and no snapshot since: the log from its start
             self.positions[group] = 0
         self.revision[group], self.entries[group] = new_revision, claimed
-        self.snapshotted[group] = time.monotonic()
+        # Due at a point of the interval of its own, so each heartbeat snapshots a few key groups, not all of
+        # those claimed together at once (a burst of snapshots and puts stalls the answers for ~100 ms).
+        self.snapshotted[group] = time.monotonic() - self.snapshot_interval_s * group / self.groups
         self._set_owned(self.owned | {group}, gained=group)
         self.metrics.cluster_moves.labels("claimed").inc()
 
