@@ -71,13 +71,14 @@ def main() -> None:
     source.queued = np.zeros(args.key_groups, dtype=np.int64)
     source.positions = np.zeros(args.key_groups, dtype=np.int64)
     source._replies, source._outgoing, source._next, source.link = {}, {}, 0, _Link()
+    source._taken = set()
 
     def cut() -> list:
         items = []
         for r in records:
             groups = np.frombuffer(r.groups, dtype=clog.GROUP_DTYPE)
             mine = np.flatnonzero(source.reading[groups])
-            items.append(source._queue_item(r, mine, 1, 0))
+            items.append(source._queue_item(r, mine, 1, 0, 0))
         return items
 
     stages["replica: records -> its messages for the loop"] = _timed(cut, args.repeat)
