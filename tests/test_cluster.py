@@ -470,6 +470,24 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
         thread.join(30)
 
 
+def test_end_flags_are_refused_by_a_gateway(nats_url, make_daemon, tmp_path):
+    """Cluster mode serves model.output = "every" only: a gateway refuses sequence-end flags (ends_not_served) as a
+    single daemon serving "every" does, so the coalesced records (which do not carry them) never drop an end."""
+    from lstmd.clients import Producer, RejectedError
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 8})
+    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 8})
+    x = np.ones((3, 4), np.float32)
+    try:
+        with Producer(gw.endpoint, timeout=30) as producer:
+            with pytest.raises(RejectedError, match="ends_not_served"):
+                producer.send(["a", "b", "c"], x, seqs=[1, 1, 1], ends=[False, True, False])
+            result = producer.send_detailed(["a", "b", "c"], x, seqs=[2, 2, 2], ends=[False, False, False])
+            assert result.status_names == ["ok"] * 3  # no end marked: served as ever
+    finally:
+        gw.stop_and_join()
+
+
 def test_records_split_across_owners_and_a_handover(nats_url, make_daemon, tmp_path):
     """One log partition: every record holds events of key groups owned by different replicas, so each owner
     answers its share and the gateway joins them. A third replica joins at 1/3 of the trace and the first leaves

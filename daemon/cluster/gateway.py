@@ -15,7 +15,8 @@ dies loses only the requests in flight, which their producers resend.
 - Coalescing adds no wait: a record holds what arrived while the previous records were being published, so an
   idle gateway publishes a message at once and a busy one publishes fewer, larger records.
 - A record holds producer messages of one kind only (events or delayed targets, numbered or not, the same
-  targets frame), in arrival order, at most serve.max_message_events events; sequence-end flags ride along.
+  targets frame), in arrival order, at most serve.max_message_events events. Sequence-end flags never reach a
+  record: cluster mode serves model.output = "every" only, so the events socket refuses them (ends_not_served).
 - Sequence numbers the producer left out stay out: the owning replica assigns them in log order (see
   daemon/cluster/replica.py), which a stateless gateway could not do for a stream shared with another gateway.
 - A resend JetStream reports as already stored (its Nats-Msg-Id within the duplicate window) is published again
@@ -340,10 +341,6 @@ class Gateway:
         numbered = first.header.seqs is not None
         seqs = list(itertools.chain.from_iterable(m.header.seqs for _, m in messages)) if numbered else None
         counts = [len(m.header.streams) for _, m in messages]
-        ends = None
-        if any(m.header.ends is not None for _, m in messages):  # sequence ends (model.output = "end") kept
-            ends = list(itertools.chain.from_iterable(m.header.ends or [False] * n
-                                                      for (_, m), n in zip(messages, counts, strict=True)))
         targets = None
         if first.targets is not None:
             targets = np.concatenate([m.targets.reshape(len(m.targets), -1) for _, m in messages])
@@ -371,8 +368,7 @@ class Gateway:
                 # The header made directly: the producers' messages were checked when decoded
                 header = protocol.encode(protocol.EventsHeader(
                     v=protocol.PROTOCOL_VERSION, req=0, streams=ids, dim=0 if kind == "targets" else body.shape[1],
-                    seqs=ev_seqs, targets=first.header.targets, target_dim=first.header.target_dim,
-                    ends=None if ends is None else [ends[i] for i in pick], kind=kind))
+                    seqs=ev_seqs, targets=first.header.targets, target_dim=first.header.target_dim, kind=kind))
                 record = clog.LogRecord(self.reply_subject, header, body[idx].tobytes(),
                                         None if targets is None else targets[idx].tobytes(), groups[idx].tobytes(),
                                         tokens[idx].tobytes(), index[idx].tobytes())

@@ -128,8 +128,7 @@ class _Marker:
 
 def _pick(header: protocol.EventsHeader, keep: list[int]) -> protocol.EventsHeader:
     seqs = None if header.seqs is None else [header.seqs[i] for i in keep]
-    ends = None if header.ends is None else [header.ends[i] for i in keep]
-    return msgspec.structs.replace(header, streams=[header.streams[i] for i in keep], seqs=seqs, ends=ends)
+    return msgspec.structs.replace(header, streams=[header.streams[i] for i in keep], seqs=seqs)
 
 
 def _reply_batch(answers: list[tuple]) -> bytes:
