@@ -293,6 +293,10 @@ class ClusterConfig(_Section):
     key_groups: Annotated[
         int, doc("key groups the streams are hashed into; fixed for the cluster's life", ge=1, le=65536)
     ] = 256
+    log_partitions: Annotated[
+        int, doc("subjects of the cluster's log, each carrying events of many key groups in one record (more than "
+                 "key_groups: one per key group); fixed for the cluster's life", ge=1, le=65536)
+    ] = 4
     member: Annotated[str, doc("this process's name in the cluster; empty: host-pid")] = ""
     lease_ttl: Annotated[float, doc("seconds before a silent member's key groups move", gt=0)] = 2.0
     snapshot_interval_s: Annotated[

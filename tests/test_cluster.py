@@ -119,8 +119,8 @@ def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_p
     try:
         got = _run(gw.endpoint)
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-        # Retention: snapshots taken, the log trimmed below them (one record per key group per message was
-        # published: far more than the snapshots leave).
+        # Retention: snapshots taken, the log trimmed below them (a record per log partition per message was
+        # published: far more than the snapshots leave; key groups with no events do not hold it back).
         from lstmd.daemon.cluster.log import LOG_STREAM, NatsLink
 
         link = NatsLink(nats_url, "test")
@@ -182,6 +182,9 @@ def test_wrong_key_groups_against_an_existing_cluster(nats_url, make_daemon, tmp
         _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
     with pytest.raises(Exception, match="cluster.key_groups = 128, but .* set cluster.key_groups = 64"):
         make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 128})
+    # log partitions are fixed too (the log was made with the default 4); more than G means one per key group
+    with pytest.raises(ClusterError, match="cluster.log_partitions = 8, but .* created with 4 partitions; .* = 4"):
+        _gateway(nats_url, tmp_path, **{"cluster.key_groups": 64, "cluster.log_partitions": 8})
 
 
 def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
@@ -413,3 +416,113 @@ def test_key_groups_and_rendezvous_ownership():
     assert all(owner[g] == m for m in ("r1", "r3") for g in before[m] if g in left[m])
     assert set(left["r1"]) | set(left["r3"]) == set(range(256))
 
+
+def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path):
+    """Messages of several producers that reach the gateway together share log records (one per log partition
+    and kind, numbered or not, instead of one per message and partition); each producer still gets its own
+    reply: its request id, its events' statuses and predictions in its order, equal to a single daemon's."""
+    import zmq
+    from lstmd.clients import Producer, protocol
+    from lstmd.daemon.cluster.gateway import Gateway
+    from lstmd.daemon.cluster.log import LOG_STREAM, NatsLink
+    from lstmd.daemon.config import load_config
+
+    from tests.conftest import daemon_overrides
+
+    rng = np.random.default_rng(5)
+    messages = [([f"p{k}-{i}" for i in range(40)], rng.standard_normal((40, 4)).astype(np.float32),
+                 [1] * 40 if k % 2 else None) for k in range(4)]
+    single = make_daemon(**MODEL)
+    with Producer(single.endpoints["events"], timeout=30) as producer:
+        expected = [producer.send(s, x, seqs=q) for s, x, q in messages]
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.log_partitions": 4})
+    values = {**MODEL, "cluster.nats": nats_url, "cluster.log_partitions": 4}
+    gw = Gateway(load_config(overrides=daemon_overrides(tmp_path / "gw", **values), environ={}))
+    gw.start()  # bound, not reading yet: the four messages wait in its socket together
+    ctx = zmq.Context.instance()
+    dealers = []
+    for k, (s, x, q) in enumerate(messages):
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(gw.endpoint)
+        dealer.send_multipart(protocol.encode_events(100 + k, s, x, seqs=q))
+        dealers.append(dealer)
+    time.sleep(1.0)  # delivered over loopback before the gateway reads (only the record count below needs it)
+    thread = threading.Thread(target=gw.serve_forever, daemon=True)
+    thread.start()
+    link = NatsLink(nats_url, "test")
+    try:
+        for k, dealer in enumerate(dealers):
+            assert dealer.poll(60_000), f"no reply to message {k}"
+            reply, preds = protocol.decode_reply(dealer.recv_multipart())
+            assert reply.req == 100 + k and reply.error is None
+            assert set(reply.status) == {protocol.OK}
+            np.testing.assert_allclose(preds, expected[k], atol=1e-5, rtol=0)
+        records = link.run(link.js.stream_info(LOG_STREAM)).state.messages
+        assert records < 4 * 4, f"{records} records: messages that arrived together were not coalesced"
+        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match="forecasts are not served"):
+            producer.forecast(messages[0][0][:2], horizon=2)
+    finally:
+        link.close()
+        for dealer in dealers:
+            dealer.close()
+        gw.request_stop()
+        thread.join(30)
+
+
+def test_end_flags_are_refused_by_a_gateway(nats_url, make_daemon, tmp_path):
+    """Cluster mode serves model.output = "every" only: a gateway refuses sequence-end flags (ends_not_served) as a
+    single daemon serving "every" does, so the coalesced records (which do not carry them) never drop an end."""
+    from lstmd.clients import Producer, RejectedError
+
+    make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 8})
+    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 8})
+    x = np.ones((3, 4), np.float32)
+    try:
+        with Producer(gw.endpoint, timeout=30) as producer:
+            with pytest.raises(RejectedError, match="ends_not_served"):
+                producer.send(["a", "b", "c"], x, seqs=[1, 1, 1], ends=[False, True, False])
+            result = producer.send_detailed(["a", "b", "c"], x, seqs=[2, 2, 2], ends=[False, False, False])
+            assert result.status_names == ["ok"] * 3  # no end marked: served as ever
+    finally:
+        gw.stop_and_join()
+
+
+def test_records_split_across_owners_and_a_handover(nats_url, make_daemon, tmp_path):
+    """One log partition: every record holds events of key groups owned by different replicas, so each owner
+    answers its share and the gateway joins them. A third replica joins at 1/3 of the trace and the first leaves
+    gracefully at 2/3 (its key groups handed over while records are in flight): every message answered once,
+    with the single-process predictions, and every stream's final (h, c) on its owner equal to the single run's."""
+    from lstmd.clients import Admin, Producer
+    from lstmd.daemon.cluster.log import key_group
+    from lstmd.daemon.cluster.membership import assignment
+
+    single = make_daemon(**MODEL)
+    expected = _run(single.endpoints["events"])
+    cluster = {"cluster.nats": nats_url, "cluster.key_groups": 8, "cluster.log_partitions": 1,
+               "cluster.snapshot_interval_s": 0.5, "serve.max_wait_ms": 1.0}
+    replicas = {m: make_daemon(**MODEL, **cluster, **{"cluster.member": m}) for m in ("r1", "r2")}
+    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 8, "cluster.log_partitions": 1})
+    got = []
+    try:
+        with Producer(gw.endpoint, timeout=60) as producer:
+            for step, (streams, x, seqs) in enumerate(_trace()):
+                if step == STEPS // 3:
+                    replicas["r3"] = make_daemon(**MODEL, **cluster, **{"cluster.member": "r3"})
+                if step == STEPS * 2 // 3:
+                    replicas.pop("r1").stop_and_join(30)
+                got.append(producer.send(streams, x, seqs=seqs))
+        np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
+        owners = assignment(set(replicas), 8)
+        owner_of = {g: m for m, groups in owners.items() for g in groups}
+        admins = {m: Admin(d.endpoints["control"]) for m, d in replicas.items()}
+        reference = Admin(single.endpoints["control"])
+        for stream in next(_trace())[0]:
+            admin = admins[owner_of[key_group(stream, 8)]]
+            b = _wait(f"stream {stream} on its owner", lambda a=admin, s=stream: _replayed(a, s))
+            a = reference.stream(stream)
+            assert b["events"] == a["events"] == STEPS
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+    finally:
+        gw.stop_and_join()

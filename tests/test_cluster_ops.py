@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -67,7 +68,7 @@ def _round_trip(endpoint: str, **client) -> np.ndarray:
 
 
 def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, make_daemon, tmp_path):  # noqa: F811
-    """send_targets through a gateway: one log record per key group, answered by the owners' join (training is
+    """send_targets through a gateway: one log record per log partition, answered by the owners' join (training is
     off in a cluster until weight sync, so each target is answered "not recorded: training is disabled" by the
     replica: the reason proves it went through the log to the owner); a resend is stored once by JetStream and
     still answered; a forecast is refused clearly and the gateway keeps serving; metrics count it all."""
@@ -78,7 +79,7 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": G})
     gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": G})
     streams = [f"t{i}" for i in range(12)]
-    assert len({key_group(s, G) for s in streams}) > 2
+    assert len({key_group(s, G) % 4 for s in streams}) > 1  # records in several log partitions (P = 4)
     try:
         with Producer(gw.endpoint, timeout=30) as producer:
             producer.send(streams, np.ones((12, 4), dtype=np.float32), seqs=[1] * 12)
@@ -111,11 +112,11 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
             stored = link.run(link.js.stream_info(LOG_STREAM)).state.last_seq
         finally:
             link.close()
-        groups = len({key_group(s, G) for s in streams})
-        # the events, the targets once and its two resends (already stored: republished under new ids for their
-        # owner to answer), the round trip
-        assert stored == groups * 4 + len({key_group(s, G) for s in ("a", "b", 7)})
-        assert _sample(gw, "lstmd_gateway_log_duplicates_total") == 2 * groups
+        parts = len({key_group(s, G) % gw.partitions for s in streams})
+        # one record per log partition: the events, the targets once and its two resends (already stored:
+        # republished under new ids for their owner to answer), the round trip
+        assert stored == parts * 4 + len({key_group(s, G) % gw.partitions for s in ("a", "b", 7)})
+        assert _sample(gw, "lstmd_gateway_log_duplicates_total") == 2 * parts
         assert _sample(gw, "lstmd_gateway_events_total", {"kind": "targets"}) == 36
         assert _sample(gw, "lstmd_gateway_requests_total", {"outcome": "answered"}) == 5
         assert _sample(gw, "lstmd_gateway_requests_total", {"outcome": "rejected"}) == 1
@@ -138,6 +139,96 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
             assert page.status == 200
     finally:
         gw.stop_and_join()
+
+
+def test_coalesced_delayed_targets_are_answered_per_producer_as_by_a_daemon(nats_url, make_daemon, tmp_path):  # noqa: F811
+    """Delayed-targets messages of several producers that reach the gateway together share records (one per log
+    partition, of their own kind); each producer gets its own reply, and every reply equals a single daemon's to
+    the same messages: joined targets, a resend of joined targets in the same wake-up (the same record), targets
+    of events never sent. Training on (targets are recorded), no rounds during the test."""
+    import zmq
+    from lstmd.clients import Producer, protocol
+    from lstmd.daemon.cluster.gateway import Gateway
+    from lstmd.daemon.cluster.log import LOG_STREAM, NatsLink
+    from lstmd.daemon.config import load_config
+
+    from tests.conftest import daemon_overrides
+
+    train = {"train.enabled": True, "train.interval": 3600.0}
+    streams = [f"t{i}" for i in range(12)]
+    x = np.ones((12, 4), dtype=np.float32)
+    y = np.arange(24, dtype=np.float32).reshape(12, 2)
+    messages = [  # (dealer, streams, seqs, targets); a dealer's messages arrive in its order
+        (0, streams[:6], [1] * 6, y[:6]),
+        (1, streams[6:], [1] * 6, y[6:]),
+        (0, streams[:6], [1] * 6, y[:6]),  # a resend of the first
+        (2, streams[::2], [2] * 3 + [9] * 3, y[::2]),  # seq 9 was never sent
+    ]
+
+    def events(endpoint: str) -> None:
+        with Producer(endpoint, timeout=30) as producer:
+            for seq in (1, 2):
+                producer.send(streams, x, seqs=[seq] * 12)
+
+    single = make_daemon(**MODEL, **train)
+    events(single.endpoints["events"])
+    expected = []
+    with zmq.Context.instance().socket(zmq.DEALER) as dealer:
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(single.endpoints["events"])
+        for k, (_, ids, seqs, targets) in enumerate(messages):
+            dealer.send_multipart(protocol.encode_targets(k, ids, seqs, targets))
+            assert dealer.poll(30_000)
+            expected.append(dealer.recv_multipart())
+    make_daemon(**MODEL, **train, **{"cluster.nats": nats_url, "cluster.key_groups": G})
+    values = {**MODEL, "cluster.nats": nats_url, "cluster.key_groups": G}
+    gw = Gateway(load_config(overrides=daemon_overrides(tmp_path / "gw", **values), environ={}))
+    gw.start()
+    thread = None
+    ctx = zmq.Context.instance()
+    dealers = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    link = NatsLink(nats_url, "test")
+    try:
+        thread = threading.Thread(target=gw.serve_forever, daemon=True)
+        thread.start()
+        events(gw.endpoint)
+        gw.request_stop()
+        thread.join(30)
+        before = link.run(link.js.stream_info(LOG_STREAM)).state.messages
+        gw = Gateway(load_config(overrides=daemon_overrides(tmp_path / "gw2", **values), environ={}))
+        gw.start()  # bound, not reading yet: the targets messages wait in its socket together
+        for dealer in dealers:
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(gw.endpoint)
+        for k, (d, ids, seqs, targets) in enumerate(messages):
+            dealers[d].send_multipart(protocol.encode_targets(k, ids, seqs, targets))
+        time.sleep(1.0)  # delivered over loopback before the gateway reads (only the record count below needs it)
+        thread = threading.Thread(target=gw.serve_forever, daemon=True)
+        thread.start()
+        got = {}
+        for d, dealer in enumerate(dealers):
+            for _ in range(sum(1 for m in messages if m[0] == d)):
+                assert dealer.poll(60_000), f"no reply on dealer {d}"
+                frames = dealer.recv_multipart()
+                got[protocol.events_reply_decoder.decode(frames[0]).req] = frames
+        for k, frames in enumerate(expected):
+            want = protocol.events_reply_decoder.decode(frames[0])
+            reply = protocol.events_reply_decoder.decode(got[k][0])
+            assert len(got[k]) == len(frames) == 1  # no predictions frame, as the daemon answers targets
+            assert reply.error is None and want.error is None
+            assert reply.status == want.status and reply.reasons == want.reasons, f"message {k}"
+        statuses = [np.frombuffer(protocol.events_reply_decoder.decode(f[0]).status, np.uint8).tolist()
+                    for f in expected]
+        assert statuses == [[protocol.OK] * 6] * 3 + [[protocol.OK] * 3 + [protocol.REJECTED] * 3]
+        records = link.run(link.js.stream_info(LOG_STREAM)).state.messages - before
+        assert records <= gw.partitions, f"{records} records: targets that arrived together were not coalesced"
+    finally:
+        link.close()
+        for dealer in dealers:
+            dealer.close()
+        gw.request_stop()
+        if thread is not None:
+            thread.join(30)
 
 
 # ---- CURVE on the gateway's front -----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def _cluster(config):
     except ClusterError as exc:
         raise fail(str(exc)) from None
     try:
-        open_log(link, cfg.cluster.key_groups)
+        open_log(link, cfg.cluster.key_groups, cfg.cluster.log_partitions)
         yield cfg, link
     except ClusterError as exc:
         raise fail(str(exc)) from None

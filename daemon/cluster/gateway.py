@@ -1,21 +1,32 @@
 """`lstmd gateway`: the stateless ZeroMQ front of a cluster, with the events wire protocol of `lstmd serve`.
 
-One producer message becomes one log record per key group it touches (daemon/cluster/log.py), published to
-JetStream with a Nats-Msg-Id built from its (stream, seq) pairs, so a retried publish is stored once. The owning
-replicas answer each record on this gateway's reply subject; when every key group of a message has answered,
-the producer gets one EventsReply in its own event order, exactly as from a single daemon (a record rejected
-whole marks its events rejected with that reason). Nothing else is kept: several gateways may run at once,
-and a gateway that dies loses only the requests in flight, which their producers resend.
+Producer messages become log records (daemon/cluster/log.py): whatever the events socket holds when this loop
+wakes up is taken at once, and its events go to one record per log partition (several producer messages
+coalesced into one record: JetStream's cost is per message, not per event), published with async
+acknowledgements, all in flight together. Each record's Nats-Msg-Id is built from its (stream, seq) pairs, so a
+retried publish is stored once. The owning replicas answer on this gateway's reply subject, per event (the
+token of its producer message and its index there), in batches; when every event of a producer message is
+answered, the producer gets one EventsReply in its own event order, exactly as from a single daemon (events of
+a record rejected whole are rejected with that reason). An event answered twice (a record replayed after a
+failover) keeps its first answer. Nothing else is kept: several gateways may run at once, and a gateway that
+dies loses only the requests in flight, which their producers resend.
 
 - Decoding and the socket are `daemon/io.py`'s EventsSocket: the same limits, budgets and error replies.
+- Coalescing adds no wait: a record holds what arrived while the previous records were being published, so an
+  idle gateway publishes a message at once and a busy one publishes fewer, larger records.
+- A record holds producer messages of one kind only (events or delayed targets, numbered or not, the same
+  targets frame), in arrival order, at most serve.max_message_events events. Sequence-end flags never reach a
+  record: cluster mode serves model.output = "every" only, so the events socket refuses them (ends_not_served).
 - Sequence numbers the producer left out stay out: the owning replica assigns them in log order (see
   daemon/cluster/replica.py), which a stateless gateway could not do for a stream shared with another gateway.
 - A resend JetStream reports as already stored (its Nats-Msg-Id within the duplicate window) is published again
   under a unique id: the owner then answers it `duplicate` with the first copy's prediction (its resend
   window), instead of the producer waiting for an answer that would never come.
-- Delayed targets (`Producer.send_targets`) travel like events: one log record per key group, keyed by their
-  (stream, seq) pairs (Nats-Msg-Id prefixed `t:` so a target never collides with its own event's id), answered
-  by the owning replica's join; a forecast, which changes nothing and needs no log, is refused (`unsupported`).
+- Delayed targets (`Producer.send_targets`) travel like events, coalesced into records of their own kind
+  (header kind "targets", the targets as the second frame: the wire's own request), keyed by their (stream, seq)
+  pairs (Nats-Msg-Id prefixed `t:` so a target never collides with its own event's id), answered per producer
+  message by the owning replicas' joins like events (no predictions frame, as the daemon answers them); a
+  forecast, which changes nothing and needs no log, is refused (`unsupported`).
 - Security: with `[security] server_secret_key` the events socket is a CURVE server with the ZAP handler of
   `lstmd serve` (daemon/auth.py: the same key directories, roles, reload on SIGHUP and refusals counted in
   `lstmd_auth_failures_total`); any known key (producer or admin) may send events. Without keys, a non-loopback
@@ -57,22 +68,46 @@ _FORGET_AFTER_S = 120.0
 
 @dataclass
 class _Pending:
-    """A producer message waiting for its key groups' answers."""
+    """A producer message waiting for its events' answers."""
 
     envelope: list
     req: int
     n: int
-    parts: dict[int, np.ndarray]  # key group -> the message's event indices in it, until it answers
     started: float
+    nbytes: int
+    left: int = field(init=False)  # events not answered yet
+    answered: np.ndarray = field(init=False)
     status: np.ndarray = field(init=False)
-    preds: np.ndarray | None = None  # [n, O], allocated at the first answer with predictions
+    preds: np.ndarray | None = None  # [n, O], allocated at the first answer
     reasons: dict[int, str] = field(default_factory=dict)
     version: int = 0
-    nbytes: int = 0
     targets: bool = False  # a delayed-targets message: its reply has no predictions frame
 
     def __post_init__(self) -> None:
+        self.left = self.n
+        self.answered = np.zeros(self.n, dtype=bool)
         self.status = np.full(self.n, protocol.REJECTED, dtype=np.uint8)
+
+    def answer(self, idx: np.ndarray, status: np.ndarray, preds: np.ndarray, reasons: dict[int, str],
+               version: int) -> None:
+        """Events `idx` answered; `reasons` by position in `idx`. Events answered before keep their answer."""
+        new = ~self.answered[idx]
+        if not new.all():
+            keep = np.flatnonzero(new)
+            reasons = {j: reasons[i] for j, i in enumerate(keep.tolist()) if i in reasons}
+            idx, status, preds = idx[keep], status[keep], preds[keep]
+        if not len(idx):
+            return
+        self.answered[idx] = True
+        self.left -= len(idx)
+        self.status[idx] = status
+        if preds.shape[1]:  # none when every answered event was rejected whole
+            if self.preds is None:
+                self.preds = np.full((self.n, preds.shape[1]), np.nan, dtype=np.float32)
+            self.preds[idx] = preds
+        for i, why in reasons.items():
+            self.reasons[int(idx[i])] = why
+        self.version = max(self.version, version)
 
 
 class Gateway:
@@ -82,6 +117,11 @@ class Gateway:
         self.id = f"gw-{uuid.uuid4().hex[:12]}"
         self.reply_subject = f"{clog.REPLY_PREFIX}{self.id}"
         self.groups = config.cluster.key_groups
+        self.partitions = config.cluster.log_partitions
+        self.key_groups = clog.KeyGroups(self.groups)
+        self.max_record_events = min(config.serve.max_message_events, protocol.MAX_EVENTS)
+        self._records = itertools.count()  # makes the Nats-Msg-Id of an unnumbered record unique
+        self._publishing = asyncio.Lock()  # per-stream order: the log takes records in the order they were made
         self.endpoint: str | None = None
         self._pending: dict[int, _Pending] = {}
         # Bytes of requests forwarded and finished: each counter written by one thread only (this loop, the NATS
@@ -105,7 +145,7 @@ class Gateway:
         self._check_security()
         self.link = clog.NatsLink(cluster.nats, self.id, connect_options(cluster))
         try:
-            clog.open_log(self.link, self.groups)
+            self.partitions = clog.open_log(self.link, self.groups, self.partitions)
             self._ctx = zmq.Context()
             secure = None
             if self.security is not None:  # ZAP first: a CURVE socket must never accept before it can ask
@@ -206,8 +246,7 @@ class Gateway:
                 # Requests forwarded and not yet answered stay within serve.max_inflight_bytes; beyond it they
                 # wait in the events socket, whose own budgets answer the excess `overloaded`.
                 if self.events.sock in ready or self.events.pending():
-                    while self.inflight_bytes < self.max_inflight_bytes and (message := self.events.take()):
-                        self._forward(message)
+                    self._forward_waiting()
                 if time.monotonic() - last_sweep > 10:
                     last_sweep = time.monotonic()
                     self.link.loop.call_soon_threadsafe(self._forget_stale)
@@ -263,113 +302,151 @@ class Gateway:
                                      error_reason=reason)
         self.events.send([*message.envelope, protocol.encode(reply)])
 
-    def _forward(self, message) -> None:
-        if isinstance(message, ForecastMessage):
-            self._reject(message, "unsupported", "forecasts are not served through a cluster gateway: ask the "
-                         "replica that owns the stream (lstmd cluster status) with Admin.forecast")
-            return
-        if isinstance(message, TargetsMessage):
-            self._forward_targets(message)
-            return
-        self.metrics.events.labels("events").inc(len(message.header.streams))
-        header = message.header
-        streams = header.streams
-        groups = np.fromiter((clog.key_group(s, self.groups) for s in streams), dtype=np.int64, count=len(streams))
-        token = next(self._tokens)
-        parts = {int(g): np.flatnonzero(groups == g) for g in np.unique(groups)}
-        pending = _Pending(message.envelope, header.req, len(streams), dict(parts), time.monotonic(),
-                           nbytes=message.nbytes)
-        self._pending[token] = pending
-        self._forwarded_bytes += pending.nbytes
+    def _forward_waiting(self) -> None:
+        """Every producer message waiting now (within serve.max_inflight_bytes) into the log, coalesced."""
+        kinds: dict[tuple, list] = {}  # messages that can share a record: see the module docstring
+        while self.inflight_bytes < self.max_inflight_bytes and (message := self.events.take()):
+            if isinstance(message, ForecastMessage):
+                self._reject(message, "unsupported", "forecasts are not served through a cluster gateway: ask "
+                             "the replica that owns the stream (lstmd cluster status) with Admin.forecast")
+                continue
+            header = message.header
+            if not header.streams:  # nothing to publish: answered here, as a daemon answers it
+                reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=header.req,
+                                             out_dim=self.config.model.output_size)
+                tail = [] if isinstance(message, TargetsMessage) else [b""]
+                self.events.send([*message.envelope, protocol.encode(reply), *tail])
+                continue
+            targets = isinstance(message, TargetsMessage)
+            self.metrics.events.labels("targets" if targets else "events").inc(len(header.streams))
+            token = next(self._tokens)
+            pending = _Pending(message.envelope, header.req, len(header.streams), time.monotonic(), message.nbytes,
+                               targets=targets)
+            self._pending[token] = pending
+            self._forwarded_bytes += pending.nbytes
+            kind = (header.kind, header.seqs is None, header.targets, header.target_dim)
+            kinds.setdefault(kind, []).append((token, message))
         records = []
-        for group, idx in parts.items():
-            seqs = None if header.seqs is None else [header.seqs[i] for i in idx.tolist()]
-            frames = protocol.encode_events(
-                token,
-                [streams[i] for i in idx.tolist()],
-                message.features[idx],
-                None if message.targets is None else message.targets[idx],
-                seqs,
-            )
-            record = clog.LogRecord(self.reply_subject, token, bytes(frames[0]), bytes(frames[1]),
-                                    bytes(frames[2]) if len(frames) > 2 else None)
-            msg_id = clog.message_id([streams[i] for i in idx.tolist()], seqs, f"{self.id}:{token}:{group}")
-            records.append((group, clog.log_record_codec[0].encode(record), msg_id))
-        # One hand-over to the NATS thread per producer message, its records published concurrently there.
-        self.link.submit(self._publish_all(token, records))
+        for messages in kinds.values():
+            records += self._records_of(messages)
+        if records:  # one hand-over to the NATS thread, the records published concurrently there
+            self.link.submit(self._publish_all(records))
 
-    def _forward_targets(self, message: TargetsMessage) -> None:
-        """Delayed targets into the log, one record per key group (module docstring); the record's frames are the
-        wire's own [header, targets], so the replica decodes them as its events socket would."""
-        header = message.header
-        streams, seqs = header.streams, header.seqs
-        self.metrics.events.labels("targets").inc(len(streams))
-        groups = np.fromiter((clog.key_group(s, self.groups) for s in streams), dtype=np.int64, count=len(streams))
-        token = next(self._tokens)
-        parts = {int(g): np.flatnonzero(groups == g) for g in np.unique(groups)}
-        pending = _Pending(message.envelope, header.req, len(streams), dict(parts), time.monotonic(),
-                           nbytes=message.nbytes, targets=True)
-        self._pending[token] = pending
-        self._forwarded_bytes += pending.nbytes
+    def _records_of(self, messages: list) -> list[tuple[int, bytes, str, np.ndarray]]:
+        """(partition, payload, Nats-Msg-Id, tokens) of the records holding these messages' events (or delayed
+        targets): per log partition, in arrival order, at most max_record_events each."""
+        first = messages[0][1]  # all of one kind (_forward_waiting): events or targets, numbered or not, ...
+        kind = first.header.kind
+        streams = list(itertools.chain.from_iterable(m.header.streams for _, m in messages))
+        numbered = first.header.seqs is not None
+        seqs = list(itertools.chain.from_iterable(m.header.seqs for _, m in messages)) if numbered else None
+        counts = [len(m.header.streams) for _, m in messages]
+        targets = None
+        if first.targets is not None:
+            targets = np.concatenate([m.targets.reshape(len(m.targets), -1) for _, m in messages])
+        # The second frame: features of events; of a delayed-targets record, the targets themselves (the wire's
+        # own [header, targets] frames, so the replica decodes it as its events socket would)
+        if kind == "targets":
+            body, targets = targets, None
+        else:
+            body = np.concatenate([m.features for _, m in messages])
+        tokens = np.repeat(np.array([t for t, _ in messages], dtype=clog.TOKEN_DTYPE), counts)
+        index = np.concatenate([np.arange(n, dtype=clog.INDEX_DTYPE) for n in counts])
+        groups = self.key_groups.of(streams)
+        partition = groups % self.partitions
+        order = np.argsort(partition, kind="stable")  # stable: arrival order within a partition
+        bounds = np.flatnonzero(np.diff(partition[order])) + 1
+        # A target never shares a Nats-Msg-Id with its own event's record (the same (stream, seq) pairs)
+        prefix = "t:" if kind == "targets" else ""
         records = []
-        for group, idx in parts.items():
-            part_streams = [streams[i] for i in idx.tolist()]
-            part_seqs = [seqs[i] for i in idx.tolist()]
-            frames = protocol.encode_targets(token, part_streams, part_seqs, message.targets[idx])
-            record = clog.LogRecord(self.reply_subject, token, bytes(frames[0]), bytes(frames[1]))
-            msg_id = "t:" + clog.message_id(part_streams, part_seqs, "")
-            records.append((group, clog.log_record_codec[0].encode(record), msg_id))
-        self.link.submit(self._publish_all(token, records))
+        for run in np.split(order, bounds):
+            for start in range(0, len(run), self.max_record_events):
+                idx = run[start : start + self.max_record_events]
+                pick = idx.tolist()
+                ids = [streams[i] for i in pick]
+                ev_seqs = None if seqs is None else [seqs[i] for i in pick]
+                # The header made directly: the producers' messages were checked when decoded
+                header = protocol.encode(protocol.EventsHeader(
+                    v=protocol.PROTOCOL_VERSION, req=0, streams=ids, dim=0 if kind == "targets" else body.shape[1],
+                    seqs=ev_seqs, targets=first.header.targets, target_dim=first.header.target_dim, kind=kind))
+                record = clog.LogRecord(self.reply_subject, header, body[idx].tobytes(),
+                                        None if targets is None else targets[idx].tobytes(), groups[idx].tobytes(),
+                                        tokens[idx].tobytes(), index[idx].tobytes())
+                msg_id = prefix + clog.message_id(ids, ev_seqs, header, f"{self.id}:{next(self._records)}")
+                records.append((int(partition[idx[0]]), clog.log_record_codec[0].encode(record), msg_id,
+                                tokens[idx]))
+        return records
 
     # ---- the NATS link's thread -------------------------------------------------------------------------
 
-    async def _publish_all(self, token: int, records: list) -> None:
-        await asyncio.gather(*(self._publish(token, *record) for record in records))
-
-    async def _publish(self, token: int, group: int, payload: bytes, msg_id: str) -> None:
+    async def _publish_all(self, records: list) -> None:
+        """Publish every record with its acknowledgement outstanding, then gather the acknowledgements."""
         js = self.link.js
-        try:
-            ack = await js.publish(clog.subject(group), payload, headers={"Nats-Msg-Id": msg_id})
-            if ack.duplicate:  # a resend already in the log: have its owner answer it (module docstring)
-                self.metrics.duplicates.inc()
-                await js.publish(clog.subject(group), payload, headers={"Nats-Msg-Id": f"{self.id}:{token}:{group}"})
-        except Exception as exc:
+        sent = []
+        async with self._publishing:  # a publish may wait for the socket: the next batch must not overtake it
+            for partition, payload, msg_id, tokens in records:
+                try:
+                    ack = await js.publish_async(clog.subject(partition), payload, headers={"Nats-Msg-Id": msg_id})
+                except Exception as exc:
+                    self._fail(tokens, exc)
+                    continue
+                sent.append((ack, partition, payload, tokens))
+        if not sent:
+            return
+        await asyncio.wait([ack for ack, *_ in sent], timeout=clog.REQUEST_TIMEOUT_S)
+        for ack, partition, payload, tokens in sent:
+            try:
+                if not ack.done():
+                    ack.cancel()
+                    raise TimeoutError(f"no acknowledgement within {clog.REQUEST_TIMEOUT_S:g} s")
+                if ack.result().duplicate:  # a resend already in the log: have its owner answer it (docstring)
+                    self.metrics.duplicates.inc()
+                    unique = f"{self.id}:{next(self._records)}"
+                    await js.publish(clog.subject(partition), payload, headers={"Nats-Msg-Id": unique})
+            except Exception as exc:
+                self._fail(tokens, exc)
+
+    def _fail(self, tokens: np.ndarray, exc: BaseException) -> None:
+        """A record the log did not take: its producer messages are answered `unavailable`."""
+        for token in np.unique(tokens).tolist():
             pending = self._pending.pop(token, None)
-            if pending is not None:
-                self._finished(pending, "unavailable")
-                reply = protocol.EventsReply(
-                    v=protocol.PROTOCOL_VERSION,
-                    req=pending.req,
-                    error=f"the cluster's log did not take the events ({type(exc).__name__}: {exc}); some may have "
-                    "been applied: resend them with the same sequence numbers",
-                    error_reason="unavailable",
-                )
-                self._done_push.send_multipart([*pending.envelope, protocol.encode(reply)])
+            if pending is None:
+                continue
+            self._finished(pending, "unavailable")
+            reply = protocol.EventsReply(
+                v=protocol.PROTOCOL_VERSION,
+                req=pending.req,
+                error=f"the cluster's log did not take the events ({type(exc).__name__}: {exc}); some may have "
+                "been applied: resend them with the same sequence numbers",
+                error_reason="unavailable",
+            )
+            self._done_push.send_multipart([*pending.envelope, protocol.encode(reply)])
 
     def _on_answer_sync(self, data: bytes) -> None:
-        answer = clog.reply_record_codec[1].decode(data)
-        pending = self._pending.get(answer.token)
-        if pending is None:
-            return  # answered already (a replayed record after a failover) or forgotten
-        idx = pending.parts.pop(answer.group, None)
-        if idx is None:
-            return
-        reply = protocol.events_reply_decoder.decode(answer.reply)
-        if reply.error is not None:
-            for i in idx.tolist():
-                pending.reasons[i] = reply.error
-        else:
-            pending.status[idx] = np.frombuffer(reply.status, dtype=np.uint8)
-            if pending.preds is None:
-                pending.preds = np.full((pending.n, reply.out_dim), np.nan, dtype=np.float32)
-            pending.preds[idx] = np.frombuffer(answer.predictions, dtype=np.float32).reshape(len(idx), reply.out_dim)
-            for i, why in reply.reasons.items():
-                pending.reasons[int(idx[i])] = why
-            pending.version = max(pending.version, reply.version)
-        if pending.parts:
-            return
-        del self._pending[answer.token]
-        self._finished(pending, "answered")
+        batch = clog.reply_batch_codec[1].decode(data)
+        tokens = np.frombuffer(batch.tokens, dtype=clog.TOKEN_DTYPE)
+        index = np.frombuffer(batch.index, dtype=clog.INDEX_DTYPE)
+        status = np.frombuffer(batch.status, dtype=np.uint8)
+        preds = np.frombuffer(batch.predictions, dtype=np.float32).reshape(len(tokens), batch.out_dim)
+        # Runs of one producer message (a replica answers a record's events in their order)
+        bounds = [0, *(np.flatnonzero(np.diff(tokens)) + 1).tolist(), len(tokens)]
+        reasons: dict[int, dict[int, str]] = {}
+        if batch.reasons:
+            runs = np.searchsorted(bounds, list(batch.reasons), side="right") - 1
+            for (pos, why), run in zip(batch.reasons.items(), runs.tolist(), strict=True):
+                reasons.setdefault(run, {})[pos - bounds[run]] = why
+        for run, (a, b) in enumerate(itertools.pairwise(bounds)):
+            token = int(tokens[a])
+            pending = self._pending.get(token)
+            if pending is None:
+                continue  # answered already (a replayed record after a failover) or forgotten
+            pending.answer(index[a:b], status[a:b], preds[a:b], reasons.get(run, {}), batch.version)
+            if not pending.left:
+                del self._pending[token]
+                self._finished(pending, "answered")
+                self._reply(pending)
+
+    def _reply(self, pending: _Pending) -> None:
         preds = pending.preds
         if preds is None:
             preds = np.full((pending.n, self.config.model.output_size), np.nan, dtype=np.float32)

@@ -1,13 +1,20 @@
-"""What gateways and replicas agree on: key groups, the JetStream log's names and records, the NATS link.
+"""What gateways and replicas agree on: key groups, log partitions, the JetStream log's records, the NATS link.
 
 - A stream belongs to key group `key_group(stream_id, G)`: the first 8 bytes of its BLAKE2b digest mod G, with
   str and int ids kept apart ("7" and 7 are different streams, as in the daemon). Stable across processes,
-  versions and machines (Python's hash() is salted per process).
-- The log is one JetStream stream, LOG_STREAM, file storage, subjects `lstmd.ev.<key group>`; its metadata
-  records G, so a member configured with another G is refused at start (the key groups would not match).
-- One log record = the events of one producer message that fall into one key group, as the wire format's own
-  frames (clients/protocol.py) inside a msgpack `LogRecord`, plus where the answer goes: the gateway's reply
-  subject and its token. A replica answers each record with one `ReplyRecord` on that subject.
+  versions and machines (Python's hash() is salted per process). Key groups are the unit of ownership.
+- Key group g is carried in log partition `g mod P` (cluster.log_partitions, P <= G): the log is one JetStream
+  stream, LOG_STREAM, file storage, subjects `lstmd.ev.<partition>`; its metadata records G and P, so a member
+  configured with others is refused at start. Partitions exist for batching only: JetStream's cost is per
+  message (DESIGN.md: ~8,000 messages/s here), so a record must carry many events, and with G subjects a
+  producer message of 1,000 events split into ~4 events per key group (docs/benchmarks.md, "Cluster mode").
+  Owners are unaware of partitions: a record may hold events of key groups owned by several members, and each
+  takes its own.
+- One log record (`LogRecord`) = the events (or the delayed targets: header kind "targets", the targets as its
+  second frame) of one partition from one or more producer messages that reached one gateway together
+  (coalesced), as the wire format's own frames (clients/protocol.py), with per event its
+  key group, the gateway's id of its producer message (token) and its index there, and where the answers go:
+  the gateway's reply subject. Replicas answer in `ReplyBatch`es: one per gateway per serving-loop batch.
 - nats-py is asyncio; the daemon's loop and the gateway's ZeroMQ loop are not. `NatsLink` runs one asyncio loop
   on its own thread and owns the connection: the other threads submit coroutines to it.
 """
@@ -23,6 +30,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
+import numpy as np
 from lstmd.clients import protocol
 
 log = logging.getLogger("lstmd.cluster")
@@ -46,48 +54,80 @@ def key_group(stream: protocol.StreamId, groups: int) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") % groups
 
 
-def subject(group: int) -> str:
-    return f"{SUBJECT_PREFIX}{group}"
+def subject(partition: int) -> str:
+    return f"{SUBJECT_PREFIX}{partition}"
 
 
-def group_of(subject_: str) -> int:
-    return int(subject_[len(SUBJECT_PREFIX) :])
+def partition_groups(partition: int, groups: int, partitions: int) -> range:
+    """The key groups log partition `partition` carries."""
+    return range(partition, groups, partitions)
+
+
+GROUP_DTYPE = np.uint16  # key groups <= 65536 (config)
+TOKEN_DTYPE = np.uint64
+INDEX_DTYPE = np.uint32
+
+
+class KeyGroups:
+    """Key groups of many stream ids at once, with a bounded cache (a digest per event costs ~1 us in Python;
+    a stream's group never changes, and a producer sends the same streams again and again)."""
+
+    def __init__(self, groups: int, max_cached: int = 1 << 20) -> None:
+        self.groups = groups
+        self.max_cached = max_cached
+        self._cache: dict = {}
+
+    def of(self, streams: list) -> np.ndarray:
+        cache = self._cache
+        found = [cache.get(s) for s in streams]
+        if None in found:
+            if len(cache) > self.max_cached:  # cheaper than an LRU; refilled at the next messages
+                cache.clear()
+            for i, g in enumerate(found):
+                if g is None:
+                    found[i] = cache[streams[i]] = key_group(streams[i], self.groups)
+        return np.array(found, dtype=GROUP_DTYPE)
 
 
 class LogRecord(msgspec.Struct, array_like=True):
-    """One key group's share of one producer message, as stored in the log."""
+    """Events of one log partition from one or more producer messages of one gateway, as stored in the log."""
 
     reply: str  # the gateway's reply subject
-    token: int  # the gateway's id of the producer message
-    header: bytes  # protocol.EventsHeader of these events only (msgpack)
-    features: bytes  # float32 [n, I]
-    targets: bytes | None = None  # the targets frame, when the message carried one
+    header: bytes  # protocol.EventsHeader of these events (msgpack)
+    features: bytes  # float32 [n, I]; of a delayed-targets record, its targets frame
+    targets: bytes | None  # the targets frame, when the messages carried one
+    groups: bytes  # GROUP_DTYPE [n]: each event's key group
+    tokens: bytes  # TOKEN_DTYPE [n]: the gateway's id of each event's producer message
+    index: bytes  # INDEX_DTYPE [n]: each event's index in its producer message
 
 
-class ReplyRecord(msgspec.Struct, array_like=True):
-    """A replica's answer to one log record: the daemon's own reply frames."""
+class ReplyBatch(msgspec.Struct, array_like=True):
+    """A replica's answers to the events of any log records for one gateway (one per serving-loop batch)."""
 
-    token: int
-    group: int
-    reply: bytes  # protocol.EventsReply (msgpack)
-    predictions: bytes = b""  # float32 [n, O]; empty when the record was rejected whole
+    tokens: bytes  # TOKEN_DTYPE [n], as in the records
+    index: bytes  # INDEX_DTYPE [n]
+    status: bytes  # uint8 [n], protocol status codes
+    out_dim: int
+    predictions: bytes  # float32 [n, out_dim]; NaN rows for rejected events
+    reasons: dict[int, str]  # position in this batch -> why that event was rejected
+    version: int  # the serving model's version
 
 
 log_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(LogRecord))
-reply_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ReplyRecord))
+reply_batch_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ReplyBatch))
 
 
-def message_id(streams: list, seqs: list[int] | None, fallback: str) -> str:
-    """Nats-Msg-Id of a record: `<stream>:<seq>` of its one event, or of its first event plus a digest of all its
-    (stream, seq) pairs, so only an identical resend is dropped by JetStream; `fallback` (unique per gateway
-    message) when the producer numbered nothing (such a resend is new events, as in single-process mode)."""
+def message_id(streams: list, seqs: list[int] | None, header: bytes, fallback: str) -> str:
+    """Nats-Msg-Id of a record: `<stream>:<seq>` of its one event, or of its first event plus a digest of its
+    header (which holds all its (stream, seq) pairs), so only an identical resend is dropped by JetStream;
+    `fallback` (unique per gateway record) when the producer numbered nothing (such a resend is new events, as
+    in single-process mode)."""
     if seqs is None:
         return fallback
     first = f"{streams[0]}:{seqs[0]}"
     if len(streams) == 1:
         return first
-    digest = hashlib.blake2b(msgspec.msgpack.encode([streams, seqs]), digest_size=12).hexdigest()
-    return f"{first}+{len(streams)}:{digest}"
+    return f"{first}+{len(streams)}:{hashlib.blake2b(header, digest_size=12).hexdigest()}"
 
 
 class NatsLink:
@@ -200,8 +240,9 @@ async def _cancel_tasks() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def ensure_log(js, groups: int) -> None:
-    """The log stream exists with G = `groups`: created when missing; a log made for another G is refused."""
+async def ensure_log(js, groups: int, partitions: int) -> None:
+    """The log stream exists with G = `groups` and P = `partitions`: created when missing; a log made for another
+    G or P is refused."""
     from nats.js import api
     from nats.js.errors import NotFoundError
 
@@ -213,7 +254,7 @@ async def ensure_log(js, groups: int) -> None:
             subjects=[f"{SUBJECT_PREFIX}*"],
             storage=api.StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
-            metadata={"lstmd_key_groups": str(groups)},
+            metadata={"lstmd_key_groups": str(groups), "lstmd_log_partitions": str(partitions)},
         )
         try:
             await js.add_stream(config)
@@ -222,18 +263,28 @@ async def ensure_log(js, groups: int) -> None:
             info = await js.stream_info(LOG_STREAM)
             if info is None:
                 raise ClusterError(f"cannot create the JetStream stream {LOG_STREAM}: {exc}") from None
-    found = (info.config.metadata or {}).get("lstmd_key_groups")
+    metadata = info.config.metadata or {}
+    found = metadata.get("lstmd_key_groups")
     if found != str(groups):
         raise ClusterError(
             f"cluster.key_groups = {groups}, but the cluster's log {LOG_STREAM} was created with {found} key "
             f"groups; G is fixed for a cluster's life: set cluster.key_groups = {found}"
         )
+    found = metadata.get("lstmd_log_partitions")
+    if found != str(partitions):
+        raise ClusterError(
+            f"cluster.log_partitions = {partitions}, but the cluster's log {LOG_STREAM} was created with {found} "
+            f"partitions; they are fixed for a cluster's life: set cluster.log_partitions = {found}"
+        )
 
 
-def open_log(link: NatsLink, groups: int) -> None:
-    """ensure_log from another thread, every failure a ClusterError that says what was wrong."""
+def open_log(link: NatsLink, groups: int, partitions: int) -> int:
+    """ensure_log from another thread, every failure a ClusterError that says what was wrong; returns the log's
+    partitions: cluster.log_partitions, or G when that is smaller (a partition per key group)."""
+    partitions = min(partitions, groups)
     try:
-        link.run(ensure_log(link.js, groups))
+        link.run(ensure_log(link.js, groups, partitions))
+        return partitions
     except ClusterError:
         raise
     except Exception as exc:

@@ -39,9 +39,11 @@ def group_key(group: int) -> str:
     return f"g{group}"
 
 
-def snapshot_group(store, group: int, groups: int, position: int, model_version: int) -> bytes:
-    """The streams of `group` in `store` at log `position` (a safetensors file, metadata included)."""
-    ids = [sid for sid in store.slot_of if key_group(sid, groups) == group]
+def snapshot_group(store, group: int, groups: int, position: int, model_version: int, ids: list | None = None) -> bytes:
+    """The streams of `group` in `store` at log `position` (a safetensors file, metadata included); `ids`: those
+    streams when the caller found them already (a digest per resident stream per group is slow)."""
+    if ids is None:
+        ids = [sid for sid in store.slot_of if key_group(sid, groups) == group]
     slots = np.fromiter((store.slot_of[sid] for sid in ids), dtype=np.int64, count=len(ids))
     take = torch.from_numpy(slots).to(store.device)
     tensors = {

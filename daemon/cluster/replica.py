@@ -6,12 +6,18 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
 `Daemon._start_locked` that builds this instead of the socket.
 
 - Reading: one ordered push consumer over the log (AckNone: the position is tracked here, per key group, not
-  acknowledged per message; see DESIGN.md's measurements), from the lowest `position + 1` over the owned key
-  groups; a record of a key group not owned, or at or below what was already queued of it, is skipped. So a
-  record is handed to the loop at most once per ownership, in log order, which is per-stream arrival order.
+  acknowledged per message; see DESIGN.md's measurements), from the lowest `queued + 1` over the owned key
+  groups. A record holds events of several key groups (log partitions, daemon/cluster/log.py): of each record
+  this member takes the events of the key groups it reads whose `queued` is below the record's sequence, as
+  one message for the loop (decoded and cut on the NATS thread, so the loop only steps). So an event is
+  handed to the loop at most once per ownership, in log order, which is per-stream arrival order. A key group
+  is read only from a subscription made while it was owned (`reading`): one gained later waits for the next
+  subscription, which starts at or before its position.
 - Positions: a key group's position is the log sequence of its last record the loop answered (`send`): the loop
   applies a batch and then answers it with nothing in between, so whenever the loop calls `wait` (between
-  batches or while gathering one) the state store holds exactly the records up to the positions.
+  batches or while gathering one) the state store holds exactly the records up to the positions. A key group
+  with nothing queued has every record the subscription delivered applied, so at a snapshot its position moves
+  up to the last record delivered (`read_upto`), and idle key groups do not hold back the log's trimming.
 - Ownership (daemon/cluster/membership.py, ownership.py): at every heartbeat the member compares the key groups
   rendezvous hashing gives it among the live members with those it holds. A group to hand over: stop reading
   it, snapshot its streams at its position to the object store, and release its entry by compare-and-set. A
@@ -19,24 +25,36 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
   compare-and-set (epoch + 1), restore its snapshot when that is ahead of this member's own state of it, and
   read the log from the snapshot's position + 1. Owned groups are snapshotted every
   cluster.snapshot_interval_s, which bounds the replay after a death. A compare-and-set that fails means
-  another member claimed the group: this one is fenced, drops the group and its answers.
+  another member claimed the group: this one is fenced, drops the group and its answers, and stops trusting
+  its own state of it (a later claim restores the entry's snapshot).
 - Snapshots and restores touch the state store, so they run on the serving loop's thread: queued as jobs that
   `wait` runs.
-- Retention: after a snapshot is referenced, the key group's older snapshot and its records up to the new
-  snapshot's position are deleted; nothing else is (JetStream keeps the rest).
+- Retention: after a snapshot is referenced, the key group's older snapshot is deleted, and its log partition's
+  records up to the lowest snapshot position among the partition's key groups (read from their entries).
 - Decoding: each record's frames go through `daemon/io.py`'s `decode_events_request` with the daemon's limits;
-  an undecodable record is answered with the error, as the socket would.
+  an undecodable record is answered with the error, as the socket would. A record of delayed targets (header
+  kind "targets", gateway.py) becomes a TargetsMessage the loop joins as the socket's; its answers go back per
+  event like events' (without predictions), and the gateway keeps the first answer of each.
 - Sequence numbers the producer left out are assigned by the loop (last + 1) in log order: replaying the log
   from the same state assigns the same numbers, which is why the gateway (stateless, several at once) leaves
   them to the replica.
-- Answers: the loop's reply frames go back as a `ReplyRecord` on the record's reply subject (fire and forget:
-  a gateway that is gone lost its producer's request anyway, and the producer resends).
+- Answers: the loop's replies are gathered per gateway and go out as one `ReplyBatch` per gateway when the loop
+  next waits, i.e. once per serving batch (fire and forget: a gateway that is gone lost its producer's request
+  anyway, and the producer resends). Events of key groups this member was fenced from are not answered; those
+  of a key group it is handing over are (its snapshot, taken after them, tells the next owner not to).
 - Memory: records read and not yet taken by the loop are bounded by serve.max_inflight_bytes; past it the
   consumer's callback waits, so the backlog stays in JetStream (flow control), not in this process.
 - Model versions (daemon/cluster/weights.py): each record is tagged, when read, with the version its log position
-  names; `take` ends a batch where the tag changes and the model is swapped before the next one (`install`, on
-  the loop's thread, nothing taken and unanswered). Version markers in the log are resolved in log order before
-  the records after them; the newest one is also queued, so a replica with nothing to apply serves it too.
+  names (`_Queued.version`); `take` ends a batch where the tag changes and the model is swapped before the next
+  one (`install`, on the loop's thread, nothing taken and unanswered). Version markers in the log are resolved
+  in log order before the records after them; the newest one is also queued, so a replica with no records to
+  apply serves it too. Partitions do not change the rule: they are subjects of one JetStream stream, so a
+  record's position and a marker's are numbers of one sequence over all partitions and markers, and the one
+  ordered consumer (`lstmd.ev.*`) delivers markers among records in that order; the version of a record (of
+  every key group in it) is `version_at(position)`, a function of the log alone, the same on every replica
+  that reads the record and on every replay. A subscription starting past a marker has it from the table
+  (`refresh` before subscribing); a key group snapshot records `version_at(position + 1)`, the version its
+  next record is applied with; trims purge partition subjects only, never the marker subject.
   Training candidates go to the averager (`offer_trained`); an operator's model is published cluster-wide
   (`publish_model`).
 """
@@ -53,7 +71,10 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
+import msgspec
+import numpy as np
 from lstmd.clients import protocol
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
@@ -66,7 +87,69 @@ from lstmd.daemon.io import EventsLimits, EventsMessage, TargetsMessage, decode_
 log = logging.getLogger("lstmd.cluster")
 
 _HEADER_BYTES_PER_EVENT = 96  # as daemon/io.py counts a decoded header's Python objects
-_MARKER = -1  # the "key group" of a model version marker queued for the loop (real key groups are >= 0)
+_GROUP_BYTES, _TOKEN_BYTES, _INDEX_BYTES = (np.dtype(t).itemsize for t in (clog.GROUP_DTYPE, clog.TOKEN_DTYPE,
+                                                                           clog.INDEX_DTYPE))
+
+
+@dataclass
+class _Queued:
+    """A message for the loop (this member's events of one log record) and what its answer needs."""
+
+    reply: str  # the gateway's reply subject
+    position: int  # the record's log sequence
+    groups: np.ndarray  # per event: key group, the gateway's token and index (daemon/cluster/log.py)
+    tokens: np.ndarray
+    index: np.ndarray
+    message: EventsMessage | TargetsMessage
+    version: int  # the model version its events are applied with (weights.py, "The rule")
+
+    def subset(self, keep: np.ndarray) -> _Queued:
+        """The same record with only events `keep` (positions) left."""
+        m = self.message
+        header = _pick(m.header, keep.tolist())
+        nbytes = m.nbytes * len(keep) // max(1, len(self.groups))
+        if isinstance(m, TargetsMessage):
+            message = TargetsMessage(m.envelope, header, m.targets[keep], nbytes)
+        else:
+            message = EventsMessage(m.envelope, header, m.features[keep],
+                                    None if m.targets is None else m.targets[keep], m.received, nbytes)
+        return _Queued(self.reply, self.position, self.groups[keep], self.tokens[keep], self.index[keep], message,
+                       self.version)
+
+
+@dataclass
+class _Marker:
+    """A model version marker queued for the loop in its log place: the newest version, served by a replica
+    with no records to apply too."""
+
+    position: int
+    version: int
+
+
+def _pick(header: protocol.EventsHeader, keep: list[int]) -> protocol.EventsHeader:
+    seqs = None if header.seqs is None else [header.seqs[i] for i in keep]
+    return msgspec.structs.replace(header, streams=[header.streams[i] for i in keep], seqs=seqs)
+
+
+def _reply_batch(answers: list[tuple]) -> bytes:
+    """One ReplyBatch of answers (tokens, index, status, predictions [n, O or 0], reasons, version)."""
+    out_dim = max(a[3].shape[1] for a in answers)
+    reasons, offset = {}, 0
+    for a in answers:
+        reasons.update({offset + i: why for i, why in a[4].items()})
+        offset += len(a[0])
+    preds = [a[3] if a[3].shape[1] == out_dim else np.full((len(a[0]), out_dim), np.nan, np.float32)
+             for a in answers]
+    batch = clog.ReplyBatch(
+        tokens=np.concatenate([a[0] for a in answers]).tobytes(),
+        index=np.concatenate([a[1] for a in answers]).tobytes(),
+        status=np.concatenate([a[2] for a in answers]).tobytes(),
+        out_dim=out_dim,
+        predictions=np.concatenate(preds).tobytes(),
+        reasons=reasons,
+        version=max(a[5] for a in answers),
+    )
+    return clog.reply_batch_codec[0].encode(batch)
 
 
 async def _all(coroutines) -> None:
@@ -87,6 +170,8 @@ class ClusterSource:
     def __init__(self, cluster, limits: EventsLimits, max_inflight_bytes: int, store, model_version, metrics,
                  serving_model, install) -> None:
         self.groups = cluster.key_groups
+        self.partitions = cluster.log_partitions
+        self.key_groups = clog.KeyGroups(self.groups)  # of resident streams, at snapshots
         self.member = member_name(cluster.member)
         self.limits = limits
         self.max_inflight_bytes = max_inflight_bytes
@@ -95,7 +180,6 @@ class ClusterSource:
         # Model versions (daemon/cluster/weights.py): serving_model() is the model served now (the initial one at
         # start); install(model, newest) serves a cluster version between batches (weights.installer).
         self.install = install
-        self._record_versions: dict[bytes, int] = {}  # token -> the model version its record is applied with
         self._taken: set[bytes] = set()  # tokens handed to the loop and not answered yet: a batch in progress
         self.metrics = metrics
         self.snapshot_interval_s = cluster.snapshot_interval_s
@@ -104,9 +188,13 @@ class ClusterSource:
         self._last_rebalance = time.monotonic()
         self.endpoint = f"{cluster.nats} (cluster member {self.member})"
         self.monitor = None  # no ZeroMQ peers to watch: the I/O thread's monitor is off
-        self.positions = [0] * self.groups  # per key group: log sequence of the last record the loop answered
-        self.queued = [0] * self.groups  # per key group: log sequence of the last record queued for the loop
+        self.positions = np.zeros(self.groups, dtype=np.int64)  # per key group: see "Positions" above
+        self.queued = np.zeros(self.groups, dtype=np.int64)  # per key group: last record with its events queued
         self.owned: frozenset[int] = frozenset()
+        self.owned_mask = np.zeros(self.groups, dtype=bool)
+        self.reading = np.zeros(self.groups, dtype=bool)  # owned since the subscription began (module docstring)
+        self.releasing = np.zeros(self.groups, dtype=bool)  # being handed over: still answered (_release)
+        self.read_upto = 0  # the last log sequence the subscription delivered (each record examined)
         self.revision: dict[int, int] = {}  # owned key group -> revision of our last write of its entry
         self.entries: dict[int, own.GroupEntry] = {}  # owned key group -> that entry
         self.snapshotted: dict[int, float] = {}  # owned key group -> monotonic time of its last snapshot
@@ -115,14 +203,17 @@ class ClusterSource:
         self._cond = threading.Condition()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # callables for the loop's thread
         self._loop_stopped = False
-        self._replies: dict[bytes, tuple[str, int, int, int]] = {}  # token -> (subject, gateway token, group, pos)
+        self._replies: dict[bytes, _Queued] = {}  # the loop's message token -> what its answer needs
+        self._outgoing: dict[str, list[tuple]] = {}  # gateway reply subject -> answers of the loop's last batch
+        self._trim_due: set[int] = set()  # log partitions whose key groups moved on to newer snapshots
+        self._trimmed: dict[int, float] = {}  # log partition -> monotonic time it was last trimmed
         self._next = 0
         self._closing = False
         self._sub = None
         self._owning = asyncio.Lock()
         self.link = clog.NatsLink(cluster.nats, f"replica-{self.member}", connect_options(cluster))
         try:
-            clog.open_log(self.link, self.groups)
+            self.partitions = clog.open_log(self.link, self.groups, self.partitions)
             self.kv, self.objects = self.link.run(own.open_buckets(self.link.js))
             self.weights = wsync.WeightSync(self.link, self.member, serving_model(), cluster.sync_interval,
                                             cluster.model_versions)
@@ -174,11 +265,17 @@ class ClusterSource:
                 intended = set(assignment(members, self.groups, self.membership.drained)[self.member])
                 before = self.owned
                 # Each step over its key groups at once: one NATS round trip of latency, not one per group.
-                await _all(self._release(group) for group in sorted(self.owned - intended))
+                await self._release(sorted(self.owned - intended))
                 await _all(self._claim(group, members) for group in sorted(intended - self.owned))
                 now = time.monotonic()
                 due = [g for g in sorted(self.owned) if now - self.snapshotted.get(g, now) >= self.snapshot_interval_s]
-                await _all(self._checkpoint(group, owner=self.member) for group in due)
+                taken = await self._snapshots(due)
+                await _all(self._checkpoint(group, self.member, taken.get(group)) for group in due)
+                # A trim reads every key group entry of the partition: once per snapshot interval is enough
+                trim = {p for p in self._trim_due if now - self._trimmed.get(p, -1e9) >= self.snapshot_interval_s}
+                self._trim_due -= trim
+                self._trimmed.update(dict.fromkeys(trim, now))
+                await _all(self._trim(partition) for partition in sorted(trim))
                 if self.owned != before:
                     self.metrics.cluster_rebalances.inc()
                 if self.owned != before or self._sub is None:
@@ -196,22 +293,29 @@ class ClusterSource:
                 self.metrics.cluster_moves.labels("fenced").inc()
                 log.warning("key group %d was claimed by %s while %s was silent: fenced from it", group,
                             entry.owner if entry else "nobody", self.member)
-                self._set_owned(self.owned - {group})
-                self.revision.pop(group, None)
-                self.entries.pop(group, None)
-                self.snapshotted.pop(group, None)
+                self._fence(group)
+
+    def _fence(self, group: int) -> None:
+        """Another member owns `group` now. What this member applied of it since its last snapshot was not
+        answered, so its own state of the group no longer counts: a later claim restores the entry's snapshot
+        (positions -1) and the group's events are replayed and answered from there."""
+        self._set_owned(self.owned - {group})
+        with self._cond:
+            self.positions[group] = self.queued[group] = -1
+        self.revision.pop(group, None)
+        self.entries.pop(group, None)
+        self.snapshotted.pop(group, None)
 
     def _set_owned(self, owned: frozenset[int], gained: int | None = None) -> None:
+        mask = np.zeros(self.groups, dtype=bool)
+        mask[list(owned)] = True
         with self._cond:
-            if gained is not None:  # its records still queued from an earlier ownership are read again
-                dropped = [item for item in self._ready if item[0] == gained]
-                if dropped:
-                    self._ready = collections.deque(item for item in self._ready if item[0] != gained)
-                    self.pending_bytes -= sum(item[2].nbytes for item in dropped)
-                    for item in dropped:
-                        self._record_versions.pop(item[2].envelope[0], None)
+            if gained is not None:  # its events still queued from an earlier ownership are read again
+                self._drop_queued(gained)
                 self.queued[gained] = self.positions[gained]
             self.owned = owned
+            self.owned_mask = mask
+            self.reading &= mask  # a gained group is read from the next subscription on (_resubscribe)
         self.metrics.cluster_key_groups.set(len(owned))
 
     async def _claim(self, group: int, members: set[str]) -> None:
@@ -238,40 +342,48 @@ class ClusterSource:
             self.positions[group] = claimed.seq
             log.info("key group %d: restored %d streams at log position %d (epoch %d)", group, count, claimed.seq,
                      claimed.epoch)
+        elif self.positions[group] < 0:  # fenced from it once, and no snapshot since: the log from its start
+            self.positions[group] = 0
         self.revision[group], self.entries[group] = new_revision, claimed
-        self.snapshotted[group] = time.monotonic()
+        # Due at a point of the interval of its own, so each heartbeat snapshots a few key groups, not all of
+        # those claimed together at once (a burst of snapshots and puts stalls the answers for ~100 ms).
+        self.snapshotted[group] = time.monotonic() - self.snapshot_interval_s * group / self.groups
         self._set_owned(self.owned | {group}, gained=group)
         self.metrics.cluster_moves.labels("claimed").inc()
 
-    async def _release(self, group: int) -> None:
-        """Hand a key group over: stop reading it, snapshot it, release its entry."""
-        self._set_owned(self.owned - {group})
-        await self._checkpoint(group, owner="")
-        if group in self.entries:  # not fenced meanwhile
-            self.metrics.cluster_moves.labels("released").inc()
-        self.revision.pop(group, None)
-        self.entries.pop(group, None)
-        self.snapshotted.pop(group, None)
+    async def _release(self, groups: list[int]) -> None:
+        """Hand key groups over: stop reading them, snapshot them, release their entries. Events of them the loop
+        holds now are still answered here: the snapshots, taken after them, include them, so their next owners
+        will not."""
+        if not groups:
+            return
+        self.releasing[groups] = True
+        self._set_owned(self.owned - set(groups))
+        try:
+            taken = await self._snapshots(groups)
+            await _all(self._checkpoint(group, "", taken.get(group)) for group in groups)
+        finally:
+            self.releasing[groups] = False
+        for group in groups:
+            if group in self.entries:  # not fenced meanwhile
+                self.metrics.cluster_moves.labels("released").inc()
+            self.revision.pop(group, None)
+            self.entries.pop(group, None)
+            self.snapshotted.pop(group, None)
 
-    async def _checkpoint(self, group: int, owner: str) -> None:
-        """Snapshot a key group at its position, then point its entry there (compare-and-set); fenced if that
+    async def _checkpoint(self, group: int, owner: str, taken: tuple | None) -> None:
+        """Point a key group's entry at its snapshot `taken` (`_snapshots`) by compare-and-set; fenced if that
         fails. `owner` empty releases the group."""
         entry = self.entries.get(group)
-        if entry is None:
+        if entry is None or taken is None:
             return
         self.snapshotted[group] = time.monotonic()
-        if self.positions[group] == entry.seq:  # nothing applied since the last snapshot: it stands
+        position, data, version = taken
+        if data is None:  # nothing applied since the last snapshot: it stands
             if owner == entry.owner:
                 return
             updated = own.GroupEntry(owner, entry.epoch, entry.snapshot, entry.seq, entry.model_version)
         else:
-            # The version its next record is applied with (weights.py, "The rule"): what a restore resumes under.
-            position, data = await self._on_loop(
-                lambda: (self.positions[group], own.snapshot_group(
-                    self.store, group, self.groups, self.positions[group],
-                    self.weights.version_at(self.positions[group] + 1)))
-            )
-            version = self.weights.version_at(position + 1)
             name = f"g{group}-{position}"
             await self.objects.put(name, data)
             updated = own.GroupEntry(owner, entry.epoch, name, position, version)
@@ -279,24 +391,61 @@ class ClusterSource:
         if revision is None:
             self.metrics.cluster_moves.labels("fenced").inc()
             log.warning("key group %d was claimed by another member: %s is fenced from it", group, self.member)
-            self._set_owned(self.owned - {group})
-            self.revision.pop(group, None)
-            self.entries.pop(group, None)
+            self._fence(group)
             return
         self.revision[group], self.entries[group] = revision, updated
         if updated.snapshot != entry.snapshot:
-            await self._trim(group, entry.snapshot, updated.seq)
+            self._trim_due.add(group % self.partitions)
+            if entry.snapshot:  # no longer referenced: a claim restores the newer one
+                try:
+                    await self.objects.delete(entry.snapshot)
+                except Exception as exc:  # left behind; harmless but for the space
+                    log.warning("key group %d: deleting snapshot %s failed: %s", group, entry.snapshot, exc)
 
-    async def _trim(self, group: int, old_snapshot: str, seq: int) -> None:
-        """Retention: once the entry points at a newer snapshot, the older one and the key group's records up to
-        its position are no longer needed by anyone (a claim restores that snapshot or reads on from a later
-        position of its own), so the log keeps what the newest referenced snapshot needs, and no more."""
+    async def _snapshots(self, groups: list[int]) -> dict[int, tuple[int, bytes | None, int]]:
+        """group -> (position, snapshot or None when unchanged since its entry's, model version), taken on the
+        loop's thread in one pass over the store."""
+        seqs = {g: self.entries[g].seq for g in groups if g in self.entries}
+        return await self._on_loop(lambda: self._snapshot_many(seqs))
+
+    def _snapshot_many(self, seqs: dict[int, int]) -> dict[int, tuple[int, bytes | None, int]]:
+        """Snapshots of the key groups in `seqs` (group -> its entry's position), on the loop's thread; none for a
+        group still at that position. A group with nothing queued or in the loop has every record the
+        subscription delivered applied, so its position moves up to `read_upto`: its snapshot then lets the log
+        be trimmed though the group itself is idle (other key groups share its partition). Each carries the
+        version its next record is applied with (weights.py, "The rule"): what a restore resumes under."""
+        ids = list(self.store.slot_of)
+        of = self.key_groups.of(ids)
+        out = {}
+        for group, seq in seqs.items():
+            with self._cond:
+                if self.reading[group] and self.queued[group] == self.positions[group] < self.read_upto:
+                    self.positions[group] = self.queued[group] = self.read_upto
+            position = int(self.positions[group])
+            version = self.weights.version_at(position + 1)
+            if position == seq:
+                out[group] = (position, None, version)
+                continue
+            members = [ids[i] for i in np.flatnonzero(of == group).tolist()]
+            out[group] = (position, own.snapshot_group(self.store, group, self.groups, position, version, members),
+                          version)
+        return out
+
+    async def _trim(self, partition: int) -> None:
+        """Retention: a partition's records up to the lowest snapshot position among its key groups are no
+        longer needed by anyone (a claim restores the group's snapshot, or reads on from a later position of its
+        own), so the log keeps what the referenced snapshots need, and no more."""
+        groups = clog.partition_groups(partition, self.groups, self.partitions)
         try:
-            if old_snapshot:
-                await self.objects.delete(old_snapshot)
-            await self.link.js.purge_stream(clog.LOG_STREAM, subject=clog.subject(group), seq=seq + 1)
+            others = [g for g in groups if g not in self.entries]
+            read = await asyncio.gather(*(own.read_entry(self.kv, g) for g in others))
+            seqs = [self.entries[g].seq for g in groups if g in self.entries]
+            seqs += [entry.seq if entry is not None else 0 for entry, _ in read]
+            floor = min(seqs)
+            if floor > 0:
+                await self.link.js.purge_stream(clog.LOG_STREAM, subject=clog.subject(partition), seq=floor + 1)
         except Exception as exc:  # kept a while longer: the next snapshot trims again
-            log.warning("key group %d: trimming below log position %d failed: %s", group, seq, exc)
+            log.warning("log partition %d: trimming failed: %s", partition, exc)
 
     async def _resubscribe(self) -> None:
         from nats.js import api
@@ -308,7 +457,10 @@ class ClusterSource:
         if not self.owned:
             return
         await self.weights.refresh()  # every marker before the start is in the table (weights.py, "The rule")
-        start = min(self.queued[g] for g in self.owned) + 1
+        with self._cond:
+            start = int(self.queued[self.owned_mask].min()) + 1
+            self.reading = self.owned_mask.copy()
+            self.read_upto = start - 1
         sub = None
 
         async def on_record(msg) -> None:
@@ -328,48 +480,76 @@ class ClusterSource:
         if msg.subject == wsync.MARKER_SUBJECT:
             await self._on_marker(msg, sub)
             return
-        group = clog.group_of(msg.subject)
+        # The record's model version, its weights fetched before the checks below: nothing may await between
+        # them and queueing
         version = self.weights.version_at(msg.metadata.sequence.stream)
         if version not in self.weights.models:
-            await self.weights.model(version)  # before the checks below: nothing may await between them and queueing
+            await self.weights.model(version)
         while self.pending_bytes > self.max_inflight_bytes and not self._closing:
             await asyncio.sleep(0.002)  # the loop is behind: leave the rest in JetStream
+        # Checked after the wait, with no await before the record is queued: ownership may have moved meanwhile
+        if sub is not self._sub:
+            return
         position = msg.metadata.sequence.stream
         self.metrics.cluster_log_pending.set(msg.metadata.num_pending)
-        # Checked after the wait, with no await before the record is queued: ownership may have moved meanwhile
-        if sub is not self._sub or group not in self.owned or position <= self.queued[group]:
-            return
-        self.queued[group] = position
+        item = taken = None
         try:
             record = clog.log_record_codec[1].decode(msg.data)
-        except Exception:
-            log.error("record %d of key group %d is not a lstmd log record; skipped", position, group)
-            return
-        token = self._next.to_bytes(8, "little")
-        self._next += 1
-        self._replies[token] = (record.reply, record.token, group, position)
-        self._record_versions[token] = version
-        # bytearray: the loop hands features to torch, which wants writable memory (a received ZeroMQ frame is)
-        body = [record.header, bytearray(record.features)]
-        if record.targets is not None:
-            body.append(record.targets)
+            groups = np.frombuffer(record.groups, dtype=clog.GROUP_DTYPE)
+            if len(record.tokens) != _TOKEN_BYTES * len(groups) or len(record.index) != _INDEX_BYTES * len(groups):
+                raise ValueError("its per-event arrays differ in length")
+        except Exception as exc:
+            log.error("record %d of the log is not a lstmd log record (%s); skipped", position, exc)
+        else:
+            mine = np.flatnonzero(self.reading[groups] & (self.queued[groups] < position))
+            if len(mine):
+                taken = groups[mine]
+                item = self._queue_item(record, mine, position, len(msg.data) * len(mine) // len(groups), version)
+        with self._cond:
+            if taken is not None:  # queued, or answered rejected: either way not taken again
+                self.queued[taken] = position
+            if item is not None:
+                self._ready.append(item)
+                self.pending_bytes += item.message.nbytes
+                self._cond.notify()
+            self.read_upto = position
+
+    def _queue_item(self, record: clog.LogRecord, mine: np.ndarray, position: int, nbytes: int,
+                    version: int) -> _Queued | None:
+        """This member's events (positions `mine`) of a record as one message for the loop: events, or delayed
+        targets joined by the loop as the socket's are; None when the record cannot be decoded (its events here
+        are answered rejected, as the events socket would answer)."""
+        tokens = np.frombuffer(record.tokens, dtype=clog.TOKEN_DTYPE)[mine]
+        index = np.frombuffer(record.index, dtype=clog.INDEX_DTYPE)[mine]
+        groups = np.frombuffer(record.groups, dtype=clog.GROUP_DTYPE)[mine]
+        body = [record.header, record.features] if record.targets is None else [record.header, record.features,
+                                                                                record.targets]
         try:
             header, features, targets = decode_events_request(body, self.limits)
+            if header.kind == "forecast":  # the gateway refuses them: a record never holds one
+                raise protocol.ProtocolError("bad_kind", "forecasts are not served through the cluster's log")
+            if len(header.streams) * _GROUP_BYTES != len(record.groups):
+                raise protocol.ProtocolError("malformed", "the record's events and key groups differ in number")
         except protocol.ProtocolError as exc:
-            reply = protocol.EventsReply(v=protocol.PROTOCOL_VERSION, req=0, error=str(exc), error_reason=exc.reason)
-            self._replies.pop(token)
-            self._record_versions.pop(token, None)
-            self._answer(record.reply, clog.ReplyRecord(record.token, group, protocol.encode(reply)))
-            return
-        if header.kind == "targets":  # delayed targets (gateway.py): joined by the loop like the socket's
-            message = TargetsMessage([token], header, targets)
-        else:
-            message = EventsMessage([token], header, features, targets, time.perf_counter())
-        message.nbytes = len(msg.data) + len(header.streams) * _HEADER_BYTES_PER_EVENT
-        with self._cond:
-            self._ready.append((group, position, message))
-            self.pending_bytes += message.nbytes
-            self._cond.notify()
+            n = len(mine)
+            reasons = dict.fromkeys(range(n), str(exc))
+            answer = (tokens, index, np.full(n, protocol.REJECTED, dtype=np.uint8), np.empty((n, 0), np.float32),
+                      reasons, 0)
+            self.link.submit(self._publish(record.reply, _reply_batch([answer])))
+            return None
+        token = self._next.to_bytes(8, "little")
+        self._next += 1
+        if len(mine) < len(header.streams):
+            header = _pick(header, mine.tolist())
+        nbytes += len(mine) * _HEADER_BYTES_PER_EVENT
+        if header.kind == "targets":
+            message = TargetsMessage([token], header, targets[mine], nbytes)
+        else:  # a copy either way: the loop hands features to torch, which wants writable memory
+            message = EventsMessage([token], header, features[mine], None if targets is None else targets[mine],
+                                    time.perf_counter(), nbytes)
+        item = _Queued(record.reply, position, groups, tokens, index, message, version)
+        self._replies[token] = item
+        return item
 
     async def _on_marker(self, msg, sub) -> None:
         """A model version marker (weights.py): resolved before any record after it is read; the newest version
@@ -387,7 +567,7 @@ class ClusterSource:
         if version is None or sub is not self._sub:
             return
         with self._cond:
-            self._ready.append((_MARKER, position, version))
+            self._ready.append(_Marker(position, version))
             self._cond.notify()
 
     def publish_model(self, model, source: str) -> int:
@@ -407,12 +587,12 @@ class ClusterSource:
     def _switch_model(self) -> bool:
         """Serve the model version the head of the queue needs (call with _cond held). False: it needs another
         version than the one serving and a batch is in progress, so that batch ends here."""
-        group, _position, item = self._ready[0]
-        if group == _MARKER:
-            needed = item if item == self.weights.latest() else None
-        elif group in self.owned:
-            needed = self._record_versions.get(item.envelope[0])
-        else:  # take() drops it: its new owner applies it
+        item = self._ready[0]
+        if isinstance(item, _Marker):
+            needed = item.version if item.version == self.weights.latest() else None
+        elif self.owned_mask[item.groups].any():
+            needed = item.version
+        else:  # take() drops it: its new owners apply it
             needed = None
         if needed is None or needed == self.model_version():
             return True
@@ -439,6 +619,7 @@ class ClusterSource:
             job()
 
     def wait(self, timeout_ms: float) -> bool:
+        self._flush()  # the loop waits between batches and while gathering one: the last batch is answered
         self._run_jobs()
         with self._cond:
             if not self._ready and self._jobs.empty():
@@ -452,39 +633,79 @@ class ClusterSource:
             with self._cond:
                 if not self._ready or not self._switch_model():
                     return None
-                group, _position, message = self._ready.popleft()
-                if group == _MARKER:
+                item = self._ready.popleft()
+                if isinstance(item, _Marker):
                     continue
-                self.pending_bytes -= message.nbytes
-                self._record_versions.pop(message.envelope[0], None)
-                if group not in self.owned:  # moved to another member since it was read: that member answers it
-                    self._replies.pop(message.envelope[0], None)
+                self.pending_bytes -= item.message.nbytes
+                keep = self.owned_mask[item.groups]
+            if not keep.all():  # key groups moved to another member since it was read: that member answers them
+                if not keep.any():
+                    self._replies.pop(item.message.envelope[0], None)
                     continue
-                self._taken.add(message.envelope[0])
-            return message
+                item = self._replies[item.message.envelope[0]] = item.subset(np.flatnonzero(keep))
+            self._taken.add(item.message.envelope[0])
+            return item.message
+
+    def _drop_queued(self, group: int) -> None:
+        """Events of `group` out of the queued messages (with self._cond held)."""
+        ready = collections.deque()
+        for item in self._ready:
+            keep = True if isinstance(item, _Marker) else item.groups != group
+            if not np.all(keep):
+                self.pending_bytes -= item.message.nbytes
+                if not keep.any():
+                    self._replies.pop(item.message.envelope[0], None)
+                    continue
+                item = self._replies[item.message.envelope[0]] = item.subset(np.flatnonzero(keep))
+                self.pending_bytes += item.message.nbytes
+            ready.append(item)
+        self._ready = ready
 
     def pending(self) -> int:
         return len(self._ready)
 
     def send(self, frames: list) -> bool:
+        """The loop's reply to one message, kept for the batch's ReplyBatch to its gateway (`_flush`)."""
         self._taken.discard(bytes(frames[0]))
-        target = self._replies.pop(bytes(frames[0]), None)
-        if target is None:  # a second reply to the same record (the loop's last-resort guard): the first stands
+        item = self._replies.pop(bytes(frames[0]), None)
+        if item is None:  # a second reply to the same record (the loop's last-resort guard): the first stands
             return False
-        subject_, token, group, position = target
-        # Answered = applied: the store now holds this record (module docstring, "Positions").
-        self.positions[group] = max(self.positions[group], position)
-        # Fenced meanwhile: its new owner replays and answers it. Being handed over (its entry still ours): the
-        # snapshot that goes with the group may be taken after this batch, so hold this record; answered here.
-        if group not in self.owned and group not in self.entries:
-            self.metrics.cluster_dropped_answers.inc()
+        # Answered = applied: the store now holds this record (module docstring, "Positions"). Not for a key
+        # group fenced meanwhile (_fence) or handed over since (its snapshot was taken before this batch was
+        # applied): its new owner replays and answers those events. Being handed over (`releasing`), the
+        # snapshot that goes with the group may be taken after this batch and hold it: answered here.
+        keep = self.owned_mask[item.groups] | self.releasing[item.groups]
+        self.positions[item.groups[keep]] = np.maximum(self.positions[item.groups[keep]], item.position)
+        if not keep.all():
+            self.metrics.cluster_dropped_answers.inc(int(len(keep) - keep.sum()))
+        if not keep.any():
             return False
-        reply = clog.ReplyRecord(token, group, bytes(frames[1]), bytes(frames[2]) if len(frames) > 2 else b"")
-        self._answer(subject_, reply)
+        reply = protocol.events_reply_decoder.decode(frames[1])
+        n = len(item.groups)
+        if reply.error is not None:
+            status, preds = np.full(n, protocol.REJECTED, dtype=np.uint8), np.empty((n, 0), np.float32)
+            reasons = dict.fromkeys(range(n), reply.error)
+        else:
+            status = np.frombuffer(reply.status, dtype=np.uint8)
+            # delayed targets are answered without predictions (as by the daemon)
+            preds = (np.frombuffer(frames[2], dtype=np.float32).reshape(n, reply.out_dim) if len(frames) > 2
+                     else np.empty((n, 0), np.float32))
+            reasons = reply.reasons
+        tokens, index = item.tokens, item.index
+        if not keep.all():
+            kept = np.flatnonzero(keep)
+            reasons = {j: reasons[i] for j, i in enumerate(kept.tolist()) if i in reasons}
+            tokens, index, status, preds = tokens[kept], index[kept], status[kept], preds[kept]
+        self._outgoing.setdefault(item.reply, []).append((tokens, index, status, preds, reasons, reply.version))
         return True
 
-    def _answer(self, subject_: str, reply: clog.ReplyRecord) -> None:
-        self.link.submit(self._publish(subject_, clog.reply_record_codec[0].encode(reply)))
+    def _flush(self) -> None:
+        """The answers of the loop's last batch: one ReplyBatch per gateway."""
+        if not self._outgoing:
+            return
+        outgoing, self._outgoing = self._outgoing, {}
+        for subject_, answers in outgoing.items():
+            self.link.submit(self._publish(subject_, _reply_batch(answers)))
 
     async def _publish(self, subject_: str, payload: bytes) -> None:
         try:
@@ -496,6 +717,7 @@ class ClusterSource:
         """Hand every owned key group over (snapshot + release) and leave the cluster; the loop has stopped, so
         the snapshots run here."""
         self._closing = True
+        self._flush()
         self._loop_stopped = True
         self._run_jobs()  # one a rebalance already waits for (a start that failed after this was built)
 
@@ -503,7 +725,7 @@ class ClusterSource:
             await self.membership.leave()
             await self.weights.leave()
             async with self._owning:
-                await _all(self._release(group) for group in sorted(self.owned))
+                await self._release(sorted(self.owned))
 
         try:
             if not self.link.nc.is_connected:
