@@ -114,6 +114,35 @@ def _wait_ready(state: Path, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def _wait_settled(url: str, groups: int, members: set[str], timeout: float = 120) -> float:
+    """Block until every key group's KV entry names the owner rendezvous hashing gives it among `members` (the
+    replicas start together, so one may claim groups first and hand them over: measuring before the handovers end
+    measures them, not the steady state). Returns the seconds waited."""
+    import asyncio
+
+    from lstmd.daemon.cluster.log import NatsLink
+    from lstmd.daemon.cluster.membership import assignment
+    from lstmd.daemon.cluster.ownership import open_buckets, read_entry
+
+    want = {g: m for m, owned in assignment(members, groups).items() for g in owned}
+    link = NatsLink(url, "bench-settle")
+
+    async def settled() -> bool:
+        kv, _ = await open_buckets(link.js)
+        entries = await asyncio.gather(*(read_entry(kv, g) for g in range(groups)))
+        return all(entry is not None and entry.owner == want[g] for g, (entry, _) in enumerate(entries))
+
+    start = time.monotonic()
+    try:
+        while not link.run(settled()):
+            if time.monotonic() - start > timeout:
+                raise SystemExit(f"key groups not settled on {sorted(members)} after {timeout:g} s")
+            time.sleep(0.5)
+    finally:
+        link.close()
+    return time.monotonic() - start
+
+
 def _cpu(procs: dict[str, psutil.Process]) -> dict[str, float]:
     out = {}
     for name, p in procs.items():
@@ -236,7 +265,9 @@ def main() -> None:
             _wait_ready(work / state)
         gw = _config(work / "gw.toml", gw_events, work / "gw", cluster)
         procs.append(_start(["gateway", "--config", str(gw)], work / "gw.log"))
-        time.sleep(3)  # the gateway connects; both replicas have claimed their key groups
+        time.sleep(1)  # the gateway connects
+        print(f"key groups settled on r1, r2 after {_wait_settled(url, args.key_groups, {'r1', 'r2'}):.1f} s",
+              flush=True)
         ids = list(range(args.streams))
         sets = [ids[i :: args.producers] for i in range(args.producers)]
         watched = {"gateway": psutil.Process(procs[-1].pid), "r1": psutil.Process(replicas["r1"].pid),
