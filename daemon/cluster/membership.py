@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("lstmd.cluster")
@@ -132,7 +133,7 @@ class Membership:
         self.on_beat = on_beat
         self.members: set[str] = set()
         self.drained: set[str] = set()  # members being drained: alive, but owning nothing (module docstring)
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def join(self) -> set[str]:
         self.kv = await members_bucket(self.js, self.ttl)
@@ -140,15 +141,33 @@ class Membership:
         self.drained = await mark_draining(self.drain_kv, self.member, on=False)
         await self.kv.put(self.member, self.card)
         self.members = set(await live_members(self.kv)) | {self.member}
-        self._task = asyncio.get_running_loop().create_task(self._beat())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._renew()), loop.create_task(self._beat())]
         return self.members
 
-    async def _beat(self) -> None:
-        # A few beats per TTL, so one late beat (a loaded machine) does not cost the lease.
+    async def _renew(self) -> None:
+        """Keep this member's entry alive: a put every TTL/4 on its own task, so a slow listing of the members
+        (a loaded NATS connection) never delays the lease; a renewal later than TTL/2 is logged."""
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.ttl / 4)
             try:
                 await self.kv.put(self.member, self.card)
+            except Exception as exc:  # NATS away for a moment: the next renewal tries again
+                log.warning("cluster heartbeat of %s failed: %s", self.member, exc)
+                continue
+            now = time.monotonic()
+            if now - last > self.ttl / 2:
+                log.warning("cluster heartbeat of %s came %.2f s after the previous one (lease_ttl %.1f s): a "
+                            "loaded host; past the TTL the others take this member's key groups", self.member,
+                            now - last, self.ttl)
+            last = now
+
+    async def _beat(self) -> None:
+        """Every TTL/4: the live members and those draining, handed to on_beat (claims, releases, snapshots)."""
+        while True:
+            await asyncio.sleep(self.ttl / 4)
+            try:
                 members = set(await live_members(self.kv)) | {self.member}
                 drained = (await draining(self.drain_kv))[0]
             except Exception as exc:  # NATS away for a moment: the next beat tries again
@@ -163,7 +182,7 @@ class Membership:
             self.on_beat(members)  # every beat: claims to retry, snapshots due
 
     async def leave(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         with contextlib.suppress(Exception):
             await self.kv.delete(self.member)
