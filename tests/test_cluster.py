@@ -259,7 +259,7 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
 
     def members() -> set[str]:
         async def read():
-            return await live_members(await members_bucket(link.js, 2.0))
+            return await live_members(link.js, await members_bucket(link.js, 2.0))
 
         return set(link.run(read()))
 

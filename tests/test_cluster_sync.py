@@ -406,7 +406,7 @@ def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tm
 
     def members() -> set[str]:
         async def read():
-            return await live_members(await members_bucket(link.js, 2.0))
+            return await live_members(link.js, await members_bucket(link.js, 2.0))
 
         return set(link.run(read()))
 

@@ -54,7 +54,7 @@ async def _members(js, ttl: float) -> tuple[dict, set[str]]:
     """(name -> card of the live members, names being drained)."""
     from lstmd.daemon.cluster.membership import drain_bucket, draining, live_members, members_bucket
 
-    cards = await live_members(await members_bucket(js, ttl))
+    cards = await live_members(js, await members_bucket(js, ttl))
     return cards, (await draining(await drain_bucket(js)))[0]
 
 

@@ -234,7 +234,7 @@ class ClusterSource:
         self.metrics.cluster_members.set(len(members))
         if not self._closing:
             self.link.loop.create_task(self._rebalance(members))
-            self.link.loop.create_task(self.weights.beat(members))
+            self.link.loop.create_task(self.weights.beat(members, self.membership.owner_alive))
 
     async def _on_loop(self, fn):
         """Run fn on the serving loop's thread (between its batches) and return its result."""
@@ -320,7 +320,9 @@ class ClusterSource:
 
     async def _claim(self, group: int, members: set[str]) -> None:
         entry, revision = await own.read_entry(self.kv, group)
-        if entry is not None and entry.owner not in ("", self.member) and entry.owner in members:
+        if entry is not None and entry.owner not in ("", self.member) and (
+            entry.owner in members or await self.membership.owner_alive(entry.owner)
+        ):
             return  # its owner is alive and hands it over at its next heartbeat
         data = None
         if entry is not None and entry.snapshot and entry.seq > self.positions[group]:

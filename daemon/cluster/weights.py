@@ -348,20 +348,21 @@ class WeightSync:
 
     # ---- the averager ---------------------------------------------------------------------------------------
 
-    async def beat(self, members: set[str]) -> None:
-        """At every heartbeat: send this replica's delta when due; hold or hand over the averager lease; average."""
+    async def beat(self, members: set[str], owner_alive) -> None:
+        """At every heartbeat: send this replica's delta when due; hold or hand over the averager lease; average.
+        `owner_alive(name)` asks the server whether a member missing from `members` still holds its lease."""
         if self._lock.locked():
             return  # the previous beat's work is still running
         async with self._lock:
             try:
                 await self._send_delta()
-                await self._lease(members)
+                await self._lease(members, owner_alive)
                 if self.holding:
                     await self._average(members)
             except Exception:  # NATS away for a moment: the next beat tries again
                 log.exception("cluster weight sync of %s failed; retried at the next heartbeat", self.member)
 
-    async def _lease(self, members: set[str]) -> None:
+    async def _lease(self, members: set[str], owner_alive) -> None:
         from nats.js.errors import KeyNotFoundError
 
         try:
@@ -377,7 +378,8 @@ class WeightSync:
         if held and not intended:  # a member that should hold it is live: hand it over
             await self._write_lease(Lease("", lease.epoch), revision)
             await self._stop_averaging()
-        elif intended and not held and (not lease or lease.owner in ("", self.member) or lease.owner not in members):
+        elif intended and not held and (not lease or lease.owner in ("", self.member) or (
+                lease.owner not in members and not await owner_alive(lease.owner))):
             epoch = (lease.epoch if lease else 0) + 1
             if await self._write_lease(Lease(self.member, epoch), revision):
                 self._lease_epoch = epoch
