@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -42,12 +43,20 @@ def owner_of(group: int, members) -> str:
 def assignment(members, groups: int, drained=frozenset()) -> dict[str, list[int]]:
     """member -> the key groups it owns, for every live member (one with none gets an empty list); members in
     `drained` own none (they hand theirs over)."""
+    owned = _assignment(frozenset(members), groups, frozenset(drained))
+    return {member: list(mine) for member, mine in owned.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _assignment(members: frozenset[str], groups: int, drained: frozenset[str]) -> dict[str, tuple[int, ...]]:
+    """Cached: every heartbeat asks with the same members, and the G x N hashes cost ~1 s of Python at
+    G = 16,384 and N = 100 (docs/operations.md, "On paper")."""
     owned: dict[str, list[int]] = {m: [] for m in sorted(members)}
     serving = [m for m in owned if m not in drained]
     if serving:
         for group in range(groups):
             owned[owner_of(group, serving)].append(group)
-    return owned
+    return {member: tuple(mine) for member, mine in owned.items()}
 
 
 async def members_bucket(js, ttl: float):
