@@ -138,3 +138,51 @@ def test_plot_draws_predictions_and_targets(daemon, tmp_path):
     result = replay(daemon, write(tmp_path, lines), "--target", "y", "--plot", str(png))
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plotted 4 streams" in result.stdout
+
+
+def test_end_column_sends_sequence_ends_and_scores_end_rows_only(make_daemon, tmp_path):
+    """A model served with model.output = "end": the end column's rows are answered (and equal nn.LSTM + head over
+    each whole sequence), only they need a target, and the error is over them, next to each stream's previous
+    sequence's label."""
+    import torch
+
+    daemon = make_daemon(**{"model.input_size": 2, "model.output": "end"})
+    rng = np.random.default_rng(5)
+    rows, sequences, labels = [], {}, []
+    current: dict[str, list] = {}
+    lengths = {f"s{k}": iter([1, 4, 2, 3, 1, 3, 2, 4] * 3) for k in range(3)}  # sequence lengths, per stream
+    wanted = {stream: next(it) for stream, it in lengths.items()}
+    for i in range(60):
+        stream = f"s{i % 3}"
+        x = rng.standard_normal(2).round(3)
+        current.setdefault(stream, []).append(x)
+        end = len(current[stream]) == wanted[stream]
+        if end:
+            wanted[stream] = next(lengths[stream])
+        label = f"{rng.standard_normal():.3f}" if end else ""  # only end rows carry a label
+        rows.append(f"{stream},{x[0]},{x[1]},{label},{'yes' if end else ''}")
+        if end:
+            sequences.setdefault(stream, []).append(np.stack(current.pop(stream)))
+            labels.append((stream, float(label)))
+    csv_path = write(tmp_path, ["stream,a,b,y,done", *rows])
+    result = replay(daemon, csv_path, "--target", "y", "--end-col", "done", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    ends = sum(len(v) for v in sequences.values())
+    assert summary["sequences"] == ends and summary["events"] == 60
+    assert summary["scored"] == ends - 3  # each stream's first sequence has no previous label
+    # The model's answers on the end rows, recomputed: nn.LSTM + head over each whole sequence from zero state.
+    lstm, head = daemon.engine.model.to_modules()
+    with torch.no_grad():
+        preds = {s: [float(head(lstm(torch.from_numpy(xs.astype(np.float32))[None])[0][0, -1])[0])
+                     for xs in seqs] for s, seqs in sequences.items()}
+    order = {s: iter(p) for s, p in preds.items()}
+    by_stream = [(s, y, next(order[s])) for s, y in labels]
+    last, errors = {}, []
+    for stream, y, pred in by_stream:
+        if stream in last:
+            errors.append(abs(pred - y))
+        last[stream] = y
+    assert summary["mae"] == pytest.approx(float(np.mean(errors)), rel=1e-4)
+    bad = replay(daemon, write(tmp_path, ["stream,a,b,y,done", "s0,1,2,3,maybe"], "bad.csv"), "--end-col", "done")
+    assert bad.exit_code != 0 and "line 2" in bad.output and "'maybe' is not an end flag" in bad.output

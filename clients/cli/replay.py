@@ -4,6 +4,9 @@ It says what it sends (the feature and target columns), what it did with gaps (`
 without either a gap is an error naming its row and column), and what came back: rows the daemon rejected make
 the exit code 1, and the error (over rows with a finite prediction and target) stands next to the last-value
 baseline's (each stream's previous target), so a number means something. `--plot` draws a few streams.
+With `--end-col` (a model served with `model.output = "end"`) a column marks the events that end their stream's
+sequence: only those are answered with a prediction, only they need a target (a label on another row is not sent),
+and the error is over end rows, next to each stream's previous sequence's label.
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else math.nan
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "y", "t"}, {"", "0", "false", "no", "n", "f"}
+
+
+def _flag(text: str) -> bool | None:
+    """An end-column cell: 1/true/yes (an end), 0/false/no or empty (not); None when it is neither."""
+    text = text.strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
 def _default_features(header: list[str], rows: list[dict], exclude: set[str]) -> tuple[list[str], list[str]]:
     """(numeric columns, non-numeric columns) among the header's columns not in `exclude`."""
     numeric, other = [], []
@@ -77,6 +89,11 @@ def replay(
     ] = None,
     target_col: Annotated[
         str | None, typer.Option("--target", help="Column holding the target, if any.", show_default=False)
+    ] = None,
+    end_col: Annotated[
+        str | None,
+        typer.Option("--end-col", help='Column marking the events that end a sequence (1/true/yes; a model served '
+                     'with model.output = "end"); only those need a target.', show_default=False),
     ] = None,
     skip_missing: Annotated[
         bool, typer.Option("--skip-missing", help="Leave out rows with an empty or NaN feature or target.")
@@ -132,8 +149,9 @@ def replay(
     features = _columns(feature_cols)
     not_numeric: list[str] = []
     if features is None:
-        features, not_numeric = _default_features(header, rows, {stream_col, target_col})
-    missing = [c for c in [*features, *([target_col] if target_col else [])] if c not in header]
+        features, not_numeric = _default_features(header, rows, {stream_col, target_col, end_col})
+    missing = [c for c in [*features, *([target_col] if target_col else []), *([end_col] if end_col else [])]
+               if c not in header]
     if missing:
         raise fail(f"{path} lacks column(s) {', '.join(missing)}; columns: {', '.join(header)}")
     if not features:
@@ -148,7 +166,10 @@ def replay(
             if value is None:
                 raise fail(f"{path} line {i + 2}, column {column!r}: {row[column]!r} is not a number")
             values[i, j] = value
+    ends = _ends(path, rows, end_col) if end_col else None
     gaps = ~np.isfinite(values)
+    if ends is not None and target_col:  # a row that ends no sequence has no label: its empty target is no gap
+        gaps[~ends, len(features)] = False
     gapped_rows = gaps.any(axis=1)
     skipped = filled = 0
     if gapped_rows.any():
@@ -157,6 +178,7 @@ def replay(
             keep = ~gapped_rows
             rows = [r for r, k in zip(rows, keep, strict=True) if k]
             values = values[keep]
+            ends = None if ends is None else ends[keep]
             lines = np.flatnonzero(keep) + 2
         elif fill is not None:
             filled = int(gaps.sum())
@@ -174,12 +196,15 @@ def replay(
         raise fail(f"every row of {path} has a gap; nothing to send (--fill VALUE fills them instead)")
     x = values[:, : len(features)].astype(np.float32)
     y = values[:, len(features)].astype(np.float32) if target_col else None
+    if y is not None and ends is not None:
+        y[~ends] = np.nan  # not an end: no label is sent (the daemon records NaN as "no target")
     ids = [r[stream_col] for r in rows]
 
     say = err_console if json else console  # with --json, stdout carries the JSON only
     say.print(
         f"replay {path.name}: {len(rows):,} rows, stream column {stream_col!r}, features {', '.join(features)}"
-        + (f", target {target_col!r}" if target_col else ", no target (no error is computed)"),
+        + (f", target {target_col!r}" if target_col else ", no target (no error is computed)")
+        + (f", sequence ends {end_col!r} ({int(ends.sum()):,} sequences)" if ends is not None else ""),
         highlight=False,
     )
     if not_numeric:
@@ -216,7 +241,8 @@ def replay(
             for lo in range(0, len(rows), batch):
                 hi = min(lo + batch, len(rows))
                 try:
-                    result = producer.send_detailed(ids[lo:hi], x[lo:hi], None if y is None else y[lo:hi])
+                    result = producer.send_detailed(ids[lo:hi], x[lo:hi], None if y is None else y[lo:hi],
+                                                    ends=None if ends is None else ends[lo:hi].tolist())
                 except (RejectedError, TimeoutError) as exc:
                     raise fail(f"{exc} (rows of lines {lines[lo]}-{lines[hi - 1]})") from None
                 reasons |= {lo + i: why for i, why in result.reasons.items()}
@@ -240,6 +266,8 @@ def replay(
         "features": features,
         "target": target_col,
     }
+    if ends is not None:
+        summary["sequences"] = int(ends.sum())
     if y is not None:
         summary |= _scores(ids, preds, y)
     if json:
@@ -257,14 +285,28 @@ def replay(
         raise fail(f"the daemon rejected {len(reasons):,} of {len(rows):,} rows: {detail}")
 
 
+def _ends(path: Path, rows: list[dict], column: str) -> np.ndarray:
+    """[rows] bool: the end column's flags; a cell that is no flag is an error naming its line."""
+    out = np.zeros(len(rows), dtype=bool)
+    for i, row in enumerate(rows):
+        flag = _flag(row[column] or "")
+        if flag is None:
+            raise fail(f"{path} line {i + 2}, column {column!r}: {row[column]!r} is not an end flag (1/0, true/false, "
+                       "yes/no or empty)")
+        out[i] = flag
+    return out
+
+
 def _scores(ids: list[str], preds: np.ndarray, y: np.ndarray) -> dict:
     """MAE and RMSE of the model and of the last-value baseline (a stream's previous target), over the rows
-    where both exist and are finite: the model's rejected rows and each stream's first row are left out."""
+    where both exist and are finite: the model's rejected rows and each stream's first row are left out. Rows
+    without a target (not a sequence's end) neither count nor become a baseline."""
     last: dict[str, float] = {}
     baseline = np.full_like(y, np.nan)
     for i, stream in enumerate(ids):
         baseline[i] = last.get(stream, np.nan)
-        last[stream] = y[i]
+        if np.isfinite(y[i]):
+            last[stream] = y[i]
     scored = np.isfinite(preds) & np.isfinite(y) & np.isfinite(baseline)
     out: dict = {"scored": int(scored.sum())}
     for name, guess in (("", preds), ("baseline_", baseline)):
