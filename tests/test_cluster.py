@@ -187,8 +187,9 @@ def test_wrong_key_groups_against_an_existing_cluster(nats_url, make_daemon, tmp
         _gateway(nats_url, tmp_path, **{"cluster.key_groups": 64, "cluster.log_partitions": 8})
 
 
-def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
-    """A replica as a real `lstmd serve` process (so it can be killed -9), its state directory."""
+def _replica(nats_url: str, tmp_path: Path, member: str, cluster: str = "") -> tuple[subprocess.Popen, Path]:
+    """A replica as a real `lstmd serve` process (so it can be killed -9), its state directory; `cluster`: more
+    [cluster] lines."""
     state = tmp_path / member
     config = tmp_path / f"{member}.toml"
     config.write_text(
@@ -211,7 +212,7 @@ nats = "{nats_url}"
 key_groups = 32
 member = "{member}"
 lease_ttl = 2.0
-"""
+{cluster}"""
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "info"],

@@ -7,7 +7,7 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
 
 - Reading: one ordered push consumer over the log (AckNone: the position is tracked here, per key group, not
   acknowledged per message; see DESIGN.md's measurements), from the lowest `queued + 1` over the owned key
-  groups. A record holds events of several key groups (log partitions, daemon/cluster/log.py): of each record
+  groups, filtered to the partitions holding them (and the model markers) when they are not all of them. A record holds events of several key groups (log partitions, daemon/cluster/log.py): of each record
   this member takes the events of the key groups it reads whose `queued` is below the record's sequence, as
   one message for the loop (decoded and cut on the NATS thread, so the loop only steps). So an event is
   handed to the loop at most once per ownership, in log order, which is per-stream arrival order. A key group
@@ -463,6 +463,9 @@ class ClusterSource:
             start = int(self.queued[self.owned_mask].min()) + 1
             self.reading = self.owned_mask.copy()
             self.read_upto = start - 1
+        subjects = self._read_subjects()
+        log.info("cluster member %s reads the log from position %d, %s", self.member, start,
+                 "every partition" if subjects is None else f"{len(subjects) - 1} of {self.partitions} partitions")
         sub = None
 
         async def on_record(msg) -> None:
@@ -474,9 +477,19 @@ class ClusterSource:
             cb=on_record,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=api.ConsumerConfig(opt_start_seq=start),
+            config=api.ConsumerConfig(opt_start_seq=start, filter_subjects=subjects),
         )
         self._sub = sub
+
+    def _read_subjects(self) -> list[str] | None:
+        """The log subjects this member reads: those of the partitions holding its key groups, and the model
+        markers; None (all) when its groups span every partition. With P well above the members (at scale,
+        docs/operations.md) a member then reads ~P / members partitions, not the whole log. Records of other
+        partitions hold none of its groups, so a position read up to (`read_upto`) still covers its groups."""
+        partitions = sorted({group % self.partitions for group in self.owned})
+        if len(partitions) == self.partitions:
+            return None
+        return [clog.subject(partition) for partition in partitions] + [wsync.MARKER_SUBJECT]
 
     async def _on_record(self, msg, sub) -> None:
         if msg.subject == wsync.MARKER_SUBJECT:
