@@ -103,3 +103,18 @@ def test_nothing_is_taken_over_from_a_live_member_a_listing_missed(link):
     assert alive is True
     assert never is False
     assert after_expiry is False
+
+
+def test_listing_leaves_no_consumer_behind(link):
+    """Members list the bucket every TTL/4 for the cluster's life: a listing that left a consumer on the server
+    (as nats-py's kv.keys() does, for 5 minutes each) would reach the server's consumer limit within minutes."""
+    from lstmd.daemon.cluster.membership import MEMBERS_BUCKET, live_members, members_bucket
+
+    async def run():
+        kv = await members_bucket(link.js, TTL)
+        await kv.put("r1", b"{}")
+        for _ in range(50):
+            assert set(await live_members(link.js, kv)) == {"r1"}
+        return (await link.js.stream_info(f"KV_{MEMBERS_BUCKET}")).state.consumer_count
+
+    assert link.run(run(), 30) == 0
