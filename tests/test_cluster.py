@@ -460,7 +460,8 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
             np.testing.assert_allclose(preds, expected[k], atol=1e-5, rtol=0)
         records = link.run(link.js.stream_info(LOG_STREAM)).state.messages
         assert records < 4 * 4, f"{records} records: messages that arrived together were not coalesced"
-        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match="forecasts are not served"):
+        # a forecast asked of a model that is not a forecast model: refused at the gateway as by the daemon
+        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match=r"\(not_forecast\)"):
             producer.forecast(messages[0][0][:2], horizon=2)
     finally:
         link.close()
@@ -471,8 +472,8 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
 
 
 def test_end_flags_are_refused_by_a_gateway(nats_url, make_daemon, tmp_path):
-    """Cluster mode serves model.output = "every" only: a gateway refuses sequence-end flags (ends_not_served) as a
-    single daemon serving "every" does, so the coalesced records (which do not carry them) never drop an end."""
+    """A gateway of a cluster serving model.output = "every" refuses sequence-end flags (ends_not_served) as a
+    single daemon serving "every" does (with "end" it carries them: tests/test_cluster_gw.py)."""
     from lstmd.clients import Producer, RejectedError
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 8})

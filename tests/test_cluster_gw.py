@@ -1,0 +1,147 @@
+"""What a Producer does through a cluster gateway beyond events: multi-step forecasts (routed through the log to
+the owners of the streams' key groups, daemon/cluster/gateway.py) and whole-sequence outputs (model.output =
+"end": the end flags carried in the log records, so owners and replays reset the same streams). Against a real
+nats-server on loopback, compared with a single-process daemon on the same trace.
+
+Tolerance 1e-5 throughout: the replicas batch the same events differently (BLAS blocking), nothing else
+differs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.cluster_helpers import (
+    control_endpoint,
+    gateway,
+    nats_url,  # noqa: F401 (a fixture: used by name below)
+    needs_server,
+    start_replica,
+    wait,
+)
+
+pytestmark = needs_server
+
+G = 8
+FORECAST = {"model.task": "forecast", "model.input_size": 3, "model.output_size": 3, "model.hidden_size": 8,
+            "model.seed": 3}
+CLUSTER = {"cluster.key_groups": G, "cluster.snapshot_interval_s": 0.5}
+STREAMS = [f"s{i}" if i % 2 else i for i in range(12)]  # str and int ids both
+
+
+def _forecast_trace(steps: int = 30, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        x = rng.standard_normal((len(STREAMS), 3)).astype(np.float32)
+        yield x, ([step + 1] * len(STREAMS) if step % 2 else None)
+
+
+def _forecasts(endpoint: str, on_step=None) -> list:
+    """The trace, with forecasts of every stream (and a stream never seen, and known future features) at a few
+    steps: the predictions of each step, and (step, forecasts [N, 3, O], with exog [N, 2, O], the refusal of an
+    unknown stream) after steps 9, 19 and 29; last the refusal of a request wrong whole."""
+    from lstmd.clients import Producer, RejectedError
+
+    exog = np.random.default_rng(9).standard_normal((len(STREAMS), 2, 3)).astype(np.float32)
+    out = []
+    with Producer(endpoint, timeout=30) as producer:
+        for step, (x, seqs) in enumerate(_forecast_trace()):
+            if on_step is not None:
+                on_step(step)
+            out.append(producer.send(STREAMS, x, seqs=seqs))
+            if step % 10 == 9:
+                with pytest.raises(RejectedError) as unknown:
+                    producer.forecast([STREAMS[0], "nobody", STREAMS[1]], horizon=2)
+                out.append((step, producer.forecast(STREAMS, horizon=3), producer.forecast(STREAMS, 2, exog=exog),
+                            str(unknown.value)))
+        with pytest.raises(RejectedError) as bad:  # refused whole: the same check, the same words
+            producer.forecast(STREAMS[:2], 2, exog=np.full((2, 2, 3), np.nan, np.float32))
+        out.append(("bad exog", str(bad.value)))
+    return out
+
+
+def _owned(daemon) -> float:
+    return daemon.metrics.registry.get_sample_value("lstmd_cluster_key_groups") or 0
+
+
+def test_forecasts_through_a_gateway_equal_a_single_daemon(nats_url, make_daemon, tmp_path):  # noqa: F811
+    """Forecasts through a gateway to 2 replicas (each owning some of the streams, so a forecast of all of them
+    is answered by both and joined), interleaved with the events they must see, equal a single daemon's; a
+    stream nobody has is refused as a single daemon refuses it, and a request wrong whole with its words. A
+    third replica joins mid-trace: the forecasts of the key groups it took (restored, replayed) still equal."""
+    from lstmd.daemon.cluster.log import key_group
+    from lstmd.daemon.cluster.membership import assignment
+
+    single = make_daemon(**FORECAST)
+    expected = _forecasts(single.endpoints["events"])
+
+    cluster = {**FORECAST, **CLUSTER, "cluster.nats": nats_url}
+    replicas = {m: make_daemon(**cluster, **{"cluster.member": m}) for m in ("r1", "r2")}
+    wait("both replicas own key groups",
+         lambda: all(_owned(r) for r in replicas.values()) and sum(map(_owned, replicas.values())) == G)
+    owners = assignment({"r1", "r2"}, G)
+    assert all({key_group(s, G) for s in STREAMS} & set(owners[m]) for m in owners)  # both answer
+
+    def join(step: int) -> None:
+        if step == 15:
+            replicas["r3"] = make_daemon(**cluster, **{"cluster.member": "r3"})
+            share = len(assignment({"r1", "r2", "r3"}, G)["r3"])
+            wait("r3 took its key groups over", lambda: _owned(replicas["r3"]) == share)
+
+    gw = gateway(nats_url, tmp_path, FORECAST, **{"cluster.key_groups": G})
+    try:
+        got = _forecasts(gw.endpoint, join)
+    finally:
+        gw.stop_and_join()
+    assert {key_group(s, G) for s in STREAMS} & set(assignment({"r1", "r2", "r3"}, G)["r3"])  # some moved
+    assert len(got) == len(expected) == 30 + 4
+    predictions = [p for p in got if isinstance(p, np.ndarray)]
+    np.testing.assert_allclose(predictions, [p for p in expected if isinstance(p, np.ndarray)], atol=1e-5, rtol=0)
+    asked = [f for f in got if isinstance(f, tuple)]
+    for (step, plain, with_exog, unknown), (step_, plain_, with_exog_, unknown_) in zip(
+            asked[:3], [f for f in expected if isinstance(f, tuple)][:3], strict=True):
+        assert step == step_
+        assert plain.shape == (len(STREAMS), 3, 3)
+        np.testing.assert_allclose(plain, plain_, atol=1e-5, rtol=0, err_msg=f"forecasts after step {step}")
+        np.testing.assert_allclose(with_exog, with_exog_, atol=1e-5, rtol=0, err_msg=f"with exog, step {step}")
+        assert unknown == unknown_ and "stream #1 (stream 'nobody')" in unknown
+    assert got[-1] == expected[-1]
+    assert "exog holds NaN or Inf" in got[-1][1]
+
+
+def test_a_forecast_whose_owner_died_is_answered_unavailable(nats_url, tmp_path):  # noqa: F811
+    """The only replica is killed -9: its key groups keep their dead owner, so a forecast gets no answer; the
+    gateway answers it `unavailable` after cluster.forecast_timeout_s, naming the key groups and their owner."""
+    from lstmd.clients import Producer, RejectedError
+    from lstmd.daemon.cluster.log import key_group
+
+    proc, state = start_replica(nats_url, tmp_path, "r1", FORECAST, **{"cluster.key_groups": G})
+    try:
+        wait("the replica serving", lambda: control_endpoint(state))
+        gw = gateway(nats_url, tmp_path, FORECAST, **{"cluster.key_groups": G, "cluster.forecast_timeout_s": 1.0})
+        try:
+            with Producer(gw.endpoint, timeout=30) as producer:
+                producer.send(["a", "b"], np.ones((2, 3), np.float32))
+                assert producer.forecast(["a", "b"], horizon=2).shape == (2, 2, 3)
+                proc.kill()
+                proc.wait(30)
+                time.sleep(2.5)  # past its lease (cluster.lease_ttl = 2 s): no longer a live member
+                started = time.monotonic()
+                with pytest.raises(RejectedError) as err:
+                    producer.forecast(["a", "b"], horizon=2)
+                assert time.monotonic() - started < 20
+        finally:
+            gw.stop_and_join()
+        message = str(err.value)
+        assert "forecast refused (unavailable): no answer within cluster.forecast_timeout_s = 1 s for 2 of 2 " \
+               "streams ('a', 'b')" in message
+        group = min(key_group("a", G), key_group("b", G))
+        assert f"key group {group}: owner r1, not alive: its lease expired" in message
+        assert "(live replicas: none)" in message and "ask again" in message
+        assert gw.metrics.registry.get_sample_value("lstmd_gateway_requests_total", {"outcome": "timed_out"}) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
