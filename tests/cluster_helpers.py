@@ -130,3 +130,27 @@ def control_endpoint(state: Path) -> str:
     """A replica process's control endpoint once it serves (its state directory's endpoints.json), else ''."""
     path = state / "endpoints.json"
     return json.loads(path.read_text())["control"] if path.exists() else ""
+
+
+def wait_for_owners(nats_url: str, groups: int, members: set[str], timeout: float = 120.0) -> None:
+    """Wait until every key group's entry names its rendezvous owner among `members` (a joining member's share
+    is handed over at the others' next heartbeats, not when it starts)."""
+    from lstmd.daemon.cluster import ownership
+    from lstmd.daemon.cluster.log import NatsLink
+    from lstmd.daemon.cluster.membership import assignment
+
+    intended = {g: m for m, owned in assignment(members, groups).items() for g in owned}
+    link = NatsLink(nats_url, "test-owners")
+
+    async def settled() -> bool:
+        kv, _ = await ownership.open_buckets(link.js)
+        for group, member in intended.items():
+            entry, _ = await ownership.read_entry(kv, group)
+            if entry is None or entry.owner != member:
+                return False
+        return True
+
+    try:
+        wait(f"key groups owned by {sorted(members)}", lambda: link.run(settled()), timeout)
+    finally:
+        link.close()

@@ -20,6 +20,7 @@ from tests.cluster_helpers import (
     needs_server,
     start_replica,
     wait,
+    wait_for_owners,
 )
 
 pytestmark = needs_server
@@ -144,4 +145,70 @@ def test_a_forecast_whose_owner_died_is_answered_unavailable(nats_url, tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
+
+
+END = {"model.input_size": 4, "model.hidden_size": 16, "model.output_size": 2, "model.seed": 3, "model.output": "end"}
+END_STREAMS, END_STEPS = 20, 60
+
+
+def _ends_trace(seed: int = 4):
+    """Numbered messages of one event per stream; each event ends its stream's sequence with probability 0.2."""
+    rng = np.random.default_rng(seed)
+    streams = [f"e{i}" if i % 2 else i for i in range(END_STREAMS)]
+    for step in range(END_STEPS):
+        x = rng.standard_normal((END_STREAMS, 4)).astype(np.float32)
+        yield streams, x, [step + 1] * END_STREAMS, (rng.random(END_STREAMS) < 0.2).tolist()
+
+
+def test_sequence_ends_through_a_gateway_and_a_kill_9(nats_url, make_daemon, tmp_path):  # noqa: F811
+    """model.output = "end" through a gateway to 2 replicas, one killed -9 at 40% of the trace: its key groups
+    move to the other, which restores their last snapshot and replays the log, ending the same sequences (the
+    end flags are in the records). Every end event's prediction, every no_output / sequence-start flag and every
+    stream's final (h, c) equal the single-process run's."""
+    from lstmd.clients import Admin, Producer
+    from lstmd.daemon.cluster.log import key_group
+    from lstmd.daemon.cluster.membership import assignment
+
+    single = make_daemon(**END)
+    with Producer(single.endpoints["events"], timeout=30) as producer:
+        expected = [producer.send_detailed(s, x, seqs=q, ends=e) for s, x, q, e in _ends_trace()]
+    assert 0 < sum(len(r.no_output) for r in expected) < END_STREAMS * END_STEPS  # ends and no-outputs both
+
+    cluster = {"cluster.key_groups": G, "cluster.snapshot_interval_s": 0.5}
+    procs = {m: start_replica(nats_url, tmp_path, m, END, **cluster) for m in ("r1", "r2")}
+    gw = None
+    try:
+        wait("both replicas serving", lambda: all(control_endpoint(state) for _, state in procs.values()))
+        wait_for_owners(nats_url, G, {"r1", "r2"})  # both answer, records split between them, before the kill
+        streams = next(_ends_trace())[0]
+        assert {key_group(s, G) for s in streams} & set(assignment({"r1", "r2"}, G)["r1"])  # r1 held some
+        gw = gateway(nats_url, tmp_path, END, **{"cluster.key_groups": G})
+        got = []
+        with Producer(gw.endpoint, timeout=60) as producer:
+            for step, (s, x, q, e) in enumerate(_ends_trace()):
+                if step == END_STEPS * 2 // 5:
+                    procs["r1"][0].kill()
+                got.append(producer.send_detailed(s, x, seqs=q, ends=e))
+        assert procs["r1"][0].wait(10) == -9
+        assert "restored" in (tmp_path / "r2.log").read_text()  # r1's key groups: its snapshots, then the log
+        for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert b.status_names == a.status_names == ["ok"] * END_STREAMS, f"step {step}"
+            np.testing.assert_array_equal(a.flags, b.flags, err_msg=f"flags at step {step}")
+            np.testing.assert_allclose(a.predictions, b.predictions, atol=1e-5, rtol=0, err_msg=f"step {step}")
+        admin, reference = Admin(control_endpoint(procs["r2"][1])), Admin(single.endpoints["control"])
+        for stream in streams:
+            b = wait(f"stream {stream} replayed",
+                     lambda s=stream: (st := admin.stream(s)) and st["last_seq"] == END_STEPS and st)
+            a = reference.stream(stream)
+            assert b["events"] == a["events"] == END_STEPS
+            np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b["c"], a["c"], atol=1e-5, rtol=0)
+    finally:
+        if gw is not None:
+            gw.stop_and_join()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in procs.values():
             proc.wait(30)
