@@ -1,6 +1,7 @@
 """What the cluster tests (tests/test_cluster*.py) share: the nats-server binary and a server on loopback started
-per test, a gateway in this process, replicas as real `lstmd serve` processes (so they can be killed -9), and a
-bounded wait. Importing this module skips the importing test module where nats-py is absent."""
+per test (start_nats; tests/conftest.py's `nats_url` fixture starts one), a gateway in this process, replicas as
+real `lstmd serve` processes (so they can be killed -9), and bounded waits. Importing this module skips the
+importing test module where nats-py is absent."""
 
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def nats_url(tmp_path):
-    """A nats-server with JetStream on loopback, its store in the test's directory: its URL."""
+def start_nats(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """A nats-server with JetStream on loopback (more server options in `args`), its store under tmp_path, once it
+    listens: (process, port)."""
     port = free_port()
     proc = subprocess.Popen(
-        [SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "nats")],
+        [SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / f"nats-{port}"), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -58,15 +59,12 @@ def nats_url(tmp_path):
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return proc, port
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail("nats-server did not start")
+                pytest.fail(f"nats-server {' '.join(args)} did not start")
             time.sleep(0.05)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
 
 
 def gateway(nats_url: str, tmp_path: Path, model: dict, **overrides):

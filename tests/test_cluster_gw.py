@@ -16,7 +16,6 @@ import pytest
 from tests.cluster_helpers import (
     control_endpoint,
     gateway,
-    nats_url,  # noqa: F401 (a fixture: used by name below)
     needs_server,
     start_replica,
     wait,
@@ -67,7 +66,7 @@ def _owned(daemon) -> float:
     return daemon.metrics.registry.get_sample_value("lstmd_cluster_key_groups") or 0
 
 
-def test_forecasts_through_a_gateway_equal_a_single_daemon(nats_url, make_daemon, tmp_path):  # noqa: F811
+def test_forecasts_through_a_gateway_equal_a_single_daemon(nats_url, make_daemon, tmp_path):
     """Forecasts through a gateway to 2 replicas (each owning some of the streams, so a forecast of all of them
     is answered by both and joined), interleaved with the events they must see, equal a single daemon's; a
     stream nobody has is refused as a single daemon refuses it, and a request wrong whole with its words. A
@@ -112,7 +111,7 @@ def test_forecasts_through_a_gateway_equal_a_single_daemon(nats_url, make_daemon
     assert "exog holds NaN or Inf" in got[-1][1]
 
 
-def test_a_forecast_whose_owner_died_is_answered_unavailable(nats_url, tmp_path):  # noqa: F811
+def test_a_forecast_whose_owner_died_is_answered_unavailable(nats_url, tmp_path):
     """The only replica is killed -9: its key groups keep their dead owner, so a forecast gets no answer; the
     gateway answers it `unavailable` after cluster.forecast_timeout_s, naming the key groups and their owner."""
     from lstmd.clients import Producer, RejectedError
@@ -161,7 +160,7 @@ def _ends_trace(seed: int = 4):
         yield streams, x, [step + 1] * END_STREAMS, (rng.random(END_STREAMS) < 0.2).tolist()
 
 
-def test_sequence_ends_through_a_gateway_and_a_kill_9(nats_url, make_daemon, tmp_path):  # noqa: F811
+def test_sequence_ends_through_a_gateway_and_a_kill_9(nats_url, make_daemon, tmp_path):
     """model.output = "end" through a gateway to 2 replicas, one killed -9 at 40% of the trace: its key groups
     move to the other, which restores their last snapshot and replays the log, ending the same sequences (the
     end flags are in the records). Every end event's prediction, every no_output / sequence-start flag and every
