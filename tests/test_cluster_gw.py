@@ -1,7 +1,8 @@
 """What a Producer does through a cluster gateway beyond events: multi-step forecasts (routed through the log to
 the owners of the streams' key groups, daemon/cluster/gateway.py) and whole-sequence outputs (model.output =
-"end": the end flags carried in the log records, so owners and replays reset the same streams). Against a real
-nats-server on loopback, compared with a single-process daemon on the same trace.
+"end": the end flags carried in the log records, so owners and replays reset the same streams), across a
+graceful handover and a kill -9. Against a real nats-server on loopback, compared with a single-process daemon on
+the same trace.
 
 Tolerance 1e-5 throughout: the replicas batch the same events differently (BLAS blocking), nothing else
 differs."""
@@ -111,39 +112,58 @@ def test_forecasts_through_a_gateway_equal_a_single_daemon(nats_url, make_daemon
     assert "exog holds NaN or Inf" in got[-1][1]
 
 
-def test_a_forecast_whose_owner_died_is_answered_unavailable(nats_url, tmp_path):
-    """The only replica is killed -9: its key groups keep their dead owner, so a forecast gets no answer; the
-    gateway answers it `unavailable` after cluster.forecast_timeout_s, naming the key groups and their owner."""
+def test_forecasts_across_a_kill_9_and_with_every_owner_dead(nats_url, tmp_path):
+    """Two replicas; one is killed -9 right before a forecast: the forecast waits for its key groups to move (lease
+    expiry, the last snapshot restored, the log replayed) and is answered by the survivor, equal to the forecast
+    before the kill. Then the survivor is killed too: a forecast gets no answer, and the gateway answers it
+    `unavailable` after cluster.forecast_timeout_s, naming the key groups and their dead owner."""
     from lstmd.clients import Producer, RejectedError
     from lstmd.daemon.cluster.log import key_group
+    from lstmd.daemon.cluster.membership import assignment
 
-    proc, state = start_replica(nats_url, tmp_path, "r1", FORECAST, **{"cluster.key_groups": G})
+    cluster = {"cluster.key_groups": G, "cluster.snapshot_interval_s": 0.5}
+    procs = {m: start_replica(nats_url, tmp_path, m, FORECAST, **cluster) for m in ("r1", "r2")}
+    gateways = []
     try:
-        wait("the replica serving", lambda: control_endpoint(state))
-        gw = gateway(nats_url, tmp_path, FORECAST, **{"cluster.key_groups": G, "cluster.forecast_timeout_s": 1.0})
-        try:
-            with Producer(gw.endpoint, timeout=30) as producer:
-                producer.send(["a", "b"], np.ones((2, 3), np.float32))
-                assert producer.forecast(["a", "b"], horizon=2).shape == (2, 2, 3)
-                proc.kill()
-                proc.wait(30)
-                time.sleep(2.5)  # past its lease (cluster.lease_ttl = 2 s): no longer a live member
-                started = time.monotonic()
-                with pytest.raises(RejectedError) as err:
-                    producer.forecast(["a", "b"], horizon=2)
-                assert time.monotonic() - started < 20
-        finally:
-            gw.stop_and_join()
+        wait("both replicas serving", lambda: all(control_endpoint(state) for _, state in procs.values()))
+        wait_for_owners(nats_url, G, {"r1", "r2"})
+        assert {key_group(s, G) for s in STREAMS} & set(assignment({"r1", "r2"}, G)["r1"])  # r1 holds some
+        patient = gateway(nats_url, tmp_path / "patient", FORECAST, **{"cluster.key_groups": G,
+                                                                     "cluster.forecast_timeout_s": 30.0})
+        gateways.append(patient)
+        with Producer(patient.endpoint, timeout=60) as producer:
+            for step, (x, seqs) in enumerate(_forecast_trace(steps=12)):
+                if step == 8:  # r1 snapshots its key groups (snapshot_interval_s 0.5): its successor restores them
+                    time.sleep(2.0)
+                producer.send(STREAMS, x, seqs=seqs)
+            before = producer.forecast(STREAMS, horizon=3)
+            procs["r1"][0].kill()
+            after = producer.forecast(STREAMS, horizon=3)  # answered in part by r1's successor
+        assert procs["r1"][0].wait(10) == -9
+        np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
+        assert "restored" in (tmp_path / "r2.log").read_text()  # r1's key groups: its snapshots, then the log
+
+        procs["r2"][0].kill()
+        procs["r2"][0].wait(30)
+        time.sleep(2.5)  # past its lease (cluster.lease_ttl = 2 s): no longer a live member
+        hasty = gateway(nats_url, tmp_path / "hasty", FORECAST, **{"cluster.key_groups": G,
+                                                                 "cluster.forecast_timeout_s": 1.0})
+        gateways.append(hasty)
+        with Producer(hasty.endpoint, timeout=30) as producer, pytest.raises(RejectedError) as err:
+            producer.forecast(["a", "b"], horizon=2)
         message = str(err.value)
         assert "forecast refused (unavailable): no answer within cluster.forecast_timeout_s = 1 s for 2 of 2 " \
                "streams ('a', 'b')" in message
         group = min(key_group("a", G), key_group("b", G))
-        assert f"key group {group}: owner r1, not alive: its lease expired" in message
+        assert f"key group {group}: owner r2, not alive: its lease expired" in message
         assert "(live replicas: none)" in message and "ask again" in message
-        assert gw.metrics.registry.get_sample_value("lstmd_gateway_requests_total", {"outcome": "timed_out"}) == 1
+        assert hasty.metrics.registry.get_sample_value("lstmd_gateway_requests_total", {"outcome": "timed_out"}) == 1
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for gw in gateways:
+            gw.stop_and_join()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
             proc.wait(30)
 
 

@@ -34,7 +34,11 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
 - Decoding: each record's frames go through `daemon/io.py`'s `decode_events_request` with the daemon's limits;
   an undecodable record is answered with the error, as the socket would. A record of delayed targets (header
   kind "targets", gateway.py) becomes a TargetsMessage the loop joins as the socket's; its answers go back per
-  event like events' (without predictions), and the gateway keeps the first answer of each.
+  event like events' (without predictions), and the gateway keeps the first answer of each. A forecast record
+  (kind "forecast") becomes a ForecastMessage of this member's streams, answered by the loop between two
+  batches, after every record before it (so after every event its producer was answered for); its rows
+  (horizon x O) go back in ReplyBatches of their own width. Cutting a record keeps each event's sequence-end
+  flag with it (`_pick`), and the answers carry the loop's FLAG_* bits (model.output = "end").
 - Sequence numbers the producer left out are assigned by the loop (last + 1) in log order: replaying the log
   from the same state assigns the same numbers, which is why the gateway (stateless, several at once) leaves
   them to the replica.
