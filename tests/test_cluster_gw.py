@@ -167,6 +167,22 @@ def test_forecasts_across_a_kill_9_and_with_every_owner_dead(nats_url, tmp_path)
             proc.wait(30)
 
 
+def test_a_forecast_to_a_cluster_without_replicas(nats_url, tmp_path):
+    """A gateway alone: the forecast is in the log, nobody answers; after cluster.forecast_timeout_s it is
+    answered unavailable, saying that no replica has joined (and nothing waits in the gateway after it)."""
+    from lstmd.clients import Producer, RejectedError
+
+    gw = gateway(nats_url, tmp_path, FORECAST, **{"cluster.key_groups": G, "cluster.forecast_timeout_s": 0.5})
+    try:
+        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(RejectedError) as err:
+            producer.forecast(["a"], horizon=1)
+        assert "forecast refused (unavailable): no answer within cluster.forecast_timeout_s = 0.5 s for 1 of 1 " \
+               "streams ('a'): no replica has joined this cluster yet" in str(err.value)
+        assert gw.metrics.registry.get_sample_value("lstmd_gateway_inflight_requests") == 0
+    finally:
+        gw.stop_and_join()
+
+
 END = {"model.input_size": 4, "model.hidden_size": 16, "model.output_size": 2, "model.seed": 3, "model.output": "end"}
 END_STREAMS, END_STEPS = 20, 60
 

@@ -75,7 +75,7 @@ from lstmd.daemon import forecast as forecasts
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
-from lstmd.daemon.cluster.membership import live_members, members_bucket
+from lstmd.daemon.cluster.membership import MEMBERS_BUCKET, live_members
 from lstmd.daemon.cluster.natsauth import connect_options
 from lstmd.daemon.io import EventsBudgets, EventsSocket, ForecastMessage, TargetsMessage
 from lstmd.daemon.metrics import GatewayMetrics
@@ -568,17 +568,25 @@ class Gateway:
 
     async def _owners(self, groups: list[int]) -> str:
         """Who owns key groups `groups` and whether they are alive, in words (at most five groups named)."""
-        if self._tables is None:
-            self._tables = (await own.open_buckets(self.link.js))[0], await members_bucket(
-                self.link.js, self.config.cluster.lease_ttl)
+        from nats.js.errors import BucketNotFoundError
+
+        if self._tables is None:  # bound, never created here: no bucket means no replica ever joined
+            try:
+                self._tables = (await self.link.js.key_value(own.GROUPS_BUCKET),
+                                await self.link.js.key_value(MEMBERS_BUCKET))
+            except BucketNotFoundError:
+                return "no replica has joined this cluster yet"
         kv, members_kv = self._tables
         entries = await asyncio.gather(*(own.read_entry(kv, g) for g in groups[:5]))
         alive = await live_members(members_kv)
         words = []
         for group, (entry, _) in zip(groups, entries, strict=False):
-            owner = entry.owner if entry is not None else ""
-            state = ("no owner (released, not yet claimed)" if not owner
-                     else f"owner {owner}" + ("" if owner in alive else ", not alive: its lease expired"))
+            if entry is None:
+                state = "never owned yet"
+            elif not entry.owner:
+                state = "no owner (released, not yet claimed)"
+            else:
+                state = f"owner {entry.owner}" + ("" if entry.owner in alive else ", not alive: its lease expired")
             words.append(f"key group {group}: {state}")
         more = f" and {len(groups) - 5} more key groups" if len(groups) > 5 else ""
         live = ", ".join(sorted(alive)) or "none"
