@@ -222,6 +222,8 @@ def test_sequence_ends_through_a_gateway_and_a_kill_9(nats_url, make_daemon, tmp
         got = []
         with Producer(gw.endpoint, timeout=60) as producer:
             for step, (s, x, q, e) in enumerate(_ends_trace()):
+                if step == END_STEPS * 2 // 5 - 5:  # r1 snapshots (snapshot_interval_s 0.5): the kill replays 5 steps
+                    time.sleep(2.0)
                 if step == END_STEPS * 2 // 5:
                     procs["r1"][0].kill()
                 got.append(producer.send_detailed(s, x, seqs=q, ends=e))
