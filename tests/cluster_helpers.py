@@ -130,25 +130,53 @@ def control_endpoint(state: Path) -> str:
     return json.loads(path.read_text())["control"] if path.exists() else ""
 
 
-def wait_for_owners(nats_url: str, groups: int, members: set[str], timeout: float = 120.0) -> None:
-    """Wait until every key group's entry names its rendezvous owner among `members` (a joining member's share
-    is handed over at the others' next heartbeats, not when it starts)."""
+def _wait_for_entries(nats_url: str, what: str, groups: list[int], check, timeout: float) -> None:
+    """Wait until `check(entry or None)` holds for the entry of each key group in `groups`."""
     from lstmd.daemon.cluster import ownership
     from lstmd.daemon.cluster.log import NatsLink
-    from lstmd.daemon.cluster.membership import assignment
 
-    intended = {g: m for m, owned in assignment(members, groups).items() for g in owned}
-    link = NatsLink(nats_url, "test-owners")
+    link = NatsLink(nats_url, "test-entries")
 
-    async def settled() -> bool:
+    async def holds() -> bool:
         kv, _ = await ownership.open_buckets(link.js)
-        for group, member in intended.items():
-            entry, _ = await ownership.read_entry(kv, group)
-            if entry is None or entry.owner != member:
+        for group in groups:
+            if not check(group, (await ownership.read_entry(kv, group))[0]):
                 return False
         return True
 
     try:
-        wait(f"key groups owned by {sorted(members)}", lambda: link.run(settled()), timeout)
+        wait(what, lambda: link.run(holds()), timeout)
+    finally:
+        link.close()
+
+
+def wait_for_owners(nats_url: str, groups: int, members: set[str], timeout: float = 120.0) -> None:
+    """Wait until every key group's entry names its rendezvous owner among `members` (a joining member's share
+    is handed over at the others' next heartbeats, not when it starts)."""
+    from lstmd.daemon.cluster.membership import assignment
+
+    intended = {g: m for m, owned in assignment(members, groups).items() for g in owned}
+    _wait_for_entries(nats_url, f"key groups owned by {sorted(members)}", sorted(intended),
+                      lambda g, entry: entry is not None and entry.owner == intended[g], timeout)
+
+
+def wait_for_snapshots(nats_url: str, groups, member: str, timeout: float = 120.0) -> None:
+    """Wait until `member` has snapshotted each of `groups` past the log's start (a successor restores them)."""
+    _wait_for_entries(nats_url, f"{member} snapshotted key groups {sorted(groups)}", sorted(groups),
+                      lambda g, entry: entry is not None and entry.owner == member and entry.seq > 0, timeout)
+
+
+def live_members(nats_url: str) -> set[str]:
+    """The members whose heartbeat has not expired."""
+    from lstmd.daemon.cluster import membership
+    from lstmd.daemon.cluster.log import NatsLink
+
+    link = NatsLink(nats_url, "test-members")
+
+    async def read() -> dict:
+        return await membership.live_members(await link.js.key_value(membership.MEMBERS_BUCKET))
+
+    try:
+        return set(link.run(read()))
     finally:
         link.close()

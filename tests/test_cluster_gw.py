@@ -9,18 +9,18 @@ differs."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
 from tests.cluster_helpers import (
     control_endpoint,
     gateway,
+    live_members,
     needs_server,
     start_replica,
     wait,
     wait_for_owners,
+    wait_for_snapshots,
 )
 
 pytestmark = needs_server
@@ -127,14 +127,15 @@ def test_forecasts_across_a_kill_9_and_with_every_owner_dead(nats_url, tmp_path)
     try:
         wait("both replicas serving", lambda: all(control_endpoint(state) for _, state in procs.values()))
         wait_for_owners(nats_url, G, {"r1", "r2"})
-        assert {key_group(s, G) for s in STREAMS} & set(assignment({"r1", "r2"}, G)["r1"])  # r1 holds some
+        held_by_r1 = {key_group(s, G) for s in STREAMS} & set(assignment({"r1", "r2"}, G)["r1"])
+        assert held_by_r1
         patient = gateway(nats_url, tmp_path / "patient", FORECAST, **{"cluster.key_groups": G,
                                                                      "cluster.forecast_timeout_s": 30.0})
         gateways.append(patient)
         with Producer(patient.endpoint, timeout=60) as producer:
             for step, (x, seqs) in enumerate(_forecast_trace(steps=12)):
-                if step == 8:  # r1 snapshots its key groups (snapshot_interval_s 0.5): its successor restores them
-                    time.sleep(2.0)
+                if step == 8:  # r1 snapshots its key groups: its successor restores them, then replays 4 steps
+                    wait_for_snapshots(nats_url, held_by_r1, "r1")
                 producer.send(STREAMS, x, seqs=seqs)
             before = producer.forecast(STREAMS, horizon=3)
             procs["r1"][0].kill()
@@ -145,7 +146,7 @@ def test_forecasts_across_a_kill_9_and_with_every_owner_dead(nats_url, tmp_path)
 
         procs["r2"][0].kill()
         procs["r2"][0].wait(30)
-        time.sleep(2.5)  # past its lease (cluster.lease_ttl = 2 s): no longer a live member
+        wait("r2's lease expired", lambda: not live_members(nats_url))
         hasty = gateway(nats_url, tmp_path / "hasty", FORECAST, **{"cluster.key_groups": G,
                                                                  "cluster.forecast_timeout_s": 1.0})
         gateways.append(hasty)
@@ -217,13 +218,14 @@ def test_sequence_ends_through_a_gateway_and_a_kill_9(nats_url, make_daemon, tmp
         wait("both replicas serving", lambda: all(control_endpoint(state) for _, state in procs.values()))
         wait_for_owners(nats_url, G, {"r1", "r2"})  # both answer, records split between them, before the kill
         streams = next(_ends_trace())[0]
-        assert {key_group(s, G) for s in streams} & set(assignment({"r1", "r2"}, G)["r1"])  # r1 held some
+        held_by_r1 = {key_group(s, G) for s in streams} & set(assignment({"r1", "r2"}, G)["r1"])
+        assert held_by_r1
         gw = gateway(nats_url, tmp_path, END, **{"cluster.key_groups": G})
         got = []
         with Producer(gw.endpoint, timeout=60) as producer:
             for step, (s, x, q, e) in enumerate(_ends_trace()):
-                if step == END_STEPS * 2 // 5 - 5:  # r1 snapshots (snapshot_interval_s 0.5): the kill replays 5 steps
-                    time.sleep(2.0)
+                if step == END_STEPS * 2 // 5 - 5:  # r1 snapshots its key groups: the kill replays 5 steps
+                    wait_for_snapshots(nats_url, held_by_r1, "r1")
                 if step == END_STEPS * 2 // 5:
                     procs["r1"][0].kill()
                 got.append(producer.send_detailed(s, x, seqs=q, ends=e))
