@@ -166,17 +166,22 @@ def wait_for_snapshots(nats_url: str, groups, member: str, timeout: float = 120.
                       lambda g, entry: entry is not None and entry.owner == member and entry.seq > 0, timeout)
 
 
-def live_members(nats_url: str) -> set[str]:
-    """The members whose heartbeat has not expired."""
+def lease_held(nats_url: str, member: str) -> bool:
+    """Whether `member`'s heartbeat entry is live (asked of the server for that key)."""
     from lstmd.daemon.cluster import membership
     from lstmd.daemon.cluster.log import NatsLink
+    from nats.js.errors import KeyNotFoundError
 
     link = NatsLink(nats_url, "test-members")
 
-    async def read() -> dict:
-        return await membership.live_members(await link.js.key_value(membership.MEMBERS_BUCKET))
+    async def held() -> bool:
+        try:
+            entry = await (await link.js.key_value(membership.MEMBERS_BUCKET)).get(member)
+        except KeyNotFoundError:
+            return False
+        return bool(entry.value)
 
     try:
-        return set(link.run(read()))
+        return link.run(held())
     finally:
         link.close()

@@ -15,7 +15,7 @@ import pytest
 from tests.cluster_helpers import (
     control_endpoint,
     gateway,
-    live_members,
+    lease_held,
     needs_server,
     start_replica,
     wait,
@@ -146,7 +146,7 @@ def test_forecasts_across_a_kill_9_and_with_every_owner_dead(nats_url, tmp_path)
 
         procs["r2"][0].kill()
         procs["r2"][0].wait(30)
-        wait("r2's lease expired", lambda: not live_members(nats_url))
+        wait("r2's lease expired", lambda: not lease_held(nats_url, "r2"))
         hasty = gateway(nats_url, tmp_path / "hasty", FORECAST, **{"cluster.key_groups": G,
                                                                  "cluster.forecast_timeout_s": 1.0})
         gateways.append(hasty)
@@ -157,7 +157,7 @@ def test_forecasts_across_a_kill_9_and_with_every_owner_dead(nats_url, tmp_path)
                "streams ('a', 'b')" in message
         group = min(key_group("a", G), key_group("b", G))
         assert f"key group {group}: owner r2, not alive: its lease expired" in message
-        assert "(live replicas: none)" in message and "ask again" in message
+        assert "ask again" in message
         assert hasty.metrics.registry.get_sample_value("lstmd_gateway_requests_total", {"outcome": "timed_out"}) == 1
     finally:
         for gw in gateways:

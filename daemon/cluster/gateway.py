@@ -75,7 +75,7 @@ from lstmd.daemon import forecast as forecasts
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
-from lstmd.daemon.cluster.membership import MEMBERS_BUCKET, live_members
+from lstmd.daemon.cluster.membership import MEMBERS_BUCKET
 from lstmd.daemon.cluster.natsauth import connect_options
 from lstmd.daemon.io import EventsBudgets, EventsSocket, ForecastMessage, TargetsMessage
 from lstmd.daemon.metrics import GatewayMetrics
@@ -578,7 +578,10 @@ class Gateway:
                 return "no replica has joined this cluster yet"
         kv, members_kv = self._tables
         entries = await asyncio.gather(*(own.read_entry(kv, g) for g in groups[:5]))
-        alive = await live_members(members_kv)
+        owners = sorted({entry.owner for entry, _ in entries if entry is not None and entry.owner})
+        # Each owner's own heartbeat entry, asked of the server (not a listing of the members, which may miss one)
+        alive = {m for m, held in zip(owners, await asyncio.gather(*(_lease_held(members_kv, m) for m in owners)),
+                                      strict=True) if held}
         words = []
         for group, (entry, _) in zip(groups, entries, strict=False):
             if entry is None:
@@ -589,10 +592,20 @@ class Gateway:
                 state = f"owner {entry.owner}" + ("" if entry.owner in alive else ", not alive: its lease expired")
             words.append(f"key group {group}: {state}")
         more = f" and {len(groups) - 5} more key groups" if len(groups) > 5 else ""
-        live = ", ".join(sorted(alive)) or "none"
-        return "; ".join(words) + more + f" (live replicas: {live})"
+        return "; ".join(words) + more
 
     def _forget_stale(self) -> None:
         cutoff = time.monotonic() - _FORGET_AFTER_S
         for token in [t for t, p in list(self._pending.items()) if p.started < cutoff]:
             self._finished(self._pending.pop(token), "forgotten")
+
+
+async def _lease_held(members_kv, member: str) -> bool:
+    """Whether `member`'s heartbeat entry (daemon/cluster/membership.py) is live now."""
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await members_kv.get(member)
+    except KeyNotFoundError:  # expired (its lease ran out) or never there
+        return False
+    return bool(entry.value)  # empty: it left
