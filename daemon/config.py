@@ -308,6 +308,10 @@ class ClusterConfig(_Section):
     model_versions: Annotated[
         int, doc("cluster model versions kept for replays after a failover; cover snapshot_interval_s", ge=2)
     ] = 16
+    forecast_timeout_s: Annotated[
+        float, doc("gateway: seconds a forecast waits for the replicas owning its streams before it is answered "
+                   "unavailable, naming them (keep it below the producers' timeout)", gt=0)
+    ] = 5.0
 
 
 class Config(_Section):
@@ -693,11 +697,6 @@ def validate(config: Config) -> None:
         raise ConfigError(
             'model.output = "end" (one output per whole sequence) is for regression and classification: a '
             'forecast model predicts the next event after every event (use model.output = "every")'
-        )
-    if m.output == "end" and config.cluster.nats:
-        raise ConfigError(
-            'model.output = "end" is not served in cluster mode yet ([cluster] nats is set): the gateway does not '
-            'carry end flags; serve whole-sequence outputs from a single process'
         )
     _validate_train(config)
     _validate_security(config.security)

@@ -174,7 +174,8 @@ class Endpoints:
 
         serve = self.config.serve
         limits = EventsLimits(self.engine.model.spec.input_size, serve.max_message_events, None,
-                              self.engine.task.wire_target_dim)
+                              self.engine.task.wire_target_dim, self.engine.task.name,
+                              ends=self.config.model.output == "end")
         return ClusterSource(self.config.cluster, limits, self.config.serve.max_inflight_bytes, self.store,
                              lambda: self.engine.model.version, self.metrics, lambda: self.engine.model,
                              installer(self.online.install_model, self.engine, self.online.trainer))

@@ -59,7 +59,7 @@ class Engine:
         self.layout = None
         if self.stream_state is not None:  # per-stream scale and guard (normalization.py), every forecast model
             self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size, season)
-            store.enable_adaptation(self.layout.initial_row(), season, model.spec.output_size)
+            store.enable_adaptation(self.layout.initial_row(), season, model.spec.output_size, self.stream_state)
         # The per-stream adaptation in one C pass each side of the step (kernels/_cpu_kernel.c), where the fused CPU
         # step was built; a season's ring stays in torch (normalization.py).
         self._fused_adaptation = self.layout is not None and not season and self._cpu_step is not None and (

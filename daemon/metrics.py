@@ -408,9 +408,10 @@ class GatewayMetrics:
     the daemon's (it serves no state), with the daemon's /metrics, /healthz and /readyz endpoints.
 
     Label values: `gateway_requests{outcome}` answered (every key group answered) | rejected (refused at the
-    gateway) | unavailable (the log did not take it) | forgotten (no answer within the gateway's horizon);
-    `gateway_events{kind}` events | targets; `gateway_rejections{reason}` the events socket's reasons (malformed,
-    overloaded, ...); `auth_failures{reason}` as the daemon's."""
+    gateway) | unavailable (the log did not take it) | forgotten (no answer within the gateway's horizon) |
+    timed_out (a forecast its owners did not answer within cluster.forecast_timeout_s);
+    `gateway_events{kind}` events | targets | forecasts (streams asked for); `gateway_rejections{reason}` the
+    events socket's reasons (malformed, overloaded, ...); `auth_failures{reason}` as the daemon's."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

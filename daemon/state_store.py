@@ -191,10 +191,15 @@ class StateStore:
         # With train.season: each slot's last `season` values of the forecast columns, a ring (normalization.Ring)
         # [capacity, season, O] float32 beside the adaptation rows; written before read, so never cleared.
         self.seasonal: torch.Tensor | None = None
+        # Forecast models: the engine's per-slot last events (daemon/tasks.py LastEvents), known here so that a
+        # snapshot of some streams (a cluster key group, daemon/cluster/ownership.py) carries them too.
+        self.last_events = None
 
-    def enable_adaptation(self, initial_row: torch.Tensor, season: int = 0, outputs: int = 0) -> None:
+    def enable_adaptation(self, initial_row: torch.Tensor, season: int = 0, outputs: int = 0,
+                          last_events=None) -> None:
         """Allocate the [capacity, width] float32 adaptation table on the device, every row `initial_row`, and with a
-        `season` the seasonal ring of `outputs` columns."""
+        `season` the seasonal ring of `outputs` columns; `last_events`: the engine's LastEvents beside them."""
+        self.last_events = last_events
         self.adaptation_init = initial_row.to(self.device, torch.float32)
         self.adaptation = self.adaptation_init.expand(self.capacity, -1).clone()
         if season:

@@ -55,3 +55,15 @@ def make_daemon(tmp_path):
     yield make
     for daemon in started:
         daemon.stop_and_join()
+
+
+# ---- cluster (tests/test_cluster*.py, helpers in tests/cluster_helpers.py) -----------------------------------
+@_pytest.fixture
+def nats_url(tmp_path):
+    """A nats-server with JetStream on loopback, started for the test: its URL."""
+    from tests.cluster_helpers import start_nats  # imports nats-py: only for the tests that ask for a server
+
+    proc, port = start_nats(tmp_path)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)

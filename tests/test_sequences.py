@@ -94,8 +94,9 @@ def test_config_refuses_forecast_end_and_a_max_sequence_beyond_the_record():
         load_config(overrides=['model.output="end"', "train.max_sequence=512"], environ={})
     with pytest.raises(ConfigError, match=r"train.max_sequence \(8\) must be between"):
         load_config(overrides=['model.output="end"', "train.max_sequence=8"], environ={})
-    with pytest.raises(ConfigError, match="not served in cluster mode"):
-        load_config(overrides=['model.output="end"', 'cluster.nats="nats://127.0.0.1:4222"'], environ={})
+    # served in cluster mode too: the gateway carries the end flags in its log records (tests/test_cluster_gw.py)
+    cluster = load_config(overrides=['model.output="end"', 'cluster.nats="nats://127.0.0.1:4222"'], environ={})
+    assert cluster.model.output == "end"
     assert load_config(overrides=["train.max_sequence=512"], environ={}).model.output == "every"  # unused there
 
 

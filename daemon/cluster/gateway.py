@@ -14,9 +14,13 @@ dies loses only the requests in flight, which their producers resend.
 - Decoding and the socket are `daemon/io.py`'s EventsSocket: the same limits, budgets and error replies.
 - Coalescing adds no wait: a record holds what arrived while the previous records were being published, so an
   idle gateway publishes a message at once and a busy one publishes fewer, larger records.
-- A record holds producer messages of one kind only (events or delayed targets, numbered or not, the same
-  targets frame), in arrival order, at most serve.max_message_events events. Sequence-end flags never reach a
-  record: cluster mode serves model.output = "every" only, so the events socket refuses them (ends_not_served).
+- A record holds producer messages of one kind only (events, delayed targets or forecasts; numbered or not, the
+  same targets frame, the same horizon and exog width), in arrival order, at most serve.max_message_events
+  events. With model.output = "end" each event's sequence-end flag travels in the record's header with the event
+  (False for messages that marked none), so its owner, and any replay of the record after a failover, ends the
+  same sequences as a single daemon and its WAL; the answers carry the FLAG_* bits (no_output, sequence start)
+  back to the producer. With model.output = "every" the events socket refuses end flags (ends_not_served), as
+  `lstmd serve` does.
 - Sequence numbers the producer left out stay out: the owning replica assigns them in log order (see
   daemon/cluster/replica.py), which a stateless gateway could not do for a stream shared with another gateway.
 - A resend JetStream reports as already stored (its Nats-Msg-Id within the duplicate window) is published again
@@ -25,8 +29,23 @@ dies loses only the requests in flight, which their producers resend.
 - Delayed targets (`Producer.send_targets`) travel like events, coalesced into records of their own kind
   (header kind "targets", the targets as the second frame: the wire's own request), keyed by their (stream, seq)
   pairs (Nats-Msg-Id prefixed `t:` so a target never collides with its own event's id), answered per producer
-  message by the owning replicas' joins like events (no predictions frame, as the daemon answers them); a
-  forecast, which changes nothing and needs no log, is refused (`unsupported`).
+  message by the owning replicas' joins like events (no predictions frame, as the daemon answers them).
+- Forecasts (`Producer.forecast`) go through the log too, as records of kind "forecast" (the streams, the
+  horizon, the exog as the second frame), not as a request to the owner over a NATS subject. Why: a forecast
+  must see every event its producer was already answered for, and the log gives that for free. An answered
+  event's record is in the log before the forecast's record is published, and an owner applies a key group's
+  records in log order, answering a forecast record between two batches (daemon/server.py) after every record
+  before it; after a move or a death the next owner restores the group's snapshot and replays from there, so it
+  reaches the forecast only after the same events. A direct request would race a new owner still replaying,
+  and would need its own routing, retries and fencing, which the log records already have. The price: one log
+  message per forecast (JetStream stores and trims it like any record) and a replay recomputes the forecasts it
+  passes (their answers then come second and are dropped here). A request wrong whole (task, horizon, exog,
+  size) is refused here with the daemon's own check (daemon/forecast.py `check_request`, reason
+  `bad_forecast`; a non-forecast model's `not_forecast` at decoding), from this gateway's [model] config, so a
+  replica never refuses one whole; per stream, each owner answers ok or rejected (unknown stream, reset) exactly
+  as a single daemon. A forecast whose owners do not all answer within cluster.forecast_timeout_s (a replica
+  died and its lease has not expired yet, a slow replay, no replica at all) is answered `unavailable`, naming
+  the unanswered key groups, their owners and whether those are alive; asking again is always safe.
 - Security: with `[security] server_secret_key` the events socket is a CURVE server with the ZAP handler of
   `lstmd serve` (daemon/auth.py: the same key directories, roles, reload on SIGHUP and refusals counted in
   `lstmd_auth_failures_total`); any known key (producer or admin) may send events. Without keys, a non-loopback
@@ -52,8 +71,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 from lstmd.clients import protocol
+from lstmd.daemon import forecast as forecasts
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.cluster import log as clog
+from lstmd.daemon.cluster import ownership as own
+from lstmd.daemon.cluster.membership import MEMBERS_BUCKET
 from lstmd.daemon.cluster.natsauth import connect_options
 from lstmd.daemon.io import EventsBudgets, EventsSocket, ForecastMessage, TargetsMessage
 from lstmd.daemon.metrics import GatewayMetrics
@@ -82,6 +104,9 @@ class _Pending:
     reasons: dict[int, str] = field(default_factory=dict)
     version: int = 0
     targets: bool = False  # a delayed-targets message: its reply has no predictions frame
+    out_dim: int = 0  # prediction width of its reply: O, horizon * O for a forecast
+    streams: list | None = None  # a forecast's streams: named when its owners do not answer in time
+    flags: np.ndarray | None = None  # [n] FLAG_* bits (model.output = "end"), allocated at the first flags
 
     def __post_init__(self) -> None:
         self.left = self.n
@@ -89,15 +114,20 @@ class _Pending:
         self.status = np.full(self.n, protocol.REJECTED, dtype=np.uint8)
 
     def answer(self, idx: np.ndarray, status: np.ndarray, preds: np.ndarray, reasons: dict[int, str],
-               version: int) -> None:
+               version: int, flags: np.ndarray | None = None) -> None:
         """Events `idx` answered; `reasons` by position in `idx`. Events answered before keep their answer."""
         new = ~self.answered[idx]
         if not new.all():
             keep = np.flatnonzero(new)
             reasons = {j: reasons[i] for j, i in enumerate(keep.tolist()) if i in reasons}
             idx, status, preds = idx[keep], status[keep], preds[keep]
+            flags = None if flags is None else flags[keep]
         if not len(idx):
             return
+        if flags is not None:
+            if self.flags is None:
+                self.flags = np.zeros(self.n, dtype=np.uint8)
+            self.flags[idx] = flags
         self.answered[idx] = True
         self.left -= len(idx)
         self.status[idx] = status
@@ -124,6 +154,7 @@ class Gateway:
         self._publishing = asyncio.Lock()  # per-stream order: the log takes records in the order they were made
         self.endpoint: str | None = None
         self._pending: dict[int, _Pending] = {}
+        self._tables = None  # (key group entries, members) KV buckets, opened at the first overdue forecast
         # Bytes of requests forwarded and finished: each counter written by one thread only (this loop, the NATS
         # link's), so no update is lost; their difference is what is in flight, against serve.max_inflight_bytes.
         self._forwarded_bytes = 0
@@ -161,6 +192,8 @@ class Gateway:
                 max_stream_id_length=serve.max_stream_id_length,
                 budgets=EventsBudgets(serve.max_inflight_bytes, serve.max_peer_inflight_bytes),
                 secure=secure,
+                task=self.config.model.task,  # forecasts of another task refused at decoding, as by the daemon
+                ends=self.config.model.output == "end",
             )
             if self.security is None:  # no handshakes to count: nobody reads its connection events
                 self.events.sock.disable_monitor()
@@ -306,9 +339,9 @@ class Gateway:
         """Every producer message waiting now (within serve.max_inflight_bytes) into the log, coalesced."""
         kinds: dict[tuple, list] = {}  # messages that can share a record: see the module docstring
         while self.inflight_bytes < self.max_inflight_bytes and (message := self.events.take()):
-            if isinstance(message, ForecastMessage):
-                self._reject(message, "unsupported", "forecasts are not served through a cluster gateway: ask "
-                             "the replica that owns the stream (lstmd cluster status) with Admin.forecast")
+            forecast = isinstance(message, ForecastMessage)
+            if forecast and (refusal := self._forecast_refusal(message)):
+                self._reject(message, "bad_forecast", refusal)
                 continue
             header = message.header
             if not header.streams:  # nothing to publish: answered here, as a daemon answers it
@@ -318,13 +351,17 @@ class Gateway:
                 self.events.send([*message.envelope, protocol.encode(reply), *tail])
                 continue
             targets = isinstance(message, TargetsMessage)
-            self.metrics.events.labels("targets" if targets else "events").inc(len(header.streams))
+            self.metrics.events.labels("targets" if targets else "forecasts" if forecast else "events").inc(
+                len(header.streams))
             token = next(self._tokens)
+            out_dim = 0 if targets else self.config.model.output_size * (header.horizon if forecast else 1)
             pending = _Pending(message.envelope, header.req, len(header.streams), time.monotonic(), message.nbytes,
-                               targets=targets)
+                               targets=targets, out_dim=out_dim, streams=header.streams if forecast else None)
             self._pending[token] = pending
             self._forwarded_bytes += pending.nbytes
-            kind = (header.kind, header.seqs is None, header.targets, header.target_dim)
+            if forecast:
+                self.link.loop.call_soon_threadsafe(self._forecast_deadline, token)
+            kind = (header.kind, header.seqs is None, header.targets, header.target_dim, header.horizon, header.dim)
             kinds.setdefault(kind, []).append((token, message))
         records = []
         for messages in kinds.values():
@@ -332,22 +369,42 @@ class Gateway:
         if records:  # one hand-over to the NATS thread, the records published concurrently there
             self.link.submit(self._publish_all(records))
 
+    def _forecast_refusal(self, message: ForecastMessage) -> str | None:
+        """Why a forecast request is wrong whole (the daemon's own check, against this gateway's [model]), or None."""
+        m, serve = self.config.model, self.config.serve
+        try:
+            forecasts.check_request(m.task, message.header.horizon, len(message.header.streams), m.input_size,
+                                    message.exog, serve.max_message_events, m.output_size, serve.max_message_bytes)
+        except forecasts.ForecastError as exc:
+            return str(exc)
+        return None
+
     def _records_of(self, messages: list) -> list[tuple[int, bytes, str, np.ndarray]]:
         """(partition, payload, Nats-Msg-Id, tokens) of the records holding these messages' events (or delayed
-        targets): per log partition, in arrival order, at most max_record_events each."""
+        targets, or forecasts' streams): per log partition, in arrival order, at most max_record_events each."""
         first = messages[0][1]  # all of one kind (_forward_waiting): events or targets, numbered or not, ...
         kind = first.header.kind
         streams = list(itertools.chain.from_iterable(m.header.streams for _, m in messages))
         numbered = first.header.seqs is not None
         seqs = list(itertools.chain.from_iterable(m.header.seqs for _, m in messages)) if numbered else None
         counts = [len(m.header.streams) for _, m in messages]
+        # Sequence ends (model.output = "end"): each event's flag kept with it, False where a message marked none
+        ends = None
+        if any(m.header.ends for _, m in messages):
+            ends = list(itertools.chain.from_iterable(m.header.ends or [False] * n
+                                                      for (_, m), n in zip(messages, counts, strict=True)))
         targets = None
-        if first.targets is not None:
+        if getattr(first, "targets", None) is not None:
             targets = np.concatenate([m.targets.reshape(len(m.targets), -1) for _, m in messages])
-        # The second frame: features of events; of a delayed-targets record, the targets themselves (the wire's
-        # own [header, targets] frames, so the replica decodes it as its events socket would)
+        # The second frame: features of events; of a delayed-targets record, the targets themselves; of a
+        # forecast record, the exog rows [horizon * I] (none: an empty frame). The wire's own frames, so the
+        # replica decodes it as its events socket would.
         if kind == "targets":
             body, targets = targets, None
+        elif kind == "forecast":
+            exog = [m.exog for _, m in messages]
+            body = (np.empty((len(streams), 0), np.float32) if exog[0] is None
+                    else np.concatenate([e.reshape(len(e), -1) for e in exog]))
         else:
             body = np.concatenate([m.features for _, m in messages])
         tokens = np.repeat(np.array([t for t, _ in messages], dtype=clog.TOKEN_DTYPE), counts)
@@ -367,8 +424,9 @@ class Gateway:
                 ev_seqs = None if seqs is None else [seqs[i] for i in pick]
                 # The header made directly: the producers' messages were checked when decoded
                 header = protocol.encode(protocol.EventsHeader(
-                    v=protocol.PROTOCOL_VERSION, req=0, streams=ids, dim=0 if kind == "targets" else body.shape[1],
-                    seqs=ev_seqs, targets=first.header.targets, target_dim=first.header.target_dim, kind=kind))
+                    v=protocol.PROTOCOL_VERSION, req=0, streams=ids, dim=first.header.dim, seqs=ev_seqs,
+                    targets=first.header.targets, target_dim=first.header.target_dim, kind=kind,
+                    horizon=first.header.horizon, ends=None if ends is None else [ends[i] for i in pick]))
                 record = clog.LogRecord(self.reply_subject, header, body[idx].tobytes(),
                                         None if targets is None else targets[idx].tobytes(), groups[idx].tobytes(),
                                         tokens[idx].tobytes(), index[idx].tobytes())
@@ -428,6 +486,7 @@ class Gateway:
         index = np.frombuffer(batch.index, dtype=clog.INDEX_DTYPE)
         status = np.frombuffer(batch.status, dtype=np.uint8)
         preds = np.frombuffer(batch.predictions, dtype=np.float32).reshape(len(tokens), batch.out_dim)
+        flags = np.frombuffer(batch.flags, dtype=np.uint8) if len(batch.flags) == len(tokens) else None
         # Runs of one producer message (a replica answers a record's events in their order)
         bounds = [0, *(np.flatnonzero(np.diff(tokens)) + 1).tolist(), len(tokens)]
         reasons: dict[int, dict[int, str]] = {}
@@ -440,7 +499,8 @@ class Gateway:
             pending = self._pending.get(token)
             if pending is None:
                 continue  # answered already (a replayed record after a failover) or forgotten
-            pending.answer(index[a:b], status[a:b], preds[a:b], reasons.get(run, {}), batch.version)
+            pending.answer(index[a:b], status[a:b], preds[a:b], reasons.get(run, {}), batch.version,
+                           None if flags is None else flags[a:b])
             if not pending.left:
                 del self._pending[token]
                 self._finished(pending, "answered")
@@ -449,14 +509,15 @@ class Gateway:
     def _reply(self, pending: _Pending) -> None:
         preds = pending.preds
         if preds is None:
-            preds = np.full((pending.n, self.config.model.output_size), np.nan, dtype=np.float32)
+            preds = np.full((pending.n, pending.out_dim), np.nan, dtype=np.float32)
         reply = protocol.EventsReply(
             v=protocol.PROTOCOL_VERSION,
             req=pending.req,
             version=pending.version,
-            out_dim=preds.shape[1],
+            out_dim=0 if pending.targets else preds.shape[1],
             status=pending.status.tobytes(),
             reasons=pending.reasons,
+            flags=b"" if pending.flags is None else pending.flags.tobytes(),
         )
         tail = [] if pending.targets else [preds.tobytes()]  # as the daemon answers targets: no predictions
         self._done_push.send_multipart([*pending.envelope, protocol.encode(reply), *tail])
@@ -473,7 +534,78 @@ class Gateway:
         except Exception:  # one bad answer must not stop the subscription
             log.exception("an answer on %s could not be used", self.reply_subject)
 
+    def _forecast_deadline(self, token: int) -> None:
+        """A forecast just forwarded: answered `unavailable` if its owners have not answered in time (module
+        docstring). On the NATS link's thread, where answers are taken."""
+        self.link.loop.call_later(self.config.cluster.forecast_timeout_s, self._forecast_overdue, token)
+
+    def _forecast_overdue(self, token: int) -> None:
+        pending = self._pending.pop(token, None)  # popped now: an answer arriving meanwhile finds nothing to do
+        if pending is not None:
+            self.link.loop.create_task(self._answer_overdue(pending))
+
+    async def _answer_overdue(self, pending: _Pending) -> None:
+        """Answer a forecast its owners left unanswered, naming them (read from the ownership table)."""
+        waited = self.config.cluster.forecast_timeout_s
+        missing = np.flatnonzero(~pending.answered).tolist()
+        groups = sorted({clog.key_group(pending.streams[i], self.groups) for i in missing})
+        try:
+            owners = await self._owners(groups)
+        except Exception as exc:  # the table unreadable: the answer says so instead of naming the owners
+            owners = f"their owners could not be read ({type(exc).__name__}: {exc})"
+        self._finished(pending, "timed_out")
+        shown = ", ".join(repr(pending.streams[i]) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        reply = protocol.EventsReply(
+            v=protocol.PROTOCOL_VERSION,
+            req=pending.req,
+            error=f"no answer within cluster.forecast_timeout_s = {waited:g} s for {len(missing)} of {pending.n} "
+            f"streams ({shown}): {owners}. A replica that died hands its key groups over once its lease "
+            f"(cluster.lease_ttl = {self.config.cluster.lease_ttl:g} s) expires and its successor has replayed "
+            "them; a forecast changes nothing, so ask again",
+            error_reason="unavailable",
+        )
+        self._done_push.send_multipart([*pending.envelope, protocol.encode(reply)])
+
+    async def _owners(self, groups: list[int]) -> str:
+        """Who owns key groups `groups` and whether they are alive, in words (at most five groups named)."""
+        from nats.js.errors import BucketNotFoundError
+
+        if self._tables is None:  # bound, never created here: no bucket means no replica ever joined
+            try:
+                self._tables = (await self.link.js.key_value(own.GROUPS_BUCKET),
+                                await self.link.js.key_value(MEMBERS_BUCKET))
+            except BucketNotFoundError:
+                return "no replica has joined this cluster yet"
+        kv, members_kv = self._tables
+        entries = await asyncio.gather(*(own.read_entry(kv, g) for g in groups[:5]))
+        owners = sorted({entry.owner for entry, _ in entries if entry is not None and entry.owner})
+        # Each owner's own heartbeat entry, asked of the server (not a listing of the members, which may miss one)
+        alive = {m for m, held in zip(owners, await asyncio.gather(*(_lease_held(members_kv, m) for m in owners)),
+                                      strict=True) if held}
+        words = []
+        for group, (entry, _) in zip(groups, entries, strict=False):
+            if entry is None:
+                state = "never owned yet"
+            elif not entry.owner:
+                state = "no owner (released, not yet claimed)"
+            else:
+                state = f"owner {entry.owner}" + ("" if entry.owner in alive else ", not alive: its lease expired")
+            words.append(f"key group {group}: {state}")
+        more = f" and {len(groups) - 5} more key groups" if len(groups) > 5 else ""
+        return "; ".join(words) + more
+
     def _forget_stale(self) -> None:
         cutoff = time.monotonic() - _FORGET_AFTER_S
         for token in [t for t, p in list(self._pending.items()) if p.started < cutoff]:
             self._finished(self._pending.pop(token), "forgotten")
+
+
+async def _lease_held(members_kv, member: str) -> bool:
+    """Whether `member`'s heartbeat entry (daemon/cluster/membership.py) is live now."""
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await members_kv.get(member)
+    except KeyNotFoundError:  # expired (its lease ran out) or never there
+        return False
+    return bool(entry.value)  # empty: it left

@@ -11,10 +11,13 @@
   Owners are unaware of partitions: a record may hold events of key groups owned by several members, and each
   takes its own.
 - One log record (`LogRecord`) = the events (or the delayed targets: header kind "targets", the targets as its
-  second frame) of one partition from one or more producer messages that reached one gateway together
-  (coalesced), as the wire format's own frames (clients/protocol.py), with per event its
-  key group, the gateway's id of its producer message (token) and its index there, and where the answers go:
-  the gateway's reply subject. Replicas answer in `ReplyBatch`es: one per gateway per serving-loop batch.
+  second frame; or the streams of forecasts: kind "forecast", the exog as its second frame) of one partition
+  from one or more producer messages that reached one gateway together (coalesced), as the wire format's own
+  frames (clients/protocol.py: the header keeps each event's sequence-end flag, `ends`, next to its stream and
+  sequence number, so a replay ends the same sequences), with per event its key group, the gateway's id of its
+  producer message (token) and its index there, and where the answers go: the gateway's reply subject.
+  Replicas answer in `ReplyBatch`es: one per gateway, per serving-loop batch and per prediction width (a
+  forecast's rows are horizon x O wide).
 - nats-py is asyncio; the daemon's loop and the gateway's ZeroMQ loop are not. `NatsLink` runs one asyncio loop
   on its own thread and owns the connection: the other threads submit coroutines to it.
 """
@@ -111,6 +114,7 @@ class ReplyBatch(msgspec.Struct, array_like=True):
     predictions: bytes  # float32 [n, out_dim]; NaN rows for rejected events
     reasons: dict[int, str]  # position in this batch -> why that event was rejected
     version: int  # the serving model's version
+    flags: bytes = b""  # uint8 [n] protocol FLAG_* bits (model.output = "end"); empty: none
 
 
 log_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(LogRecord))

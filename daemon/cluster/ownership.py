@@ -7,8 +7,10 @@
   (paused past its lease) fails its next write and is fenced.
 - SNAPSHOTS_BUCKET (JetStream object store): one object per key group snapshot, `g<N>-<position>`, a
   safetensors file of the group's streams: their ids, rows of h and c, last sequence numbers, events applied,
-  pending resets and resend windows. `snapshot_group` and `restore_group` touch the state store and run on the
-  serving loop's thread only (daemon/cluster/replica.py hands them over).
+  pending resets and resend windows, and of a forecast model their adaptation rows, seasonal rings and last
+  events (without them a moved stream's next change, and so its predictions and forecasts, would differ).
+  `snapshot_group` and `restore_group` touch the state store and run on the serving loop's thread only
+  (daemon/cluster/replica.py hands them over).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def snapshot_group(store, group: int, groups: int, position: int, model_version:
         "needs_reset": store.needs_reset[slots].astype(np.uint8),
         "resend_key": store.resend_key[slots],
         "resend_out": store.resend_out[slots],
+        **_forecast_rows(store, take),
     }
     metadata = {"group": str(group), "seq": str(position), "model_version": str(model_version)}
     return save_tensors(tensors, metadata=metadata)
@@ -81,7 +84,21 @@ def restore_group(store, data: bytes) -> int:
     if tensors["resend_key"].shape[1:] == store.resend_key.shape[1:]:
         store.resend_key[slots] = tensors["resend_key"]
         store.resend_out[slots] = tensors["resend_out"]
+    for name, table in _forecast_tables(store).items():
+        if name in tensors and tensors[name].shape[1:] == tuple(table.shape[1:]):
+            table.index_copy_(0, take, torch.from_numpy(tensors[name]).to(table.device))
     return len(ids)
+
+
+def _forecast_tables(store) -> dict[str, torch.Tensor]:
+    """A forecast model's per-slot rows beside the state tables (daemon/state_store.py), by snapshot name."""
+    tables = {"adaptation": store.adaptation, "seasonal": store.seasonal,
+              "last_x": None if store.last_events is None else store.last_events.rows}
+    return {name: table for name, table in tables.items() if table is not None}
+
+
+def _forecast_rows(store, take: torch.Tensor) -> dict[str, np.ndarray]:
+    return {name: table.index_select(0, take).cpu().numpy() for name, table in _forecast_tables(store).items()}
 
 
 async def open_buckets(js):

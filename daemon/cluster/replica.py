@@ -7,8 +7,9 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
 
 - Reading: one ordered push consumer over the log (AckNone: the position is tracked here, per key group, not
   acknowledged per message; see DESIGN.md's measurements), from the lowest `queued + 1` over the owned key
-  groups, filtered to the partitions holding them (and the model markers) when they are not all of them. A record holds events of several key groups (log partitions, daemon/cluster/log.py): of each record
-  this member takes the events of the key groups it reads whose `queued` is below the record's sequence, as
+  groups, filtered to the partitions holding them (and the model markers) when they are not all of them. A
+  record holds events of several key groups (log partitions, daemon/cluster/log.py): of each record this member
+  takes the events of the key groups it reads whose `queued` is below the record's sequence, as
   one message for the loop (decoded and cut on the NATS thread, so the loop only steps). So an event is
   handed to the loop at most once per ownership, in log order, which is per-stream arrival order. A key group
   is read only from a subscription made while it was owned (`reading`): one gained later waits for the next
@@ -34,7 +35,11 @@ the kernels, the sequence numbers and the resend window are the daemon's own: th
 - Decoding: each record's frames go through `daemon/io.py`'s `decode_events_request` with the daemon's limits;
   an undecodable record is answered with the error, as the socket would. A record of delayed targets (header
   kind "targets", gateway.py) becomes a TargetsMessage the loop joins as the socket's; its answers go back per
-  event like events' (without predictions), and the gateway keeps the first answer of each.
+  event like events' (without predictions), and the gateway keeps the first answer of each. A forecast record
+  (kind "forecast") becomes a ForecastMessage of this member's streams, answered by the loop between two
+  batches, after every record before it (so after every event its producer was answered for); its rows
+  (horizon x O) go back in ReplyBatches of their own width. Cutting a record keeps each event's sequence-end
+  flag with it (`_pick`), and the answers carry the loop's FLAG_* bits (model.output = "end").
 - Sequence numbers the producer left out are assigned by the loop (last + 1) in log order: replaying the log
   from the same state assigns the same numbers, which is why the gateway (stateless, several at once) leaves
   them to the replica.
@@ -82,7 +87,7 @@ from lstmd.daemon.cluster import weights as wsync
 from lstmd.daemon.cluster.membership import Membership, assignment
 from lstmd.daemon.cluster.natsauth import connect_options
 from lstmd.daemon.control import CommandError
-from lstmd.daemon.io import EventsLimits, EventsMessage, TargetsMessage, decode_events_request
+from lstmd.daemon.io import EventsLimits, EventsMessage, ForecastMessage, TargetsMessage, decode_events_request
 
 log = logging.getLogger("lstmd.cluster")
 
@@ -100,7 +105,7 @@ class _Queued:
     groups: np.ndarray  # per event: key group, the gateway's token and index (daemon/cluster/log.py)
     tokens: np.ndarray
     index: np.ndarray
-    message: EventsMessage | TargetsMessage
+    message: EventsMessage | TargetsMessage | ForecastMessage
     version: int  # the model version its events are applied with (weights.py, "The rule")
 
     def subset(self, keep: np.ndarray) -> _Queued:
@@ -110,6 +115,8 @@ class _Queued:
         nbytes = m.nbytes * len(keep) // max(1, len(self.groups))
         if isinstance(m, TargetsMessage):
             message = TargetsMessage(m.envelope, header, m.targets[keep], nbytes)
+        elif isinstance(m, ForecastMessage):
+            message = ForecastMessage(m.envelope, header, None if m.exog is None else m.exog[keep], nbytes)
         else:
             message = EventsMessage(m.envelope, header, m.features[keep],
                                     None if m.targets is None else m.targets[keep], m.received, nbytes)
@@ -127,13 +134,17 @@ class _Marker:
 
 
 def _pick(header: protocol.EventsHeader, keep: list[int]) -> protocol.EventsHeader:
+    """The header of events `keep` only: each keeps its stream, sequence number and sequence-end flag."""
     seqs = None if header.seqs is None else [header.seqs[i] for i in keep]
-    return msgspec.structs.replace(header, streams=[header.streams[i] for i in keep], seqs=seqs)
+    ends = None if header.ends is None else [header.ends[i] for i in keep]
+    return msgspec.structs.replace(header, streams=[header.streams[i] for i in keep], seqs=seqs, ends=ends)
 
 
 def _reply_batch(answers: list[tuple]) -> bytes:
-    """One ReplyBatch of answers (tokens, index, status, predictions [n, O or 0], reasons, version)."""
+    """One ReplyBatch of answers (tokens, index, status, predictions [n, width or 0], reasons, version, flags or
+    None) of one prediction width (`_by_width`)."""
     out_dim = max(a[3].shape[1] for a in answers)
+    with_flags = any(a[6] is not None for a in answers)
     reasons, offset = {}, 0
     for a in answers:
         reasons.update({offset + i: why for i, why in a[4].items()})
@@ -148,8 +159,22 @@ def _reply_batch(answers: list[tuple]) -> bytes:
         predictions=np.concatenate(preds).tobytes(),
         reasons=reasons,
         version=max(a[5] for a in answers),
+        flags=np.concatenate([np.zeros(len(a[0]), np.uint8) if a[6] is None else a[6] for a in answers]).tobytes()
+        if with_flags else b"",
     )
     return clog.reply_batch_codec[0].encode(batch)
+
+
+def _by_width(answers: list[tuple]) -> list[list[tuple]]:
+    """Answers split by prediction width: a forecast's rows (horizon x O) never share a ReplyBatch with events'
+    (O); answers without predictions (rejected whole, delayed targets) go with any."""
+    widths: dict[int, list[tuple]] = {}
+    for a in answers:
+        widths.setdefault(a[3].shape[1], []).append(a)
+    bare = widths.pop(0, [])
+    groups = list(widths.values()) or [[]]
+    groups[0] += bare
+    return groups
 
 
 async def _all(coroutines) -> None:
@@ -541,15 +566,13 @@ class ClusterSource:
                                                                                 record.targets]
         try:
             header, features, targets = decode_events_request(body, self.limits)
-            if header.kind == "forecast":  # the gateway refuses them: a record never holds one
-                raise protocol.ProtocolError("bad_kind", "forecasts are not served through the cluster's log")
             if len(header.streams) * _GROUP_BYTES != len(record.groups):
                 raise protocol.ProtocolError("malformed", "the record's events and key groups differ in number")
         except protocol.ProtocolError as exc:
             n = len(mine)
             reasons = dict.fromkeys(range(n), str(exc))
             answer = (tokens, index, np.full(n, protocol.REJECTED, dtype=np.uint8), np.empty((n, 0), np.float32),
-                      reasons, 0)
+                      reasons, 0, None)
             self.link.submit(self._publish(record.reply, _reply_batch([answer])))
             return None
         token = self._next.to_bytes(8, "little")
@@ -559,6 +582,8 @@ class ClusterSource:
         nbytes += len(mine) * _HEADER_BYTES_PER_EVENT
         if header.kind == "targets":
             message = TargetsMessage([token], header, targets[mine], nbytes)
+        elif header.kind == "forecast":  # answered between two batches, after every record before it
+            message = ForecastMessage([token], header, None if features is None else features[mine], nbytes)
         else:  # a copy either way: the loop hands features to torch, which wants writable memory
             message = EventsMessage([token], header, features[mine], None if targets is None else targets[mine],
                                     time.perf_counter(), nbytes)
@@ -643,7 +668,7 @@ class ClusterSource:
         with self._cond:
             return bool(self._ready) and self._switch_model()
 
-    def take(self) -> EventsMessage | TargetsMessage | None:
+    def take(self) -> EventsMessage | TargetsMessage | ForecastMessage | None:
         while True:
             with self._cond:
                 if not self._ready or not self._switch_model():
@@ -700,18 +725,22 @@ class ClusterSource:
         if reply.error is not None:
             status, preds = np.full(n, protocol.REJECTED, dtype=np.uint8), np.empty((n, 0), np.float32)
             reasons = dict.fromkeys(range(n), reply.error)
+            flags = None
         else:
             status = np.frombuffer(reply.status, dtype=np.uint8)
             # delayed targets are answered without predictions (as by the daemon)
             preds = (np.frombuffer(frames[2], dtype=np.float32).reshape(n, reply.out_dim) if len(frames) > 2
                      else np.empty((n, 0), np.float32))
             reasons = reply.reasons
+            flags = np.frombuffer(reply.flags, dtype=np.uint8) if len(reply.flags) == n else None  # output "end"
         tokens, index = item.tokens, item.index
         if not keep.all():
             kept = np.flatnonzero(keep)
             reasons = {j: reasons[i] for j, i in enumerate(kept.tolist()) if i in reasons}
             tokens, index, status, preds = tokens[kept], index[kept], status[kept], preds[kept]
-        self._outgoing.setdefault(item.reply, []).append((tokens, index, status, preds, reasons, reply.version))
+            flags = None if flags is None else flags[kept]
+        self._outgoing.setdefault(item.reply, []).append((tokens, index, status, preds, reasons, reply.version,
+                                                          flags))
         return True
 
     def _flush(self) -> None:
@@ -720,7 +749,8 @@ class ClusterSource:
             return
         outgoing, self._outgoing = self._outgoing, {}
         for subject_, answers in outgoing.items():
-            self.link.submit(self._publish(subject_, _reply_batch(answers)))
+            for same_width in _by_width(answers):
+                self.link.submit(self._publish(subject_, _reply_batch(same_width)))
 
     async def _publish(self, subject_: str, payload: bytes) -> None:
         try:
