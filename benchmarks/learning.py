@@ -253,7 +253,7 @@ def load_suite() -> list[tuple[str, np.ndarray, int | None]]:
     return out
 
 
-def run_suite_daemons(suite, model: list[str], train: list[str], round_every: int) -> dict:
+def run_suite_daemons(suite, model: list[str], train: list[str], round_every: int, dump: str | None = None) -> dict:
     """Every series is one stream of the same daemons (trained and frozen): one event per series per tick, a
     training round every `round_every` ticks. Returns each stream's one-step forecasts [len] (NaN: none)."""
     from lstmd.clients import Admin, Producer
@@ -262,6 +262,7 @@ def run_suite_daemons(suite, model: list[str], train: list[str], round_every: in
     forecasts = {k: [np.full(len(x), np.nan, np.float32) for _, x, _ in suite] for k in ("trained", "frozen")}
     model = [*model, f"state.capacity={max(4, n)}"]
     rounds = published = 0
+    dumped: list[np.ndarray] = []
     with tempfile.TemporaryDirectory(prefix="lstmd-suite-") as tmp:
         daemons = {
             "trained": start_daemon(Path(tmp) / "t", [*model, "train.enabled=true", "train.interval=0", *train]),
@@ -279,11 +280,18 @@ def run_suite_daemons(suite, model: list[str], train: list[str], round_every: in
                     for j, i in enumerate(ids):
                         if t + 1 < len(suite[i][1]):
                             forecasts[k][i][t + 1] = pred[j, 0]
+                if dump is not None:  # the trained daemon's rows after the step (the loop is idle until the next send)
+                    store = daemons["trained"].store
+                    row = np.full((n, store.adaptation.shape[1]), np.nan, np.float32)
+                    row[ids] = store.adaptation[[store.slot_of[i] for i in ids]].numpy()
+                    dumped.append(row)
                 if t > 0 and t % round_every == 0:
                     status = admin.train_now(wait=120)
                     rounds += 1
                     published += status["last_round"]["outcome"] == "published"
             guard = admin.train_status().get("guard")
+            if dump is not None:
+                np.save(dump, np.stack(dumped))
         finally:
             for producer in producers.values():
                 producer.close()
@@ -341,7 +349,7 @@ def part_suite(args) -> dict:
     model = ["model.task=forecast", "model.input_size=1", "model.output_size=1",
              f"model.hidden_size={args.suite_hidden}", f"model.seed={args.seed}"]  # fmt: skip
     train = ["train.min_windows=1", *args.suite_set]
-    run = run_suite_daemons(suite, model, train, args.suite_round_every)
+    run = run_suite_daemons(suite, model, train, args.suite_round_every, args.suite_dump)
     deep = deep_river_forecasts(args.deep_river_python, suite) if args.deep_river_python else None
     rows = []
 
@@ -586,6 +594,8 @@ def main() -> None:
     parser.add_argument("--latency-streams", type=int, default=100)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="train.threads settings to time")
+    parser.add_argument("--suite-dump", help="suite: save the trained daemon's adaptation rows after every tick "
+                        "[ticks, series, width] (.npy), to replay the guard offline")
     parser.add_argument("--suite-set", nargs="*", default=[], help="config overrides for the suite's trained daemon")
     parser.add_argument("--suite-round-every", type=int, default=8, help="suite: ticks between training rounds")
     parser.add_argument("--suite-hidden", type=int, default=32, help="suite: model.hidden_size")
