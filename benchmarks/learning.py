@@ -27,6 +27,8 @@ concurrently costs the serving path.
    deep-river, in its own virtual environment; it pins an older torch). One table and the geometric means. The
    trained daemon runs with the recommended `train.level_rate = 0.1` (`--suite-set` overrides it, and anything).
 5. guard: the per-stream adaptation's share of the serving step's time (in process, an A/B of interleaved pairs).
+6. level-cost (`--part level-cost` only): Engine.step with the guard's level regressor (torch ops) against the
+   fused adaptation and the torch ops without it.
 """
 
 from __future__ import annotations
@@ -469,6 +471,58 @@ def print_guard(result: dict) -> None:
         print(f"| {r['batch']} | {r['step_us_off']:.0f} | {cells[0]} | {cells[1]} |")
 
 
+def part_level_cost(args) -> dict:
+    """What the level regressor (train.level_rate) costs in the serving step: Engine.step of the same forecast model
+    and wave as part 5, with the adaptation fused in C (the default, no level), as torch ops without a level, and
+    as torch ops with the level (what train.level_rate serves with), one engine each, blocks in rotating order;
+    medians over rounds of each block's time per step."""
+    import torch
+    from lstmd.daemon.engine import Engine
+    from lstmd.daemon.model import ModelSpec, ServingModel
+    from lstmd.daemon.state_store import StateStore
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    spec = ModelSpec(8, 64, 1, 8, "forecast", ())
+    modes = ("fused", "torch", "level")
+    results = []
+    for n in args.guard_batch:
+        engines = {m: Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto",
+                             level=0.1 if m == "level" else 0.0) for m in modes}  # fmt: skip
+        engines["torch"]._fused_adaptation = False  # the torch-ops path without a level, as served on CUDA
+        rng = np.random.default_rng(0)
+        walk = np.cumsum(rng.standard_normal((64, n, 8)), axis=0).astype(np.float32)  # as part 5: no subnormals
+        slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
+        fresh = np.zeros(n, bool)
+        block = max(5, 20_000 // n)
+
+        def timed(mode: str, walk=walk, slots=slots, fresh=fresh, block=block, engines=engines) -> float:
+            t0 = time.perf_counter()
+            for i in range(block):
+                engines[mode].step(walk[i % 64], slots, fresh)
+            return (time.perf_counter() - t0) / block
+
+        for mode in modes:  # warm-up
+            timed(mode)
+        seconds = {mode: [] for mode in modes}
+        for r in range(args.guard_repeats):
+            for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
+                seconds[mode].append(timed(mode))
+        results.append({"batch": n, "rounds": args.guard_repeats,
+                        **{f"step_us_{m}": float(np.median(v)) * 1e6 for m, v in seconds.items()}})  # fmt: skip
+    return {"runs": results, "load_avg_1m": os.getloadavg()[0]}
+
+
+def print_level_cost(result: dict) -> None:
+    print(f"\n## the level regressor's cost in Engine.step (rotating order), load average {result['load_avg_1m']:.1f}")
+    print("| events per step | fused, no level (us) | torch ops, no level (us) | torch ops + level (us) "
+          "| level / fused |")
+    print("|---|---|---|---|---|")
+    for r in result["runs"]:
+        print(f"| {r['batch']} | {r['step_us_fused']:.0f} | {r['step_us_torch']:.0f} | {r['step_us_level']:.0f} | "
+              f"{r['step_us_level'] / r['step_us_fused']:.3f} |")
+
+
 # ---- part 3: latency --------------------------------------------------------------------------------------
 
 
@@ -588,7 +642,8 @@ def print_latency(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "synthetic", "co2", "latency", "suite", "guard"], default="all")
+    parts = ["all", "synthetic", "co2", "latency", "suite", "guard", "level-cost"]
+    parser.add_argument("--part", choices=parts, default="all")
     parser.add_argument("--streams", type=int, default=200, help="synthetic streams")
     parser.add_argument("--half", type=int, default=1200, help="synthetic ticks before (and after) the change")
     parser.add_argument("--round-every", type=int, default=20, help="synthetic: ticks between training rounds")
@@ -633,6 +688,9 @@ def main() -> None:
     if args.part in ("all", "guard"):
         results["guard"] = part_guard(args)
         print_guard(results["guard"])
+    if args.part == "level-cost":  # not in "all": part 5 times the guard itself
+        results["level_cost"] = part_level_cost(args)
+        print_level_cost(results["level_cost"])
     if args.part in ("all", "latency"):
         results["latency"] = part_latency(args)
         print_latency(results["latency"])

@@ -362,21 +362,28 @@ def guard_coefficients(layout: AdaptationLayout, rows: torch.Tensor) -> tuple[to
     2 g a ms + a^2 ss is served. (0, 0) is the last value and (0, 1) the seasonal naive (or the level's SES
     forecast), both inside the first two candidates' ranges, so on the stream's recent scored forecasts the served
     one is never worse than the better of the two baselines."""
-    f = layout.field
-    cross, dd, tt = rows[:, f("cross")], rows[:, f("dd")], rows[:, f("tt")]
-    cs, ss, ms = rows[:, f("cs")], rows[:, f("ss")], rows[:, f("ms")]
+    f, o = layout.field, layout.outputs
+    # One contiguous copy of the fields cross .. ms: elementwise ops on the rows' strided columns cost ~4x as much.
+    block = rows[:, f("cross").start : f("ms").stop].contiguous()
+    cross, dd, cs, ss, ms = (block[:, k * o : (k + 1) * o] for k in (0, 1, 4, 5, 6))
     det = (dd * ss - ms * ms).clamp_min(1e-12)
     zero = torch.zeros_like(cross)
-    candidates = [
-        (gain(cross, dd), zero),
+
+    def excess(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # E(g, a) - tt: tt is the same for every candidate
+        return (g * dd - 2 * cross).mul_(g).add_((a * ss - 2 * cs).mul_(a)).addcmul_(g * a, ms, value=2.0)
+
+    # The candidates in turn, each taken where its error is below the best so far (a tie keeps the earlier one):
+    # comparisons, not an argmin over a stacked candidate dimension, which took ~4 ms per wave of 5,000 x 8 on the CPU.
+    g, a = gain(cross, dd), zero
+    best = excess(g, a)
+    for g2, a2 in (
         (zero, gain(cs, ss)),
         (((cross * ss - cs * ms) / det).clamp(0.0, 1.0), ((cs * dd - cross * ms) / det).clamp(0.0, 1.0)),
-    ]
-    errors = torch.stack([tt - 2 * g * cross - 2 * a * cs + g * g * dd + 2 * g * a * ms + a * a * ss
-                          for g, a in candidates])  # fmt: skip
-    best = errors.argmin(0, keepdim=True)
-    pick = lambda k: torch.stack([c[k] for c in candidates]).gather(0, best)[0]  # noqa: E731
-    return pick(0), pick(1)
+    ):
+        error = excess(g2, a2)
+        better = error < best
+        g, a, best = torch.where(better, g2, g), torch.where(better, a2, a), torch.where(better, error, best)
+    return g, a
 
 
 def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, occupied: torch.Tensor) -> dict:
