@@ -29,6 +29,8 @@ concurrently costs the serving path.
 5. guard: the per-stream adaptation's share of the serving step's time (in process, an A/B of interleaved pairs).
 6. level-cost (`--part level-cost` only): Engine.step with the guard's level regressor (torch ops) against the
    fused adaptation and the torch ops without it.
+7. bounds (`--part bounds` only, statsmodels): classical one-step forecasters (ARIMA fits) on the suite's series,
+   the reference for what the suite's accuracy targets ask.
 """
 
 from __future__ import annotations
@@ -471,6 +473,45 @@ def print_guard(result: dict) -> None:
         print(f"| {r['batch']} | {r['step_us_off']:.0f} | {cells[0]} | {cells[1]} |")
 
 
+BOUND_MODELS = (("ARIMA(0,1,1) (SES, local level)", (0, 1, 1), "n"), ("ARIMA(1,1,0)", (1, 1, 0), "n"),
+                ("ARIMA(2,1,2)", (2, 1, 2), "n"), ("ARMA(1,1) + mean", (1, 0, 1), "c"))  # fmt: skip
+
+
+def part_bounds(args) -> dict:
+    """What classical one-step forecasters reach on the suite's series (mean absolute error over the second half /
+    the last value's, as the suite scores): each model fitted by maximum likelihood on the series' first half, then
+    filtered over the whole series with those parameters (what an offline fit before going live gives), and fitted
+    on the whole series (hindsight: an optimistic reference, not a forecaster). Where these stay above 0.8x
+    deep-river's error, that target asks for more than these models give."""
+    import warnings
+
+    from statsmodels.tsa.statespace.sarimax import SARIMAX
+
+    rows = []
+    for name, x, _ in load_suite():
+        x = x.astype(np.float64)
+        half = len(x) // 2
+        naive = float(np.abs(x[half:] - x[half - 1 : -1]).mean())
+        row = {"series": name}
+        for label, order, trend in BOUND_MODELS:
+            with warnings.catch_warnings():  # convergence chatter of short series; the errors are what counts
+                warnings.simplefilter("ignore")
+                early = SARIMAX(x[:half], order=order, trend=trend).fit(disp=False)
+                filtered = early.apply(x).predict()
+                hindsight = SARIMAX(x, order=order, trend=trend).fit(disp=False).predict()
+            row[label] = [float(np.abs(np.asarray(f)[half:] - x[half:]).mean()) / naive for f in (filtered, hindsight)]
+        rows.append(row)
+    return {"rows": rows}
+
+
+def print_bounds(result: dict) -> None:
+    print("\n## classical one-step forecasters, error / last value's (fitted on the first half; on the whole series)")
+    print("| series | " + " | ".join(label for label, _, _ in BOUND_MODELS) + " |")
+    print("|---" * (len(BOUND_MODELS) + 1) + "|")
+    for r in result["rows"]:
+        print(f"| {r['series']} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]:.3f})" for k, _, _ in BOUND_MODELS) + " |")
+
+
 def part_level_cost(args) -> dict:
     """What the level regressor (train.level_rate) costs in the serving step: Engine.step of the same forecast model
     and wave as part 5, with the adaptation fused in C (the default, no level), as torch ops without a level, and
@@ -642,7 +683,7 @@ def print_latency(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["all", "synthetic", "co2", "latency", "suite", "guard", "level-cost"]
+    parts = ["all", "synthetic", "co2", "latency", "suite", "guard", "level-cost", "bounds"]
     parser.add_argument("--part", choices=parts, default="all")
     parser.add_argument("--streams", type=int, default=200, help="synthetic streams")
     parser.add_argument("--half", type=int, default=1200, help="synthetic ticks before (and after) the change")
@@ -688,6 +729,9 @@ def main() -> None:
     if args.part in ("all", "guard"):
         results["guard"] = part_guard(args)
         print_guard(results["guard"])
+    if args.part == "bounds":  # not in "all": a reference for the suite, not a measurement of lstmd
+        results["bounds"] = part_bounds(args)
+        print_bounds(results["bounds"])
     if args.part == "level-cost":  # not in "all": part 5 times the guard itself
         results["level_cost"] = part_level_cost(args)
         print_level_cost(results["level_cost"])
