@@ -104,8 +104,10 @@ def test_an_outlier_burst_does_not_stick():
     assert served < 0.9 * last, (served, last)
 
 
-def test_the_model_file_reproduces_the_daemon_with_a_level():
-    model = untrained(2, 2, seed=7)
+@pytest.mark.parametrize("columns", [(), (1,)], ids=["every-column", "column-1"])
+def test_the_model_file_reproduces_the_daemon_with_a_level(columns):
+    """The level is kept for the forecast columns only (model.forecast_columns): the file's predictions follow."""
+    model = ServingModel.initial(ModelSpec(2, 8, 1, len(columns) or 2, "forecast", columns), seed=7)
     loaded = ServingModel.from_bytes(model.to_bytes())
     series = np.stack([mean_reverting(90, seed=8), 100 * mean_reverting(90, seed=9, shift_at=40)], axis=1)[:, None]
     out = run(engine_for(loaded), series)[:, 0]
