@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from lstmd.clients import Admin, Producer
+from lstmd.clients.cli import app
 from lstmd.daemon.config import ConfigError, load_config, model_file_metadata
 from lstmd.daemon.engine import Engine
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.normalization import AdaptationLayout, guard_coefficients, guard_summary, predict_file_sequence
 from lstmd.daemon.state_store import StateStore
+from typer.testing import CliRunner
 
 CPU = torch.device("cpu")
 RATE = 0.1
@@ -203,3 +205,5 @@ def test_train_status_and_metrics_report_the_level(make_daemon):
     daemon.metrics.set_guard(daemon.guard_summary())
     ratio = daemon.metrics.registry.get_sample_value("lstmd_forecast_error_ratio", {"forecast": "level"})
     assert ratio == pytest.approx(guard["error_vs_last_value"]["level"])
+    table = CliRunner().invoke(app, ["train", "status", "--control", daemon.endpoints["control"]]).stdout
+    assert "level regressor" in table and "2 streams lean on it" in table, table
