@@ -366,24 +366,21 @@ def guard_coefficients(layout: AdaptationLayout, rows: torch.Tensor) -> tuple[to
     # One contiguous copy of the fields cross .. ms: elementwise ops on the rows' strided columns cost ~4x as much.
     block = rows[:, f("cross").start : f("ms").stop].contiguous()
     cross, dd, cs, ss, ms = (block[:, k * o : (k + 1) * o] for k in (0, 1, 4, 5, 6))
-    det = (dd * ss - ms * ms).clamp_min(1e-12)
-    zero = torch.zeros_like(cross)
-
-    def excess(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # E(g, a) - tt: tt is the same for every candidate
-        return (g * dd - 2 * cross).mul_(g).add_((a * ss - 2 * cs).mul_(a)).addcmul_(g * a, ms, value=2.0)
-
-    # The candidates in turn, each taken where its error is below the best so far (a tie keeps the earlier one):
-    # comparisons, not an argmin over a stacked candidate dimension, which took ~4 ms per wave of 5,000 x 8 on the CPU.
-    g, a = gain(cross, dd), zero
-    best = excess(g, a)
-    for g2, a2 in (
-        (zero, gain(cs, ss)),
-        (((cross * ss - cs * ms) / det).clamp(0.0, 1.0), ((cs * dd - cross * ms) / det).clamp(0.0, 1.0)),
-    ):
-        error = excess(g2, a2)
-        better = error < best
-        g, a, best = torch.where(better, g2, g), torch.where(better, a2, a), torch.where(better, error, best)
-    return g, a
+    # Each candidate's E(g, a) - tt (tt is the same for all three), mostly in place: a wave's temporaries cost more
+    # than its arithmetic. The pick is by comparisons (a tie keeps the earlier candidate), not an argmin over a
+    # stacked candidate dimension, which took ~4 ms per wave of 5,000 x 8 on the CPU.
+    g0, a1 = gain(cross, dd), gain(cs, ss)
+    e0 = (g0 * dd).sub_(cross, alpha=2).mul_(g0)
+    e1 = (a1 * ss).sub_(cs, alpha=2).mul_(a1)
+    det = torch.addcmul(dd * ss, ms, ms, value=-1).clamp_min_(1e-12)
+    g2 = torch.addcmul(cross * ss, cs, ms, value=-1).div_(det).clamp_(0.0, 1.0)
+    a2 = torch.addcmul(cs * dd, cross, ms, value=-1).div_(det).clamp_(0.0, 1.0)
+    e2 = (g2 * dd).sub_(cross, alpha=2).mul_(g2).add_((a2 * ss).sub_(cs, alpha=2).mul_(a2))
+    e2.addcmul_(g2 * a2, ms, value=2)
+    alone = e1 < e0  # the second regressor alone beats the model alone
+    g, a = g0.masked_fill_(alone, 0.0), a1.masked_fill_(~alone, 0.0)
+    both = e2 < torch.minimum(e0, e1)
+    return torch.where(both, g2, g), torch.where(both, a2, a)
 
 
 def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, occupied: torch.Tensor) -> dict:
