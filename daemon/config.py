@@ -206,6 +206,13 @@ class TrainConfig(_Section):
         int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream; 0: none, else "
                  ">= 2; costs 4 * season * output_size bytes per state slot", ge=0, le=100_000)
     ] = 0
+    # The guard's level regressor (normalization.py): measured on the real-series suite, 0.1 took Nile from the last
+    # value to ~0.8 of its error (the local-level optimum); off by default because the fused C adaptation lacks it.
+    level_rate: Annotated[
+        float, doc("forecast: the rate of each stream's average level (simple exponential smoothing) that the guard "
+                   "also mixes in, per stream; 0: none; not with train.season; serves through torch ops, not the "
+                   "fused C adaptation", ge=0, le=1)
+    ] = 0.0
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
@@ -744,6 +751,12 @@ def _validate_train(config: Config) -> None:
         raise ConfigError(
             f"train.season ({t.season}) is the guard's seasonal-naive baseline, for model.task = forecast with "
             f"train.forecast_inputs = stream only (task {config.model.task!r}, inputs {t.forecast_inputs!r})"
+        )
+    if t.level_rate and (config.model.task != "forecast" or t.forecast_inputs != "stream" or t.season):
+        raise ConfigError(
+            f"train.level_rate ({t.level_rate}) is the guard's level regressor, for model.task = forecast with "
+            f"train.forecast_inputs = stream and no train.season (task {config.model.task!r}, inputs "
+            f"{t.forecast_inputs!r}, season {t.season})"
         )
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(

@@ -42,6 +42,7 @@ class Engine:
         step_threads: int = 1,
         cuda_graphs: bool = True,
         season: int = 0,  # train.season: the guard's seasonal-naive lag (forecast models)
+        level: float = 0.0,  # train.level_rate: the guard's level regressor (forecast models)
     ) -> None:
         self.device = device
         if device.type == "cpu":
@@ -58,11 +59,11 @@ class Engine:
         self.stream_state = self.task.stream_state(store.capacity, device)
         self.layout = None
         if self.stream_state is not None:  # per-stream scale and guard (normalization.py), every forecast model
-            self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size, season)
+            self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size, season, level)
             store.enable_adaptation(self.layout.initial_row(), season, model.spec.output_size, self.stream_state)
         # The per-stream adaptation in one C pass each side of the step (kernels/_cpu_kernel.c), where the fused CPU
-        # step was built; a season's ring stays in torch (normalization.py).
-        self._fused_adaptation = self.layout is not None and not season and self._cpu_step is not None and (
+        # step was built; a season's ring stays in torch (normalization.py), and so does the level regressor.
+        self._fused_adaptation = self.layout is not None and not (season or level) and self._cpu_step is not None and (
             self._cpu_step.fused
         )
         self._device_step = None

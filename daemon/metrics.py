@@ -68,7 +68,8 @@ class Metrics:
     `rejections{reason}` (free-form reason names); `evictions{cause}` capacity|ttl|drop;
     `train_rounds{outcome}` published|rejected|diverged|skipped (and `train_resets`, the trainer's restarts from
     the serving weights after failed rounds in a row); `holdout_loss{model}` serving|candidate|baseline (the
-    last value); `forecast_error_ratio{forecast}` served|model|seasonal (seasonal with train.season);
+    last value); `forecast_error_ratio{forecast}` served|model|seasonal|level (seasonal with train.season, level
+    with train.level_rate);
     `device_memory{kind}` allocated|reserved;
     `control_commands{command, outcome}` outcome ok|error|internal_error|refused;
     `control_rejections{reason}` malformed|protocol_version|bad_args|internal_error|overloaded;
@@ -196,7 +197,8 @@ class Metrics:
         self.forecast_error_ratio = Gauge(
             "lstmd_forecast_error_ratio",
             "Recent squared forecast error over the last value's, all streams in their own scales (served: after the "
-            "guard; model: the model's unshrunk forecast; seasonal: the seasonal naive, with train.season)",
+            "guard; model: the model's unshrunk forecast; seasonal: the seasonal naive, with train.season; level: "
+            "the stream's level, with train.level_rate)",
             ["forecast"],
             registry=r,
         )

@@ -133,12 +133,14 @@ def read_columns(metadata: dict[str, str]) -> list[int] | None:
 
 @torch.no_grad()
 def predict_file_sequence(
-    lstm: torch.nn.LSTM, head: torch.nn.Linear, metadata: dict[str, str], x: torch.Tensor, season: int = 0
+    lstm: torch.nn.LSTM, head: torch.nn.Linear, metadata: dict[str, str], x: torch.Tensor, season: int = 0,
+    level: float = 0.0,
 ) -> torch.Tensor:
     """A model file's predictions for whole streams x [B, T, I] (batch first, each from its first event, zero
     state), with the torch modules the file loads into and its metadata: what the daemon answers for the same
-    events (`season`: the daemon's train.season). Forecast files apply their normalisation and columns;
-    classification files answer softmax(head(lstm(x))) (class probabilities); other files plain head(lstm(x))."""
+    events (`season`, `level`: the daemon's train.season and train.level_rate). Forecast files apply their
+    normalisation and columns; classification files answer softmax(head(lstm(x))) (class probabilities); other
+    files plain head(lstm(x))."""
     if metadata.get("task") != "forecast" or METADATA_KEY not in metadata:
         y, _ = lstm(x)
         return head(y).softmax(-1) if metadata.get("task") == "classification" else head(y)
@@ -147,7 +149,7 @@ def predict_file_sequence(
     index = None if columns is None else torch.tensor(columns, dtype=torch.long)
     if norm.inputs == "stream":  # event by event: the stream's scale and guard evolve with it
         B, T, _ = x.shape
-        layout = AdaptationLayout(x.shape[2], head.out_features, season)
+        layout = AdaptationLayout(x.shape[2], head.out_features, season, level)
         rows = layout.initial_row().expand(B, -1).clone()
         ring = Ring(torch.zeros(B, season, head.out_features), torch.arange(B)) if season else None
         state, out = None, []
@@ -185,6 +187,11 @@ def predict_file_sequence(
 # x[k + 1 - s] - x[k] forecast at the previous event (stream scales, clipped), and cs, ss, ms, the averages of
 # target*sprev, sprev*sprev and prev*sprev; the values come from a ring of each stream's last s events (Ring, the
 # state store's `seasonal` table) and guard_coefficients picks the served mix of model and seasonal naive.
+# With train.level_rate (layout.level = r > 0) the same four fields hold a level regressor instead, the local-level
+# (simple exponential smoothing) forecast: sprev = (level - x_t) / scale, clipped, where level [O] (a fifth field)
+# is the stream's exponential average of its own values at rate r; (0, 1) is then the SES forecast, and the guard's
+# mix of the model and that pull toward the recent level helps mean-reverting noisy series (Nile: docs/benchmarks.md
+# "Issue 15, level regressor"). The two are exclusive (train.season or train.level_rate), and both run as torch ops.
 # On the CPU the engine runs this arithmetic (without a season) in the C extension instead, one pass each side of
 # the step (kernels/_cpu_kernel.c adapt_begin/adapt_finish; tests/test_fused_adaptation.py compares the two).
 
@@ -206,16 +213,26 @@ class AdaptationLayout:
     inputs: int
     outputs: int
     season: int = 0  # train.season: the seasonal-naive lag; 0: none
+    level: float = 0.0  # train.level_rate: the rate of each stream's average level (the second regressor); 0: none
+
+    def __post_init__(self) -> None:
+        if self.season and self.level:
+            raise ValueError("the guard's second regressor is the seasonal naive or the level, not both")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the guard mixes a second regressor (seasonal naive or level) into the model's change."""
+        return bool(self.season or self.level)
 
     @property
     def width(self) -> int:
-        return self.inputs + 1 + (8 if self.season else 4) * self.outputs
+        return self.inputs + 1 + (4 + 4 * self.mixed + bool(self.level)) * self.outputs
 
     def field(self, name: str) -> slice:
         i, o = self.inputs, self.outputs
         start = {"scale": 0, "count": i, "prev": i + 1, "cross": i + 1 + o, "dd": i + 1 + 2 * o,
                  "tt": i + 1 + 3 * o, "sprev": i + 1 + 4 * o, "cs": i + 1 + 5 * o, "ss": i + 1 + 6 * o,
-                 "ms": i + 1 + 7 * o}[name]  # fmt: skip
+                 "ms": i + 1 + 7 * o, "level": i + 1 + 8 * o}[name]  # fmt: skip
         return slice(start, start + (1 if name == "count" else o if name != "scale" else i))
 
     def initial_row(self, device=None) -> torch.Tensor:
@@ -223,8 +240,8 @@ class AdaptationLayout:
         row = torch.zeros(self.width, device=device)
         row[self.field("scale")] = _FIRST
         row[self.field("dd")] = GAIN_PRIOR
-        if self.season:
-            row[self.field("ss")] = GAIN_PRIOR  # the same ridge prior: the seasonal forecast earns its weight too
+        if self.mixed:
+            row[self.field("ss")] = GAIN_PRIOR  # the same ridge prior: the second regressor earns its weight too
         return row
 
     def ring_bytes(self) -> int:
@@ -262,7 +279,8 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     """One event per row: score the previous forecast, update the scale. `rows` [B, width]: the streams' rows,
     a gathered copy (initial rows where a stream starts over), updated in place and returned; x [B, I]; dx [B, I]
     their changes (0 at a start); `ring` (layout.season > 0): where this event's forecast columns are kept.
-    rows[:, field("scale")] is then the scale of this change; adapt_finish adds the new prediction."""
+    rows[:, field("scale")] is then the scale of this change; adapt_finish adds the new prediction. With
+    layout.level the stream's level moves toward this event (it starts at the stream's first value)."""
     f = layout.field
     s_prev, n, h = rows[:, f("scale")], rows[:, f("count")], rows[:, f("prev")]
     col = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
@@ -277,7 +295,7 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     target = (col(dx) / col(s_prev)).clamp_(-CLIP, CLIP)
     rows[:, f("cross")].lerp_(target * h, weight)
     rows[:, f("dd")].lerp_(h * h, weight)
-    if ring is not None:  # the seasonal forecast made at the previous event meets the same target
+    if layout.mixed:  # the second regressor's forecast made at the previous event meets the same target
         sp = rows[:, f("sprev")]
         rows[:, f("cs")].lerp_(target * sp, weight)
         rows[:, f("ss")].lerp_(sp * sp, weight)
@@ -288,6 +306,8 @@ def adapt_begin(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, d
     # a stream that has not moved yet sees its first move as CLIP scales.
     size = torch.minimum(dx.abs(), s_prev * SCALE_CLIP)
     s_prev.lerp_(size, rate).clamp_(min=SCALE_FLOOR)
+    if layout.level:  # rate 1 at the first event (count 0): the level starts at the stream's first value
+        rows[:, f("level")].lerp_(col(x), n.eq(0).mul(1.0 - layout.level).add_(layout.level))
     n.add_(1.0)
     if ring is not None:
         ring.table.view(-1, ring.table.shape[2]).index_copy_(0, ring.flat(n.squeeze(1) - 1), col(x))
@@ -311,47 +331,56 @@ def count_steps(device: torch.device) -> torch.Tensor:
 def adapt_finish(layout: AdaptationLayout, rows: torch.Tensor, x: torch.Tensor, change: torch.Tensor,
                  columns: torch.Tensor | None, ring: Ring | None = None) -> torch.Tensor:
     """The served forecast from the model's predicted `change` [B, O] (units of the stream scale); keeps it in the
-    rows for the next event's scoring. With a `ring`, the seasonal-naive change joins it (guard_coefficients)."""
+    rows for the next event's scoring. With a `ring`, the seasonal-naive change joins it, with layout.level the
+    change to the stream's level (guard_coefficients)."""
     f = layout.field
     rows[:, f("prev")] = change
     s = rows[:, f("scale")]
     if columns is not None:
         s, x = s.index_select(1, columns), x.index_select(1, columns)
-    if ring is None:
+    if not layout.mixed:
         return torch.addcmul(x, s, gain(rows[:, f("cross")], rows[:, f("dd")]).mul_(change))
-    # The seasonal-naive forecast x[k + 1 - season] as a change in stream scales, clipped like every target (an
-    # outlier a season ago must not come back whole); 0 (the last value) until a full season was seen.
-    n = rows[:, f("count")]
-    seasonal = ring.table.view(-1, ring.table.shape[2]).index_select(0, ring.flat(n.squeeze(1)))
-    sp = ((seasonal - x) / s).clamp_(-CLIP, CLIP).mul_(n >= layout.season)
+    if layout.level:  # the level as a change in stream scales, clipped like every target
+        sp = ((rows[:, f("level")] - x) / s).clamp_(-CLIP, CLIP)
+    else:
+        # The seasonal-naive forecast x[k + 1 - season] as a change in stream scales, clipped like every target (an
+        # outlier a season ago must not come back whole); 0 (the last value) until a full season was seen.
+        n = rows[:, f("count")]
+        seasonal = ring.table.view(-1, ring.table.shape[2]).index_select(0, ring.flat(n.squeeze(1)))
+        sp = ((seasonal - x) / s).clamp_(-CLIP, CLIP).mul_(n >= layout.season)
     rows[:, f("sprev")] = sp
     g, a = guard_coefficients(layout, rows)
     return torch.addcmul(x, s, g.mul_(change).addcmul_(a, sp))
 
 
 def guard_coefficients(layout: AdaptationLayout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """With a season: the weights (g, a) of the model's change m and the seasonal-naive change s in the served
-    change g m + a s, per stream and column, from the running averages of the products of m, s and the target t.
-    Three candidates, each a least-squares fit over [0, 1]: the model alone (g = cross / dd, a = 0), the seasonal
-    naive alone (g = 0, a = cs / ss) and both (the 2x2 normal equations, clamped); the one with the least expected
-    squared error E(g, a) = tt - 2 g cross - 2 a cs + g^2 dd + 2 g a ms + a^2 ss is served. (0, 0) is the last value
-    and (0, 1) the seasonal naive, both inside the first two candidates' ranges, so on the stream's recent scored
-    forecasts the served one is never worse than the better of the two baselines."""
-    f = layout.field
-    cross, dd, tt = rows[:, f("cross")], rows[:, f("dd")], rows[:, f("tt")]
-    cs, ss, ms = rows[:, f("cs")], rows[:, f("ss")], rows[:, f("ms")]
-    det = (dd * ss - ms * ms).clamp_min(1e-12)
-    zero = torch.zeros_like(cross)
-    candidates = [
-        (gain(cross, dd), zero),
-        (zero, gain(cs, ss)),
-        (((cross * ss - cs * ms) / det).clamp(0.0, 1.0), ((cs * dd - cross * ms) / det).clamp(0.0, 1.0)),
-    ]
-    errors = torch.stack([tt - 2 * g * cross - 2 * a * cs + g * g * dd + 2 * g * a * ms + a * a * ss
-                          for g, a in candidates])  # fmt: skip
-    best = errors.argmin(0, keepdim=True)
-    pick = lambda k: torch.stack([c[k] for c in candidates]).gather(0, best)[0]  # noqa: E731
-    return pick(0), pick(1)
+    """With a season (or a level): the weights (g, a) of the model's change m and the seasonal-naive change s (or
+    the change to the stream's level) in the served change g m + a s, per stream and column, from the running
+    averages of the products of m, s and the target t. Three candidates, each a least-squares fit over [0, 1]: the
+    model alone (g = cross / dd, a = 0), the seasonal naive alone (g = 0, a = cs / ss) and both (the 2x2 normal
+    equations, clamped); the one with the least expected squared error E(g, a) = tt - 2 g cross - 2 a cs + g^2 dd +
+    2 g a ms + a^2 ss is served. (0, 0) is the last value and (0, 1) the seasonal naive (or the level's SES
+    forecast), both inside the first two candidates' ranges, so on the stream's recent scored forecasts the served
+    one is never worse than the better of the two baselines."""
+    f, o = layout.field, layout.outputs
+    # One contiguous copy of the fields cross .. ms: elementwise ops on the rows' strided columns cost ~4x as much.
+    block = rows[:, f("cross").start : f("ms").stop].contiguous()
+    cross, dd, cs, ss, ms = (block[:, k * o : (k + 1) * o] for k in (0, 1, 4, 5, 6))
+    # Each candidate's E(g, a) - tt (tt is the same for all three), mostly in place: a wave's temporaries cost more
+    # than its arithmetic. The pick is by comparisons (a tie keeps the earlier candidate), not an argmin over a
+    # stacked candidate dimension, which took ~4 ms per wave of 5,000 x 8 on the CPU.
+    g0, a1 = gain(cross, dd), gain(cs, ss)
+    e0 = (g0 * dd).sub_(cross, alpha=2).mul_(g0)
+    e1 = (a1 * ss).sub_(cs, alpha=2).mul_(a1)
+    det = torch.addcmul(dd * ss, ms, ms, value=-1).clamp_min_(1e-12)
+    g2 = torch.addcmul(cross * ss, cs, ms, value=-1).div_(det).clamp_(0.0, 1.0)
+    a2 = torch.addcmul(cs * dd, cross, ms, value=-1).div_(det).clamp_(0.0, 1.0)
+    e2 = (g2 * dd).sub_(cross, alpha=2).mul_(g2).add_((a2 * ss).sub_(cs, alpha=2).mul_(a2))
+    e2.addcmul_(g2 * a2, ms, value=2)
+    alone = e1 < e0  # the second regressor alone beats the model alone
+    g, a = g0.masked_fill_(alone, 0.0), a1.masked_fill_(~alone, 0.0)
+    both = e2 < torch.minimum(e0, e1)
+    return torch.where(both, g2, g), torch.where(both, a2, a)
 
 
 def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, occupied: torch.Tensor) -> dict:
@@ -365,7 +394,7 @@ def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, o
     g = gain(cross, dd)
     a = torch.zeros_like(g)
     served = tt - 2 * g * cross + g * g * dd
-    if layout.season:
+    if layout.mixed:
         cs, ss, ms = live[:, f("cs")], live[:, f("ss")], live[:, f("ms")]
         g, a = guard_coefficients(layout, live)
         served = tt - 2 * g * cross - 2 * a * cs + g * g * dd + 2 * g * a * ms + a * a * ss
@@ -382,4 +411,9 @@ def guard_summary(layout: AdaptationLayout | None, table: torch.Tensor | None, o
         out["seasonal_streams"] = int((a >= 0.5).any(1).sum())
         out["mean_seasonal_weight"] = round(float(a.mean()), 4) if a.numel() else None
         out["error_vs_last_value"]["seasonal"] = ratio(tt - 2 * cs + ss)
+    if layout.level:  # the same for the level regressor
+        out["level_rate"] = layout.level
+        out["level_streams"] = int((a >= 0.5).any(1).sum())
+        out["mean_level_weight"] = round(float(a.mean()), 4) if a.numel() else None
+        out["error_vs_last_value"]["level"] = ratio(tt - 2 * cs + ss)
     return out

@@ -281,6 +281,14 @@ def training_view(data: dict) -> Table:
                     f"mean weight {number(guard.get('mean_seasonal_weight'))}",
                 )
             )
+        if guard.get("level_rate"):  # train.level_rate: the second regressor, each stream's own level
+            rows.append(
+                (
+                    "level regressor",
+                    f"rate {number(guard['level_rate'])}: {number(guard.get('level_streams'))} streams lean on it; "
+                    f"mean weight {number(guard.get('mean_level_weight'))}",
+                )
+            )
     known = {
         "enabled", "paused", "rounds", "requested", "outcomes", "consecutive_rejections", "resets", "last_round",
         "recorder", "settings", "model_version", "next_round", "new_data_since_last_round", "guard",
