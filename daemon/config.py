@@ -206,6 +206,14 @@ class TrainConfig(_Section):
         int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream; 0: none, else "
                  ">= 2; costs 4 * season * output_size bytes per state slot", ge=0, le=100_000)
     ] = 0
+    # The switch exists to measure what the per-stream adaptation costs end to end (docs/benchmarks.md, "Issue 15,
+    # third session"); off, every stream is served in the model's one scale per feature, which the trainer cannot
+    # learn from (its errors are taken in each stream's own scale), hence frozen models only.
+    guard: Annotated[
+        bool, doc('forecast, "stream" inputs: per-stream scale and guard (daemon/normalization.py); false: the '
+                  "model's one scale per feature for every stream and no guard, as forecast_inputs = change; for "
+                  "measuring their cost on a frozen model (needs train.enabled = false and season = 0)")
+    ] = True
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
@@ -745,6 +753,12 @@ def _validate_train(config: Config) -> None:
         raise ConfigError(
             f"train.season ({t.season}) is the guard's seasonal-naive baseline, for model.task = forecast with "
             f"train.forecast_inputs = stream only (task {config.model.task!r}, inputs {t.forecast_inputs!r})"
+        )
+    if not t.guard and (t.enabled or t.season):
+        raise ConfigError(
+            f"train.guard = false serves every stream in the model's one scale, without the per-stream state that "
+            f"training (train.enabled = {str(t.enabled).lower()}) and the seasonal baseline (train.season = "
+            f"{t.season}) need: set train.enabled = false and train.season = 0, or train.guard = true"
         )
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(
