@@ -203,8 +203,9 @@ class TrainConfig(_Section):
         int, doc("forecast: steps of the training loss (multi-step rollouts in each window); 1: one step", ge=1)
     ] = 1
     season: Annotated[
-        int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream; 0: none, else "
-                 ">= 2; costs 4 * season * output_size bytes per state slot", ge=0, le=100_000)
+        int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream, and that the "
+                 "holdout also judges candidates against (horizon 1); 0: none, else >= 2; costs 4 * season * "
+                 "output_size bytes per state slot", ge=0, le=100_000)
     ] = 0
     # The switch exists to measure what the per-stream adaptation costs end to end (docs/benchmarks.md, "Issue 15,
     # third session"); off, every stream is served in the model's one scale per feature, which the trainer cannot
