@@ -67,6 +67,7 @@ class Engine:
         self._fused_adaptation = self.layout is not None and not season and self._cpu_step is not None and (
             self._cpu_step.fused
         )
+        self._adaptation: FusedAdaptation | None = None  # _fused_adaptation_of
         self._device_step = None
         if device.type == "cuda" and self.stream_state is None:
             from lstmd.daemon.device_step import DeviceStep
@@ -96,6 +97,15 @@ class Engine:
     def swap_model(self, model: ServingModel) -> None:
         self.model = model.to(self.device)
 
+    def _fused_adaptation_of(self, model: ServingModel) -> FusedAdaptation:
+        """The CPU step's FusedAdaptation for `model` (its forecast columns), one object for as long as it serves."""
+        if self._adaptation is None or self._adaptation.columns is not model.columns:
+            self._adaptation = FusedAdaptation(
+                self.store.adaptation, self.store.adaptation_init, model.columns, adaptation.count_steps(self.device),
+                adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
+            )  # fmt: skip
+        return self._adaptation
+
     @torch.inference_mode()
     def step(self, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance the streams at `slots` (distinct) by one event each; return predictions [n, O] float32."""
@@ -111,10 +121,7 @@ class Engine:
         if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
             dx = x - self.stream_state.previous(x, slot_t, reset)
             if stream and self._fused_adaptation:
-                adapt = FusedAdaptation(
-                    self.store.adaptation, self.store.adaptation_init, x.contiguous(), model.columns,
-                    adaptation.count_steps(self.device), adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
-                )  # fmt: skip
+                adapt = self._fused_adaptation_of(model)
             elif self.guard:  # as torch ops; "change" and "level" models keep the streams' scales too (trainer's units)
                 # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
                 rows = self.store.adaptation.index_select(0, slot_t)
@@ -127,7 +134,7 @@ class Engine:
             elif norm is not None:  # "change" or "level"; "stream" with the guard off: one scale for every stream
                 inputs = dx / norm.delta_scale if norm.inputs == "stream" else norm.lstm_inputs(x, dx)
         if self._cpu_step is not None:  # the step and the head (and `adapt`), on the rows each thread just computed
-            out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset, adapt)
+            out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset, adapt, x.contiguous())
         else:
             # The state store hands out distinct, in-range slots: skip the kernel's per-step check (a GPU sync).
             y = lstm_step_(

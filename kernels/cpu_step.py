@@ -54,14 +54,15 @@ def fused_available() -> bool:
     return _cpu_kernel is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FusedAdaptation:
-    """What the fused step needs to run a wave's per-stream adaptation (normalization.adapt_begin/adapt_finish, no
-    season) inside its pass; the step's `x` is then each event's change dx, and it returns the guarded forecast."""
+    """What the fused step needs to run the per-stream adaptation (normalization.adapt_begin/adapt_finish, no season)
+    inside its pass, the same for every wave of a model (the caller keeps one: the step checks it once); the wave's
+    events come with each call, the step's `x` is then each event's change dx, and it returns the guarded forecast
+    events[cols] + scale * gain * change."""
 
     table: torch.Tensor  # [S, I + 1 + 4 O] float32: the state store's adaptation rows, updated in place at the slots
     init: torch.Tensor  # [width] float32: a stream's row before its first event (reset rows start from it)
-    events: torch.Tensor  # [B, I] float32: the wave's events; the forecast is events[cols] + scale * gain * change
     columns: torch.Tensor | None  # [O] int64: the forecast columns; None: every feature
     steps: torch.Tensor  # [k, 2] float32: the scale's rate and the guard's weight by count (normalization)
     clip: float
@@ -91,7 +92,8 @@ class CpuStep:
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None
         self._chunk = 0
         self._buffers: list[dict[str, torch.Tensor]] = []  # one set per part: parts run at the same time
-        self._checked_adaptation: tuple | None = None
+        # The FusedAdaptation last checked, with (capacity, I, O) and its C calls' fixed arguments.
+        self._adaptation: tuple | None = None
 
     @property
     def name(self) -> str:
@@ -142,6 +144,7 @@ class CpuStep:
         c: torch.Tensor,  # [L, S, H] float32, updated in place at `slots`
         reset: torch.Tensor | None = None,  # [B] bool: start those rows from zero
         adapt: FusedAdaptation | None = None,  # forecast: x is dx, adapted in the pass (fused only)
+        events: torch.Tensor | None = None,  # [B, I] float32 with `adapt`: the wave's events
     ) -> torch.Tensor:  # [B, O]: the head applied to the last layer's new h (with `adapt`: the guarded forecast)
         if model is not self._model:
             self._prepare(model)
@@ -150,13 +153,13 @@ class CpuStep:
             w_in_t, w_h_t, _ = self._layers[0]
             _check_fused_operands(x, slots, h, c, reset, len(self._layers), w_in_t.shape[0], w_h_t.shape[0])
             if adapt is not None:
-                self._check_adaptation(adapt, x, h.shape[1])
+                fixed = self._check_adaptation(adapt, x, h.shape[1], events)
         elif adapt is not None:
             raise ValueError("the per-stream adaptation runs inside the fused CPU step only")
         x = x.contiguous()
         out = torch.empty(B, self._head[0].shape[1])
-        if adapt is not None:
-            adapt = _AdaptationCall(adapt, x, h[0], out)
+        if adapt is not None:  # h's layer 0 starts at h's own pointer
+            adapt = _AdaptationCall(fixed, x.data_ptr(), events.data_ptr(), out.data_ptr(), h.data_ptr())
         parts = max(1, min(self.threads, B // _MIN_ROWS_PER_PART))
         bounds = [B * p // parts for p in range(parts + 1)]
         step_rows = self._fused_rows if self.fused else self._torch_rows
@@ -171,18 +174,23 @@ class CpuStep:
                 future.result()
         return out
 
-    def _check_adaptation(self, adapt: FusedAdaptation, dx: torch.Tensor, capacity: int) -> None:
-        """_check_adaptation, its checks of the table, init, steps and columns skipped while they are the objects
-        it last passed (the same tensors wave after wave; ~3 µs a wave otherwise)."""
+    def _check_adaptation(self, adapt: FusedAdaptation, dx: torch.Tensor, capacity: int, events) -> tuple:
+        """_check_adaptation once per FusedAdaptation (the same object wave after wave: ~5 µs a wave otherwise), the
+        wave's events every time; returns the C calls' fixed arguments."""
         n_out = self._head[0].shape[1]
-        static = (adapt.table, adapt.init, adapt.steps, adapt.columns, capacity, dx.shape[1], n_out)
-        last = self._checked_adaptation
-        if last is None or not all(a is b for a, b in zip(static[:4], last[:4], strict=True)) or static[4:] != last[4:]:
+        key = (capacity, dx.shape[1], n_out)
+        if self._adaptation is None or self._adaptation[0] is not adapt or self._adaptation[1] != key:
             _check_adaptation(adapt, dx, capacity, n_out)
-            self._checked_adaptation = static
-        ev = adapt.events
-        if ev.dtype != torch.float32 or not ev.is_contiguous() or ev.shape != dx.shape or ev.device.type != "cpu":
+            table = adapt.table
+            fixed = (table.data_ptr(), table.shape[0], table.shape[1], _ptr(adapt.columns), dx.shape[1], n_out,
+                     adapt.init.data_ptr(), adapt.steps.data_ptr(), adapt.steps.shape[0], adapt.clip, adapt.scale_clip,
+                     adapt.floor, self._head[0].shape[0])  # fmt: skip
+            self._adaptation = (adapt, key, fixed)
+        if events is None or events.dtype != torch.float32 or not events.is_contiguous() or (
+            events.shape != dx.shape or events.device.type != "cpu"
+        ):
             raise ValueError(f"fused adaptation: events must be a contiguous float32 {list(dx.shape)} CPU tensor")
+        return self._adaptation[2]
 
     def _chunks(self, begin: int, end: int, slots: torch.Tensor):
         """(start, stop, slots[start:stop]) for the chunks of rows begin..end (one part of a wave)."""
@@ -270,19 +278,14 @@ def _check_fused_operands(x, slots, h, c, reset, layers, input_size, hidden) -> 
 
 
 class _AdaptationCall:
-    """One wave's FusedAdaptation as the C calls' fixed arguments (pointers and sizes), so that a chunk adds only
-    its offsets (a tensor view per argument and chunk cost ~1 µs each)."""
+    """One wave's adaptation as the C calls' arguments: the FusedAdaptation's fixed ones (CpuStep._check_adaptation)
+    and the wave's pointers, so that a chunk adds only its offsets (a tensor view per argument and chunk cost ~1 µs
+    each)."""
 
-    def __init__(self, adapt: FusedAdaptation, dx: torch.Tensor, h0: torch.Tensor, out: torch.Tensor) -> None:
-        table = adapt.table
-        self.table = (table.data_ptr(), table.shape[0], table.shape[1])
-        self.columns = _ptr(adapt.columns)
-        self.n_in, self.n_out, self.H = dx.shape[1], out.shape[1], h0.shape[1]
-        self.init, self.dx, self.events, self.out = adapt.init.data_ptr(), dx.data_ptr(), adapt.events.data_ptr(), (
-            out.data_ptr()
-        )
-        self.rates = (adapt.steps.data_ptr(), adapt.steps.shape[0], adapt.clip, adapt.scale_clip, adapt.floor)
-        self.h0 = h0.data_ptr()
+    def __init__(self, fixed: tuple, dx: int, events: int, out: int, h0: int) -> None:
+        table, S, width, self.columns, self.n_in, self.n_out, self.init, *rates, self.H = fixed
+        self.table, self.rates = (table, S, width), tuple(rates)
+        self.dx, self.events, self.out, self.h0 = dx, events, out, h0
 
     def begin(self, buf, start: int, n: int, rows_ptr: int, reset_ptr: int) -> torch.Tensor:
         """normalization.adapt_begin and stream_inputs for the chunk's rows with layer 0's gather into buf["h"], in
@@ -309,8 +312,8 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 def _check_adaptation(adapt: FusedAdaptation, dx: torch.Tensor, capacity: int, n_out: int) -> None:
-    """What the C side cannot see (it checks slot and column ranges and the row width itself), but the events
-    (CpuStep._check_adaptation checks them every wave)."""
+    """What the C side cannot see (it checks slot and column ranges and the row width itself), but the wave's
+    events (CpuStep._check_adaptation checks those every wave)."""
     table, n_in = adapt.table, dx.shape[1]
     if table.dtype != torch.float32 or table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
         raise ValueError("fused adaptation: the table must be a contiguous float32 [S, width] CPU tensor")

@@ -87,8 +87,8 @@ def test_the_fused_adaptation_refuses_out_of_range_slots_columns_and_mismatched_
     before = store.adaptation.clone()
 
     def call(slots, columns=torch.tensor([0]), table=store.adaptation, events=events, init=store.adaptation_init):
-        adapt = FusedAdaptation(table, init, events, columns, steps, *consts)
-        return step(model, dx, slots, store.h, store.c, None, adapt)
+        return step(model, dx, slots, store.h, store.c, None, FusedAdaptation(table, init, columns, steps, *consts),
+                    events)  # fmt: skip
 
     with pytest.raises(ValueError, match="slots must lie in"):
         call(torch.tensor([1, 4]))
@@ -104,8 +104,10 @@ def test_the_fused_adaptation_refuses_out_of_range_slots_columns_and_mismatched_
         call(torch.tensor([1, 2]), events=torch.ones(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="columns must be a contiguous int64"):
         call(torch.tensor([1, 2]), columns=torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="events must be a contiguous float32"):
+        call(torch.tensor([1, 2]), events=None)
     with pytest.raises(ValueError, match="inside the fused CPU step only"):
         CpuStep(1, fused=False)(model, dx, torch.tensor([1, 2]), store.h, store.c, None,
-                                FusedAdaptation(store.adaptation, store.adaptation_init, events, None, steps, *consts))
+                                FusedAdaptation(store.adaptation, store.adaptation_init, None, steps, *consts), events)
     torch.testing.assert_close(store.adaptation, before, rtol=0, atol=0)
     assert call(torch.tensor([1, 2])).shape == (2, 1)  # and the same call with valid operands goes through
