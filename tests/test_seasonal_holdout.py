@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 from lstmd.clients import Admin, Producer
+from lstmd.clients.cli import app
 from lstmd.daemon.recorder import Recorder
+from typer.testing import CliRunner
 
 SEASON = 12
 
@@ -60,5 +62,7 @@ def test_a_candidate_worse_than_seasonal_naive_is_not_published(make_daemon, sea
         assert report["holdout_seasonal"] < 0.01 * report["holdout_baseline"], "seasonal naive beats the last value"
         assert report["holdout_candidate"] > report["holdout_seasonal"], report
         assert daemon.engine.model.version == 0, "nothing was published"
+        table = CliRunner().invoke(app, ["train", "status", "--control", daemon.endpoints["control"]]).stdout
+        assert "seasonal naive" in table and "seasonal-naive" in table, table  # the loss and the reason
     else:
         assert report["outcome"] == "published" and report["holdout_seasonal"] is None, report
