@@ -99,7 +99,8 @@ class Engine:
 
     def _fused_adaptation_of(self, model: ServingModel) -> FusedAdaptation:
         """The CPU step's FusedAdaptation for `model` (its forecast columns), one object for as long as it serves."""
-        if self._adaptation is None or self._adaptation.columns is not model.columns:
+        a = self._adaptation
+        if a is None or a.columns is not model.columns or a.table is not self.store.adaptation:
             self._adaptation = FusedAdaptation(
                 self.store.adaptation, self.store.adaptation_init, model.columns, adaptation.count_steps(self.device),
                 adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
