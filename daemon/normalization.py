@@ -185,8 +185,8 @@ def predict_file_sequence(
 # x[k + 1 - s] - x[k] forecast at the previous event (stream scales, clipped), and cs, ss, ms, the averages of
 # target*sprev, sprev*sprev and prev*sprev; the values come from a ring of each stream's last s events (Ring, the
 # state store's `seasonal` table) and guard_coefficients picks the served mix of model and seasonal naive.
-# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, one pass each side of
-# the step (kernels/_cpu_kernel.c adapt_begin/adapt_finish; tests/test_fused_adaptation.py compares the two).
+# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, inside the fused step's
+# pass over the rows (kernels/cpu_step.py FusedAdaptation; tests/test_fused_adaptation.py compares the two).
 
 SCALE_RATE = 0.05
 SCALE_CLIP = 10.0
