@@ -406,13 +406,13 @@ def print_suite(result: dict) -> None:
 def part_guard(args) -> dict:
     """The guard's cost in the serving step, as a same-run A/B: Engine.step of a forecast model (I = O = 8, H = 64,
     one wave of `--guard-batch` streams on the CPU, one torch thread, the default backend) with the per-stream
-    adaptation (scale and guard) fused in C (the default), with it as torch ops (the previous code, as served
-    where the C extension was not built), and off: both adaptation calls replaced by pass-throughs (the LSTM sees
-    the raw change and the reply is the head's output; the last-event bookkeeping stays). Short blocks of steps
-    in rotating order; per round (on - off) / on for each "on"; median and the 10th-90th percentile range over
-    rounds. An upper bound for its share of serving throughput: the step is most, not all, of what an event costs."""
+    adaptation (scale and guard) fused into the C step's pass (the default), with it as torch ops (as served where
+    the C extension was not built, on CUDA and with a season), and off: train.guard = false (Engine.guard), the
+    LSTM sees the change in the model's one scale and the reply is the last value plus the scaled change (the
+    last-event bookkeeping stays). Short blocks of steps in rotating order; per round (on - off) / on for each "on";
+    median and the 10th-90th percentile range over rounds. An upper bound for its share of serving throughput: the
+    step is most, not all, of what an event costs."""
     import torch
-    from lstmd.daemon import engine as engine_module
     from lstmd.daemon.engine import Engine
     from lstmd.daemon.model import ModelSpec, ServingModel
     from lstmd.daemon.state_store import StateStore
@@ -420,12 +420,11 @@ def part_guard(args) -> dict:
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     spec = ModelSpec(8, 64, 1, 8, "forecast", ())
-    fused = engine_module.fused_adapt_begin, engine_module.fused_adapt_finish
-    passthrough = (lambda table, slots, reset, init, dx, *rest: (dx, None)), (lambda table, slots, f, x, ch, c: ch)
     modes = ("fused", "torch", "off")
     results = []
     for n in args.guard_batch:
         engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
+        fused = engine._fused_adaptation
         rng = np.random.default_rng(0)
         # Random walks, cycled: a constant input would drive the guard's averages of a zero target into subnormal
         # floats, which cost ~100x per operation (a stream stuck at one value for thousands of events would too).
@@ -434,9 +433,9 @@ def part_guard(args) -> dict:
         fresh = np.zeros(n, bool)
         block = max(5, 20_000 // n)  # steps per block: a few ms
 
-        def timed(mode: str, engine=engine, walk=walk, slots=slots, fresh=fresh, block=block) -> float:
-            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = passthrough if mode == "off" else fused
-            engine._fused_adaptation = mode != "torch"
+        def timed(mode: str, engine=engine, walk=walk, slots=slots, fresh=fresh, block=block, fused=fused) -> float:
+            engine.guard = mode != "off"
+            engine._fused_adaptation = fused and mode == "fused"
             t0 = time.perf_counter()
             for i in range(block):
                 engine.step(walk[i % 64], slots, fresh)
@@ -450,7 +449,7 @@ def part_guard(args) -> dict:
                 for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
                     seconds[mode].append(timed(mode))
         finally:
-            engine_module.fused_adapt_begin, engine_module.fused_adapt_finish = fused
+            engine.close()
         off = np.array(seconds["off"])
         row = {"batch": n, "rounds": args.guard_repeats, "steps_per_block": block,
                "step_us_off": float(np.median(off)) * 1e6}  # fmt: skip

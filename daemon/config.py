@@ -203,8 +203,9 @@ class TrainConfig(_Section):
         int, doc("forecast: steps of the training loss (multi-step rollouts in each window); 1: one step", ge=1)
     ] = 1
     season: Annotated[
-        int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream; 0: none, else "
-                 ">= 2; costs 4 * season * output_size bytes per state slot", ge=0, le=100_000)
+        int, doc("forecast: the seasonal-naive lag (events) the guard also falls back to, per stream, and that the "
+                 "holdout also judges candidates against (horizon 1); 0: none, else >= 2; costs 4 * season * "
+                 "output_size bytes per state slot", ge=0, le=100_000)
     ] = 0
     # The guard's level regressor (normalization.py): measured on the real-series suite, 0.1 took Nile from the last
     # value to ~0.8 of its error (the local-level optimum); off by default because the fused C adaptation lacks it.
@@ -213,6 +214,14 @@ class TrainConfig(_Section):
                    "also mixes in, per stream; 0: none; not with train.season; serves through torch ops, not the "
                    "fused C adaptation", ge=0, le=1)
     ] = 0.0
+    # The switch exists to measure what the per-stream adaptation costs end to end (docs/benchmarks.md, "Issue 15,
+    # third session"); off, every stream is served in the model's one scale per feature, which the trainer cannot
+    # learn from (its errors are taken in each stream's own scale), hence frozen models only.
+    guard: Annotated[
+        bool, doc('forecast, "stream" inputs: per-stream scale and guard (daemon/normalization.py); false: the '
+                  "model's one scale per feature for every stream and no guard, as forecast_inputs = change; for "
+                  "measuring their cost on a frozen model (needs train.enabled = false and season = 0)")
+    ] = True
     min_windows: Annotated[int, doc("fewer complete windows recorded than this: the round is skipped", ge=0)] = 4
     record_streams: Annotated[int, doc("streams the recorder keeps history for", ge=1)] = 1024
     record_steps: Annotated[int, doc("recent events kept per recorded stream; a multiple of k2", ge=1)] = 256
@@ -757,6 +766,13 @@ def _validate_train(config: Config) -> None:
             f"train.level_rate ({t.level_rate}) is the guard's level regressor, for model.task = forecast with "
             f"train.forecast_inputs = stream and no train.season (task {config.model.task!r}, inputs "
             f"{t.forecast_inputs!r}, season {t.season})"
+        )
+    if not t.guard and (t.enabled or t.season or t.level_rate):
+        raise ConfigError(
+            f"train.guard = false serves every stream in the model's one scale, without the per-stream state that "
+            f"training (train.enabled = {str(t.enabled).lower()}), the seasonal baseline (train.season = "
+            f"{t.season}) and the level regressor (train.level_rate = {t.level_rate}) need: set train.enabled = "
+            f"false, train.season = 0 and train.level_rate = 0, or train.guard = true"
         )
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:
         raise ConfigError(

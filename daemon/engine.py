@@ -19,7 +19,7 @@ from lstmd.daemon.state_store import StateStore
 from lstmd.daemon.tasks import task_for
 from lstmd.kernels import lstm_step_
 from lstmd.kernels.backends import Backends, select_backends
-from lstmd.kernels.cpu_step import CpuStep, fused_adapt_begin, fused_adapt_finish
+from lstmd.kernels.cpu_step import CpuStep, FusedAdaptation
 from lstmd.kernels.tuning import set_torch_threads
 
 
@@ -43,8 +43,10 @@ class Engine:
         cuda_graphs: bool = True,
         season: int = 0,  # train.season: the guard's seasonal-naive lag (forecast models)
         level: float = 0.0,  # train.level_rate: the guard's level regressor (forecast models)
+        guard: bool = True,  # train.guard: False serves "stream" models without the per-stream adaptation
     ) -> None:
         self.device = device
+        self.guard = guard
         if device.type == "cpu":
             set_torch_threads(cpu_threads)  # process-wide; see serve.cpu_threads in daemon/config.py
         self.model = model.to(device)
@@ -61,11 +63,13 @@ class Engine:
         if self.stream_state is not None:  # per-stream scale and guard (normalization.py), every forecast model
             self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size, season, level)
             store.enable_adaptation(self.layout.initial_row(), season, model.spec.output_size, self.stream_state)
-        # The per-stream adaptation in one C pass each side of the step (kernels/_cpu_kernel.c), where the fused CPU
-        # step was built; a season's ring stays in torch (normalization.py), and so does the level regressor.
+        # The per-stream adaptation inside the fused CPU step's pass over the rows (kernels/cpu_step.py
+        # FusedAdaptation), where that step was built; a season's ring stays in torch (normalization.py), and so does
+        # the level regressor.
         self._fused_adaptation = self.layout is not None and not (season or level) and self._cpu_step is not None and (
             self._cpu_step.fused
         )
+        self._adaptation: FusedAdaptation | None = None  # _fused_adaptation_of
         self._device_step = None
         if device.type == "cuda" and self.stream_state is None:
             from lstmd.daemon.device_step import DeviceStep
@@ -95,6 +99,16 @@ class Engine:
     def swap_model(self, model: ServingModel) -> None:
         self.model = model.to(self.device)
 
+    def _fused_adaptation_of(self, model: ServingModel) -> FusedAdaptation:
+        """The CPU step's FusedAdaptation for `model` (its forecast columns), one object for as long as it serves."""
+        a = self._adaptation
+        if a is None or a.columns is not model.columns or a.table is not self.store.adaptation:
+            self._adaptation = FusedAdaptation(
+                self.store.adaptation, self.store.adaptation_init, model.columns, adaptation.count_steps(self.device),
+                adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
+            )  # fmt: skip
+        return self._adaptation
+
     @torch.inference_mode()
     def step(self, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance the streams at `slots` (distinct) by one event each; return predictions [n, O] float32."""
@@ -104,27 +118,26 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        inputs, rows, ring, scaled, factor = x, None, None, None, None
+        inputs, rows, ring, adapt = x, None, None, None
+        norm = model.normalization
+        stream = norm is not None and norm.inputs == "stream" and self.guard
         if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
             dx = x - self.stream_state.previous(x, slot_t, reset)
-            if self._fused_adaptation:
-                scaled, factor = fused_adapt_begin(
-                    self.store.adaptation, slot_t, reset, self.store.adaptation_init, dx, model.columns,
-                    adaptation.count_steps(self.device), adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
-                )  # fmt: skip
-            else:
+            if stream and self._fused_adaptation:
+                adapt = self._fused_adaptation_of(model)
+            elif self.guard:  # as torch ops; "change" and "level" models keep the streams' scales too (trainer's units)
                 # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
                 rows = self.store.adaptation.index_select(0, slot_t)
                 if reset is not None:
                     rows[reset] = self.store.adaptation_init
                 ring = None if self.store.seasonal is None else Ring(self.store.seasonal, slot_t)
                 rows = adapt_begin(self.layout, rows, x, dx, model.columns, ring)
-                scaled = adaptation.stream_inputs(dx, rows[:, self.layout.field("scale")])
-        norm = model.normalization
-        if norm is not None:
-            inputs = scaled if norm.inputs == "stream" else norm.lstm_inputs(x, dx)
-        if self._cpu_step is not None:  # the step and the head, on the rows each thread just computed
-            out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset)
+            if stream:
+                inputs = dx if adapt is not None else adaptation.stream_inputs(dx, rows[:, self.layout.field("scale")])
+            elif norm is not None:  # "change" or "level"; "stream" with the guard off: one scale for every stream
+                inputs = dx / norm.delta_scale if norm.inputs == "stream" else norm.lstm_inputs(x, dx)
+        if self._cpu_step is not None:  # the step and the head (and `adapt`), on the rows each thread just computed
+            out = self._cpu_step(model, inputs, slot_t, self.store.h, self.store.c, reset, adapt, x.contiguous())
         else:
             # The state store hands out distinct, in-range slots: skip the kernel's per-step check (a GPU sync).
             y = lstm_step_(
@@ -133,11 +146,9 @@ class Engine:
             )
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
-        if norm is not None and norm.inputs == "stream" and rows is None:  # the guard, fused
-            out = fused_adapt_finish(self.store.adaptation, slot_t, factor, x.contiguous(), out, model.columns)
-        elif norm is not None and norm.inputs == "stream":  # the guard: last value + the shrunk predicted change
+        if stream and rows is not None:  # the guard: last value + the shrunk predicted change
             out = adapt_finish(self.layout, rows, x, out, model.columns, ring)
-        elif norm is not None:
+        elif norm is not None and adapt is None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes
         if rows is not None:
             self.store.adaptation.index_copy_(0, slot_t, rows)

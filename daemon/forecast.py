@@ -25,6 +25,8 @@ launch for all N (the serving kernel backend) and one head; the normalisation is
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from lstmd.clients.protocol import MAX_FORECAST_HORIZON as MAX_HORIZON
@@ -135,6 +137,8 @@ def rollout(engine, slots: np.ndarray, horizon: int, exog: np.ndarray | None = N
     """Forecasts [N, horizon, O] float32 for the (valid, distinct or not) `slots`; reads the tables only."""
     model, device = engine.model, engine.device
     norm, columns, layout = model.normalization, model.columns, engine.layout
+    if norm is not None and norm.inputs == "stream" and not engine.guard:  # train.guard = false: as engine.step
+        norm = dataclasses.replace(norm, inputs="change")
     slot_t = torch.from_numpy(slots).to(device)
     n = slot_t.shape[0]
     # The scratch table: copies of the streams' rows (index_select copies), stepped in place.

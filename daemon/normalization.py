@@ -192,8 +192,8 @@ def predict_file_sequence(
 # is the stream's exponential average of its own values at rate r; (0, 1) is then the SES forecast, and the guard's
 # mix of the model and that pull toward the recent level helps mean-reverting noisy series (Nile: docs/benchmarks.md
 # "Issue 15, level regressor"). The two are exclusive (train.season or train.level_rate), and both run as torch ops.
-# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, one pass each side of
-# the step (kernels/_cpu_kernel.c adapt_begin/adapt_finish; tests/test_fused_adaptation.py compares the two).
+# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, inside the fused step's
+# pass over the rows (kernels/cpu_step.py FusedAdaptation; tests/test_fused_adaptation.py compares the two).
 
 SCALE_RATE = 0.05
 SCALE_CLIP = 10.0

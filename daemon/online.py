@@ -57,6 +57,7 @@ class OnlineModel:
             scale_table=self.store.adaptation[:, self.engine.layout.field("scale")] if forecast else None,
             max_sequence=t.max_sequence if self.config.model.output == "end" else 0,
             sample_half_life=t.sample_half_life,
+            season=t.season,
         )
         serving = lambda: self.engine.model  # noqa: E731 (read from the trainer thread: one reference)
         backends, seed = self.engine.backends, self.config.model.seed

@@ -58,6 +58,9 @@ class Windows:
     mask: np.ndarray  # [B, k2] bool: target known
     h0: np.ndarray  # [L, B, H] float32
     c0: np.ndarray  # [L, B, H] float32
+    # Forecast holdout windows with train.season s: the event s - 1 before each position's next one, the
+    # seasonal-naive forecast of its target, [B, k2, I]; NaN where the stream's recorded history does not reach it.
+    seasonal: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -71,6 +74,7 @@ class Windows:
             self.mask[index],
             np.ascontiguousarray(self.h0[:, index]),
             np.ascontiguousarray(self.c0[:, index]),
+            None if self.seasonal is None else self.seasonal[index],
         )
 
 
@@ -197,6 +201,7 @@ class Recorder:
         scale_table: torch.Tensor | None = None,  # forecast: the state store's per-slot scale [capacity, I]
         max_sequence: int = 0,  # model.output = "end": steps kept per finished sequence; 0: output = "every"
         sample_half_life: float = 0.0,  # windows: recency weighting of training windows (sample()); 0: uniform
+        season: int = 0,  # forecast, train.season: holdout windows carry the seasonal-naive forecast; 0: none
     ) -> None:
         if record_steps % k2 or record_steps < (holdout_windows + 1) * k2:
             raise ValueError(
@@ -206,6 +211,7 @@ class Recorder:
         self.task, self.k2, self.idle_s, self.clock = task, k2, idle_s, clock
         self.holdout_windows = holdout_windows
         self.sample_half_life = sample_half_life
+        self.season = season
         self.forecast = task == "forecast"
         self.columns = None if columns is None else [int(c) for c in columns]  # a list: nbytes counts the arrays
         if self.forecast and target_size != (input_size if columns is None else len(columns)):
@@ -465,6 +471,10 @@ class Recorder:
                 held = rng.choice(held, size=max_holdout, replace=False)
             generation = self.generation.copy()
         train_w, held_w = self._copy(rows[pick], ws[pick]), self._copy(rows[held], ws[held])
+        lags = None  # with a season: each held-out position's seasonal lag, absolute (x[p + 1 - season] forecasts y[p])
+        if self.forecast and self.season:
+            lags = starts[held, None] + np.arange(self.k2) + 1 - self.season
+            held_w.seasonal = self.x[rows[held, None], lags % self.x.shape[1]]
         with self.lock:
             T = self.x.shape[1]
 
@@ -473,6 +483,8 @@ class Recorder:
                 return (self.generation[r] == generation[r]) & (starts[i] >= self.count[r] - T)
 
             ok_train, ok_held = intact(pick), intact(held)
+            if lags is not None:  # before the row's start, or overwritten by the time the copy ended: unknown
+                held_w.seasonal[(lags < 0) | (lags < self.count[rows[held], None] - T)] = np.nan
         if not ok_held.all():
             held_w = held_w.subset(np.flatnonzero(ok_held))
         if not ok_train.all():

@@ -73,7 +73,8 @@ class Daemon:
         )
         self.engine = Engine(model, self.store, self.device, serve.backend, cpu_threads=serve.cpu_threads,
                              step_threads=serve.step_threads, cuda_graphs=serve.cuda_graphs,
-                             season=config.train.season, level=config.train.level_rate)
+                             season=config.train.season, level=config.train.level_rate,
+                             guard=config.train.guard)
         # Versions, recorder and trainer (daemon/online.py); the loop uses them directly, they never change.
         self.online = OnlineModel(config, self.engine, self.store, self.metrics, self.device)
         self.versions, self.recorder, self.trainer = self.online.versions, self.online.recorder, self.online.trainer

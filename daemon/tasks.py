@@ -164,6 +164,16 @@ class ForecastTask(Task):
         """The last-value forecast's loss on the same windows, in the same units as loss()."""
         return _masked_mse(self._error(None, data, columns, None), data["mask"])
 
+    def seasonal_loss(self, data, columns) -> torch.Tensor:
+        """With train.season: the seasonal-naive forecast's loss on the same windows, in the same units as loss().
+        data["seasonal"] holds each position's lagged event (the recorder's holdout windows), NaN where the lag was
+        not recorded: the last value there, as the guard serves until a stream has shown a whole season; the
+        change is clipped as the guard clips it (normalization.adapt_finish)."""
+        cols = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))
+        s, last = cols(data["scale"]), cols(data["x"])
+        change = ((cols(data["seasonal"]) - last) / s).nan_to_num_(0.0).clamp_(-CLIP, CLIP)
+        return _masked_mse(change - ((data["y"] - last) / s).clamp(-CLIP, CLIP), data["mask"])
+
     def _error(self, norm, data, columns, out) -> torch.Tensor:
         """Predicted minus actual change in stream scales; `out`: the head's output, None: the last value."""
         cols = (lambda t: t) if columns is None else (lambda t: t.index_select(-1, columns))

@@ -85,6 +85,9 @@ class RoundReport:
     holdout_serving: float = math.nan
     holdout_candidate: float = math.nan
     holdout_baseline: float = math.nan  # forecast: the last-value forecast on the same held-out windows
+    # Forecast with train.season (and a one-step loss): the seasonal-naive forecast on them; a candidate worse than
+    # the better of the two baselines is rejected.
+    holdout_seasonal: float = math.nan
     windows: int = 0
     duration_s: float = 0.0
     finished: float = 0.0  # unix seconds
@@ -414,26 +417,43 @@ class Trainer:
             # allocator never hands their memory back to the trainer's stream while serving still uses them.
             candidate_tensors = {n: t.clone() for n, t in candidate_tensors.items()}
         self._report_losses(report)
-        allowed = report.holdout_serving * (1 + c.tolerance) if math.isfinite(report.holdout_serving) else math.inf
-        if report.holdout_candidate > allowed:
-            report.outcome = "rejected"
-            report.reason = (
-                f"holdout loss {report.holdout_candidate:.6g} worse than serving {report.holdout_serving:.6g}"
-            )
+        reason = self._rejection(report)
+        if reason is not None:
+            report.outcome, report.reason = "rejected", reason
             return self._finish(report, started, serving=serving)
         return self._offer(report, started, serving, ServingModel(
             self.spec, candidate_tensors, -1, None if norm is None else norm.to(torch.device("cpu"))
         ), forced)
 
+    def _rejection(self, report: RoundReport) -> str | None:
+        """Why the candidate must not be published, or None: worse than serving on the held-out windows (beyond the
+        tolerance), or with a season, worse than the better of the two baselines."""
+        c = self.config
+        allowed = report.holdout_serving * (1 + c.tolerance) if math.isfinite(report.holdout_serving) else math.inf
+        if report.holdout_candidate > allowed:
+            return f"holdout loss {report.holdout_candidate:.6g} worse than serving {report.holdout_serving:.6g}"
+        best = min(report.holdout_baseline, report.holdout_seasonal)
+        if math.isfinite(report.holdout_seasonal) and report.holdout_candidate > best:
+            # With a season the better baseline is a strong forecast that the guard serves anyway: a candidate must
+            # beat it to be worth publishing (without one, the guard's gain handles a model no better than the last
+            # value, stream by stream, as before).
+            which = "seasonal-naive" if report.holdout_seasonal <= report.holdout_baseline else "last-value"
+            return (f"holdout loss {report.holdout_candidate:.6g} worse than the {which} forecast's {best:.6g} "
+                    f"(train.season = {c.season}: the better of the two baselines)")  # fmt: skip
+        return None
+
     @torch.no_grad()
     def _evaluate_others(self, report: RoundReport, serving: ServingModel, holdout_t, baseline: bool) -> None:
-        """The serving model's loss on the held-out windows and, for forecasts, the last value's."""
+        """The serving model's loss on the held-out windows and, for forecasts, the last value's (with train.season
+        and a one-step loss, the seasonal naive's too)."""
         serving_params = [serving.tensors[n].to(self.device) for n in self._names]
         serving_norm = serving.normalization
         serving_norm = None if serving_norm is None else serving_norm.to(self.device)
         report.holdout_serving = self._loss(serving_params, serving_norm, holdout_t).item()
         if baseline:
             report.holdout_baseline = self.baseline_loss(holdout_t).item()
+        if baseline and "seasonal" in holdout_t and self.config.horizon == 1:
+            report.holdout_seasonal = self.task.seasonal_loss(holdout_t, self._columns).item()
 
     def _report_losses(self, report: RoundReport) -> None:
         self.metrics.train_loss.set(report.train_loss)
@@ -535,7 +555,7 @@ class Trainer:
             "mask": torch.from_numpy(w.mask).to(dev),
             "h0": torch.from_numpy(w.h0).to(dev),
             "c0": torch.from_numpy(w.c0).to(dev),
-        }
+        } | ({} if w.seasonal is None else {"seasonal": torch.from_numpy(w.seasonal).to(dev)})
 
     def _train(self, data: dict[str, torch.Tensor], norm) -> float:
         c = self.config

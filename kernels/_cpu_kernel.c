@@ -10,18 +10,23 @@
  *                 c' = sigmoid(f) * (reset[r] ? 0 : c[slots[r]]) + sigmoid(i) * tanh(g)
  *                 h' = sigmoid(o) * tanh(c');  c[slots[r]] = c', h[slots[r]] = h', h_out[r] = h'
  *
- * Forecast models with per-stream adaptation (daemon/normalization.py, "per-stream adaptation and the guard") add
- * two more, each one pass over the wave's packed rows of the adaptation table, updated in place:
+ * Forecast models with per-stream adaptation (daemon/normalization.py, "per-stream adaptation and the guard") run
+ * it inside the same chunked pass over the rows (cpu_step.py), on the packed rows of the adaptation table, updated
+ * in place:
  *
- *   adapt_begin:  a reset row starts from the initial row; score the previous forecast (the guard's running
- *                 averages), update the stream's scale and count, and write the LSTM's inputs clip(dx / scale)
- *   adapt_finish: keep the model's predicted change; out = x[cols] + factor * change, where adapt_begin left
- *                 factor = scale[cols] * gain (the rows were in cache then)
+ *   adapt_begin:  layer 0's gather_rows, and in the same loop per row: a reset row starts from the initial row;
+ *                 score the previous forecast (the guard's running averages), update the stream's scale and
+ *                 count, write the LSTM's inputs clip(dx / scale) and finish's factor scale[cols] * gain. Each
+ *                 row's adaptation row and h row are prefetched together, so their misses overlap.
+ *   adapt_finish: after the chunk's head: keep the model's predicted change; out = x[cols] + factor * change
+ *                 (the chunk's rows were touched a chunk ago, not a whole wave ago: in L2 or L3, not memory).
  *
- * As torch ops these were ~25 ops per wave (a gather, a scatter, fixed costs of a few µs each): 7-22% of the
- * serving step. The arithmetic is normalization.py's, lerp included (torch's two-sided form, so a weight of 1
- * lands exactly on the new value); the count-dependent rates come from its table. Row layout (I inputs, O
- * columns): scale[I] count prev[O] cross[O] dd[O] tt[O]; no season (the seasonal ring stays in torch).
+ * As torch ops these were ~25 ops per wave (a gather, a scatter, fixed costs of a few µs each): 22-47% of the
+ * serving step; as two passes of their own around the step, 8-14% (the rows were read from memory again after
+ * the step's state-table traffic evicted them). The arithmetic is normalization.py's, lerp included (torch's
+ * two-sided form, so a weight of 1 lands exactly on the new value); the count-dependent rates come from its table.
+ * Row layout (I inputs, O columns): scale[I] count prev[O] cross[O] dd[O] tt[O]; no season (the seasonal ring
+ * stays in torch).
  *
  * A reset row reads as zero whatever the table holds (a dead stream may hold NaN; 0 * NaN would be NaN).
  * Slots are distinct within a call (the daemon's waves guarantee it), so the scatter has no write conflicts,
@@ -114,7 +119,9 @@ INLINE void cell_body(const float *restrict gates, const float *restrict bias, f
 
 INLINE float lerp(float self, float end, float weight) { /* torch's CPU lerp, both sides computed: a blend */
     const float near = self + weight * (end - self), far = end - (end - self) * (1.0f - weight);
-    return (weight < 0.5f && weight > -0.5f) ? near : far;
+    /* |weight| < 0.5, as torch's weight < 0.5 && weight > -0.5 (NaN: far), without the && whose branches kept
+     * gcc from vectorizing the loops that call this */
+    return __builtin_fabsf(weight) < 0.5f ? near : far;
 }
 
 INLINE float clip(float v, float bound) { return v < -bound ? -bound : (v > bound ? bound : v); } /* NaN stays */
@@ -122,6 +129,7 @@ INLINE float clip(float v, float bound) { return v < -bound ? -bound : (v > boun
 INLINE void prefetch_small(const float *row, int64_t width) {
     for (int64_t k = 0; k < width; k += 16)
         __builtin_prefetch(row + k, 1, 3);
+    __builtin_prefetch(row + width - 1, 1, 3); /* rows are not line-aligned: the last line may be one more */
 }
 
 typedef struct {
@@ -143,10 +151,14 @@ static int adapt_indices_ok(adapt_rows a) {
     return a.width == a.I + 1 + 4 * a.O;
 }
 
-/* The guard's running averages for one row: column j's target is dx[c] / scale[c] with c = COL(j). Written once
- * per column mapping so that, for every feature (c = j), the loop has unit strides and gcc vectorizes it. */
+/* The row's fields, the wave's buffers and dx never overlap: no runtime alias checks (gcc versioned every loop
+ * for them, ~3 per loop per row). */
+#define IVDEP _Pragma("GCC ivdep")
+
+/* The guard's running averages for one row: column j's target is dx[c] / scale[c] with c = COL(j). (Every feature
+ * forecast, c = j: adapt_begin_body runs this, the scale's loop and FACTOR_LOOP as one loop.) */
 #define SCORE_LOOP(COL)                                                                                            \
-    for (int64_t j = 0; j < O; j++) {                                                                              \
+    IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
         const float target = clip(xd[COL] / scale[COL], clip_at), h = prev[j];                                     \
         cross[j] = lerp(cross[j], target * h, weight);                                                             \
         dd[j] = lerp(dd[j], h * h, weight);                                                                        \
@@ -154,7 +166,7 @@ static int adapt_indices_ok(adapt_rows a) {
     }
 
 #define FACTOR_LOOP(COL)                                                                                           \
-    for (int64_t j = 0; j < O; j++) {                                                                              \
+    IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
         const float g = cross[j] / (dd[j] > 1e-12f ? dd[j] : 1e-12f);                                             \
         factor[r * O + j] = scale[COL] * (g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g));                                \
     }
@@ -162,11 +174,18 @@ static int adapt_indices_ok(adapt_rows a) {
 INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const float *restrict init,
                              const float *restrict dx, float *restrict inputs, float *restrict factor,
                              const float *restrict steps, int64_t nsteps, float clip_at, float scale_clip,
-                             float floor_at) {
+                             float floor_at, const float *restrict h_table, float *restrict h_out, int64_t H) {
     const int64_t I = a.I, O = a.O;
     for (int64_t r = 0; r < a.n; r++) {
-        if (r + PREFETCH_ROWS < a.n)
+        if (r + PREFETCH_ROWS < a.n) {
             prefetch_small(a.table + a.slots[r + PREFETCH_ROWS] * a.width, a.width);
+            prefetch_row(h_table + a.slots[r + PREFETCH_ROWS] * H, H, 0);
+        }
+        /* layer 0's gather (gather_body's work for this row) */
+        if (reset != NULL && reset[r])
+            memset(h_out + r * H, 0, (size_t)H * sizeof(float));
+        else
+            memcpy(h_out + r * H, h_table + a.slots[r] * H, (size_t)H * sizeof(float));
         float *restrict row = a.table + a.slots[r] * a.width;
         if (reset != NULL && reset[r])
             memcpy(row, init, (size_t)a.width * sizeof(float));
@@ -176,37 +195,43 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
         int64_t k = (int64_t)count[0];
         k = k < nsteps - 1 ? k : nsteps - 1;
         const float rate = steps[2 * k], weight = steps[2 * k + 1];
-        if (a.cols == NULL) {
-            SCORE_LOOP(j)
-        } else {
-            SCORE_LOOP(a.cols[j])
-        }
         float *restrict in = inputs + r * I;
-        for (int64_t i = 0; i < I; i++) {
+        if (a.cols == NULL) { /* every feature forecast (O = I): the three loops below as one, same arithmetic */
+            IVDEP for (int64_t j = 0; j < I; j++) {
+                const float x = xd[j], s_old = scale[j], h = prev[j], target = clip(x / s_old, clip_at);
+                const float cr = lerp(cross[j], target * h, weight), d = lerp(dd[j], h * h, weight);
+                cross[j] = cr, dd[j] = d, tt[j] = lerp(tt[j], target * target, weight);
+                const float cap = s_old * scale_clip, size = x < 0 ? -x : x;
+                float s = lerp(s_old, size < cap ? size : cap, rate);
+                s = s < floor_at ? floor_at : s;
+                scale[j] = s, in[j] = clip(x / s, clip_at);
+                const float g = cr / (d > 1e-12f ? d : 1e-12f);
+                factor[r * O + j] = s * (g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g));
+            }
+            count[0] += 1.0f;
+            continue;
+        }
+        SCORE_LOOP(a.cols[j])
+        IVDEP for (int64_t i = 0; i < I; i++) {
             const float cap = scale[i] * scale_clip, size = xd[i] < 0 ? -xd[i] : xd[i];
             const float s = lerp(scale[i], size < cap ? size : cap, rate);
             scale[i] = s < floor_at ? floor_at : s;
             in[i] = clip(xd[i] / scale[i], clip_at);
         }
-        /* finish's factor scale[c] * gain, while the row is in cache: after the LSTM step it would come from
-         * memory (finish read the rows ~4x slower than hot, measured in the engine) */
-        if (a.cols == NULL) {
-            FACTOR_LOOP(j)
-        } else {
-            FACTOR_LOOP(a.cols[j])
-        }
+        /* finish's factor scale[c] * gain, while the row is in L1: finish then writes prev only */
+        FACTOR_LOOP(a.cols[j])
         count[0] += 1.0f;
     }
 }
 
 #define FINISH_LOOP(COL)                                                                                           \
-    for (int64_t j = 0; j < O; j++) {                                                                              \
+    IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
         const float ch = change[r * O + j];                                                                        \
         prev[j] = ch;                                                                                              \
         out[r * O + j] = x[r * I + COL] + factor[r * O + j] * ch;                                                  \
     }
 
-/* Only prev is written back to the rows (a write, prefetched for writing); the rest is sequential. */
+/* Only prev is written back to the rows (prefetched for writing); the rest is sequential. */
 INLINE void adapt_finish_body(adapt_rows a, const float *restrict factor, const float *restrict x,
                               const float *restrict change, float *restrict out) {
     const int64_t I = a.I, O = a.O;
@@ -225,8 +250,8 @@ INLINE void adapt_finish_body(adapt_rows a, const float *restrict factor, const 
 #define BEGIN_ARGS                                                                                                 \
     adapt_rows a, const uint8_t *restrict reset, const float *restrict init, const float *restrict dx,             \
         float *restrict inputs, float *restrict factor, const float *restrict steps, int64_t nsteps, float clip_at, \
-        float scale_clip, float floor_at
-#define BEGIN_CALL a, reset, init, dx, inputs, factor, steps, nsteps, clip_at, scale_clip, floor_at
+        float scale_clip, float floor_at, const float *restrict h_table, float *restrict h_out, int64_t H
+#define BEGIN_CALL a, reset, init, dx, inputs, factor, steps, nsteps, clip_at, scale_clip, floor_at, h_table, h_out, H
 #define FINISH_ARGS                                                                                                \
     adapt_rows a, const float *restrict factor, const float *restrict x, const float *restrict change,             \
         float *restrict out
@@ -299,11 +324,12 @@ static PyObject *py_lstm_cell(PyObject *self, PyObject *args) {
 
 static PyObject *py_adapt_begin(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long table, slots, cols, reset, init, dx, inputs, factor, steps;
-    long long S, width, I, O, n, nsteps;
+    unsigned long long table, slots, cols, reset, init, dx, inputs, factor, steps, h_table, h_out;
+    long long S, width, I, O, n, nsteps, H;
     float clip_at, scale_clip, floor_at;
-    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKKKLfff", &table, &S, &width, &slots, &cols, &n, &I, &O, &reset, &init,
-                          &dx, &inputs, &factor, &steps, &nsteps, &clip_at, &scale_clip, &floor_at))
+    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKKKLfffKKL", &table, &S, &width, &slots, &cols, &n, &I, &O, &reset,
+                          &init, &dx, &inputs, &factor, &steps, &nsteps, &clip_at, &scale_clip, &floor_at, &h_table,
+                          &h_out, &H))
         return NULL;
     adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n};
     if (!adapt_indices_ok(a))
@@ -311,7 +337,8 @@ static PyObject *py_adapt_begin(PyObject *self, PyObject *args) {
                             "a row width other than I + 1 + 4 O", S, I);
     Py_BEGIN_ALLOW_THREADS begin_impl(a, PTR(const uint8_t *, reset), PTR(const float *, init),
                                             PTR(const float *, dx), PTR(float *, inputs), PTR(float *, factor),
-                                            PTR(const float *, steps), nsteps, clip_at, scale_clip, floor_at);
+                                            PTR(const float *, steps), nsteps, clip_at, scale_clip, floor_at,
+                                            PTR(const float *, h_table), PTR(float *, h_out), H);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
@@ -334,8 +361,8 @@ static PyObject *py_adapt_finish(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"adapt_begin", py_adapt_begin, METH_VARARGS,
      "adapt_begin(table, S, width, slots, cols, n, I, O, reset, init, dx, inputs, factor, steps, nsteps, clip, "
-     "scale_clip, "
-     "floor): per-stream adaptation before the step (pointers; normalization.adapt_begin)"},
+     "scale_clip, floor, h_table, h_out, H): per-stream adaptation before the step (normalization.adapt_begin) "
+     "and layer 0's gather_rows(h_table, slots, reset, h_out, n, H), one pass (pointers)"},
     {"adapt_finish", py_adapt_finish, METH_VARARGS,
      "adapt_finish(table, S, width, slots, cols, n, I, O, factor, x, change, out): the guarded forecast "
      "(normalization.adapt_finish)"},

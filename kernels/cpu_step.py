@@ -20,12 +20,18 @@ while they compute, so the parts run on different cores. This is not torch's Ope
 workers spin against the I/O thread and the producers on a small host (docs/benchmarks.md, "End to end").
 The head runs inside each part too, on rows still in that core's cache.
 
+Forecast models with per-stream adaptation (daemon/normalization.py) hand the step a `FusedAdaptation`: the fused
+chunk then runs normalization.adapt_begin in layer 0's gather pass (the LSTM's inputs come out of it) and
+adapt_finish right after the chunk's head, so each stream's adaptation row is touched twice within one chunk
+instead of in two passes of its own over the wave (docs/benchmarks.md, "Issue 15, third session").
+
 Shapes: B events in the batch, S state-table rows, L layers, H hidden, I input, O outputs.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from lstmd.kernels.tuning import adopt_torch_threads
@@ -46,6 +52,22 @@ _MIN_ROWS_PER_PART = 256
 def fused_available() -> bool:
     """Whether the C extension was built (pip install needs a C compiler for it)."""
     return _cpu_kernel is not None
+
+
+@dataclass(frozen=True, eq=False)
+class FusedAdaptation:
+    """What the fused step needs to run the per-stream adaptation (normalization.adapt_begin/adapt_finish, no season)
+    inside its pass, the same for every wave of a model (the caller keeps one: the step checks it once); the wave's
+    events come with each call, the step's `x` is then each event's change dx, and it returns the guarded forecast
+    events[cols] + scale * gain * change."""
+
+    table: torch.Tensor  # [S, I + 1 + 4 O] float32: the state store's adaptation rows, updated in place at the slots
+    init: torch.Tensor  # [width] float32: a stream's row before its first event (reset rows start from it)
+    columns: torch.Tensor | None  # [O] int64: the forecast columns; None: every feature
+    steps: torch.Tensor  # [k, 2] float32: the scale's rate and the guard's weight by count (normalization)
+    clip: float
+    scale_clip: float
+    floor: float
 
 
 class CpuStep:
@@ -70,6 +92,8 @@ class CpuStep:
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None
         self._chunk = 0
         self._buffers: list[dict[str, torch.Tensor]] = []  # one set per part: parts run at the same time
+        # The FusedAdaptation last checked, with (capacity, I, O) and its C calls' fixed arguments.
+        self._adaptation: tuple | None = None
 
     @property
     def name(self) -> str:
@@ -95,12 +119,17 @@ class CpuStep:
         weight, bias = model.head
         self._head = (weight.float().t().contiguous(), bias.float().contiguous())  # [H, O], [O]
         self._chunk = rows = max(64, _GATE_BYTES_PER_CHUNK // (16 * H))
+        n_in, n_out = layers[0][0].shape[0], weight.shape[0]
         self._buffers = [
             {
                 "gates": torch.empty(rows, 4 * H),
                 "h": torch.empty(rows, H),
                 "c": torch.empty(rows, H),
                 "inp": torch.empty(rows, H),
+                # the fused adaptation's: the LSTM's inputs, finish's factors and the head's predicted changes
+                "scaled": torch.empty(rows, n_in),
+                "factor": torch.empty(rows, n_out),
+                "change": torch.empty(rows, n_out),
             }
             for _ in range(self.threads)
         ]
@@ -114,28 +143,54 @@ class CpuStep:
         h: torch.Tensor,  # [L, S, H] float32, updated in place at `slots`
         c: torch.Tensor,  # [L, S, H] float32, updated in place at `slots`
         reset: torch.Tensor | None = None,  # [B] bool: start those rows from zero
-    ) -> torch.Tensor:  # [B, O]: the head applied to the last layer's new h
+        adapt: FusedAdaptation | None = None,  # forecast: x is dx, adapted in the pass (fused only)
+        events: torch.Tensor | None = None,  # [B, I] float32 with `adapt`: the wave's events
+    ) -> torch.Tensor:  # [B, O]: the head applied to the last layer's new h (with `adapt`: the guarded forecast)
         if model is not self._model:
             self._prepare(model)
         B = x.shape[0]
         if self.fused:
             w_in_t, w_h_t, _ = self._layers[0]
             _check_fused_operands(x, slots, h, c, reset, len(self._layers), w_in_t.shape[0], w_h_t.shape[0])
+            if adapt is not None:
+                fixed = self._check_adaptation(adapt, x, h.shape[1], events)
+        elif adapt is not None:
+            raise ValueError("the per-stream adaptation runs inside the fused CPU step only")
         x = x.contiguous()
         out = torch.empty(B, self._head[0].shape[1])
+        if adapt is not None:  # h's layer 0 starts at h's own pointer
+            adapt = _AdaptationCall(fixed, x.data_ptr(), events.data_ptr(), out.data_ptr(), h.data_ptr())
         parts = max(1, min(self.threads, B // _MIN_ROWS_PER_PART))
         bounds = [B * p // parts for p in range(parts + 1)]
         step_rows = self._fused_rows if self.fused else self._torch_rows
         futures = [
-            self._pool.submit(step_rows, p, bounds[p], bounds[p + 1], x, slots, h, c, reset, out)
+            self._pool.submit(step_rows, p, bounds[p], bounds[p + 1], x, slots, h, c, reset, out, adapt)
             for p in range(1, parts)
         ]
         try:
-            step_rows(0, bounds[0], bounds[1], x, slots, h, c, reset, out)
+            step_rows(0, bounds[0], bounds[1], x, slots, h, c, reset, out, adapt)
         finally:
             for future in futures:  # wait for every part before returning, even if this one failed
                 future.result()
         return out
+
+    def _check_adaptation(self, adapt: FusedAdaptation, dx: torch.Tensor, capacity: int, events) -> tuple:
+        """_check_adaptation once per FusedAdaptation (the same object wave after wave: ~5 µs a wave otherwise), the
+        wave's events every time; returns the C calls' fixed arguments."""
+        n_out = self._head[0].shape[1]
+        key = (capacity, dx.shape[1], n_out)
+        if self._adaptation is None or self._adaptation[0] is not adapt or self._adaptation[1] != key:
+            _check_adaptation(adapt, dx, capacity, n_out)
+            table = adapt.table
+            fixed = (table.data_ptr(), table.shape[0], table.shape[1], _ptr(adapt.columns), dx.shape[1], n_out,
+                     adapt.init.data_ptr(), adapt.steps.data_ptr(), adapt.steps.shape[0], adapt.clip, adapt.scale_clip,
+                     adapt.floor, self._head[0].shape[0])  # fmt: skip
+            self._adaptation = (adapt, key, fixed)
+        if events is None or events.dtype != torch.float32 or not events.is_contiguous() or (
+            events.shape != dx.shape or events.device.type != "cpu"
+        ):
+            raise ValueError(f"fused adaptation: events must be a contiguous float32 {list(dx.shape)} CPU tensor")
+        return self._adaptation[2]
 
     def _chunks(self, begin: int, end: int, slots: torch.Tensor):
         """(start, stop, slots[start:stop]) for the chunks of rows begin..end (one part of a wave)."""
@@ -144,17 +199,19 @@ class CpuStep:
             yield start, stop, slots[start:stop]
 
     @torch.inference_mode()
-    def _fused_rows(self, part, begin, end, x, slots, h, c, reset, out) -> None:
-        """Rows begin..end with part `part`'s buffers: GEMMs in torch, gather and cell in the C extension."""
+    def _fused_rows(self, part, begin, end, x, slots, h, c, reset, out, adapt) -> None:
+        """Rows begin..end with part `part`'s buffers: GEMMs in torch, gather and cell (and with `adapt`, the
+        adaptation around them) in the C extension."""
         buf, H, (w_out, b_out) = self._buffers[part], h.shape[2], self._head
         for start, stop, rows in self._chunks(begin, end, slots):
             n = stop - start
             rows_ptr = rows.data_ptr()
             reset_ptr = 0 if reset is None else reset[start:stop].data_ptr()
             gates, h_old = buf["gates"][:n], buf["h"][:n]
-            inp = x[start:stop]
+            inp = x[start:stop] if adapt is None else adapt.begin(buf, start, n, rows_ptr, reset_ptr)
             for layer, (w_in_t, w_h_t, bias) in enumerate(self._layers):
-                _cpu_kernel.gather_rows(h[layer].data_ptr(), rows_ptr, reset_ptr, h_old.data_ptr(), n, H)
+                if layer or adapt is None:  # with `adapt`, layer 0's rows were gathered in its pass
+                    _cpu_kernel.gather_rows(h[layer].data_ptr(), rows_ptr, reset_ptr, h_old.data_ptr(), n, H)
                 torch.mm(inp, w_in_t, out=gates)
                 gates.addmm_(h_old, w_h_t)
                 h_new = buf["inp"][:n]
@@ -163,10 +220,13 @@ class CpuStep:
                     h_new.data_ptr(), n, H,
                 )  # fmt: skip
                 inp = h_new
-            torch.addmm(b_out, h_new, w_out, out=out[start:stop])
+            if adapt is None:
+                torch.addmm(b_out, h_new, w_out, out=out[start:stop])
+                continue
+            adapt.finish(buf, start, n, rows_ptr, torch.addmm(b_out, h_new, w_out, out=buf["change"][:n]))
 
     @torch.inference_mode()
-    def _torch_rows(self, part, begin, end, x, slots, h, c, reset, out) -> None:
+    def _torch_rows(self, part, begin, end, x, slots, h, c, reset, out, adapt) -> None:
         """Rows begin..end with part `part`'s buffers, torch ops only (inference mode is per thread)."""
         buf, H, (w_out, b_out) = self._buffers[part], h.shape[2], self._head
         for start, stop, rows in self._chunks(begin, end, slots):
@@ -214,77 +274,60 @@ def _check_fused_operands(x, slots, h, c, reset, layers, input_size, hidden) -> 
         raise ValueError(f"fused CPU step: slots must lie in [0, {h.shape[1]})")
 
 
-# ---- per-stream adaptation of forecast models (daemon/normalization.py), fused ------------------------------
+# ---- per-stream adaptation of forecast models (daemon/normalization.py), inside the fused chunk -------------
 
 
-def fused_adapt_begin(
-    table: torch.Tensor,  # [S, I + 1 + 4 O] float32: the state store's adaptation rows, updated in place at `slots`
-    slots: torch.Tensor,  # [B] int64, distinct
-    reset: torch.Tensor | None,  # [B] bool: those rows start from `init`
-    init: torch.Tensor,  # [width] float32: a stream's row before its first event
-    dx: torch.Tensor,  # [B, n_in] float32: each event's change since the stream's previous one
-    columns: torch.Tensor | None,  # [n_out] int64: the forecast columns; None: every feature
-    steps: torch.Tensor,  # [k, 2] float32: the scale's rate and the guard's weight by count (normalization)
-    clip: float,
-    scale_clip: float,
-    floor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """normalization.adapt_begin over the table's rows in one C pass, with stream_inputs: returns the LSTM's
-    inputs [B, I], clip(dx / new scale), and each row's factor scale[cols] * gain [B, O] for fused_adapt_finish."""
-    B, n_in = dx.shape
-    n_out = n_in if columns is None else columns.shape[0]
-    _check_adaptation(table, slots, dx, columns, n_in, n_out)
-    if reset is not None and (reset.dtype != torch.bool or not reset.is_contiguous() or reset.shape != slots.shape):
-        raise ValueError("fused adaptation: reset must be a contiguous bool tensor shaped like slots")
-    if init.shape != (table.shape[1],) or init.dtype != torch.float32 or not init.is_contiguous():
-        raise ValueError(f"fused adaptation: init must be a contiguous float32 [{table.shape[1]}]")
-    if steps.dim() != 2 or steps.shape[1] != 2 or steps.dtype != torch.float32 or not steps.is_contiguous():
-        raise ValueError("fused adaptation: steps must be a contiguous float32 [k, 2]")
-    inputs, factor = torch.empty(B, n_in), torch.empty(B, n_out)
-    _cpu_kernel.adapt_begin(
-        table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out, _ptr(reset),
-        init.data_ptr(), dx.data_ptr(), inputs.data_ptr(), factor.data_ptr(), steps.data_ptr(), steps.shape[0], clip,
-        scale_clip, floor,
-    )  # fmt: skip
-    return inputs, factor
+class _AdaptationCall:
+    """One wave's adaptation as the C calls' arguments: the FusedAdaptation's fixed ones (CpuStep._check_adaptation)
+    and the wave's pointers, so that a chunk adds only its offsets (a tensor view per argument and chunk cost ~1 µs
+    each)."""
 
+    def __init__(self, fixed: tuple, dx: int, events: int, out: int, h0: int) -> None:
+        table, S, width, self.columns, self.n_in, self.n_out, self.init, *rates, self.H = fixed
+        self.table, self.rates = (table, S, width), tuple(rates)
+        self.dx, self.events, self.out, self.h0 = dx, events, out, h0
 
-def fused_adapt_finish(
-    table: torch.Tensor,
-    slots: torch.Tensor,
-    factor: torch.Tensor,  # [B, O] from fused_adapt_begin of the same wave
-    x: torch.Tensor,
-    change: torch.Tensor,
-    columns: torch.Tensor | None,
-) -> torch.Tensor:
-    """normalization.adapt_finish (no season) over the table's rows in one C pass: keeps each row's predicted
-    `change` [B, O] and returns the guarded forecast x[cols] + factor * change [B, O]."""
-    B, n_in = x.shape
-    n_out = change.shape[1]
-    _check_adaptation(table, slots, x, columns, n_in, n_out)
-    for name, t in (("change", change), ("factor", factor)):
-        if t.shape != (B, n_out) or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"fused adaptation: {name} must be a contiguous float32 [{B}, {n_out}]")
-    out = torch.empty(B, n_out)
-    _cpu_kernel.adapt_finish(
-        table.data_ptr(), table.shape[0], table.shape[1], slots.data_ptr(), _ptr(columns), B, n_in, n_out,
-        factor.data_ptr(), x.data_ptr(), change.data_ptr(), out.data_ptr(),
-    )  # fmt: skip
-    return out
+    def begin(self, buf, start: int, n: int, rows_ptr: int, reset_ptr: int) -> torch.Tensor:
+        """normalization.adapt_begin and stream_inputs for the chunk's rows with layer 0's gather into buf["h"], in
+        one C pass: returns the LSTM's inputs clip(dx / new scale), leaves scale[cols] * gain in buf["factor"]."""
+        scaled = buf["scaled"][:n]
+        _cpu_kernel.adapt_begin(
+            *self.table, rows_ptr, self.columns, n, self.n_in, self.n_out, reset_ptr, self.init,
+            self.dx + 4 * start * self.n_in, scaled.data_ptr(), buf["factor"].data_ptr(), *self.rates, self.h0,
+            buf["h"].data_ptr(), self.H,
+        )  # fmt: skip
+        return scaled
+
+    def finish(self, buf, start: int, n: int, rows_ptr: int, change: torch.Tensor) -> None:
+        """normalization.adapt_finish for the chunk: keeps each row's predicted `change` [n, O] and writes the
+        guarded forecast events[cols] + factor * change into the wave's output rows start..start + n."""
+        _cpu_kernel.adapt_finish(
+            *self.table, rows_ptr, self.columns, n, self.n_in, self.n_out, buf["factor"].data_ptr(),
+            self.events + 4 * start * self.n_in, change.data_ptr(), self.out + 4 * start * self.n_out,
+        )  # fmt: skip
 
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _check_adaptation(table, slots, rows, columns, n_in, n_out) -> None:
-    """What the C side cannot see (it checks slot and column ranges and the row width itself)."""
+def _check_adaptation(adapt: FusedAdaptation, dx: torch.Tensor, capacity: int, n_out: int) -> None:
+    """What the C side cannot see (it checks slot and column ranges and the row width itself), but the wave's
+    events (CpuStep._check_adaptation checks those every wave)."""
+    table, n_in = adapt.table, dx.shape[1]
     if table.dtype != torch.float32 or table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
         raise ValueError("fused adaptation: the table must be a contiguous float32 [S, width] CPU tensor")
-    if rows.dtype != torch.float32 or rows.dim() != 2 or not rows.is_contiguous() or rows.shape[1] != n_in:
-        raise ValueError(f"fused adaptation: x and dx must be contiguous float32 [B, {n_in}]")
-    if slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous() or slots.shape[0] != rows.shape[0]:
-        raise ValueError(f"fused adaptation: slots must be a contiguous int64 [{rows.shape[0]}]")
+    if table.shape[0] != capacity:
+        raise ValueError(f"fused adaptation: the table has {table.shape[0]} rows, the state tables {capacity}")
+    init = adapt.init
+    if init.shape != (table.shape[1],) or init.dtype != torch.float32 or not init.is_contiguous():
+        raise ValueError(f"fused adaptation: init must be a contiguous float32 [{table.shape[1]}]")
+    steps = adapt.steps
+    if steps.dim() != 2 or steps.shape[1] != 2 or steps.dtype != torch.float32 or not steps.is_contiguous():
+        raise ValueError("fused adaptation: steps must be a contiguous float32 [k, 2]")
+    columns = adapt.columns
+    if columns is None and n_out != n_in:
+        raise ValueError(f"fused adaptation: {n_out} outputs without forecast columns need {n_out} inputs, got {n_in}")
     if columns is not None and (
         columns.dtype != torch.int64 or not columns.is_contiguous() or columns.shape != (n_out,)
     ):

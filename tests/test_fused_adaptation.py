@@ -1,6 +1,8 @@
-"""The per-stream adaptation fused into the CPU step's C extension (kernels/_cpu_kernel.c adapt_begin/adapt_finish)
-against normalization.py's torch version: same forecasts and same rows, through resets, forecast columns and
-scales 10^6 apart; indices out of range are refused, never written."""
+"""The per-stream adaptation fused into the CPU step's chunked pass (kernels/cpu_step.py FusedAdaptation, the C
+extension's adapt_begin/adapt_finish) against normalization.py's torch version: same forecasts and same rows,
+through resets, reused slots, forecast columns, clipped outliers and level shifts, scales 10^6 apart, sizes that
+are no power of two and waves of several chunks over two threads; indices out of range are refused, never
+written."""
 
 from __future__ import annotations
 
@@ -11,14 +13,20 @@ from lstmd.daemon import normalization
 from lstmd.daemon.engine import Engine
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.state_store import StateStore
-from lstmd.kernels.cpu_step import fused_adapt_begin, fused_adapt_finish, fused_available
+from lstmd.kernels.cpu_step import CpuStep, FusedAdaptation, fused_available
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="the C extension was not built")
 CPU = torch.device("cpu")
 
 
-def engine(model: ServingModel, backend: str, capacity: int = 16) -> Engine:
-    return Engine(model, StateStore(model.spec.num_layers, model.spec.hidden_size, capacity, CPU), CPU, backend)
+def engine(model: ServingModel, backend: str, capacity: int = 16, threads: int = 1) -> Engine:
+    store = StateStore(model.spec.num_layers, model.spec.hidden_size, capacity, CPU)
+    return Engine(model, store, CPU, backend, step_threads=threads)
+
+
+def assert_same(fused: Engine, reference: Engine, x: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> None:
+    got, want = fused.step(x, slots, fresh), reference.step(x, slots, fresh)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("columns", [(), (0, 2)], ids=["all-columns", "two-of-three"])
@@ -36,27 +44,70 @@ def test_the_fused_adaptation_matches_the_torch_one(columns):
     for t, x in enumerate(walk):
         order = rng.permutation(streams)[: rng.integers(1, streams + 1)]  # waves of varying membership
         fresh = np.full(order.size, t == 0) | (rng.random(order.size) < 0.02)  # resets now and then
-        got = fused.step(x[order], slots[order], fresh)
-        want = reference.step(x[order], slots[order], fresh)
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5 * float(np.abs(want).max()))
+        assert_same(fused, reference, x[order], slots[order], fresh)
     torch.testing.assert_close(fused.store.adaptation, reference.store.adaptation, rtol=2e-5, atol=1e-6)
 
 
-def test_the_fused_adaptation_refuses_out_of_range_slots_and_columns():
+def test_the_fused_adaptation_matches_over_chunks_threads_reused_slots_and_clipping():
+    """I = 5, H = 200 (chunks of 327 rows), O = 3 of 5 columns in a scrambled order, two layers, waves of 700
+    events over two threads (two parts of several chunks each); slots handed to new streams of another scale
+    (reused: fresh), a level shift and outliers that the scale and the targets clip."""
+    spec = ModelSpec(5, 200, 2, 3, "forecast", (4, 0, 2))
+    model = ServingModel.initial(spec, seed=7)
+    fused, reference = engine(model, "auto", 1000, threads=2), engine(model, "torch", 1000)
+    assert fused._fused_adaptation and fused._cpu_step.threads == 2
+    rng = np.random.default_rng(1)
+    n, ticks = 700, 30
+    scales = (10.0 ** rng.uniform(-3, 3, (n, 1))).astype(np.float32)
+    walk = (np.cumsum(rng.standard_normal((ticks, n, 5)), axis=0) * scales).astype(np.float32)
+    walk[12:, :50] += (1e4 * scales[:50]).astype(np.float32)  # a level shift of 10^4 scales on 50 streams
+    walk[20, 100:110] *= -1e6  # outliers
+    slots = rng.choice(1000, n, replace=False)
+    for t, x in enumerate(walk):
+        fresh = np.full(n, t == 0)
+        if t in (8, 16, 24):  # 40 slots go to new streams of another scale
+            reused = rng.choice(n, 40, replace=False)
+            fresh[reused] = True
+            walk[t:, reused] = walk[t:, reused] * 1e3 + 5.0
+            x = walk[t]
+        assert_same(fused, reference, x, slots, fresh)
+    torch.testing.assert_close(fused.store.adaptation, reference.store.adaptation, rtol=2e-5, atol=1e-6)
+
+
+def test_the_fused_adaptation_refuses_out_of_range_slots_columns_and_mismatched_tables():
+    spec = ModelSpec(2, 8, 1, 1, "forecast", (0,))
+    model = ServingModel.initial(spec, seed=0)
     layout = normalization.AdaptationLayout(2, 1)
-    table = layout.initial_row().expand(4, -1).clone()
-    before = table.clone()
-    dx = torch.ones(2, 2)
+    store = StateStore(1, 8, 4, CPU)
+    store.enable_adaptation(layout.initial_row())
+    step = CpuStep(1, fused=True)
+    dx, events = torch.ones(2, 2), torch.ones(2, 2)
     steps = normalization.count_steps(CPU)
-    args = (normalization.CLIP, normalization.SCALE_CLIP, normalization.SCALE_FLOOR)
-    with pytest.raises(ValueError, match="a slot outside"):
-        fused_adapt_begin(table, torch.tensor([1, 4]), None, layout.initial_row(), dx, torch.tensor([0]), steps, *args)
+    consts = (normalization.CLIP, normalization.SCALE_CLIP, normalization.SCALE_FLOOR)
+    before = store.adaptation.clone()
+
+    def call(slots, columns=torch.tensor([0]), table=store.adaptation, events=events, init=store.adaptation_init):
+        return step(model, dx, slots, store.h, store.c, None, FusedAdaptation(table, init, columns, steps, *consts),
+                    events)  # fmt: skip
+
+    with pytest.raises(ValueError, match="slots must lie in"):
+        call(torch.tensor([1, 4]))
     with pytest.raises(ValueError, match="a column outside"):
-        fused_adapt_begin(table, torch.tensor([1, 2]), None, layout.initial_row(), dx, torch.tensor([2]), steps, *args)
-    with pytest.raises(ValueError, match="a slot outside"):
-        fused_adapt_finish(table, torch.tensor([-1, 0]), torch.ones(2, 1), dx, torch.ones(2, 1), torch.tensor([0]))
-    with pytest.raises(ValueError, match="contiguous int64"):
-        fused_adapt_finish(
-            table, torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, 1), dx, torch.ones(2, 1), torch.tensor([0])
-        )
-    torch.testing.assert_close(table, before, rtol=0, atol=0)
+        call(torch.tensor([1, 2]), columns=torch.tensor([2]))
+    with pytest.raises(ValueError, match="the table has 5 rows, the state tables 4"):
+        call(torch.tensor([1, 2]), table=layout.initial_row().expand(5, -1).clone())
+    with pytest.raises(ValueError, match="init must be a contiguous float32"):
+        call(torch.tensor([1, 2]), table=torch.zeros(4, layout.width + 1))
+    with pytest.raises(ValueError, match="a row width other than"):
+        call(torch.tensor([1, 2]), table=torch.zeros(4, layout.width + 1), init=torch.zeros(layout.width + 1))
+    with pytest.raises(ValueError, match="events must be a contiguous float32"):
+        call(torch.tensor([1, 2]), events=torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="columns must be a contiguous int64"):
+        call(torch.tensor([1, 2]), columns=torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="events must be a contiguous float32"):
+        call(torch.tensor([1, 2]), events=None)
+    with pytest.raises(ValueError, match="inside the fused CPU step only"):
+        CpuStep(1, fused=False)(model, dx, torch.tensor([1, 2]), store.h, store.c, None,
+                                FusedAdaptation(store.adaptation, store.adaptation_init, None, steps, *consts), events)
+    torch.testing.assert_close(store.adaptation, before, rtol=0, atol=0)
+    assert call(torch.tensor([1, 2])).shape == (2, 1)  # and the same call with valid operands goes through

@@ -311,6 +311,7 @@ def _last_round(last: dict) -> str:
             ("holdout: serving", "holdout_serving"),
             ("candidate", "holdout_candidate"),
             ("last value", "holdout_baseline"),
+            ("seasonal naive", "holdout_seasonal"),  # train.season only
         )
         if last.get(key) is not None
     ]
