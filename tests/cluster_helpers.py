@@ -185,3 +185,13 @@ def lease_held(nats_url: str, member: str) -> bool:
         return link.run(held())
     finally:
         link.close()
+
+
+def stop_replicas(procs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+    """Terminate every replica process still running (member -> (process, state directory)), then wait for all:
+    each hands its key groups over on the way out."""
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc, _ in procs.values():
+        proc.wait(30)

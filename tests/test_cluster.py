@@ -20,6 +20,7 @@ from tests.cluster_helpers import (
     gateway,
     needs_server,
     start_replica,
+    stop_replicas,
     wait,
 )
 
@@ -209,11 +210,7 @@ def test_kill_9_pause_and_join_mid_trace(nats_url, make_daemon, tmp_path):
         if gw is not None:
             gw.stop_and_join()
         link.close()
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in procs.values():
-            proc.wait(30)
+        stop_replicas(procs)
 
 
 def test_cluster_status_lists_members_with_their_key_groups(nats_url, make_daemon, tmp_path):

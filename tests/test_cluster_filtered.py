@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from tests.cluster_helpers import gateway, needs_server, start_replica, wait
+from tests.cluster_helpers import gateway, needs_server, start_replica, stop_replicas, wait
 from tests.test_cluster import MODEL, STEPS, _replayed, _run, _trace
 
 pytestmark = needs_server
@@ -69,8 +69,4 @@ def test_replicas_read_only_their_partitions_through_a_kill_and_a_join(nats_url,
         if gw is not None:
             gw.stop_and_join()
         link.close()
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in procs.values():
-            proc.wait(30)
+        stop_replicas(procs)

@@ -18,6 +18,7 @@ from tests.cluster_helpers import (
     lease_held,
     needs_server,
     start_replica,
+    stop_replicas,
     wait,
     wait_for_owners,
     wait_for_snapshots,
@@ -246,8 +247,4 @@ def test_sequence_ends_through_a_gateway_and_a_kill_9(nats_url, make_daemon, tmp
     finally:
         if gw is not None:
             gw.stop_and_join()
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in procs.values():
-            proc.wait(30)
+        stop_replicas(procs)

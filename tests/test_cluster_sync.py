@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster_helpers import gateway, needs_server, start_replica, wait
+from tests.cluster_helpers import gateway, needs_server, start_replica, stop_replicas, wait
 
 pytestmark = needs_server
 
@@ -449,8 +449,4 @@ def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tm
         if gw is not None:
             gw.stop_and_join()
         link.close()
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in procs.values():
-            proc.wait(30)
+        stop_replicas(procs)

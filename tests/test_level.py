@@ -19,6 +19,8 @@ from lstmd.daemon.normalization import AdaptationLayout, guard_coefficients, gua
 from lstmd.daemon.state_store import StateStore
 from typer.testing import CliRunner
 
+from tests.test_seasonal import assert_rollout_equals_feeding_its_predictions
+
 CPU = torch.device("cpu")
 RATE = 0.1
 # A random walk has nothing for the level to find; the guard pays a little while its statistics (about 50 scored
@@ -160,21 +162,8 @@ def test_the_level_survives_a_restart(make_daemon, tmp_path, snapshot_on_shutdow
 
 def test_a_multi_step_forecast_with_a_level_equals_feeding_its_own_predictions(make_daemon):
     settings = {k: v for k, v in SETTINGS.items() if k != "durability.wal"}
-    twin, daemon = make_daemon(**settings), make_daemon(**settings)
-    series = mean_reverting(30, seed=13)[:, None, None]
-    for d in (twin, daemon):
-        with Producer(d.endpoints["events"]) as producer:
-            for x in series:
-                producer.send(["s"], x)
-    with Producer(daemon.endpoints["events"]) as producer:
-        rows = daemon.store.adaptation.clone()
-        rollout = producer.forecast(["s"], horizon=9)[0]
-        torch.testing.assert_close(daemon.store.adaptation, rows, rtol=0, atol=0)
-    with Producer(twin.endpoints["events"]) as producer:
-        fed = [rollout[0]]
-        for j in range(1, 9):
-            fed.append(producer.send(["s"], rollout[j - 1][None])[0])
-    np.testing.assert_allclose(np.stack(fed), rollout, rtol=1e-5, atol=1e-5)
+    assert_rollout_equals_feeding_its_predictions(make_daemon, settings, mean_reverting(30, seed=13),
+                                                  lambda d: d.store.adaptation)
 
 
 @pytest.mark.parametrize(

@@ -132,25 +132,30 @@ def test_the_seasonal_ring_survives_a_restart(make_daemon, tmp_path, snapshot_on
     np.testing.assert_array_equal(answers[1], answers[3])
 
 
-def test_a_multi_step_forecast_with_a_season_equals_feeding_its_own_predictions(make_daemon):
-    """Step j of a rollout equals the reply to the predicted events 1..j-1 fed as real ones (the seasonal ring
-    is stepped on copies exactly as the serving step steps the real one), and the rollout changes nothing."""
-    settings = {"model.task": "forecast", "model.input_size": 1, "model.output_size": 1, "train.season": 4}
+def assert_rollout_equals_feeding_its_predictions(make_daemon, settings: dict, series: np.ndarray, table) -> None:
+    """Step j of a one-stream rollout equals the reply to the predicted events 1..j-1 fed as real ones to a twin
+    daemon that saw the same `series`, and the rollout leaves the per-stream state `table(daemon)` untouched (it
+    steps copies exactly as the serving step steps the real one)."""
     twin, daemon = make_daemon(**settings), make_daemon(**settings)
-    series = periodic(30, seed=9)[:, None, None]
     for d in (twin, daemon):
         with Producer(d.endpoints["events"]) as producer:
-            for x in series:
+            for x in series[:, None, None]:
                 producer.send(["s"], x)
     with Producer(daemon.endpoints["events"]) as producer:
-        ring = daemon.store.seasonal.clone()
+        before = table(daemon).clone()
         rollout = producer.forecast(["s"], horizon=9)[0]
-        torch.testing.assert_close(daemon.store.seasonal, ring, rtol=0, atol=0)
+        torch.testing.assert_close(table(daemon), before, rtol=0, atol=0)
     with Producer(twin.endpoints["events"]) as producer:
         fed = [rollout[0]]
         for j in range(1, 9):
             fed.append(producer.send(["s"], rollout[j - 1][None])[0])
     np.testing.assert_allclose(np.stack(fed), rollout, rtol=1e-5, atol=1e-5)
+
+
+def test_a_multi_step_forecast_with_a_season_equals_feeding_its_own_predictions(make_daemon):
+    settings = {"model.task": "forecast", "model.input_size": 1, "model.output_size": 1, "train.season": 4}
+    assert_rollout_equals_feeding_its_predictions(make_daemon, settings, periodic(30, seed=9),
+                                                  lambda d: d.store.seasonal)
 
 
 @pytest.mark.parametrize(
