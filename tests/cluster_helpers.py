@@ -46,6 +46,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on loopback `port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def start_nats(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
     """A nats-server with JetStream on loopback (more server options in `args`), its store under tmp_path, once it
     listens: (process, port)."""
@@ -56,15 +65,12 @@ def start_nats(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"nats-server {' '.join(args)} did not start")
-            time.sleep(0.05)
+    while not listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"nats-server {' '.join(args)} did not start")
+        time.sleep(0.05)
+    return proc, port
 
 
 def gateway(nats_url: str, tmp_path: Path, model: dict, **overrides):
@@ -170,16 +176,11 @@ def lease_held(nats_url: str, member: str) -> bool:
     """Whether `member`'s heartbeat entry is live (asked of the server for that key)."""
     from lstmd.daemon.cluster import membership
     from lstmd.daemon.cluster.log import NatsLink
-    from nats.js.errors import KeyNotFoundError
 
     link = NatsLink(nats_url, "test-members")
 
     async def held() -> bool:
-        try:
-            entry = await (await link.js.key_value(membership.MEMBERS_BUCKET)).get(member)
-        except KeyNotFoundError:
-            return False
-        return bool(entry.value)
+        return await membership.lease_held(await link.js.key_value(membership.MEMBERS_BUCKET), member)
 
     try:
         return link.run(held())

@@ -75,7 +75,7 @@ from lstmd.daemon import forecast as forecasts
 from lstmd.daemon.auth import AuthError, Security, insecure_endpoints
 from lstmd.daemon.cluster import log as clog
 from lstmd.daemon.cluster import ownership as own
-from lstmd.daemon.cluster.membership import MEMBERS_BUCKET
+from lstmd.daemon.cluster.membership import MEMBERS_BUCKET, lease_held
 from lstmd.daemon.cluster.natsauth import connect_options
 from lstmd.daemon.io import EventsBudgets, EventsSocket, ForecastMessage, TargetsMessage
 from lstmd.daemon.metrics import GatewayMetrics
@@ -580,7 +580,7 @@ class Gateway:
         entries = await asyncio.gather(*(own.read_entry(kv, g) for g in groups[:5]))
         owners = sorted({entry.owner for entry, _ in entries if entry is not None and entry.owner})
         # Each owner's own heartbeat entry, asked of the server (not a listing of the members, which may miss one)
-        alive = {m for m, held in zip(owners, await asyncio.gather(*(_lease_held(members_kv, m) for m in owners)),
+        alive = {m for m, held in zip(owners, await asyncio.gather(*(lease_held(members_kv, m) for m in owners)),
                                       strict=True) if held}
         words = []
         for group, (entry, _) in zip(groups, entries, strict=False):
@@ -598,14 +598,3 @@ class Gateway:
         cutoff = time.monotonic() - _FORGET_AFTER_S
         for token in [t for t, p in list(self._pending.items()) if p.started < cutoff]:
             self._finished(self._pending.pop(token), "forgotten")
-
-
-async def _lease_held(members_kv, member: str) -> bool:
-    """Whether `member`'s heartbeat entry (daemon/cluster/membership.py) is live now."""
-    from nats.js.errors import KeyNotFoundError
-
-    try:
-        entry = await members_kv.get(member)
-    except KeyNotFoundError:  # expired (its lease ran out) or never there
-        return False
-    return bool(entry.value)  # empty: it left

@@ -77,33 +77,29 @@ async def live_members(js, kv) -> dict[str, dict]:
     seen them all from a consumer info taken while the messages are in flight, so on a busy event loop it now and
     then returns a short list (measured: 1 in ~300 listings with the loop busy), and a member missing from one
     listing looked dead: the others claimed all its key groups at once and fenced it."""
-    from nats.js.errors import KeyNotFoundError
-
     info = await js.stream_info(f"KV_{MEMBERS_BUCKET}", subjects_filter=f"$KV.{MEMBERS_BUCKET}.>")
     prefix = len(f"$KV.{MEMBERS_BUCKET}.")
     names = [subject[prefix:] for subject in info.state.subjects or {}]
-
-    async def card(name: str) -> dict | None:
-        with contextlib.suppress(KeyNotFoundError):  # left (a delete marker) or expired since the listing
-            entry = await kv.get(name)
-            if entry.value:
-                return json.loads(entry.value)
-        return None
-
-    cards = await asyncio.gather(*(card(name) for name in names))
-    return {name: found for name, found in zip(names, cards, strict=True) if found is not None}
+    cards = await asyncio.gather(*(_heartbeat(kv, name) for name in names))
+    return {name: json.loads(card) for name, card in zip(names, cards, strict=True) if card is not None}
 
 
 async def lease_held(kv, member: str) -> bool:
     """Whether `member`'s heartbeat entry is live now: asked of the server for that one key, the check before
     taking anything over from a member a listing did not show (a claim over a live owner fences it)."""
+    return await _heartbeat(kv, member) is not None
+
+
+async def _heartbeat(kv, member: str) -> bytes | None:
+    """`member`'s card in the members bucket `kv`; None when it left (a delete marker), its lease expired, or it
+    was never there."""
     from nats.js.errors import KeyNotFoundError
 
     try:
         entry = await kv.get(member)
     except KeyNotFoundError:
-        return False
-    return bool(entry.value)
+        return None
+    return entry.value or None
 
 
 async def drain_bucket(js):
