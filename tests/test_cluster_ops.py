@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster_helpers import SERVER, free_port, gateway, needs_server, start_nats, wait
+from tests.cluster_helpers import SERVER, free_port, gateway, listening, needs_server, start_nats, wait
 from tests.test_cluster import MODEL
 
 pytestmark = needs_server
@@ -399,21 +398,13 @@ def test_nats_nkey(make_daemon, tmp_path):
                             stderr=subprocess.DEVNULL)
     url = f"nats://127.0.0.1:{port}"
     try:
-        wait("nats-server", lambda: proc.poll() is None and _listening(port), timeout=30)
+        wait("nats-server", lambda: proc.poll() is None and listening(port), timeout=30)
         auth = {"cluster.nats": url, "cluster.key_groups": G, "cluster.nkey_seed": str(tmp_path / "member.nk")}
         _serves_with(make_daemon, tmp_path, auth)
         with pytest.raises(ClusterError, match="refused this client"):
             gateway(url, tmp_path, MODEL, **{**auth, "cluster.nkey_seed": str(tmp_path / "stranger.nk")})
     finally:
         _stop(proc)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_the_config_command_never_shows_nats_secrets(make_daemon):

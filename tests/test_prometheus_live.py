@@ -403,7 +403,7 @@ def test_cluster_queries_against_a_real_gateway_and_replica(tmp_path: Path) -> N
     errors: list[BaseException] = []
     prometheus = None
     try:
-        wait_for(lambda: _listening(nats_port), "nats-server")
+        wait_for(lambda: cluster_tests.listening(nats_port), "nats-server")
         lstmd = shutil.which("lstmd") or "lstmd"
         procs.append(subprocess.Popen(
             [lstmd, "serve", *common, "--set", "serve.control=tcp://127.0.0.1:0", "--set", "serve.publish=",
@@ -454,13 +454,3 @@ def test_cluster_queries_against_a_real_gateway_and_replica(tmp_path: Path) -> N
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
