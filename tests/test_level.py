@@ -19,7 +19,7 @@ from lstmd.daemon.normalization import AdaptationLayout, guard_coefficients, gua
 from lstmd.daemon.state_store import StateStore
 from typer.testing import CliRunner
 
-from tests.test_seasonal import assert_rollout_equals_feeding_its_predictions
+from tests.test_seasonal import assert_rollout_equals_feeding_its_predictions, assert_state_survives_a_restart
 
 CPU = torch.device("cpu")
 RATE = 0.1
@@ -138,26 +138,7 @@ def test_the_level_survives_a_restart(make_daemon, tmp_path, snapshot_on_shutdow
     settings = {**SETTINGS, "durability.snapshot_on_shutdown": snapshot_on_shutdown}
     series = np.stack([mean_reverting(40, seed=s, shift_at=20) for s in (10, 11, 12)], axis=1)[:, :, None]
     series[:, 2] *= 1000
-    uninterrupted = make_daemon(state_dir=tmp_path / "reference", **settings)
-    restarted = make_daemon(state_dir=tmp_path / "state", **settings)
-    ids = ["a", "b", "big"]
-    for daemon in (uninterrupted, restarted):
-        with Producer(daemon.endpoints["events"]) as producer:
-            for x in series[:27]:
-                producer.send(ids, x)
-    slots = [restarted.store.slot_of[i] for i in ids]
-    rows = restarted.store.adaptation[slots].clone()
-    restarted.stop_and_join()
-    restarted = make_daemon(state_dir=tmp_path / "state", **settings)
-    slots = [restarted.store.slot_of[i] for i in ids]
-    torch.testing.assert_close(restarted.store.adaptation[slots], rows, rtol=0, atol=0)
-    answers = []
-    for daemon in (uninterrupted, restarted):
-        with Producer(daemon.endpoints["events"]) as producer:
-            answers.append(np.stack([producer.send(ids, x) for x in series[27:]]))
-            answers.append(producer.forecast(ids, horizon=6))
-    np.testing.assert_array_equal(answers[0], answers[2])
-    np.testing.assert_array_equal(answers[1], answers[3])
+    assert_state_survives_a_restart(make_daemon, tmp_path, settings, series, [lambda store: store.adaptation])
 
 
 def test_a_multi_step_forecast_with_a_level_equals_feeding_its_own_predictions(make_daemon):

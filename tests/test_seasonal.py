@@ -109,6 +109,14 @@ def test_the_seasonal_ring_survives_a_restart(make_daemon, tmp_path, snapshot_on
                 "durability.wal": True, "durability.snapshot_on_shutdown": snapshot_on_shutdown}  # fmt: skip
     series = np.stack([periodic(40, seed=s) for s in (5, 6, 7)], axis=1)[:, :, None]
     series[:, 2] *= 1000
+    assert_state_survives_a_restart(make_daemon, tmp_path, settings, series,
+                                    [lambda store: store.seasonal, lambda store: store.adaptation])
+
+
+def assert_state_survives_a_restart(make_daemon, tmp_path, settings: dict, series: np.ndarray, tables) -> None:
+    """Streams a, b, big get series[:27] on two daemons; one restarts (from its snapshot or its log, as `settings`
+    say): each per-stream table `tables` names (store -> tensor) holds exactly what it held, and the answers to
+    series[27:] and a 6-step forecast equal the uninterrupted daemon's (a rollout steps copies of the tables)."""
     uninterrupted = make_daemon(state_dir=tmp_path / "reference", **settings)
     restarted = make_daemon(state_dir=tmp_path / "state", **settings)
     ids = ["a", "b", "big"]
@@ -117,17 +125,17 @@ def test_the_seasonal_ring_survives_a_restart(make_daemon, tmp_path, snapshot_on
             for x in series[:27]:
                 producer.send(ids, x)
     slots = [restarted.store.slot_of[i] for i in ids]
-    ring, rows = restarted.store.seasonal[slots].clone(), restarted.store.adaptation[slots].clone()
+    before = [table(restarted.store)[slots].clone() for table in tables]
     restarted.stop_and_join()
     restarted = make_daemon(state_dir=tmp_path / "state", **settings)
     slots = [restarted.store.slot_of[i] for i in ids]
-    torch.testing.assert_close(restarted.store.seasonal[slots], ring, rtol=0, atol=0)
-    torch.testing.assert_close(restarted.store.adaptation[slots], rows, rtol=0, atol=0)
+    for table, kept in zip(tables, before, strict=True):
+        torch.testing.assert_close(table(restarted.store)[slots], kept, rtol=0, atol=0)
     answers = []
     for daemon in (uninterrupted, restarted):
         with Producer(daemon.endpoints["events"]) as producer:
             answers.append(np.stack([producer.send(ids, x) for x in series[27:]]))
-            answers.append(producer.forecast(ids, horizon=6))  # the rollout steps copies of the ring
+            answers.append(producer.forecast(ids, horizon=6))
     np.testing.assert_array_equal(answers[0], answers[2])
     np.testing.assert_array_equal(answers[1], answers[3])
 
