@@ -92,6 +92,18 @@ def report(old: str, new: str, runs: list[dict]) -> dict:
     }
 
 
+def parse_with_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line's arguments up to `--`, with everything after it as `bench_args` (more `lstmd bench`
+    arguments, passed on as they are); `--pairs` (the parser's) at least 1. Shared with benchmarks/guard_cost.py."""
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.bench_args = argv[split + 1 :]
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old")
@@ -101,12 +113,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each window")
     parser.add_argument("--repo", type=Path, default=REPO, help="the git repository (default: this script's)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every run and the summary here")
-    argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)  # after --: more `lstmd bench` arguments, as they are
-    args = parser.parse_args(argv[:split])
-    args.bench_args = argv[split + 1 :]
-    if args.pairs < 1:
-        parser.error("--pairs must be at least 1")
+    args = parse_with_bench_args(parser)
     root = Path(tempfile.mkdtemp(prefix="lstmd-compare-"))
     try:
         pythons = {}

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from compare_commits import parse_with_bench_args  # a sibling script (this directory is on sys.path)
+
 MODEL = ["--set", "model.task=forecast", "--set", "model.output_size=8"]
 
 
@@ -40,12 +42,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each window")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every run and the summary here")
-    argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)  # after --: more `lstmd bench` arguments, as they are
-    args = parser.parse_args(argv[:split])
-    args.bench_args = argv[split + 1 :]
-    if args.pairs < 1:
-        parser.error("--pairs must be at least 1")
+    args = parse_with_bench_args(parser)
     runs = []
     with tempfile.TemporaryDirectory(prefix="lstmd-guard-") as root:
         for pair in range(args.pairs):

@@ -403,6 +403,29 @@ def print_suite(result: dict) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in result["geomean_vs_last_value"].items()))  # fmt: skip
 
 
+def _step_wave(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One wave of `n` streams for timing Engine.step (parts guard and level-cost): 64 steps of 8 features to
+    cycle through, the streams' slots among 2n, none fresh, and the steps per timed block (a few ms)."""
+    rng = np.random.default_rng(0)
+    # Random walks, cycled: a constant input would drive the guard's averages of a zero target into subnormal
+    # floats, which cost ~100x per operation (a stream stuck at one value for thousands of events would too).
+    walk = np.cumsum(rng.standard_normal((64, n, 8)), axis=0).astype(np.float32)
+    slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
+    return walk, slots, np.zeros(n, bool), max(5, 20_000 // n)
+
+
+def _rotating_times(modes: tuple[str, ...], timed, repeats: int) -> dict[str, list[float]]:
+    """mode -> `repeats` results of timed(mode), after one warm-up each, the modes in rotating order per round
+    (so a drift of the machine's load hits every mode alike)."""
+    for mode in modes:
+        timed(mode)
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(repeats):
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            seconds[mode].append(timed(mode))
+    return seconds
+
+
 def part_guard(args) -> dict:
     """The guard's cost in the serving step, as a same-run A/B: Engine.step of a forecast model (I = O = 8, H = 64,
     one wave of `--guard-batch` streams on the CPU, one torch thread, the default backend) with the per-stream
@@ -425,13 +448,7 @@ def part_guard(args) -> dict:
     for n in args.guard_batch:
         engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
         fused = engine._fused_adaptation
-        rng = np.random.default_rng(0)
-        # Random walks, cycled: a constant input would drive the guard's averages of a zero target into subnormal
-        # floats, which cost ~100x per operation (a stream stuck at one value for thousands of events would too).
-        walk = np.cumsum(rng.standard_normal((64, n, 8)), axis=0).astype(np.float32)
-        slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
-        fresh = np.zeros(n, bool)
-        block = max(5, 20_000 // n)  # steps per block: a few ms
+        walk, slots, fresh, block = _step_wave(n)
 
         def timed(mode: str, engine=engine, walk=walk, slots=slots, fresh=fresh, block=block, fused=fused) -> float:
             engine.guard = mode != "off"
@@ -442,12 +459,7 @@ def part_guard(args) -> dict:
             return (time.perf_counter() - t0) / block
 
         try:
-            for mode in modes:  # warm-up
-                timed(mode)
-            seconds = {mode: [] for mode in modes}
-            for r in range(args.guard_repeats):
-                for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
-                    seconds[mode].append(timed(mode))
+            seconds = _rotating_times(modes, timed, args.guard_repeats)
         finally:
             engine.close()
         off = np.array(seconds["off"])
@@ -530,11 +542,7 @@ def part_level_cost(args) -> dict:
         engines = {m: Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto",
                              level=0.1 if m == "level" else 0.0) for m in modes}  # fmt: skip
         engines["torch"]._fused_adaptation = False  # the torch-ops path without a level, as served on CUDA
-        rng = np.random.default_rng(0)
-        walk = np.cumsum(rng.standard_normal((64, n, 8)), axis=0).astype(np.float32)  # as part 5: no subnormals
-        slots = rng.choice(2 * n, n, replace=False).astype(np.int64)
-        fresh = np.zeros(n, bool)
-        block = max(5, 20_000 // n)
+        walk, slots, fresh, block = _step_wave(n)
 
         def timed(mode: str, walk=walk, slots=slots, fresh=fresh, block=block, engines=engines) -> float:
             t0 = time.perf_counter()
@@ -542,12 +550,7 @@ def part_level_cost(args) -> dict:
                 engines[mode].step(walk[i % 64], slots, fresh)
             return (time.perf_counter() - t0) / block
 
-        for mode in modes:  # warm-up
-            timed(mode)
-        seconds = {mode: [] for mode in modes}
-        for r in range(args.guard_repeats):
-            for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
-                seconds[mode].append(timed(mode))
+        seconds = _rotating_times(modes, timed, args.guard_repeats)
         results.append({"batch": n, "rounds": args.guard_repeats,
                         **{f"step_us_{m}": float(np.median(v)) * 1e6 for m, v in seconds.items()}})  # fmt: skip
     return {"runs": results, "load_avg_1m": os.getloadavg()[0]}
