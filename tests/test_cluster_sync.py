@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster_helpers import gateway, needs_server, start_replica, stop_replicas, wait
+from tests.cluster_helpers import gateway, needs_server, start_replica, stop_replicas, wait, wait_for_snapshots
 
 pytestmark = needs_server
 
@@ -393,6 +393,9 @@ def test_kill_9_with_training_applies_each_event_once_under_one_version(nats, tm
                 if step == STEPS * 2 // 5:
                     wait("an averaged version", lambda: _latest(link) >= 1, timeout=60)
                     victim, before = _lease(link).owner, _latest(link)
+                    # a successor restores the victim's snapshots (asserted below): let it have taken them
+                    held = {key_group(s, G) for s in streams} & set(assignment({"r1", "r2", "r3"}, G)[victim])
+                    wait_for_snapshots(nats, held, victim)
                     procs[victim][0].kill()
                 result = producer.send_detailed(streams, x, targets=y, seqs=seqs)
                 assert set(result.status_names) == {"ok"}
