@@ -1,9 +1,8 @@
 """The serving step on a CUDA device: staged copies, bucketed batch sizes, and the step captured in CUDA graphs.
 
-**This path has never run on a GPU.** It was written and tested without one: the CPU tests
-(tests/test_engine_cuda.py) run this class on the CPU, where the copies are plain copies and nothing is captured,
-and the `cuda`-marked tests there (graph replay against the uncaptured step) wait for the first GPU run
-(scripts/gpu-check).
+The CPU tests (tests/test_engine_cuda.py) run this class on the CPU, where the copies are plain copies and
+nothing is captured; its `cuda`-marked tests (graph replay against the uncaptured step, the daemon on cuda) ran
+on an H200 in scripts/gpu-check (2026-11-28, docs/benchmarks.md "GPU").
 
 Per wave of n events (daemon/engine.py hands it over on CUDA devices only; the CPU path does not come here):
 1. The host writes slots, features and reset flags into one pinned staging buffer, laid out for the wave's bucket
@@ -144,6 +143,22 @@ class DeviceStep:
             self._copied = [torch.cuda.Event() for _ in range(2)]  # the host→device copy of buffer k has finished
             self._done = [torch.cuda.Event() for _ in range(2)]  # wave k's predictions are in host memory
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+            self._prepare_buckets()
+
+    def _prepare_buckets(self) -> None:
+        """Run (compiling the Triton kernels) and, with graphs on, capture every bucket now, before the daemon
+        serves: a bucket first seen mid-run costs its compile and capture while events wait (the first GPU run's
+        open-loop p99 of 2.2 s, docs/benchmarks.md "GPU"). Every row is padding (scratch slot, reset), so only the
+        scratch row is written."""
+        with torch.cuda.stream(self._stream), torch.inference_mode():
+            bucket = MIN_BUCKET
+            while bucket <= MAX_BUCKET:
+                slots, _x, reset = staging_views(self._staging, bucket, self.input_size)
+                slots.fill_(self.scratch)
+                reset.fill_(True)
+                self._run(bucket)
+                bucket *= 2
+        self._stream.synchronize()
 
     def step(self, model: ServingModel, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance `slots` (distinct) one event each; predictions [n, O] float32. Waves over MAX_BUCKET go in chunks
@@ -217,9 +232,9 @@ class DeviceStep:
     def _run(self, bucket: int) -> None:
         """The bucket's step: replayed from its graph, or launched (and, with graphs on, captured for next time).
 
-        The first wave of a bucket pays for Triton's compile (cached on disk after the first process) and the
-        capture, which synchronises the device and collects garbage (torch.cuda.graph does): a one-off latency
-        spike per bucket, at most 11 of them."""
+        On CUDA every bucket was run (and captured) once at construction (_prepare_buckets); a bucket first seen
+        here would pay for Triton's compile and the capture, which synchronises the device and collects garbage
+        (torch.cuda.graph does)."""
         graph = self._graphs.get(bucket)
         if graph is not None:
             graph.replay()

@@ -3,7 +3,8 @@
 Holds the serving model on the device. Swapping `engine.model` for a new `ServingModel` between two batches is
 how new weights are published: the loop reads the reference once per wave, so a swap never tears a wave.
 On a CUDA device the step goes through daemon/device_step.py (pinned staging, one copy each way per wave, a CUDA
-graph per bucketed batch size under serve.cuda_graphs); that path has never run on a GPU. The CPU path is below.
+graph per bucketed batch size under serve.cuda_graphs), except for forecast models, whose per-stream adaptation
+runs as torch ops around the kernel below. The CPU path is below.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class Engine:
             # It takes over the state tables (one scratch row more); the store keeps views of them. Forecast
             # models (per-stream adaptation, not in DeviceStep yet) step through the path below on CUDA too.
             self._device_step = DeviceStep(self.model, store, self.backends.kernel, device, cuda_graphs)
+        elif device.type == "cuda" and self.backends.step == "triton":
+            from lstmd.kernels import triton_lstm
+
+            # Compile every step variant now, not in the first waves (kernels/triton_lstm.py, "Compiling").
+            triton_lstm.warm_up(self.model.params, step=True)
 
     @property
     def backend_name(self) -> str:

@@ -173,10 +173,24 @@ class Trainer:
         # The first optimizer built imports much of torch.optim's dependencies (~2 s of bytecode under the GIL
         # on 2 cores, py-spy): pay it here, before serving, not in the first round while events wait.
         self._make_optimizer([torch.zeros(1, requires_grad=True)])
+        if self.device.type == "cuda" and self.backends.sequence == "triton":
+            # Likewise the sequence kernels' compiles: on the first GPU run the first round's compiles held the
+            # GIL for ~5 s, and serving answered nothing meanwhile.
+            self.warm_up_kernels()
         if self.paused:
             log.warning("training is paused (as it was before the restart); `lstmd train resume` resumes it")
         self._thread = threading.Thread(target=self._run, name="lstmd-trainer", daemon=True)
         self._thread.start()
+
+    def warm_up_kernels(self) -> int:
+        """Compile the Triton sequence kernels for the serving model's shapes (kernels/triton_lstm.py,
+        "Compiling"); the number of variants compiled."""
+        from lstmd.kernels import triton_lstm
+
+        serving = self.serving()
+        tensors = [serving.tensors[n].to(self.device) for n in self._native_names]
+        layers = [tuple(tensors[4 * k : 4 * k + 4]) for k in range(self.spec.num_layers)]
+        return triton_lstm.warm_up(layers, step=False, sequence=True)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()

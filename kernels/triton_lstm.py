@@ -11,6 +11,7 @@ Layers of this module, as in Liger-Kernel's ops:
                                                                      private @triton.jit kernels
     plan_step, plan_sequence                                         the one choice of variant, by B and H
     lstm_step_, launch_step, _LSTMSequence, lstm_sequence            launchers / autograd.Function / public
+    warm_up                                                          every reachable variant compiled up front
 
 Variants (each chosen by plan_step / plan_sequence; FORCE_STEP_PLAN / FORCE_SEQUENCE_PLAN force one for tests
 and the benchmark; the public contract of lstmd.kernels does not change with the variant):
@@ -19,8 +20,14 @@ and the benchmark; the public contract of lstmd.kernels does not change with the
                       fewer weight reads per row than "rows" at large B, and B/64 · H/32 programs
     sequence "rows"   one launch per layer and direction, a program loops over T for 16 whole rows
     sequence "steps"  one launch per time step over (row blocks of 16, H tiles of 32): more programs at small B
-None of the variants was timed: no GPU was available when they were written. They are checked against
-nn.LSTM / nn.LSTMCell under the interpreter (tests/test_kernels.py) and compiled for sm_90 (compile_check.py).
+They are checked against nn.LSTM / nn.LSTMCell under the interpreter (tests/test_kernels.py) and, compiled, on
+an H200 (scripts/gpu-check, 2026-11-28); the plans are chosen from that run's sweep (docs/benchmarks.md, "GPU").
+
+Compiling: Triton compiles a kernel the first time it is launched with a new specialisation, in the launching
+thread, holding the GIL for a while per variant. The integers that change from call to call (B, S, T, t,
+layer) are therefore `do_not_specialize` (else B % 16 == 0 or t == 1 would each be a variant of its own), and
+`warm_up` launches every variant the daemon can reach before it serves. On the first GPU run, without either, a
+trainer's first round stalled serving for ~5 s and an open-loop run's new batch sizes gave a 2.2 s p99.
 
 Design (why it is shaped like this):
 - ("rows" variants) One program owns whole rows: all H of a block of BLOCK_B streams, and all L layers. Slots
@@ -41,8 +48,8 @@ Design (why it is shaped like this):
 - Limit: H <= MAX_HIDDEN. Four [BLOCK_B, BLOCK_H] fp32 gate accumulators live in registers; at BLOCK_B=16,
   H=512 that is 128 KB, half of an H100 SM's register file. Larger H raises ValueError. Compiled for sm_90
   (compile_check.py), every kernel fits in shared memory up to H=512, but registers saturate from H=128 and
-  spill up to 1.2 KB per thread at H=512: slow there, not wrong. No GPU was available when this was written,
-  so nothing here is timed; the first GPU run (`pytest -m cuda`) is the real launch test.
+  spill up to 1.2 KB per thread at H=512: slow there, not wrong. The block sizes were chosen by compiling
+  without a GPU; the plans (which variant at which B and H) by the first GPU run's timings.
 - Parallelism: a "rows" launch has cdiv(B, 16) programs, so a TBPTT window of B=256 keeps 16 SMs busy.
   Splitting H across programs needs all of a row's previous h before any program goes on, so the split variants
   ("tiled", "steps") pay with one launch per layer or per time step instead of a grid-wide barrier, which the
@@ -154,7 +161,7 @@ def _sequence_cell(acc_i, acc_f, acc_g, acc_o, c_prev, gates_ptr, g_tile, H, hs_
     return h, c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "S"))
 def _lstm_step_kernel(
     x_ptr,  # [B, I] fp32
     slots_ptr,  # [B] int64, distinct rows of the tables
@@ -227,7 +234,7 @@ def _lstm_step_kernel(
     tl.store(y_ptr + offs_b[:, None].to(tl.int64) * H + offs_h[None, :], h_new, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "T"))
 def _lstm_seq_fwd_kernel(
     xw_ptr,  # [B, T, 4H] fp32: x @ w_ih^T + b_ih + b_hh, hoisted out of the recurrence
     wh_ptr,  # [H, 4H] w_hh transposed
@@ -267,7 +274,7 @@ def _lstm_seq_fwd_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "T"))
 def _lstm_seq_bwd_kernel(
     dy_ptr,  # [B, T, H] fp32: dL/dh_t from outside the recurrence (the layer above, or the loss)
     dhn_ptr,  # [B, H] fp32: dL/dh_n
@@ -322,7 +329,7 @@ def _lstm_seq_bwd_kernel(
     tl.store(dc0_ptr + state_tile, dc, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "S", "layer"))
 def _lstm_step_tiled_kernel(
     inp_ptr,  # [B, K_in] fp32, dense by event: x for layer 0, the previous layer's new h (its `hn`) otherwise
     slots_ptr,  # [B] int64, distinct rows of the tables
@@ -397,7 +404,7 @@ def _lstm_step_tiled_kernel(
         tl.store(h_ptr + row_tile, h_new, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "S", "layer"))
 def _scatter_rows_kernel(
     src_ptr,  # [B, H] fp32, dense by event
     slots_ptr,  # [B] int64
@@ -418,7 +425,7 @@ def _scatter_rows_kernel(
     tl.store(h_ptr + ((slots + layer * S) * H)[:, None] + offs_h[None, :], val, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "T", "t"))
 def _lstm_seq_fwd_step_kernel(
     xw_ptr,  # [B, T, 4H] fp32: x @ w_ih^T + b_ih + b_hh
     wh_ptr,  # [H, 4H] w_hh transposed
@@ -457,7 +464,7 @@ def _lstm_seq_fwd_step_kernel(
     _sequence_cell(acc_i, acc_f, acc_g, acc_o, c_prev, gates_ptr, g_tile, H, hs_ptr, cs_ptr, s_tile, tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B", "T", "t"))
 def _lstm_seq_bwd_step_kernel(
     dy_ptr,  # [B, T, H] fp32: dL/dh_t from outside the recurrence
     dhn_ptr,  # [B, H] fp32: dL/dh_n (read at the first launch, t = T-1)
@@ -654,16 +661,16 @@ FORCE_STEP_PLAN: StepPlan | None = None
 def plan_step(B: int, H: int) -> StepPlan:
     """The launch plan for a step of B events at hidden size H: the one place the variant is chosen.
 
-    Small batches keep the single-launch "rows" kernel: at B=4096 it has 256 programs, and each reads the whole
-    4H·(I+H) weight matrix (about 335 MB of L2 reads at H=256, KERNELS.md). From B=2048 and H >= 128 the tiled
-    variant reads the weights once per 64 rows (4x less) while splitting H in tiles of 32 keeps the program count
-    at B/64 · H/32 (512 at B=4096, H=256); the 64x32 tile is the one that compiled without spills. The
-    thresholds are a first guess from that arithmetic, not from timings (no GPU yet): `python -m
-    lstmd.kernels.bench` times every plan at each shape for the first GPU run.
+    From the H200 sweep (docs/benchmarks.md, "GPU", 2026-11-28; L=1, I=64, fp32 weights, TF32): up to H=128 the
+    single-launch "rows" kernel is as fast or faster at every B (B=16384: 0.061 ms against tiled's 0.085; B=4096
+    in a CUDA graph: 0.023 against 0.028). From H=256 the tiled variant wins at every B measured (256 to
+    16384): a "rows" program reads the whole 4H·(I+H) weight matrix for its 16 rows, a tiled one 64 rows' worth
+    per H tile (H=256, B=16384: 0.22 ms against 0.37; H=512, B=256: 0.037 against 0.149). B is kept in the
+    signature: the crossover may move with L or I, which the sweep did not vary.
     """
     if FORCE_STEP_PLAN is not None:
         return FORCE_STEP_PLAN
-    if B >= 2048 and H >= 128:
+    if H >= 256:
         return StepPlan("tiled", 64, 32)
     return StepPlan("rows", 16, max(16, triton.next_power_of_2(H)))
 
@@ -785,19 +792,21 @@ class SequencePlan(NamedTuple):
 
 # Tests and the benchmark force a plan here (None: plan_sequence decides).
 FORCE_SEQUENCE_PLAN: SequencePlan | None = None
+STEPS_MAX_B = 512  # plan_sequence: the largest window batch that may run as "steps"
 
 
 def plan_sequence(B: int, H: int) -> SequencePlan:
     """The sequence variant for a window of B streams at hidden size H.
 
-    "rows" has cdiv(B, 16) programs for the whole window: 16 of an H100's 132 SMs at B=256. "steps" splits H in
-    tiles of 32 (B=256, H=256: 16 x 8 = 128 programs) at the price of T launches forward and T+1 backward per
-    layer. It is chosen for B <= 512 from H=128, the issue's TBPTT target (B=256, T=64, H in {128, 256}) — a
-    guess from the program counts, not a timing: the benchmark times both plans for the first GPU run.
+    From the H200 sweep (docs/benchmarks.md, "GPU", 2026-11-28; forward + backward): "rows" (one launch per layer
+    and direction) beat "steps" (T launches forward and T+1 backward per layer, H split in tiles of 32) at
+    B=256, T=64, H=128, L=2 (3.5 ms against 11.5) and at B=64, T=32, H=256 (2.5 against 4.0), and tied at
+    B=256, T=64, H=256, L=2 (10.6 against 10.4). "steps" is kept for H > 256 at small B, where a "rows" program's
+    four [16, H] accumulators spill (compile_check) and cdiv(B, 16) programs leave most SMs idle: not timed yet.
     """
     if FORCE_SEQUENCE_PLAN is not None:
         return FORCE_SEQUENCE_PLAN
-    if B <= 512 and H >= 128:
+    if B <= STEPS_MAX_B and H > 256:
         return SequencePlan("steps", 32)
     return SequencePlan("rows", max(16, triton.next_power_of_2(H)))
 
@@ -935,3 +944,54 @@ def lstm_sequence(
     weights = [t for p in params for t in p]
     y, h_n, c_n = _LSTMSequence.apply(x.contiguous(), h0.contiguous(), c0.contiguous(), *weights)
     return y, (h_n, c_n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiling up front
+
+
+def _kernels() -> tuple:
+    return (_lstm_step_kernel, _lstm_step_tiled_kernel, _scatter_rows_kernel, _lstm_seq_fwd_kernel,
+            _lstm_seq_bwd_kernel, _lstm_seq_fwd_step_kernel, _lstm_seq_bwd_step_kernel)  # fmt: skip
+
+
+def compiled_variants() -> int:
+    """How many compiled variants the kernels of this module hold in this process (0 under the interpreter)."""
+    caches = (getattr(k, "device_caches", {}) for k in _kernels())
+    return sum(len(entry[0]) for cache in caches for entry in cache.values())
+
+
+def warm_up(params: Params, *, step: bool = True, sequence: bool = False) -> int:
+    """Launch every variant the daemon can reach with `params`' shapes and dtypes, on their device, on throwaway
+    tensors: the step's plans at the smallest and largest batches, each with and without resets, and (sequence)
+    the sequence plans forward and backward. Nothing the caller owns is written. Called before the daemon serves
+    (see the module docstring, "Compiling"); returns the number of variants compiled, 0 when all were cached."""
+    device = params[0][1].device
+    before = compiled_variants()
+    L, H, n_in = len(params), params[0][1].shape[1], params[0][0].shape[1]
+    gen = torch.Generator(device=device).manual_seed(0)
+    if step:
+        B = 16
+        h = torch.zeros(L, B + 1, H, device=device)
+        c = torch.zeros_like(h)
+        x = torch.rand(B, n_in, device=device, generator=gen)
+        slots = torch.arange(1, B + 1, device=device)
+        weights = prepare_step_weights(params)
+        for plan in {plan_step(b, H) for b in (1, 1 << 14)}:  # any B runs any plan: 16 rows will do
+            for reset in (None, torch.ones(B, dtype=torch.bool, device=device)):
+                launch_step(x, slots, h, c, weights, reset, torch.empty(B, H, device=device), plan)
+    if sequence:
+        with torch.enable_grad():
+            leaves = [p.detach().clone().requires_grad_(True) for layer in params for p in layer]
+            layers = [tuple(leaves[4 * k : 4 * k + 4]) for k in range(L)]
+            batches = {}  # one batch size per reachable plan
+            for b in (16, STEPS_MAX_B + 1):
+                batches.setdefault(plan_sequence(b, H), b)
+            for B in batches.values():
+                x = torch.rand(B, 2, n_in, device=device, generator=gen)
+                h0 = torch.zeros(L, B, H, device=device)
+                y, (h_n, c_n) = lstm_sequence(x, h0, h0.clone(), layers)
+                (y.sum() + h_n.sum() + c_n.sum()).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return compiled_variants() - before

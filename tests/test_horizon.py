@@ -261,3 +261,15 @@ def test_the_benchmarks_baselines_are_the_last_value_and_the_value_whole_seasons
     seasons_back = np.where(target - 12 <= origins[:, None], target - 12, target - 24)
     want = np.where(seasons_back >= 0, seasons_back, np.nan)
     np.testing.assert_array_equal(out["seasonal naive"], want)
+
+
+def test_trainer_warm_up_compiles_the_sequence_for_the_serving_shapes():
+    """Trainer.start() calls warm_up_kernels on CUDA (before the daemon serves); here it runs the Triton sequence
+    kernels through the interpreter on the serving model's shapes: forward and backward of every reachable plan,
+    with the trainer's weights and optimizer untouched."""
+    from lstmd.kernels.backends import Backends
+
+    trainer = make_trainer(2, 1)
+    trainer.backends = Backends(step="triton", sequence="triton")
+    assert trainer.warm_up_kernels() == 0  # the interpreter compiles nothing: it ran, and raised nothing
+    assert trainer._params == [] and trainer.rounds == 0

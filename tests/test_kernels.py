@@ -426,10 +426,76 @@ def test_step_variants_match_lstmcell(backend, device, rtol, L, H, B, plan, monk
 def test_step_plan_follows_batch_and_hidden(backend, device, rtol):
     from lstmd.kernels.triton_lstm import plan_sequence, plan_step
 
-    assert plan_step(256, 256).kind == "rows" and plan_step(4096, 64).kind == "rows"
-    assert plan_step(4096, 256).kind == "tiled" and plan_step(16384, 128).kind == "tiled"
-    assert plan_sequence(256, 128).kind == "steps" and plan_sequence(256, 64).kind == "rows"
-    assert plan_sequence(4096, 256).kind == "rows"
+    # The H200 sweep's choices (docs/benchmarks.md, "GPU"): rows up to H=128, tiled from H=256, at any B.
+    assert plan_step(16384, 128).kind == "rows" and plan_step(4096, 64).kind == "rows"
+    assert plan_step(256, 256).kind == "tiled" and plan_step(16384, 512).kind == "tiled"
+    assert plan_sequence(256, 128).kind == "rows" and plan_sequence(256, 256).kind == "rows"
+    assert plan_sequence(256, 512).kind == "steps" and plan_sequence(4096, 512).kind == "rows"
+
+
+@pytest.mark.parametrize("H", [48, 260])
+@pytest.mark.parametrize(("backend", "device", "rtol"), TRITON_CASES)
+def test_warm_up_runs_every_plan_without_touching_anything(backend, device, rtol, H, monkeypatch):
+    """warm_up launches each reachable plan (steps and sequences, forward and backward) on its own tensors: the
+    caller's weights and their gradients are untouched. H=260 reaches the tiled step and the "steps" sequence."""
+    from lstmd.kernels import triton_lstm
+
+    params, _ = make_model(5, H, 2, device)
+    before = [p.clone() for layer in params for p in layer]
+    launched = []
+    for name in ("_lstm_step_kernel", "_lstm_step_tiled_kernel", "_lstm_seq_fwd_kernel", "_lstm_seq_bwd_kernel",
+                 "_lstm_seq_fwd_step_kernel", "_lstm_seq_bwd_step_kernel"):  # fmt: skip
+        kernel = getattr(triton_lstm, name)
+        monkeypatch.setattr(triton_lstm, name, _Recording(kernel, name, launched))
+    triton_lstm.warm_up(params, step=True, sequence=True)
+    expected = {"_lstm_step_tiled_kernel" if H >= 256 else "_lstm_step_kernel", "_lstm_seq_fwd_kernel",
+                "_lstm_seq_bwd_kernel"}  # fmt: skip
+    if H > 256:
+        expected |= {"_lstm_seq_fwd_step_kernel", "_lstm_seq_bwd_step_kernel"}
+    assert set(launched) == expected
+    after = [p for layer in params for p in layer]
+    assert all(torch.equal(a, b) and a.grad is None for a, b in zip(after, before, strict=True))
+
+
+class _Recording:
+    """A kernel stand-in that records the name of every launch and then launches the real kernel."""
+
+    def __init__(self, kernel, name: str, launched: list) -> None:
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="compiling is what is checked: needs a GPU")
+def test_after_warm_up_new_sizes_compile_nothing():
+    """After warm_up, steps and sequences at batch sizes, table sizes and window lengths it never saw launch
+    without compiling (the GPU run's stalls were such compiles: kernels/triton_lstm.py, "Compiling")."""
+    from lstmd.kernels import triton_lstm
+
+    for H in (64, 256):
+        params, _ = make_model(8, H, 2, "cuda")
+        triton_lstm.warm_up(params, step=True, sequence=True)
+        before = triton_lstm.compiled_variants()
+        for B, S in ((7, 1001), (1000, 4099), (16384, 131073)):
+            h, c = _tables(2, S, H, "cuda")
+            x = torch.randn(B, 8, device="cuda")
+            slots = torch.randperm(S, device="cuda")[:B]
+            lstm_step_(x, slots, h, c, params, reset=torch.rand(B, device="cuda") < 0.5, backend="triton")
+            lstm_step_(x, slots, h, c, params, backend="triton")
+        for B, T in ((33, 5), (300, 17), (2000, 32)):
+            leaves = [p.detach().clone().requires_grad_(True) for layer in params for p in layer]
+            layers = [tuple(leaves[4 * k : 4 * k + 4]) for k in range(2)]
+            h0 = torch.zeros(2, B, H, device="cuda")
+            y, _ = lstm_sequence(torch.randn(B, T, 8, device="cuda"), h0, h0.clone(), layers, backend="triton")
+            y.sum().backward()
+        torch.cuda.synchronize()
+        assert triton_lstm.compiled_variants() == before, f"H={H}: compiled after warm_up"
 
 
 @pytest.mark.parametrize("block_h", [16, 64])
