@@ -300,8 +300,12 @@ class _Server:
             self.proc.wait()
 
 
-def start_daemon(workload: Workload, state_dir: Path, overrides: list[str] | None = None, env=None):
-    """Start `lstmd serve` as a subprocess on ephemeral loopback ports; return (server, endpoints)."""
+def start_daemon(
+    workload: Workload, state_dir: Path, overrides: list[str] | None = None, env=None, log: Path | None = None
+):
+    """Start `lstmd serve` as a subprocess on ephemeral loopback ports; return (server, endpoints). Its stderr (the
+    log, and any stall dump: daemon/stall_dump.py) goes to `log`, appended, or to a file in `state_dir`: a file,
+    not a pipe nobody reads, which would block a daemon that logs more than the pipe holds."""
     sets = [
         "serve.events=tcp://127.0.0.1:*",
         "serve.control=tcp://127.0.0.1:*",
@@ -320,12 +324,16 @@ def start_daemon(workload: Workload, state_dir: Path, overrides: list[str] | Non
     cmd = [*LSTMD_COMMAND, "serve", "--log-level", "warning"]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = log or state_dir / "daemon.log"
+    with open(log, "a") as stderr:
+        stderr.write(f"--- {' '.join(cmd)}\n")
+        stderr.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     endpoints_file = state_dir / "endpoints.json"
     deadline = time.monotonic() + 120
     while not endpoints_file.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"lstmd serve exited with {proc.returncode}: {proc.stderr.read().decode()}")
+            raise RuntimeError(f"lstmd serve exited with {proc.returncode}: {log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("lstmd serve did not write endpoints.json within 120 s")
@@ -511,10 +519,11 @@ def run_lstmd(
     env: dict | None = None,
     curve: bool = False,
     client_keys: dict | None = None,
+    daemon_log: Path | None = None,
 ) -> RunResult:
     """Measure lstmd: the daemon at `events`/`control` if given (`client_keys`: server_key/client_key when it
     runs with CURVE), else a fresh `lstmd serve` subprocess (with `curve`: with CurveZMQ security on every
-    socket, keys made for the run; reported as "lstmd+curve")."""
+    socket, keys made for the run; reported as "lstmd+curve"; `daemon_log`: its stderr, appended there)."""
     if events:
         pid = None
         if control:
@@ -523,7 +532,7 @@ def run_lstmd(
         return measure("lstmd", events, workload, _Server(pid), control, client_keys=client_keys)
     with tempfile.TemporaryDirectory(prefix="lstmd-bench-") as state_dir:
         client_keys, security = _curve_keys(Path(state_dir) / "keys") if curve else (None, [])
-        server, endpoints = start_daemon(workload, Path(state_dir), [*security, *(overrides or [])], env)
+        server, endpoints = start_daemon(workload, Path(state_dir), [*security, *(overrides or [])], env, daemon_log)
         try:
             return measure(
                 "lstmd+curve" if curve else "lstmd",

@@ -126,11 +126,16 @@ class ServeConfig(_Section):
     # Threads the CPU step splits each wave over (kernels/cpu_step.py: disjoint rows, one torch thread each, not
     # torch's OpenMP pool); 0: one per usable core, at most 4. Measured on 2 cores only (docs/benchmarks.md).
     step_threads: Annotated[int, doc("threads the CPU step splits a batch over; 0: one per core, at most 4", ge=0)] = 0
-    # daemon/device_step.py: one graph per batch size bucket (powers of two, 16..16384), captured at first use;
-    # weights are copied into the captured tensors when a model is published. Never yet run on a GPU.
+    # daemon/device_step.py: one graph per batch size bucket (powers of two, 16..16384), all captured as the daemon
+    # starts; weights are copied into the captured tensors when a model is published. Forecast models step
+    # through the engine's general path instead (their per-stream adaptation is not in the graph).
     cuda_graphs: Annotated[bool, doc("cuda: replay the serving step from CUDA graphs, one per batch-size bucket")] = (
         True
     )
+    # daemon/stall_dump.py: written by faulthandler's C thread, so even a stall that holds the GIL is explained.
+    stall_dump_s: Annotated[
+        float, doc("write every thread's Python stack to the log when the loop stalls this long; 0: off", ge=0)
+    ] = 30.0
 
 
 class StateConfig(_Section):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from lstmd.daemon.stall_dump import StallDump
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -82,10 +83,12 @@ class Metrics:
         *,
         process_metrics: bool = True,
         stall_timeout_s: float = 120.0,
+        stall_dump_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.stall_timeout_s = stall_timeout_s
+        self.stall_dump = StallDump(stall_dump_s, clock)  # the threads' stacks in the log when the loop stalls
         self._clock = clock
         self._last_beat: float | None = None
         self._health_checks: dict[str, Callable[[], str]] = {}
@@ -315,8 +318,10 @@ class Metrics:
         return self._ready.is_set()
 
     def beat(self) -> None:
-        """Called by the serving loop every iteration (cheap: one clock read); arms the /healthz stall check."""
+        """Called by the serving loop every iteration (cheap: one clock read); arms the /healthz stall check and
+        pushes back the stall dump (daemon/stall_dump.py)."""
         self._last_beat = self._clock()
+        self.stall_dump.beat()
 
     def stalled_for(self) -> float:
         """Seconds since the loop's last `beat()` beyond `stall_timeout_s`; 0 when healthy or never armed."""

@@ -56,7 +56,7 @@ class Daemon:
 
     def __init__(self, config: Config, registry=None) -> None:
         self.config = config
-        self.metrics = Metrics(registry)
+        self.metrics = Metrics(registry, stall_dump_s=config.serve.stall_dump_s)
         self.stats = report.ServeStats()
         try:
             self.device = pick_device(config.serve.device)
@@ -220,6 +220,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.metrics.set_ready(False)
+        self.metrics.stall_dump.cancel()
         self.online.stop()
         self.durability.close()
         self.engine.close()

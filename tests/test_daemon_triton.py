@@ -43,6 +43,10 @@ def test_backend_choice_follows_the_setting_and_the_device():
 ])
 def test_triton_backend_serves_nn_lstm_predictions_and_trains(make_daemon, tmp_path, monkeypatch, device):
     n_in, H, L, n_out = 5, 20, 2, 3
+    if device == "cuda":  # compare without TF32 in the kernels' products (tests/test_kernels.py does the same);
+        from lstmd.kernels import triton_lstm  # before the daemon: it captures its CUDA graphs as it starts
+
+        monkeypatch.setattr(triton_lstm, "ALLOW_TF32", False)
     daemon = make_daemon(**{
         "serve.backend": "triton", "serve.device": device,
         "model.input_size": n_in, "model.hidden_size": H, "model.num_layers": L,
@@ -51,10 +55,6 @@ def test_triton_backend_serves_nn_lstm_predictions_and_trains(make_daemon, tmp_p
         "train.min_windows": 1,
     })
     assert daemon.engine.backend_name == "triton" and daemon.device.type == device
-    if device == "cuda":  # compare without TF32 in the kernels' products (tests/test_kernels.py does the same)
-        from lstmd.kernels import triton_lstm
-
-        monkeypatch.setattr(triton_lstm, "ALLOW_TF32", False)
     admin = Admin(daemon.endpoints["control"])
     rng = np.random.default_rng(7)
     ids = [f"s{i}" for i in range(37)]

@@ -60,6 +60,10 @@ def bench(
     ] = None,
     control: ControlOpt = None,
     set_: SetOpt = None,
+    daemon_log: Annotated[
+        Path | None,
+        typer.Option("--daemon-log", metavar="FILE", help="Keep the log of each daemon the bench starts (appended)."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", metavar="FILE", help="Also write the numbers as JSON to FILE.")
     ] = None,
@@ -112,16 +116,17 @@ def bench(
     results = []
     try:
         err_console.print("running lstmd ...", highlight=False)
-        results.append(b.run_lstmd(workload, events=events, control=control, overrides=set_, client_keys=keys))
+        run = {"events": events, "control": control, "overrides": set_, "client_keys": keys, "daemon_log": daemon_log}
+        results.append(b.run_lstmd(workload, **run))
         if half:
             half_rate = results[0].events_per_s / 2
             err_console.print(f"running lstmd open loop at {half_rate:,.0f} events/s ...", highlight=False)
             at_half = b.Workload(**{**asdict(workload), "rate": half_rate})
-            results.append(b.run_lstmd(at_half, events=events, control=control, overrides=set_, client_keys=keys))
+            results.append(b.run_lstmd(at_half, **run))
             results[-1].server = "lstmd@50%"
         if curve:
             err_console.print("running lstmd with CURVE security ...", highlight=False)
-            results.append(b.run_lstmd(workload, overrides=set_, curve=True))
+            results.append(b.run_lstmd(workload, overrides=set_, curve=True, daemon_log=daemon_log))
         if compare == "naive":
             err_console.print("running the naive per-event server ...", highlight=False)
             naive = b.Workload(**{**asdict(workload), "duration_s": naive_duration or duration})
