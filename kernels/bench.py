@@ -195,7 +195,7 @@ def sweep(dev, S, hidden, batches, tbptt, timed, graphed, IN: int = 64) -> list[
                     "torch eager": (lambda: reference.lstm_step_(x, slots, h, c, params), nbytes),  # noqa: B023
                 }
                 impls["torch eager, CUDA graph"] = (graphed(impls["torch eager"][0]), nbytes)
-                for plan in (tk.StepPlan("rows", 16, max(16, triton_next_pow2(H))), tk.StepPlan("tiled", 64, 32)):
+                for plan in (tk.StepPlan("rows", 16, max(16, triton_next_pow2(H))), tk.TILED_STEP):
                     name = f"triton {plan.kind} {plan.block_b}x{plan.block_h}" + (" (auto)" if plan == auto else "")
                     run = lambda plan=plan: tk.launch_step(x, slots, h, c, weights, None, y, plan)  # noqa: B023, E731
                     impls[name] = (run, nbytes)

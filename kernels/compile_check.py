@@ -2,7 +2,7 @@
 
 The interpreter accepts what the compiler rejects (tl.dot shapes under 16, some type mixes) and says nothing
 about resources. This compiles every kernel and variant, at the launch configurations the launchers use
-(`launch_config`; `tiled_config` for the tiled step at the tile plan_step picks; `_steps_config` for the
+(`launch_config`; `tiled_config` for the tiled step at its tile, `TILED_STEP`; `_steps_config` for the
 per-step sequence), for sm_90 (H100) through Triton's own toolchain (no driver needed), and fails if a compile
 fails or a kernel needs more shared memory than one block may have. With cuobjdump (shipped in Triton's NVIDIA
 backend) it also prints registers per thread and the stack (spill) bytes, the first thing to look at when tuning
@@ -62,7 +62,7 @@ def _signatures(wt: str) -> dict[str, dict[str, str]]:
 def _jobs(tk, H: int, layers: list[int], prec: str) -> list[tuple[str, object, dict]]:
     """(kernel, launch config, constexprs) for every kernel and variant the launchers use at hidden size H."""
     rows = tk.launch_config(H, on_cuda=True)._replace(prec=prec)
-    tiled = tk.tiled_config(tk.plan_step(1 << 20, max(H, 128)), H, on_cuda=True)._replace(prec=prec)
+    tiled = tk.tiled_config(tk.TILED_STEP, H, on_cuda=True)._replace(prec=prec)
     steps = tk._steps_config(tk.SequencePlan("steps", 32), on_cuda=True)._replace(prec=prec)
     jobs = [("_lstm_step_kernel", rows, {**rows.constexprs(), "L": L, "HAS_RESET": True}) for L in layers]
     jobs += [("_lstm_seq_fwd_kernel", rows, rows.constexprs()), ("_lstm_seq_bwd_kernel", rows, rows.constexprs())]

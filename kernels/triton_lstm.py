@@ -651,6 +651,8 @@ class StepPlan(NamedTuple):
     block_h: int  # tiled: the H columns of one program's tile (a power of two >= 16)
 
 
+# The tiled step's tile: 64 rows x 32 columns of H (tiled_config says why this one)
+TILED_STEP = StepPlan("tiled", 64, 32)
 # The tiled step's last launch copies [B, H] rows: tiles of 32 x 64, 4 warps (a copy; nothing to tune yet).
 SCATTER_BLOCKS = (32, 64)
 SCATTER_WARPS = 4
@@ -671,7 +673,7 @@ def plan_step(B: int, H: int) -> StepPlan:
     if FORCE_STEP_PLAN is not None:
         return FORCE_STEP_PLAN
     if H >= 256:
-        return StepPlan("tiled", 64, 32)
+        return TILED_STEP
     return StepPlan("rows", 16, max(16, triton.next_power_of_2(H)))
 
 
