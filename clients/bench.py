@@ -324,6 +324,7 @@ def start_daemon(
     cmd = [*LSTMD_COMMAND, "serve", "--log-level", "warning"]
     for s in sets:
         cmd += ["--set", s]
+    state_dir.mkdir(parents=True, exist_ok=True)
     log = log or state_dir / "daemon.log"
     with open(log, "a") as stderr:
         stderr.write(f"--- {' '.join(cmd)}\n")
