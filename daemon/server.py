@@ -147,7 +147,12 @@ class Daemon:
             self.net.close_http()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot restore the state in {state_dir}: {why}") from None
-        self.net.open()
+        self.online.start()  # before the sockets: its one-off costs (kernel compiles, imports) delay no event
+        try:
+            self.net.open()
+        except BaseException:
+            self.online.stop()
+            raise
         self._events, self._io, self._outbox = self.net.events, self.net.io, self.net.outbox
         if self.config.cluster.nats:  # one model across the cluster: trained and imported models go through it
             self.online.cluster = self._events
@@ -157,15 +162,9 @@ class Daemon:
         self.metrics.watch_device_memory(self.device)
         (state_dir / "endpoints.json").write_text(json.dumps(self.endpoints))
         self._state_lock.record(self.endpoints)
-        self.online.start()
         self.metrics.set_ready(True)
-        log.info(
-            "lstmd %s serving (device %s, backend %s): %s",
-            VERSION,
-            self.device,
-            self.engine.backend_name,
-            ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics")),
-        )
+        where = ", ".join(f"{k} {self.endpoints.get(k) or 'off'}" for k in ("events", "control", "publish", "metrics"))
+        log.info("lstmd %s serving (device %s, backend %s): %s", VERSION, self.device, self.engine.backend_name, where)
 
     def request_stop(self) -> None:
         """Safe from any thread and from signal handlers: the loop finishes its batch, then stops."""

@@ -95,3 +95,30 @@ def test_the_learning_rate_decays_over_rounds_and_restarts_with_a_reset(make_dae
     number = admin.train_now()["round"]
     assert trainer.wait_for_round(number, timeout=600)
     assert trainer._optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+
+
+def test_the_trainer_starts_before_the_events_socket_opens(make_daemon, monkeypatch):
+    """The trainer's one-off start costs (torch.optim's imports, on CUDA the Triton compiles) come before the
+    sockets open and endpoints.json names them: a producer that connects as soon as it can waits for none of it.
+    (Before, a daemon with training answered its first event ~1.2 s after advertising itself on the 2-core CPU;
+    on the first GPU runs the compiles made that seconds, inside lstmd bench's warm-up and beyond.)"""
+    from lstmd.daemon.server import Daemon
+    from lstmd.daemon.trainer import Trainer
+
+    starting: list[Daemon] = []
+    events_socket_when_the_trainer_started = []
+    daemon_start, trainer_start = Daemon.start, Trainer.start
+
+    def start_daemon(self):
+        starting.append(self)
+        daemon_start(self)
+
+    def start_trainer(self):
+        events_socket_when_the_trainer_started.append(starting[-1].net.events)
+        trainer_start(self)
+
+    monkeypatch.setattr(Daemon, "start", start_daemon)
+    monkeypatch.setattr(Trainer, "start", start_trainer)
+    daemon = make_daemon(**{"train.enabled": True})
+    assert events_socket_when_the_trainer_started == [None], "the trainer started after the sockets opened"
+    assert daemon.net.events is not None
