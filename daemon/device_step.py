@@ -228,6 +228,8 @@ class DeviceStep:
 
             triton_lstm.load_step_weights(self._weights, self.static.model.params)
         self._loaded = model
+        if self.graphs_enabled and not self._graphs:  # new tensors (another dtype): every bucket again, now
+            self._prepare_buckets()
 
     def _run(self, bucket: int) -> None:
         """The bucket's step: replayed from its graph, or launched (and, with graphs on, captured for next time).
