@@ -174,8 +174,8 @@ class Trainer:
         # on 2 cores, py-spy): pay it here, before serving, not in the first round while events wait.
         self._make_optimizer([torch.zeros(1, requires_grad=True)])
         if self.device.type == "cuda" and self.backends.sequence == "triton":
-            # Likewise the sequence kernels' compiles: on the first GPU run the first round's compiles held the
-            # GIL for ~5 s, and serving answered nothing meanwhile.
+            # Likewise the sequence kernels' compiles, which would otherwise hold the GIL in the first round while
+            # serving waits (kernels/triton_lstm.py, "Compiling").
             self.warm_up_kernels()
         if self.paused:
             log.warning("training is paused (as it was before the restart); `lstmd train resume` resumes it")

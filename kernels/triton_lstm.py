@@ -26,8 +26,8 @@ an H200 (scripts/gpu-check, 2026-11-28); the plans are chosen from that run's sw
 Compiling: Triton compiles a kernel the first time it is launched with a new specialisation, in the launching
 thread, holding the GIL for a while per variant. The integers that change from call to call (B, S, T, t,
 layer) are therefore `do_not_specialize` (else B % 16 == 0 or t == 1 would each be a variant of its own), and
-`warm_up` launches every variant the daemon can reach before it serves. On the first GPU run, without either, a
-trainer's first round stalled serving for ~5 s and an open-loop run's new batch sizes gave a 2.2 s p99.
+`warm_up` launches every variant the daemon can reach before it serves. On the first GPU run, without either, an
+open-loop run's new batch sizes gave a 2.2 s p99; with both, 20 ms (docs/benchmarks.md, "GPU").
 
 Design (why it is shaped like this):
 - ("rows" variants) One program owns whole rows: all H of a block of BLOCK_B streams, and all L layers. Slots
