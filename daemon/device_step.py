@@ -162,15 +162,19 @@ class DeviceStep:
 
     def step(self, model: ServingModel, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance `slots` (distinct) one event each; predictions [n, O] float32. Waves over MAX_BUCKET go in chunks
-        (their slots are distinct, so the chunks are independent)."""
+        (their slots are distinct, so the chunks are independent), two in flight: the host stages chunk k+1 while
+        the device runs chunk k, and waits once per chunk instead of once per chunk plus a round trip. The loop's
+        batches pass max_batch (16,384 by default) by up to one message, so a full batch is usually two chunks."""
         n = slots.shape[0]
         if n <= MAX_BUCKET:
             return self.submit(model, features, slots, fresh).result()
-        parts = [
-            self.submit(model, features[i : i + MAX_BUCKET], slots[i : i + MAX_BUCKET], fresh[i : i + MAX_BUCKET])
-            .result()
-            for i in range(0, n, MAX_BUCKET)
-        ]
+        parts, pending = [], []
+        for i in range(0, n, MAX_BUCKET):
+            if len(pending) == 2:
+                parts.append(pending.pop(0).result())
+            chunk = slice(i, i + MAX_BUCKET)
+            pending.append(self.submit(model, features[chunk], slots[chunk], fresh[chunk]))
+        parts += [p.result() for p in pending]
         return np.concatenate(parts)
 
     def submit(self, model: ServingModel, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> PendingStep:

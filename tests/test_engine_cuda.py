@@ -127,10 +127,13 @@ def test_waves_over_the_largest_bucket_go_in_chunks(monkeypatch):
     ref = Engine(model, StateStore(2, 24, S, dev), dev, "torch")
     store = StateStore(2, 24, S, dev)
     step = DeviceStep(model, store, "torch", dev, cuda_graphs=False)
-    slots = np.random.default_rng(1).permutation(S)[:75].astype(np.int64)
-    x = np.random.default_rng(2).standard_normal((75, n_in)).astype(np.float32)
-    fresh = np.ones(75, dtype=bool)
-    np.testing.assert_allclose(step.step(model, x, slots, fresh), ref.step(x, slots, fresh), rtol=1e-6, atol=1e-6)
+    for n in (75, 64, 33):  # three chunks (two in flight, then one more), two full ones, one and a row
+        slots = np.random.default_rng(n).permutation(S)[:n].astype(np.int64)
+        x = np.random.default_rng(n + 1).standard_normal((n, n_in)).astype(np.float32)
+        fresh = np.random.default_rng(n + 2).random(n) < 0.3
+        want = ref.step(x, slots, fresh)
+        np.testing.assert_allclose(step.step(model, x, slots, fresh), want, rtol=1e-6, atol=1e-6, err_msg=f"n={n}")
+        torch.testing.assert_close(store.h, ref.store.h, rtol=1e-6, atol=1e-6)
 
 
 def test_two_waves_may_be_pending_not_three():
