@@ -52,7 +52,8 @@ class Engine:
             set_torch_threads(cpu_threads)  # process-wide; see serve.cpu_threads in daemon/config.py
         self.model = model.to(device)
         self.store = store
-        self.backends: Backends = select_backends(backend, device)  # kernels/backends.py: the one decision
+        # kernels/backends.py: the one decision
+        self.backends: Backends = select_backends(backend, device, model.spec.hidden_size)
         # step_threads 0: one per core this process may run on, at most 4 (serve.step_threads).
         threads = step_threads or min(4, len(os.sched_getaffinity(0)))
         self._cpu_step = CpuStep(threads) if self.backends.step == "cpu" else None

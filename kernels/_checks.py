@@ -14,6 +14,9 @@ import sys
 import torch
 
 BACKENDS = ("triton", "torch")
+# The Triton kernels' largest hidden size: one program holds four [16, H] fp32 gate tiles in registers
+# (kernels/triton_lstm.py, "Limit"). kernels/backends.py serves larger models through the torch backend.
+TRITON_MAX_HIDDEN = 512
 STATE_DTYPE = torch.float32  # state and activations: fp32 always (the state integrates over a stream's life)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -70,9 +70,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from lstmd.kernels import _checks
 from lstmd.kernels.reference import Params
 
-MAX_HIDDEN = 512  # see the module docstring: four fp32 accumulators of [16, 512] per program
+MAX_HIDDEN = _checks.TRITON_MAX_HIDDEN  # see the module docstring: four fp32 accumulators of [16, 512] per program
 ALLOW_TF32 = True  # GPU only; the interpreter always computes in fp32
 POISON_OUTPUTS = False  # tests set this: freshly allocated outputs are NaN, so an unwritten element shows
 

@@ -32,6 +32,12 @@ def test_backend_choice_follows_the_setting_and_the_device():
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             select_backends("triton", cpu)
     assert select_backends("auto", torch.device("cuda", 0)) == Backends(step="triton", sequence="triton")
+    # past the Triton kernels' H limit: auto serves through the reference kernels, an explicit triton is refused
+    cuda = torch.device("cuda", 0)
+    assert select_backends("auto", cuda, hidden_size=512) == Backends(step="triton", sequence="triton")
+    assert select_backends("auto", cuda, hidden_size=513) == Backends(step="torch", sequence="torch")
+    with pytest.raises(ValueError, match="hidden_size = 600 is past the Triton kernels' limit of 512"):
+        select_backends("triton", cuda, hidden_size=600)
     assert select_backends("auto", cpu).kernel is None and select_backends("torch", cpu).kernel == "torch"
     with pytest.raises(ValueError, match="serve.backend"):
         select_backends("cudnn", cpu)
