@@ -187,9 +187,7 @@ class Trainer:
         "Compiling"); the number of variants compiled."""
         from lstmd.kernels import triton_lstm
 
-        serving = self.serving()
-        tensors = [serving.tensors[n].to(self.device) for n in self._native_names]
-        layers = [tuple(tensors[4 * k : 4 * k + 4]) for k in range(self.spec.num_layers)]
+        layers = [tuple(w.to(self.device) for w in layer) for layer in self.serving().params]
         return triton_lstm.warm_up(layers, step=False, sequence=True)
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -195,7 +195,7 @@ def sweep(dev, S, hidden, batches, tbptt, timed, graphed, IN: int = 64) -> list[
                     "torch eager": (lambda: reference.lstm_step_(x, slots, h, c, params), nbytes),  # noqa: B023
                 }
                 impls["torch eager, CUDA graph"] = (graphed(impls["torch eager"][0]), nbytes)
-                for plan in (tk.StepPlan("rows", 16, max(16, triton_next_pow2(H))), tk.TILED_STEP):
+                for plan in (tk.rows_step(H), tk.TILED_STEP):
                     name = f"triton {plan.kind} {plan.block_b}x{plan.block_h}" + (" (auto)" if plan == auto else "")
                     run = lambda plan=plan: tk.launch_step(x, slots, h, c, weights, None, y, plan)  # noqa: B023, E731
                     impls[name] = (run, nbytes)
@@ -240,15 +240,11 @@ def sweep(dev, S, hidden, batches, tbptt, timed, graphed, IN: int = 64) -> list[
         t_cudnn = timed(cudnn)
         flops = 3 * sum(2 * B * T * 4 * H * ((IN if k == 0 else H) + H) for k in range(L))
         shape = f"B={B} T={T} H={H} L={L} I={IN}"
-        for plan in (tk.SequencePlan("rows", max(16, triton_next_pow2(H))), tk.SequencePlan("steps", 32)):
+        for plan in (tk.rows_sequence(H), tk.STEPS_SEQUENCE):
             name = f"triton {plan.kind}" + (" (auto)" if plan == auto else "")
             rows.append(_row("tbptt fwd+bwd", shape, name, timed(lambda plan=plan: ours(plan)), None, flops, t_cudnn))
         rows.append(_row("tbptt fwd+bwd", shape, "cuDNN nn.LSTM", t_cudnn, None, flops, t_cudnn))
     return rows
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def targets(rows: list[Row], hbm_gbps: float) -> list[tuple[str, str, bool | None]]:

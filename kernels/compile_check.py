@@ -63,7 +63,7 @@ def _jobs(tk, H: int, layers: list[int], prec: str) -> list[tuple[str, object, d
     """(kernel, launch config, constexprs) for every kernel and variant the launchers use at hidden size H."""
     rows = tk.launch_config(H, on_cuda=True)._replace(prec=prec)
     tiled = tk.tiled_config(tk.TILED_STEP, H, on_cuda=True)._replace(prec=prec)
-    steps = tk._steps_config(tk.SequencePlan("steps", 32), on_cuda=True)._replace(prec=prec)
+    steps = tk._steps_config(tk.STEPS_SEQUENCE, on_cuda=True)._replace(prec=prec)
     jobs = [("_lstm_step_kernel", rows, {**rows.constexprs(), "L": L, "HAS_RESET": True}) for L in layers]
     jobs += [("_lstm_seq_fwd_kernel", rows, rows.constexprs()), ("_lstm_seq_bwd_kernel", rows, rows.constexprs())]
     jobs += [

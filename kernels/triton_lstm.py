@@ -654,6 +654,13 @@ class StepPlan(NamedTuple):
 
 # The tiled step's tile: 64 rows x 32 columns of H (tiled_config says why this one)
 TILED_STEP = StepPlan("tiled", 64, 32)
+
+
+def rows_step(H: int) -> StepPlan:
+    """The "rows" step plan at hidden size H: 16 whole rows per program."""
+    return StepPlan("rows", 16, max(16, triton.next_power_of_2(H)))
+
+
 # The tiled step's last launch copies [B, H] rows: tiles of 32 x 64, 4 warps (a copy; nothing to tune yet).
 SCATTER_BLOCKS = (32, 64)
 SCATTER_WARPS = 4
@@ -675,7 +682,7 @@ def plan_step(B: int, H: int) -> StepPlan:
         return FORCE_STEP_PLAN
     if H >= 256:
         return TILED_STEP
-    return StepPlan("rows", 16, max(16, triton.next_power_of_2(H)))
+    return rows_step(H)
 
 
 def tiled_config(plan: StepPlan, H: int, on_cuda: bool) -> LaunchConfig:
@@ -796,6 +803,12 @@ class SequencePlan(NamedTuple):
 # Tests and the benchmark force a plan here (None: plan_sequence decides).
 FORCE_SEQUENCE_PLAN: SequencePlan | None = None
 STEPS_MAX_B = 512  # plan_sequence: the largest window batch that may run as "steps"
+STEPS_SEQUENCE = SequencePlan("steps", 32)  # H tiles of 32 (_steps_config)
+
+
+def rows_sequence(H: int) -> SequencePlan:
+    """The "rows" sequence plan at hidden size H: a program owns 16 whole rows through T."""
+    return SequencePlan("rows", max(16, triton.next_power_of_2(H)))
 
 
 def plan_sequence(B: int, H: int) -> SequencePlan:
@@ -810,8 +823,8 @@ def plan_sequence(B: int, H: int) -> SequencePlan:
     if FORCE_SEQUENCE_PLAN is not None:
         return FORCE_SEQUENCE_PLAN
     if B <= STEPS_MAX_B and H > 256:
-        return SequencePlan("steps", 32)
-    return SequencePlan("rows", max(16, triton.next_power_of_2(H)))
+        return STEPS_SEQUENCE
+    return rows_sequence(H)
 
 
 def _steps_config(plan: SequencePlan, on_cuda: bool) -> LaunchConfig:
@@ -985,8 +998,7 @@ def warm_up(params: Params, *, step: bool = True, sequence: bool = False) -> int
                 launch_step(x, slots, h, c, weights, reset, torch.empty(B, H, device=device), plan)
     if sequence:
         with torch.enable_grad():
-            leaves = [p.detach().clone().requires_grad_(True) for layer in params for p in layer]
-            layers = [tuple(leaves[4 * k : 4 * k + 4]) for k in range(L)]
+            layers = [tuple(w.detach().clone().requires_grad_(True) for w in layer) for layer in params]
             batches = {}  # one batch size per reachable plan
             for b in (16, STEPS_MAX_B + 1):
                 batches.setdefault(plan_sequence(b, H), b)
