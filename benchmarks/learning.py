@@ -25,10 +25,11 @@ concurrently costs the serving path.
    one-step-ahead, online, error on the second half) against the last value, seasonal naive, the frozen model
    and deep-river's rolling LSTM regressor (`--deep-river-python` or LSTMD_DEEP_RIVER_PYTHON: a Python with
    deep-river, in its own virtual environment; it pins an older torch). One table and the geometric means. The
-   trained daemon runs with the recommended `train.level_rate = 0.1` (`--suite-set` overrides it, and anything).
+   trained daemon runs with the defaults (the level regressor, `train.level_rate = 0.1`, included) but
+   `train.min_windows = 1`; `--suite-set` overrides any of them.
 5. guard: the per-stream adaptation's share of the serving step's time (in process, an A/B of interleaved pairs).
-6. level-cost (`--part level-cost` only): Engine.step with the guard's level regressor (torch ops) against the
-   fused adaptation and the torch ops without it.
+6. level-cost (`--part level-cost` only): Engine.step with the guard's level regressor, fused in C and as torch
+   ops, against each without it.
 7. bounds (`--part bounds` only, statsmodels): classical one-step forecasters (ARIMA fits) on the suite's series,
    the reference for what the suite's accuracy targets ask.
 """
@@ -180,7 +181,8 @@ def part_synthetic(args) -> dict:
             f"model.seed={args.seed}",
             f"state.capacity={args.streams}",
         ],
-        ["train.k2=16", "train.record_steps=64", "train.batch=64", "train.steps=20", "train.lr=0.003"],
+        ["train.k2=16", "train.record_steps=64", "train.batch=64", "train.steps=20", "train.lr=0.003",
+         *args.synthetic_set],  # fmt: skip
         args.round_every,
         list(zip(edges[:-1], edges[1:], strict=True)),
         f"synthetic: {args.streams} periodic streams, regime change half-way",
@@ -353,10 +355,10 @@ def part_suite(args) -> dict:
     suite = load_suite()
     model = ["model.task=forecast", "model.input_size=1", "model.output_size=1",
              f"model.hidden_size={args.suite_hidden}", f"model.seed={args.seed}"]  # fmt: skip
-    # The recommended settings for short, mixed series: the guard's level regressor on (off by default in the daemon
-    # only because the fused C adaptation lacks it; docs/benchmarks.md "Issue 15, level regressor"). --suite-set
-    # train.level_rate=0 measures the daemon's defaults.
-    train = ["train.min_windows=1", "train.level_rate=0.1", *args.suite_set]
+    # The daemon's defaults (the guard's level regressor, train.level_rate = 0.1, included), but a round may run from
+    # the first complete window: these series are short. --suite-set train.level_rate=0 measures them without the
+    # level.
+    train = ["train.min_windows=1", *args.suite_set]
     run = run_suite_daemons(suite, model, train, args.suite_round_every, args.suite_dump)
     deep = deep_river_forecasts(args.deep_river_python, suite) if args.deep_river_python else None
     rows = []
@@ -485,49 +487,87 @@ def print_guard(result: dict) -> None:
 
 
 BOUND_MODELS = (("ARIMA(0,1,1) (SES, local level)", (0, 1, 1), "n"), ("ARIMA(1,1,0)", (1, 1, 0), "n"),
-                ("ARIMA(2,1,2)", (2, 1, 2), "n"), ("ARMA(1,1) + mean", (1, 0, 1), "c"))  # fmt: skip
+                ("ARIMA(2,1,2)", (2, 1, 2), "n"), ("ARMA(1,1) + mean", (1, 0, 1), "c"),
+                ("ARIMA(0,2,2) (Holt, local trend)", (0, 2, 2), "n"), ("ARIMA(1,2,1)", (1, 2, 1), "n"))  # fmt: skip
+SEASONAL_BOUND = "SARIMA(1,0,1)(1,1,1,s)"  # for the series whose season is at most MAX_SARIMA_SEASON
+MAX_SARIMA_SEASON = 12  # CO2's 52-week season makes a seasonal state space of ~110 states: minutes per fit
+RLS_BOUND = "online linear (RLS), best of grid"
+RLS_GRID = [(k, forget, years) for k in (1, 2, 4, 8, 12) for forget in (0.98, 0.995, 1.0) for years in (0, 1, 2, 4)]
+
+
+def rls_forecast(x: np.ndarray, lags: int, forget: float, season: int | None, years: int) -> np.ndarray:
+    """One-step forecasts of x by recursive least squares, online from the first event (no offline fit): the next
+    change regressed on the last `lags` changes, the same phase's change `years` seasons back (with a season) and
+    a constant, with exponential forgetting `forget` (1: none)."""
+    d = np.diff(x)
+    years = years if season else 0
+    width = lags + years + 1
+    P, w = np.eye(width) * 100.0, np.zeros(width)
+    out = np.full(len(x), np.nan)
+    for t in range(max(lags, (season or 0) * years), len(x) - 1):  # x[t] known: the changes up to d[t - 1]
+        phi = np.concatenate([d[t - lags : t][::-1], [d[t - j * season] for j in range(1, years + 1)], [1.0]])
+        out[t + 1] = x[t] + phi @ w
+        Pphi = P @ phi
+        gain = Pphi / (forget + phi @ Pphi)
+        w = w + gain * (d[t] - phi @ w)
+        P = (P - np.outer(gain, Pphi)) / forget
+    return out
 
 
 def part_bounds(args) -> dict:
     """What classical one-step forecasters reach on the suite's series (mean absolute error over the second half /
     the last value's, as the suite scores): each model fitted by maximum likelihood on the series' first half, then
     filtered over the whole series with those parameters (what an offline fit before going live gives), and fitted
-    on the whole series (hindsight: an optimistic reference, not a forecaster). Where these stay above 0.8x
-    deep-river's error, that target asks for more than these models give."""
+    on the whole series (hindsight: an optimistic reference, not a forecaster); a seasonal ARIMA where the season is
+    short; and an online linear regression of the next change on recent (and seasonal) changes by recursive least
+    squares, the best of RLS_GRID per series (a choice made in hindsight: optimistic too). Where these stay above
+    0.8x deep-river's error, that target asks for more than these models give."""
     import warnings
 
     from statsmodels.tsa.statespace.sarimax import SARIMAX
 
     rows = []
-    for name, x, _ in load_suite():
+    for name, x, season in load_suite():
         x = x.astype(np.float64)
         half = len(x) // 2
         naive = float(np.abs(x[half:] - x[half - 1 : -1]).mean())
+        score = lambda f, x=x, half=half, naive=naive: float(np.abs(np.asarray(f)[half:] - x[half:]).mean()) / naive  # noqa: E731
         row = {"series": name}
-        for label, order, trend in BOUND_MODELS:
+        models = [(label, order, trend, (0, 0, 0, 0)) for label, order, trend in BOUND_MODELS]
+        if season and season <= MAX_SARIMA_SEASON:
+            models.append((SEASONAL_BOUND, (1, 0, 1), "n", (1, 1, 1, season)))
+        for label, order, trend, seasonal in models:
             with warnings.catch_warnings():  # convergence chatter of short series; the errors are what counts
                 warnings.simplefilter("ignore")
-                early = SARIMAX(x[:half], order=order, trend=trend).fit(disp=False)
+                early = SARIMAX(x[:half], order=order, seasonal_order=seasonal, trend=trend).fit(disp=False)
                 filtered = early.apply(x).predict()
-                hindsight = SARIMAX(x, order=order, trend=trend).fit(disp=False).predict()
-            row[label] = [float(np.abs(np.asarray(f)[half:] - x[half:]).mean()) / naive for f in (filtered, hindsight)]
+                hindsight = SARIMAX(x, order=order, seasonal_order=seasonal, trend=trend).fit(disp=False).predict()
+            row[label] = [score(filtered), score(hindsight)]
+        grid = [(lags, forget, years) for lags, forget, years in RLS_GRID if season or not years]
+        error, (lags, forget, years) = min((score(rls_forecast(x, g[0], g[1], season, g[2])), g) for g in grid)
+        row[RLS_BOUND] = [error, error]
+        row["rls_choice"] = {"lags": lags, "forget": forget, "seasons_back": years}
         rows.append(row)
     return {"rows": rows}
 
 
 def print_bounds(result: dict) -> None:
     print("\n## classical one-step forecasters, error / last value's (fitted on the first half; on the whole series)")
-    print("| series | " + " | ".join(label for label, _, _ in BOUND_MODELS) + " |")
-    print("|---" * (len(BOUND_MODELS) + 1) + "|")
+    labels = [label for label, _, _ in BOUND_MODELS] + [SEASONAL_BOUND, RLS_BOUND]
+    print("| series | " + " | ".join(labels) + " | best |")
+    print("|---" * (len(labels) + 2) + "|")
     for r in result["rows"]:
-        print(f"| {r['series']} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]:.3f})" for k, _, _ in BOUND_MODELS) + " |")
+        cells = [f"{r[k][0]:.3f} ({r[k][1]:.3f})" if k in r else "-" for k in labels[:-1]]
+        cells.append(f"{r[RLS_BOUND][0]:.3f} ({r['rls_choice']})")
+        best = min((r[k][0], k) for k in labels if k in r)
+        print(f"| {r['series']} | " + " | ".join(cells) + f" | {best[0]:.3f} {best[1]} |")
 
 
 def part_level_cost(args) -> dict:
     """What the level regressor (train.level_rate) costs in the serving step: Engine.step of the same forecast model
-    and wave as part 5, with the adaptation fused in C (the default, no level), as torch ops without a level, and
-    as torch ops with the level (what train.level_rate serves with), one engine each, blocks in rotating order;
-    medians over rounds of each block's time per step."""
+    and wave as part 5, with the adaptation fused in C without and with the level (what the CPU serves with), and
+    as torch ops without and with it (as served on CUDA), one engine each, blocks in rotating order; medians over
+    rounds of each block's time per step."""
     import torch
     from lstmd.daemon.engine import Engine
     from lstmd.daemon.model import ModelSpec, ServingModel
@@ -536,12 +576,13 @@ def part_level_cost(args) -> dict:
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     spec = ModelSpec(8, 64, 1, 8, "forecast", ())
-    modes = ("fused", "torch", "level")
+    modes = ("fused", "fused_level", "torch", "torch_level")
     results = []
     for n in args.guard_batch:
         engines = {m: Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto",
-                             level=0.1 if m == "level" else 0.0) for m in modes}  # fmt: skip
-        engines["torch"]._fused_adaptation = False  # the torch-ops path without a level, as served on CUDA
+                             level=0.1 if m.endswith("level") else 0.0) for m in modes}  # fmt: skip
+        for m in ("torch", "torch_level"):  # the torch-ops path, as served on CUDA
+            engines[m]._fused_adaptation = False
         walk, slots, fresh, block = _step_wave(n)
 
         def timed(mode: str, walk=walk, slots=slots, fresh=fresh, block=block, engines=engines) -> float:
@@ -558,12 +599,13 @@ def part_level_cost(args) -> dict:
 
 def print_level_cost(result: dict) -> None:
     print(f"\n## the level regressor's cost in Engine.step (rotating order), load average {result['load_avg_1m']:.1f}")
-    print("| events per step | fused, no level (us) | torch ops, no level (us) | torch ops + level (us) "
-          "| level / fused |")
-    print("|---|---|---|---|---|")
+    print("| events per step | fused, no level (us) | fused + level (us) | fused: level / none | torch ops, no level "
+          "(us) | torch ops + level (us) |")
+    print("|---|---|---|---|---|---|")
     for r in result["runs"]:
-        print(f"| {r['batch']} | {r['step_us_fused']:.0f} | {r['step_us_torch']:.0f} | {r['step_us_level']:.0f} | "
-              f"{r['step_us_level'] / r['step_us_fused']:.3f} |")
+        fused, level = r["step_us_fused"], r["step_us_fused_level"]
+        print(f"| {r['batch']} | {fused:.0f} | {level:.0f} | {level / fused:.3f} | {r['step_us_torch']:.0f} | "
+              f"{r['step_us_torch_level']:.0f} |")
 
 
 # ---- part 3: latency --------------------------------------------------------------------------------------
@@ -692,6 +734,7 @@ def main() -> None:
     parser.add_argument("--round-every", type=int, default=20, help="synthetic: ticks between training rounds")
     parser.add_argument("--co2-round-every", type=int, default=13, help="co2: weeks between training rounds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-set", nargs="*", default=[], help="extra config overrides for the synthetic part")
     parser.add_argument("--co2-set", nargs="*", default=[], help="extra config overrides for the co2 part")
     parser.add_argument("--latency-streams", type=int, default=100)
     parser.add_argument("--latency-seconds", type=float, default=8.0)

@@ -213,12 +213,16 @@ class TrainConfig(_Section):
                  "output_size bytes per state slot", ge=0, le=100_000)
     ] = 0
     # The guard's level regressor (normalization.py): measured on the real-series suite, 0.1 took Nile from the last
-    # value to ~0.8 of its error (the local-level optimum); off by default because the fused C adaptation lacks it.
+    # value to ~0.8 of its error (the local-level optimum) and cost no other series more than 0.2%; fused into the C
+    # adaptation it adds 1-3% to the CPU serving step (docs/benchmarks.md "Issue 15, the level fused"). The daemon
+    # serves with served_level_rate(config): 0 where it does not apply; only a level_rate someone set is an error
+    # there (_validate_train).
     level_rate: Annotated[
         float, doc("forecast: the rate of each stream's average level (simple exponential smoothing) that the guard "
-                   "also mixes in, per stream; 0: none; not with train.season; serves through torch ops, not the "
-                   "fused C adaptation", ge=0, le=1)
-    ] = 0.0
+                   "also mixes in, per stream; 0: none; the default 0.1 applies to forecast models with stream "
+                   "inputs, the guard on and no train.season (elsewhere it is 0); set it with a season: an error",
+                   ge=0, le=1)
+    ] = 0.1
     # The switch exists to measure what the per-stream adaptation costs end to end (docs/benchmarks.md, "Issue 15,
     # third session"); off, every stream is served in the model's one scale per feature, which the trainer cannot
     # learn from (its errors are taken in each stream's own scale), hence frozen models only.
@@ -493,8 +497,8 @@ def resolve_config(
         raise ConfigError("\n".join(problems))
     config = msgspec.convert(data, Config)
     _adopt_model_file(config, sources)
-    validate(config)
-    return Resolved(config, sources, warnings)
+    validate(config, sources)
+    return Resolved(config, sources, warnings + _unused_level_rate(config, sources))
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
@@ -701,8 +705,32 @@ def _all_columns(m: ModelConfig, file_columns: list[int]) -> bool:
 # ---- checks across keys ---------------------------------------------------------------------------------------
 
 
-def validate(config: Config) -> None:
-    """Checks across keys that one key's type and range cannot express."""
+def _level_rate_applies(config: Config) -> bool:
+    t = config.train
+    return config.model.task == "forecast" and t.forecast_inputs == "stream" and t.guard and not t.season
+
+
+def _unused_level_rate(config: Config, sources: dict[str, str]) -> list[str]:
+    """A warning where train.level_rate was set but does not apply (validate() refused any value but the default's:
+    this is the default written out, a sample file's say)."""
+    if "train.level_rate" not in sources or not config.train.level_rate or _level_rate_applies(config):
+        return []
+    return [
+        f"train.level_rate = {config.train.level_rate} ({sources['train.level_rate']}) does not apply to this model "
+        f"(it is for forecast models with train.forecast_inputs = stream, train.guard = true and no train.season): "
+        f"it is served without the level regressor"
+    ]
+
+
+def served_level_rate(config: Config) -> float:
+    """The guard's level regressor's rate the daemon serves with: train.level_rate where it applies (forecast
+    models with stream inputs, the guard on and no season), else 0."""
+    return config.train.level_rate if _level_rate_applies(config) else 0.0
+
+
+def validate(config: Config, sources: dict[str, str] | None = None) -> None:
+    """Checks across keys that one key's type and range cannot express (`sources`: resolve_config's, which keys
+    someone set)."""
     m, s = config.model, config.serve
     if s.max_peer_inflight_bytes > s.max_inflight_bytes:
         raise ConfigError(
@@ -719,7 +747,10 @@ def validate(config: Config) -> None:
             'model.output = "end" (one output per whole sequence) is for regression and classification: a '
             'forecast model predicts the next event after every event (use model.output = "every")'
         )
-    _validate_train(config)
+    # train.level_rate's default applies only where it can (served_level_rate); so does the default written out (the
+    # sample file's); another value set where it cannot apply is an error.
+    level_rate_set = "train.level_rate" in (sources or {}) and config.train.level_rate != TrainConfig().level_rate
+    _validate_train(config, level_rate_set)
     _validate_security(config.security)
     for key in ("events", "control"):
         if not getattr(s, key).startswith(("tcp://", "ipc://", "inproc://")):
@@ -757,8 +788,9 @@ def _validate_forecast_columns(m: ModelConfig) -> None:
         )
 
 
-def _validate_train(config: Config) -> None:
+def _validate_train(config: Config, level_rate_set: bool) -> None:
     t = config.train
+    level_rate = t.level_rate if level_rate_set else 0.0  # the default applies only where it can (served_level_rate)
     if t.season == 1:
         raise ConfigError("train.season = 1 is the last value, which the guard always has: use 0 (none) or >= 2")
     if t.season and (config.model.task != "forecast" or t.forecast_inputs != "stream"):
@@ -766,17 +798,17 @@ def _validate_train(config: Config) -> None:
             f"train.season ({t.season}) is the guard's seasonal-naive baseline, for model.task = forecast with "
             f"train.forecast_inputs = stream only (task {config.model.task!r}, inputs {t.forecast_inputs!r})"
         )
-    if t.level_rate and (config.model.task != "forecast" or t.forecast_inputs != "stream" or t.season):
+    if level_rate and (config.model.task != "forecast" or t.forecast_inputs != "stream" or t.season):
         raise ConfigError(
-            f"train.level_rate ({t.level_rate}) is the guard's level regressor, for model.task = forecast with "
+            f"train.level_rate ({level_rate}) is the guard's level regressor, for model.task = forecast with "
             f"train.forecast_inputs = stream and no train.season (task {config.model.task!r}, inputs "
             f"{t.forecast_inputs!r}, season {t.season})"
         )
-    if not t.guard and (t.enabled or t.season or t.level_rate):
+    if not t.guard and (t.enabled or t.season or level_rate):
         raise ConfigError(
             f"train.guard = false serves every stream in the model's one scale, without the per-stream state that "
             f"training (train.enabled = {str(t.enabled).lower()}), the seasonal baseline (train.season = "
-            f"{t.season}) and the level regressor (train.level_rate = {t.level_rate}) need: set train.enabled = "
+            f"{t.season}) and the level regressor (train.level_rate = {level_rate}) need: set train.enabled = "
             f"false, train.season = 0 and train.level_rate = 0, or train.guard = true"
         )
     if t.record_steps % t.k2 or t.record_steps < (t.holdout_windows + 1) * t.k2:

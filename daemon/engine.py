@@ -66,9 +66,9 @@ class Engine:
             self.layout = AdaptationLayout(model.spec.input_size, model.spec.output_size, season, level)
             store.enable_adaptation(self.layout.initial_row(), season, model.spec.output_size, self.stream_state)
         # The per-stream adaptation inside the fused CPU step's pass over the rows (kernels/cpu_step.py
-        # FusedAdaptation), where that step was built; a season's ring stays in torch (normalization.py), and so does
-        # the level regressor.
-        self._fused_adaptation = self.layout is not None and not (season or level) and self._cpu_step is not None and (
+        # FusedAdaptation), where that step was built, the level regressor included; a season's ring stays in torch
+        # (normalization.py).
+        self._fused_adaptation = self.layout is not None and not season and self._cpu_step is not None and (
             self._cpu_step.fused
         )
         self._adaptation: FusedAdaptation | None = None  # _fused_adaptation_of
@@ -112,7 +112,7 @@ class Engine:
         if a is None or a.columns is not model.columns or a.table is not self.store.adaptation:
             self._adaptation = FusedAdaptation(
                 self.store.adaptation, self.store.adaptation_init, model.columns, adaptation.count_steps(self.device),
-                adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR,
+                adaptation.CLIP, adaptation.SCALE_CLIP, adaptation.SCALE_FLOOR, self.layout.level,
             )  # fmt: skip
         return self._adaptation
 

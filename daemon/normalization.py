@@ -191,9 +191,11 @@ def predict_file_sequence(
 # (simple exponential smoothing) forecast: sprev = (level - x_t) / scale, clipped, where level [O] (a fifth field)
 # is the stream's exponential average of its own values at rate r; (0, 1) is then the SES forecast, and the guard's
 # mix of the model and that pull toward the recent level helps mean-reverting noisy series (Nile: docs/benchmarks.md
-# "Issue 15, level regressor"). The two are exclusive (train.season or train.level_rate), and both run as torch ops.
-# On the CPU the engine runs this arithmetic (without a season) in the C extension instead, inside the fused step's
-# pass over the rows (kernels/cpu_step.py FusedAdaptation; tests/test_fused_adaptation.py compares the two).
+# "Issue 15, level regressor"). The two are exclusive (train.season or train.level_rate); the level is on by default
+# (0.1, where it applies: config.served_level_rate).
+# On the CPU the engine runs this arithmetic (the level included, not a season) in the C extension instead, inside the
+# fused step's pass over the rows (kernels/cpu_step.py FusedAdaptation; tests/test_fused_adaptation.py compares the
+# two); on CUDA, with a season, and in rollouts on copies it runs as the torch ops below.
 
 SCALE_RATE = 0.05
 SCALE_CLIP = 10.0

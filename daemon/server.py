@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from lstmd.clients import protocol
 from lstmd.daemon import control, report, side_requests
-from lstmd.daemon.config import Config
+from lstmd.daemon.config import Config, served_level_rate
 from lstmd.daemon.endpoints import Endpoints, StartupError
 from lstmd.daemon.engine import Engine, pick_device
 from lstmd.daemon.io import CONTROL, PUBLISH, ControlMessage, EventsMessage, ForecastMessage, Inbox, TargetsMessage
@@ -73,7 +73,7 @@ class Daemon:
         )
         self.engine = Engine(model, self.store, self.device, serve.backend, cpu_threads=serve.cpu_threads,
                              step_threads=serve.step_threads, cuda_graphs=serve.cuda_graphs,
-                             season=config.train.season, level=config.train.level_rate,
+                             season=config.train.season, level=served_level_rate(config),
                              guard=config.train.guard)
         # Versions, recorder and trainer (daemon/online.py); the loop uses them directly, they never change.
         self.online = OnlineModel(config, self.engine, self.store, self.metrics, self.device)

@@ -25,8 +25,11 @@
  * serving step; as two passes of their own around the step, 8-14% (the rows were read from memory again after
  * the step's state-table traffic evicted them). The arithmetic is normalization.py's, lerp included (torch's
  * two-sided form, so a weight of 1 lands exactly on the new value); the count-dependent rates come from its table.
- * Row layout (I inputs, O columns): scale[I] count prev[O] cross[O] dd[O] tt[O]; no season (the seasonal ring
- * stays in torch).
+ * Row layout (I inputs, O columns): scale[I] count prev[O] cross[O] dd[O] tt[O], and with the level regressor
+ * (train.level_rate = r > 0) sprev[O] cs[O] ss[O] ms[O] level[O] after them; no season (the seasonal ring stays in
+ * torch). With the level, begin also moves each stream's level toward its event, forms the level's change sprev =
+ * clip((level - x) / scale), scores it and picks the guard's mix (g, a) of the model's change and that one
+ * (normalization.guard_coefficients); finish serves x + scale * (g * change + a * sprev).
  *
  * A reset row reads as zero whatever the table holds (a dead stream may hold NaN; 0 * NaN would be NaN).
  * Slots are distinct within a call (the daemon's waves guarantee it), so the scatter has no write conflicts,
@@ -137,7 +140,10 @@ typedef struct {
     int64_t S, width, I, O;
     const int64_t *slots, *cols; /* cols: the forecast columns [O]; NULL: every feature (O = I) */
     int64_t n;
+    double level; /* train.level_rate: the level regressor's rate; 0: none (the row has no fields for it) */
 } adapt_rows;
+
+INLINE int64_t adapt_width(adapt_rows a) { return a.I + 1 + (a.level > 0.0 ? 9 : 4) * a.O; }
 
 /* The pointers' shapes are checked by cpu_step.py; the indices here, where the check costs a pass over a few
  * integers (in torch, a min and a max of the slots were 2 ops more per wave). */
@@ -148,7 +154,7 @@ static int adapt_indices_ok(adapt_rows a) {
     for (int64_t j = 0; a.cols != NULL && j < a.O; j++)
         if (a.cols[j] < 0 || a.cols[j] >= a.I)
             return 0;
-    return a.width == a.I + 1 + 4 * a.O;
+    return a.width == adapt_width(a);
 }
 
 /* The row's fields, the wave's buffers and dx never overlap: no runtime alias checks (gcc versioned every loop
@@ -171,11 +177,50 @@ static int adapt_indices_ok(adapt_rows a) {
         factor[r * O + j] = scale[COL] * (g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g));                                \
     }
 
+INLINE float unit_clamp(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); } /* NaN stays */
+
+/* The level regressor's share of scoring: its change forecast at the previous event (sprev) meets the same target. */
+#define LEVEL_SCORE_LOOP(COL)                                                                                      \
+    IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
+        const float target = clip(xd[COL] / scale[COL], clip_at), h = prev[j], sp = sprev[j];                     \
+        cs[j] = lerp(cs[j], target * sp, weight);                                                                  \
+        ss[j] = lerp(ss[j], sp * sp, weight);                                                                      \
+        ms[j] = lerp(ms[j], h * sp, weight);                                                                       \
+    }
+
+/* After the scale's update: the level moves toward this event (weight 1 at a stream's first: it starts there), its
+ * change in stream scales is the next sprev, and normalization.guard_coefficients' three candidates give (g, a),
+ * with its arithmetic and its tie rule (a tie keeps the earlier candidate). finish reads factor = g, offset = a sp. */
+#define LEVEL_LOOP(COL)                                                                                            \
+    IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
+        const float xv = xe[COL], s = scale[COL];                                                                  \
+        level[j] = lerp(level[j], xv, level_weight);                                                               \
+        const float sp = clip((level[j] - xv) / s, clip_at);                                                       \
+        sprev[j] = sp;                                                                                             \
+        const float cr = cross[j], d = dd[j], c2 = cs[j], q = ss[j], m = ms[j];                                    \
+        const float g0 = unit_clamp(cr / (d > 1e-12f ? d : 1e-12f));                                              \
+        const float a1 = unit_clamp(c2 / (q > 1e-12f ? q : 1e-12f));                                              \
+        const float e0 = (g0 * d - 2.0f * cr) * g0, e1 = (a1 * q - 2.0f * c2) * a1;                                \
+        float det = d * q - m * m;                                                                                 \
+        det = det > 1e-12f ? det : 1e-12f;                                                                         \
+        const float g2 = unit_clamp((cr * q - c2 * m) / det), a2 = unit_clamp((c2 * d - cr * m) / det);           \
+        const float e2 = (g2 * d - 2.0f * cr) * g2 + (a2 * q - 2.0f * c2) * a2 + 2.0f * (g2 * a2) * m;            \
+        /* e2 < torch.minimum(e0, e1), NaN included (false) */                                                     \
+        const int alone = e1 < e0, both = (e2 < e0) & (e2 < e1);                                                   \
+        const float g = both ? g2 : (alone ? 0.0f : g0), a_ = both ? a2 : (alone ? a1 : 0.0f);                     \
+        factor[r * O + j] = g;                                                                                     \
+        offset[r * O + j] = a_ * sp;                                                                               \
+    }
+
 INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const float *restrict init,
                              const float *restrict dx, float *restrict inputs, float *restrict factor,
                              const float *restrict steps, int64_t nsteps, float clip_at, float scale_clip,
-                             float floor_at, const float *restrict h_table, float *restrict h_out, int64_t H) {
+                             float floor_at, const float *restrict h_table, float *restrict h_out, int64_t H,
+                             const float *restrict events, float *restrict offset) {
     const int64_t I = a.I, O = a.O;
+    const int leveled = a.level > 0.0;
+    /* normalization.adapt_begin's weight (n == 0) * (1 - r) + r, in its float32 rounding */
+    const float level_rest = (float)(1.0 - a.level), level_rate = (float)a.level;
     for (int64_t r = 0; r < a.n; r++) {
         if (r + PREFETCH_ROWS < a.n) {
             prefetch_small(a.table + a.slots[r + PREFETCH_ROWS] * a.width, a.width);
@@ -196,7 +241,8 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
         k = k < nsteps - 1 ? k : nsteps - 1;
         const float rate = steps[2 * k], weight = steps[2 * k + 1];
         float *restrict in = inputs + r * I;
-        if (a.cols == NULL) { /* every feature forecast (O = I): the three loops below as one, same arithmetic */
+        /* every feature forecast (O = I), no level: the three loops below as one, same arithmetic */
+        if (a.cols == NULL && !leveled) {
             IVDEP for (int64_t j = 0; j < I; j++) {
                 const float x = xd[j], s_old = scale[j], h = prev[j], target = clip(x / s_old, clip_at);
                 const float cr = lerp(cross[j], target * h, weight), d = lerp(dd[j], h * h, weight);
@@ -211,15 +257,38 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
             count[0] += 1.0f;
             continue;
         }
-        SCORE_LOOP(a.cols[j])
+        if (!leveled) {
+            SCORE_LOOP(a.cols[j])
+        } else { /* the level's fields follow tt; scored, like the model's, in the scale before this change */
+            float *restrict sprev = prev + 4 * O, *restrict cs = prev + 5 * O, *restrict ss = prev + 6 * O;
+            float *restrict ms = prev + 7 * O;
+            if (a.cols == NULL) {
+                SCORE_LOOP(j)
+                LEVEL_SCORE_LOOP(j)
+            } else {
+                SCORE_LOOP(a.cols[j])
+                LEVEL_SCORE_LOOP(a.cols[j])
+            }
+        }
         IVDEP for (int64_t i = 0; i < I; i++) {
             const float cap = scale[i] * scale_clip, size = xd[i] < 0 ? -xd[i] : xd[i];
             const float s = lerp(scale[i], size < cap ? size : cap, rate);
             scale[i] = s < floor_at ? floor_at : s;
             in[i] = clip(xd[i] / scale[i], clip_at);
         }
-        /* finish's factor scale[c] * gain, while the row is in L1: finish then writes prev only */
-        FACTOR_LOOP(a.cols[j])
+        if (!leveled) { /* finish's factor scale[c] * gain, while the row is in L1: finish then writes prev only */
+            FACTOR_LOOP(a.cols[j])
+        } else {
+            float *restrict sprev = prev + 4 * O, *restrict cs = prev + 5 * O, *restrict ss = prev + 6 * O;
+            float *restrict ms = prev + 7 * O, *restrict level = prev + 8 * O;
+            const float *restrict xe = events + r * I;
+            const float level_weight = (k == 0 ? level_rest : 0.0f) + level_rate;
+            if (a.cols == NULL) {
+                LEVEL_LOOP(j)
+            } else {
+                LEVEL_LOOP(a.cols[j])
+            }
+        }
         count[0] += 1.0f;
     }
 }
@@ -231,15 +300,35 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
         out[r * O + j] = x[r * I + COL] + factor[r * O + j] * ch;                                                  \
     }
 
-/* Only prev is written back to the rows (prefetched for writing); the rest is sequential. */
+/* With the level: normalization.adapt_finish's x + scale * (g * change + a * sprev), begin's g and a * sprev. */
+#define FINISH_LEVEL_LOOP(COL)                                                                                     \
+    IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
+        const float ch = change[r * O + j];                                                                        \
+        prev[j] = ch;                                                                                              \
+        out[r * O + j] = x[r * I + COL] + scale[COL] * (factor[r * O + j] * ch + offset[r * O + j]);               \
+    }
+
+/* Only prev is written back to the rows (prefetched for writing); the rest is sequential. With the level
+ * (offset != NULL) the row's scale is read too. */
 INLINE void adapt_finish_body(adapt_rows a, const float *restrict factor, const float *restrict x,
-                              const float *restrict change, float *restrict out) {
+                              const float *restrict change, float *restrict out, const float *restrict offset) {
     const int64_t I = a.I, O = a.O;
     for (int64_t r = 0; r < a.n; r++) {
-        if (r + PREFETCH_ROWS < a.n)
-            __builtin_prefetch(a.table + a.slots[r + PREFETCH_ROWS] * a.width + I + 1, 1, 3);
+        if (r + PREFETCH_ROWS < a.n) {
+            const float *ahead = a.table + a.slots[r + PREFETCH_ROWS] * a.width;
+            __builtin_prefetch(ahead + I + 1, 1, 3);
+            if (offset != NULL)
+                __builtin_prefetch(ahead, 0, 3);
+        }
         float *restrict prev = a.table + a.slots[r] * a.width + I + 1;
-        if (a.cols == NULL) {
+        if (offset != NULL) {
+            const float *restrict scale = a.table + a.slots[r] * a.width;
+            if (a.cols == NULL) {
+                FINISH_LEVEL_LOOP(j)
+            } else {
+                FINISH_LEVEL_LOOP(a.cols[j])
+            }
+        } else if (a.cols == NULL) {
             FINISH_LOOP(j)
         } else {
             FINISH_LOOP(a.cols[j])
@@ -250,12 +339,14 @@ INLINE void adapt_finish_body(adapt_rows a, const float *restrict factor, const 
 #define BEGIN_ARGS                                                                                                 \
     adapt_rows a, const uint8_t *restrict reset, const float *restrict init, const float *restrict dx,             \
         float *restrict inputs, float *restrict factor, const float *restrict steps, int64_t nsteps, float clip_at, \
-        float scale_clip, float floor_at, const float *restrict h_table, float *restrict h_out, int64_t H
-#define BEGIN_CALL a, reset, init, dx, inputs, factor, steps, nsteps, clip_at, scale_clip, floor_at, h_table, h_out, H
+        float scale_clip, float floor_at, const float *restrict h_table, float *restrict h_out, int64_t H,         \
+        const float *restrict events, float *restrict offset
+#define BEGIN_CALL                                                                                                 \
+    a, reset, init, dx, inputs, factor, steps, nsteps, clip_at, scale_clip, floor_at, h_table, h_out, H, events, offset
 #define FINISH_ARGS                                                                                                \
     adapt_rows a, const float *restrict factor, const float *restrict x, const float *restrict change,             \
-        float *restrict out
-#define FINISH_CALL a, factor, x, change, out
+        float *restrict out, const float *restrict offset
+#define FINISH_CALL a, factor, x, change, out, offset
 
 #define GATHER_ARGS \
     const float *restrict table, const int64_t *restrict slots, const uint8_t *restrict reset, float *restrict out, \
@@ -322,50 +413,58 @@ static PyObject *py_lstm_cell(PyObject *self, PyObject *args) {
 
 #define PTR(type, v) ((type)(uintptr_t)(v))
 
+#define WIDTH_ERROR                                                                                                \
+    "a slot outside [0, %lld), a column outside [0, %lld), a row width other than I + 1 + 4 O (I + 1 + 9 O with "  \
+    "the level) or the level's buffers missing"
+
 static PyObject *py_adapt_begin(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long table, slots, cols, reset, init, dx, inputs, factor, steps, h_table, h_out;
+    unsigned long long table, slots, cols, reset, init, dx, inputs, factor, steps, h_table, h_out, events, offset;
     long long S, width, I, O, n, nsteps, H;
     float clip_at, scale_clip, floor_at;
-    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKKKLfffKKL", &table, &S, &width, &slots, &cols, &n, &I, &O, &reset,
+    double level;
+    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKKKLfffKKLdKK", &table, &S, &width, &slots, &cols, &n, &I, &O, &reset,
                           &init, &dx, &inputs, &factor, &steps, &nsteps, &clip_at, &scale_clip, &floor_at, &h_table,
-                          &h_out, &H))
+                          &h_out, &H, &level, &events, &offset))
         return NULL;
-    adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n};
-    if (!adapt_indices_ok(a))
-        return PyErr_Format(PyExc_ValueError, "adapt_begin: a slot outside [0, %lld), a column outside [0, %lld) or "
-                            "a row width other than I + 1 + 4 O", S, I);
+    adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n,
+                    level};
+    if (!adapt_indices_ok(a) || (level > 0.0 && (events == 0 || offset == 0)))
+        return PyErr_Format(PyExc_ValueError, "adapt_begin: " WIDTH_ERROR, S, I);
     Py_BEGIN_ALLOW_THREADS begin_impl(a, PTR(const uint8_t *, reset), PTR(const float *, init),
                                             PTR(const float *, dx), PTR(float *, inputs), PTR(float *, factor),
                                             PTR(const float *, steps), nsteps, clip_at, scale_clip, floor_at,
-                                            PTR(const float *, h_table), PTR(float *, h_out), H);
+                                            PTR(const float *, h_table), PTR(float *, h_out), H,
+                                            PTR(const float *, events), PTR(float *, offset));
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyObject *py_adapt_finish(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long table, slots, cols, factor, x, change, out;
+    unsigned long long table, slots, cols, factor, x, change, out, offset;
     long long S, width, I, O, n;
-    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKK", &table, &S, &width, &slots, &cols, &n, &I, &O, &factor, &x, &change,
-                          &out))
+    double level;
+    if (!PyArg_ParseTuple(args, "KLLKKLLLKKKKdK", &table, &S, &width, &slots, &cols, &n, &I, &O, &factor, &x, &change,
+                          &out, &level, &offset))
         return NULL;
-    adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n};
-    if (!adapt_indices_ok(a))
-        return PyErr_Format(PyExc_ValueError, "adapt_finish: a slot outside [0, %lld), a column outside [0, %lld) or "
-                            "a row width other than I + 1 + 4 O", S, I);
+    adapt_rows a = {PTR(float *, table), S, width, I, O, PTR(const int64_t *, slots), PTR(const int64_t *, cols), n,
+                    level};
+    if (!adapt_indices_ok(a) || (level > 0.0 && offset == 0))
+        return PyErr_Format(PyExc_ValueError, "adapt_finish: " WIDTH_ERROR, S, I);
     Py_BEGIN_ALLOW_THREADS finish_impl(a, PTR(const float *, factor), PTR(const float *, x), PTR(const float *, change),
-                                       PTR(float *, out));
+                                       PTR(float *, out), level > 0.0 ? PTR(const float *, offset) : NULL);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"adapt_begin", py_adapt_begin, METH_VARARGS,
      "adapt_begin(table, S, width, slots, cols, n, I, O, reset, init, dx, inputs, factor, steps, nsteps, clip, "
-     "scale_clip, floor, h_table, h_out, H): per-stream adaptation before the step (normalization.adapt_begin) "
-     "and layer 0's gather_rows(h_table, slots, reset, h_out, n, H), one pass (pointers)"},
+     "scale_clip, floor, h_table, h_out, H, level, events, offset): per-stream adaptation before the step "
+     "(normalization.adapt_begin) and layer 0's gather_rows(h_table, slots, reset, h_out, n, H), one pass "
+     "(pointers); level > 0: the level regressor's, from the events, with a * sprev in offset"},
     {"adapt_finish", py_adapt_finish, METH_VARARGS,
-     "adapt_finish(table, S, width, slots, cols, n, I, O, factor, x, change, out): the guarded forecast "
-     "(normalization.adapt_finish)"},
+     "adapt_finish(table, S, width, slots, cols, n, I, O, factor, x, change, out, level, offset): the guarded "
+     "forecast (normalization.adapt_finish)"},
     {"gather_rows", py_gather_rows, METH_VARARGS,
      "gather_rows(table, slots, reset, out, n, H): out[r] = 0 if reset[r] else table[slots[r]] (pointers)"},
     {"lstm_cell", py_lstm_cell, METH_VARARGS,

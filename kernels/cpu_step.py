@@ -56,18 +56,21 @@ def fused_available() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class FusedAdaptation:
-    """What the fused step needs to run the per-stream adaptation (normalization.adapt_begin/adapt_finish, no season)
-    inside its pass, the same for every wave of a model (the caller keeps one: the step checks it once); the wave's
-    events come with each call, the step's `x` is then each event's change dx, and it returns the guarded forecast
-    events[cols] + scale * gain * change."""
+    """What the fused step needs to run the per-stream adaptation (normalization.adapt_begin/adapt_finish, no season;
+    with or without the level regressor) inside its pass, the same for every wave of a model (the caller keeps one:
+    the step checks it once); the wave's events come with each call, the step's `x` is then each event's change dx,
+    and it returns the guarded forecast events[cols] + scale * gain * change (with the level: events[cols] + scale *
+    (g * change + a * the change to the level))."""
 
-    table: torch.Tensor  # [S, I + 1 + 4 O] float32: the state store's adaptation rows, updated in place at the slots
+    # [S, I + 1 + 4 O] float32 (I + 1 + 9 O with the level): the state store's adaptation rows, updated in place
+    table: torch.Tensor
     init: torch.Tensor  # [width] float32: a stream's row before its first event (reset rows start from it)
     columns: torch.Tensor | None  # [O] int64: the forecast columns; None: every feature
     steps: torch.Tensor  # [k, 2] float32: the scale's rate and the guard's weight by count (normalization)
     clip: float
     scale_clip: float
     floor: float
+    level: float = 0.0  # train.level_rate (normalization.AdaptationLayout.level); 0: no level regressor
 
 
 class CpuStep:
@@ -126,9 +129,11 @@ class CpuStep:
                 "h": torch.empty(rows, H),
                 "c": torch.empty(rows, H),
                 "inp": torch.empty(rows, H),
-                # the fused adaptation's: the LSTM's inputs, finish's factors and the head's predicted changes
+                # the fused adaptation's: the LSTM's inputs, finish's factors (and with the level its offsets) and
+                # the head's predicted changes
                 "scaled": torch.empty(rows, n_in),
                 "factor": torch.empty(rows, n_out),
+                "offset": torch.empty(rows, n_out),
                 "change": torch.empty(rows, n_out),
             }
             for _ in range(self.threads)
@@ -184,7 +189,7 @@ class CpuStep:
             table = adapt.table
             fixed = (table.data_ptr(), table.shape[0], table.shape[1], _ptr(adapt.columns), dx.shape[1], n_out,
                      adapt.init.data_ptr(), adapt.steps.data_ptr(), adapt.steps.shape[0], adapt.clip, adapt.scale_clip,
-                     adapt.floor, self._head[0].shape[0])  # fmt: skip
+                     adapt.floor, self._head[0].shape[0], adapt.level)  # fmt: skip
             self._adaptation = (adapt, key, fixed)
         if events is None or events.dtype != torch.float32 or not events.is_contiguous() or (
             events.shape != dx.shape or events.device.type != "cpu"
@@ -283,18 +288,19 @@ class _AdaptationCall:
     each)."""
 
     def __init__(self, fixed: tuple, dx: int, events: int, out: int, h0: int) -> None:
-        table, S, width, self.columns, self.n_in, self.n_out, self.init, *rates, self.H = fixed
+        table, S, width, self.columns, self.n_in, self.n_out, self.init, *rates, self.H, self.level = fixed
         self.table, self.rates = (table, S, width), tuple(rates)
         self.dx, self.events, self.out, self.h0 = dx, events, out, h0
 
     def begin(self, buf, start: int, n: int, rows_ptr: int, reset_ptr: int) -> torch.Tensor:
         """normalization.adapt_begin and stream_inputs for the chunk's rows with layer 0's gather into buf["h"], in
-        one C pass: returns the LSTM's inputs clip(dx / new scale), leaves scale[cols] * gain in buf["factor"]."""
+        one C pass: returns the LSTM's inputs clip(dx / new scale), leaves scale[cols] * gain in buf["factor"]
+        (with the level: the guard's g there, and a * the change to the level in buf["offset"])."""
         scaled = buf["scaled"][:n]
         _cpu_kernel.adapt_begin(
             *self.table, rows_ptr, self.columns, n, self.n_in, self.n_out, reset_ptr, self.init,
             self.dx + 4 * start * self.n_in, scaled.data_ptr(), buf["factor"].data_ptr(), *self.rates, self.h0,
-            buf["h"].data_ptr(), self.H,
+            buf["h"].data_ptr(), self.H, self.level, self.events + 4 * start * self.n_in, buf["offset"].data_ptr(),
         )  # fmt: skip
         return scaled
 
@@ -303,7 +309,8 @@ class _AdaptationCall:
         guarded forecast events[cols] + factor * change into the wave's output rows start..start + n."""
         _cpu_kernel.adapt_finish(
             *self.table, rows_ptr, self.columns, n, self.n_in, self.n_out, buf["factor"].data_ptr(),
-            self.events + 4 * start * self.n_in, change.data_ptr(), self.out + 4 * start * self.n_out,
+            self.events + 4 * start * self.n_in, change.data_ptr(), self.out + 4 * start * self.n_out, self.level,
+            buf["offset"].data_ptr(),
         )  # fmt: skip
 
 

@@ -73,9 +73,10 @@ def with_zero_head(model: ServingModel) -> ServingModel:
 
 
 def test_a_model_that_predicts_no_change_answers_the_last_value_of_the_columns(make_daemon, tmp_path):
-    """Head output 0 (what an untrained model's is near): every prediction is exactly the event's column 2,
-    and the recorder's targets are the next event's column 2."""
-    daemon = make_daemon(**COLUMNS)
+    """Head output 0 (what an untrained model's is near): every prediction is exactly the event's column 2 (without
+    the guard's level regressor, which would mix in the pull toward the stream's level), and the recorder's targets
+    are the next event's column 2."""
+    daemon = make_daemon(**COLUMNS, **{"train.level_rate": 0.0})
     admin = Admin(daemon.endpoints["control"])
     assert admin.model_info()["forecast_columns"] == [2]
     path = tmp_path / "zero.safetensors"

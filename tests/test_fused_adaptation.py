@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(not fused_available(), reason="the C extension w
 CPU = torch.device("cpu")
 
 
-def engine(model: ServingModel, backend: str, capacity: int = 16, threads: int = 1) -> Engine:
+def engine(model: ServingModel, backend: str, capacity: int = 16, threads: int = 1, level: float = 0.0) -> Engine:
     store = StateStore(model.spec.num_layers, model.spec.hidden_size, capacity, CPU)
-    return Engine(model, store, CPU, backend, step_threads=threads)
+    return Engine(model, store, CPU, backend, step_threads=threads, level=level)
 
 
 def assert_same(fused: Engine, reference: Engine, x: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> None:
@@ -29,32 +29,43 @@ def assert_same(fused: Engine, reference: Engine, x: np.ndarray, slots: np.ndarr
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("level", [0.0, 0.1, 0.37], ids=["no-level", "level-0.1", "level-0.37"])
 @pytest.mark.parametrize("columns", [(), (0, 2)], ids=["all-columns", "two-of-three"])
-def test_the_fused_adaptation_matches_the_torch_one(columns):
+def test_the_fused_adaptation_matches_the_torch_one(columns, level):
+    """With the level regressor too (train.level_rate): its level, scoring and the guard's choice among the model,
+    the level and their mix, which the varied streams below each pick at some point."""
     spec = ModelSpec(3, 12, 1, len(columns) or 3, "forecast", columns)
     model = ServingModel.initial(spec, seed=4)
-    fused, reference = engine(model, "auto"), engine(model, "torch")
+    fused, reference = engine(model, "auto", level=level), engine(model, "torch", level=level)
     assert fused._fused_adaptation and not reference._fused_adaptation
     rng = np.random.default_rng(0)
     streams = 6
     scales = np.array([1.0, 1e3, 1e-3, 1.0, 5.0, 1e-2], np.float32)[:, None]
     walk = np.cumsum(rng.standard_normal((120, streams, 3)), axis=0).astype(np.float32) * scales
+    walk[:, 3:] = rng.standard_normal((120, 3, 3)) * scales[3:] + 7.0  # noise around a level: where the level helps
     walk[60:63, 1] += 1e5  # an outlier burst on the large stream
     slots = np.array([3, 9, 0, 15, 7, 4])
+    picks = set()  # what the guard served the streams: the last value, the model's change, the level's, or a mix
     for t, x in enumerate(walk):
         order = rng.permutation(streams)[: rng.integers(1, streams + 1)]  # waves of varying membership
         fresh = np.full(order.size, t == 0) | (rng.random(order.size) < 0.02)  # resets now and then
         assert_same(fused, reference, x[order], slots[order], fresh)
+        if level:
+            g, a = normalization.guard_coefficients(reference.layout, reference.store.adaptation[slots])
+            kinds = (g.flatten() > 0).long() + 2 * (a.flatten() > 0).long()
+            picks |= {("last", "model", "level", "both")[k] for k in kinds.tolist()}
     torch.testing.assert_close(fused.store.adaptation, reference.store.adaptation, rtol=2e-5, atol=1e-6)
+    assert not level or {"model", "level", "both"} <= picks
 
 
-def test_the_fused_adaptation_matches_over_chunks_threads_reused_slots_and_clipping():
+@pytest.mark.parametrize("level", [0.0, 0.2], ids=["no-level", "level"])
+def test_the_fused_adaptation_matches_over_chunks_threads_reused_slots_and_clipping(level):
     """I = 5, H = 200 (chunks of 327 rows), O = 3 of 5 columns in a scrambled order, two layers, waves of 700
     events over two threads (two parts of several chunks each); slots handed to new streams of another scale
     (reused: fresh), a level shift and outliers that the scale and the targets clip."""
     spec = ModelSpec(5, 200, 2, 3, "forecast", (4, 0, 2))
     model = ServingModel.initial(spec, seed=7)
-    fused, reference = engine(model, "auto", 1000, threads=2), engine(model, "torch", 1000)
+    fused, reference = engine(model, "auto", 1000, threads=2, level=level), engine(model, "torch", 1000, level=level)
     assert fused._fused_adaptation and fused._cpu_step.threads == 2
     rng = np.random.default_rng(1)
     n, ticks = 700, 30
@@ -86,9 +97,10 @@ def test_the_fused_adaptation_refuses_out_of_range_slots_columns_and_mismatched_
     consts = (normalization.CLIP, normalization.SCALE_CLIP, normalization.SCALE_FLOOR)
     before = store.adaptation.clone()
 
-    def call(slots, columns=torch.tensor([0]), table=store.adaptation, events=events, init=store.adaptation_init):
-        return step(model, dx, slots, store.h, store.c, None, FusedAdaptation(table, init, columns, steps, *consts),
-                    events)  # fmt: skip
+    def call(slots, columns=torch.tensor([0]), table=store.adaptation, events=events, init=store.adaptation_init,
+             level=0.0):  # fmt: skip
+        adapt = FusedAdaptation(table, init, columns, steps, *consts, level)
+        return step(model, dx, slots, store.h, store.c, None, adapt, events)
 
     with pytest.raises(ValueError, match="slots must lie in"):
         call(torch.tensor([1, 4]))
@@ -100,6 +112,8 @@ def test_the_fused_adaptation_refuses_out_of_range_slots_columns_and_mismatched_
         call(torch.tensor([1, 2]), table=torch.zeros(4, layout.width + 1))
     with pytest.raises(ValueError, match="a row width other than"):
         call(torch.tensor([1, 2]), table=torch.zeros(4, layout.width + 1), init=torch.zeros(layout.width + 1))
+    with pytest.raises(ValueError, match=r"a row width other than I \+ 1 \+ 4 O \(I \+ 1 \+ 9 O with the level\)"):
+        call(torch.tensor([1, 2]), level=0.1)  # a table without the level's fields
     with pytest.raises(ValueError, match="events must be a contiguous float32"):
         call(torch.tensor([1, 2]), events=torch.ones(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="columns must be a contiguous int64"):

@@ -71,7 +71,7 @@ def test_a_daemon_without_the_guard_serves_and_forecasts_in_the_models_scale(mak
     [
         (["train.enabled=true"], r"training \(train.enabled = true\), the seasonal baseline \(train.season = 0\)"),
         (["train.season=12"], r"the seasonal baseline \(train.season = 12\)"),
-        (["train.level_rate=0.1"], r"the level regressor \(train.level_rate = 0.1\) need"),
+        (["train.level_rate=0.2"], r"the level regressor \(train.level_rate = 0.2\) need"),
     ],
 )
 def test_the_config_refuses_the_guard_off_with_training_or_a_season(overrides, message):

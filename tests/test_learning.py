@@ -188,7 +188,8 @@ def test_train_status_and_metrics_report_the_guard(make_daemon):
     status = admin.train_now(wait=60)
     guard = status["guard"]
     assert guard["streams"] == 3 and 0 <= guard["fallback_streams"] <= 3
-    assert set(guard["error_vs_last_value"]) == {"served", "model"}
+    # the level regressor is on by default for these models (train.level_rate = 0.1)
+    assert set(guard["error_vs_last_value"]) == {"served", "model", "level"} and guard["level_rate"] == 0.1
     last = status["last_round"]
     if last["outcome"] != "skipped":
         assert last["holdout_baseline"] is not None and last["holdout_baseline"] > 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lstmd.clients import Admin, Producer
 from lstmd.clients.cli import app
-from lstmd.daemon.config import ConfigError, load_config, model_file_metadata
+from lstmd.daemon.config import ConfigError, load_config, model_file_metadata, resolve_config, served_level_rate
 from lstmd.daemon.engine import Engine
 from lstmd.daemon.model import ModelSpec, ServingModel
 from lstmd.daemon.normalization import AdaptationLayout, guard_coefficients, guard_summary, predict_file_sequence
@@ -150,16 +150,41 @@ def test_a_multi_step_forecast_with_a_level_equals_feeding_its_own_predictions(m
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.level_rate=0.1"], "for model.task = forecast"),
-        (["model.task=forecast", "model.output_size=8", "train.level_rate=0.1", "train.season=12"],
+        (["train.level_rate=0.2"], "for model.task = forecast"),
+        (["model.task=forecast", "model.output_size=8", "train.level_rate=0.2", "train.season=12"],
          "no train.season"),
-        (["model.task=forecast", "model.output_size=8", "train.level_rate=0.1", "train.forecast_inputs=change"],
+        (["model.task=forecast", "model.output_size=8", "train.level_rate=0.2", "train.forecast_inputs=change"],
          "train.forecast_inputs = stream"),
     ],
 )
 def test_the_config_refuses_a_level_that_cannot_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides, environ={})
+
+
+@pytest.mark.parametrize(
+    "overrides, served",
+    [
+        (["model.task=forecast", "model.output_size=8"], 0.1),  # the default, where it applies
+        (["model.task=forecast", "model.output_size=8", "train.level_rate=0.3"], 0.3),
+        (["model.task=forecast", "model.output_size=8", "train.level_rate=0"], 0.0),
+        ([], 0.0),  # a regression model: the default does not apply
+        (["model.task=forecast", "model.output_size=8", "train.season=12"], 0.0),
+        (["model.task=forecast", "model.output_size=8", "train.forecast_inputs=change"], 0.0),
+        (["model.task=forecast", "model.output_size=8", "train.guard=false", "train.enabled=false"], 0.0),
+    ],
+)
+def test_the_default_level_applies_where_it_can(overrides, served):
+    resolved = resolve_config(overrides=overrides, environ={})
+    assert served_level_rate(resolved.config) == served and not resolved.warnings
+
+
+def test_the_default_level_written_out_where_it_cannot_apply_is_a_warning_not_an_error():
+    resolved = resolve_config(overrides=["train.level_rate=0.1", "train.season=0"], environ={})  # a regression model
+    assert served_level_rate(resolved.config) == 0.0
+    assert len(resolved.warnings) == 1 and "train.level_rate = 0.1 (--set train.level_rate=0.1) does not apply" in (
+        resolved.warnings[0]
+    )
 
 
 @pytest.mark.timeout(120)
