@@ -431,8 +431,9 @@ def _rotating_times(modes: tuple[str, ...], timed, repeats: int) -> dict[str, li
 def part_guard(args) -> dict:
     """The guard's cost in the serving step, as a same-run A/B: Engine.step of a forecast model (I = O = 8, H = 64,
     one wave of `--guard-batch` streams on the CPU, one torch thread, the default backend) with the per-stream
-    adaptation (scale and guard) fused into the C step's pass (the default), with it as torch ops (as served where
-    the C extension was not built, on CUDA and with a season), and off: train.guard = false (Engine.guard), the
+    adaptation (scale and guard) fused into the C step's pass, the same with the level regressor (train.level_rate
+    = 0.1: the default for these models; an engine of its own, its rows are wider), the adaptation as torch ops (as
+    served where the C extension was not built, on CUDA and with a season), and off: train.guard = false (Engine.guard), the
     LSTM sees the change in the model's one scale and the reply is the last value plus the scaled change (the
     last-event bookkeeping stays). Short blocks of steps in rotating order; per round (on - off) / on for each "on";
     median and the 10th-90th percentile range over rounds. An upper bound for its share of serving throughput: the
@@ -445,16 +446,19 @@ def part_guard(args) -> dict:
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     spec = ModelSpec(8, 64, 1, 8, "forecast", ())
-    modes = ("fused", "torch", "off")
+    modes = ("fused", "fused_level", "torch", "off")
     results = []
     for n in args.guard_batch:
         engine = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto")
+        leveled = Engine(ServingModel.initial(spec, 0), StateStore(1, 64, 4 * n, cpu), cpu, "auto", level=0.1)
         fused = engine._fused_adaptation
         walk, slots, fresh, block = _step_wave(n)
 
-        def timed(mode: str, engine=engine, walk=walk, slots=slots, fresh=fresh, block=block, fused=fused) -> float:
+        def timed(mode: str, engines=(engine, leveled), walk=walk, slots=slots, fresh=fresh, block=block,
+                  fused=fused) -> float:  # fmt: skip
+            engine = engines[mode == "fused_level"]
             engine.guard = mode != "off"
-            engine._fused_adaptation = fused and mode == "fused"
+            engine._fused_adaptation = fused and mode.startswith("fused")
             t0 = time.perf_counter()
             for i in range(block):
                 engine.step(walk[i % 64], slots, fresh)
@@ -464,10 +468,11 @@ def part_guard(args) -> dict:
             seconds = _rotating_times(modes, timed, args.guard_repeats)
         finally:
             engine.close()
+            leveled.close()
         off = np.array(seconds["off"])
         row = {"batch": n, "rounds": args.guard_repeats, "steps_per_block": block,
                "step_us_off": float(np.median(off)) * 1e6}  # fmt: skip
-        for mode in ("fused", "torch"):
+        for mode in ("fused", "fused_level", "torch"):
             on = np.array(seconds[mode])
             p10, p50, p90 = np.percentile((on - off) / on, [10, 50, 90])
             row[mode] = {"step_us": float(np.median(on)) * 1e6, "share_median": p50, "share_p10": p10, "share_p90": p90}
@@ -476,14 +481,15 @@ def part_guard(args) -> dict:
 
 
 def print_guard(result: dict) -> None:
-    print(f"\n## the guard's cost (A/B/C in rotating order), load average {result['load_avg_1m']:.1f}")
-    print("| events per step | step, off (us) | fused: step (us) | fused: share, median (p10 to p90) "
-          "| torch ops: step (us) | torch ops: share, median (p10 to p90) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n## the guard's cost (A/B/C/D in rotating order), load average {result['load_avg_1m']:.1f}")
+    modes = (("fused", "fused"), ("fused_level", "fused + level"), ("torch", "torch ops"))
+    print("| events per step | step, off (us) | " + " | ".join(f"{label}: step (us) | {label}: share, median (p10 to "
+                                                         f"p90)" for _, label in modes) + " |")  # fmt: skip
+    print("|---" * (2 + 2 * len(modes)) + "|")
     for r in result["runs"]:
         cells = [f"{r[m]['step_us']:.0f} | {100 * r[m]['share_median']:.1f}% ({100 * r[m]['share_p10']:.1f}% to "
-                 f"{100 * r[m]['share_p90']:.1f}%)" for m in ("fused", "torch")]  # fmt: skip
-        print(f"| {r['batch']} | {r['step_us_off']:.0f} | {cells[0]} | {cells[1]} |")
+                 f"{100 * r[m]['share_p90']:.1f}%)" for m, _ in modes]  # fmt: skip
+        print(f"| {r['batch']} | {r['step_us_off']:.0f} | " + " | ".join(cells) + " |")
 
 
 BOUND_MODELS = (("ARIMA(0,1,1) (SES, local level)", (0, 1, 1), "n"), ("ARIMA(1,1,0)", (1, 1, 0), "n"),

@@ -177,6 +177,15 @@ static int adapt_indices_ok(adapt_rows a) {
         factor[r * O + j] = scale[COL] * (g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g));                                \
     }
 
+/* The scale's update for every input, and the LSTM's inputs clip(dx / new scale). */
+#define SCALE_LOOP                                                                                                 \
+    IVDEP for (int64_t i = 0; i < I; i++) {                                                                        \
+        const float cap = scale[i] * scale_clip, size = xd[i] < 0 ? -xd[i] : xd[i];                                \
+        const float s = lerp(scale[i], size < cap ? size : cap, rate);                                             \
+        scale[i] = s < floor_at ? floor_at : s;                                                                    \
+        in[i] = clip(xd[i] / scale[i], clip_at);                                                                   \
+    }
+
 INLINE float unit_clamp(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); } /* NaN stays */
 
 /* The level regressor's share of scoring: its change forecast at the previous event (sprev) meets the same target. */
@@ -188,26 +197,30 @@ INLINE float unit_clamp(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v
         ms[j] = lerp(ms[j], h * sp, weight);                                                                       \
     }
 
+/* normalization.guard_coefficients for one column: the three candidates' (g, a) from the running averages, with its
+ * arithmetic and its tie rule (a tie keeps the earlier candidate). */
+INLINE void guard_pick(float cr, float d, float c2, float q, float m, float *g_out, float *a_out) {
+    const float g0 = unit_clamp(cr / (d > 1e-12f ? d : 1e-12f)), a1 = unit_clamp(c2 / (q > 1e-12f ? q : 1e-12f));
+    const float e0 = (g0 * d - 2.0f * cr) * g0, e1 = (a1 * q - 2.0f * c2) * a1;
+    float det = d * q - m * m;
+    det = det > 1e-12f ? det : 1e-12f;
+    const float g2 = unit_clamp((cr * q - c2 * m) / det), a2 = unit_clamp((c2 * d - cr * m) / det);
+    const float e2 = (g2 * d - 2.0f * cr) * g2 + (a2 * q - 2.0f * c2) * a2 + 2.0f * (g2 * a2) * m;
+    const int alone = e1 < e0, both = (e2 < e0) & (e2 < e1); /* e2 < torch.minimum(e0, e1), NaN included (false) */
+    *g_out = both ? g2 : (alone ? 0.0f : g0);
+    *a_out = both ? a2 : (alone ? a1 : 0.0f);
+}
+
 /* After the scale's update: the level moves toward this event (weight 1 at a stream's first: it starts there), its
- * change in stream scales is the next sprev, and normalization.guard_coefficients' three candidates give (g, a),
- * with its arithmetic and its tie rule (a tie keeps the earlier candidate). finish reads factor = g, offset = a sp. */
+ * change in stream scales is the next sprev, and the guard picks (g, a); finish reads factor = g, offset = a sprev. */
 #define LEVEL_LOOP(COL)                                                                                            \
     IVDEP for (int64_t j = 0; j < O; j++) {                                                                        \
-        const float xv = xe[COL], s = scale[COL];                                                                  \
+        const float xv = xe[COL];                                                                                  \
         level[j] = lerp(level[j], xv, level_weight);                                                               \
-        const float sp = clip((level[j] - xv) / s, clip_at);                                                       \
+        const float sp = clip((level[j] - xv) / scale[COL], clip_at);                                              \
         sprev[j] = sp;                                                                                             \
-        const float cr = cross[j], d = dd[j], c2 = cs[j], q = ss[j], m = ms[j];                                    \
-        const float g0 = unit_clamp(cr / (d > 1e-12f ? d : 1e-12f));                                              \
-        const float a1 = unit_clamp(c2 / (q > 1e-12f ? q : 1e-12f));                                              \
-        const float e0 = (g0 * d - 2.0f * cr) * g0, e1 = (a1 * q - 2.0f * c2) * a1;                                \
-        float det = d * q - m * m;                                                                                 \
-        det = det > 1e-12f ? det : 1e-12f;                                                                         \
-        const float g2 = unit_clamp((cr * q - c2 * m) / det), a2 = unit_clamp((c2 * d - cr * m) / det);           \
-        const float e2 = (g2 * d - 2.0f * cr) * g2 + (a2 * q - 2.0f * c2) * a2 + 2.0f * (g2 * a2) * m;            \
-        /* e2 < torch.minimum(e0, e1), NaN included (false) */                                                     \
-        const int alone = e1 < e0, both = (e2 < e0) & (e2 < e1);                                                   \
-        const float g = both ? g2 : (alone ? 0.0f : g0), a_ = both ? a2 : (alone ? a1 : 0.0f);                     \
+        float g, a_;                                                                                               \
+        guard_pick(cross[j], dd[j], cs[j], ss[j], ms[j], &g, &a_);                                                 \
         factor[r * O + j] = g;                                                                                     \
         offset[r * O + j] = a_ * sp;                                                                               \
     }
@@ -257,38 +270,45 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
             count[0] += 1.0f;
             continue;
         }
-        if (!leveled) {
-            SCORE_LOOP(a.cols[j])
-        } else { /* the level's fields follow tt; scored, like the model's, in the scale before this change */
-            float *restrict sprev = prev + 4 * O, *restrict cs = prev + 5 * O, *restrict ss = prev + 6 * O;
-            float *restrict ms = prev + 7 * O;
-            if (a.cols == NULL) {
-                SCORE_LOOP(j)
-                LEVEL_SCORE_LOOP(j)
-            } else {
-                SCORE_LOOP(a.cols[j])
-                LEVEL_SCORE_LOOP(a.cols[j])
-            }
-        }
-        IVDEP for (int64_t i = 0; i < I; i++) {
-            const float cap = scale[i] * scale_clip, size = xd[i] < 0 ? -xd[i] : xd[i];
-            const float s = lerp(scale[i], size < cap ? size : cap, rate);
-            scale[i] = s < floor_at ? floor_at : s;
-            in[i] = clip(xd[i] / scale[i], clip_at);
-        }
-        if (!leveled) { /* finish's factor scale[c] * gain, while the row is in L1: finish then writes prev only */
-            FACTOR_LOOP(a.cols[j])
-        } else {
+        if (leveled) {
             float *restrict sprev = prev + 4 * O, *restrict cs = prev + 5 * O, *restrict ss = prev + 6 * O;
             float *restrict ms = prev + 7 * O, *restrict level = prev + 8 * O;
             const float *restrict xe = events + r * I;
             const float level_weight = (k == 0 ? level_rest : 0.0f) + level_rate;
-            if (a.cols == NULL) {
-                LEVEL_LOOP(j)
-            } else {
+            if (a.cols == NULL) { /* every feature forecast: the loops of the branch below as one, same arithmetic */
+                IVDEP for (int64_t j = 0; j < I; j++) {
+                    const float x = xd[j], s_old = scale[j], h = prev[j], sp_old = sprev[j];
+                    const float target = clip(x / s_old, clip_at);
+                    const float cr = lerp(cross[j], target * h, weight), d = lerp(dd[j], h * h, weight);
+                    const float c2 = lerp(cs[j], target * sp_old, weight), q = lerp(ss[j], sp_old * sp_old, weight);
+                    const float m = lerp(ms[j], h * sp_old, weight);
+                    cross[j] = cr, dd[j] = d, tt[j] = lerp(tt[j], target * target, weight);
+                    cs[j] = c2, ss[j] = q, ms[j] = m;
+                    const float cap = s_old * scale_clip, size = x < 0 ? -x : x;
+                    float s = lerp(s_old, size < cap ? size : cap, rate);
+                    s = s < floor_at ? floor_at : s;
+                    scale[j] = s, in[j] = clip(x / s, clip_at);
+                    const float xv = xe[j], lv = lerp(level[j], xv, level_weight);
+                    const float sp = clip((lv - xv) / s, clip_at);
+                    level[j] = lv, sprev[j] = sp;
+                    float g, a_;
+                    guard_pick(cr, d, c2, q, m, &g, &a_);
+                    factor[r * O + j] = g;
+                    offset[r * O + j] = a_ * sp;
+                }
+            } else { /* the level's fields follow tt; scored, like the model's, in the scale before this change */
+                SCORE_LOOP(a.cols[j])
+                LEVEL_SCORE_LOOP(a.cols[j])
+                SCALE_LOOP
                 LEVEL_LOOP(a.cols[j])
             }
+            count[0] += 1.0f;
+            continue;
         }
+        SCORE_LOOP(a.cols[j])
+        SCALE_LOOP
+        /* finish's factor scale[c] * gain, while the row is in L1: finish then writes prev only */
+        FACTOR_LOOP(a.cols[j])
         count[0] += 1.0f;
     }
 }
