@@ -435,9 +435,9 @@ def part_guard(args) -> dict:
     = 0.1: the default for these models; an engine of its own, its rows are wider), the adaptation as torch ops (as
     served where the C extension was not built, on CUDA and with a season), and off: train.guard = false
     (Engine.guard), the LSTM sees the change in the model's one scale and the reply is the last value plus the scaled
-    change (the last-event bookkeeping stays). Short blocks of steps in rotating order; per round (on - off) / on for each "on";
-    median and the 10th-90th percentile range over rounds. An upper bound for its share of serving throughput: the
-    step is most, not all, of what an event costs."""
+    change (the last-event bookkeeping stays). Short blocks of steps in rotating order; per round (on - off) / on
+    for each "on"; median and the 10th-90th percentile range over rounds. An upper bound for its share of serving
+    throughput: the step is most, not all, of what an event costs."""
     import torch
     from lstmd.daemon.engine import Engine
     from lstmd.daemon.model import ModelSpec, ServingModel
