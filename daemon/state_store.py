@@ -499,8 +499,13 @@ class StateStore:
                 self.adaptation.index_copy_(0, take, saved.to(self.device))
                 if self.seasonal is not None:
                     self.seasonal.index_copy_(0, take, ring.to(self.device))
-            # else an older snapshot, or another model shape: clear() left those streams' rows initial (they start
-            # their adaptation over)
+            elif n:  # clear() left those streams' rows initial: they start their adaptation over
+                log.warning(
+                    "the snapshot's per-stream forecast adaptation (%s) does not fit this daemon's (%d fields%s; "
+                    "train.level_rate, train.season or the model's shape changed): %d streams start their scales and "
+                    "guard over", "none" if saved is None else f"{saved.shape[1]} fields", self.adaptation.shape[1],
+                    "" if self.seasonal is None else f", a season of {self.seasonal.shape[1]}", n,
+                )  # fmt: skip
 
     def clear(self) -> None:
         """Forget every stream (their rows start from zero at their next event)."""

@@ -141,6 +141,30 @@ def test_the_level_survives_a_restart(make_daemon, tmp_path, snapshot_on_shutdow
     assert_state_survives_a_restart(make_daemon, tmp_path, settings, series, [lambda store: store.adaptation])
 
 
+def test_a_snapshot_without_the_level_restores_the_states_and_says_the_adaptation_starts_over(
+    make_daemon, tmp_path, caplog
+):
+    """An upgrade: a snapshot written without the level (its adaptation rows narrower) restored by a daemon with the
+    default level: the LSTM states come back exactly, the adaptation rows start over, and the log says so."""
+    settings = {**SETTINGS, "durability.snapshot_on_shutdown": True}
+    old = make_daemon(state_dir=tmp_path / "state", **{**settings, "train.level_rate": 0.0})
+    series = np.stack([mean_reverting(12, seed=s) for s in (20, 21)], axis=1)[:, :, None]
+    with Producer(old.endpoints["events"]) as producer:
+        for x in series:
+            producer.send(["a", "b"], x)
+    slots = [old.store.slot_of[i] for i in ("a", "b")]
+    h = old.store.h[:, slots].clone()
+    old.stop_and_join()
+    settings.pop("train.level_rate")
+    new = make_daemon(state_dir=tmp_path / "state", **settings)
+    assert new.engine.layout.level == 0.1
+    slots = [new.store.slot_of[i] for i in ("a", "b")]
+    torch.testing.assert_close(new.store.h[:, slots], h, rtol=0, atol=0)
+    initial = new.store.adaptation_init.expand(2, -1)
+    torch.testing.assert_close(new.store.adaptation[slots], initial, rtol=0, atol=0)
+    assert "does not fit this daemon's (11 fields" in caplog.text and "2 streams start their scales" in caplog.text
+
+
 def test_a_multi_step_forecast_with_a_level_equals_feeding_its_own_predictions(make_daemon):
     settings = {k: v for k, v in SETTINGS.items() if k != "durability.wal"}
     assert_rollout_equals_feeding_its_predictions(make_daemon, settings, mean_reverting(30, seed=13),
