@@ -164,7 +164,7 @@ class DeviceStep:
         """Advance `slots` (distinct) one event each; predictions [n, O] float32. Waves over MAX_BUCKET go in chunks
         (their slots are distinct, so the chunks are independent), two in flight: the host stages chunk k+1 while
         the device runs chunk k, and waits once per chunk instead of once per chunk plus a round trip. The loop's
-        batches pass max_batch (16,384 by default) by up to one message, so a full batch is usually two chunks."""
+        batches stay within serve.max_batch (16,384 by default, one bucket) unless one message is larger."""
         n = slots.shape[0]
         if n <= MAX_BUCKET:
             return self.submit(model, features, slots, fresh).result()

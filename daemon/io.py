@@ -391,6 +391,17 @@ class EventsSocket:
             return message
         return None
 
+    def put_back(self, message: EventsMessage) -> None:
+        """Hand back the request take() returned last, unserved (the loop's batch is full): it is again first in its
+        peer's queue, its peer first in the turn order, and its bytes count against the budgets again."""
+        peer = message.envelope[0].bytes
+        queue_ = self._queues.pop(peer, None) or collections.deque()
+        queue_.appendleft(message)
+        self._queues = {peer: queue_, **self._queues}
+        self._waiting_requests += 1
+        self.pending_bytes += message.nbytes
+        self._peer_bytes[peer] = self._peer_bytes.get(peer, 0) + message.nbytes
+
     def _forget(self, peer: bytes, message) -> None:
         self._waiting_requests -= 1
         self.pending_bytes -= message.nbytes

@@ -231,10 +231,9 @@ class Daemon:
     # ---- the serving loop -------------------------------------------------------------------------------
 
     def _gather(self) -> tuple[list[EventsMessage], object]:
-        """Read event messages for at most max_wait or max_batch events; stop early at a targets message.
-
-        The inbox (control, stop) is looked at first and between batches: a control command waits at most one
-        batch, or the idle poll when no events come."""
+        """Read event messages for at most max_wait or max_batch events (a cap: only a message larger than max_batch
+        makes a batch alone); stop early at a targets or forecast message. The inbox (control, stop) is looked at
+        first and between batches: a control command waits at most one batch, or the idle poll when no events come."""
         try:
             return [], self.inbox.get_nowait()
         except queue.Empty:
@@ -247,7 +246,7 @@ class Daemon:
         batch: list[EventsMessage] = []
         n = backlog = 0
         deadline = time.perf_counter() + serve.max_wait_ms / 1000
-        waited = False
+        waited, other = False, None
         while n < serve.max_batch:
             message = events.take()
             if message is None:
@@ -260,15 +259,17 @@ class Daemon:
                 if not events.wait(remaining * 1000):
                     break
                 continue
-            if not waited:
-                backlog += 1
+            backlog += 0 if waited else 1
             if isinstance(message, TargetsMessage | ForecastMessage):
-                self._backlog = backlog
-                return batch, message
+                other = message
+                break
+            if batch and n + len(message.header.streams) > serve.max_batch:  # the next batch's: it keeps its turn
+                events.put_back(message)
+                break
             batch.append(message)
             n += len(message.header.streams)
         self._backlog = backlog
-        return batch, None
+        return batch, other
 
     def _serve_guarded(self, batch: list) -> None:
         """Serve a batch (or join a targets message); the last resort if that raises: answer every message of

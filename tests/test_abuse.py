@@ -111,6 +111,49 @@ def test_peers_take_turns_so_a_backlog_does_not_delay_another_peer(bare) -> None
     sock.close()
 
 
+def test_a_request_put_back_is_first_again_and_counted_again(bare) -> None:
+    """The loop's batch was full: the request it took last goes back to the head of the line, bytes and all."""
+    ctx, make, rejected, _ = bare
+    sock = make(total=100, peer=100)
+    busy, other = _dealer(ctx, sock.endpoint), _dealer(ctx, sock.endpoint)
+    for req in range(3):
+        busy.send_multipart(_events(req))
+    _fill_until(sock, rejected, 3)
+    other.send_multipart(_events(100))
+    _fill_until(sock, rejected, 4)
+    pending, nbytes, peers = sock.pending(), sock.pending_bytes, dict(sock._peer_bytes)
+    sock.put_back(sock.take())
+    assert (sock.pending(), sock.pending_bytes, sock._peer_bytes) == (pending, nbytes, peers)
+    assert [sock.take().header.req for _ in range(4)] == [0, 100, 1, 2] and sock.take() is None
+    assert sock.pending_bytes == 0 and sock._peer_bytes == {}
+    sock.close()
+
+
+def test_a_batch_never_passes_max_batch_the_message_that_would_starts_the_next(make_daemon) -> None:
+    """serve.max_batch is a cap (the memory bound's L term; on CUDA, one bucket per wave): six 10-event requests
+    waiting together are served as batches of 20, 20 and 20, not 30 and 30; a message larger than max_batch is a
+    batch of its own."""
+    daemon = make_daemon(**{"serve.max_batch": 25, "serve.max_wait_ms": 500})
+    sizes: list[int] = []
+    serve = daemon._serve
+    daemon._serve = lambda batch: (sizes.append(sum(len(m.header.streams) for m in batch)), serve(batch))
+    ctx = zmq.Context()
+    try:
+        dealer = _dealer(ctx, daemon.endpoints["events"])
+        for req in range(6):
+            dealer.send_multipart(_events(req, 10, first_stream=10 * req))
+        dealer.send_multipart(_events(6, 40, first_stream=100))
+        replies = []
+        while len(replies) < 7:
+            assert dealer.poll(10_000)
+            replies.append(protocol.decode_reply(dealer.recv_multipart())[0])
+        assert sorted(r.req for r in replies) == list(range(7)) and not any(r.error for r in replies)
+    finally:
+        ctx.destroy(linger=0)
+    assert sum(sizes) == 100 and sizes.count(40) == 1
+    assert all(size <= 25 for size in sizes if size != 40) and len(sizes) >= 4
+
+
 def test_a_gone_peer_loses_its_replies_and_its_queued_requests_are_skipped(bare) -> None:
     ctx, make, rejected, dropped = bare
     sock = make(total=100, peer=100)
