@@ -4,7 +4,8 @@ Holds the serving model on the device. Swapping `engine.model` for a new `Servin
 how new weights are published: the loop reads the reference once per wave, so a swap never tears a wave.
 On a CUDA device the step goes through daemon/device_step.py (pinned staging, one copy each way per wave, a CUDA
 graph per bucketed batch size under serve.cuda_graphs), except for forecast models, whose per-stream adaptation
-runs as torch ops around the kernel below. The CPU path is below.
+runs around the kernel below: as two Triton kernels with the Triton step (kernels/triton_adaptation.py), else as
+torch ops (normalization.py). On the CPU it runs inside the fused C step (kernels/cpu_step.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Engine:
             self._cpu_step.fused
         )
         self._adaptation: FusedAdaptation | None = None  # _fused_adaptation_of
+        # With the Triton step (CUDA; the CPU through the interpreter) the adaptation is two Triton kernels of its own
+        # (kernels/triton_adaptation.py) instead of ~25-50 torch ops per wave; with a season, torch ops.
+        self._adaptation_kernels = self.layout is not None and not season and self.backends.step == "triton"
+        self._kernels = None  # _adaptation_kernels_of
         self._device_step = None
         if device.type == "cuda" and self.stream_state is None:
             from lstmd.daemon.device_step import DeviceStep
@@ -84,6 +89,8 @@ class Engine:
 
             # Compile every step variant now, not in the first waves (kernels/triton_lstm.py, "Compiling").
             triton_lstm.warm_up(self.model.params, step=True)
+            if self._adaptation_kernels:
+                self._adaptation_kernels_of(self.model).warm_up()
 
     @property
     def backend_name(self) -> str:
@@ -116,6 +123,16 @@ class Engine:
             )  # fmt: skip
         return self._adaptation
 
+    def _adaptation_kernels_of(self, model: ServingModel):
+        """The Triton adaptation for `model` (its forecast columns), one object for as long as it serves."""
+        from lstmd.kernels.triton_adaptation import TritonAdaptation
+
+        k = self._kernels
+        if k is None or k.model_columns is not model.columns or k.table is not self.store.adaptation:
+            k = self._kernels = TritonAdaptation(self.layout, self.store.adaptation, self.store.adaptation_init,
+                                                 model.columns)  # fmt: skip
+        return k
+
     @torch.inference_mode()
     def step(self, features: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Advance the streams at `slots` (distinct) by one event each; return predictions [n, O] float32."""
@@ -125,13 +142,15 @@ class Engine:
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
         reset = torch.from_numpy(fresh).to(self.device, non_blocking=True) if fresh.any() else None
-        inputs, rows, ring, adapt = x, None, None, None
+        inputs, rows, ring, adapt, kernels = x, None, None, None, None
         norm = model.normalization
         stream = norm is not None and norm.inputs == "stream" and self.guard
         if self.stream_state is not None:  # forecast: the change since each stream's previous event (0 at its first)
             dx = x - self.stream_state.previous(x, slot_t, reset)
             if stream and self._fused_adaptation:
                 adapt = self._fused_adaptation_of(model)
+            elif stream and self._adaptation_kernels:  # in place on the table, two launches
+                kernels = self._adaptation_kernels_of(model)
             elif self.guard:  # as torch ops; "change" and "level" models keep the streams' scales too (trainer's units)
                 # The streams' adaptation rows; those starting over (new, reset, reused slot) from the initial row.
                 rows = self.store.adaptation.index_select(0, slot_t)
@@ -139,7 +158,9 @@ class Engine:
                     rows[reset] = self.store.adaptation_init
                 ring = None if self.store.seasonal is None else Ring(self.store.seasonal, slot_t)
                 rows = adapt_begin(self.layout, rows, x, dx, model.columns, ring)
-            if stream:
+            if kernels is not None:
+                inputs = kernels.begin(slot_t, reset, x, dx)
+            elif stream:
                 inputs = dx if adapt is not None else adaptation.stream_inputs(dx, rows[:, self.layout.field("scale")])
             elif norm is not None:  # "change" or "level"; "stream" with the guard off: one scale for every stream
                 inputs = dx / norm.delta_scale if norm.inputs == "stream" else norm.lstm_inputs(x, dx)
@@ -153,7 +174,9 @@ class Engine:
             )
             weight, bias = model.head
             out = torch.addmm(bias, y, weight.t())
-        if stream and rows is not None:  # the guard: last value + the shrunk predicted change
+        if kernels is not None:
+            out = kernels.finish(slot_t, x, out)
+        elif stream and rows is not None:  # the guard: last value + the shrunk predicted change
             out = adapt_finish(self.layout, rows, x, out, model.columns, ring)
         elif norm is not None and adapt is None:
             out = norm.predictions(x, out, model.columns)  # the forecast columns' last values + changes

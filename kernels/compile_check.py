@@ -77,6 +77,32 @@ def _jobs(tk, H: int, layers: list[int], prec: str) -> list[tuple[str, object, d
     return jobs
 
 
+def _adaptation_jobs() -> list[tuple[str, dict, dict]]:
+    """(kernel, signature, constexprs) for kernels/triton_adaptation.py's two kernels, which do not depend on H: with
+    and without the level, at one forecast column of one feature and at 64 of 64."""
+    f32, i32 = "*fp32", "i32"
+    begin = dict(
+        table_ptr=f32, init_ptr=f32, slots_ptr="*i64", reset_ptr="*i1", x_ptr=f32, dx_ptr=f32, cols_ptr="*i64",
+        steps_ptr=f32, inputs_ptr=f32, factor_ptr=f32, offset_ptr=f32, B=i32, W=i32, IN=i32, OUT=i32, NSTEPS=i32,
+        clip_at="fp32", scale_clip="fp32", floor_at="fp32", level_rate="fp32", level_rest="fp32",
+        HAS_RESET="constexpr", LEVEL="constexpr", BLOCK_R="constexpr", BLOCK_I="constexpr", BLOCK_O="constexpr",
+    )  # fmt: skip
+    finish = dict(
+        table_ptr=f32, slots_ptr="*i64", x_ptr=f32, cols_ptr="*i64", change_ptr=f32, factor_ptr=f32, offset_ptr=f32,
+        out_ptr=f32, B=i32, W=i32, IN=i32, OUT=i32, LEVEL="constexpr", BLOCK_R="constexpr", BLOCK_O="constexpr",
+    )  # fmt: skip
+    from lstmd.kernels.triton_adaptation import rows_per_program
+
+    jobs = []
+    for level in (False, True):
+        for width in (1, 64):
+            rows = rows_per_program(width, width)
+            jobs.append(("_adapt_begin_kernel", begin, {"HAS_RESET": True, "LEVEL": level, "BLOCK_R": rows,
+                                                        "BLOCK_I": width, "BLOCK_O": width}))  # fmt: skip
+            jobs.append(("_adapt_finish_kernel", finish, {"LEVEL": level, "BLOCK_R": rows, "BLOCK_O": width}))
+    return jobs
+
+
 def _resources(cubin: bytes) -> str:
     """'REG:n STACK:n' from cuobjdump, or '' where it is not available."""
     import triton.backends.nvidia as nv
@@ -126,6 +152,22 @@ def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: in
                 res = _resources(kernel.asm["cubin"]) if "cubin" in kernel.asm else ""
                 print(f"{'ok  ' if ok else 'FAIL'} {label} warps={cfg.num_warps} stages={cfg.num_stages} "
                       f"shared={shared} {res}")  # fmt: skip
+    from lstmd.kernels import triton_adaptation as ta
+
+    for name, signature, consts in _adaptation_jobs():
+        label = f"{name:26s} LEVEL={consts['LEVEL']!s:5s} BLOCK_R={consts['BLOCK_R']:<3d} "
+        label += f"BLOCK_O={consts['BLOCK_O']:<3d}"
+        try:
+            src = ASTSource(fn=getattr(ta, name), signature=signature, constexprs=consts)
+            kernel = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 1})
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        ok = kernel.metadata.shared <= limit
+        failures += not ok
+        res = _resources(kernel.asm["cubin"]) if "cubin" in kernel.asm else ""
+        print(f"{'ok  ' if ok else 'FAIL'} {label} shared={kernel.metadata.shared} {res}")
     print("all kernels compiled within limits" if failures == 0 else f"{failures} configuration(s) failed")
     return 1 if failures else 0
 

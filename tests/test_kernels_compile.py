@@ -32,12 +32,14 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 7 kernels (the step at L=2, the tiled step, its scatter, the sequence forward and backward, per launch and
-    # per time step) x 2 hidden sizes x 2 precisions
-    assert proc.stdout.count("\nok ") == 28, proc.stdout
+    # per time step) x 2 hidden sizes x 2 precisions; and the adaptation's two, with and without the level, at 1
+    # and 64 forecast columns
+    assert proc.stdout.count("\nok ") == 28 + 8, proc.stdout
     # The variants added for large B and small-B TBPTT were sized not to spill (cuobjdump's STACK bytes); the
     # original one-program-per-16-rows kernels do spill from H=128 (docs/benchmarks.md), and are not held to it.
     variants = (
-        "_lstm_step_tiled_kernel", "_scatter_rows_kernel", "_lstm_seq_fwd_step_kernel", "_lstm_seq_bwd_step_kernel"
+        "_lstm_step_tiled_kernel", "_scatter_rows_kernel", "_lstm_seq_fwd_step_kernel", "_lstm_seq_bwd_step_kernel",
+        "_adapt_begin_kernel", "_adapt_finish_kernel",
     )
     for line in proc.stdout.splitlines():
         if any(f" {k} " in line for k in variants):
