@@ -214,9 +214,9 @@ class TrainConfig(_Section):
     ] = 0
     # The guard's level regressor (normalization.py): measured on the real-series suite, 0.1 took Nile from the last
     # value to ~0.8 of its error (the local-level optimum) and cost no other series more than 0.2%; fused into the C
-    # adaptation it adds 1-3% to the CPU serving step (docs/benchmarks.md "Issue 15, the level fused"). The daemon
-    # serves with served_level_rate(config): 0 where it does not apply; only a level_rate someone set is an error
-    # there (_validate_train).
+    # adaptation it adds 0-5% to the CPU serving step in process (docs/benchmarks.md "Issue 15, seventh session"). The
+    # daemon serves with served_level_rate(config): 0 where it does not apply; only a level_rate someone set is an
+    # error there (_validate_train).
     level_rate: Annotated[
         float, doc("forecast: the rate of each stream's average level (simple exponential smoothing) that the guard "
                    "also mixes in, per stream; 0: none; the default 0.1 applies to forecast models with stream "
