@@ -26,7 +26,7 @@ from lstmd.daemon import normalization
 from lstmd.daemon.normalization import AdaptationLayout
 
 MAX_BLOCK_R = 32  # rows per program, at most; each row is a few dozen floats
-TILE_ELEMENTS = 512  # rows x columns per program: 4 per thread at 4 warps (wider spilled registers, sm_90 compile)
+TILE_ELEMENTS = 512  # rows x columns per program, 4 per thread at 4 warps: 32 rows of 64 spilled 624 B/thread (sm_90)
 
 
 def rows_per_program(n_in: int, n_out: int) -> int:
@@ -207,7 +207,8 @@ class TritonAdaptation:
         self.columns = cols.to(table.device, torch.int64).contiguous()
         self.steps = normalization.count_steps(table.device)
         self.block_r = rows_per_program(n_in, n_out)
-        self._no_reset = torch.zeros(1, dtype=torch.bool, device=table.device)  # the reset pointer when none is
+        # the reset pointer of a wave that resets no row (HAS_RESET off: never read; one dtype, so one variant)
+        self._no_reset = torch.zeros(1, dtype=torch.bool, device=table.device)
         self._factor = self._offset = None
 
     def begin(self, slots: torch.Tensor, reset: torch.Tensor | None, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
