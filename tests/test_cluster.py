@@ -365,6 +365,41 @@ def test_coalesced_records_answer_each_producer(nats_url, make_daemon, tmp_path)
         thread.join(30)
 
 
+def test_a_replica_caps_its_batches_at_max_batch(nats_url, make_daemon, tmp_path):
+    """serve.max_batch is a cap for a replica too: the message that would pass it goes back to the head of the
+    replica's queue (ClusterSource.put_back) and starts the next batch; every producer is answered, in full."""
+    import zmq
+    from lstmd.clients import protocol
+
+    replica = make_daemon(**MODEL, **{"cluster.nats": nats_url, "cluster.log_partitions": 4, "serve.max_batch": 100,
+                                       "serve.max_wait_ms": 300})  # fmt: skip
+    batches: list[list[int]] = []
+    serve = replica._serve
+    replica._serve = lambda batch: (batches.append([len(m.header.streams) for m in batch]), serve(batch))
+    gw = gateway(nats_url, tmp_path, {**MODEL, "cluster.log_partitions": 4})
+    ctx = zmq.Context()
+    try:
+        rng = np.random.default_rng(9)
+        dealers = []
+        for k in range(12):  # 12 x 20 events at once: the gateway's records (per log partition) hold ~60 each
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(gw.endpoint)
+            x = rng.standard_normal((20, 4)).astype(np.float32)
+            dealer.send_multipart(protocol.encode_events(k, [f"c{k}-{i}" for i in range(20)], x))
+            dealers.append(dealer)
+        for k, dealer in enumerate(dealers):
+            assert dealer.poll(60_000), f"no reply to message {k}"
+            reply, preds = protocol.decode_reply(dealer.recv_multipart())
+            assert reply.req == k and reply.error is None and set(reply.status) == {protocol.OK}
+            assert preds.shape == (20, 2)
+    finally:
+        ctx.destroy(linger=0)
+        gw.stop_and_join()
+    assert sum(map(sum, batches)) == 240
+    assert all(sum(sizes) <= 100 or len(sizes) == 1 for sizes in batches), batches
+
+
 def test_end_flags_are_refused_by_a_gateway(nats_url, make_daemon, tmp_path):
     """A gateway of a cluster serving model.output = "every" refuses sequence-end flags (ends_not_served) as a
     single daemon serving "every" does (with "end" it carries them: tests/test_cluster_gw.py)."""

@@ -697,6 +697,15 @@ class ClusterSource:
             self._taken.add(item.message.envelope[0])
             return item.message
 
+    def put_back(self, message: EventsMessage) -> None:
+        """Hand back the message take() returned last, unserved (the loop's batch is full, daemon/server.py
+        _gather): first in line again, its bytes counted again, no longer part of the batch in progress."""
+        token = message.envelope[0]
+        with self._cond:
+            self._taken.discard(token)
+            self._ready.appendleft(self._replies[token])
+            self.pending_bytes += message.nbytes
+
     def _drop_queued(self, group: int) -> None:
         """Events of `group` out of the queued messages (with self._cond held)."""
         ready = collections.deque()
