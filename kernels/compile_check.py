@@ -119,11 +119,28 @@ def _resources(cubin: bytes) -> str:
     return " ".join(re.findall(r"REG:\d+|STACK:\d+", out))
 
 
-def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: int, precisions: list[str]) -> int:
+def _compile(fn, signature: dict, consts: dict, num_warps: int, num_stages: int, label: str, target, limit) -> bool:
+    """Compile one kernel configuration for `target` and print one line: ok, or FAIL with why (a compile error or
+    more shared memory than `limit`), with registers and spills where cuobjdump tells them."""
     import triton
+    from triton.compiler import ASTSource
+
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+        kernel = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as exc:  # report every failing configuration, then fail
+        print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return False
+    shared = kernel.metadata.shared
+    res = _resources(kernel.asm["cubin"]) if "cubin" in kernel.asm else ""
+    ok = shared <= limit
+    print(f"{'ok  ' if ok else 'FAIL'} {label} warps={num_warps} stages={num_stages} shared={shared} {res}")
+    return ok
+
+
+def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: int, precisions: list[str]) -> int:
     from lstmd.kernels import triton_lstm as tk
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
     limit = SHARED_LIMIT.get(arch, 232448)
@@ -137,37 +154,14 @@ def run(hidden: list[int], layers: list[int], weight_dtypes: list[str], arch: in
                     f"{name:26s} H={H:<4d} BLOCK_B={cfg.block_b:<3d} BLOCK_H={cfg.block_h:<4d} {wd:4s} {prec:4s} "
                     f"{consts.get('L', '')!s:>2s}"
                 )
-                try:
-                    src = ASTSource(fn=getattr(tk, name), signature=sigs[name], constexprs=consts)
-                    kernel = triton.compile(
-                        src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                    )
-                except Exception as exc:  # report every failing configuration, then fail
-                    failures += 1
-                    print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                    continue
-                shared = kernel.metadata.shared
-                ok = shared <= limit
-                failures += not ok
-                res = _resources(kernel.asm["cubin"]) if "cubin" in kernel.asm else ""
-                print(f"{'ok  ' if ok else 'FAIL'} {label} warps={cfg.num_warps} stages={cfg.num_stages} "
-                      f"shared={shared} {res}")  # fmt: skip
+                failures += not _compile(getattr(tk, name), sigs[name], consts, cfg.num_warps, cfg.num_stages,
+                                         label, target, limit)  # fmt: skip
     from lstmd.kernels import triton_adaptation as ta
 
     for name, signature, consts in _adaptation_jobs():
         label = f"{name:26s} LEVEL={consts['LEVEL']!s:5s} BLOCK_R={consts['BLOCK_R']:<3d} "
         label += f"BLOCK_O={consts['BLOCK_O']:<3d}"
-        try:
-            src = ASTSource(fn=getattr(ta, name), signature=signature, constexprs=consts)
-            kernel = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 1})
-        except Exception as exc:
-            failures += 1
-            print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            continue
-        ok = kernel.metadata.shared <= limit
-        failures += not ok
-        res = _resources(kernel.asm["cubin"]) if "cubin" in kernel.asm else ""
-        print(f"{'ok  ' if ok else 'FAIL'} {label} shared={kernel.metadata.shared} {res}")
+        failures += not _compile(getattr(ta, name), signature, consts, 4, 1, label, target, limit)
     print("all kernels compiled within limits" if failures == 0 else f"{failures} configuration(s) failed")
     return 1 if failures else 0
 
