@@ -275,28 +275,13 @@ INLINE void adapt_begin_body(adapt_rows a, const uint8_t *restrict reset, const 
             float *restrict ms = prev + 7 * O, *restrict level = prev + 8 * O;
             const float *restrict xe = events + r * I;
             const float level_weight = (k == 0 ? level_rest : 0.0f) + level_rate;
-            if (a.cols == NULL) { /* every feature forecast: the loops of the branch below as one, same arithmetic */
-                IVDEP for (int64_t j = 0; j < I; j++) {
-                    const float x = xd[j], s_old = scale[j], h = prev[j], sp_old = sprev[j];
-                    const float target = clip(x / s_old, clip_at);
-                    const float cr = lerp(cross[j], target * h, weight), d = lerp(dd[j], h * h, weight);
-                    const float c2 = lerp(cs[j], target * sp_old, weight), q = lerp(ss[j], sp_old * sp_old, weight);
-                    const float m = lerp(ms[j], h * sp_old, weight);
-                    cross[j] = cr, dd[j] = d, tt[j] = lerp(tt[j], target * target, weight);
-                    cs[j] = c2, ss[j] = q, ms[j] = m;
-                    const float cap = s_old * scale_clip, size = x < 0 ? -x : x;
-                    float s = lerp(s_old, size < cap ? size : cap, rate);
-                    s = s < floor_at ? floor_at : s;
-                    scale[j] = s, in[j] = clip(x / s, clip_at);
-                    const float xv = xe[j], lv = lerp(level[j], xv, level_weight);
-                    const float sp = clip((lv - xv) / s, clip_at);
-                    level[j] = lv, sprev[j] = sp;
-                    float g, a_;
-                    guard_pick(cr, d, c2, q, m, &g, &a_);
-                    factor[r * O + j] = g;
-                    offset[r * O + j] = a_ * sp;
-                }
-            } else { /* the level's fields follow tt; scored, like the model's, in the scale before this change */
+            /* the level's fields follow tt; scored, like the model's, in the scale before this change */
+            if (a.cols == NULL) {
+                SCORE_LOOP(j)
+                LEVEL_SCORE_LOOP(j)
+                SCALE_LOOP
+                LEVEL_LOOP(j)
+            } else {
                 SCORE_LOOP(a.cols[j])
                 LEVEL_SCORE_LOOP(a.cols[j])
                 SCALE_LOOP
