@@ -245,13 +245,10 @@ class TritonAdaptation:
         return out
 
     def warm_up(self) -> None:
-        """Compile every variant (with and without resets) before serving, on a scratch copy of two rows."""
-        table, device = self.table, self.table.device
-        self.table = self.init.expand(2, -1).clone()
-        try:
-            slots, x = torch.arange(2, device=device), torch.zeros(2, self.layout.inputs, device=device)
-            for reset in (None, torch.ones(2, dtype=torch.bool, device=device)):
-                self.begin(slots, reset, x, x)
-                self.finish(slots, x, torch.zeros(2, self.layout.outputs, device=device))
-        finally:
-            self.table = table
+        """Compile every variant (with and without resets) before serving, on a scratch table of two rows."""
+        device = self.table.device
+        scratch = TritonAdaptation(self.layout, self.init.expand(2, -1).clone(), self.init, self.model_columns)
+        slots, x = torch.arange(2, device=device), torch.zeros(2, self.layout.inputs, device=device)
+        for reset in (None, torch.ones(2, dtype=torch.bool, device=device)):
+            scratch.begin(slots, reset, x, x)
+            scratch.finish(slots, x, torch.zeros(2, self.layout.outputs, device=device))

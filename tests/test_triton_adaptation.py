@@ -117,6 +117,20 @@ def test_the_kernels_refuse_a_season_a_wrong_table_and_bad_columns():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_warm_up_leaves_the_table_alone(device):
+    from lstmd.kernels.triton_adaptation import TritonAdaptation
+
+    for level in (0.0, 0.1):
+        layout = AdaptationLayout(3, 2, 0, level)
+        table = layout.initial_row(torch.device(device)).expand(5, -1).clone()
+        table[1] = 7.0
+        before = table.clone()
+        kernels = TritonAdaptation(layout, table, layout.initial_row(table.device), torch.tensor([2, 0]))
+        kernels.warm_up()
+        assert kernels.table is table and torch.equal(table, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("level", [0.0, 0.1], ids=["no-level", "level"])
 def test_the_engine_serves_a_forecast_model_through_the_kernels(device, level):
     """serve.backend = triton: the adaptation runs as the two kernels (not torch ops), and the forecasts and rows
